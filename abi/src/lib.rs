@@ -1,0 +1,342 @@
+//! The contract between the Veil VMM and its guests.
+//!
+//! Everything a guest and the VMM must agree on lives here and nowhere else: the guest-physical
+//! layout of the reserved low memory, the boot information block, the hypercall doorbell, the
+//! hypercall numbers, their register convention, the status codes and the records the VMM writes
+//! back into guest memory. The crate is `no_std`, dependency-free and shared by `vmm/` (host) and
+//! `guest/` (built for `x86_64-unknown-none`).
+//!
+//! # Hypercall convention
+//!
+//! A hypercall is one port-I/O exit: the guest executes `out dx, eax` with
+//! `dx = HYPERCALL_PORT` and `eax = ` the hypercall number ([`Hc`]). Arguments travel in
+//! `rdi, rsi, rcx, r8` (a0..a3). On return `rax` holds a [`Status`] and `rdi`, `rsi` hold
+//! results (r0, r1); the VMM leaves every other register untouched. Pointer arguments are
+//! guest-physical addresses of buffers inside the reserved low memory (identity-mapped in the
+//! guest, so a pointer to a guest static *is* its GPA); the VMM rejects anything else with
+//! [`Status::BadAddress`].
+//!
+//! A write to [`BARE_PORT`] is a bare exit: the VMM counts it and resumes at once, so a guest can
+//! measure the round trip of a hypercall against the cheapest possible exit.
+#![no_std]
+
+/// Version of this ABI; [`Hc::Version`] returns it.
+pub const ABI_VERSION: u64 = 1;
+
+/// Port whose `out dx, eax` is the hypercall doorbell.
+pub const HYPERCALL_PORT: u16 = 0x5e0;
+/// Port whose writes are bare exits: counted and resumed, nothing else.
+pub const BARE_PORT: u16 = 0x5e1;
+/// The 16550 UART of the guest console.
+pub const SERIAL_PORT: u16 = 0x3f8;
+
+/// Size of a page frame.
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of a pageblock (order 9): the unit at which stage-2 state changes.
+pub const PAGEBLOCK_SIZE: u64 = 2 << 20;
+
+/// Guest-virtual base of the guest's direct map of all RAM (as in Linux).
+pub const DIRECT_MAP_BASE: u64 = 0xffff_8880_0000_0000;
+
+/// GPA of the boot GDT (built by the VMM: null, 64-bit code at 0x08, data at 0x10).
+pub const GDT_GPA: u64 = 0x1000;
+/// GPA of the [`BootInfo`] block; the VMM also passes it in `rdi` at entry.
+pub const BOOT_INFO_GPA: u64 = 0x2000;
+/// GPA of the first per-vCPU mailbox page (vCPU n uses `MAILBOX_GPA + n * PAGE_SIZE`).
+pub const MAILBOX_GPA: u64 = 0x4000;
+/// GPA of the first page of the VMM-built page tables (PML4 first).
+pub const PAGE_TABLES_GPA: u64 = 0x10_0000;
+/// Lowest GPA a guest ELF segment may be loaded at.
+pub const IMAGE_MIN_GPA: u64 = 0x20_0000;
+/// Code segment selector in the boot GDT.
+pub const CODE_SELECTOR: u16 = 0x08;
+/// Data segment selector in the boot GDT.
+pub const DATA_SELECTOR: u16 = 0x10;
+
+/// `BootInfo::magic`.
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"VEILBOOT");
+/// Capacity of [`BootInfo::selection`].
+pub const SELECTION_MAX: usize = 1024;
+
+/// What the guest is asked to do.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootMode {
+    /// Announce every test ([`Hc::TestAnnounce`]), run the selected ones, then exit.
+    Run = 0,
+    /// Announce every test, run none, exit 0.
+    List = 1,
+}
+
+/// Information the VMM hands to the guest at [`BOOT_INFO_GPA`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// [`ABI_VERSION`].
+    pub abi_version: u64,
+    /// A [`BootMode`] as `u32`.
+    pub mode: u32,
+    /// Index of the vCPU this block is for.
+    pub vcpu: u32,
+    /// Bytes of guest RAM (GPA `0..ram_size`).
+    pub ram_size: u64,
+    /// End of the reserved, always-mapped low memory (a multiple of [`PAGEBLOCK_SIZE`]).
+    pub reserved_end: u64,
+    /// First GPA managed by the allocator (pages come only from [`Hc::Alloc`]).
+    pub managed_start: u64,
+    /// End of the managed memory.
+    pub managed_end: u64,
+    /// Guest-virtual base of the direct map ([`DIRECT_MAP_BASE`]).
+    pub direct_map_base: u64,
+    /// Bytes covered by the direct map, starting at GPA 0 (RAM plus any probe range above it).
+    pub direct_map_size: u64,
+    /// GPA of this vCPU's mailbox page.
+    pub mailbox_gpa: u64,
+    /// Top of this vCPU's boot stack (GPA, identity-mapped).
+    pub stack_top: u64,
+    /// Number of valid bytes in `selection`.
+    pub selection_len: u32,
+    /// Reserved, zero.
+    pub _pad: u32,
+    /// Comma-separated names of the tests to run; empty means all.
+    pub selection: [u8; SELECTION_MAX],
+}
+
+/// Hypercall numbers (the value of `eax` at the doorbell).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hc {
+    /// () -> r0 = [`ABI_VERSION`].
+    Version = 0,
+    /// Does nothing; the round-trip benchmark's payload.
+    Nop = 1,
+    /// (ptr, len): one line of text for the VMM's log.
+    Log = 2,
+    /// (order, gfp) -> r0 = GPA. `gfp` holds [`gfp`] bits.
+    Alloc = 3,
+    /// (context, gfp, order) -> r0 = GPA. `context` is a [`context`] value.
+    AllocSpecial = 4,
+    /// (gpa, order): give back pages from [`Hc::Alloc`].
+    Free = 5,
+    /// (ptr, len): declare a test the guest can run (name is `[a-z0-9_]+`, at most 64 bytes).
+    TestAnnounce = 6,
+    /// (ptr, len): the named test starts; violations are counted per test from here.
+    TestBegin = 7,
+    /// (result, ptr, len): the current test ends with a [`TestResult`] and a message.
+    TestEnd = 8,
+    /// (gpa, access, count): the current test expects `count` violations of kind `access`
+    /// ([`Access`] as u64) on the page at `gpa`. Unexpected violations fail the test on the VMM side.
+    ExpectViolation = 9,
+    /// (buf_ptr, max) -> r0 = violations in the current test; copies up to `max`
+    /// [`ViolationRecord`]s (the most recent ones) to `buf_ptr`.
+    QueryViolations = 10,
+    /// (rip, rsp): where to resume if an instruction fetch from unmapped memory happens.
+    SetRecovery = 11,
+    /// (): forget the recovery point.
+    ClearRecovery = 12,
+    /// (): write a stage-2 dump now (if the VMM was asked for dumps).
+    Dump = 13,
+    /// () -> Ok if the allocator's `check_invariants()` holds.
+    CheckInvariants = 14,
+    /// (buf_ptr): copy an [`AllocStats`] to `buf_ptr`.
+    Stats = 15,
+    /// (gpa, len, byte): the VMM fills guest-owned memory with `byte` through its host mapping
+    /// (how a test plants a "secret" in a page it cannot reach).
+    HostFill = 16,
+    /// (gpa, len, byte) -> r0 = number of bytes in the range equal to `byte`, read by the VMM
+    /// through its host mapping.
+    HostCount = 17,
+    /// (vector, error_code, rip, cr2): the guest took an exception it could not handle.
+    Exception = 18,
+    /// (bare_cycles, hypercall_cycles, iterations): the guest's round-trip measurement.
+    ReportTiming = 19,
+    /// (code): stop the VM; the VMM exits with `code` (0 = success).
+    Exit = 20,
+}
+
+impl Hc {
+    /// The hypercall with number `nr`, if any.
+    pub const fn from_u32(nr: u32) -> Option<Hc> {
+        Some(match nr {
+            0 => Hc::Version,
+            1 => Hc::Nop,
+            2 => Hc::Log,
+            3 => Hc::Alloc,
+            4 => Hc::AllocSpecial,
+            5 => Hc::Free,
+            6 => Hc::TestAnnounce,
+            7 => Hc::TestBegin,
+            8 => Hc::TestEnd,
+            9 => Hc::ExpectViolation,
+            10 => Hc::QueryViolations,
+            11 => Hc::SetRecovery,
+            12 => Hc::ClearRecovery,
+            13 => Hc::Dump,
+            14 => Hc::CheckInvariants,
+            15 => Hc::Stats,
+            16 => Hc::HostFill,
+            17 => Hc::HostCount,
+            18 => Hc::Exception,
+            19 => Hc::ReportTiming,
+            20 => Hc::Exit,
+            _ => return None,
+        })
+    }
+}
+
+/// Hypercall status, returned in `rax`.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// No such hypercall number.
+    UnknownCall = 1,
+    /// An argument is out of its domain (length, result code, access kind...).
+    BadArgument = 2,
+    /// A pointer or GPA is outside what the guest may name for this call.
+    BadAddress = 3,
+    /// Order above the allocator's maximum.
+    BadOrder = 4,
+    /// Unknown GFP bits or context.
+    BadFlags = 5,
+    /// No free memory of the requested kind.
+    NoMemory = 6,
+    /// A flip was needed but no whole free pageblock exists.
+    NoFreePageblock = 7,
+    /// A flip was needed but the request may not block.
+    WouldBlock = 8,
+    /// The page is not allocated to the guest (double free, never allocated).
+    NotAllocated = 9,
+    /// Freed with an order other than the one allocated.
+    WrongOrder = 10,
+    /// GPA not aligned to the order.
+    Misaligned = 11,
+    /// Stage 2 could not be updated (e.g. out of memslots).
+    Stage2Failed = 12,
+    /// Call not valid in the current state (e.g. `TestEnd` without `TestBegin`).
+    BadState = 13,
+    /// The allocator's invariants do not hold.
+    InvariantBroken = 14,
+}
+
+impl Status {
+    /// The status with code `v`, if any.
+    pub const fn from_u64(v: u64) -> Option<Status> {
+        Some(match v {
+            0 => Status::Ok,
+            1 => Status::UnknownCall,
+            2 => Status::BadArgument,
+            3 => Status::BadAddress,
+            4 => Status::BadOrder,
+            5 => Status::BadFlags,
+            6 => Status::NoMemory,
+            7 => Status::NoFreePageblock,
+            8 => Status::WouldBlock,
+            9 => Status::NotAllocated,
+            10 => Status::WrongOrder,
+            11 => Status::Misaligned,
+            12 => Status::Stage2Failed,
+            13 => Status::BadState,
+            14 => Status::InvariantBroken,
+            _ => return None,
+        })
+    }
+}
+
+/// GFP bits accepted by [`Hc::Alloc`]; same values as `allocator::Gfp`.
+pub mod gfp {
+    /// Zero the pages before returning them.
+    pub const ZERO: u64 = 1 << 0;
+    /// Pages removed from the direct map (stage 2).
+    pub const UNMAPPED: u64 = 1 << 1;
+    /// Movable migratetype.
+    pub const MOVABLE: u64 = 1 << 2;
+    /// Reclaimable migratetype.
+    pub const RECLAIMABLE: u64 = 1 << 3;
+    /// May not block: never flips a pageblock.
+    pub const ATOMIC: u64 = 1 << 4;
+    /// Every bit defined so far.
+    pub const ALL: u64 = ZERO | UNMAPPED | MOVABLE | RECLAIMABLE | ATOMIC;
+}
+
+/// Values of the `context` argument of [`Hc::AllocSpecial`]; same order as
+/// `allocator::BuddyContext`.
+pub mod context {
+    /// An ordinary allocation: the GFP bits alone decide.
+    pub const DEFAULT: u64 = 0;
+    /// Pages removed from the direct map.
+    pub const UNMAPPED: u64 = 1;
+}
+
+/// Result of a test, the first argument of [`Hc::TestEnd`].
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestResult {
+    /// The test passed.
+    Pass = 0,
+    /// The test failed; the message says why.
+    Fail = 1,
+    /// The test could not run here; the message says why.
+    Skip = 2,
+}
+
+/// Kind of a stray access.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A load.
+    Read = 1,
+    /// A store.
+    Write = 2,
+    /// An instruction fetch.
+    Fetch = 3,
+}
+
+/// One violation as [`Hc::QueryViolations`] writes it into guest memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ViolationRecord {
+    /// Guest-physical address of the access.
+    pub gpa: u64,
+    /// Guest RIP of the instruction.
+    pub rip: u64,
+    /// Bytes accessed by this exit.
+    pub size: u32,
+    /// An [`Access`] as u8.
+    pub access: u8,
+    /// Dense freetype index of the page's pageblock (allocator's `Freetype::index`), 0xff if none.
+    pub freetype: u8,
+    /// vCPU index.
+    pub vcpu: u16,
+}
+
+/// Allocator and stage-2 counters as [`Hc::Stats`] writes them into guest memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocStats {
+    /// Free pages in the managed range.
+    pub free_pages: u64,
+    /// Pages in the managed range.
+    pub managed_pages: u64,
+    /// Pageblock flips mapped -> unmapped.
+    pub flips_to_unmapped: u64,
+    /// Pageblock flips unmapped -> mapped.
+    pub flips_to_mapped: u64,
+    /// Stage-2 unmap calls made by the allocator.
+    pub stage2_unmap_calls: u64,
+    /// Stage-2 map calls made by the allocator.
+    pub stage2_map_calls: u64,
+    /// Stage-2 zero calls made by the allocator.
+    pub stage2_zero_calls: u64,
+    /// Pages zeroed by the allocator (GFP zero, init_on_free, flips back).
+    pub pages_zeroed: u64,
+    /// Memslot updates (KVM_SET_USER_MEMORY_REGION calls) made by the stage-2 engine.
+    pub memslot_updates: u64,
+    /// Memslots in use now.
+    pub memslots_in_use: u64,
+    /// Violations recorded since boot.
+    pub violations: u64,
+}
