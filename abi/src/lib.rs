@@ -20,6 +20,11 @@
 //! measure the round trip of a hypercall against the cheapest possible exit.
 #![no_std]
 
+/// Byte pattern a load from unmapped memory returns under `--on-violation report`.
+pub const POISON_BYTE: u8 = 0xa5;
+/// Top of the boot stack of vCPU 0 (GPA, identity-mapped); the stack grows down towards 0x20000.
+pub const STACK_TOP_GPA: u64 = 0x10_0000;
+
 /// Version of this ABI; [`Hc::Version`] returns it.
 pub const ABI_VERSION: u64 = 1;
 
