@@ -5,3 +5,4 @@ pub mod caps;
 pub mod dump;
 pub mod kvm_stats;
 pub mod stage2;
+pub mod replay_kvm;
