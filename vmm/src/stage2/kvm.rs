@@ -1,0 +1,165 @@
+//! [`KvmSlots`]: memslots realised with `KVM_SET_USER_MEMORY_REGION` on a real VM.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use allocator::Stage2Error;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+
+use super::{SlotBackend, PAGE_SIZE};
+
+/// Time spent in `set_slot` calls (KVM ioctls).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct SlotTiming {
+    /// Calls timed.
+    pub calls: u64,
+    /// Total nanoseconds.
+    pub total_ns: u64,
+    /// Slowest call in nanoseconds.
+    pub max_ns: u64,
+}
+
+/// Memslots of a KVM VM whose RAM is one host mapping: GPA x lives at `host_base + x`.
+///
+/// Contract for the caller of [`KvmSlots::new`]: `[host_base, host_base + ram_size)` is a private
+/// anonymous mapping (`MAP_PRIVATE | MAP_ANONYMOUS`, as vm-memory creates) that outlives the VM
+/// and that no Rust reference aliases while the guest runs; zeroing relies on
+/// `MADV_DONTNEED` giving such memory back as zero pages.
+pub struct KvmSlots {
+    vm: Arc<VmFd>,
+    host_base: u64,
+    ram_size: u64,
+    max_slots: u32,
+    timing: SlotTiming,
+    durations_ns: Vec<u32>,
+    keep_durations: bool,
+}
+
+impl KvmSlots {
+    /// `host_base` is the host address of GPA 0; RAM is [0, ram_size).
+    pub fn new(vm: Arc<VmFd>, host_base: u64, ram_size: u64, max_slots: u32) -> Self {
+        KvmSlots {
+            vm,
+            host_base,
+            ram_size,
+            max_slots,
+            timing: SlotTiming::default(),
+            durations_ns: Vec::new(),
+            keep_durations: false,
+        }
+    }
+
+    /// Host address of GPA (for dumps).
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        self.host_base + gpa
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// Size of RAM.
+    pub fn ram_size(&self) -> u64 {
+        self.ram_size
+    }
+
+    /// Time spent in memslot ioctls so far.
+    pub fn timing(&self) -> SlotTiming {
+        self.timing
+    }
+
+    /// Keeps every `set_slot` duration (for medians; see [`KvmSlots::durations_ns`]).
+    pub fn keep_durations(&mut self, on: bool) {
+        self.keep_durations = on;
+    }
+
+    /// Every kept `set_slot` duration in nanoseconds, in call order.
+    pub fn durations_ns(&self) -> &[u32] {
+        &self.durations_ns
+    }
+
+    fn in_ram(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_add(len).is_some_and(|end| end <= self.ram_size)
+    }
+}
+
+fn errno_of(e: kvm_ioctls::Error) -> Stage2Error {
+    Stage2Error::Backend(-e.errno())
+}
+
+impl SlotBackend for KvmSlots {
+    fn set_slot(&mut self, slot: u32, gpa: u64, len: u64) -> Result<(), Stage2Error> {
+        if !self.in_ram(gpa, len) {
+            return Err(Stage2Error::Backend(-libc::ERANGE));
+        }
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: len,
+            userspace_addr: self.host_base + gpa,
+        };
+        let t0 = Instant::now();
+        // SAFETY: the region lies inside [host_base, host_base + ram_size) (checked above), which
+        // the caller of `KvmSlots::new` guarantees is a host mapping that outlives the VM and is
+        // not aliased by Rust references; the engine only creates slots in free ids and never
+        // overlapping another slot (KVM rejects overlaps itself with EEXIST).
+        let r = unsafe { self.vm.set_user_memory_region(region) };
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.timing.calls += 1;
+        self.timing.total_ns += ns;
+        self.timing.max_ns = self.timing.max_ns.max(ns);
+        if self.keep_durations {
+            self.durations_ns
+                .push(u32::try_from(ns).unwrap_or(u32::MAX));
+        }
+        r.map_err(errno_of)
+    }
+
+    fn zero(&mut self, gpa: u64, len: u64) -> Result<(), Stage2Error> {
+        if !self.in_ram(gpa, len) {
+            return Err(Stage2Error::Backend(-libc::ERANGE));
+        }
+        let end = gpa + len;
+        let page_start = gpa.next_multiple_of(PAGE_SIZE).min(end);
+        let page_end = (end / PAGE_SIZE * PAGE_SIZE).max(page_start);
+        // Partial pages at the edges are written with zeroes; whole pages are discarded.
+        for (s, e) in [(gpa, page_start), (page_end, end)] {
+            if s < e {
+                // SAFETY: [s, e) lies inside RAM (checked above), a live writable host mapping
+                // per the `KvmSlots::new` contract; u8 has no alignment or validity requirements.
+                unsafe {
+                    std::ptr::write_bytes((self.host_base + s) as *mut u8, 0, (e - s) as usize)
+                };
+            }
+        }
+        if page_start < page_end {
+            // SAFETY: the range is page aligned (host_base is page aligned: it comes from mmap)
+            // and inside RAM, a private anonymous mapping per the `KvmSlots::new` contract; for
+            // such memory MADV_DONTNEED drops the pages and later accesses (host or guest, via
+            // KVM's MMU notifier) see fresh zero pages. No Rust reference points into guest RAM.
+            let r = unsafe {
+                libc::madvise(
+                    (self.host_base + page_start) as *mut libc::c_void,
+                    (page_end - page_start) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            if r != 0 {
+                return Err(Stage2Error::Backend(
+                    -std::io::Error::last_os_error()
+                        .raw_os_error()
+                        .unwrap_or(libc::EIO),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn max_slots(&self) -> u32 {
+        self.max_slots
+    }
+}

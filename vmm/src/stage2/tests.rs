@@ -1,0 +1,545 @@
+//! Tests of the stage-2 engine: unit tests and property tests over [`ModelSlots`], and one test
+//! against real KVM.
+
+use super::*;
+use allocator::{Stage2, Stage2Error};
+use proptest::prelude::*;
+
+const P: u64 = PAGE_SIZE;
+
+fn engine(pages: u64, reserved: u64, max: u32) -> Stage2Engine<ModelSlots> {
+    Stage2Engine::new(ModelSlots::recording(max), pages * P, reserved * P).unwrap()
+}
+
+fn slots(e: &Stage2Engine<ModelSlots>) -> Vec<(u64, u64)> {
+    e.memslots()
+        .iter()
+        .map(|s| (s.gpa / P, s.end() / P))
+        .collect()
+}
+
+fn assert_consistent(e: &Stage2Engine<ModelSlots>) {
+    e.check_invariants().unwrap();
+    assert_eq!(
+        e.memslots(),
+        e.backend().slots(),
+        "engine and backend slot tables differ"
+    );
+    assert_eq!(e.backend().refused_calls(), 0);
+    let c = e.counters();
+    assert_eq!(c.memslot_updates, e.backend().set_slot_calls());
+    assert_eq!(c.slots_created, e.backend().creates());
+    assert_eq!(c.slots_deleted, e.backend().deletes());
+    assert_eq!(c.slots_created - c.slots_deleted, c.memslots_in_use);
+}
+
+/// Opens /dev/kvm, or explains loudly why not; fails under CI=true.
+pub(crate) fn kvm_or_skip(test: &str) -> Option<kvm_ioctls::Kvm> {
+    match kvm_ioctls::Kvm::new() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            let msg = format!("!!!!! {test}: /dev/kvm unavailable ({e}); KVM test SKIPPED !!!!!");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{msg} (CI=true: a missing /dev/kvm is a failure)");
+            }
+            eprintln!("{msg}");
+            None
+        }
+    }
+}
+
+#[test]
+fn initial_layout_is_one_slot() {
+    let e = engine(1024, 512, 8);
+    assert_eq!(slots(&e), vec![(0, 1024)]);
+    assert_eq!(e.state_at(0), Some(RangeState::Reserved));
+    assert_eq!(e.state_at(511 * P), Some(RangeState::Reserved));
+    assert_eq!(e.state_at(512 * P), Some(RangeState::Mapped));
+    assert_eq!(e.state_at(1024 * P), None);
+    let r = e.ranges();
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        (r[0].state, r[0].slot, r[0].pages()),
+        (RangeState::Reserved, Some(0), 512)
+    );
+    assert_eq!(
+        (r[1].state, r[1].slot, r[1].pages()),
+        (RangeState::Mapped, Some(0), 512)
+    );
+    assert_eq!(e.counters().memslot_updates, 1);
+    assert_consistent(&e);
+}
+
+#[test]
+fn all_reserved_or_no_reserved() {
+    let e = engine(16, 16, 1);
+    assert_eq!(e.ranges().len(), 1);
+    let e = engine(16, 0, 1);
+    assert_eq!(e.ranges()[0].state, RangeState::Mapped);
+    assert!(matches!(
+        Stage2Engine::new(ModelSlots::new(1), 0, 0),
+        Err(EngineError::BadRamSize(0))
+    ));
+    assert!(matches!(
+        Stage2Engine::new(ModelSlots::new(1), 3 * P, 4 * P),
+        Err(EngineError::BadReservedEnd { .. })
+    ));
+    assert!(matches!(
+        Stage2Engine::new(ModelSlots::new(0), 4 * P, 0),
+        Err(EngineError::OutOfSlots { .. })
+    ));
+}
+
+#[test]
+fn split_and_merge_use_minimal_calls() {
+    let mut e = engine(1024, 512, 8);
+    // Unmap in the middle: delete + two creates.
+    e.unmap(600, 10).unwrap();
+    assert_eq!(slots(&e), vec![(0, 600), (610, 1024)]);
+    assert_eq!(e.counters().memslot_updates, 1 + 3);
+    assert_eq!(e.state_at(605 * P), Some(RangeState::Unmapped));
+    // Grow the hole at its right edge: delete + one create.
+    e.unmap(610, 10).unwrap();
+    assert_eq!(slots(&e), vec![(0, 600), (620, 1024)]);
+    assert_eq!(e.counters().memslot_updates, 4 + 2);
+    // Unmap the tail of RAM: delete + create.
+    e.unmap(1000, 24).unwrap();
+    assert_eq!(slots(&e), vec![(0, 600), (620, 1000)]);
+    assert_eq!(e.counters().memslot_updates, 6 + 2);
+    // Map a part of a hole that touches nothing: one create.
+    e.map(605, 5).unwrap();
+    assert_eq!(slots(&e), vec![(0, 600), (605, 610), (620, 1000)]);
+    assert_eq!(e.counters().memslot_updates, 8 + 1);
+    // Map the rest of the hole: three slots become one (3 deletes + 1 create).
+    e.map(600, 5).unwrap();
+    e.map(610, 10).unwrap();
+    assert_eq!(slots(&e), vec![(0, 1000)]);
+    let ranges = e.ranges();
+    assert_eq!(ranges.len(), 3, "{ranges:?}");
+    assert_eq!(ranges[2].state, RangeState::Unmapped);
+    assert_eq!(ranges[2].slot, None);
+    let c = e.counters();
+    assert_eq!(
+        (c.unmap_calls, c.map_calls, c.pages_unmapped, c.pages_mapped),
+        (3, 3, 44, 20)
+    );
+    assert_eq!(c.peak_memslots, 3);
+    assert_eq!(c.memslots_in_use, 1);
+    assert_consistent(&e);
+}
+
+#[test]
+fn freed_ids_are_reused() {
+    let mut e = engine(1024, 0, 4);
+    for _ in 0..50 {
+        e.unmap(100, 1).unwrap();
+        e.unmap(300, 1).unwrap();
+        e.map(100, 1).unwrap();
+        e.map(300, 1).unwrap();
+    }
+    let max_id = e
+        .backend()
+        .calls()
+        .iter()
+        .filter_map(|c| match c {
+            SlotCall::SetSlot { slot, .. } => Some(*slot),
+            SlotCall::Zero { .. } => None,
+        })
+        .max()
+        .unwrap();
+    assert!(max_id < 3, "ids grew to {max_id}");
+    assert_consistent(&e);
+}
+
+#[test]
+fn bad_updates_are_rejected_without_side_effects() {
+    let mut e = engine(1024, 512, 8);
+    e.unmap(600, 10).unwrap();
+    let before = (e.ranges(), e.memslots(), e.backend().set_slot_calls());
+    let cases: Vec<(&str, Result<(), Stage2Error>)> = vec![
+        ("unmap unmapped", e.unmap(600, 1)),
+        ("unmap partly unmapped", e.unmap(595, 10)),
+        ("unmap reserved", e.unmap(0, 1)),
+        ("unmap straddling reserved", e.unmap(510, 4)),
+        ("map mapped", e.map(700, 1)),
+        ("map partly mapped", e.map(605, 10)),
+        ("map reserved", e.map(100, 1)),
+        ("unmap past RAM", e.unmap(1020, 8)),
+        ("unmap outside RAM", e.unmap(5000, 1)),
+        ("overflow", e.unmap(u64::MAX / 2, 4)),
+        ("empty", e.unmap(700, 0)),
+        ("zero reserved", e.zero(500, 20)),
+        ("zero past RAM", e.zero(1023, 2)),
+    ];
+    for (what, r) in cases {
+        assert!(matches!(r, Err(Stage2Error::Backend(_))), "{what}: {r:?}");
+    }
+    assert!(matches!(e.last_error(), Some(EngineError::OutOfRam { .. })));
+    assert_eq!(
+        (e.ranges(), e.memslots(), e.backend().set_slot_calls()),
+        before
+    );
+    assert_eq!(e.counters().rejected_updates, 13);
+    assert_eq!(e.backend().zero_calls(), 0);
+    assert!(matches!(
+        e.unmap_range(P, P),
+        Err(EngineError::WrongState {
+            found: RangeState::Reserved,
+            ..
+        })
+    ));
+    assert!(matches!(
+        e.map_range(700 * P, P),
+        Err(EngineError::WrongState {
+            found: RangeState::Mapped,
+            ..
+        })
+    ));
+    assert!(matches!(
+        e.unmap_range(700 * P + 1, P),
+        Err(EngineError::OutOfRam { .. })
+    ));
+    assert_consistent(&e);
+}
+
+#[test]
+fn zero_goes_to_backend_for_mapped_and_unmapped() {
+    let mut e = engine(1024, 512, 8);
+    e.unmap(600, 10).unwrap();
+    e.zero(600, 10).unwrap();
+    e.zero(700, 512 - 188).unwrap();
+    assert_eq!(e.backend().zero_calls(), 2);
+    assert_eq!(e.backend().bytes_zeroed(), (10 + 324) * P);
+    let c = e.counters();
+    assert_eq!((c.zero_calls, c.pages_zeroed), (2, 334));
+    assert!(e.backend().calls().contains(&SlotCall::Zero {
+        gpa: 600 * P,
+        len: 10 * P
+    }));
+}
+
+#[test]
+fn out_of_slots_is_refused_before_touching_the_backend() {
+    let mut e = engine(1024, 0, 2);
+    e.unmap(100, 10).unwrap();
+    assert_eq!(slots(&e), vec![(0, 100), (110, 1024)]);
+    let calls = e.backend().set_slot_calls();
+    let ranges = e.ranges();
+    assert_eq!(e.unmap(500, 10), Err(Stage2Error::OutOfSlots));
+    assert!(matches!(
+        e.last_error(),
+        Some(EngineError::OutOfSlots { needed: 3, max: 2 })
+    ));
+    assert_eq!(e.backend().set_slot_calls(), calls);
+    assert_eq!(e.ranges(), ranges);
+    // Edge unmaps and merges still work at the limit.
+    e.unmap(1000, 24).unwrap();
+    e.unmap(110, 10).unwrap();
+    e.map(100, 20).unwrap();
+    assert_eq!(slots(&e), vec![(0, 1000)]);
+    assert_consistent(&e);
+}
+
+#[test]
+fn backend_failure_rolls_back() {
+    for fail_after in 0..3 {
+        let mut e = engine(1024, 0, 8);
+        e.unmap(100, 10).unwrap();
+        let ranges = e.ranges();
+        let table = e.memslots();
+        e.backend_mut().fail_after(Some(fail_after));
+        // Unmap in the middle of slot [110, 1024): delete, create, create.
+        let r = e.unmap(500, 10);
+        assert_eq!(
+            r,
+            Err(Stage2Error::Backend(-libc::EIO)),
+            "fail_after {fail_after}"
+        );
+        assert_eq!(e.ranges(), ranges);
+        let mut got: Vec<_> = e.memslots().iter().map(|s| (s.gpa, s.len)).collect();
+        let mut want: Vec<_> = table.iter().map(|s| (s.gpa, s.len)).collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_consistent(&e);
+        // And the engine still works afterwards.
+        e.unmap(500, 10).unwrap();
+        e.map(500, 10).unwrap();
+        e.map(100, 10).unwrap();
+        assert_eq!(slots(&e), vec![(0, 1024)]);
+        assert_consistent(&e);
+    }
+}
+
+#[test]
+fn model_refuses_kvm_rule_breaks() {
+    let mut m = ModelSlots::new(4);
+    m.set_slot(0, 0, 16 * P).unwrap();
+    assert!(m.set_slot(1, 8 * P, 16 * P).is_err(), "overlap");
+    assert!(m.set_slot(0, 32 * P, P).is_err(), "id in use");
+    assert!(m.set_slot(2, 0, 0).is_err(), "delete of a free id");
+    assert!(m.set_slot(4, 64 * P, P).is_err(), "id past the limit");
+    assert!(m.set_slot(1, 3, P).is_err(), "unaligned");
+    m.set_slot(1, 16 * P, P).unwrap();
+    assert_eq!(m.refused_calls(), 5);
+    assert!(m.is_exposed(16 * P) && !m.is_exposed(17 * P));
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Unmap(u64, u64),
+    Map(u64, u64),
+    Zero(u64, u64),
+}
+
+fn op_strategy(pages: u64) -> impl Strategy<Value = Op> {
+    (0..3u8, 0..pages + 2, 1..24u64).prop_map(|(k, s, n)| match k {
+        0 => Op::Unmap(s, n),
+        1 => Op::Map(s, n),
+        _ => Op::Zero(s, n),
+    })
+}
+
+fn exposed_runs_of(model: &[RangeState]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, s) in model.iter().enumerate() {
+        let i = i as u64;
+        if s.is_exposed() {
+            match runs.last_mut() {
+                Some(r) if r.1 == i => r.1 = i + 1,
+                _ => runs.push((i, i + 1)),
+            }
+        }
+    }
+    runs
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Random unmap/map/zero sequences against a per-page model.
+    #[test]
+    fn engine_matches_per_page_model(
+        reserved in 0..8u64,
+        max_slots in 1..10u32,
+        ops in prop::collection::vec(op_strategy(96), 1..80),
+    ) {
+        let pages = 96u64;
+        let mut e = engine(pages, reserved, max_slots);
+        let mut model: Vec<RangeState> = (0..pages)
+            .map(|p| if p < reserved { RangeState::Reserved } else { RangeState::Mapped })
+            .collect();
+        let (mut unmapped, mut mapped, mut zeroed, mut rejected) = (0u64, 0u64, 0u64, 0u64);
+        for op in ops {
+            let (s, n) = match op { Op::Unmap(s, n) | Op::Map(s, n) | Op::Zero(s, n) => (s, n) };
+            let in_ram = s + n <= pages;
+            let calls_before = e.backend().set_slot_calls();
+            let r = match op {
+                Op::Unmap(..) => e.unmap(s, n),
+                Op::Map(..) => e.map(s, n),
+                Op::Zero(..) => e.zero(s, n),
+            };
+            let (from, to) = match op {
+                Op::Unmap(..) => (Some(RangeState::Mapped), RangeState::Unmapped),
+                Op::Map(..) => (Some(RangeState::Unmapped), RangeState::Mapped),
+                Op::Zero(..) => (None, RangeState::Reserved),
+            };
+            let valid = in_ram && (s..s + n).all(|p| match from {
+                Some(f) => model[p as usize] == f,
+                None => model[p as usize] != RangeState::Reserved,
+            });
+            let mut next = model.clone();
+            if valid && from.is_some() {
+                for p in s..s + n { next[p as usize] = to; }
+            }
+            let fits = exposed_runs_of(&next).len() as u64 <= u64::from(max_slots);
+            match (valid, fits) {
+                (true, true) => {
+                    prop_assert!(r.is_ok(), "{:?}: {:?}", op, r);
+                    model = next;
+                    match op {
+                        Op::Unmap(..) => unmapped += n,
+                        Op::Map(..) => mapped += n,
+                        Op::Zero(..) => zeroed += n,
+                    }
+                }
+                (true, false) => {
+                    prop_assert_eq!(r, Err(Stage2Error::OutOfSlots));
+                    prop_assert_eq!(e.backend().set_slot_calls(), calls_before);
+                    rejected += 1;
+                }
+                (false, _) => {
+                    prop_assert!(matches!(r, Err(Stage2Error::Backend(_))), "{:?}: {:?}", op, r);
+                    prop_assert_eq!(e.backend().set_slot_calls(), calls_before);
+                    rejected += 1;
+                }
+            }
+            // The engine's states equal the model's, page by page.
+            for p in 0..pages {
+                prop_assert_eq!(e.state_at(p * P), Some(model[p as usize]));
+                // The backend exposes exactly the exposed pages.
+                prop_assert_eq!(e.backend().is_exposed(p * P), model[p as usize].is_exposed());
+            }
+            // Minimal: one slot per maximal exposed run.
+            let runs = exposed_runs_of(&model);
+            prop_assert_eq!(slots(&e), runs);
+            prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
+            prop_assert_eq!(e.backend().refused_calls(), 0);
+        }
+        let c = e.counters();
+        prop_assert_eq!(c.pages_unmapped, unmapped);
+        prop_assert_eq!(c.pages_mapped, mapped);
+        prop_assert_eq!(c.pages_zeroed, zeroed);
+        prop_assert_eq!(c.rejected_updates, rejected);
+        prop_assert_eq!(c.memslot_updates, e.backend().set_slot_calls());
+        prop_assert_eq!(c.slots_created - c.slots_deleted, c.memslots_in_use);
+        prop_assert_eq!(c.memslots_in_use, e.memslots().len() as u64);
+        prop_assert!(c.peak_memslots <= u64::from(max_slots));
+        prop_assert_eq!(c.zero_calls, e.backend().zero_calls());
+    }
+}
+
+/// A private anonymous host mapping for the KVM tests.
+pub(crate) struct AnonMap {
+    /// Host address.
+    pub addr: u64,
+    /// Length.
+    pub len: usize,
+}
+
+impl AnonMap {
+    /// Maps `len` bytes of private anonymous memory.
+    pub(crate) fn new(len: usize) -> AnonMap {
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses; no existing memory
+        // is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "mmap failed");
+        AnonMap {
+            addr: p as u64,
+            len,
+        }
+    }
+
+    /// Reads the byte at offset `off`.
+    pub(crate) fn read(&self, off: u64) -> u8 {
+        assert!(off < self.len as u64);
+        // SAFETY: off is inside the live mapping; volatile because KVM/madvise change it
+        // behind the compiler's back.
+        unsafe { std::ptr::read_volatile((self.addr + off) as *const u8) }
+    }
+
+    /// Fills [off, off+len) with `b`.
+    pub(crate) fn fill(&self, off: u64, len: u64, b: u8) {
+        assert!(off + len <= self.len as u64);
+        // SAFETY: the range is inside the live, writable mapping.
+        unsafe { std::ptr::write_bytes((self.addr + off) as *mut u8, b, len as usize) };
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`; the VM using it is gone or is
+        // dropped with it (tests drop the engine first).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+#[test]
+fn kvm_split_merge_and_zero() {
+    let Some(kvm) = kvm_or_skip("kvm_split_merge_and_zero") else {
+        return;
+    };
+    let vm = std::sync::Arc::new(kvm.create_vm().expect("create_vm"));
+    let ram = 32u64 << 20;
+    let mem = AnonMap::new(ram as usize);
+    let max = kvm.get_nr_memslots() as u32;
+    assert!(max >= 4, "KVM offers {max} memslots");
+    let mut backend = KvmSlots::new(vm.clone(), mem.addr, ram, max);
+    backend.keep_durations(true);
+    let mut e = Stage2Engine::new(backend, ram, 2 << 20).expect("engine on KVM");
+    assert_eq!(e.backend().host_addr(0x1000), mem.addr + 0x1000);
+    let pb = 512u64; // pages per pageblock
+                     // Splits and merges over pageblocks, including several holes at once.
+    for round in 0..20u64 {
+        let a = 2 * pb + (round % 5) * pb;
+        e.unmap(a, pb).unwrap();
+        e.unmap(10 * pb, 3 * pb).unwrap();
+        e.unmap(15 * pb + round, 1).unwrap();
+        e.check_invariants().unwrap();
+        assert_eq!(e.memslots().len(), 4, "{:?}", e.memslots());
+        assert_eq!(e.state_at(a * P), Some(RangeState::Unmapped));
+        e.map(15 * pb + round, 1).unwrap();
+        e.map(10 * pb, 3 * pb).unwrap();
+        e.map(a, pb).unwrap();
+        assert_eq!(e.memslots().len(), 1);
+    }
+    // KVM's own table agrees with the engine: a probe slot over an exposed page is refused
+    // (EEXIST: overlap), over a hole it is accepted.
+    e.unmap(4 * pb, pb).unwrap();
+    let probe_id = max - 1;
+    let probe = |gpa: u64| {
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot: probe_id,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: P,
+            userspace_addr: mem.addr + gpa,
+        };
+        // SAFETY: the region lies inside the live test mapping `mem`, which outlives the VM's
+        // use of it (the VM never runs).
+        unsafe { vm.set_user_memory_region(region) }
+    };
+    let err = probe(5 * pb * P).expect_err("overlap with an exposed page must be refused");
+    assert_eq!(err.errno(), libc::EEXIST);
+    probe(4 * pb * P + 7 * P).expect("a hole must accept a slot");
+    let del = kvm_bindings::kvm_userspace_memory_region {
+        slot: probe_id,
+        flags: 0,
+        guest_phys_addr: 4 * pb * P + 7 * P,
+        memory_size: 0,
+        userspace_addr: mem.addr + 4 * pb * P + 7 * P,
+    };
+    // SAFETY: deletes the probe slot created above.
+    unsafe { vm.set_user_memory_region(del) }.unwrap();
+    // Zeroing through the host mapping, for an unmapped and a mapped range.
+    mem.fill(4 * pb * P, pb * P, 0x5a);
+    mem.fill(6 * pb * P, 3 * P, 0xc3);
+    assert_eq!(mem.read(4 * pb * P + 100), 0x5a);
+    e.zero(4 * pb, pb).unwrap();
+    e.zero(6 * pb, 2).unwrap();
+    assert_eq!(mem.read(4 * pb * P), 0);
+    assert_eq!(mem.read(5 * pb * P - 1), 0);
+    assert_eq!(mem.read(6 * pb * P + 2 * P - 1), 0);
+    assert_eq!(
+        mem.read(6 * pb * P + 2 * P),
+        0xc3,
+        "zero went past its range"
+    );
+    e.map(4 * pb, pb).unwrap();
+    assert_eq!(e.memslots().len(), 1);
+    e.check_invariants().unwrap();
+    let c = e.counters();
+    assert_eq!(c.memslot_updates, e.backend().timing().calls);
+    let mut d: Vec<u32> = e.backend().durations_ns().to_vec();
+    d.sort_unstable();
+    let median = d[d.len() / 2];
+    eprintln!(
+        "KVM memslot timing: {} set_slot calls, median {:.1} us, max {:.1} us, {} unmaps, {} maps",
+        d.len(),
+        f64::from(median) / 1000.0,
+        e.backend().timing().max_ns as f64 / 1000.0,
+        c.unmap_calls,
+        c.map_calls
+    );
+    drop(e);
+    drop(vm);
+}
