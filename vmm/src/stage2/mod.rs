@@ -216,4 +216,4 @@ pub trait SlotBackend {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
