@@ -1,0 +1,183 @@
+//! Hypercall client: the raw doorbell and one safe wrapper per call.
+
+use core::arch::asm;
+use veil_abi::{
+    Access, AllocStats, Hc, Status, TestResult, ViolationRecord, BARE_PORT, HYPERCALL_PORT,
+};
+
+/// What a hypercall returned: `rax` (a [`Status`] code), `rdi` and `rsi`.
+#[derive(Clone, Copy, Debug)]
+pub struct Raw {
+    /// Status code from `rax`.
+    pub status: u64,
+    /// First result (`rdi`).
+    pub r0: u64,
+    /// Second result (`rsi`).
+    pub r1: u64,
+}
+
+/// Rings the doorbell with hypercall number `nr` and arguments `a0..a3`.
+///
+/// # Safety
+/// Pointer arguments let the VMM write guest memory: every pointer the call writes through must
+/// name a live buffer of the right size that nothing else uses meanwhile.
+#[inline(always)]
+pub unsafe fn raw(nr: u32, a0: u64, a1: u64, a2: u64, a3: u64) -> Raw {
+    let status: u64;
+    let r0: u64;
+    let r1: u64;
+    // SAFETY: one port write; the VMM changes only rax/rdi/rsi (and memory the caller vouched
+    // for), the others are declared clobbered to be safe.
+    unsafe {
+        asm!(
+            "out dx, eax",
+            in("dx") HYPERCALL_PORT,
+            inout("rax") nr as u64 => status,
+            inout("rdi") a0 => r0,
+            inout("rsi") a1 => r1,
+            inout("rcx") a2 => _,
+            inout("r8") a3 => _,
+            options(nostack),
+        );
+    }
+    Raw { status, r0, r1 }
+}
+
+/// A hypercall that takes no pointer the VMM writes through.
+fn call(hc: Hc, a0: u64, a1: u64, a2: u64, a3: u64) -> Result<Raw, Status> {
+    // SAFETY: callers of `call` pass no pointer the VMM writes through (only read-only buffers
+    // that are live for the duration of the call).
+    let r = unsafe { raw(hc as u32, a0, a1, a2, a3) };
+    status(r.status).map(|()| r)
+}
+
+/// Turns a status code into a `Result` (an unknown code reads as `BadState`).
+pub fn status(code: u64) -> Result<(), Status> {
+    match Status::from_u64(code) {
+        Some(Status::Ok) => Ok(()),
+        Some(s) => Err(s),
+        None => Err(Status::BadState),
+    }
+}
+
+/// The VMM's ABI version.
+pub fn version() -> Result<u64, Status> {
+    call(Hc::Version, 0, 0, 0, 0).map(|r| r.r0)
+}
+
+/// The cheapest hypercall.
+pub fn nop() -> Result<(), Status> {
+    call(Hc::Nop, 0, 0, 0, 0).map(|_| ())
+}
+
+/// A line for the VMM's log.
+pub fn log(msg: &str) -> Result<(), Status> {
+    call(Hc::Log, msg.as_ptr() as u64, msg.len() as u64, 0, 0).map(|_| ())
+}
+
+/// Allocates `2^order` pages with `gfp` bits; returns the GPA.
+pub fn alloc(order: u8, gfp: u64) -> Result<u64, Status> {
+    call(Hc::Alloc, order as u64, gfp, 0, 0).map(|r| r.r0)
+}
+
+/// Allocates through the context-taking entry point; returns the GPA.
+pub fn alloc_special(context: u64, gfp: u64, order: u8) -> Result<u64, Status> {
+    call(Hc::AllocSpecial, context, gfp, order as u64, 0).map(|r| r.r0)
+}
+
+/// Gives back pages from [`alloc`].
+pub fn free(gpa: u64, order: u8) -> Result<(), Status> {
+    call(Hc::Free, gpa, order as u64, 0, 0).map(|_| ())
+}
+
+/// Declares a test.
+pub fn test_announce(name: &str) -> Result<(), Status> {
+    call(
+        Hc::TestAnnounce,
+        name.as_ptr() as u64,
+        name.len() as u64,
+        0,
+        0,
+    )
+    .map(|_| ())
+}
+
+/// Starts a test.
+pub fn test_begin(name: &str) -> Result<(), Status> {
+    call(Hc::TestBegin, name.as_ptr() as u64, name.len() as u64, 0, 0).map(|_| ())
+}
+
+/// Ends the current test.
+pub fn test_end(result: TestResult, msg: &str) -> Result<(), Status> {
+    let (p, l) = (msg.as_ptr() as u64, msg.len() as u64);
+    call(Hc::TestEnd, result as u64, p, l, 0).map(|_| ())
+}
+
+/// Announces `count` violations of kind `access` on the page at `gpa`.
+pub fn expect_violation(gpa: u64, access: Access, count: u64) -> Result<(), Status> {
+    call(Hc::ExpectViolation, gpa, access as u64, count, 0).map(|_| ())
+}
+
+/// Copies the most recent violations of the current test into `buf`; returns the total count.
+pub fn query_violations(buf: &mut [ViolationRecord]) -> Result<u64, Status> {
+    let (p, n) = (buf.as_mut_ptr() as u64, buf.len() as u64);
+    // SAFETY: the VMM writes at most `n` records into `buf`, which we borrow mutably.
+    let r = unsafe { raw(Hc::QueryViolations as u32, p, n, 0, 0) };
+    status(r.status).map(|()| r.r0)
+}
+
+/// Forgets the fetch-recovery point.
+pub fn clear_recovery() -> Result<(), Status> {
+    call(Hc::ClearRecovery, 0, 0, 0, 0).map(|_| ())
+}
+
+/// Asks the VMM for a stage-2 dump now.
+#[allow(dead_code)]
+pub fn dump() -> Result<(), Status> {
+    call(Hc::Dump, 0, 0, 0, 0).map(|_| ())
+}
+
+/// Asks the VMM to check the allocator's invariants.
+pub fn check_invariants() -> Result<(), Status> {
+    call(Hc::CheckInvariants, 0, 0, 0, 0).map(|_| ())
+}
+
+/// The allocator and stage-2 counters.
+pub fn stats() -> Result<AllocStats, Status> {
+    let mut s = AllocStats::default();
+    let p = &mut s as *mut AllocStats as u64;
+    // SAFETY: the VMM writes one AllocStats into `s`, a live local.
+    let r = unsafe { raw(Hc::Stats as u32, p, 0, 0, 0) };
+    status(r.status).map(|()| s)
+}
+
+/// Has the VMM fill `[gpa, gpa+len)` (owned by the guest) with `byte` from the host side.
+pub fn host_fill(gpa: u64, len: u64, byte: u8) -> Result<(), Status> {
+    call(Hc::HostFill, gpa, len, byte as u64, 0).map(|_| ())
+}
+
+/// Has the VMM count the bytes equal to `byte` in `[gpa, gpa+len)` from the host side.
+pub fn host_count(gpa: u64, len: u64, byte: u8) -> Result<u64, Status> {
+    call(Hc::HostCount, gpa, len, byte as u64, 0).map(|r| r.r0)
+}
+
+/// Reports the round-trip measurement.
+pub fn report_timing(bare_cycles: u64, hc_cycles: u64, iterations: u64) -> Result<(), Status> {
+    call(Hc::ReportTiming, bare_cycles, hc_cycles, iterations, 0).map(|_| ())
+}
+
+/// Stops the VM with `code`.
+pub fn exit(code: u64) -> ! {
+    let _ = call(Hc::Exit, code, 0, 0, 0);
+    loop {
+        // SAFETY: halting with interrupts off parks the vCPU for good; nothing is left to do.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// One bare port-I/O exit (the round-trip baseline).
+#[allow(dead_code)]
+pub fn bare_exit() {
+    // SAFETY: a write to the bare port only makes the VMM count an exit.
+    unsafe { asm!("out dx, eax", in("dx") BARE_PORT, in("eax") 0u32, options(nomem, nostack)) };
+}
