@@ -1,0 +1,469 @@
+//! The buddy allocator: construction, the allocation and free paths, and queries.
+
+use crate::error::{AllocError, FreeError, InitError};
+use crate::freelist::FreeLists;
+use crate::freetype::Freetype;
+use crate::gfp::{AllocRequest, BuddyContext, Gfp};
+use crate::meta::{PageMeta, NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
+use crate::pcp::Pcp;
+use crate::stage2::Stage2;
+use crate::stats::Counters;
+use crate::{Pfn, MAX_ORDER, PAGEBLOCK_ORDER};
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// Freetype every pageblock starts with (Linux marks all pageblocks movable at boot).
+pub const INITIAL_FREETYPE: Freetype = Freetype::MOVABLE;
+
+/// Allocator options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Zero freed pages of unmapped freetypes (through [`Stage2::zero`]) before they become
+    /// free, so no secret outlives its owner. Default: on.
+    pub init_on_free_unmapped: bool,
+    /// Pages in each per-freetype order-0 cache ([`crate::pcp`]); 0 disables the caches.
+    /// Default: 64.
+    pub pcp_capacity: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            init_on_free_unmapped: true,
+            pcp_capacity: 64,
+        }
+    }
+}
+
+/// A successful allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    /// First page frame.
+    pub pfn: Pfn,
+    /// Order: the allocation covers `1 << order` pages.
+    pub order: u8,
+    /// The freetype the pages were allocated as.
+    pub freetype: Freetype,
+}
+
+/// The buddy allocator over `[base_pfn, base_pfn + nr_pages)`.
+///
+/// Blocks are naturally aligned in *absolute* pfns (an order-9 block is 2 MiB-aligned in
+/// guest-physical memory); ranges that are not multiples of a block are carved into the
+/// largest aligned blocks that fit, so partial pageblocks at the ends work (they can never be
+/// flipped, since a flip needs a whole free pageblock).
+pub struct BuddyAllocator<S: Stage2> {
+    pub(crate) s2: S,
+    pub(crate) cfg: Config,
+    pub(crate) base: u64,
+    pub(crate) nr: u64,
+    /// Per-page metadata, indexed by page offset from `base`.
+    pub(crate) meta: Vec<PageMeta>,
+    /// Freetype index of each pageblock, indexed by `(pfn >> 9) - (base >> 9)`.
+    pub(crate) pb: Vec<u8>,
+    pub(crate) lists: FreeLists,
+    pub(crate) pcp: Pcp,
+    /// Free pages (buddy lists plus caches).
+    pub(crate) free: u64,
+    pub(crate) ctr: Counters,
+}
+
+impl<S: Stage2> BuddyAllocator<S> {
+    /// All pages start free and mapped (freetype [`INITIAL_FREETYPE`]).
+    ///
+    /// A zero-size range gives an allocator with nothing free. Panics only if the range
+    /// overflows or holds `u32::MAX` pages or more (16 TiB); [`Self::try_new`] reports that.
+    pub fn new(base_pfn: Pfn, nr_pages: u64, s2: S, cfg: Config) -> Self {
+        match Self::try_new(base_pfn, nr_pages, s2, cfg) {
+            Ok(a) => a,
+            Err(e) => panic!("BuddyAllocator::new: {e}"),
+        }
+    }
+
+    /// As [`Self::new`], but returns an error for ranges the metadata cannot index.
+    pub fn try_new(base_pfn: Pfn, nr_pages: u64, s2: S, cfg: Config) -> Result<Self, InitError> {
+        if nr_pages >= NIL as u64 {
+            return Err(InitError::TooManyPages(nr_pages));
+        }
+        let end = base_pfn.checked_add(nr_pages).ok_or(InitError::Overflow)?;
+        let nr_pb = if nr_pages == 0 {
+            0
+        } else {
+            ((end - 1) >> PAGEBLOCK_ORDER) - (base_pfn >> PAGEBLOCK_ORDER) + 1
+        };
+        let mut a = BuddyAllocator {
+            s2,
+            cfg,
+            base: base_pfn,
+            nr: nr_pages,
+            meta: vec![PageMeta::EMPTY; nr_pages as usize],
+            pb: vec![INITIAL_FREETYPE.index() as u8; nr_pb as usize],
+            lists: FreeLists::new(),
+            pcp: Pcp::new(cfg.pcp_capacity),
+            free: 0,
+            ctr: Counters::default(),
+        };
+        let ft = INITIAL_FREETYPE.index();
+        let mut pfn = base_pfn;
+        while pfn < end {
+            let mut o = (pfn.trailing_zeros() as u8).min(MAX_ORDER);
+            while pfn + (1u64 << o) > end {
+                o -= 1;
+            }
+            let off = (pfn - base_pfn) as u32;
+            a.set_free_head(off, o, ft);
+            a.lists.push(&mut a.meta, off, o as usize, ft);
+            pfn += 1 << o;
+        }
+        a.free = nr_pages;
+        Ok(a)
+    }
+
+    /// Allocate `1 << order` pages described by GFP-style flags.
+    ///
+    /// Same as `alloc_pages_special(BuddyContext::Default, gfp, order)`.
+    #[inline]
+    pub fn alloc_pages(&mut self, gfp: Gfp, order: u8) -> Result<Allocation, AllocError> {
+        self.alloc_pages_special(BuddyContext::Default, gfp, order)
+    }
+
+    /// Allocate `1 << order` pages for a context plus GFP-style flags (the extensible entry
+    /// point; see the module docs of [`crate::gfp`] for the trade-off).
+    pub fn alloc_pages_special(
+        &mut self,
+        ctx: BuddyContext,
+        gfp: Gfp,
+        order: u8,
+    ) -> Result<Allocation, AllocError> {
+        let r = if order > MAX_ORDER {
+            Err(AllocError::InvalidOrder(order))
+        } else {
+            match AllocRequest::from_gfp(ctx, gfp) {
+                Ok(req) => self.alloc_request(req, order),
+                Err(e) => Err(e),
+            }
+        };
+        if r.is_err() {
+            self.ctr.alloc_failures += 1;
+        }
+        r
+    }
+
+    /// Allocate for an already translated request.
+    fn alloc_request(&mut self, req: AllocRequest, order: u8) -> Result<Allocation, AllocError> {
+        let ft = req.freetype.index();
+        let off = self.take_block(req, order)?;
+        let m = &mut self.meta[off as usize];
+        m.state = ST_ALLOC | order;
+        m.ft = ft as u8;
+        self.free -= 1 << order;
+        let pfn = self.base + off as u64;
+        if req.zero {
+            let n = 1u64 << order;
+            if let Err(e) = self.s2.zero(pfn, n) {
+                self.ctr.stage2_failures += 1;
+                // Give the block back exactly as a free would (without init_on_free: the
+                // pages were never handed out).
+                self.release(off, order);
+                return Err(AllocError::Stage2(e));
+            }
+            self.ctr.stage2_zero_calls += 1;
+            self.ctr.pages_zeroed += n;
+            self.ctr.pages_zeroed_on_alloc += n;
+        }
+        self.ctr.allocs[order as usize][ft] += 1;
+        Ok(Allocation {
+            pfn,
+            order,
+            freetype: req.freetype,
+        })
+    }
+
+    /// Find a free block for the request and take it off the free structures: cache, same
+    /// freetype, fallback within the same mapped-ness, drain the caches and retry, flip.
+    fn take_block(&mut self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
+        let ft = req.freetype.index();
+        if order == 0 {
+            if let Some(off) = self.pcp.pop(ft) {
+                return Ok(off);
+            }
+        }
+        if let Some(off) = self.rmqueue(req.freetype, order) {
+            return Ok(off);
+        }
+        if self.pcp.total() != 0 {
+            self.drain_pcp();
+            if let Some(off) = self.rmqueue(req.freetype, order) {
+                return Ok(off);
+            }
+        }
+        self.flip_alloc(req, order)
+    }
+
+    /// Same freetype first, then Linux's claim/steal fallback within the same mapped-ness.
+    fn rmqueue(&mut self, ft: Freetype, order: u8) -> Option<u32> {
+        if let Some(off) = self.rmqueue_smallest(ft.index(), order) {
+            return Some(off);
+        }
+        self.rmqueue_fallback(ft, order)
+    }
+
+    /// The smallest free block of freetype `ft` with order `>= order`, split down to `order`.
+    #[inline]
+    pub(crate) fn rmqueue_smallest(&mut self, ft: usize, order: u8) -> Option<u32> {
+        let cur = self.lists.first_nonempty(order as usize, ft)?;
+        let off = self.lists.pop(&mut self.meta, cur, ft)?;
+        self.meta[off as usize].state = ST_NONE;
+        self.expand(off, order, cur as u8, ft);
+        Some(off)
+    }
+
+    /// Split block `off` of order `high` down to `low`, freeing the upper halves onto `ft`.
+    #[inline]
+    pub(crate) fn expand(&mut self, off: u32, low: u8, mut high: u8, ft: usize) {
+        while high > low {
+            high -= 1;
+            let b = off + (1u32 << high);
+            self.set_free_head(b, high, ft);
+            self.lists.push(&mut self.meta, b, high as usize, ft);
+        }
+    }
+
+    /// Mark `off` as the head of a free block of `order` on freetype `ft`'s lists.
+    #[inline]
+    pub(crate) fn set_free_head(&mut self, off: u32, order: u8, ft: usize) {
+        let m = &mut self.meta[off as usize];
+        m.state = ST_FREE | order;
+        m.ft = ft as u8;
+    }
+
+    /// Give back pages `[off, off + 2^order)`.
+    ///
+    /// Returns the pages `free_pages` returns to the free structures: order 0 to the
+    /// block's cache (draining half of it when full), larger orders straight to the buddy
+    /// lists with merging.
+    fn release(&mut self, off: u32, order: u8) {
+        let bft = self.pb[self.pb_index(off)] as usize;
+        self.free += 1 << order;
+        if order == 0 && self.pcp.cap() != 0 {
+            if !self.pcp.push(bft, off) {
+                self.drain_pcp_ft(bft, self.pcp.cap().div_ceil(2));
+                let pushed = self.pcp.push(bft, off);
+                debug_assert!(pushed);
+            }
+            let m = &mut self.meta[off as usize];
+            m.state = ST_CACHED;
+            m.ft = bft as u8;
+            return;
+        }
+        self.meta[off as usize].state = ST_NONE;
+        self.free_to_buddy(off, order, bft);
+    }
+
+    /// Put `[off, off + 2^order)` on the buddy lists of `ft`, merging with free buddies.
+    ///
+    /// Below pageblock order a buddy lies in the same pageblock, so it has the same freetype.
+    /// At pageblock order and above, buddies of the same mapped-ness merge and the buddy's
+    /// pageblocks take `ft` (as Linux's `__free_one_page` does for mergeable migratetypes);
+    /// buddies of different mapped-ness never merge. The caller has cleared `off`'s state.
+    pub(crate) fn free_to_buddy(&mut self, mut off: u32, mut order: u8, ft: usize) {
+        let end = self.base + self.nr;
+        while order < MAX_ORDER {
+            let pfn = self.base + off as u64;
+            let bpfn = pfn ^ (1u64 << order);
+            if bpfn < self.base || bpfn >= end {
+                break;
+            }
+            let boff = (bpfn - self.base) as u32;
+            let bm = self.meta[boff as usize];
+            if bm.state != ST_FREE | order {
+                break;
+            }
+            let bft = bm.ft as usize;
+            if bft != ft {
+                debug_assert!(order >= PAGEBLOCK_ORDER);
+                if Freetype::ALL[bft].flags() != Freetype::ALL[ft].flags() {
+                    break;
+                }
+                self.set_pageblocks(boff, order, ft);
+            }
+            self.lists.remove(&mut self.meta, boff, order as usize, bft);
+            self.meta[boff as usize].state = ST_NONE;
+            off = off.min(boff);
+            order += 1;
+        }
+        self.set_free_head(off, order, ft);
+        self.lists.push(&mut self.meta, off, order as usize, ft);
+    }
+
+    /// Set the freetype of every pageblock overlapping `[off, off + 2^order)`.
+    pub(crate) fn set_pageblocks(&mut self, off: u32, order: u8, ft: usize) {
+        let first = self.pb_index(off);
+        let last = self.pb_index(off + (1u32 << order) - 1);
+        for e in &mut self.pb[first..=last] {
+            *e = ft as u8;
+        }
+    }
+
+    /// Index in the pageblock table of the page at offset `off`.
+    #[inline]
+    pub(crate) fn pb_index(&self, off: u32) -> usize {
+        (((self.base + off as u64) >> PAGEBLOCK_ORDER) - (self.base >> PAGEBLOCK_ORDER)) as usize
+    }
+
+    /// Return every cached order-0 page to the buddy lists (Linux's `drain_all_pages`).
+    pub fn drain_pcp(&mut self) {
+        for ft in 0..Freetype::COUNT {
+            let n = self.pcp.len(ft);
+            if n != 0 {
+                self.drain_pcp_ft(ft, n);
+            }
+        }
+    }
+
+    /// Return the `n` most recently cached pages of `ft` to the buddy lists.
+    fn drain_pcp_ft(&mut self, ft: usize, n: u32) {
+        self.ctr.pcp_drains += 1;
+        for _ in 0..n {
+            let Some(off) = self.pcp.pop(ft) else { break };
+            self.meta[off as usize].state = ST_NONE;
+            // The block's freetype may have been re-claimed since; its mapped-ness cannot
+            // have changed (a flip needs a whole free pageblock, a cached page prevents it).
+            let bft = self.pb[self.pb_index(off)] as usize;
+            self.free_to_buddy(off, 0, bft);
+        }
+    }
+
+    /// Free an allocation made by `alloc_pages*` (`pfn` and `order` as returned).
+    ///
+    /// Refuses out-of-range, misaligned, never-allocated or already-freed pfns and wrong
+    /// orders with a typed error, leaving the allocator unchanged. Never maps and never
+    /// flushes: freed unmapped pages stay unmapped. With `init_on_free_unmapped`, pages of
+    /// unmapped blocks are zeroed through [`Stage2::zero`] first; if that fails the pages
+    /// stay allocated and [`FreeError::Stage2`] is returned.
+    pub fn free_pages(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        let r = self.free_checked(pfn, order);
+        if r.is_err() {
+            self.ctr.free_failures += 1;
+        }
+        r
+    }
+
+    #[inline]
+    fn free_checked(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        let off = pfn.wrapping_sub(self.base);
+        if off >= self.nr {
+            return Err(FreeError::OutOfRange);
+        }
+        if order > MAX_ORDER {
+            return Err(FreeError::InvalidOrder);
+        }
+        if pfn & ((1u64 << order) - 1) != 0 {
+            return Err(FreeError::Misaligned);
+        }
+        let off = off as u32;
+        let m = self.meta[off as usize];
+        if m.state & ST_ALLOC == 0 {
+            return Err(FreeError::NotAllocated);
+        }
+        let allocated = m.state & ST_ORDER;
+        if allocated != order {
+            return Err(FreeError::WrongOrder { allocated });
+        }
+        if self.cfg.init_on_free_unmapped && Freetype::ALL[m.ft as usize].is_unmapped() {
+            let n = 1u64 << order;
+            if let Err(e) = self.s2.zero(pfn, n) {
+                self.ctr.stage2_failures += 1;
+                return Err(FreeError::Stage2(e));
+            }
+            self.ctr.stage2_zero_calls += 1;
+            self.ctr.pages_zeroed += n;
+            self.ctr.pages_zeroed_on_free += n;
+        }
+        self.ctr.frees[order as usize][m.ft as usize] += 1;
+        self.release(off, order);
+        Ok(())
+    }
+
+    /// Order and freetype of the live allocation that starts at or contains `pfn`.
+    ///
+    /// Exact and O(1): at most `MAX_ORDER + 1` probes of block heads (the head of the block
+    /// of each order that contains `pfn`); no scan.
+    pub fn allocation_containing(&self, pfn: Pfn) -> Option<Allocation> {
+        if pfn.wrapping_sub(self.base) >= self.nr {
+            return None;
+        }
+        for o in 0..=MAX_ORDER {
+            let head = pfn & !((1u64 << o) - 1);
+            if head < self.base {
+                return None;
+            }
+            let m = self.meta[(head - self.base) as usize];
+            let ho = m.state & ST_ORDER;
+            if m.state & ST_ALLOC != 0 && ho >= o {
+                return Some(Allocation {
+                    pfn: head,
+                    order: ho,
+                    freetype: Freetype::ALL[m.ft as usize],
+                });
+            }
+            if (m.state & ST_FREE != 0 && ho >= o) || m.state & ST_CACHED != 0 {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Freetype recorded for `pfn`'s pageblock.
+    pub fn pageblock_freetype(&self, pfn: Pfn) -> Option<Freetype> {
+        let off = pfn.wrapping_sub(self.base);
+        if off >= self.nr {
+            return None;
+        }
+        Some(Freetype::ALL[self.pb[self.pb_index(off as u32)] as usize])
+    }
+
+    /// First managed pfn.
+    pub fn base_pfn(&self) -> Pfn {
+        self.base
+    }
+
+    /// Number of managed pages.
+    pub fn nr_pages(&self) -> u64 {
+        self.nr
+    }
+
+    /// Free pages (buddy lists plus caches).
+    pub fn free_pages_count(&self) -> u64 {
+        self.free
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> Config {
+        self.cfg
+    }
+
+    /// The stage-2 backend.
+    pub fn stage2(&self) -> &S {
+        &self.s2
+    }
+
+    /// The stage-2 backend, mutably.
+    pub fn stage2_mut(&mut self) -> &mut S {
+        &mut self.s2
+    }
+
+    /// Give up the allocator and keep its stage-2 backend.
+    pub fn into_stage2(self) -> S {
+        self.s2
+    }
+
+    /// Exact bytes of metadata this instance keeps (all outside the managed frames): the
+    /// per-page array, the pageblock table, the caches and the list heads.
+    pub fn metadata_bytes(&self) -> u64 {
+        (self.meta.len() * core::mem::size_of::<PageMeta>()
+            + self.pb.len()
+            + self.pcp.bytes()
+            + core::mem::size_of::<FreeLists>()) as u64
+    }
+}

@@ -1,0 +1,264 @@
+//! The two request shapes (GFP-style flags, and a context plus flags) and the single function
+//! that turns either into the allocator's internal request.
+//!
+//! # GFP flags vs. `alloc_pages_special(ctx, gfp, order)`
+//!
+//! GFP flags are the kernel's classic way to say everything about a request in one word, but
+//! they mix two different things: *what the page is* (zeroed, movable, unmapped) and *where and
+//! how it may be found* (may it block, may it flip a pageblock). Bits are scarce (`gfp_t` is
+//! nearly full), every new use case wants one, and each new bit multiplies the combinations
+//! every caller and every path must handle. The alternative proposed in the `__GFP_UNMAPPED`
+//! thread is one extensible internal entry point, `alloc_pages_special(enum buddy_context ctx,
+//! gfp_t gfp, ...)`: the context names the special use case (unmapped memory today, sensitive
+//! memory tomorrow) while the GFP bits keep their ordinary meaning. A new use case then costs a
+//! new enum variant instead of a new GFP bit and a new public function, and the set of valid
+//! combinations is decided in one place. The price is a second API shape and a rule for how
+//! the two interact. Veil offers both: [`crate::BuddyAllocator::alloc_pages`] takes [`Gfp`]
+//! (with [`Gfp::UNMAPPED`]), [`crate::BuddyAllocator::alloc_pages_special`] takes a
+//! [`BuddyContext`] plus [`Gfp`], and both go through [`AllocRequest::from_gfp`], the one
+//! documented translation, so they cannot drift apart. `BuddyContext::Unmapped` with empty GFP
+//! bits is exactly `Gfp::UNMAPPED`.
+
+use crate::error::AllocError;
+use crate::freetype::{Freetype, Migratetype};
+
+/// GFP-style allocation flags (bit values equal `veil_abi::gfp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct Gfp(u32);
+
+impl Gfp {
+    /// Zero the pages before returning them (through [`crate::Stage2::zero`]).
+    pub const ZERO: Gfp = Gfp(1 << 0);
+    /// Pages removed from the direct map (stage 2).
+    pub const UNMAPPED: Gfp = Gfp(1 << 1);
+    /// Movable migratetype.
+    pub const MOVABLE: Gfp = Gfp(1 << 2);
+    /// Reclaimable migratetype.
+    pub const RECLAIMABLE: Gfp = Gfp(1 << 3);
+    /// May not block: never flips a pageblock (fails with [`AllocError::WouldBlock`] instead).
+    pub const ATOMIC: Gfp = Gfp(1 << 4);
+    /// Every defined bit.
+    pub const ALL: Gfp = Gfp(0x1f);
+
+    /// No flags: an unmovable, mapped, non-zeroed request that may flip.
+    pub const fn empty() -> Gfp {
+        Gfp(0)
+    }
+
+    /// The flags with bits `b`; None if unknown bits are set.
+    pub const fn from_bits(b: u32) -> Option<Gfp> {
+        if b & !Gfp::ALL.0 != 0 {
+            None
+        } else {
+            Some(Gfp(b))
+        }
+    }
+
+    /// The flags from a 64-bit hypercall register; None if unknown bits are set.
+    pub const fn from_u64(b: u64) -> Option<Gfp> {
+        if b > u32::MAX as u64 {
+            None
+        } else {
+            Gfp::from_bits(b as u32)
+        }
+    }
+
+    /// The raw bits.
+    pub const fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether every bit of `o` is set in `self`.
+    pub const fn contains(self, o: Gfp) -> bool {
+        self.0 & o.0 == o.0
+    }
+
+    /// `self` without the bits of `o`.
+    pub const fn without(self, o: Gfp) -> Gfp {
+        Gfp(self.0 & !o.0)
+    }
+}
+
+impl core::ops::BitOr for Gfp {
+    type Output = Gfp;
+    fn bitor(self, o: Gfp) -> Gfp {
+        Gfp(self.0 | o.0)
+    }
+}
+
+impl core::ops::BitOrAssign for Gfp {
+    fn bitor_assign(&mut self, o: Gfp) {
+        self.0 |= o.0;
+    }
+}
+
+/// Context for `alloc_pages_special` (extensible; values equal `veil_abi::context`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BuddyContext {
+    /// An ordinary allocation: the GFP bits alone decide (`veil_abi::context::DEFAULT` = 0).
+    Default,
+    /// Pages removed from the direct map (`veil_abi::context::UNMAPPED` = 1).
+    Unmapped,
+}
+
+impl BuddyContext {
+    /// The context with ABI value `v`, if any.
+    pub const fn from_u64(v: u64) -> Option<BuddyContext> {
+        match v {
+            0 => Some(BuddyContext::Default),
+            1 => Some(BuddyContext::Unmapped),
+            _ => None,
+        }
+    }
+
+    /// The ABI value of this context.
+    pub const fn as_u64(self) -> u64 {
+        match self {
+            BuddyContext::Default => 0,
+            BuddyContext::Unmapped => 1,
+        }
+    }
+
+    /// Short lower-case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BuddyContext::Default => "default",
+            BuddyContext::Unmapped => "unmapped",
+        }
+    }
+}
+
+/// The allocator's internal request: what every public entry point is translated into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AllocRequest {
+    /// The freetype the pages must have.
+    pub freetype: Freetype,
+    /// Zero the pages before returning them.
+    pub zero: bool,
+    /// Whether the request may flip a pageblock (false for `ATOMIC`).
+    pub may_flip: bool,
+}
+
+impl AllocRequest {
+    /// Translate a context plus GFP bits into an internal request: THE one translation.
+    ///
+    /// Rules:
+    /// - the context contributes flags: `Default` none, `Unmapped` the `UNMAPPED` bit (so
+    ///   `(Unmapped, gfp)` ≡ `(Default, gfp | UNMAPPED)`); a new context adds one arm here;
+    /// - migratetype: `MOVABLE` → movable, `RECLAIMABLE` → reclaimable, neither → unmovable,
+    ///   both → [`AllocError::InvalidFlags`] (Linux gives that combination no ordinary meaning);
+    /// - `UNMAPPED` selects the unmapped freetype; only `unmovable|unmapped` exists, so
+    ///   `UNMAPPED` with `MOVABLE` or `RECLAIMABLE` is [`AllocError::InvalidFlags`] (rejected,
+    ///   not silently rewritten: unmapped pages cannot be migrated or reclaimed);
+    /// - `ZERO` → zero through stage 2 (works for every freetype);
+    /// - `ATOMIC` → may not block, hence may not flip a pageblock.
+    pub const fn from_gfp(ctx: BuddyContext, gfp: Gfp) -> Result<AllocRequest, AllocError> {
+        let unmapped = match ctx {
+            BuddyContext::Default => gfp.contains(Gfp::UNMAPPED),
+            BuddyContext::Unmapped => true,
+        };
+        let mt = match (gfp.contains(Gfp::MOVABLE), gfp.contains(Gfp::RECLAIMABLE)) {
+            (false, false) => Migratetype::Unmovable,
+            (true, false) => Migratetype::Movable,
+            (false, true) => Migratetype::Reclaimable,
+            (true, true) => return Err(AllocError::InvalidFlags),
+        };
+        let freetype = match Freetype::new(mt, unmapped) {
+            Some(ft) => ft,
+            None => return Err(AllocError::InvalidFlags),
+        };
+        Ok(AllocRequest {
+            freetype,
+            zero: gfp.contains(Gfp::ZERO),
+            may_flip: !gfp.contains(Gfp::ATOMIC),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values in `veil_abi::gfp` and `veil_abi::context` (abi/src/lib.rs), restated.
+    #[test]
+    fn bit_values_match_veil_abi() {
+        assert_eq!(Gfp::ZERO.bits(), 1 << 0);
+        assert_eq!(Gfp::UNMAPPED.bits(), 1 << 1);
+        assert_eq!(Gfp::MOVABLE.bits(), 1 << 2);
+        assert_eq!(Gfp::RECLAIMABLE.bits(), 1 << 3);
+        assert_eq!(Gfp::ATOMIC.bits(), 1 << 4);
+        assert_eq!(Gfp::ALL.bits(), 0x1f);
+        assert_eq!(BuddyContext::from_u64(0), Some(BuddyContext::Default));
+        assert_eq!(BuddyContext::from_u64(1), Some(BuddyContext::Unmapped));
+        assert_eq!(BuddyContext::from_u64(2), None);
+        assert_eq!(BuddyContext::from_u64(u64::MAX), None);
+        for c in [BuddyContext::Default, BuddyContext::Unmapped] {
+            assert_eq!(BuddyContext::from_u64(c.as_u64()), Some(c));
+        }
+    }
+
+    #[test]
+    fn from_bits_rejects_unknown() {
+        for b in 0..32u32 {
+            assert_eq!(Gfp::from_bits(b).map(|g| g.bits()), Some(b));
+        }
+        assert_eq!(Gfp::from_bits(1 << 5), None);
+        assert_eq!(Gfp::from_bits(u32::MAX), None);
+        assert_eq!(Gfp::from_u64(1 << 40), None);
+        assert_eq!(Gfp::from_u64(3), Some(Gfp::ZERO | Gfp::UNMAPPED));
+    }
+
+    #[test]
+    fn translation_table() {
+        use BuddyContext::*;
+        let t = |c, g| AllocRequest::from_gfp(c, g);
+        let r = t(Default, Gfp::empty()).unwrap();
+        assert_eq!(r.freetype, Freetype::UNMOVABLE);
+        assert!(!r.zero && r.may_flip);
+        assert_eq!(
+            t(Default, Gfp::MOVABLE).unwrap().freetype,
+            Freetype::MOVABLE
+        );
+        assert_eq!(
+            t(Default, Gfp::RECLAIMABLE).unwrap().freetype,
+            Freetype::RECLAIMABLE
+        );
+        assert_eq!(
+            t(Default, Gfp::UNMAPPED).unwrap().freetype,
+            Freetype::UNMOVABLE_UNMAPPED
+        );
+        assert_eq!(
+            t(Unmapped, Gfp::empty()).unwrap().freetype,
+            Freetype::UNMOVABLE_UNMAPPED
+        );
+        assert_eq!(
+            t(Default, Gfp::MOVABLE | Gfp::RECLAIMABLE),
+            Err(AllocError::InvalidFlags)
+        );
+        assert_eq!(
+            t(Default, Gfp::MOVABLE | Gfp::UNMAPPED),
+            Err(AllocError::InvalidFlags)
+        );
+        assert_eq!(t(Unmapped, Gfp::RECLAIMABLE), Err(AllocError::InvalidFlags));
+        let r = t(Unmapped, Gfp::ZERO | Gfp::ATOMIC).unwrap();
+        assert!(r.zero && !r.may_flip);
+    }
+
+    /// `(Unmapped, gfp)` and `(Default, gfp | UNMAPPED)` are the same request, for every gfp.
+    #[test]
+    fn context_is_equivalent_to_the_flag() {
+        for b in 0..=Gfp::ALL.bits() {
+            let g = Gfp::from_bits(b).unwrap();
+            assert_eq!(
+                AllocRequest::from_gfp(BuddyContext::Unmapped, g),
+                AllocRequest::from_gfp(BuddyContext::Default, g | Gfp::UNMAPPED)
+            );
+            if let Ok(r) = AllocRequest::from_gfp(BuddyContext::Default, g) {
+                assert_eq!(r.freetype.is_unmapped(), g.contains(Gfp::UNMAPPED));
+                assert_eq!(r.zero, g.contains(Gfp::ZERO));
+                assert_eq!(r.may_flip, !g.contains(Gfp::ATOMIC));
+            }
+        }
+    }
+}

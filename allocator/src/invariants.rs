@@ -1,0 +1,178 @@
+//! `check_invariants`: a full walk over all metadata proving the free lists, block types,
+//! caches and counters consistent.
+
+#![allow(clippy::needless_range_loop)] // (order, freetype) tables are indexed in step
+
+use crate::buddy::BuddyAllocator;
+use crate::freelist::NR_ORDERS;
+use crate::freetype::Freetype;
+use crate::meta::{NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
+use crate::stage2::Stage2;
+use crate::MAX_ORDER;
+use alloc::vec;
+
+impl<S: Stage2> BuddyAllocator<S> {
+    /// Walk all metadata and check that it is consistent. O(number of pages).
+    ///
+    /// Checks: every page belongs to exactly one naturally aligned block (free, cached or
+    /// allocated) inside the range and only heads carry a state; free blocks have their
+    /// pageblocks' freetype and are fully merged (no free buddy of the same order and
+    /// mapped-ness); allocations and cached pages have their pageblocks' mapped-ness; every
+    /// free list is a well-formed doubly linked list of exactly the free heads of its
+    /// (order, freetype) with the right count and non-empty bit; the caches hold exactly the
+    /// cached pages; the free page count matches; allocs − frees equals the live allocations
+    /// for every (order, freetype).
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        if self.meta.len() as u64 != self.nr {
+            return Err("metadata array length differs from the page count");
+        }
+        let mut free_blocks = [[0u64; Freetype::COUNT]; NR_ORDERS];
+        let mut live = [[0u64; Freetype::COUNT]; NR_ORDERS];
+        let mut cached = [0u64; Freetype::COUNT];
+        let mut free_pages = 0u64;
+        let mut off = 0u64;
+        while off < self.nr {
+            let m = self.meta[off as usize];
+            let pfn = self.base + off;
+            let o = if m.state & ST_CACHED != 0 {
+                if m.state != ST_CACHED {
+                    return Err("cached page with extra state bits");
+                }
+                0
+            } else if m.state & (ST_FREE | ST_ALLOC) != 0 {
+                if m.state & ST_FREE != 0 && m.state & ST_ALLOC != 0 {
+                    return Err("page both free and allocated");
+                }
+                m.state & ST_ORDER
+            } else {
+                return Err("page covered by no block (no head state)");
+            };
+            if o > MAX_ORDER {
+                return Err("block order above MAX_ORDER");
+            }
+            let n = 1u64 << o;
+            if pfn & (n - 1) != 0 {
+                return Err("block not naturally aligned");
+            }
+            if off + n > self.nr {
+                return Err("block extends past the range");
+            }
+            for t in off + 1..off + n {
+                if self.meta[t as usize].state != ST_NONE {
+                    return Err("tail page carries a head state");
+                }
+            }
+            let ft = m.ft as usize;
+            if ft >= Freetype::COUNT {
+                return Err("freetype index out of range");
+            }
+            let first = self.pb_index(off as u32);
+            let last = self.pb_index((off + n - 1) as u32);
+            let blocks = &self.pb[first..=last];
+            if blocks.iter().any(|&b| b as usize >= Freetype::COUNT) {
+                return Err("pageblock freetype index out of range");
+            }
+            let unmapped = Freetype::ALL[ft].is_unmapped();
+            if blocks
+                .iter()
+                .any(|&b| Freetype::ALL[b as usize].is_unmapped() != unmapped)
+            {
+                return Err("block mapped-ness differs from its pageblock's");
+            }
+            if m.state & ST_FREE != 0 {
+                if blocks.iter().any(|&b| b as usize != ft) {
+                    return Err("free block not on its pageblock's freetype lists");
+                }
+                free_blocks[o as usize][ft] += 1;
+                free_pages += n;
+                if o < MAX_ORDER {
+                    let bpfn = pfn ^ n;
+                    if bpfn >= self.base && bpfn < self.base + self.nr {
+                        let bm = self.meta[(bpfn - self.base) as usize];
+                        if bm.state == ST_FREE | o
+                            && Freetype::ALL[bm.ft as usize].flags() == Freetype::ALL[ft].flags()
+                        {
+                            return Err("two free buddies of the same mapped-ness not merged");
+                        }
+                    }
+                }
+            } else if m.state & ST_ALLOC != 0 {
+                live[o as usize][ft] += 1;
+            } else {
+                cached[ft] += 1;
+                free_pages += 1;
+            }
+            off += n;
+        }
+        // Free lists.
+        for o in 0..NR_ORDERS {
+            for ft in 0..Freetype::COUNT {
+                let mut cur = self.lists.head[o][ft];
+                let mut prev = NIL;
+                let mut k = 0u64;
+                while cur != NIL {
+                    if cur as u64 >= self.nr {
+                        return Err("free list link out of range");
+                    }
+                    let m = self.meta[cur as usize];
+                    if m.state != ST_FREE | o as u8 || m.ft as usize != ft {
+                        return Err("free list holds a block of another order or freetype");
+                    }
+                    if m.prev != prev {
+                        return Err("free list prev link broken");
+                    }
+                    k += 1;
+                    if k > free_blocks[o][ft] {
+                        return Err("free list longer than its free blocks (cycle or stray)");
+                    }
+                    prev = cur;
+                    cur = m.next;
+                }
+                if k != free_blocks[o][ft] || k != self.lists.count[o][ft] {
+                    return Err("free list count differs from the free blocks");
+                }
+                if (self.lists.nonempty[ft] >> o & 1 != 0) != (k != 0) {
+                    return Err("non-empty mask differs from the lists");
+                }
+            }
+        }
+        // Caches.
+        for (ft, &want) in cached.iter().enumerate() {
+            if self.pcp.len(ft) as u64 != want {
+                return Err("cache length differs from the cached pages");
+            }
+            for &p in self.pcp.pages(ft) {
+                let m = self
+                    .meta
+                    .get(p as usize)
+                    .ok_or("cached page out of range")?;
+                if m.state != ST_CACHED || m.ft as usize != ft {
+                    return Err("cache holds a page that is not cached for it");
+                }
+            }
+        }
+        let mut seen = vec![false; 0];
+        if self.pcp.total() != 0 {
+            seen = vec![false; self.nr as usize];
+        }
+        for ft in 0..Freetype::COUNT {
+            for &p in self.pcp.pages(ft) {
+                if core::mem::replace(&mut seen[p as usize], true) {
+                    return Err("page cached twice");
+                }
+            }
+        }
+        if free_pages != self.free {
+            return Err("free page counter differs from the free blocks");
+        }
+        for o in 0..NR_ORDERS {
+            for ft in 0..Freetype::COUNT {
+                let (a, f) = (self.ctr.allocs[o][ft], self.ctr.frees[o][ft]);
+                if f > a || a - f != live[o][ft] {
+                    return Err("allocs - frees differs from the live allocations");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,198 @@
+//! Counters and the snapshot the VMM prints and serializes.
+
+use crate::freelist::NR_ORDERS;
+use crate::freetype::Freetype;
+use crate::{MAX_ORDER, PAGEBLOCK_ORDER};
+
+/// Event counters kept by the allocator (all monotonic).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    pub flips_to_unmapped: u64,
+    pub flips_to_mapped: u64,
+    pub flip_calls_to_unmapped: u64,
+    pub flip_calls_to_mapped: u64,
+    pub stage2_unmap_calls: u64,
+    pub stage2_map_calls: u64,
+    pub stage2_zero_calls: u64,
+    pub stage2_pages_unmapped: u64,
+    pub stage2_pages_mapped: u64,
+    pub stage2_failures: u64,
+    pub pages_zeroed: u64,
+    pub pages_zeroed_on_alloc: u64,
+    pub pages_zeroed_on_free: u64,
+    pub pages_zeroed_on_flip: u64,
+    pub allocs: [[u64; Freetype::COUNT]; NR_ORDERS],
+    pub frees: [[u64; Freetype::COUNT]; NR_ORDERS],
+    pub fallbacks_claim: u64,
+    pub fallbacks_steal: u64,
+    pub alloc_failures: u64,
+    pub free_failures: u64,
+    pub pcp_drains: u64,
+}
+
+/// Counters and free-list state at one moment.
+///
+/// Orders index the outer array, [`Freetype::index`] the inner one. `free_per_order` counts
+/// free *blocks* on the buddy lists (like `/proc/pagetypeinfo`; pages = blocks << order);
+/// pages parked in the order-0 caches are in `pcp_pages` instead. A "flip" counts pageblocks
+/// (an order-10 flip is 2 flips but one stage-2 call).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Snapshot {
+    /// Pages the allocator manages.
+    pub managed_pages: u64,
+    /// Free pages (buddy lists plus caches).
+    pub free_pages: u64,
+    /// Pageblocks flipped from mapped to unmapped.
+    pub flips_to_unmapped: u64,
+    /// Pageblocks flipped from unmapped back to mapped (zeroed first).
+    pub flips_to_mapped: u64,
+    /// `Stage2::unmap` calls.
+    pub stage2_unmap_calls: u64,
+    /// `Stage2::map` calls.
+    pub stage2_map_calls: u64,
+    /// `Stage2::zero` calls (flips back, `ZERO` allocations, init_on_free).
+    pub stage2_zero_calls: u64,
+    /// Pages passed to `Stage2::unmap`.
+    pub stage2_pages_unmapped: u64,
+    /// Pages passed to `Stage2::map`.
+    pub stage2_pages_mapped: u64,
+    /// Pages zeroed through `Stage2::zero` (all reasons).
+    pub pages_zeroed: u64,
+    /// Free blocks on the buddy lists: `[order][freetype index]`.
+    pub free_per_order: [[u64; Freetype::COUNT]; MAX_ORDER as usize + 1],
+    /// Successful allocations: `[order][freetype index]`.
+    pub allocs: [[u64; Freetype::COUNT]; MAX_ORDER as usize + 1],
+    /// Successful frees, by the allocation's order and freetype.
+    pub frees: [[u64; Freetype::COUNT]; MAX_ORDER as usize + 1],
+    /// Wholly free pageblocks whose freetype is mapped.
+    pub free_pageblocks_mapped: u64,
+    /// Wholly free pageblocks whose freetype is unmapped.
+    pub free_pageblocks_unmapped: u64,
+    /// Pageblocks holding a live allocation whose migratetype differs from the block's.
+    pub mixed_pageblocks: u64,
+    /// Fallbacks that claimed a whole pageblock for the requested migratetype.
+    pub fallbacks_claim: u64,
+    /// Fallbacks that took pages from another migratetype's block without claiming it.
+    pub fallbacks_steal: u64,
+    /// Failed allocations (every error kind).
+    pub alloc_failures: u64,
+    /// Refused frees (every error kind).
+    pub free_failures: u64,
+    /// Stage-2 calls that failed (the allocator rolled back).
+    pub stage2_failures: u64,
+    /// Stage-2 calls made by flips to unmapped (one per contiguous range).
+    pub flip_calls_to_unmapped: u64,
+    /// Zero+map call pairs made by flips to mapped.
+    pub flip_calls_to_mapped: u64,
+    /// Pages zeroed for `Gfp::ZERO`.
+    pub pages_zeroed_on_alloc: u64,
+    /// Pages zeroed by init_on_free.
+    pub pages_zeroed_on_free: u64,
+    /// Pages zeroed before a flip back to mapped.
+    pub pages_zeroed_on_flip: u64,
+    /// Free pages per freetype (buddy lists plus caches).
+    pub free_pages_per_freetype: [u64; Freetype::COUNT],
+    /// Order-0 pages parked in the per-freetype caches.
+    pub pcp_pages: [u64; Freetype::COUNT],
+    /// Times the caches were drained (fully or by half).
+    pub pcp_drains: u64,
+    /// Pageblocks (including partial ones at the ends of the range).
+    pub pageblocks: u64,
+    /// Pageblocks per freetype.
+    pub pageblocks_per_freetype: [u64; Freetype::COUNT],
+    /// Bytes of allocator metadata (per-page array, pageblock table, caches, lists).
+    pub metadata_bytes: u64,
+}
+
+impl Snapshot {
+    /// Total successful allocations.
+    pub fn total_allocs(&self) -> u64 {
+        self.allocs.iter().flatten().sum()
+    }
+
+    /// Total successful frees.
+    pub fn total_frees(&self) -> u64 {
+        self.frees.iter().flatten().sum()
+    }
+
+    /// Pages free on the buddy lists for `ft` (excluding caches).
+    pub fn buddy_free_pages(&self, ft: Freetype) -> u64 {
+        (0..=MAX_ORDER as usize)
+            .map(|o| self.free_per_order[o][ft.index()] << o)
+            .sum()
+    }
+}
+
+impl<S: crate::Stage2> crate::BuddyAllocator<S> {
+    /// Counters and free-list state now. O(number of pages) for `mixed_pageblocks`; the rest
+    /// is O(1).
+    pub fn snapshot(&self) -> Snapshot {
+        use crate::meta::{ST_ALLOC, ST_ORDER};
+        let c = &self.ctr;
+        let mut s = Snapshot {
+            managed_pages: self.nr,
+            free_pages: self.free,
+            flips_to_unmapped: c.flips_to_unmapped,
+            flips_to_mapped: c.flips_to_mapped,
+            stage2_unmap_calls: c.stage2_unmap_calls,
+            stage2_map_calls: c.stage2_map_calls,
+            stage2_zero_calls: c.stage2_zero_calls,
+            stage2_pages_unmapped: c.stage2_pages_unmapped,
+            stage2_pages_mapped: c.stage2_pages_mapped,
+            pages_zeroed: c.pages_zeroed,
+            free_per_order: self.lists.count,
+            allocs: c.allocs,
+            frees: c.frees,
+            fallbacks_claim: c.fallbacks_claim,
+            fallbacks_steal: c.fallbacks_steal,
+            alloc_failures: c.alloc_failures,
+            free_failures: c.free_failures,
+            stage2_failures: c.stage2_failures,
+            flip_calls_to_unmapped: c.flip_calls_to_unmapped,
+            flip_calls_to_mapped: c.flip_calls_to_mapped,
+            pages_zeroed_on_alloc: c.pages_zeroed_on_alloc,
+            pages_zeroed_on_free: c.pages_zeroed_on_free,
+            pages_zeroed_on_flip: c.pages_zeroed_on_flip,
+            pcp_drains: c.pcp_drains,
+            pageblocks: self.pb.len() as u64,
+            metadata_bytes: self.metadata_bytes(),
+            ..Snapshot::default()
+        };
+        for ft in 0..Freetype::COUNT {
+            let pcp = self.pcp.len(ft) as u64;
+            s.pcp_pages[ft] = pcp;
+            let buddy: u64 = (0..NR_ORDERS).map(|o| self.lists.count[o][ft] << o).sum();
+            s.free_pages_per_freetype[ft] = buddy + pcp;
+            let whole: u64 = (PAGEBLOCK_ORDER as usize..NR_ORDERS)
+                .map(|o| self.lists.count[o][ft] << (o - PAGEBLOCK_ORDER as usize))
+                .sum();
+            if Freetype::ALL[ft].is_unmapped() {
+                s.free_pageblocks_unmapped += whole;
+            } else {
+                s.free_pageblocks_mapped += whole;
+            }
+        }
+        for &t in &self.pb {
+            s.pageblocks_per_freetype[t as usize] += 1;
+        }
+        // Mixed pageblocks: a live allocation of another migratetype than its block's.
+        let mut last_mixed = usize::MAX;
+        let mut off = 0u64;
+        while off < self.nr {
+            let m = self.meta[off as usize];
+            if m.state & ST_ALLOC != 0 {
+                let pbi = self.pb_index(off as u32);
+                let bmt = Freetype::ALL[self.pb[pbi] as usize].migratetype();
+                if pbi != last_mixed && Freetype::ALL[m.ft as usize].migratetype() != bmt {
+                    s.mixed_pageblocks += 1;
+                    last_mixed = pbi;
+                }
+                off += 1 << (m.state & ST_ORDER);
+            } else {
+                off += 1;
+            }
+        }
+        s
+    }
+}
