@@ -1,1 +1,286 @@
-//! (being written)
+//! Stage-2 ("EPT") dumps: what the guest can reach, gathered at one moment and rendered as text,
+//! JSON or SVG.
+//!
+//! [`gather`] collects a [`DumpData`] from the allocator, its stage-2 engine and KVM's binary
+//! statistics; [`text`], [`json`] and [`svg`] render it. The JSON schema is documented on
+//! [`DumpData`].
+
+pub mod json;
+pub mod svg;
+pub mod text;
+
+use allocator::{BuddyAllocator, Freetype, Snapshot, MAX_ORDER, PAGEBLOCK_PAGES};
+use serde::Serialize;
+
+use crate::kvm_stats::Stat;
+use crate::stage2::{RangeState, SlotBackend, Stage2Counters, Stage2Engine, PAGE_SHIFT, PAGE_SIZE};
+
+/// Output format of a dump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DumpFormat {
+    /// Tables for people.
+    Text,
+    /// One JSON document for tools (schema: [`DumpData`]).
+    Json,
+    /// A picture of memory, one cell per pageblock.
+    Svg,
+}
+
+/// Everything a dump shows, gathered at one moment.
+pub struct DumpInput<'a, B: SlotBackend> {
+    /// The allocator (its stage-2 engine is `alloc.stage2()`).
+    pub alloc: &'a BuddyAllocator<Stage2Engine<B>>,
+    /// KVM's binary statistics of the VM, if available.
+    pub kvm_stats: Option<&'a [Stat]>,
+    /// Why the dump is taken ("exit", "guest request", ...).
+    pub reason: &'a str,
+    /// Host address of a GPA.
+    pub host_addr: &'a dyn Fn(u64) -> u64,
+}
+
+/// Freetype label of reserved memory.
+pub const FREETYPE_RESERVED: &str = "reserved";
+/// Freetype label of RAM that is neither reserved nor managed by the allocator.
+pub const FREETYPE_UNMANAGED: &str = "unmanaged";
+/// Version of the JSON layout ([`DumpData::format_version`]).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A dump's content. Serialized as the JSON dump, with these stable field names:
+///
+/// - `format_version` (1), `reason` (string), `ram_size`, `reserved_end`, `page_size`,
+///   `pageblock_size` (bytes, numbers);
+/// - `managed`: `{ base_pfn, nr_pages, free_pages }` of the allocator;
+/// - `totals`: `{ reserved_pages, mapped_pages, unmapped_pages, pageblocks, memslots }`;
+/// - `ranges[]`: `{ start, end, state, freetype, slot, host_addr, pages }`, in GPA order,
+///   covering RAM; `state` is "reserved" | "mapped" | "unmapped"; `freetype` is the pageblock's
+///   freetype name (e.g. "unmovable", "unmovable|unmapped"), "reserved" or "unmanaged"; ranges
+///   split wherever state or freetype changes; `slot` is null for holes; `start`, `end`,
+///   `host_addr` are numbers (bytes);
+/// - `memslots[]`: `{ slot, gpa, len, host_addr }`, in GPA order;
+/// - `allocator`: the allocator's `Snapshot` (free_per_order counts free blocks,
+///   `[order][freetype index]`);
+/// - `free_by_freetype[]`: `{ freetype, blocks_per_order[11], pages }`, one row per freetype index;
+/// - `stage2`: the engine's `Stage2Counters`;
+/// - `kvm_stats`: `[{ name, value, unit, kind, exponent, base2, values }]` or null.
+#[derive(Clone, Debug, Serialize)]
+pub struct DumpData {
+    /// [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Why the dump was taken.
+    pub reason: String,
+    /// RAM size in bytes.
+    pub ram_size: u64,
+    /// End of reserved low memory.
+    pub reserved_end: u64,
+    /// Page size.
+    pub page_size: u64,
+    /// Pageblock size.
+    pub pageblock_size: u64,
+    /// The allocator's managed range.
+    pub managed: Managed,
+    /// Page and slot totals.
+    pub totals: Totals,
+    /// Every GPA range.
+    pub ranges: Vec<DumpRange>,
+    /// The memslot table.
+    pub memslots: Vec<DumpSlot>,
+    /// Allocator counters.
+    pub allocator: Snapshot,
+    /// Free blocks per order for each freetype.
+    pub free_by_freetype: Vec<FreeRow>,
+    /// Engine counters.
+    pub stage2: Stage2Counters,
+    /// KVM's binary statistics.
+    pub kvm_stats: Option<Vec<Stat>>,
+}
+
+/// The allocator's managed range.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct Managed {
+    /// First managed pfn.
+    pub base_pfn: u64,
+    /// Managed pages.
+    pub nr_pages: u64,
+    /// Free pages now.
+    pub free_pages: u64,
+}
+
+/// Page and slot totals.
+#[derive(Clone, Copy, Debug, Serialize, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Pages in reserved ranges.
+    pub reserved_pages: u64,
+    /// Pages in mapped ranges.
+    pub mapped_pages: u64,
+    /// Pages in unmapped ranges.
+    pub unmapped_pages: u64,
+    /// Pageblocks of RAM (the last one may be partial).
+    pub pageblocks: u64,
+    /// Memslots in use.
+    pub memslots: u64,
+}
+
+/// One GPA range of a dump.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct DumpRange {
+    /// First GPA.
+    pub start: u64,
+    /// GPA one past the range.
+    pub end: u64,
+    /// Stage-2 state.
+    pub state: RangeState,
+    /// Freetype of the range's pageblocks ("reserved" / "unmanaged" outside the allocator).
+    pub freetype: String,
+    /// Memslot exposing it (None for holes).
+    pub slot: Option<u32>,
+    /// Host address of `start`.
+    pub host_addr: u64,
+    /// Pages in the range.
+    pub pages: u64,
+}
+
+/// One memslot of a dump.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct DumpSlot {
+    /// Slot id.
+    pub slot: u32,
+    /// First GPA.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Host address of `gpa`.
+    pub host_addr: u64,
+}
+
+/// Free blocks per order of one freetype.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FreeRow {
+    /// Freetype name.
+    pub freetype: String,
+    /// Free blocks of each order 0..=MAX_ORDER.
+    pub blocks_per_order: Vec<u64>,
+    /// Free pages on these lists.
+    pub pages: u64,
+}
+
+/// Freetype label of the page at `pfn`.
+fn freetype_label<S: allocator::Stage2>(alloc: &BuddyAllocator<S>, pfn: u64) -> &'static str {
+    alloc
+        .pageblock_freetype(pfn)
+        .map_or(FREETYPE_UNMANAGED, Freetype::name)
+}
+
+/// Collects everything a dump shows.
+pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
+    let alloc = input.alloc;
+    let engine = alloc.stage2();
+    let pb_size = PAGEBLOCK_PAGES * PAGE_SIZE;
+    let mut ranges: Vec<DumpRange> = Vec::new();
+    let mut totals = Totals::default();
+    for r in engine.ranges() {
+        let pages = r.pages();
+        match r.state {
+            RangeState::Reserved => totals.reserved_pages += pages,
+            RangeState::Mapped => totals.mapped_pages += pages,
+            _ => totals.unmapped_pages += pages,
+        }
+        let mut cursor = r.start;
+        while cursor < r.end {
+            let piece_end = if r.state == RangeState::Reserved {
+                r.end
+            } else {
+                ((cursor / pb_size + 1) * pb_size).min(r.end)
+            };
+            let label = if r.state == RangeState::Reserved {
+                FREETYPE_RESERVED
+            } else {
+                freetype_label(alloc, cursor >> PAGE_SHIFT)
+            };
+            match ranges.last_mut() {
+                Some(last)
+                    if last.end == cursor && last.state == r.state && last.freetype == label =>
+                {
+                    last.end = piece_end;
+                    last.pages = (last.end - last.start) >> PAGE_SHIFT;
+                }
+                _ => ranges.push(DumpRange {
+                    start: cursor,
+                    end: piece_end,
+                    state: r.state,
+                    freetype: label.to_string(),
+                    slot: r.slot,
+                    host_addr: (input.host_addr)(cursor),
+                    pages: (piece_end - cursor) >> PAGE_SHIFT,
+                }),
+            }
+            cursor = piece_end;
+        }
+    }
+    let memslots: Vec<DumpSlot> = engine
+        .memslots()
+        .iter()
+        .map(|s| DumpSlot {
+            slot: s.slot,
+            gpa: s.gpa,
+            len: s.len,
+            host_addr: (input.host_addr)(s.gpa),
+        })
+        .collect();
+    totals.pageblocks = engine.ram_size().div_ceil(pb_size);
+    totals.memslots = memslots.len() as u64;
+    let snap = alloc.snapshot();
+    let free_by_freetype = (0..Freetype::COUNT)
+        .map(|i| {
+            let blocks: Vec<u64> = (0..=MAX_ORDER as usize)
+                .map(|o| snap.free_per_order[o][i])
+                .collect();
+            let pages = blocks.iter().enumerate().map(|(o, b)| b << o).sum();
+            FreeRow {
+                freetype: Freetype::from_index(i)
+                    .map_or("?", Freetype::name)
+                    .to_string(),
+                blocks_per_order: blocks,
+                pages,
+            }
+        })
+        .collect();
+    DumpData {
+        format_version: FORMAT_VERSION,
+        reason: input.reason.to_string(),
+        ram_size: engine.ram_size(),
+        reserved_end: engine.reserved_end(),
+        page_size: PAGE_SIZE,
+        pageblock_size: pb_size,
+        managed: Managed {
+            base_pfn: alloc.base_pfn(),
+            nr_pages: alloc.nr_pages(),
+            free_pages: alloc.free_pages_count(),
+        },
+        totals,
+        ranges,
+        memslots,
+        allocator: snap,
+        free_by_freetype,
+        stage2: engine.counters(),
+        kvm_stats: input.kvm_stats.map(<[Stat]>::to_vec),
+    }
+}
+
+/// Renders a dump in `format`.
+pub fn render<B: SlotBackend>(input: &DumpInput<'_, B>, format: DumpFormat) -> String {
+    let data = gather(input);
+    match format {
+        DumpFormat::Text => text::render(&data),
+        DumpFormat::Json => json::render(&data),
+        DumpFormat::Svg => svg::render(&data),
+    }
+}
+
+/// The JSON dump as a value (reused by `veil run --json`); schema: [`DumpData`].
+pub fn to_json_value<B: SlotBackend>(input: &DumpInput<'_, B>) -> serde_json::Value {
+    json::to_value(&gather(input))
+}
+
+#[cfg(test)]
+mod tests;

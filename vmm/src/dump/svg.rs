@@ -1,0 +1,215 @@
+//! The SVG dump: one cell per pageblock, coloured by state, with a legend and a title.
+
+use std::fmt::Write;
+
+use super::{text::human, DumpData};
+use crate::stage2::RangeState;
+
+/// Class of a pageblock cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CellClass {
+    /// Every page reserved.
+    Reserved,
+    /// Every page mapped, one freetype.
+    Mapped,
+    /// Every page unmapped, one freetype.
+    Unmapped,
+    /// More than one state or freetype inside the block.
+    Mixed,
+}
+
+impl CellClass {
+    /// All classes, in legend order.
+    pub const ALL: [CellClass; 4] = [
+        CellClass::Reserved,
+        CellClass::Mapped,
+        CellClass::Unmapped,
+        CellClass::Mixed,
+    ];
+
+    /// CSS class / legend name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CellClass::Reserved => "reserved",
+            CellClass::Mapped => "mapped",
+            CellClass::Unmapped => "unmapped",
+            CellClass::Mixed => "mixed",
+        }
+    }
+
+    /// Fill colour.
+    pub const fn colour(self) -> &'static str {
+        match self {
+            CellClass::Reserved => "#9e9e9e",
+            CellClass::Mapped => "#4caf50",
+            CellClass::Unmapped => "#d32f2f",
+            CellClass::Mixed => "#ffb300",
+        }
+    }
+}
+
+/// One pageblock cell: its GPA range, class and a description for the tooltip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cell {
+    /// First GPA of the block.
+    pub start: u64,
+    /// End of the block (clipped to RAM).
+    pub end: u64,
+    /// Class.
+    pub class: CellClass,
+    /// "state freetype slot" of each piece, joined by "; ".
+    pub detail: String,
+}
+
+/// Classifies every pageblock of RAM from the dump's ranges (O(blocks + ranges)).
+pub fn cells(d: &DumpData) -> Vec<Cell> {
+    let mut out = Vec::with_capacity(d.totals.pageblocks as usize);
+    let mut j = 0;
+    let pb = d.pageblock_size;
+    let mut start = 0;
+    while start < d.ram_size {
+        let end = (start + pb).min(d.ram_size);
+        while j < d.ranges.len() && d.ranges[j].end <= start {
+            j += 1;
+        }
+        let mut k = j;
+        let mut pieces: Vec<(RangeState, &str, Option<u32>)> = Vec::new();
+        while k < d.ranges.len() && d.ranges[k].start < end {
+            let r = &d.ranges[k];
+            pieces.push((r.state, r.freetype.as_str(), r.slot));
+            k += 1;
+        }
+        let class = match pieces.as_slice() {
+            [(RangeState::Reserved, ..)] => CellClass::Reserved,
+            [(RangeState::Mapped, ..)] => CellClass::Mapped,
+            [(RangeState::Unmapped, ..)] => CellClass::Unmapped,
+            _ => CellClass::Mixed,
+        };
+        let detail = pieces
+            .iter()
+            .map(|(s, f, slot)| {
+                format!(
+                    "{s} {f} slot {}",
+                    slot.map_or("-".into(), |v| v.to_string())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.push(Cell {
+            start,
+            end,
+            class,
+            detail,
+        });
+        start = end;
+    }
+    out
+}
+
+/// Escapes text for XML content and attributes.
+pub fn xml_escape(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&apos;"),
+            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => o.push(' '),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+const CELL: u64 = 12;
+const GAP: u64 = 2;
+const COLS: u64 = 64;
+const MARGIN: u64 = 10;
+const TITLE_H: u64 = 44;
+const LEGEND_H: u64 = 30;
+
+/// Renders the SVG dump.
+pub fn render(d: &DumpData) -> String {
+    let cells = cells(d);
+    let n = cells.len() as u64;
+    let cols = n.clamp(1, COLS);
+    let rows = n.div_ceil(cols).max(1);
+    let grid_w = cols * (CELL + GAP);
+    let width = (2 * MARGIN + grid_w).max(640);
+    let height = TITLE_H + rows * (CELL + GAP) + LEGEND_H + 2 * MARGIN;
+    let mut counts = [0u64; 4];
+    for c in &cells {
+        counts[CellClass::ALL
+            .iter()
+            .position(|k| *k == c.class)
+            .unwrap_or(3)] += 1;
+    }
+    let t = &d.totals;
+    let mut o = String::new();
+    // Writing to a String cannot fail.
+    let _ = (|| -> std::fmt::Result {
+        writeln!(o, r#"<?xml version="1.0" encoding="UTF-8"?>"#)?;
+        writeln!(
+            o,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="monospace" font-size="11">"#
+        )?;
+        writeln!(o, "<style>.cell{{stroke:#333;stroke-width:0.3}}</style>")?;
+        writeln!(
+            o,
+            r#"<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>"#
+        )?;
+        writeln!(
+            o,
+            r#"<text x="{MARGIN}" y="18" font-size="13" font-weight="bold">Veil stage 2 — {} — RAM {}, {} pageblocks of {}</text>"#,
+            xml_escape(&d.reason),
+            human(d.ram_size),
+            n,
+            human(d.pageblock_size)
+        )?;
+        writeln!(
+            o,
+            r#"<text x="{MARGIN}" y="34">pages: {} reserved, {} mapped, {} unmapped; {} memslots; {} flips to unmapped, {} to mapped</text>"#,
+            t.reserved_pages,
+            t.mapped_pages,
+            t.unmapped_pages,
+            t.memslots,
+            d.allocator.flips_to_unmapped,
+            d.allocator.flips_to_mapped
+        )?;
+        writeln!(o, r#"<g id="pageblocks">"#)?;
+        for (i, c) in cells.iter().enumerate() {
+            let i = i as u64;
+            let x = MARGIN + (i % cols) * (CELL + GAP);
+            let y = TITLE_H + (i / cols) * (CELL + GAP);
+            writeln!(
+                o,
+                r#"<rect class="cell {}" x="{x}" y="{y}" width="{CELL}" height="{CELL}" fill="{}"><title>pageblock {i} [{:#x}, {:#x}): {}</title></rect>"#,
+                c.class.name(),
+                c.class.colour(),
+                c.start,
+                c.end,
+                xml_escape(&c.detail)
+            )?;
+        }
+        writeln!(o, "</g>")?;
+        let ly = TITLE_H + rows * (CELL + GAP) + MARGIN;
+        writeln!(o, r#"<g id="legend">"#)?;
+        for (k, class) in CellClass::ALL.iter().enumerate() {
+            let x = MARGIN + k as u64 * 150;
+            writeln!(
+                o,
+                r#"<rect x="{x}" y="{ly}" width="{CELL}" height="{CELL}" fill="{}" stroke="black" stroke-width="0.3"/><text x="{}" y="{}">{} ({})</text>"#,
+                class.colour(),
+                x + CELL + 5,
+                ly + CELL - 2,
+                class.name(),
+                counts[k]
+            )?;
+        }
+        writeln!(o, "</g>")?;
+        writeln!(o, "</svg>")
+    })();
+    o
+}

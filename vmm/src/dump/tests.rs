@@ -1,0 +1,277 @@
+//! Tests of the dump renderers over an allocator on `Stage2Engine<ModelSlots>`.
+
+use super::svg::{cells, CellClass};
+use super::*;
+use crate::kvm_stats::{StatKind, StatUnit};
+use crate::stage2::{ModelSlots, RangeState};
+use allocator::{Allocation, BuddyAllocator, Config, Gfp};
+
+const MIB: u64 = 1 << 20;
+const RAM: u64 = 64 * MIB;
+const RESERVED: u64 = 4 * MIB;
+
+fn host(gpa: u64) -> u64 {
+    0x7f00_0000_0000 + gpa
+}
+
+/// An allocator over 60 MiB of managed memory with some unmapped allocations live.
+fn setup() -> (BuddyAllocator<Stage2Engine<ModelSlots>>, Vec<Allocation>) {
+    let engine = Stage2Engine::new(ModelSlots::new(64), RAM, RESERVED).unwrap();
+    let mut a = BuddyAllocator::new(
+        RESERVED / PAGE_SIZE,
+        (RAM - RESERVED) / PAGE_SIZE,
+        engine,
+        Config::default(),
+    );
+    let mut live = Vec::new();
+    for _ in 0..10 {
+        live.push(a.alloc_pages(Gfp::UNMAPPED, 0).unwrap());
+    }
+    for _ in 0..5 {
+        live.push(a.alloc_pages(Gfp::empty(), 3).unwrap());
+    }
+    live.push(a.alloc_pages(Gfp::UNMAPPED, 9).unwrap());
+    (a, live)
+}
+
+fn stats() -> Vec<Stat> {
+    vec![Stat {
+        name: "remote_tlb_flush_requests".into(),
+        value: 42,
+        unit: StatUnit::None,
+        kind: StatKind::Cumulative,
+        exponent: 0,
+        base2: false,
+        values: 1,
+    }]
+}
+
+#[test]
+fn json_dump_covers_ram_and_matches_the_engine() {
+    let (a, live) = setup();
+    let st = stats();
+    let input = DumpInput {
+        alloc: &a,
+        kvm_stats: Some(&st),
+        reason: "test",
+        host_addr: &host,
+    };
+    let v = to_json_value(&input);
+    assert_eq!(v["format_version"], 1);
+    assert_eq!(v["reason"], "test");
+    let ranges = v["ranges"].as_array().unwrap();
+    let mut cursor = 0;
+    let mut pages = 0;
+    for r in ranges {
+        for f in [
+            "start",
+            "end",
+            "state",
+            "freetype",
+            "slot",
+            "host_addr",
+            "pages",
+        ] {
+            assert!(r.get(f).is_some(), "range lacks {f}: {r}");
+        }
+        let (s, e) = (r["start"].as_u64().unwrap(), r["end"].as_u64().unwrap());
+        assert_eq!(s, cursor, "ranges must be contiguous");
+        assert_eq!(r["pages"].as_u64().unwrap(), (e - s) / PAGE_SIZE);
+        assert_eq!(r["host_addr"].as_u64().unwrap(), host(s));
+        assert_eq!(r["slot"].is_null(), r["state"] == "unmapped");
+        if r["state"] == "reserved" {
+            assert_eq!(r["freetype"], "reserved");
+        } else {
+            let ft = a.pageblock_freetype(s / PAGE_SIZE).unwrap();
+            assert_eq!(r["freetype"], ft.name());
+            assert_eq!(ft.is_unmapped(), r["state"] == "unmapped", "{r}");
+        }
+        cursor = e;
+        pages += r["pages"].as_u64().unwrap();
+    }
+    assert_eq!(cursor, RAM);
+    assert_eq!(pages, RAM / PAGE_SIZE);
+    // Every unmapped allocation lies in a range the dump shows as unmapped.
+    let mut unmapped_seen = 0;
+    for al in live.iter().filter(|al| al.freetype.is_unmapped()) {
+        let gpa = al.pfn * PAGE_SIZE;
+        let r = ranges
+            .iter()
+            .find(|r| r["start"].as_u64().unwrap() <= gpa && gpa < r["end"].as_u64().unwrap())
+            .unwrap();
+        assert_eq!(r["state"], "unmapped", "allocation at {gpa:#x}");
+        unmapped_seen += 1;
+    }
+    assert_eq!(unmapped_seen, 11);
+    let engine = a.stage2();
+    let slots = v["memslots"].as_array().unwrap();
+    assert_eq!(slots.len(), engine.memslots().len());
+    assert_eq!(
+        v["totals"]["memslots"].as_u64().unwrap(),
+        slots.len() as u64
+    );
+    assert_eq!(v["totals"]["pageblocks"].as_u64().unwrap(), RAM / (2 * MIB));
+    assert_eq!(
+        v["stage2"]["unmap_calls"].as_u64().unwrap(),
+        engine.counters().unmap_calls
+    );
+    assert!(engine.counters().unmap_calls >= 1);
+    assert_eq!(
+        v["allocator"]["managed_pages"].as_u64().unwrap(),
+        (RAM - RESERVED) / PAGE_SIZE
+    );
+    assert_eq!(v["kvm_stats"][0]["name"], "remote_tlb_flush_requests");
+    assert_eq!(v["kvm_stats"][0]["value"], 42);
+    let free: u64 = v["free_by_freetype"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["pages"].as_u64().unwrap())
+        .sum();
+    assert!(free <= a.free_pages_count());
+    // The text form of the same document parses to the same value.
+    let text = render(&input, DumpFormat::Json);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);
+}
+
+#[test]
+fn text_dump_has_every_section() {
+    let (a, _) = setup();
+    let input = DumpInput {
+        alloc: &a,
+        kvm_stats: None,
+        reason: "exit",
+        host_addr: &host,
+    };
+    let t = render(&input, DumpFormat::Text);
+    for s in [
+        "reason: exit",
+        "GPA ranges",
+        "Memslots",
+        "Allocator",
+        "free blocks per order",
+        "Stage-2 engine",
+        "KVM statistics",
+        "(not available)",
+        "unmapped",
+        "reserved",
+    ] {
+        assert!(t.contains(s), "text dump lacks {s:?}:\n{t}");
+    }
+    let data = gather(&input);
+    // One line per range and per memslot.
+    let range_lines = t
+        .lines()
+        .filter(|l| l.starts_with("  0x") && l.split_whitespace().count() == 7)
+        .count();
+    assert_eq!(range_lines, data.ranges.len(), "{t}");
+    for r in &data.ranges {
+        assert!(t.contains(&format!("{:#018x}  {:#018x}", r.start, r.end)));
+    }
+}
+
+fn count_cells(svg: &str) -> (usize, std::collections::HashMap<String, usize>) {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(svg);
+    let mut total = 0;
+    let mut by_class = std::collections::HashMap::new();
+    loop {
+        match reader.read_event().expect("SVG must be well-formed XML") {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == b"rect" => {
+                if let Some(c) = e.try_get_attribute("class").unwrap() {
+                    let c = String::from_utf8(c.value.to_vec()).unwrap();
+                    if let Some(k) = c.strip_prefix("cell ") {
+                        total += 1;
+                        *by_class.entry(k.to_string()).or_insert(0) += 1;
+                    }
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    (total, by_class)
+}
+
+#[test]
+fn svg_dump_is_xml_with_one_cell_per_pageblock() {
+    let (a, _) = setup();
+    let input = DumpInput {
+        alloc: &a,
+        kvm_stats: None,
+        reason: "guest <request> & more",
+        host_addr: &host,
+    };
+    let svg = render(&input, DumpFormat::Svg);
+    let (total, by_class) = count_cells(&svg);
+    assert_eq!(total as u64, RAM / (2 * MIB));
+    let engine = a.stage2();
+    let unmapped_blocks = (0..RAM / (2 * MIB))
+        .filter(|b| engine.state_at(b * 2 * MIB) == Some(RangeState::Unmapped))
+        .count();
+    assert!(
+        unmapped_blocks >= 2,
+        "a 2 MiB unmapped allocation plus order-0 ones"
+    );
+    assert_eq!(
+        by_class.get("unmapped").copied().unwrap_or(0),
+        unmapped_blocks
+    );
+    assert_eq!(by_class.get("reserved").copied().unwrap_or(0), 2);
+    assert!(svg.contains("guest &lt;request&gt; &amp; more"));
+    assert!(svg.contains("legend"));
+}
+
+#[test]
+fn cells_classify_partial_and_mixed_blocks() {
+    let r = |start: u64, end: u64, state, ft: &str| DumpRange {
+        start,
+        end,
+        state,
+        freetype: ft.into(),
+        slot: None,
+        host_addr: 0,
+        pages: (end - start) / PAGE_SIZE,
+    };
+    let d = DumpData {
+        format_version: 1,
+        reason: "x".into(),
+        ram_size: 7 * MIB,
+        reserved_end: 3 * MIB,
+        page_size: PAGE_SIZE,
+        pageblock_size: 2 * MIB,
+        managed: Managed {
+            base_pfn: 768,
+            nr_pages: 1024,
+            free_pages: 0,
+        },
+        totals: Totals {
+            pageblocks: 4,
+            ..Totals::default()
+        },
+        ranges: vec![
+            r(0, 3 * MIB, RangeState::Reserved, "reserved"),
+            r(3 * MIB, 4 * MIB, RangeState::Mapped, "unmovable"),
+            r(4 * MIB, 6 * MIB, RangeState::Unmapped, "unmovable|unmapped"),
+            r(6 * MIB, 7 * MIB, RangeState::Mapped, "movable"),
+        ],
+        memslots: vec![],
+        allocator: Default::default(),
+        free_by_freetype: vec![],
+        stage2: Default::default(),
+        kvm_stats: None,
+    };
+    let c: Vec<CellClass> = cells(&d).iter().map(|c| c.class).collect();
+    assert_eq!(
+        c,
+        vec![
+            CellClass::Reserved,
+            CellClass::Mixed,
+            CellClass::Unmapped,
+            CellClass::Mapped
+        ]
+    );
+    assert_eq!(cells(&d)[3].end, 7 * MIB);
+    let svg = svg::render(&d);
+    assert_eq!(count_cells(&svg).0, 4);
+}

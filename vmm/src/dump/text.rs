@@ -1,0 +1,190 @@
+//! The text dump: tables for people.
+
+use std::fmt::Write;
+
+use allocator::MAX_ORDER;
+
+use super::DumpData;
+
+/// Bytes as a short human size ("4 KiB", "2 MiB", "1.5 GiB").
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if v.fract() == 0.0 {
+        format!("{v:.0} {}", UNITS[u])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Renders the text dump.
+pub fn render(d: &DumpData) -> String {
+    let mut o = String::new();
+    // Writing to a String cannot fail; the results are ignored below for that reason.
+    let _ = write_all(&mut o, d);
+    o
+}
+
+fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
+    let t = &d.totals;
+    writeln!(o, "=== Veil stage-2 dump (reason: {}) ===", d.reason)?;
+    writeln!(
+        o,
+        "RAM {} [{:#x}, {:#x})  reserved [0x0, {:#x})  managed pfn {:#x}..{:#x} ({} pages, {} free)",
+        human(d.ram_size),
+        0,
+        d.ram_size,
+        d.reserved_end,
+        d.managed.base_pfn,
+        d.managed.base_pfn + d.managed.nr_pages,
+        d.managed.nr_pages,
+        d.managed.free_pages
+    )?;
+    writeln!(
+        o,
+        "pages: {} reserved, {} mapped, {} unmapped; {} pageblocks; {} memslots",
+        t.reserved_pages, t.mapped_pages, t.unmapped_pages, t.pageblocks, t.memslots
+    )?;
+
+    writeln!(o, "\nGPA ranges")?;
+    let ftw = d
+        .ranges
+        .iter()
+        .map(|r| r.freetype.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    writeln!(
+        o,
+        "  {:<18}  {:<18}  {:<8}  {:<ftw$}  {:>5}  {:<18}  {:>9}",
+        "start", "end", "state", "freetype", "slot", "host address", "pages"
+    )?;
+    for r in &d.ranges {
+        let slot = r.slot.map_or("-".to_string(), |s| s.to_string());
+        writeln!(
+            o,
+            "  {:#018x}  {:#018x}  {:<8}  {:<ftw$}  {:>5}  {:#018x}  {:>9}",
+            r.start, r.end, r.state, r.freetype, slot, r.host_addr, r.pages
+        )?;
+    }
+
+    writeln!(
+        o,
+        "\nMemslots ({} in use, peak {})",
+        d.memslots.len(),
+        d.stage2.peak_memslots
+    )?;
+    writeln!(
+        o,
+        "  {:>5}  {:<18}  {:<18}  {:>10}  {:<18}",
+        "slot", "gpa", "end", "size", "host address"
+    )?;
+    for s in &d.memslots {
+        writeln!(
+            o,
+            "  {:>5}  {:#018x}  {:#018x}  {:>10}  {:#018x}",
+            s.slot,
+            s.gpa,
+            s.gpa + s.len,
+            human(s.len),
+            s.host_addr
+        )?;
+    }
+
+    let a = &d.allocator;
+    writeln!(o, "\nAllocator")?;
+    writeln!(
+        o,
+        "  managed {} pages, free {}; flips to unmapped {}, to mapped {} (pageblocks)",
+        a.managed_pages, a.free_pages, a.flips_to_unmapped, a.flips_to_mapped
+    )?;
+    writeln!(
+        o,
+        "  stage-2 calls: unmap {}, map {}, zero {}; pages unmapped {}, mapped {}, zeroed {}",
+        a.stage2_unmap_calls,
+        a.stage2_map_calls,
+        a.stage2_zero_calls,
+        a.stage2_pages_unmapped,
+        a.stage2_pages_mapped,
+        a.pages_zeroed
+    )?;
+    writeln!(
+        o,
+        "  free pageblocks: mapped {}, unmapped {}; mixed pageblocks {}; fallbacks claim {}, steal {}; alloc failures {}",
+        a.free_pageblocks_mapped,
+        a.free_pageblocks_unmapped,
+        a.mixed_pageblocks,
+        a.fallbacks_claim,
+        a.fallbacks_steal,
+        a.alloc_failures
+    )?;
+    writeln!(
+        o,
+        "  free blocks per order x freetype (pages = blocks << order):"
+    )?;
+    let ftw = d
+        .free_by_freetype
+        .iter()
+        .map(|r| r.freetype.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    write!(o, "  {:<ftw$}", "freetype")?;
+    for order in 0..=MAX_ORDER {
+        write!(o, " {order:>5}")?;
+    }
+    writeln!(o, " {:>9} {:>9} {:>9}", "free pg", "allocs", "frees")?;
+    for (i, row) in d.free_by_freetype.iter().enumerate() {
+        write!(o, "  {:<ftw$}", row.freetype)?;
+        for b in &row.blocks_per_order {
+            write!(o, " {b:>5}")?;
+        }
+        let allocs: u64 = a
+            .allocs
+            .iter()
+            .map(|per| per.get(i).copied().unwrap_or(0))
+            .sum();
+        let frees: u64 = a
+            .frees
+            .iter()
+            .map(|per| per.get(i).copied().unwrap_or(0))
+            .sum();
+        writeln!(o, " {:>9} {:>9} {:>9}", row.pages, allocs, frees)?;
+    }
+
+    let c = &d.stage2;
+    writeln!(o, "\nStage-2 engine")?;
+    writeln!(
+        o,
+        "  calls: unmap {}, map {}, zero {}; pages unmapped {}, mapped {}, zeroed {}; rejected {}",
+        c.unmap_calls,
+        c.map_calls,
+        c.zero_calls,
+        c.pages_unmapped,
+        c.pages_mapped,
+        c.pages_zeroed,
+        c.rejected_updates
+    )?;
+    writeln!(
+        o,
+        "  memslot updates {} (created {}, deleted {}); in use {}, peak {}",
+        c.memslot_updates, c.slots_created, c.slots_deleted, c.memslots_in_use, c.peak_memslots
+    )?;
+
+    writeln!(o, "\nKVM statistics")?;
+    match &d.kvm_stats {
+        None => writeln!(o, "  (not available)")?,
+        Some(stats) => {
+            let w = stats.iter().map(|s| s.name.len()).max().unwrap_or(0);
+            for s in stats {
+                writeln!(o, "  {:<w$}  {:>12}", s.name, s.value)?;
+            }
+        }
+    }
+    Ok(())
+}
