@@ -8,7 +8,7 @@ static INFO: AtomicU64 = AtomicU64::new(0);
 
 /// Validates the boot block at `ptr` and remembers it.
 pub fn init(ptr: u64) -> Result<&'static BootInfo, &'static str> {
-    if ptr == 0 || ptr % 8 != 0 || ptr >= veil_abi::STACK_TOP_GPA {
+    if ptr == 0 || !ptr.is_multiple_of(8) || ptr >= veil_abi::STACK_TOP_GPA {
         return Err("pointer outside the reserved low memory");
     }
     // SAFETY: the VMM passes the GPA of a BootInfo in the identity-mapped reserved memory
@@ -26,7 +26,7 @@ pub fn init(ptr: u64) -> Result<&'static BootInfo, &'static str> {
     if info.selection_len as usize > SELECTION_MAX {
         return Err("selection too long");
     }
-    if info.managed_start % PAGE_SIZE != 0
+    if !info.managed_start.is_multiple_of(PAGE_SIZE)
         || info.managed_start > info.managed_end
         || info.managed_end > info.ram_size
         || info.direct_map_size < info.ram_size

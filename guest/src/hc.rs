@@ -12,7 +12,8 @@ pub struct Raw {
     pub status: u64,
     /// First result (`rdi`).
     pub r0: u64,
-    /// Second result (`rsi`).
+    /// Second result (`rsi`); no call uses it yet.
+    #[allow(dead_code)]
     pub r1: u64,
 }
 

@@ -6,6 +6,8 @@
 //! of the [`registry`], runs the selected ones and exits through a hypercall.
 #![no_std]
 #![no_main]
+// A test failure carries its formatted message inline (no heap here): a large `Err` is fine.
+#![allow(clippy::result_large_err)]
 
 mod boot;
 mod dm;
@@ -49,6 +51,7 @@ extern "C" fn kmain(boot_info: u64) -> ! {
             hc::exit(2);
         }
     }
+    let _ = hc::log("veil-guest: kernel up, announcing tests");
     for test in registry::TESTS {
         if let Err(s) = hc::test_announce(test.name) {
             println!("veil-guest: announce {} failed: {s:?}", test.name);

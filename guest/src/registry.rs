@@ -1,7 +1,7 @@
 //! The registry of guest tests, in the order they run.
 //!
 //! Adding a test: write `pub fn my_test() -> Outcome` in a file under `tests/`, then add one
-//! line `Test { name: "my_test", run: tests::file::my_test },` below. The VMM learns the name
+//! line `Test::new("my_test", tests::file::my_test),` below. The VMM learns the name
 //! through `TestAnnounce` at boot, so `veil list-tests` and `veil run --tests my_test` see it.
 
 use crate::outcome::Outcome;
@@ -15,46 +15,24 @@ pub struct Test {
     pub run: fn() -> Outcome,
 }
 
-/// Every test the guest offers, in run order.
+impl Test {
+    /// A registry entry.
+    const fn new(name: &'static str, run: fn() -> Outcome) -> Test {
+        Test { name, run }
+    }
+}
+
+/// Every test the guest offers, in run order (one line each, hence no rustfmt).
+#[rustfmt::skip]
 pub static TESTS: &[Test] = &[
-    Test {
-        name: "mapped_rw",
-        run: tests::mapped::mapped_rw,
-    },
-    Test {
-        name: "unmapped_read_direct",
-        run: tests::unmapped::unmapped_read_direct,
-    },
-    Test {
-        name: "unmapped_write_direct",
-        run: tests::unmapped::unmapped_write_direct,
-    },
-    Test {
-        name: "unmapped_fetch",
-        run: tests::unmapped::unmapped_fetch,
-    },
-    Test {
-        name: "unmapped_widths",
-        run: tests::widths::unmapped_widths,
-    },
-    Test {
-        name: "flip_amortised",
-        run: tests::flips::flip_amortised,
-    },
-    Test {
-        name: "scrub_on_reuse",
-        run: tests::flips::scrub_on_reuse,
-    },
-    Test {
-        name: "bad_hypercalls",
-        run: tests::bad_hypercalls::bad_hypercalls,
-    },
-    Test {
-        name: "oom",
-        run: tests::oom::oom,
-    },
-    Test {
-        name: "hypercall_timing",
-        run: tests::timing::hypercall_timing,
-    },
+    Test::new("mapped_rw", tests::mapped::mapped_rw),
+    Test::new("unmapped_read_direct", tests::unmapped::unmapped_read_direct),
+    Test::new("unmapped_write_direct", tests::unmapped::unmapped_write_direct),
+    Test::new("unmapped_fetch", tests::unmapped::unmapped_fetch),
+    Test::new("unmapped_widths", tests::widths::unmapped_widths),
+    Test::new("flip_amortised", tests::flips::flip_amortised),
+    Test::new("scrub_on_reuse", tests::flips::scrub_on_reuse),
+    Test::new("bad_hypercalls", tests::bad_hypercalls::bad_hypercalls),
+    Test::new("oom", tests::oom::oom),
+    Test::new("hypercall_timing", tests::timing::hypercall_timing),
 ];

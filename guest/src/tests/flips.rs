@@ -1,10 +1,140 @@
-//! placeholder
-use crate::outcome::Outcome;
-/// placeholder
+//! `flip_amortised` and `scrub_on_reuse`: pageblock flips are amortised, and a block that
+//! comes back to the direct map never brings its old contents with it.
+
+use crate::hc;
+use crate::outcome::{Ctx, Outcome};
+use crate::pages::PageList;
+use crate::{ensure, fail, println};
+use veil_abi::{gfp, Status, PAGE_SIZE};
+
+/// Order-0 unmapped allocations in `flip_amortised`.
+const FLIP_PAGES: usize = 4096;
+/// Most stage-2 unmap updates 4096 unmapped pages may cost: 8 pageblocks, plus one if the
+/// first block was already partly used.
+const MAX_UNMAP_CALLS: u64 = 9;
+
+/// 4096 order-0 unmapped allocations cost at most 9 stage-2 unmap updates; freeing them none.
 pub fn flip_amortised() -> Outcome {
-    crate::skip!("not written yet")
+    let s0 = hc::stats().ctx("Stats")?;
+    let mut pages = PageList::new(FLIP_PAGES);
+    for i in 0..FLIP_PAGES {
+        if let Err(s) = pages.alloc(0, gfp::UNMAPPED) {
+            fail!("unmapped allocation {i} of {FLIP_PAGES} failed: {s:?}");
+        }
+    }
+    let s1 = hc::stats().ctx("Stats")?;
+    let unmaps = s1.stage2_unmap_calls - s0.stage2_unmap_calls;
+    let flips = s1.flips_to_unmapped - s0.flips_to_unmapped;
+    let slots = s1.memslot_updates - s0.memslot_updates;
+    println!("veil-guest: {FLIP_PAGES} unmapped pages: {unmaps} stage-2 unmaps, {flips} flips, {slots} memslot updates");
+    ensure!(
+        unmaps <= MAX_UNMAP_CALLS,
+        "{FLIP_PAGES} unmapped pages cost {unmaps} stage-2 unmap calls (at most {MAX_UNMAP_CALLS})"
+    );
+    let taken = s0.free_pages - s1.free_pages;
+    ensure!(
+        taken == FLIP_PAGES as u64,
+        "free pages dropped by {taken}, allocated {FLIP_PAGES}"
+    );
+
+    pages.free_all().ctx("free")?;
+    let s2 = hc::stats().ctx("Stats")?;
+    let (unmaps, maps) = (
+        s2.stage2_unmap_calls - s1.stage2_unmap_calls,
+        s2.stage2_map_calls - s1.stage2_map_calls,
+    );
+    ensure!(
+        unmaps == 0 && maps == 0,
+        "freeing made {unmaps} unmap and {maps} map calls"
+    );
+    let slots = s2.memslot_updates - s1.memslot_updates;
+    ensure!(slots == 0, "freeing made {slots} memslot updates");
+    ensure!(
+        s2.free_pages == s0.free_pages,
+        "free pages {} after, {} before",
+        s2.free_pages,
+        s0.free_pages
+    );
+    hc::check_invariants().ctx("CheckInvariants")?;
+    Ok(())
 }
-/// placeholder
+
+/// Unmapped pages filled with a pattern in `scrub_on_reuse`.
+const SCRUB_PAGES: usize = 8;
+/// The pattern.
+const PATTERN: u8 = 0x3c;
+/// Mapped allocations `scrub_on_reuse` may hold while waiting for the flip back.
+const MAX_HELD: usize = 16 * 1024;
+
+/// Fill unmapped pages with a pattern, free them, allocate mapped memory until their blocks
+/// come back mapped, and scan them from the host: no pattern, all zero, and no violation when
+/// the guest reads them.
 pub fn scrub_on_reuse() -> Outcome {
-    crate::skip!("not written yet")
+    let s0 = hc::stats().ctx("Stats")?;
+    let mut dirty = [0u64; SCRUB_PAGES];
+    {
+        let mut secret = PageList::new(SCRUB_PAGES);
+        for slot in dirty.iter_mut() {
+            *slot = secret.alloc(0, gfp::UNMAPPED).ctx("alloc UNMAPPED")?;
+            hc::host_fill(*slot, PAGE_SIZE, PATTERN).ctx("HostFill")?;
+            let n = hc::host_count(*slot, PAGE_SIZE, PATTERN).ctx("HostCount")?;
+            ensure!(n == PAGE_SIZE, "pattern not planted: {n} bytes");
+        }
+        secret.free_all().ctx("free unmapped")?;
+    }
+
+    // Take mapped memory, large blocks first, until every dirty page is inside one of ours.
+    let mut held = PageList::new(MAX_HELD);
+    let mut covered = [false; SCRUB_PAGES];
+    let mut order = 10u8;
+    while covered.iter().any(|c| !c) {
+        ensure!(
+            !held.is_full(),
+            "held {MAX_HELD} blocks and the dirty pages did not come back"
+        );
+        match held.alloc(order, 0) {
+            Ok(gpa) => {
+                let end = gpa + (PAGE_SIZE << order);
+                for (c, &p) in covered.iter_mut().zip(dirty.iter()) {
+                    *c |= (gpa..end).contains(&p);
+                }
+            }
+            Err(Status::NoMemory | Status::NoFreePageblock) if order > 0 => order -= 1,
+            Err(s) => fail!("memory ran out ({s:?}) before the dirty blocks came back mapped"),
+        }
+    }
+    let s1 = hc::stats().ctx("Stats")?;
+    ensure!(
+        s1.flips_to_mapped > s0.flips_to_mapped,
+        "dirty pages came back without a flip to mapped"
+    );
+
+    let mut buf = [veil_abi::ViolationRecord::default(); super::MAX_RECORDS];
+    for &p in &dirty {
+        let left = hc::host_count(p, PAGE_SIZE, PATTERN).ctx("HostCount pattern")?;
+        ensure!(left == 0, "{left} pattern bytes survived in {p:#x}");
+        let zero = hc::host_count(p, PAGE_SIZE, 0).ctx("HostCount zero")?;
+        ensure!(
+            zero == PAGE_SIZE,
+            "{p:#x} came back with {} non-zero bytes",
+            PAGE_SIZE - zero
+        );
+        // SAFETY: `p` is inside a mapped block this test holds.
+        let (v, _) = unsafe { crate::dm::load64(crate::dm::va(p)) };
+        ensure!(v == 0, "guest reads {v:#x} at {p:#x}");
+    }
+    let (total, _) = super::violations(&mut buf)?;
+    ensure!(
+        total == 0,
+        "{total} violations reading pages that should be mapped again"
+    );
+    held.free_all().ctx("free mapped")?;
+    let s2 = hc::stats().ctx("Stats")?;
+    ensure!(
+        s2.free_pages == s0.free_pages,
+        "free pages {} after, {} before",
+        s2.free_pages,
+        s0.free_pages
+    );
+    Ok(())
 }
