@@ -1,1 +1,13 @@
-fn main() {}
+//! `veil`: the Veil VMM command line. See `veil --help`.
+
+use std::time::Instant;
+
+use clap::Parser;
+
+fn main() {
+    let start = Instant::now();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = vmm::cli::Cli::parse();
+    let code = vmm::cli::main_with(cli, start);
+    std::process::exit(code);
+}

@@ -1,0 +1,497 @@
+//! The VM: KVM setup, guest image and boot structures, the allocator over the managed range, and
+//! the vCPU run loop that dispatches port I/O (hypercalls, bare exits, the UART), MMIO exits
+//! (violations, not-RAM accesses) and everything else.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE};
+
+use crate::boot::{self, BootParams};
+use crate::console::{Console, ConsoleSink};
+use crate::elf::{self, ElfError};
+use crate::memory::{reserved_end_for, GuestRam, MemSize, MemoryError};
+use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
+use crate::session::{DumpConfig, Session, SessionConfig};
+use crate::stage2::{EngineError, KvmSlots, RangeState, Stage2Engine};
+use crate::watchdog::{self, Watchdog};
+
+/// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
+pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
+
+/// What to do at a violation (`--on-violation`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ViolationPolicy {
+    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch resumes at the
+    /// test's recovery point (or stops the VM if there is none).
+    #[default]
+    Report,
+    /// Stop the VM at the first violation, print the report, exit non-zero.
+    Kill,
+}
+
+/// Everything needed to boot and run one guest.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Guest RAM size.
+    pub mem: MemSize,
+    /// The guest ELF image.
+    pub guest: Vec<u8>,
+    /// Run or list the tests.
+    pub mode: BootMode,
+    /// Test names to run (empty = all).
+    pub selection: Vec<String>,
+    /// Violation policy.
+    pub on_violation: ViolationPolicy,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+    /// Where the guest console goes.
+    pub console: ConsoleSink,
+    /// Stage-2 dumps, if wanted.
+    pub dump: Option<DumpConfig>,
+    /// "Process start" for the timing figures.
+    pub start: Instant,
+    /// Echo the guest's Hc::Log lines on stderr.
+    pub echo_logs: bool,
+}
+
+impl VmConfig {
+    /// Defaults: 256 MiB, the embedded guest, run all tests, report policy, 60 s timeout,
+    /// console to stdout, no dumps.
+    pub fn new(guest: Vec<u8>) -> VmConfig {
+        VmConfig {
+            mem: MemSize::default(),
+            guest,
+            mode: BootMode::Run,
+            selection: Vec::new(),
+            on_violation: ViolationPolicy::Report,
+            timeout: Some(Duration::from_secs(60)),
+            console: ConsoleSink::Stdout,
+            dump: None,
+            start: Instant::now(),
+            echo_logs: true,
+        }
+    }
+}
+
+/// Why a VM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Bad RAM size or mapping failure.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The guest ELF was rejected.
+    #[error("invalid guest image: {0}")]
+    Elf(#[from] ElfError),
+    /// The image leaves no managed memory.
+    #[error("guest image ends at {image_end:#x}: {ram_size} bytes of RAM leave no managed pageblock above the reserved {reserved_end:#x} bytes; use a larger --mem")]
+    RamTooSmall {
+        /// End of the loaded image.
+        image_end: u64,
+        /// Reserved end.
+        reserved_end: u64,
+        /// RAM size.
+        ram_size: u64,
+    },
+    /// A test name is malformed.
+    #[error("invalid test name {0:?}: names are 1-64 characters of [a-z0-9_]")]
+    BadTestName(String),
+    /// The selection does not fit in the boot block.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// A KVM call failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// What we were doing.
+        what: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The stage-2 engine refused the layout.
+    #[error("stage-2 engine: {0}")]
+    Engine(#[from] EngineError),
+    /// Console or watchdog setup failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl VmError {
+    /// Whether this is a configuration/usage problem (exit code 2) rather than a host failure.
+    pub fn is_usage(&self) -> bool {
+        !matches!(self, VmError::Kvm { .. } | VmError::Io { .. })
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Whether `name` is a valid test name.
+pub fn valid_test_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A booted (not yet running) VM.
+pub struct Vm {
+    vcpu: VcpuFd,
+    s: Session,
+    timeout: Option<Duration>,
+}
+
+impl Vm {
+    /// Validates the configuration, maps RAM, loads the guest, builds the boot structures, the
+    /// stage-2 engine, the allocator and vCPU 0.
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        for name in &cfg.selection {
+            if !valid_test_name(name) {
+                return Err(VmError::BadTestName(name.clone()));
+            }
+        }
+        let ram_size = cfg.mem.0;
+        let image = elf::parse(&cfg.guest, ram_size)?;
+        let reserved_end = reserved_end_for(image.end());
+        if reserved_end + PAGEBLOCK_SIZE > ram_size {
+            return Err(VmError::RamTooSmall {
+                image_end: image.end(),
+                reserved_end,
+                ram_size,
+            });
+        }
+        let params = BootParams {
+            mode: cfg.mode,
+            selection: cfg.selection.join(","),
+            ram_size,
+            reserved_end,
+        };
+        boot::boot_info(&params)?;
+
+        let kvm = Kvm::new().map_err(kvm_err(
+            "cannot open /dev/kvm (is KVM available and accessible?)",
+        ))?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
+        let ram = GuestRam::new(cfg.mem)?;
+        elf::load(&image, &cfg.guest, &ram)?;
+        let cr3 = boot::write_boot_structures(&ram, &params)?;
+
+        let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
+        let slots = KvmSlots::new(vm.clone(), ram.host_base(), ram_size, max_slots);
+        let engine = Stage2Engine::new(slots, ram_size, reserved_end)?;
+        let alloc = Allocator::new(
+            reserved_end >> 12,
+            (ram_size - reserved_end) >> 12,
+            engine,
+            allocator::Config::default(),
+        );
+
+        let mut vcpu = vm
+            .create_vcpu(0)
+            .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID failed"))?;
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(kvm_err("KVM_SET_CPUID2 failed"))?;
+        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS failed"))?;
+        vcpu.set_sregs(&boot::long_mode_sregs(sregs, cr3))
+            .map_err(kvm_err("KVM_SET_SREGS failed"))?;
+        vcpu.set_fpu(&boot::entry_fpu())
+            .map_err(kvm_err("KVM_SET_FPU failed"))?;
+        vcpu.set_regs(&boot::entry_regs(image.entry, veil_abi::STACK_TOP_GPA))
+            .map_err(kvm_err("KVM_SET_REGS failed"))?;
+        vcpu.set_sync_valid_reg(SyncReg::Register);
+        let tsc_khz = vcpu.get_tsc_khz().ok();
+
+        let console = Console::new(&cfg.console).map_err(|source| VmError::Io {
+            what: "cannot open the console output",
+            source,
+        })?;
+        let s = Session::new(SessionConfig {
+            vm,
+            ram,
+            alloc,
+            console,
+            reserved_end,
+            mode: cfg.mode,
+            selection: cfg.selection,
+            policy: cfg.on_violation,
+            dump: cfg.dump,
+            start: cfg.start,
+            echo_logs: cfg.echo_logs,
+            tsc_khz,
+        });
+        Ok(Vm {
+            vcpu,
+            s,
+            timeout: cfg.timeout,
+        })
+    }
+
+    /// Runs the guest until it exits, crashes, is killed or times out.
+    pub fn run(mut self) -> Result<RunReport, VmError> {
+        let dog = match self.timeout {
+            Some(t) => Some(Watchdog::start(t).map_err(|source| VmError::Io {
+                what: "cannot start the watchdog",
+                source,
+            })?),
+            None => None,
+        };
+        let run_start = Instant::now();
+        self.s.mark_run_start(run_start);
+        let stop = self.run_loop(dog.as_ref());
+        watchdog::publish_immediate_exit(std::ptr::null_mut());
+        drop(dog);
+        Ok(self.s.finish(stop, run_start.elapsed()))
+    }
+
+    fn regs_dump(&self) -> RegsDump {
+        regs_dump(&self.vcpu)
+    }
+
+    fn run_loop(&mut self, dog: Option<&Watchdog>) -> ExitInfo {
+        let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
+        watchdog::publish_immediate_exit(p);
+        loop {
+            if let Some(d) = dog {
+                if d.fired() {
+                    return self.timeout_exit();
+                }
+            }
+            let exit = self.vcpu.run();
+            self.s.exits.total += 1;
+            match exit {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    let value = data.first().copied().unwrap_or(0);
+                    match port {
+                        HYPERCALL_PORT => {
+                            self.s.exits.hypercalls += 1;
+                            let r = self.vcpu.sync_regs().regs;
+                            let args = [r.rdi, r.rsi, r.rcx, r.r8];
+                            let out = self.s.hypercall(r.rax as u32, args);
+                            let m = self.vcpu.sync_regs_mut();
+                            m.regs.rax = out.status as u64;
+                            m.regs.rdi = out.r0;
+                            m.regs.rsi = out.r1;
+                            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                            if let Some(stop) = out.stop {
+                                return self.fill_regs(stop);
+                            }
+                        }
+                        BARE_PORT => self.s.exits.bare += 1,
+                        p if Console::owns(p) => {
+                            self.s.exits.pio += 1;
+                            self.s.console.write(p, value);
+                        }
+                        _ => self.s.exits.pio += 1,
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    self.s.exits.pio += 1;
+                    if Console::owns(port) && !data.is_empty() {
+                        data[0] = self.s.console.read(port);
+                        data[1..].fill(0);
+                    } else {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::MmioRead(gpa, data)) => {
+                    let len = data.len();
+                    self.s.exits.mmio += 1;
+                    let rip = self.sync_rip();
+                    let (byte, stop) = self.s.mmio(gpa, AccessKind::Read, len as u32, rip);
+                    self.mmio_data_mut(len).fill(byte);
+                    if let Some(stop) = stop {
+                        return stop;
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(gpa, data)) => {
+                    let len = data.len();
+                    self.s.exits.mmio += 1;
+                    let rip = self.sync_rip();
+                    if let (_, Some(stop)) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip) {
+                        return stop;
+                    }
+                }
+                Ok(VcpuExit::InternalError) => {
+                    if let Some(stop) = self.internal_error() {
+                        return stop;
+                    }
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    return ExitInfo::TripleFault {
+                        regs: self.regs_dump(),
+                    }
+                }
+                Ok(VcpuExit::Hlt) => {
+                    return ExitInfo::Halted {
+                        regs: self.regs_dump(),
+                    }
+                }
+                Ok(VcpuExit::Intr) => continue,
+                Ok(other) => {
+                    let what = format!("{other:?}");
+                    return ExitInfo::UnexpectedExit {
+                        what,
+                        regs: self.regs_dump(),
+                    };
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.vcpu.set_kvm_immediate_exit(0);
+                    continue;
+                }
+                Err(e) => {
+                    return ExitInfo::KvmError {
+                        error: e.to_string(),
+                    }
+                }
+            }
+        }
+    }
+
+    fn timeout_exit(&mut self) -> ExitInfo {
+        ExitInfo::Timeout {
+            seconds: self.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
+            regs: self.regs_dump(),
+        }
+    }
+
+    /// Replaces the placeholder registers of an exit built inside a hypercall by the real ones.
+    fn fill_regs(&self, mut stop: ExitInfo) -> ExitInfo {
+        if let ExitInfo::GuestException { regs, .. } = &mut stop {
+            *regs = self.regs_dump();
+        }
+        stop
+    }
+
+    fn sync_rip(&self) -> u64 {
+        self.vcpu.sync_regs().regs.rip
+    }
+
+    fn mmio_data_mut(&mut self, len: usize) -> &mut [u8] {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: called only right after a KVM_EXIT_MMIO exit, so `mmio` is the active union
+        // member; `len` came from that exit and is at most 8 (the size of `data`).
+        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+        let n = len.min(mmio.data.len());
+        &mut mmio.data[..n]
+    }
+
+    /// An internal-error exit: a fetch violation if RIP translates to unmapped RAM, else a crash.
+    fn internal_error(&mut self) -> Option<ExitInfo> {
+        let (suberror, data) = {
+            let run = self.vcpu.get_kvm_run();
+            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
+            // union member.
+            let ie = unsafe { run.__bindgen_anon_1.internal };
+            let n = (ie.ndata as usize).min(ie.data.len());
+            (ie.suberror, ie.data[..n].to_vec())
+        };
+        let rip = self.sync_rip();
+        let gpa = self.translate(rip);
+        if let Some(gpa) = gpa {
+            if self.s.state_at(gpa) == Some(RangeState::Unmapped) {
+                match self.s.fetch_violation(gpa, rip) {
+                    FetchOutcome::Resume { rip, rsp } => {
+                        let m = self.vcpu.sync_regs_mut();
+                        m.regs.rip = rip;
+                        m.regs.rsp = rsp;
+                        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                        return None;
+                    }
+                    FetchOutcome::Stop(e) => return Some(e),
+                }
+            }
+        }
+        Some(ExitInfo::InternalError {
+            suberror,
+            data,
+            regs: self.regs_dump(),
+        })
+    }
+
+    /// GPA of guest-virtual `gva` under the current page tables.
+    fn translate(&self, gva: u64) -> Option<u64> {
+        if let Ok(t) = self.vcpu.translate_gva(gva) {
+            if t.valid != 0 {
+                return Some(t.physical_address);
+            }
+        }
+        let cr3 = self.vcpu.get_sregs().ok()?.cr3;
+        boot::walk_page_tables(self.s.ram(), cr3, gva)
+    }
+}
+
+/// What to do after a fetch violation.
+pub(crate) enum FetchOutcome {
+    /// Resume at the recovery point.
+    Resume {
+        /// New RIP.
+        rip: u64,
+        /// New RSP.
+        rsp: u64,
+    },
+    /// Stop the VM.
+    Stop(ExitInfo),
+}
+
+fn regs_from(r: &kvm_bindings::kvm_regs) -> RegsDump {
+    RegsDump {
+        rip: r.rip,
+        rsp: r.rsp,
+        rflags: r.rflags,
+        gprs: [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+            r.r13, r.r14, r.r15,
+        ],
+        ..Default::default()
+    }
+}
+
+/// General and control registers of `vcpu`.
+pub fn regs_dump(vcpu: &VcpuFd) -> RegsDump {
+    let mut d = match vcpu.get_regs() {
+        Ok(r) => regs_from(&r),
+        Err(_) => regs_from(&vcpu.sync_regs().regs),
+    };
+    if let Ok(s) = vcpu.get_sregs() {
+        d.cr0 = s.cr0;
+        d.cr2 = s.cr2;
+        d.cr3 = s.cr3;
+        d.cr4 = s.cr4;
+        d.efer = s.efer;
+        d.cs = s.cs.selector;
+    }
+    d
+}
+
+/// The action taken for a load or store violation under `policy`.
+pub(crate) fn mmio_action(policy: ViolationPolicy, access: AccessKind) -> ViolationAction {
+    match (policy, access) {
+        (ViolationPolicy::Kill, _) => ViolationAction::Killed,
+        (_, AccessKind::Read) => ViolationAction::Poisoned,
+        (_, AccessKind::Write) => ViolationAction::Dropped,
+        (_, AccessKind::Fetch) => ViolationAction::Recovered,
+    }
+}
+
+/// The poison byte loads from unmapped RAM return.
+pub const POISON: u8 = POISON_BYTE;
+
+/// Boots `cfg` and runs it to the end.
+pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
+    Vm::new(cfg)?.run()
+}
+
+/// Borrow of the VM file descriptor (for dumps and stats).
+pub(crate) type SharedVm = Arc<VmFd>;
