@@ -1,1 +1,23 @@
-//! (being written)
+//! Replay real Linux page-allocation traces through direct-map policies.
+//!
+//! `veil replay` reads an ftrace `kmem` trace ([`reader`], [`parse`], [`trace`]), decides which
+//! allocations are unmapped ([`classify`], by [`gfp`] flag rules or a seeded fraction), replays
+//! the same events through each [`policy`] on the same amount of memory, and reports the stage-2
+//! work (the TLB-flush analogue), direct-map fragmentation and memslot needs of each
+//! ([`tracker`], [`report`], [`plot`]). Every policy drives stage 2 through
+//! [`allocator::Stage2`], so the same code runs on a pure model or, from the `vmm` crate, on a
+//! real VM's memslots.
+
+pub mod classify;
+pub mod cli;
+pub mod gfp;
+pub mod parse;
+pub mod plot;
+pub mod policy;
+pub mod reader;
+pub mod report;
+pub mod trace;
+pub mod tracker;
+
+pub use policy::{PolicyKind, PolicyResult};
+pub use trace::{Event, Trace};

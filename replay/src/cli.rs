@@ -1,0 +1,372 @@
+//! Command-line arguments of `veil replay` and the steps the command runs.
+//!
+//! `vmm` embeds [`ReplayArgs`] as a subcommand; without `--kvm` it calls [`run`], with `--kvm` it
+//! uses the same steps ([`load`], [`layout`], [`run_options`], [`report`], [`emit`]) around its
+//! own KVM-backed stage 2.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use thiserror::Error;
+
+use crate::classify::{classify, Classification, ClassifyError, Rules};
+use crate::policy::{self, Layout, PolicyKind, PolicyResult, RunOptions, DEFAULT_HEADROOM_PCT};
+use crate::report::{render_text, Report};
+use crate::trace::{self, LoadOptions, Trace, TraceError};
+use crate::tracker::{PureModel, DEFAULT_MAX_MEMSLOTS};
+
+/// `veil replay`: replay a Linux page-allocation trace through direct-map policies.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// ftrace kmem trace (mm_page_alloc / mm_page_free / mm_page_free_batched as the kernel
+    /// prints them), plain or gzip (detected by content), or `-` for standard input.
+    pub trace: PathBuf,
+
+    /// Policies to run, comma separated.
+    #[arg(long, short, value_enum, value_delimiter = ',', default_values_t = PolicyKind::ALL.to_vec())]
+    pub policy: Vec<PolicyKind>,
+
+    /// An allocation is unmapped if its gfp flags contain ALL these names. Names are compared
+    /// by the bits they stand for (Linux 6.18 definitions), so GFP_KERNEL_ACCOUNT also matches
+    /// `GFP_HIGHUSER|__GFP_ACCOUNT`. Default when no rule is given: GFP_KERNEL_ACCOUNT, the
+    /// memcg-accounted kernel allocations made for a user process (page tables, kernel stacks,
+    /// pipe/socket buffers): they hold one process's data inside the kernel, are unmovable and
+    /// scattered, and match the kernel series' only unmapped freetype (unmovable|unmapped).
+    #[arg(long, value_delimiter = ',', value_name = "GFPNAME[,..]")]
+    pub unmapped: Vec<String>,
+
+    /// An allocation is unmapped if its gfp flags contain ANY of these names.
+    #[arg(long, value_delimiter = ',', value_name = "NAME[,..]")]
+    pub unmapped_gfp_any: Vec<String>,
+
+    /// An allocation is unmapped if its trace migratetype is N (0 unmovable, 1 movable, 2 reclaimable).
+    #[arg(long, value_name = "N")]
+    pub unmapped_migratetype: Option<u8>,
+
+    /// Unmap this fraction (0..1) of the allocations the other rules select (of all, if alone),
+    /// chosen by a seeded hash of the allocation's index: deterministic for a given --seed.
+    #[arg(long, value_name = "F")]
+    pub unmapped_fraction: Option<f64>,
+
+    /// Seed for --unmapped-fraction.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Memory to replay on (e.g. 512M, 1G; rounded up to 2 MiB). Default: the trace's peak live
+    /// pages plus --headroom. linux-placement always uses the trace's own PFN span.
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    pub mem: Option<u64>,
+
+    /// Headroom over the peak live pages when sizing memory, in percent.
+    #[arg(long, default_value_t = DEFAULT_HEADROOM_PCT, value_name = "PCT")]
+    pub headroom: u32,
+
+    /// Fail on the first malformed line instead of counting it.
+    #[arg(long)]
+    pub strict: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write an SVG plot of intact 2 MiB blocks over time to FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// Apply every policy's stage-2 changes to a real VM's memslots and measure their cost.
+    #[arg(long)]
+    pub kvm: bool,
+
+    /// Memslot limit to compare layouts against (with --kvm: the host's KVM_CAP_NR_MEMSLOTS).
+    #[arg(long, default_value_t = DEFAULT_MAX_MEMSLOTS, value_name = "N")]
+    pub max_memslots: u64,
+
+    /// freetype policy: allocations whose gfp lacks __GFP_DIRECT_RECLAIM (GFP_NOWAIT,
+    /// GFP_ATOMIC) may not flip pageblocks, as in the kernel.
+    #[arg(long)]
+    pub honour_atomic: bool,
+}
+
+/// Why `veil replay` failed.
+#[derive(Debug, Error)]
+pub enum ReplayError {
+    /// Could not open or write a file.
+    #[error("{0}: {1}")]
+    Io(String, #[source] io::Error),
+    /// The trace could not be read.
+    #[error(transparent)]
+    Trace(#[from] TraceError),
+    /// The classification rules are invalid.
+    #[error(transparent)]
+    Classify(#[from] ClassifyError),
+    /// JSON output failed.
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// `--kvm` needs the `veil` binary.
+    #[error("--kvm needs a VM: run it as `veil replay --kvm`")]
+    KvmUnavailable,
+}
+
+/// Parse a size: bytes, or with a K/M/G (KiB/MiB/GiB) suffix.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("bad size unit in {s:?} (use K, M or G)")),
+    };
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} too large"))?;
+    if bytes < 2 << 20 {
+        return Err(format!("size {s:?} below 2 MiB"));
+    }
+    if bytes > 1 << 44 {
+        return Err(format!("size {s:?} above 16 TiB"));
+    }
+    Ok(bytes)
+}
+
+/// The classification rules the arguments give.
+pub fn rules(a: &ReplayArgs) -> Rules {
+    Rules {
+        all_of: a.unmapped.clone(),
+        any_of: a.unmapped_gfp_any.clone(),
+        migratetype: a.unmapped_migratetype,
+        fraction: a.unmapped_fraction,
+        seed: a.seed,
+    }
+}
+
+/// A parsed and classified trace.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The events.
+    pub trace: Trace,
+    /// Which allocations are unmapped.
+    pub classification: Classification,
+}
+
+fn progress(a: &ReplayArgs, msg: std::fmt::Arguments<'_>) {
+    if !a.quiet {
+        eprintln!("replay: {msg}");
+    }
+}
+
+/// Read, parse and classify the trace.
+pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
+    let t0 = Instant::now();
+    let input = crate::reader::open_input(&a.trace)
+        .map_err(|e| ReplayError::Io(a.trace.display().to_string(), e))?;
+    let mut trace = trace::load(
+        input,
+        LoadOptions {
+            strict: a.strict,
+            ..LoadOptions::default()
+        },
+    )?;
+    let classification = classify(&mut trace, &rules(a))?;
+    progress(
+        a,
+        format_args!(
+            "loaded {} lines, {} events in {:.2} s",
+            trace.stats.lines,
+            trace.events.len(),
+            t0.elapsed().as_secs_f64()
+        ),
+    );
+    Ok(Loaded {
+        trace,
+        classification,
+    })
+}
+
+/// The layout a policy replays on.
+pub fn layout(a: &ReplayArgs, kind: PolicyKind, trace: &Trace) -> Layout {
+    let pages = a.mem.map(|b| policy::round_up_blocks(b.div_ceil(4096)));
+    policy::layout_for(kind, trace, pages, a.headroom)
+}
+
+/// How each policy runs.
+pub fn run_options(a: &ReplayArgs) -> RunOptions {
+    RunOptions {
+        max_slots: a.max_memslots,
+        honour_atomic: a.honour_atomic,
+        ..RunOptions::default()
+    }
+}
+
+/// Print one policy's progress line.
+pub fn progress_policy(a: &ReplayArgs, r: &PolicyResult) {
+    progress(
+        a,
+        format_args!(
+            "{}: {} events in {:.1} ms ({:.2} M events/s), {} stage-2 updates",
+            r.policy,
+            r.events,
+            r.replay_ns as f64 / 1e6,
+            r.events_per_sec / 1e6,
+            r.stage2.updates()
+        ),
+    );
+}
+
+/// Replay every selected policy on the pure model.
+pub fn run_model(a: &ReplayArgs, l: &Loaded) -> Vec<PolicyResult> {
+    let opts = run_options(a);
+    let mut out = Vec::new();
+    for &kind in dedup(&a.policy).iter() {
+        let lay = layout(a, kind, &l.trace);
+        let (r, _) = policy::run(kind, &l.trace, lay, PureModel, &opts);
+        progress_policy(a, &r);
+        out.push(r);
+    }
+    out
+}
+
+/// Policies in the order given, each once.
+pub fn dedup(p: &[PolicyKind]) -> Vec<PolicyKind> {
+    let mut v: Vec<PolicyKind> = Vec::new();
+    for k in p {
+        if !v.contains(k) {
+            v.push(*k);
+        }
+    }
+    v
+}
+
+/// Assemble the report.
+pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool) -> Report {
+    let s = &l.trace.stats;
+    let mut sizing = Vec::new();
+    if policies
+        .iter()
+        .any(|p| p.policy != PolicyKind::LinuxPlacement)
+    {
+        let pages = layout(a, PolicyKind::Freetype, &l.trace).nr_pages;
+        let how = match a.mem {
+            Some(_) => "--mem".to_string(),
+            None => format!(
+                "peak live {} + {}% headroom, rounded up to 2 MiB",
+                fmt_mib(s.peak_live_pages),
+                a.headroom
+            ),
+        };
+        sizing.push(format!("{} managed ({how})", fmt_mib(pages)));
+    }
+    if let Some(p) = policies
+        .iter()
+        .find(|p| p.policy == PolicyKind::LinuxPlacement)
+    {
+        sizing.push(format!(
+            "linux-placement {} (the trace's PFN span 0x{:x}..0x{:x}, rounded out to 2 MiB)",
+            fmt_mib(p.layout.nr_pages),
+            s.min_pfn,
+            s.end_pfn
+        ));
+    }
+    Report {
+        input: a.trace.display().to_string(),
+        trace: s.clone(),
+        classification: l.classification.clone(),
+        sizing: sizing.join("; "),
+        kvm,
+        policies,
+    }
+}
+
+fn fmt_mib(pages: u64) -> String {
+    format!("{:.1} MiB", pages as f64 / 256.0)
+}
+
+/// Print the report (text or JSON) to `out` and write the plot if asked.
+pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), ReplayError> {
+    let w = |e| ReplayError::Io("stdout".into(), e);
+    if a.json {
+        serde_json::to_writer_pretty(&mut *out, r)?;
+        writeln!(out).map_err(w)?;
+    } else {
+        out.write_all(render_text(r).as_bytes()).map_err(w)?;
+    }
+    if let Some(path) = &a.plot {
+        let title = format!(
+            "Intact 2 MiB blocks during replay ({} unmapped allocations: {})",
+            r.classification.unmapped_allocs, r.classification.rule
+        );
+        fs::write(path, crate::plot::render_svg(&r.policies, &title))
+            .map_err(|e| ReplayError::Io(path.display().to_string(), e))?;
+        progress(a, format_args!("plot written to {}", path.display()));
+    }
+    Ok(())
+}
+
+/// `veil replay` without `--kvm`: load, replay on the model, report. Returns the exit code.
+pub fn run(a: &ReplayArgs) -> Result<i32, ReplayError> {
+    if a.kvm {
+        return Err(ReplayError::KvmUnavailable);
+    }
+    let l = load(a)?;
+    let results = run_model(a, &l);
+    let r = report(a, &l, results, false);
+    let stdout = io::stdout();
+    emit(a, &r, &mut stdout.lock())?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReplayArgs,
+    }
+
+    #[test]
+    fn args_parse() {
+        let c = Cli::try_parse_from([
+            "x",
+            "t.gz",
+            "--policy",
+            "freetype,per-page",
+            "--unmapped",
+            "GFP_KERNEL,__GFP_ZERO",
+            "--mem",
+            "512M",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.args.policy,
+            vec![PolicyKind::Freetype, PolicyKind::PerPage]
+        );
+        assert_eq!(c.args.unmapped, vec!["GFP_KERNEL", "__GFP_ZERO"]);
+        assert_eq!(c.args.mem, Some(512 << 20));
+        let c = Cli::try_parse_from(["x", "-"]).unwrap();
+        assert_eq!(c.args.policy, PolicyKind::ALL.to_vec());
+        assert!(Cli::try_parse_from(["x", "t", "--policy", "nope"]).is_err());
+        assert!(Cli::try_parse_from(["x", "t", "--mem", "1K"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("300MiB"), Ok(300 << 20));
+        assert_eq!(parse_size("4194304"), Ok(4 << 20));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("99999999999999999999G").is_err());
+        assert!(parse_size("").is_err());
+    }
+}

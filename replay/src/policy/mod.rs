@@ -1,0 +1,509 @@
+//! The direct-map policies and the loop that replays a trace through one of them.
+//!
+//! Every policy replays the same events, drives stage 2 only through [`allocator::Stage2`]
+//! (wrapped in a [`Tracker`]) and is generic over the backend, so the same code runs on the pure
+//! model and, from the `vmm` crate, on a real VM's memslots.
+//!
+//! | policy | allocator | unmapped allocation | free of an unmapped allocation |
+//! |---|---|---|---|
+//! | `freetype` | Veil's buddy allocator with `Gfp::UNMAPPED` | from unmapped pageblocks; flips a whole free pageblock when none is left (one call) | zeroed (init_on_free), stays unmapped |
+//! | `per-page` | the same allocator, mapped freetypes only | allocated normally, its range unmapped (one call per allocation) | zero + map back (memfd_secret style) |
+//! | `unmapped-cache` | the same allocator plus a cache | from a buddy cache of unmapped pages, refilled by unmapping an order-9 (2 MiB) block taken from the allocator (one call) | zeroed, back to the cache; the cache never returns chunks |
+//! | `linux-placement` | none: the trace's own PFNs | the kernel's real pages, unmapped (one call per allocation) | zero + map back |
+
+mod cache;
+mod freetype;
+mod linux;
+mod per_page;
+
+use std::time::Instant;
+
+use allocator::{AllocError, Snapshot, Stage2, Stage2Error, PAGEBLOCK_PAGES};
+use serde::Serialize;
+
+use crate::trace::{Event, Trace, FLAG_ATOMIC, FLAG_UNMAPPED};
+use crate::tracker::{Stage2Stats, Stage2Timing, Tracker, TrackerConfig};
+
+pub use cache::UnmappedCache;
+
+/// Pages below the managed range: the reserved, always-mapped low memory of a Veil VM (2 MiB).
+pub const RESERVED_PAGES: u64 = PAGEBLOCK_PAGES;
+
+/// Default headroom over the trace's peak live pages, in percent.
+pub const DEFAULT_HEADROOM_PCT: u32 = 25;
+
+/// Which policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Veil's freetype allocator: pageblock flips, free never remaps.
+    Freetype,
+    /// Normal allocation, each unmapped allocation removed on its own, restored on free.
+    PerPage,
+    /// A separate cache of unmapped pages refilled in 2 MiB chunks (2023 proposal).
+    UnmappedCache,
+    /// The kernel's real placement (trace PFNs), per-allocation removal.
+    LinuxPlacement,
+}
+
+impl PolicyKind {
+    /// All policies in report order.
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Freetype,
+        PolicyKind::PerPage,
+        PolicyKind::UnmappedCache,
+        PolicyKind::LinuxPlacement,
+    ];
+
+    /// Command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::Freetype => "freetype",
+            PolicyKind::PerPage => "per-page",
+            PolicyKind::UnmappedCache => "unmapped-cache",
+            PolicyKind::LinuxPlacement => "linux-placement",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a policy's managed memory lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Layout {
+    /// First managed pfn ([`RESERVED_PAGES`]: the reserved low 2 MiB sits below).
+    pub base_pfn: u64,
+    /// Managed pages.
+    pub nr_pages: u64,
+    /// `linux-placement` only: the trace pfn that lands on `base_pfn`.
+    pub trace_base_pfn: u64,
+}
+
+impl Layout {
+    /// Guest RAM a VM needs for this layout, in bytes (reserved + managed).
+    pub fn ram_bytes(&self) -> u64 {
+        (self.base_pfn + self.nr_pages) * 4096
+    }
+}
+
+/// Round `n` up to a whole number of 2 MiB blocks.
+pub fn round_up_blocks(n: u64) -> u64 {
+    n.div_ceil(PAGEBLOCK_PAGES) * PAGEBLOCK_PAGES
+}
+
+/// The memory a policy replays on: `mem_pages` if given, else the trace's peak live pages plus
+/// `headroom_pct`, rounded up to 2 MiB (at least two blocks). `linux-placement` always covers
+/// the trace's own PFN span, rounded out to 2 MiB blocks.
+pub fn layout_for(
+    kind: PolicyKind,
+    trace: &Trace,
+    mem_pages: Option<u64>,
+    headroom_pct: u32,
+) -> Layout {
+    let s = &trace.stats;
+    if kind == PolicyKind::LinuxPlacement {
+        let start = s.min_pfn / PAGEBLOCK_PAGES * PAGEBLOCK_PAGES;
+        let end = round_up_blocks(s.end_pfn.max(start + 1));
+        return Layout {
+            base_pfn: RESERVED_PAGES,
+            nr_pages: end - start,
+            trace_base_pfn: start,
+        };
+    }
+    let nr = mem_pages.unwrap_or_else(|| {
+        let want = s
+            .peak_live_pages
+            .saturating_mul(100 + u64::from(headroom_pct))
+            / 100;
+        round_up_blocks(want).max(2 * PAGEBLOCK_PAGES)
+    });
+    Layout {
+        base_pfn: RESERVED_PAGES,
+        nr_pages: nr,
+        trace_base_pfn: 0,
+    }
+}
+
+/// How to run a policy.
+#[derive(Clone, Copy, Debug)]
+pub struct RunOptions {
+    /// Memslot limit the layout is compared against.
+    pub max_slots: u64,
+    /// Points of the intact-blocks curve to keep (for the plot).
+    pub samples: usize,
+    /// Measure the time of every stage-2 call.
+    pub timed: bool,
+    /// `freetype`: allocations that cannot sleep (no `__GFP_DIRECT_RECLAIM`) pass
+    /// `Gfp::ATOMIC` and so may not flip.
+    pub honour_atomic: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            max_slots: crate::tracker::DEFAULT_MAX_MEMSLOTS,
+            samples: 1000,
+            timed: false,
+            honour_atomic: false,
+        }
+    }
+}
+
+/// Allocation failures by cause.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Failures {
+    /// No memory at all.
+    pub out_of_memory: u64,
+    /// A flip was needed but no whole free pageblock existed.
+    pub no_free_pageblock: u64,
+    /// A flip was needed in a context that cannot sleep.
+    pub would_block: u64,
+    /// Stage 2 refused (e.g. out of memslots).
+    pub stage2: u64,
+    /// Anything else (invalid flags or order).
+    pub other: u64,
+}
+
+impl Failures {
+    /// All failures.
+    pub fn total(&self) -> u64 {
+        self.out_of_memory + self.no_free_pageblock + self.would_block + self.stage2 + self.other
+    }
+
+    fn count(&mut self, e: Failure) {
+        match e {
+            Failure::OutOfMemory => self.out_of_memory += 1,
+            Failure::NoFreePageblock => self.no_free_pageblock += 1,
+            Failure::WouldBlock => self.would_block += 1,
+            Failure::Stage2 => self.stage2 += 1,
+            Failure::Other => self.other += 1,
+        }
+    }
+}
+
+/// Why one allocation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    OutOfMemory,
+    NoFreePageblock,
+    WouldBlock,
+    Stage2,
+    Other,
+}
+
+impl From<AllocError> for Failure {
+    fn from(e: AllocError) -> Self {
+        match e {
+            AllocError::OutOfMemory { .. } => Failure::OutOfMemory,
+            AllocError::NoFreePageblock { .. } => Failure::NoFreePageblock,
+            AllocError::WouldBlock { .. } => Failure::WouldBlock,
+            AllocError::Stage2(_) => Failure::Stage2,
+            _ => Failure::Other,
+        }
+    }
+}
+
+impl From<Stage2Error> for Failure {
+    fn from(_: Stage2Error) -> Self {
+        Failure::Stage2
+    }
+}
+
+/// Measured cost of the stage-2 work on a real VM (filled by `veil replay --kvm`).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct KvmCost {
+    /// KVM's memslot limit on this host.
+    pub max_memslots: u64,
+    /// `KVM_SET_USER_MEMORY_REGION` calls made.
+    pub memslot_updates: u64,
+    /// Most memslots in use at once (engine's count).
+    pub peak_memslots: u64,
+    /// Nanoseconds spent in map/unmap calls.
+    pub update_ns: u64,
+    /// Nanoseconds spent zeroing.
+    pub zero_ns: u64,
+    /// Mean nanoseconds per map/unmap call.
+    pub ns_per_update: f64,
+    /// Mean nanoseconds per memslot ioctl.
+    pub ns_per_memslot_ioctl: f64,
+    /// Slowest single stage-2 call.
+    pub max_call_ns: u64,
+    /// Wall time of the whole replay on KVM.
+    pub replay_ns: u64,
+}
+
+/// A policy's results.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyResult {
+    /// Policy.
+    pub policy: PolicyKind,
+    /// Memory it replayed on.
+    pub layout: Layout,
+    /// Events replayed.
+    pub events: u64,
+    /// Allocations attempted.
+    pub allocs: u64,
+    /// Unmapped allocations attempted.
+    pub unmapped_allocs: u64,
+    /// Frees replayed (frees of failed allocations are skipped).
+    pub frees: u64,
+    /// Stage-2 calls and pages.
+    pub stage2: Stage2Stats,
+    /// Stage-2 mapping updates (unmap + map calls) per 1,000 allocations.
+    pub updates_per_1k_allocs: f64,
+    /// Pages unmapped + mapped per 1,000 allocations.
+    pub pages_per_1k_allocs: f64,
+    /// Pageblocks (or cache chunks) turned unmapped.
+    pub flips_to_unmapped: u64,
+    /// Pageblocks turned back to mapped.
+    pub flips_to_mapped: u64,
+    /// 2 MiB blocks in the layout.
+    pub blocks: u64,
+    /// Blocks fully mapped or fully unmapped at the end.
+    pub intact_blocks_end: u64,
+    /// Fewest intact blocks at any moment.
+    pub intact_blocks_worst: u64,
+    /// Event index at which the worst was first reached.
+    pub worst_at_event: u64,
+    /// `intact_blocks_end / blocks`.
+    pub intact_share_end: f64,
+    /// `intact_blocks_worst / blocks`.
+    pub intact_share_worst: f64,
+    /// Memslots the final layout needs.
+    pub memslots_end: u64,
+    /// Most memslots needed at any moment.
+    pub peak_memslots: u64,
+    /// Limit compared against.
+    pub max_memslots: u64,
+    /// `peak_memslots > max_memslots`.
+    pub exceeds_memslot_limit: bool,
+    /// Pages unmapped at the end.
+    pub unmapped_pages_end: u64,
+    /// Allocation failures by cause.
+    pub failures: Failures,
+    /// Frees the policy rejected (would indicate a replay bug).
+    pub free_errors: u64,
+    /// Replay wall time (excluding parsing).
+    pub replay_ns: u64,
+    /// Events per second.
+    pub events_per_sec: f64,
+    /// Allocator counters at the end (policies built on the allocator).
+    pub allocator: Option<Snapshot>,
+    /// The intact share over time: (event index, share).
+    pub intact_over_time: Vec<(u64, f64)>,
+    /// Stage-2 time (only with timing).
+    pub timing: Option<Stage2Timing>,
+    /// Real-KVM cost (only with `--kvm`).
+    pub kvm: Option<KvmCost>,
+}
+
+/// What every policy implements.
+pub(crate) trait Engine<S: Stage2> {
+    /// Serve an allocation; returns the pfn it got.
+    fn alloc(
+        &mut self,
+        order: u8,
+        migratetype: u8,
+        flags: u8,
+        trace_pfn: u64,
+    ) -> Result<u64, Failure>;
+    /// Free an allocation this engine served.
+    fn free(&mut self, pfn: u64, order: u8, flags: u8) -> bool;
+    /// The stage-2 tracker.
+    fn tracker(&self) -> &Tracker<S>;
+    /// The stage-2 tracker, mutably.
+    fn tracker_mut(&mut self) -> &mut Tracker<S>;
+    /// (flips to unmapped, flips to mapped).
+    fn flips(&self) -> (u64, u64);
+    /// Allocator counters, if any.
+    fn snapshot(&self) -> Option<Snapshot>;
+    /// Give the tracker back.
+    fn into_tracker(self) -> Tracker<S>;
+}
+
+/// The allocator's gfp for a trace migratetype (mapped allocations).
+pub(crate) fn mapped_gfp(migratetype: u8) -> allocator::Gfp {
+    match migratetype {
+        1 => allocator::Gfp::MOVABLE,
+        2 => allocator::Gfp::RECLAIMABLE,
+        _ => allocator::Gfp::empty(),
+    }
+}
+
+/// Whether an event's flags say unmapped.
+pub(crate) fn is_unmapped(flags: u8) -> bool {
+    flags & FLAG_UNMAPPED != 0
+}
+
+/// Whether an event's flags say the context cannot sleep.
+pub(crate) fn is_atomic(flags: u8) -> bool {
+    flags & FLAG_ATOMIC != 0
+}
+
+/// Replay `trace` through `kind` on `layout`, with `s2` as the stage-2 backend.
+///
+/// Returns the results and the backend (so a VM's engine can be inspected afterwards).
+pub fn run<S: Stage2>(
+    kind: PolicyKind,
+    trace: &Trace,
+    layout: Layout,
+    s2: S,
+    opts: &RunOptions,
+) -> (PolicyResult, S) {
+    let tracker = Tracker::new(
+        s2,
+        TrackerConfig {
+            base_pfn: layout.base_pfn,
+            nr_pages: layout.nr_pages,
+            reserved_below: layout.base_pfn > 0,
+            max_slots: opts.max_slots,
+            timed: opts.timed,
+        },
+    );
+    match kind {
+        PolicyKind::Freetype => drive(
+            kind,
+            trace,
+            layout,
+            opts,
+            freetype::Freetype::new(layout, tracker, opts.honour_atomic),
+        ),
+        PolicyKind::PerPage => drive(
+            kind,
+            trace,
+            layout,
+            opts,
+            per_page::PerPage::new(layout, tracker),
+        ),
+        PolicyKind::UnmappedCache => drive(
+            kind,
+            trace,
+            layout,
+            opts,
+            cache::CachePolicy::new(layout, tracker),
+        ),
+        PolicyKind::LinuxPlacement => drive(
+            kind,
+            trace,
+            layout,
+            opts,
+            linux::LinuxPlacement::new(layout, tracker),
+        ),
+    }
+}
+
+/// Marker for a failed allocation in the id → pfn table.
+const NO_PFN: u64 = u64::MAX;
+
+fn drive<S: Stage2, E: Engine<S>>(
+    kind: PolicyKind,
+    trace: &Trace,
+    layout: Layout,
+    opts: &RunOptions,
+    mut eng: E,
+) -> (PolicyResult, S) {
+    let events = &trace.events;
+    let n = events.len() as u64;
+    let stride = (n / opts.samples.max(1) as u64).max(1);
+    let blocks = eng.tracker().blocks().max(1);
+    let mut curve = Vec::with_capacity(opts.samples + 2);
+    curve.push((0, eng.tracker().intact_blocks() as f64 / blocks as f64));
+    let mut pfns: Vec<u64> = Vec::with_capacity(trace.stats.allocs as usize);
+    let mut failures = Failures::default();
+    let (mut allocs, mut unmapped_allocs, mut frees, mut free_errors) = (0u64, 0u64, 0u64, 0u64);
+    let start = Instant::now();
+    for (i, ev) in events.iter().enumerate() {
+        match *ev {
+            Event::Alloc {
+                pfn,
+                order,
+                migratetype,
+                flags,
+                ..
+            } => {
+                allocs += 1;
+                unmapped_allocs += u64::from(is_unmapped(flags));
+                match eng.alloc(order, migratetype, flags, pfn) {
+                    Ok(p) => pfns.push(p),
+                    Err(f) => {
+                        failures.count(f);
+                        pfns.push(NO_PFN);
+                    }
+                }
+            }
+            Event::Free {
+                alloc,
+                order,
+                flags,
+            } => {
+                let p = pfns.get(alloc as usize).copied().unwrap_or(NO_PFN);
+                if p != NO_PFN {
+                    frees += 1;
+                    if !eng.free(p, order, flags) {
+                        free_errors += 1;
+                    }
+                    if let Some(slot) = pfns.get_mut(alloc as usize) {
+                        *slot = NO_PFN;
+                    }
+                }
+            }
+        }
+        let i = i as u64 + 1;
+        eng.tracker_mut().now = i;
+        if i.is_multiple_of(stride) {
+            curve.push((i, eng.tracker().intact_blocks() as f64 / blocks as f64));
+        }
+    }
+    let replay_ns = start.elapsed().as_nanos().max(1) as u64;
+    if curve.last().map(|c| c.0) != Some(n) {
+        curve.push((n, eng.tracker().intact_blocks() as f64 / blocks as f64));
+    }
+    let t = eng.tracker();
+    let st = t.stats();
+    let per_1k = |x: u64| {
+        if allocs == 0 {
+            0.0
+        } else {
+            x as f64 * 1000.0 / allocs as f64
+        }
+    };
+    let (worst, worst_at) = t.worst_intact_blocks();
+    let (flips_u, flips_m) = eng.flips();
+    let result = PolicyResult {
+        policy: kind,
+        layout,
+        events: n,
+        allocs,
+        unmapped_allocs,
+        frees,
+        stage2: st,
+        updates_per_1k_allocs: per_1k(st.updates()),
+        pages_per_1k_allocs: per_1k(st.pages_unmapped + st.pages_mapped),
+        flips_to_unmapped: flips_u,
+        flips_to_mapped: flips_m,
+        blocks: t.blocks(),
+        intact_blocks_end: t.intact_blocks(),
+        intact_blocks_worst: worst,
+        worst_at_event: worst_at,
+        intact_share_end: t.intact_blocks() as f64 / blocks as f64,
+        intact_share_worst: worst as f64 / blocks as f64,
+        memslots_end: t.memslots(),
+        peak_memslots: t.peak_memslots(),
+        max_memslots: opts.max_slots,
+        exceeds_memslot_limit: t.peak_memslots() > opts.max_slots,
+        unmapped_pages_end: t.unmapped_pages(),
+        failures,
+        free_errors,
+        replay_ns,
+        events_per_sec: n as f64 * 1e9 / replay_ns as f64,
+        allocator: eng.snapshot(),
+        intact_over_time: curve,
+        timing: opts.timed.then(|| t.timing()),
+        kvm: None,
+    };
+    (result, eng.into_tracker().into_inner())
+}

@@ -1,0 +1,192 @@
+//! Streaming input: a plain or gzip trace (told apart by its magic bytes, not its name), or
+//! standard input for `-`, read line by line without holding the text.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::Path;
+
+use flate2::read::MultiGzDecoder;
+
+/// Longest line the reader accepts; longer lines are reported as malformed and skipped.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Read buffer size.
+const BUF: usize = 256 * 1024;
+
+/// Open `path` (or standard input for `-`), transparently decompressing gzip.
+pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
+    let raw: Box<dyn Read> = if path.as_os_str() == "-" {
+        Box::new(io::stdin().lock())
+    } else {
+        Box::new(File::open(path)?)
+    };
+    from_reader(raw)
+}
+
+/// Wrap any reader, decompressing it when it starts with the gzip magic `1f 8b`.
+pub fn from_reader<'a>(mut raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRead + 'a>> {
+    // Peek at the first two bytes (a pipe may hand them out one at a time).
+    let mut head = [0u8; 2];
+    let mut got = 0;
+    while got < head.len() {
+        match raw.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let gz = got == 2 && head == [0x1f, 0x8b];
+    let joined = io::Cursor::new(head[..got].to_vec()).chain(raw);
+    if gz {
+        let inner = BufReader::with_capacity(BUF, joined);
+        Ok(Box::new(BufReader::with_capacity(
+            BUF,
+            MultiGzDecoder::new(inner),
+        )))
+    } else {
+        Ok(Box::new(BufReader::with_capacity(BUF, joined)))
+    }
+}
+
+/// Result of reading one line.
+pub enum NextLine {
+    /// A line is in the buffer (without its newline).
+    Line,
+    /// A line longer than [`MAX_LINE`] was skipped.
+    TooLong,
+    /// End of input.
+    Eof,
+}
+
+/// Reads lines into a reused buffer, capping their length.
+pub struct LineReader<R: BufRead> {
+    inner: R,
+    /// The current line (valid after [`NextLine::Line`]).
+    pub buf: Vec<u8>,
+}
+
+impl<R: BufRead> LineReader<R> {
+    /// Wrap a buffered reader.
+    pub fn new(inner: R) -> Self {
+        LineReader {
+            inner,
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    /// Read the next line into `self.buf`.
+    pub fn next_line(&mut self) -> io::Result<NextLine> {
+        self.buf.clear();
+        let mut too_long = false;
+        let mut any = false;
+        loop {
+            let avail = match self.inner.fill_buf() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if avail.is_empty() {
+                break;
+            }
+            any = true;
+            let (chunk, found) = match avail.iter().position(|&c| c == b'\n') {
+                Some(i) => (&avail[..i], Some(i)),
+                None => (avail, None),
+            };
+            if !too_long {
+                if self.buf.len() + chunk.len() > MAX_LINE {
+                    too_long = true;
+                    self.buf.clear();
+                } else {
+                    self.buf.extend_from_slice(chunk);
+                }
+            }
+            let used = found.map_or(avail.len(), |i| i + 1);
+            self.inner.consume(used);
+            if found.is_some() {
+                break;
+            }
+        }
+        Ok(if too_long {
+            NextLine::TooLong
+        } else if any {
+            NextLine::Line
+        } else {
+            NextLine::Eof
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+
+    fn lines(data: Vec<u8>) -> Vec<String> {
+        let r = from_reader(Box::new(io::Cursor::new(data))).unwrap();
+        let mut lr = LineReader::new(r);
+        let mut out = Vec::new();
+        loop {
+            match lr.next_line().unwrap() {
+                NextLine::Line => out.push(String::from_utf8_lossy(&lr.buf).into_owned()),
+                NextLine::TooLong => out.push("<too long>".into()),
+                NextLine::Eof => break,
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn plain_and_gzip_give_the_same_lines() {
+        let text = b"a b\nc\n\nlast-no-newline".to_vec();
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&text).unwrap();
+        let gz = enc.finish().unwrap();
+        assert_eq!(gz[..2], [0x1f, 0x8b]);
+        let want = vec!["a b", "c", "", "last-no-newline"];
+        assert_eq!(lines(text), want);
+        assert_eq!(lines(gz), want);
+    }
+
+    #[test]
+    fn long_lines_are_capped() {
+        let mut text = vec![b'x'; MAX_LINE + 10];
+        text.extend_from_slice(b"\nok\n");
+        assert_eq!(lines(text), vec!["<too long>", "ok"]);
+    }
+
+    #[test]
+    fn tiny_and_empty_inputs() {
+        assert!(lines(Vec::new()).is_empty());
+        assert_eq!(lines(b"\x1f".to_vec()), vec!["\u{1f}"]);
+    }
+
+    /// A reader that returns one byte per read, like a slow pipe.
+    struct Trickle(Vec<u8>, usize);
+    impl Read for Trickle {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.1 >= self.0.len() || buf.is_empty() {
+                return Ok(0);
+            }
+            buf[0] = self.0[self.1];
+            self.1 += 1;
+            Ok(1)
+        }
+    }
+
+    #[test]
+    fn gzip_detected_on_a_trickling_pipe() {
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(b"one\ntwo\n").unwrap();
+        let gz = enc.finish().unwrap();
+        let r = from_reader(Box::new(Trickle(gz, 0))).unwrap();
+        let mut lr = LineReader::new(r);
+        let mut got = Vec::new();
+        while let NextLine::Line = lr.next_line().unwrap() {
+            got.push(String::from_utf8_lossy(&lr.buf).into_owned());
+        }
+        assert_eq!(got, vec!["one", "two"]);
+    }
+}

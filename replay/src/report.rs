@@ -1,0 +1,229 @@
+//! The replay report: a text table for people, JSON for tools.
+
+use std::fmt::Write;
+
+use serde::Serialize;
+
+use crate::classify::Classification;
+use crate::policy::PolicyResult;
+use crate::trace::TraceStats;
+
+/// Everything one `veil replay` run found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The input (path or `-`).
+    pub input: String,
+    /// Trace counters.
+    pub trace: TraceStats,
+    /// Classification outcome.
+    pub classification: Classification,
+    /// How the memory was sized.
+    pub sizing: String,
+    /// Whether stage 2 was a real VM's memslots.
+    pub kvm: bool,
+    /// One entry per policy.
+    pub policies: Vec<PolicyResult>,
+}
+
+fn mib(pages: u64) -> String {
+    let m = pages as f64 * 4096.0 / (1024.0 * 1024.0);
+    if m.fract() == 0.0 {
+        format!("{m:.0} MiB")
+    } else {
+        format!("{m:.1} MiB")
+    }
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 * 100.0 / b as f64
+    }
+}
+
+/// Render the report as text.
+pub fn render_text(r: &Report) -> String {
+    let t = &r.trace;
+    let c = &r.classification;
+    let mut s = String::new();
+    let _ = writeln!(s, "trace: {}", r.input);
+    let _ = writeln!(
+        s,
+        "  {} lines: {} mm_page_alloc, {} mm_page_free, {} mm_page_free_batched; {} CPUs",
+        t.lines, t.alloc_events, t.free_events, t.batched_events, t.cpus
+    );
+    let _ = writeln!(
+        s,
+        "  frees paired: {} by mm_page_free, {} by mm_page_free_batched first; duplicates skipped: {} batched, {} free",
+        t.frees_matched, t.batched_matched, t.batched_duplicates, t.free_duplicates
+    );
+    let _ = writeln!(
+        s,
+        "  skipped: {} frees of pages allocated before the capture, {} failed allocations, {} other events, {} comments, {} blank",
+        t.unmatched_frees, t.failed_allocs_in_trace, t.other_events, t.comment_lines, t.blank_lines
+    );
+    let _ = writeln!(
+        s,
+        "  lost-event markers: {} ({} events lost); out-of-order timestamps: {} (replayed in file order); implicit frees: {}; order mismatches: {}",
+        t.lost_markers, t.lost_events, t.out_of_order_timestamps, t.implicit_frees, t.order_mismatches
+    );
+    let _ = writeln!(s, "  malformed lines: {}", t.malformed_lines);
+    for m in &t.malformed_examples {
+        let _ = writeln!(s, "    line {}: {}: {:?}", m.line, m.reason, m.text);
+    }
+    let _ = writeln!(
+        s,
+        "  allocations replayed: {} ({} pages); peak live {} pages ({}); live at end {} ({} pages)",
+        t.allocs,
+        t.alloc_pages,
+        t.peak_live_pages,
+        mib(t.peak_live_pages),
+        t.live_at_end,
+        t.live_pages_at_end
+    );
+    let _ = writeln!(
+        s,
+        "unmapped: {} -> {} allocations ({:.2}%), {} pages, peak live {} pages; {} allocations cannot sleep",
+        c.rule,
+        c.unmapped_allocs,
+        pct(c.unmapped_allocs, t.allocs),
+        c.unmapped_pages,
+        c.peak_live_unmapped_pages,
+        c.atomic_allocs
+    );
+    for (flags, n) in c.by_flags.iter().take(4) {
+        let _ = writeln!(s, "    {n:>8}  {flags}");
+    }
+    let _ = writeln!(
+        s,
+        "memory: {}{}",
+        r.sizing,
+        if r.kvm {
+            "; stage 2 = real KVM memslots"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "{:<16} {:>9} {:>10} {:>9} {:>9} {:>11} {:>11} {:>12} {:>10} {:>8} {:>9}",
+        "policy",
+        "memory",
+        "s2 upd/1k",
+        "pages/1k",
+        "flips u/m",
+        "intact end",
+        "intact min",
+        "split max",
+        "peak slots",
+        "failures",
+        "Mevents/s"
+    );
+    for p in &r.policies {
+        let _ =
+            writeln!(
+            s,
+            "{:<16} {:>9} {:>10.2} {:>9.2} {:>9} {:>10.1}% {:>10.1}% {:>12} {:>10} {:>8} {:>9.2}",
+            p.policy.name(),
+            mib(p.layout.nr_pages),
+            p.updates_per_1k_allocs,
+            p.pages_per_1k_allocs,
+            format!("{}/{}", p.flips_to_unmapped, p.flips_to_mapped),
+            p.intact_share_end * 100.0,
+            p.intact_share_worst * 100.0,
+            format!("{}/{}", p.blocks - p.intact_blocks_worst, p.blocks),
+            format!("{}{}", p.peak_memslots, if p.exceeds_memslot_limit { "!" } else { "" }),
+            p.failures.total(),
+            p.events_per_sec / 1e6
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "s2 upd/1k: stage-2 unmap+map calls per 1,000 allocations (each one flush / memslot update); pages/1k: pages they named;"
+    );
+    let _ = writeln!(
+        s,
+        "intact: 2 MiB blocks fully mapped or fully unmapped (could keep a huge mapping), at the end and at the worst moment;"
+    );
+    let _ = writeln!(
+        s,
+        "split max: most blocks split at once; peak slots: memslots the layout needed (one per exposed run), '!' = over the limit of {}.",
+        r.policies.first().map_or(0, |p| p.max_memslots)
+    );
+    for p in &r.policies {
+        let st = &p.stage2;
+        let _ = write!(
+            s,
+            "{:<16} unmap {} calls/{} pages, map {}/{}, zero {}/{}",
+            p.policy.name(),
+            st.unmap_calls,
+            st.pages_unmapped,
+            st.map_calls,
+            st.pages_mapped,
+            st.zero_calls,
+            st.pages_zeroed
+        );
+        if st.failed_calls > 0 {
+            let _ = write!(s, ", {} refused", st.failed_calls);
+        }
+        let f = &p.failures;
+        if f.total() > 0 {
+            let _ = write!(
+                s,
+                "; failures: {} oom, {} no free pageblock, {} would block, {} stage 2, {} other",
+                f.out_of_memory, f.no_free_pageblock, f.would_block, f.stage2, f.other
+            );
+        }
+        if p.exceeds_memslot_limit {
+            let _ = write!(
+                s,
+                "; EXCEEDS KVM's memslot limit ({} > {})",
+                p.peak_memslots, p.max_memslots
+            );
+        }
+        let _ = writeln!(s, "; unmapped at end {} pages", p.unmapped_pages_end);
+    }
+    if r.policies.iter().any(|p| p.kvm.is_some()) {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{:<16} {:>10} {:>12} {:>14} {:>12} {:>14} {:>12} {:>10}",
+            "on KVM",
+            "s2 calls",
+            "slot ioctls",
+            "us/s2 update",
+            "us/ioctl",
+            "s2 total ms",
+            "max call us",
+            "peak slots"
+        );
+        for p in &r.policies {
+            if let Some(k) = &p.kvm {
+                let _ = writeln!(
+                    s,
+                    "{:<16} {:>10} {:>12} {:>14.2} {:>12.2} {:>14.2} {:>12.1} {:>10}",
+                    p.policy.name(),
+                    p.stage2.updates(),
+                    k.memslot_updates,
+                    k.ns_per_update / 1e3,
+                    k.ns_per_memslot_ioctl / 1e3,
+                    (k.update_ns + k.zero_ns) as f64 / 1e6,
+                    k.max_call_ns as f64 / 1e3,
+                    k.peak_memslots
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "KVM memslot limit on this host: {}",
+            r.policies
+                .iter()
+                .find_map(|p| p.kvm.map(|k| k.max_memslots))
+                .unwrap_or(0)
+        );
+    }
+    s
+}

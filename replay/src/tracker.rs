@@ -1,0 +1,433 @@
+//! A [`Stage2`] wrapper that counts what a policy asks of stage 2 and measures the layout.
+//!
+//! It forwards every call to the real backend (a pure model or a VM's memslots) and keeps, for
+//! the managed range, one bit per page (unmapped or not), the number of unmapped pages per
+//! 2 MiB block, how many blocks are *intact* (fully mapped or fully unmapped: they could keep a
+//! huge mapping) now and at the worst moment, and how many memslots the layout needs (one per
+//! maximal run of exposed pages, the reserved low memory below the managed range included) now
+//! and at its peak. Updates cost O(pages in the call). A call outside the managed range fails
+//! with [`Stage2Error::Backend`]`(-22)` instead of panicking.
+
+use std::time::Instant;
+
+use allocator::{Pfn, Stage2, Stage2Error, PAGEBLOCK_PAGES};
+use serde::Serialize;
+
+/// KVM's default memslot limit on x86-64 (`KVM_USER_MEM_SLOTS`).
+pub const DEFAULT_MAX_MEMSLOTS: u64 = 32764;
+
+/// What the policy asked of stage 2.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Stage2Stats {
+    /// `unmap` calls (each one flush).
+    pub unmap_calls: u64,
+    /// `map` calls.
+    pub map_calls: u64,
+    /// `zero` calls.
+    pub zero_calls: u64,
+    /// Pages named by `unmap` calls.
+    pub pages_unmapped: u64,
+    /// Pages named by `map` calls.
+    pub pages_mapped: u64,
+    /// Pages named by `zero` calls.
+    pub pages_zeroed: u64,
+    /// Calls the backend refused (e.g. out of memslots) or that fell outside the range.
+    pub failed_calls: u64,
+}
+
+impl Stage2Stats {
+    /// Mapping updates (the flush analogue): unmap + map calls.
+    pub fn updates(&self) -> u64 {
+        self.unmap_calls + self.map_calls
+    }
+}
+
+/// Wall-clock time spent in the backend (measured only when asked for).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Stage2Timing {
+    /// Nanoseconds in `unmap` calls.
+    pub unmap_ns: u64,
+    /// Nanoseconds in `map` calls.
+    pub map_ns: u64,
+    /// Nanoseconds in `zero` calls.
+    pub zero_ns: u64,
+    /// Slowest single call.
+    pub max_call_ns: u64,
+}
+
+/// Configuration of a [`Tracker`].
+#[derive(Clone, Copy, Debug)]
+pub struct TrackerConfig {
+    /// First managed pfn (must be 2 MiB aligned).
+    pub base_pfn: Pfn,
+    /// Managed pages.
+    pub nr_pages: u64,
+    /// Whether exposed reserved memory lies directly below `base_pfn` (it shares a memslot).
+    pub reserved_below: bool,
+    /// Memslot limit to compare the layout against.
+    pub max_slots: u64,
+    /// Measure the time of every backend call.
+    pub timed: bool,
+}
+
+/// Counting and measuring wrapper around a stage-2 backend.
+pub struct Tracker<S: Stage2> {
+    inner: S,
+    cfg: TrackerConfig,
+    unmapped: Vec<u64>,
+    block_unmapped: Vec<u32>,
+    intact: u64,
+    worst_intact: u64,
+    runs: u64,
+    peak_runs: u64,
+    unmapped_pages: u64,
+    stats: Stage2Stats,
+    timing: Stage2Timing,
+    /// Event index the owner sets so the worst moment can be located.
+    pub now: u64,
+    worst_at: u64,
+}
+
+/// errno-style code for a call outside the managed range.
+const EINVAL: i32 = -22;
+
+impl<S: Stage2> Tracker<S> {
+    /// Wrap `inner`; every managed page starts mapped.
+    pub fn new(inner: S, cfg: TrackerConfig) -> Self {
+        let words = cfg.nr_pages.div_ceil(64) as usize;
+        let blocks = cfg.nr_pages.div_ceil(PAGEBLOCK_PAGES);
+        Tracker {
+            inner,
+            cfg,
+            unmapped: vec![0; words],
+            block_unmapped: vec![0; blocks as usize],
+            intact: blocks,
+            worst_intact: blocks,
+            runs: u64::from(cfg.nr_pages > 0 || cfg.reserved_below),
+            peak_runs: u64::from(cfg.nr_pages > 0 || cfg.reserved_below),
+            unmapped_pages: 0,
+            stats: Stage2Stats::default(),
+            timing: Stage2Timing::default(),
+            now: 0,
+            worst_at: 0,
+        }
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped backend, mutably.
+    pub fn inner_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwrap.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stage2Stats {
+        self.stats
+    }
+
+    /// Backend time so far (zero unless `timed`).
+    pub fn timing(&self) -> Stage2Timing {
+        self.timing
+    }
+
+    /// 2 MiB blocks in the managed range (the last one may be partial).
+    pub fn blocks(&self) -> u64 {
+        self.block_unmapped.len() as u64
+    }
+
+    /// Blocks fully mapped or fully unmapped now.
+    pub fn intact_blocks(&self) -> u64 {
+        self.intact
+    }
+
+    /// Fewest intact blocks at any moment, and the event index when it was first reached.
+    pub fn worst_intact_blocks(&self) -> (u64, u64) {
+        (self.worst_intact, self.worst_at)
+    }
+
+    /// Memslots the layout needs now (maximal exposed runs).
+    pub fn memslots(&self) -> u64 {
+        self.runs
+    }
+
+    /// Most memslots needed at any moment.
+    pub fn peak_memslots(&self) -> u64 {
+        self.peak_runs
+    }
+
+    /// Pages unmapped now.
+    pub fn unmapped_pages(&self) -> u64 {
+        self.unmapped_pages
+    }
+
+    /// Whether the managed page at index `i` is unmapped.
+    pub fn is_unmapped(&self, pfn: Pfn) -> bool {
+        pfn.checked_sub(self.cfg.base_pfn)
+            .filter(|&i| i < self.cfg.nr_pages)
+            .is_some_and(|i| self.bit(i))
+    }
+
+    fn bit(&self, i: u64) -> bool {
+        self.unmapped[(i / 64) as usize] >> (i % 64) & 1 == 1
+    }
+
+    fn mapped_at(&self, i: i64) -> bool {
+        if i < 0 {
+            self.cfg.reserved_below
+        } else {
+            (i as u64) < self.cfg.nr_pages && !self.bit(i as u64)
+        }
+    }
+
+    /// Run starts among indices [a, b].
+    fn run_starts(&self, a: u64, b: u64) -> u64 {
+        let b = b.min(self.cfg.nr_pages.saturating_sub(1));
+        let mut n = 0;
+        let mut prev = self.mapped_at(a as i64 - 1);
+        for i in a..=b {
+            let cur = self.mapped_at(i as i64);
+            n += u64::from(cur && !prev);
+            prev = cur;
+        }
+        n
+    }
+
+    fn block_size(&self, blk: usize) -> u32 {
+        let start = blk as u64 * PAGEBLOCK_PAGES;
+        (self.cfg.nr_pages - start).min(PAGEBLOCK_PAGES) as u32
+    }
+
+    /// Index range of [pfn, pfn+count) inside the managed range.
+    fn range(&self, pfn: Pfn, count: u64) -> Result<(u64, u64), Stage2Error> {
+        let a = pfn
+            .checked_sub(self.cfg.base_pfn)
+            .ok_or(Stage2Error::Backend(EINVAL))?;
+        let b = a.checked_add(count).ok_or(Stage2Error::Backend(EINVAL))?;
+        if b > self.cfg.nr_pages || count == 0 {
+            return Err(Stage2Error::Backend(EINVAL));
+        }
+        Ok((a, b))
+    }
+
+    /// Set pages [a, b) to `unmapped` and update blocks and runs.
+    fn apply(&mut self, a: u64, b: u64, unmapped: bool) {
+        let before = self.run_starts(a, b);
+        let mut i = a;
+        while i < b {
+            let blk = (i / PAGEBLOCK_PAGES) as usize;
+            let blk_end = ((blk as u64 + 1) * PAGEBLOCK_PAGES).min(b);
+            let mut changed = 0u32;
+            for j in i..blk_end {
+                let (w, m) = ((j / 64) as usize, 1u64 << (j % 64));
+                let was = self.unmapped[w] & m != 0;
+                if was != unmapped {
+                    self.unmapped[w] ^= m;
+                    changed += 1;
+                }
+            }
+            if changed > 0 {
+                let size = self.block_size(blk);
+                let c = &mut self.block_unmapped[blk];
+                let was_intact = *c == 0 || *c == size;
+                if unmapped {
+                    *c += changed;
+                    self.unmapped_pages += u64::from(changed);
+                } else {
+                    *c -= changed;
+                    self.unmapped_pages -= u64::from(changed);
+                }
+                let is_intact = *c == 0 || *c == size;
+                match (was_intact, is_intact) {
+                    (true, false) => self.intact -= 1,
+                    (false, true) => self.intact += 1,
+                    _ => {}
+                }
+            }
+            i = blk_end;
+        }
+        let after = self.run_starts(a, b);
+        self.runs = self.runs + after - before;
+        self.peak_runs = self.peak_runs.max(self.runs);
+        if self.intact < self.worst_intact {
+            self.worst_intact = self.intact;
+            self.worst_at = self.now;
+        }
+    }
+
+    fn timed<T>(&mut self, f: impl FnOnce(&mut S) -> T) -> (T, u64) {
+        if !self.cfg.timed {
+            return (f(&mut self.inner), 0);
+        }
+        let t = Instant::now();
+        let r = f(&mut self.inner);
+        let ns = t.elapsed().as_nanos() as u64;
+        self.timing.max_call_ns = self.timing.max_call_ns.max(ns);
+        (r, ns)
+    }
+
+    /// Recount runs and blocks from scratch (test oracle for the incremental counts).
+    pub fn recount(&self) -> (u64, u64) {
+        let n = self.cfg.nr_pages;
+        let runs =
+            u64::from(self.cfg.reserved_below) + if n == 0 { 0 } else { self.run_starts(0, n - 1) };
+        let intact = (0..self.block_unmapped.len())
+            .filter(|&b| {
+                let start = b as u64 * PAGEBLOCK_PAGES;
+                let end = (start + PAGEBLOCK_PAGES).min(n);
+                let c = (start..end).filter(|&i| self.bit(i)).count() as u64;
+                c == 0 || c == end - start
+            })
+            .count() as u64;
+        (runs, intact)
+    }
+}
+
+impl<S: Stage2> Stage2 for Tracker<S> {
+    fn unmap(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let r = self.range(pfn, count).and_then(|(a, b)| {
+            let (res, ns) = self.timed(|s| s.unmap(pfn, count));
+            self.timing.unmap_ns += ns;
+            res.map(|()| (a, b))
+        });
+        match r {
+            Ok((a, b)) => {
+                self.stats.unmap_calls += 1;
+                self.stats.pages_unmapped += count;
+                self.apply(a, b, true);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.failed_calls += 1;
+                Err(e)
+            }
+        }
+    }
+
+    fn map(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let r = self.range(pfn, count).and_then(|(a, b)| {
+            let (res, ns) = self.timed(|s| s.map(pfn, count));
+            self.timing.map_ns += ns;
+            res.map(|()| (a, b))
+        });
+        match r {
+            Ok((a, b)) => {
+                self.stats.map_calls += 1;
+                self.stats.pages_mapped += count;
+                self.apply(a, b, false);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.failed_calls += 1;
+                Err(e)
+            }
+        }
+    }
+
+    fn zero(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let r = self.range(pfn, count).and_then(|_| {
+            let (res, ns) = self.timed(|s| s.zero(pfn, count));
+            self.timing.zero_ns += ns;
+            res
+        });
+        match r {
+            Ok(()) => {
+                self.stats.zero_calls += 1;
+                self.stats.pages_zeroed += count;
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.failed_calls += 1;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A stage-2 backend that does nothing: the pure model (the [`Tracker`] does the bookkeeping).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PureModel;
+
+impl Stage2 for PureModel {
+    fn unmap(&mut self, _pfn: Pfn, _count: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+    fn map(&mut self, _pfn: Pfn, _count: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+    fn zero(&mut self, _pfn: Pfn, _count: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn tracker(nr: u64) -> Tracker<PureModel> {
+        Tracker::new(
+            PureModel,
+            TrackerConfig {
+                base_pfn: 512,
+                nr_pages: nr,
+                reserved_below: true,
+                max_slots: DEFAULT_MAX_MEMSLOTS,
+                timed: false,
+            },
+        )
+    }
+
+    #[test]
+    fn runs_and_blocks_by_hand() {
+        // 3 blocks (1536 pages) above 512 reserved pages: one slot, all intact.
+        let mut t = tracker(1536);
+        assert_eq!((t.memslots(), t.intact_blocks(), t.blocks()), (1, 3, 3));
+        // A hole of one page in block 0 splits the slot in two and breaks block 0.
+        t.unmap(512 + 10, 1).unwrap();
+        assert_eq!((t.memslots(), t.intact_blocks()), (2, 2));
+        // Unmapping all of block 2: still two slots (the hole is at the end), block 2 intact.
+        t.unmap(512 + 1024, 512).unwrap();
+        assert_eq!((t.memslots(), t.intact_blocks()), (2, 2));
+        // Another hole in block 1: three slots, block 1 broken.
+        t.unmap(512 + 600, 2).unwrap();
+        assert_eq!((t.memslots(), t.intact_blocks()), (3, 1));
+        assert_eq!(t.worst_intact_blocks().0, 1);
+        // Mapping the first hole back: two slots, block 0 intact again; worst stays 1.
+        t.map(512 + 10, 1).unwrap();
+        assert_eq!((t.memslots(), t.intact_blocks()), (2, 2));
+        assert_eq!(t.worst_intact_blocks().0, 1);
+        assert_eq!(t.peak_memslots(), 3);
+        // The very first managed page unmapped: the reserved run ends before it.
+        t.unmap(512, 1).unwrap();
+        assert_eq!(t.memslots(), 3);
+        assert_eq!(t.recount(), (t.memslots(), t.intact_blocks()));
+        // Out of range calls fail cleanly.
+        assert!(t.unmap(0, 1).is_err());
+        assert!(t.map(512 + 1536, 1).is_err());
+        assert!(t.zero(u64::MAX, 2).is_err());
+        assert_eq!(t.stats().failed_calls, 3);
+        assert_eq!(t.stats().unmap_calls, 4);
+        assert_eq!(t.unmapped_pages(), 1 + 512 + 2 - 1 + 1);
+    }
+
+    proptest! {
+        #[test]
+        fn incremental_counts_match_a_recount(ops in proptest::collection::vec((any::<bool>(), 0u64..1300, 1u64..300), 1..60)) {
+            let mut t = tracker(1300);
+            for (unmap, start, len) in ops {
+                let pfn = 512 + start;
+                let len = len.min(1300 - start);
+                if unmap { t.unmap(pfn, len).unwrap() } else { t.map(pfn, len).unwrap() }
+                prop_assert_eq!(t.recount(), (t.memslots(), t.intact_blocks()));
+            }
+        }
+    }
+}
