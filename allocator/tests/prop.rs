@@ -1,0 +1,282 @@
+//! Property tests: random alloc/free sequences over all orders, flags and contexts against a
+//! simple model. About 10^6 operations per `cargo test` run (PROP_CASES x OPS_PER_CASE).
+
+mod common;
+
+use allocator::*;
+use common::*;
+use proptest::prelude::*;
+
+const PB: u64 = PAGEBLOCK_PAGES;
+const PROP_CASES: u32 = 250;
+const OPS_PER_CASE: usize = 4000;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Alloc { ctx: u64, gfp: u32, order: u8 },
+    Free { pick: usize },
+    BadFree { pfn_off: u64, order: u8 },
+    Drain,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let order = prop_oneof![8 => 0u8..=3, 2 => 4u8..=10, 1 => Just(11u8)];
+    prop_oneof![
+        10 => (0u64..3, 0u32..32, order).prop_map(|(ctx, gfp, order)| Op::Alloc { ctx, gfp, order }),
+        9 => any::<usize>().prop_map(|pick| Op::Free { pick }),
+        1 => (any::<u64>(), 0u8..12).prop_map(|(pfn_off, order)| Op::BadFree { pfn_off, order }),
+        1 => Just(Op::Drain),
+    ]
+}
+
+/// What the test expects a request to be, computed independently of the allocator.
+fn expected(ctx: u64, gfp: u32, order: u8) -> Result<(Freetype, bool, bool), &'static str> {
+    if order > MAX_ORDER {
+        return Err("order");
+    }
+    let unmapped = match ctx {
+        0 => gfp & 2 != 0,
+        1 => true,
+        _ => return Err("ctx"),
+    };
+    let mt = match (gfp & 4 != 0, gfp & 8 != 0) {
+        (false, false) => Migratetype::Unmovable,
+        (true, false) => Migratetype::Movable,
+        (false, true) => Migratetype::Reclaimable,
+        (true, true) => return Err("flags"),
+    };
+    if unmapped && mt != Migratetype::Unmovable {
+        return Err("flags");
+    }
+    let ft = Freetype::new(mt, unmapped).unwrap();
+    Ok((ft, gfp & 1 != 0, gfp & 16 != 0))
+}
+
+/// The unique fully merged decomposition of a wholly free range, given each pageblock's
+/// mapped-ness: free blocks per `[order][unmapped as usize]`.
+fn canonical(base: Pfn, n: u64, unmapped: impl Fn(Pfn) -> bool) -> [[u64; 2]; 11] {
+    let mut c = [[0u64; 2]; 11];
+    let end = base + n;
+    let mut pfn = base;
+    while pfn < end {
+        let mut o = (pfn.trailing_zeros() as u8).min(MAX_ORDER);
+        loop {
+            let len = 1u64 << o;
+            let fits = pfn + len <= end;
+            let uniform = || {
+                o <= PAGEBLOCK_ORDER
+                    || (pfn..pfn + len)
+                        .step_by(PB as usize)
+                        .all(|p| unmapped(p) == unmapped(pfn))
+            };
+            if fits && uniform() {
+                break;
+            }
+            o -= 1;
+        }
+        c[o as usize][unmapped(pfn) as usize] += 1;
+        pfn += 1 << o;
+    }
+    c
+}
+
+/// The snapshot without the parts a cache drain may change (list shapes, not counts).
+fn mask_caches(mut s: Snapshot) -> Snapshot {
+    s.free_per_order = [[0; 4]; 11];
+    s.pcp_pages = [0; 4];
+    s.pcp_drains = 0;
+    s.free_pageblocks_mapped = 0;
+    s.free_pageblocks_unmapped = 0;
+    s.free_pages_per_freetype = [0; 4];
+    s.pageblocks_per_freetype = [0; 4]; // merging at order 9 re-tags migratetypes
+    s
+}
+
+struct Model {
+    live: Vec<Allocation>,
+    owner: Vec<bool>,
+    base: Pfn,
+}
+
+fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut a = sim(base, n, cfg);
+    let mut m = Model {
+        live: Vec::new(),
+        owner: vec![false; n as usize],
+        base,
+    };
+    let mut tag = 1u64;
+    for op in ops {
+        match *op {
+            Op::Alloc { ctx, gfp, order } => {
+                let before = snap_no_failures(&a);
+                let want = expected(ctx, gfp, order);
+                let g = Gfp::from_bits(gfp).unwrap();
+                let r = match BuddyContext::from_u64(ctx) {
+                    Some(c) => a.alloc_pages_special(c, g, order),
+                    None => {
+                        prop_assert_eq!(ctx, 2);
+                        continue;
+                    }
+                };
+                match (r, want) {
+                    (Ok(x), Ok((ft, zero, _))) => {
+                        prop_assert_eq!(x.order, order);
+                        prop_assert_eq!(x.freetype, ft);
+                        prop_assert_eq!(x.pfn % (1 << order), 0);
+                        prop_assert!(x.pfn >= base && x.pfn + (1 << order) <= base + n);
+                        for p in x.pfn..x.pfn + (1 << order) {
+                            let i = (p - m.base) as usize;
+                            prop_assert!(!m.owner[i], "page {:#x} allocated twice", p);
+                            m.owner[i] = true;
+                            if zero {
+                                prop_assert_eq!(a.stage2().content(p), Some(0));
+                            }
+                            prop_assert_eq!(a.stage2().is_mapped(p), Some(!ft.is_unmapped()));
+                            // The owner writes a secret into every page it gets.
+                            a.stage2_mut().host_write(p, tag);
+                            tag += 1;
+                        }
+                        prop_assert_eq!(
+                            a.pageblock_freetype(x.pfn).unwrap().is_unmapped(),
+                            ft.is_unmapped()
+                        );
+                        prop_assert_eq!(a.allocation_containing(x.pfn + (1 << order) - 1), Some(x));
+                        m.live.push(x);
+                    }
+                    (Ok(x), Err(why)) => {
+                        prop_assert!(false, "{:?} succeeded but is invalid ({})", x, why)
+                    }
+                    (Err(e), Ok((ft, _, atomic))) => {
+                        match e {
+                            AllocError::WouldBlock { .. } => prop_assert!(atomic),
+                            AllocError::NoFreePageblock {
+                                freetype,
+                                free_pages,
+                                ..
+                            } => {
+                                prop_assert_eq!(freetype, ft);
+                                prop_assert_eq!(free_pages, a.free_pages_count());
+                            }
+                            AllocError::OutOfMemory { .. } => {
+                                prop_assert_eq!(a.free_pages_count(), 0)
+                            }
+                            e => prop_assert!(false, "unexpected {:?}", e),
+                        }
+                        // Failures change nothing but the caches (drained before a flip).
+                        let after = mask_caches(snap_no_failures(&a));
+                        let b2 = mask_caches(before);
+                        prop_assert_eq!(after, b2);
+                    }
+                    (Err(e), Err(why)) => {
+                        match why {
+                            "order" => prop_assert_eq!(e, AllocError::InvalidOrder(order)),
+                            _ => prop_assert_eq!(e, AllocError::InvalidFlags),
+                        }
+                        prop_assert_eq!(snap_no_failures(&a), before);
+                    }
+                }
+            }
+            Op::Free { pick } => {
+                if m.live.is_empty() {
+                    continue;
+                }
+                let x = m.live.swap_remove(pick % m.live.len());
+                a.free_pages(x.pfn, x.order)
+                    .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                for p in x.pfn..x.pfn + (1 << x.order) {
+                    m.owner[(p - base) as usize] = false;
+                    prop_assert_eq!(a.allocation_containing(p), None);
+                    if x.freetype.is_unmapped() && cfg.init_on_free_unmapped {
+                        prop_assert_eq!(a.stage2().content(p), Some(0));
+                    }
+                }
+            }
+            Op::BadFree { pfn_off, order } => {
+                let pfn = base.wrapping_add(pfn_off % (n + 64)).wrapping_sub(32);
+                let before = snap_no_failures(&a);
+                let hit = m.live.iter().position(|x| x.pfn == pfn && x.order == order);
+                let r = a.free_pages(pfn, order);
+                match hit {
+                    Some(i) => {
+                        prop_assert_eq!(r, Ok(()));
+                        let x = m.live.swap_remove(i);
+                        for p in x.pfn..x.pfn + (1 << x.order) {
+                            m.owner[(p - base) as usize] = false;
+                        }
+                    }
+                    None => {
+                        prop_assert!(r.is_err());
+                        prop_assert_eq!(snap_no_failures(&a), before);
+                    }
+                }
+            }
+            Op::Drain => a.drain_pcp(),
+        }
+        a.check_invariants().map_err(TestCaseError::fail)?;
+        prop_assert!(
+            a.stage2().violations().is_empty(),
+            "{:?}",
+            a.stage2().violations()
+        );
+    }
+    // Free everything: one fully merged state, counters balanced.
+    for x in m.live.drain(..) {
+        a.free_pages(x.pfn, x.order)
+            .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+    }
+    a.drain_pcp();
+    a.check_invariants().map_err(TestCaseError::fail)?;
+    let s = a.snapshot();
+    prop_assert_eq!(s.free_pages, n);
+    prop_assert_eq!(s.allocs, s.frees);
+    let canon = canonical(base, n, |p| a.pageblock_freetype(p).unwrap().is_unmapped());
+    for o in 0..=MAX_ORDER as usize {
+        let mut got = [0u64; 2];
+        for ft in Freetype::ALL {
+            got[ft.is_unmapped() as usize] += s.free_per_order[o][ft.index()];
+        }
+        prop_assert_eq!(got, canon[o], "order {}", o);
+    }
+    prop_assert_eq!(
+        s.free_pageblocks_mapped + s.free_pageblocks_unmapped,
+        (0..s.pageblocks)
+            .filter(|&i| {
+                let first = (base / PB + i) * PB;
+                first >= base && first + PB <= base + n
+            })
+            .count() as u64
+    );
+    assert_stage2_agrees(&a);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: PROP_CASES, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_sequences_match_the_model(
+        base_pb in 1u64..64,
+        base_skew in prop_oneof![4 => Just(0u64), 1 => 0u64..512],
+        blocks in 2u64..7,
+        tail in prop_oneof![2 => Just(0u64), 1 => 0u64..512],
+        pcp in prop_oneof![Just(0u32), Just(4), Just(64)],
+        init_on_free in any::<bool>(),
+        ops in proptest::collection::vec(op(), OPS_PER_CASE),
+    ) {
+        let cfg = Config { init_on_free_unmapped: init_on_free, pcp_capacity: pcp };
+        run(base_pb * PB + base_skew, blocks * PB + tail, cfg, &ops)?;
+    }
+}
+
+#[test]
+fn canonical_of_a_fresh_allocator_matches() {
+    for (base, n) in [(0, 4 * PB), (PB, 4 * PB + 7), (3, 1000)] {
+        let a = sim(base, n, Config::default());
+        let s = a.snapshot();
+        let c = canonical(base, n, |_| false);
+        for o in 0..=MAX_ORDER as usize {
+            assert_eq!(s.free_per_order[o].iter().sum::<u64>(), c[o][0]);
+        }
+    }
+}
