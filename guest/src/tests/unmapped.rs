@@ -3,7 +3,7 @@
 //! kind at the right GPA; no secret byte reaches the guest and no store lands.
 
 use super::{violations, MAX_RECORDS, POISON64, SECRET};
-use crate::dm;
+use crate::dm::{self, Site};
 use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
@@ -28,8 +28,8 @@ fn secret_page(pages: &mut PageList, special: bool) -> Result<u64, crate::outcom
 }
 
 /// Checks that the test saw exactly one violation: `access` at `gpa`, `size` bytes (if given),
-/// from `rip`, with a freetype recorded.
-fn expect_one(gpa: u64, access: Access, size: Option<u32>, rip: u64) -> Outcome {
+/// from the instruction at `site`, with a freetype recorded.
+fn expect_one(gpa: u64, access: Access, size: Option<u32>, site: Site) -> Outcome {
     let mut buf = [ViolationRecord::default(); MAX_RECORDS];
     let (total, recs) = violations(&mut buf)?;
     ensure!(
@@ -47,9 +47,11 @@ fn expect_one(gpa: u64, access: Access, size: Option<u32>, rip: u64) -> Outcome 
         ensure!(r.size == size, "violation size {}, expected {size}", r.size);
     }
     ensure!(
-        r.rip == rip,
-        "violation rip {:#x}, expected {rip:#x}",
-        r.rip
+        site.matches(r.rip),
+        "violation rip {:#x}, the instruction is at {:#x}..{:#x}",
+        r.rip,
+        site.start,
+        site.end
     );
     ensure!(r.freetype != 0xff, "violation has no freetype");
     let vcpu = crate::boot::info().vcpu;
@@ -78,7 +80,7 @@ pub fn unmapped_read_direct() -> Outcome {
     let target = gpa + OFFSET;
     hc::expect_violation(gpa, Access::Read, 1).ctx("ExpectViolation")?;
     // SAFETY: an expected stray load: the VMM answers it with poison.
-    let (v, rip) = unsafe { dm::load64(dm::va(target)) };
+    let (v, site) = unsafe { dm::load64(dm::va(target)) };
     if v == u64::from_ne_bytes([SECRET; 8]) {
         fail!("the secret reached the guest: loaded {v:#x}");
     }
@@ -86,7 +88,7 @@ pub fn unmapped_read_direct() -> Outcome {
         v == POISON64,
         "loaded {v:#x}, expected poison {POISON64:#x}"
     );
-    expect_one(target, Access::Read, Some(8), rip)?;
+    expect_one(target, Access::Read, Some(8), site)?;
     secret_intact(gpa)?;
     pages.free_all().ctx("free")?;
     Ok(())
@@ -100,8 +102,8 @@ pub fn unmapped_write_direct() -> Outcome {
     let target = gpa + OFFSET;
     hc::expect_violation(gpa, Access::Write, 1).ctx("ExpectViolation")?;
     // SAFETY: an expected stray store: the VMM drops it.
-    let rip = unsafe { dm::store64(dm::va(target), u64::from_ne_bytes([STORED; 8])) };
-    expect_one(target, Access::Write, Some(8), rip)?;
+    let site = unsafe { dm::store64(dm::va(target), u64::from_ne_bytes([STORED; 8])) };
+    expect_one(target, Access::Write, Some(8), site)?;
     secret_intact(gpa)?;
     let landed = hc::host_count(gpa, PAGE_SIZE, STORED).ctx("HostCount stored")?;
     ensure!(
@@ -156,7 +158,12 @@ pub fn unmapped_fetch() -> Outcome {
     hc::status(st).ctx("SetRecovery")?;
     // The recovery point is one-shot; clearing it again must not hurt.
     let _ = hc::clear_recovery();
-    expect_one(gpa, Access::Fetch, None, target)?;
+    // A fetch is reported with RIP at the faulting address itself.
+    let site = Site {
+        start: target,
+        end: target,
+    };
+    expect_one(gpa, Access::Fetch, None, site)?;
     secret_intact(gpa)?;
     pages.free_all().ctx("free")?;
     Ok(())

@@ -10,7 +10,7 @@
 //! exactly its unmapped bytes; and that no record falls anywhere else.
 
 use super::{violations, MAX_RECORDS, POISON64, SECRET};
-use crate::dm;
+use crate::dm::{self, Site};
 use crate::hc;
 use crate::outcome::{Ctx, Fail, Outcome};
 use crate::pages::PageList;
@@ -69,76 +69,61 @@ const CASES: [Case; 12] = [
     ),
 ];
 
-/// Performs case `i` at `va`; checks a load's value (poison of the right width).
-fn run_case(i: usize, va: u64) -> Outcome {
+/// Performs case `i` at `va`; checks a load's value (poison of the right width). Returns where
+/// the accessing instruction is.
+fn run_case(i: usize, va: u64) -> Result<Site, Fail> {
     let c = CASES[i];
     // SAFETY (all arms): `va` is in an unmapped page this test owns and expects violations on;
     // the VMM returns poison for loads and drops stores.
-    let loaded: Option<u64> = unsafe {
+    let (loaded, site): (Option<u64>, Site) = unsafe {
         match i {
-            0 => Some(dm::load8(va).0),
-            1 => Some(dm::load16(va).0),
-            2 => Some(dm::load32(va).0),
-            3 => Some(dm::load64(va).0),
+            0 => with_value(dm::load8(va)),
+            1 => with_value(dm::load16(va)),
+            2 => with_value(dm::load32(va)),
+            3 => with_value(dm::load64(va)),
             4 => {
-                let (v, _) = dm::load128(va);
-                ensure!(
-                    v == [POISON64; 2],
-                    "load 16 returned {:#x} {:#x}",
-                    v[0],
-                    v[1]
-                );
-                None
+                let (v, site) = dm::load128(va);
+                let (lo, hi) = (v[0], v[1]);
+                ensure!(v == [POISON64; 2], "load 16 returned {lo:#x} {hi:#x}");
+                (None, site)
             }
-            5 => {
-                dm::store8(va, STORED);
-                None
-            }
-            6 => {
-                dm::store16(va, STORED);
-                None
-            }
-            7 => {
-                dm::store32(va, STORED);
-                None
-            }
-            8 => {
-                dm::store64(va, STORED);
-                None
-            }
-            9 => {
-                dm::store128(va, [STORED; 2]);
-                None
-            }
+            5 => (None, dm::store8(va, STORED)),
+            6 => (None, dm::store16(va, STORED)),
+            7 => (None, dm::store32(va, STORED)),
+            8 => (None, dm::store64(va, STORED)),
+            9 => (None, dm::store128(va, [STORED; 2])),
             10 => {
                 let mut buf = [0u8; REP_BYTES];
-                dm::rep_movsb_from(va, &mut buf);
+                let site = dm::rep_movsb_from(va, &mut buf);
                 let want = [veil_abi::POISON_BYTE; REP_BYTES];
                 ensure!(buf == want, "rep movsb copied {buf:02x?}");
-                None
+                (None, site)
             }
-            _ => {
-                dm::rep_stosb(va, STORED as u8, REP_BYTES);
-                None
-            }
+            _ => (None, dm::rep_stosb(va, STORED as u8, REP_BYTES)),
         }
     };
     if let Some(v) = loaded {
         let want = POISON64 >> (64 - 8 * c.bytes);
         ensure!(v == want, "{} returned {v:#x}, expected {want:#x}", c.what);
     }
-    Ok(())
+    Ok(site)
 }
 
-/// Checks the records inside `[page, page + 4096)`: kind `access`, each within
-/// `[lo, lo + bytes)`, sizes adding up to `bytes`. Returns how many there were.
+/// A load's result with its value marked as present.
+fn with_value((v, site): (u64, Site)) -> (Option<u64>, Site) {
+    (Some(v), site)
+}
+
+/// Checks the records of kind `access` inside `[page, page + 4096)`: each within
+/// `[lo, lo + bytes)` and from the instruction at `site`, sizes adding up to `bytes`. Returns
+/// how many there were.
 fn check_records(
     recs: &[ViolationRecord],
     what: &str,
     page: u64,
     access: Access,
-    lo: u64,
-    bytes: u64,
+    (lo, bytes): (u64, u64),
+    site: Site,
 ) -> Result<u64, Fail> {
     let (mut n, mut covered) = (0u64, 0u64);
     for r in recs
@@ -151,6 +136,13 @@ fn check_records(
             "{what}: record {:#x}+{} outside the accessed bytes {lo:#x}+{bytes}",
             r.gpa,
             r.size
+        );
+        ensure!(
+            site.matches(r.rip),
+            "{what}: record rip {:#x}, the instruction is at {:#x}..{:#x}",
+            r.rip,
+            site.start,
+            site.end
         );
         n += 1;
         covered += r.size as u64;
@@ -172,10 +164,11 @@ pub fn unmapped_widths() -> Outcome {
     let len = 16 * PAGE_SIZE;
     hc::host_fill(base, len, SECRET).ctx("HostFill")?;
 
+    let mut sites = [Site { start: 0, end: 0 }; CASES.len()];
     for (i, c) in CASES.iter().enumerate() {
         let page = base + i as u64 * PAGE_SIZE;
         hc::expect_violation(page, c.access, c.exits).ctx("ExpectViolation")?;
-        run_case(i, dm::va(page + OFFSET))?;
+        sites[i] = run_case(i, dm::va(page + OFFSET))?;
     }
     let straddle = straddle()?;
 
@@ -188,15 +181,13 @@ pub fn unmapped_widths() -> Outcome {
     let mut seen = 0;
     for (i, c) in CASES.iter().enumerate() {
         let page = base + i as u64 * PAGE_SIZE;
-        seen += check_records(recs, c.what, page, c.access, page + OFFSET, c.bytes)?;
+        let range = (page + OFFSET, c.bytes);
+        seen += check_records(recs, c.what, page, c.access, range, sites[i])?;
     }
-    for (what, access) in [
-        ("straddling load", Access::Read),
-        ("straddling store", Access::Write),
-    ] {
-        let (page, lo) = (straddle.unmapped_page, straddle.unmapped_lo);
-        seen += check_records(recs, what, page, access, lo, 4)?;
-    }
+    let (page, range) = (straddle.unmapped_page, (straddle.unmapped_lo, 4));
+    let (load, store) = (straddle.load, straddle.store);
+    seen += check_records(recs, "straddling load", page, Access::Read, range, load)?;
+    seen += check_records(recs, "straddling store", page, Access::Write, range, store)?;
     ensure!(
         seen == total,
         "{} violations outside the accessed bytes",
@@ -217,6 +208,8 @@ pub fn unmapped_widths() -> Outcome {
 struct Straddle {
     unmapped_page: u64,
     unmapped_lo: u64,
+    load: Site,
+    store: Site,
 }
 
 /// Blocks held while looking for an unmapped pageblock next to a mapped one.
@@ -284,7 +277,7 @@ fn straddle() -> Result<Straddle, Fail> {
 
     // SAFETY: half of the access is ours and mapped, the other half ours and unmapped
     // (an expected violation: poison for the load, dropped store).
-    let (v, _) = unsafe { dm::load64(dm::va(b - 4)) };
+    let (v, load) = unsafe { dm::load64(dm::va(b - 4)) };
     let want = if mapped_below {
         0xa5a5_a5a5_1122_3344
     } else {
@@ -296,7 +289,7 @@ fn straddle() -> Result<Straddle, Fail> {
     );
 
     // SAFETY: as above.
-    unsafe { dm::store64(dm::va(b - 4), 0x99aa_bbcc_5566_7788) };
+    let store = unsafe { dm::store64(dm::va(b - 4), 0x99aa_bbcc_5566_7788) };
     // SAFETY: mapped and ours.
     let (half, _) = unsafe { dm::load32(dm::va(mapped_lo)) };
     let want = if mapped_below {
@@ -318,5 +311,7 @@ fn straddle() -> Result<Straddle, Fail> {
     Ok(Straddle {
         unmapped_page,
         unmapped_lo,
+        load,
+        store,
     })
 }
