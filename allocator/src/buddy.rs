@@ -15,6 +15,25 @@ use alloc::vec::Vec;
 /// Freetype every pageblock starts with (Linux marks all pageblocks movable at boot).
 pub const INITIAL_FREETYPE: Freetype = Freetype::MOVABLE;
 
+/// Bit `i` set iff the freetype with index `i` is unmapped.
+const UNMAPPED_INDEX_MASK: u32 = {
+    let mut m = 0u32;
+    let mut i = 0;
+    while i < Freetype::COUNT {
+        if Freetype::ALL[i].is_unmapped() {
+            m |= 1 << i;
+        }
+        i += 1;
+    }
+    m
+};
+
+/// Whether the freetype with dense index `i` is unmapped (one shift, no table lookup).
+#[inline]
+pub(crate) const fn is_unmapped_index(i: usize) -> bool {
+    (UNMAPPED_INDEX_MASK >> i) & 1 != 0
+}
+
 /// Allocator options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -57,6 +76,8 @@ pub struct BuddyAllocator<S: Stage2> {
     pub(crate) cfg: Config,
     pub(crate) base: u64,
     pub(crate) nr: u64,
+    /// `base >> PAGEBLOCK_ORDER`.
+    pub(crate) pb_base: u64,
     /// Per-page metadata, indexed by page offset from `base`.
     pub(crate) meta: Vec<PageMeta>,
     /// Freetype index of each pageblock, indexed by `(pfn >> 9) - (base >> 9)`.
@@ -96,6 +117,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             cfg,
             base: base_pfn,
             nr: nr_pages,
+            pb_base: base_pfn >> PAGEBLOCK_ORDER,
             meta: vec![PageMeta::EMPTY; nr_pages as usize],
             pb: vec![INITIAL_FREETYPE.index() as u8; nr_pb as usize],
             lists: FreeLists::new(),
@@ -129,7 +151,41 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Allocate `1 << order` pages for a context plus GFP-style flags (the extensible entry
     /// point; see the module docs of [`crate::gfp`] for the trade-off).
+    ///
+    /// The fast path (order 0, no zeroing, a page in the freetype's cache) is inlined; every
+    /// other case goes to the out-of-line slow path.
+    #[inline]
     pub fn alloc_pages_special(
+        &mut self,
+        ctx: BuddyContext,
+        gfp: Gfp,
+        order: u8,
+    ) -> Result<Allocation, AllocError> {
+        if order == 0 {
+            if let Ok(req) = AllocRequest::from_gfp(ctx, gfp) {
+                if !req.zero {
+                    let ft = req.freetype.index();
+                    if let Some(off) = self.pcp.pop(ft) {
+                        let m = &mut self.meta[off as usize];
+                        m.state = ST_ALLOC;
+                        m.ft = ft as u8;
+                        self.free -= 1;
+                        self.ctr.allocs[0][ft] += 1;
+                        return Ok(Allocation {
+                            pfn: self.base + off as u64,
+                            order: 0,
+                            freetype: req.freetype,
+                        });
+                    }
+                }
+            }
+        }
+        self.alloc_slow(ctx, gfp, order)
+    }
+
+    /// Everything but the cached order-0 fast path.
+    #[inline(never)]
+    fn alloc_slow(
         &mut self,
         ctx: BuddyContext,
         gfp: Gfp,
@@ -282,7 +338,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             let bft = bm.ft as usize;
             if bft != ft {
                 debug_assert!(order >= PAGEBLOCK_ORDER);
-                if Freetype::ALL[bft].flags() != Freetype::ALL[ft].flags() {
+                if is_unmapped_index(bft) != is_unmapped_index(ft) {
                     break;
                 }
                 self.set_pageblocks(boff, order, ft);
@@ -308,7 +364,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Index in the pageblock table of the page at offset `off`.
     #[inline]
     pub(crate) fn pb_index(&self, off: u32) -> usize {
-        (((self.base + off as u64) >> PAGEBLOCK_ORDER) - (self.base >> PAGEBLOCK_ORDER)) as usize
+        (((self.base + off as u64) >> PAGEBLOCK_ORDER) - self.pb_base) as usize
     }
 
     /// Return every cached order-0 page to the buddy lists (Linux's `drain_all_pages`).
@@ -341,7 +397,35 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// flushes: freed unmapped pages stay unmapped. With `init_on_free_unmapped`, pages of
     /// unmapped blocks are zeroed through [`Stage2::zero`] first; if that fails the pages
     /// stay allocated and [`FreeError::Stage2`] is returned.
+    ///
+    /// The fast path (order 0, no zeroing needed, room in the block's cache) is inlined.
+    #[inline]
     pub fn free_pages(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        if order == 0 {
+            let off = pfn.wrapping_sub(self.base);
+            if off < self.nr {
+                let m = self.meta[off as usize];
+                if m.state == ST_ALLOC
+                    && !(self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize))
+                {
+                    let bft = self.pb[self.pb_index(off as u32)];
+                    if self.pcp.push(bft as usize, off as u32) {
+                        let e = &mut self.meta[off as usize];
+                        e.state = ST_CACHED;
+                        e.ft = bft;
+                        self.free += 1;
+                        self.ctr.frees[0][m.ft as usize] += 1;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.free_slow(pfn, order)
+    }
+
+    /// Everything but the cached order-0 fast path.
+    #[inline(never)]
+    fn free_slow(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let r = self.free_checked(pfn, order);
         if r.is_err() {
             self.ctr.free_failures += 1;
@@ -370,7 +454,7 @@ impl<S: Stage2> BuddyAllocator<S> {
         if allocated != order {
             return Err(FreeError::WrongOrder { allocated });
         }
-        if self.cfg.init_on_free_unmapped && Freetype::ALL[m.ft as usize].is_unmapped() {
+        if self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize) {
             let n = 1u64 << order;
             if let Err(e) = self.s2.zero(pfn, n) {
                 self.ctr.stage2_failures += 1;

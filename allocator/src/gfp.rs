@@ -153,7 +153,24 @@ impl AllocRequest {
     ///   not silently rewritten: unmapped pages cannot be migrated or reclaimed);
     /// - `ZERO` → zero through stage 2 (works for every freetype);
     /// - `ATOMIC` → may not block, hence may not flip a pageblock.
+    ///
+    /// The rules are evaluated once, at compile time, into a 64-entry table (one byte per
+    /// (context, gfp) pair), so the hot path pays one load for the translation.
+    #[inline]
     pub const fn from_gfp(ctx: BuddyContext, gfp: Gfp) -> Result<AllocRequest, AllocError> {
+        let e = TRANSLATION[ctx.as_u64() as usize * NR_GFP + (gfp.0 & Gfp::ALL.0) as usize];
+        if e & ENC_INVALID != 0 {
+            return Err(AllocError::InvalidFlags);
+        }
+        Ok(AllocRequest {
+            freetype: Freetype::ALL[(e & ENC_FT) as usize],
+            zero: e & ENC_ZERO != 0,
+            may_flip: e & ENC_MAY_FLIP != 0,
+        })
+    }
+
+    /// The rules of [`AllocRequest::from_gfp`], evaluated directly (builds the table).
+    pub const fn translate_rules(ctx: BuddyContext, gfp: Gfp) -> Result<AllocRequest, AllocError> {
         let unmapped = match ctx {
             BuddyContext::Default => gfp.contains(Gfp::UNMAPPED),
             BuddyContext::Unmapped => true,
@@ -175,6 +192,42 @@ impl AllocRequest {
         })
     }
 }
+
+/// Number of GFP bit patterns.
+const NR_GFP: usize = Gfp::ALL.0 as usize + 1;
+/// Contexts known to the table.
+const CONTEXTS: [BuddyContext; 2] = [BuddyContext::Default, BuddyContext::Unmapped];
+/// Table encoding: freetype index bits.
+const ENC_FT: u8 = 0x0f;
+/// Table encoding: zero the pages.
+const ENC_ZERO: u8 = 0x10;
+/// Table encoding: may flip.
+const ENC_MAY_FLIP: u8 = 0x20;
+/// Table encoding: invalid combination.
+const ENC_INVALID: u8 = 0x80;
+
+/// [`AllocRequest::translate_rules`] for every (context, gfp) pair, encoded in a byte.
+const TRANSLATION: [u8; CONTEXTS.len() * NR_GFP] = {
+    let mut t = [0u8; CONTEXTS.len() * NR_GFP];
+    let mut c = 0;
+    while c < CONTEXTS.len() {
+        assert!(CONTEXTS[c].as_u64() as usize == c);
+        let mut g = 0;
+        while g < NR_GFP {
+            t[c * NR_GFP + g] = match AllocRequest::translate_rules(CONTEXTS[c], Gfp(g as u32)) {
+                Ok(r) => {
+                    r.freetype.index() as u8
+                        | if r.zero { ENC_ZERO } else { 0 }
+                        | if r.may_flip { ENC_MAY_FLIP } else { 0 }
+                }
+                Err(_) => ENC_INVALID,
+            };
+            g += 1;
+        }
+        c += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {
@@ -243,6 +296,20 @@ mod tests {
         assert_eq!(t(Unmapped, Gfp::RECLAIMABLE), Err(AllocError::InvalidFlags));
         let r = t(Unmapped, Gfp::ZERO | Gfp::ATOMIC).unwrap();
         assert!(r.zero && !r.may_flip);
+    }
+
+    /// The table behind `from_gfp` equals the rules for every (context, gfp) pair.
+    #[test]
+    fn table_equals_rules() {
+        for c in CONTEXTS {
+            for b in 0..=Gfp::ALL.bits() {
+                let g = Gfp::from_bits(b).unwrap();
+                assert_eq!(
+                    AllocRequest::from_gfp(c, g),
+                    AllocRequest::translate_rules(c, g)
+                );
+            }
+        }
     }
 
     /// `(Unmapped, gfp)` and `(Default, gfp | UNMAPPED)` are the same request, for every gfp.
