@@ -1,6 +1,8 @@
 //! Property tests: random alloc/free sequences over all orders, flags and contexts against a
 //! simple model. About 10^6 operations per `cargo test` run (PROP_CASES x OPS_PER_CASE).
 
+#![allow(clippy::needless_range_loop)] // (order, freetype) tables are compared index by index
+
 mod common;
 
 use allocator::*;
