@@ -40,7 +40,7 @@ fn more_than_half_unmapped_then_mapped_back_with_zeroing() {
             let x = a.alloc_pages(Gfp::UNMAPPED, order).unwrap();
             // Plant a secret the guest must never see again.
             for p in x.pfn..x.pfn + (1 << order) {
-                a.stage2_mut().host_write(p, 0x5ec2e7_0000 + p);
+                a.stage2_mut().host_write(p, 0x005e_c2e7_0000 + p);
             }
             live.push(x);
             pages += 1 << order;
