@@ -1,1 +1,127 @@
-//! End-to-end tests live in tests/tests/.
+//! Helpers for Veil's end-to-end tests (in `tests/tests/`): the `/dev/kvm` gate and tiny
+//! hand-assembled guests built as raw ELF bytes (no extra toolchain needed).
+//!
+//! Tests that run the `veil` binary live in `vmm/tests/cli.rs`, where Cargo provides
+//! `CARGO_BIN_EXE_veil`; the tests here drive the VMM through its library API.
+
+use std::fs::OpenOptions;
+
+use veil_abi::IMAGE_MIN_GPA;
+
+/// Whether `/dev/kvm` can be used. Prints a loud message when it cannot; with `CI=true` in the
+/// environment a missing `/dev/kvm` is a test failure (panic) instead of a skip.
+pub fn kvm_available() -> bool {
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("################################################################");
+            eprintln!("# /dev/kvm is not usable ({e}): end-to-end test SKIPPED");
+            eprintln!("################################################################");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("/dev/kvm is required in CI (CI=true): {e}");
+            }
+            false
+        }
+    }
+}
+
+/// A guest ELF whose code is `code`, loaded and entered at `IMAGE_MIN_GPA`.
+pub fn guest(code: &[u8]) -> Vec<u8> {
+    vmm::elf::build_elf(IMAGE_MIN_GPA, code, 0)
+}
+
+/// `jmp $`: spins forever in ring 0.
+pub const SPIN: &[u8] = &[0xeb, 0xfe];
+
+/// `ud2` with no IDT: #UD, then #DF, then a triple fault.
+pub const UD2: &[u8] = &[0x0f, 0x0b];
+
+/// `hlt` with interrupts off.
+pub const HLT: &[u8] = &[0xf4];
+
+/// `Exit(0)`: `mov edi, 0; mov eax, 20; mov dx, 0x5e0; out dx, eax; jmp $`.
+pub const EXIT0: &[u8] = &[
+    0xbf, 0, 0, 0, 0, // mov edi, 0
+    0xb8, 20, 0, 0, 0, // mov eax, 20 (Hc::Exit)
+    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+    0xef, // out dx, eax
+    0xeb, 0xfe, // jmp $
+];
+
+/// Reports a #GP through `Hc::Exception(13, 0, 0x1234, 0)`.
+pub const EXCEPTION: &[u8] = &[
+    0xbf, 13, 0, 0, 0, // mov edi, 13
+    0xbe, 0, 0, 0, 0, // mov esi, 0
+    0xb9, 0x34, 0x12, 0, 0, // mov ecx, 0x1234
+    0x45, 0x31, 0xc0, // xor r8d, r8d
+    0xb8, 18, 0, 0, 0, // mov eax, 18 (Hc::Exception)
+    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+    0xef, // out dx, eax
+    0xeb, 0xfe, // jmp $
+];
+
+/// Maps VA 6 MiB to GPA 1 GiB (not RAM with `--mem` below 1 GiB) in the boot page tables,
+/// loads 8 bytes from it and exits with the low byte (0xff if the VMM answers as for not-RAM).
+pub const NOT_RAM: &[u8] = &[
+    0x48, 0xc7, 0xc0, 0xe3, 0x00, 0x00, 0x40, // mov rax, 0x400000e3 (2 MiB page at 1 GiB)
+    0x48, 0x89, 0x04, 0x25, 0x18, 0x20, 0x10, 0x00, // mov [0x102018], rax (PD entry 3)
+    0x0f, 0x01, 0x3c, 0x25, 0x00, 0x00, 0x60, 0x00, // invlpg [0x600000]
+    0x48, 0x8b, 0x1c, 0x25, 0x00, 0x00, 0x60, 0x00, // mov rbx, [0x600000]
+    0x0f, 0xb6, 0xfb, // movzx edi, bl
+    0xb8, 20, 0, 0, 0, // mov eax, 20 (Hc::Exit)
+    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+    0xef, // out dx, eax
+    0xeb, 0xfe, // jmp $
+];
+
+/// The GPA [`NOT_RAM`] reads.
+pub const NOT_RAM_GPA: u64 = 0x4000_0000;
+
+/// Allocates one unmapped page (`Alloc(0, UNMAPPED)`), plants 0x5a in it with `HostFill`, loads
+/// 8 bytes through the direct map, stores 8 bytes at +8, counts the 0x5a bytes with `HostCount`
+/// and exits with `loaded_low_byte | (count == 4096) << 8`: 0x1a5 means the load got poison and
+/// the store did not land.
+pub const UNMAPPED_RW: &[u8] = &[
+    0xbf, 0, 0, 0, 0, // mov edi, 0 (order)
+    0xbe, 2, 0, 0, 0, // mov esi, 2 (gfp UNMAPPED)
+    0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
+    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+    0xef, // out dx, eax
+    0x49, 0x89, 0xfc, // mov r12, rdi (GPA)
+    0xbe, 0x00, 0x10, 0, 0, // mov esi, 4096
+    0xb9, 0x5a, 0, 0, 0, // mov ecx, 0x5a
+    0xb8, 16, 0, 0, 0,    // mov eax, 16 (Hc::HostFill)
+    0xef, // out dx, eax
+    0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
+    0x4c, 0x01, 0xe3, // add rbx, r12
+    0x4c, 0x8b, 0x2b, // mov r13, [rbx]
+    0x48, 0xc7, 0x43, 0x08, 0x77, 0, 0, 0, // mov qword [rbx+8], 0x77
+    0x4c, 0x89, 0xe7, // mov rdi, r12
+    0xbe, 0x00, 0x10, 0, 0, // mov esi, 4096
+    0xb9, 0x5a, 0, 0, 0, // mov ecx, 0x5a
+    0xb8, 17, 0, 0, 0,    // mov eax, 17 (Hc::HostCount)
+    0xef, // out dx, eax
+    0x4d, 0x31, 0xf6, // xor r14, r14
+    0x48, 0x81, 0xff, 0x00, 0x10, 0, 0, // cmp rdi, 4096
+    0x41, 0x0f, 0x94, 0xc6, // sete r14b
+    0x49, 0xc1, 0xe6, 0x08, // shl r14, 8
+    0x41, 0x0f, 0xb6, 0xfd, // movzx edi, r13b
+    0x4c, 0x09, 0xf7, // or rdi, r14
+    0xb8, 20, 0, 0, 0,    // mov eax, 20 (Hc::Exit)
+    0xef, // out dx, eax
+    0xeb, 0xfe, // jmp $
+];
+
+/// Allocates one unmapped page and `call`s into it through the direct map with no recovery
+/// point registered: a fetch violation that must stop the VM.
+pub const FETCH_NO_RECOVERY: &[u8] = &[
+    0xbf, 0, 0, 0, 0, // mov edi, 0
+    0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
+    0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
+    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+    0xef, // out dx, eax
+    0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
+    0x48, 0x01, 0xfb, // add rbx, rdi
+    0xff, 0xd3, // call rbx
+    0xeb, 0xfe, // jmp $
+];

@@ -38,7 +38,7 @@ pub enum BootError {
     #[error("test selection is {0} bytes, at most {SELECTION_MAX} fit in the boot block")]
     SelectionTooLong(usize),
     /// Guest memory could not be written.
-    #[error("cannot write boot structures into guest memory: {0}")]
+    #[error("cannot write boot structures into guest memory")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
 

@@ -170,6 +170,9 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 
 /// Validates `bytes` as a guest image for a VM with `ram_size` bytes of RAM.
 pub fn parse(bytes: &[u8], ram_size: u64) -> Result<ElfImage, ElfError> {
+    if bytes.len() >= 4 && &bytes[0..4] != b"\x7fELF" {
+        return Err(ElfError::BadMagic);
+    }
     let eh = slice(bytes, 0, EHDR_SIZE as u64, "ELF header")?;
     if &eh[0..4] != b"\x7fELF" {
         return Err(ElfError::BadMagic);

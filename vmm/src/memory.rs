@@ -54,7 +54,7 @@ pub struct MemSize(pub u64);
 impl MemSize {
     /// Checks the bounds and alignment of a size in bytes.
     pub fn new(size: u64) -> Result<MemSize, MemoryError> {
-        if size % PAGEBLOCK_SIZE != 0 {
+        if !size.is_multiple_of(PAGEBLOCK_SIZE) {
             return Err(MemoryError::NotPageblockMultiple(size));
         }
         if size < MIN_RAM {
@@ -108,7 +108,7 @@ impl FromStr for MemSize {
 impl std::fmt::Display for MemSize {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let v = self.0;
-        if v % (1 << 30) == 0 {
+        if v.is_multiple_of(1 << 30) {
             write!(f, "{}G", v >> 30)
         } else {
             write!(f, "{}M", v >> 20)

@@ -74,7 +74,10 @@ pub struct Violation {
     pub access: AccessKind,
     /// Bytes accessed by this exit.
     pub size: u32,
-    /// Guest RIP of the instruction.
+    /// Guest RIP as KVM reports it at the exit: the faulting instruction for loads and fetches;
+    /// for stores KVM's instruction emulator has already retired the instruction before the
+    /// MMIO exit, so it is the address of the *next* instruction (except inside an unfinished
+    /// `rep` string instruction, which stays at the instruction).
     pub rip: u64,
     /// vCPU index.
     pub vcpu: u32,
@@ -538,6 +541,14 @@ impl RunReport {
     /// The table `veil run` prints.
     pub fn table(&self) -> String {
         let mut s = String::new();
+        if self.tests.is_empty() {
+            let _ = writeln!(
+                s,
+                "no tests ran; {} violations, {} not-RAM accesses",
+                self.violations_total, self.not_ram_total
+            );
+            return s;
+        }
         let w = self
             .tests
             .iter()
@@ -580,16 +591,16 @@ impl RunReport {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let t = &self.timing;
-        let _ = write!(s, "timing: first hypercall ");
+        let _ = write!(s, "timing: first hypercall at ");
         match t.first_hypercall_ms {
             Some(ms) => {
                 let _ = write!(s, "{ms:.1} ms");
             }
             None => {
-                let _ = write!(s, "never");
+                let _ = write!(s, "- (none)");
             }
         }
-        let _ = write!(s, " after start, suite ");
+        let _ = write!(s, " after process start, suite ");
         match t.suite_ms {
             Some(ms) => {
                 let _ = write!(s, "{ms:.1} ms");

@@ -463,7 +463,7 @@ impl Session {
 
     fn hc_free(&mut self, gpa: u64, order: u64) -> Result<u64, Status> {
         let order = order_arg(order)?;
-        if gpa % PAGE_SIZE != 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(Status::Misaligned);
         }
         if gpa < self.reserved_end || gpa >= self.ram.size() {
@@ -747,7 +747,7 @@ impl Session {
                 let action = mmio_action(self.policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);
                 let stop = (self.policy == ViolationPolicy::Kill)
-                    .then(|| ExitInfo::ViolationKill { violation: v });
+                    .then_some(ExitInfo::ViolationKill { violation: v });
                 (veil_abi::POISON_BYTE, stop)
             }
             state => {
@@ -783,9 +783,9 @@ impl Session {
         match (action, resume) {
             (ViolationAction::Recovered, Some((rip, rsp))) => FetchOutcome::Resume { rip, rsp },
             (ViolationAction::Killed, _) => {
-                FetchOutcome::Stop(ExitInfo::ViolationKill { violation: v })
+                FetchOutcome::Stop(Box::new(ExitInfo::ViolationKill { violation: v }))
             }
-            _ => FetchOutcome::Stop(ExitInfo::FetchWithoutRecovery { violation: v }),
+            _ => FetchOutcome::Stop(Box::new(ExitInfo::FetchWithoutRecovery { violation: v })),
         }
     }
 

@@ -84,7 +84,7 @@ pub enum VmError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     /// The guest ELF was rejected.
-    #[error("invalid guest image: {0}")]
+    #[error("invalid guest image")]
     Elf(#[from] ElfError),
     /// The image leaves no managed memory.
     #[error("guest image ends at {image_end:#x}: {ram_size} bytes of RAM leave no managed pageblock above the reserved {reserved_end:#x} bytes; use a larger --mem")]
@@ -103,7 +103,7 @@ pub enum VmError {
     #[error(transparent)]
     Boot(#[from] boot::BootError),
     /// A KVM call failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Kvm {
         /// What we were doing.
         what: &'static str,
@@ -111,10 +111,10 @@ pub enum VmError {
         source: kvm_ioctls::Error,
     },
     /// The stage-2 engine refused the layout.
-    #[error("stage-2 engine: {0}")]
+    #[error("the stage-2 engine refused the memory layout")]
     Engine(#[from] EngineError),
     /// Console or watchdog setup failed.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What we were doing.
         what: &'static str,
@@ -409,7 +409,7 @@ impl Vm {
                         self.vcpu.set_sync_dirty_reg(SyncReg::Register);
                         return None;
                     }
-                    FetchOutcome::Stop(e) => return Some(e),
+                    FetchOutcome::Stop(e) => return Some(*e),
                 }
             }
         }
@@ -442,7 +442,7 @@ pub(crate) enum FetchOutcome {
         rsp: u64,
     },
     /// Stop the VM.
-    Stop(ExitInfo),
+    Stop(Box<ExitInfo>),
 }
 
 fn regs_from(r: &kvm_bindings::kvm_regs) -> RegsDump {

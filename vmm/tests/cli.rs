@@ -1,0 +1,289 @@
+//! End-to-end tests of the `veil` binary (here because Cargo sets `CARGO_BIN_EXE_veil` only for
+//! the package that defines the binary): exit codes, the JSON document, dumps, bad input.
+//! Library-level end-to-end tests live in the `veil-tests` crate (`tests/`).
+
+use std::fs::OpenOptions;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn kvm_available() -> bool {
+    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("################################################################");
+            eprintln!("# /dev/kvm is not usable ({e}): end-to-end test SKIPPED");
+            eprintln!("################################################################");
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("/dev/kvm is required in CI (CI=true): {e}");
+            }
+            false
+        }
+    }
+}
+
+fn veil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args(args)
+        .output()
+        .expect("run veil")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A scratch directory for this test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("veil-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_guest(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+fn tiny(code: &[u8]) -> Vec<u8> {
+    vmm::elf::build_elf(veil_abi::IMAGE_MIN_GPA, code, 0)
+}
+
+#[test]
+fn json_run_of_the_whole_suite() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&["run", "--json"]);
+    let stdout = text(&out.stdout);
+    let doc: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{stdout}"));
+    let tests = doc["tests"].as_array().expect("tests[]");
+    assert!(tests.len() >= 9, "{} tests", tests.len());
+    for t in tests {
+        assert!(t["name"].is_string() && t["passed"].is_boolean() && t["violations"].is_u64());
+        assert!(t["result"].is_string() && t["time_ms"].is_number());
+    }
+    for v in doc["violations"].as_array().expect("violations[]") {
+        for k in ["gpa", "size", "rip", "vcpu"] {
+            assert!(v[k].is_u64(), "violation.{k}: {v}");
+        }
+        assert!(["read", "write", "fetch"].contains(&v["access"].as_str().unwrap()));
+        assert!(v["freetype"].is_string(), "{v}");
+        assert!(v["test"].is_string(), "{v}");
+    }
+    assert!(doc["not_ram"].is_array());
+    assert!(doc["stage2"]["memslot_updates"].is_u64());
+    assert!(doc["allocator"]["free_pages"].is_u64());
+    assert!(doc["timing"]["first_hypercall_ms"].is_number());
+    let rt = &doc["timing"]["round_trip"];
+    assert!(
+        rt["ratio"].as_f64().unwrap() > 0.0,
+        "round trip reported: {rt}"
+    );
+    assert_eq!(doc["exit"]["kind"], "guest_exit");
+    let all_passed = tests.iter().all(|t| t["passed"] == true);
+    let code = out.status.code();
+    assert_eq!(
+        code,
+        Some(if all_passed { 0 } else { 1 }),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        all_passed,
+        "failing tests: {:?}",
+        tests
+            .iter()
+            .filter(|t| t["passed"] != true)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn every_violation_lies_in_a_range_the_json_dump_shows_unmapped() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("dump");
+    let dump = dir.join("ept.json");
+    let out = veil(&[
+        "run",
+        "--json",
+        "--tests",
+        "unmapped_read_direct,unmapped_write_direct,unmapped_fetch,unmapped_widths",
+        "--dump-ept",
+        dump.to_str().unwrap(),
+        "--dump-format",
+        "json",
+    ]);
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let d: Value = serde_json::from_slice(&std::fs::read(&dump).expect("dump written")).unwrap();
+    let ranges = d["ranges"].as_array().expect("ranges");
+    let violations = doc["violations"].as_array().unwrap();
+    assert!(violations.len() >= 4);
+    for v in violations {
+        let gpa = v["gpa"].as_u64().unwrap();
+        let r = ranges
+            .iter()
+            .find(|r| r["start"].as_u64().unwrap() <= gpa && gpa < r["end"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("GPA {gpa:#x} is in no dumped range"));
+        assert_eq!(r["state"], "unmapped", "violation {v} in range {r}");
+        assert!(r["slot"].is_null(), "an unmapped range has no memslot: {r}");
+    }
+    // Text and SVG dumps are written too.
+    let svg = dir.join("ept.svg");
+    let out = veil(&[
+        "run",
+        "--tests",
+        "unmapped_read_direct",
+        "--dump-ept",
+        svg.to_str().unwrap(),
+        "--dump-format",
+        "svg",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn table_output_and_list_tests() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&["run", "--tests", "mapped_rw,unmapped_read_direct"]);
+    let s = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{s}\n{}", text(&out.stderr));
+    assert!(s.contains("mapped_rw") && s.contains("pass"), "{s}");
+    assert!(s.contains("2 passed, 0 failed"), "{s}");
+    assert!(s.contains("first hypercall at"), "{s}");
+
+    let out = veil(&["list-tests"]);
+    assert_eq!(out.status.code(), Some(0));
+    let names: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert!(names.contains(&"unmapped_fetch".to_string()), "{names:?}");
+}
+
+#[test]
+fn unknown_test_is_a_usage_error_listing_the_tests() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&["run", "--tests", "mapped_rw,nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("nope") && e.contains("available tests:") && e.contains("mapped_rw"),
+        "{e}"
+    );
+}
+
+#[test]
+fn kill_policy_exits_3_with_the_report() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&[
+        "run",
+        "--tests",
+        "unmapped_read_direct",
+        "--on-violation",
+        "kill",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let s = text(&out.stdout);
+    assert!(s.contains("killed (--on-violation kill)"), "{s}");
+}
+
+#[test]
+fn bad_input_exit_codes() {
+    let dir = scratch("bad");
+    // Bad sizes: clap usage errors (2) with the reason.
+    for m in ["3M", "65G", "12X", "1M"] {
+        let out = veil(&["run", "--mem", m]);
+        assert_eq!(out.status.code(), Some(2), "--mem {m}");
+        assert!(
+            text(&out.stderr).contains("--mem"),
+            "{m}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Bad ELF files: 2, with a message naming the problem.
+    let good = tiny(&[0xeb, 0xfe]);
+    let trunc = write_guest(&dir, "trunc.elf", &good[..90]);
+    let out = veil(&["run", "--guest", &trunc]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("truncated"),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut arm = good.clone();
+    arm[18] = 183;
+    let arm = write_guest(&dir, "arm.elf", &arm);
+    let out = veil(&["run", "--guest", &arm]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("not x86-64"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = veil(&["run", "--guest", dir.join("missing.elf").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn faulting_and_spinning_guests_exit_3() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("crash");
+    let ud2 = write_guest(&dir, "ud2.elf", &tiny(&[0x0f, 0x0b]));
+    let out = veil(&["run", "--guest", &ud2]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out.stdout).contains("triple fault"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("rip=0x0000000000200000"));
+
+    let spin = write_guest(&dir, "spin.elf", &tiny(&[0xeb, 0xfe]));
+    let t = std::time::Instant::now();
+    let out = veil(&["run", "--guest", &spin, "--timeout", "1", "--json"]);
+    assert!(t.elapsed().as_secs() < 10);
+    assert_eq!(out.status.code(), Some(3));
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(doc["exit"]["kind"], "timeout");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn help_teaches_options_and_exit_codes() {
+    let out = veil(&["run", "--help"]);
+    let s = text(&out.stdout);
+    for k in [
+        "--tests",
+        "--json",
+        "--mem",
+        "--guest",
+        "--on-violation",
+        "--timeout",
+        "--console",
+        "--dump-ept",
+        "--dump-format",
+        "Exit codes",
+        "veil run --tests",
+    ] {
+        assert!(s.contains(k), "--help lacks {k}");
+    }
+    let out = veil(&["caps"]);
+    if kvm_available() {
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    }
+}
