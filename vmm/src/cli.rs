@@ -116,8 +116,8 @@ pub struct RunArgs {
     /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg by format; "-" =
     /// stdout); each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
     /// dump.json -> dump.1.json, dump.2.json, ...
-    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "")]
-    pub dump_ept: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    pub dump_ept: Option<Option<PathBuf>>,
 
     /// Dump format: text (tables), json (for tools), svg (one cell per 2 MiB pageblock coloured
     /// by state, with a legend).
@@ -198,16 +198,17 @@ fn vm_error(e: VmError, guest: &GuestArgs) -> Failure {
     }
 }
 
-/// The exit-time dump target for `--dump-ept [FILE]`.
-pub fn dump_target(arg: &std::path::Path, format: DumpFormat) -> DumpTarget {
-    if arg.as_os_str().is_empty() {
+/// The exit-time dump target for `--dump-ept [FILE]` (`None`: the flag without a file).
+pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTarget {
+    let Some(arg) = arg else {
         let ext = match format {
             DumpFormat::Text => "txt",
             DumpFormat::Json => "json",
             DumpFormat::Svg => "svg",
         };
-        DumpTarget::File(PathBuf::from(format!("veil-dump.{ext}")))
-    } else if arg.as_os_str() == "-" {
+        return DumpTarget::File(PathBuf::from(format!("veil-dump.{ext}")));
+    };
+    if arg.as_os_str() == "-" {
         DumpTarget::Stdout
     } else {
         DumpTarget::File(arg.to_path_buf())
@@ -228,7 +229,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
         cfg.console = ConsoleSink::Stderr;
     }
     if let Some(d) = &args.dump_ept {
-        let target = dump_target(d, args.dump_format);
+        let target = dump_target(d.as_deref(), args.dump_format);
         if args.json && target == DumpTarget::Stdout {
             return Err(anyhow::anyhow!(
                 "--dump-ept - and --json both write to stdout; give --dump-ept a file name"
@@ -366,5 +367,74 @@ pub fn main_with(cli: Cli, start: Instant) -> i32 {
             say(&format!("error: {:#}", f.error));
             f.code
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("veil").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn dump_ept_with_and_without_file() {
+        let Command::Run(a) = parse(&["run", "--dump-ept", "--dump-format", "svg"]).command else {
+            panic!("not run")
+        };
+        assert_eq!(a.dump_ept, Some(None));
+        assert_eq!(
+            dump_target(None, a.dump_format),
+            DumpTarget::File(PathBuf::from("veil-dump.svg"))
+        );
+        let Command::Run(a) = parse(&["run", "--dump-ept", "d/x.json"]).command else {
+            panic!("not run")
+        };
+        let t = dump_target(a.dump_ept.unwrap().as_deref(), DumpFormat::Json);
+        let cfg = DumpConfig {
+            target: t,
+            format: DumpFormat::Json,
+        };
+        assert_eq!(cfg.numbered_path(2).unwrap(), Path::new("d/x.2.json"));
+        assert_eq!(
+            dump_target(Some(Path::new("-")), DumpFormat::Text),
+            DumpTarget::Stdout
+        );
+        let Command::Run(a) = parse(&["run"]).command else {
+            panic!("not run")
+        };
+        assert_eq!(a.dump_ept, None);
+    }
+
+    #[test]
+    fn run_options_parse() {
+        let Command::Run(a) = parse(&[
+            "run",
+            "--tests",
+            "a,b",
+            "--mem",
+            "1G",
+            "--on-violation",
+            "kill",
+            "--timeout",
+            "5",
+        ])
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.tests, ["a", "b"]);
+        assert_eq!(a.guest.mem, MemSize(1 << 30));
+        assert_eq!(a.on_violation, ViolationPolicy::Kill);
+        assert_eq!(
+            timeout(a.guest.timeout).unwrap(),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(timeout(0.0).unwrap(), None);
+        assert!(timeout(-1.0).is_err());
+        assert!(Cli::try_parse_from(["veil", "run", "--mem", "3M"]).is_err());
+        assert!(Cli::try_parse_from(["veil", "run", "--on-violation", "explode"]).is_err());
     }
 }

@@ -6,6 +6,11 @@ use clap::Parser;
 
 fn main() {
     let start = Instant::now();
+    // SAFETY: restoring the default SIGPIPE action before any thread exists: `veil run | head`
+    // then ends quietly like other command-line tools instead of panicking in println!.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = vmm::cli::Cli::parse();
     let code = vmm::cli::main_with(cli, start);
