@@ -1,1 +1,113 @@
-fn main() {}
+//! Benchmark: parse + replay of the shared trace. A small harness (no criterion): each case runs
+//! `RUNS` times after a warm-up and prints the median, min and max, with events per second.
+//!
+//! `cargo bench -p replay` (or `-- TRACE` for another trace; `BENCH_RUNS=N` to change the count).
+
+use std::hint::black_box;
+use std::io::Read;
+use std::time::Instant;
+
+use replay::classify::{classify, Rules};
+use replay::policy::{self, PolicyKind, RunOptions};
+use replay::trace::{load, LoadOptions};
+use replay::tracker::PureModel;
+
+const DEFAULT_TRACE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/data/kmem-trace-cargo-small.txt.gz"
+);
+
+fn measure(name: &str, runs: usize, units: u64, unit: &str, mut f: impl FnMut()) {
+    f(); // warm-up
+    let mut t: Vec<f64> = (0..runs)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    let med = t[t.len() / 2];
+    println!(
+        "{name:<34} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s",
+        med * 1e3,
+        t[0] * 1e3,
+        t[t.len() - 1] * 1e3,
+        units as f64 / med / 1e6
+    );
+}
+
+fn main() {
+    let path = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .unwrap_or_else(|| DEFAULT_TRACE.to_string());
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
+    let gz = std::fs::read(&path).expect("read trace");
+    let mut plain = Vec::new();
+    replay::reader::from_reader(Box::new(&gz[..]))
+        .expect("open")
+        .read_to_end(&mut plain)
+        .expect("decompress");
+    let mut trace = load(&plain[..], LoadOptions::default()).expect("parse");
+    classify(&mut trace, &Rules::default()).expect("classify");
+    let lines = trace.stats.lines;
+    let events = trace.events.len() as u64;
+    println!(
+        "trace {path}: {lines} lines ({} MB text), {events} replay events",
+        plain.len() / 1_000_000
+    );
+
+    measure("gunzip only", runs, lines, "lines", || {
+        let mut out = Vec::with_capacity(plain.len());
+        replay::reader::from_reader(Box::new(&gz[..]))
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
+        black_box(out);
+    });
+    measure("parse (plain, in memory)", runs, lines, "lines", || {
+        black_box(load(&plain[..], LoadOptions::default()).unwrap());
+    });
+    measure("parse (gzip, in memory)", runs, lines, "lines", || {
+        let r = replay::reader::from_reader(Box::new(&gz[..])).unwrap();
+        black_box(load(r, LoadOptions::default()).unwrap());
+    });
+    let opts = RunOptions::default();
+    for kind in PolicyKind::ALL {
+        let lay = policy::layout_for(kind, &trace, None, policy::DEFAULT_HEADROOM_PCT);
+        measure(&format!("replay {kind}"), runs, events, "events", || {
+            black_box(policy::run(kind, &trace, lay, PureModel, &opts));
+        });
+    }
+    for (label, gzip) in [("plain", false), ("gzip", true)] {
+        measure(
+            &format!("parse+classify+replay freetype ({label})"),
+            runs,
+            lines,
+            "trace events",
+            || {
+                let mut t = if gzip {
+                    load(
+                        replay::reader::from_reader(Box::new(&gz[..])).unwrap(),
+                        LoadOptions::default(),
+                    )
+                    .unwrap()
+                } else {
+                    load(&plain[..], LoadOptions::default()).unwrap()
+                };
+                classify(&mut t, &Rules::default()).unwrap();
+                let lay = policy::layout_for(
+                    PolicyKind::Freetype,
+                    &t,
+                    None,
+                    policy::DEFAULT_HEADROOM_PCT,
+                );
+                black_box(policy::run(PolicyKind::Freetype, &t, lay, PureModel, &opts));
+            },
+        );
+    }
+}

@@ -115,11 +115,32 @@ pub struct GfpTable {
     /// Distinct flag strings, indexed by the id stored in events.
     pub classes: Vec<GfpClass>,
     opaque: HashMap<String, GfpMask>,
+    /// The last string interned and its id: consecutive allocations mostly share their flags.
+    last: Option<(Vec<u8>, u32)>,
 }
 
 impl GfpTable {
     /// Id of a flag string, interning it on first sight.
     pub fn intern(&mut self, text: &[u8]) -> u32 {
+        if let Some((last, id)) = &self.last {
+            if last == text {
+                self.classes[*id as usize].count += 1;
+                return *id;
+            }
+        }
+        let id = self.intern_slow(text);
+        match &mut self.last {
+            Some((buf, last_id)) => {
+                buf.clear();
+                buf.extend_from_slice(text);
+                *last_id = id;
+            }
+            None => self.last = Some((text.to_vec(), id)),
+        }
+        id
+    }
+
+    fn intern_slow(&mut self, text: &[u8]) -> u32 {
         if let Some(&id) = self.by_text.get(text) {
             self.classes[id as usize].count += 1;
             return id;

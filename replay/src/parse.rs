@@ -177,14 +177,20 @@ fn parse_body(b: &[u8], cpu: u32, ts_ns: u64) -> Result<Line<'_>, ParseError> {
     let mut order = None;
     let mut migratetype = None;
     let mut gfp: Option<&[u8]> = None;
-    for field in b[colon + 1..]
-        .split(|c| *c == b' ')
-        .filter(|f| !f.is_empty())
-    {
-        let Some(eq) = field.iter().position(|&c| c == b'=') else {
-            continue;
-        };
-        let (key, val) = (&field[..eq], &field[eq + 1..]);
+    // Fields are `key=value` separated by spaces; find each `=` with memchr, the key back to the
+    // previous space, the value up to the next space.
+    let f = &b[colon + 1..];
+    let mut pos = 0;
+    while let Some(off) = memchr::memchr(b'=', &f[pos..]) {
+        let eq = pos + off;
+        let ks = f[pos..eq]
+            .iter()
+            .rposition(|&c| c == b' ')
+            .map_or(pos, |i| pos + i + 1);
+        let key = &f[ks..eq];
+        let ve = memchr::memchr(b' ', &f[eq + 1..]).map_or(f.len(), |i| eq + 1 + i);
+        let val = &f[eq + 1..ve];
+        pos = ve;
         match key {
             b"pfn" => pfn = Some(parse_pfn(val).ok_or(ParseError::BadNumber("pfn"))?),
             b"page" => page_null = val == b"(null)",
@@ -345,26 +351,10 @@ fn trim_start(s: &[u8]) -> &[u8] {
     &s[n..]
 }
 
-/// First occurrence of `needle` in `hay`.
+/// First occurrence of `needle` in `hay` (a short needle: scan for its first byte with memchr).
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    let first = needle[0];
-    let mut i = 0;
-    while i + needle.len() <= hay.len() {
-        match hay[i..].iter().position(|&c| c == first) {
-            None => return None,
-            Some(off) => {
-                i += off;
-                if i + needle.len() <= hay.len() && &hay[i..i + needle.len()] == needle {
-                    return Some(i);
-                }
-                i += 1;
-            }
-        }
-    }
-    None
+    let (&first, rest) = needle.split_first()?;
+    memchr::memchr_iter(first, hay).find(|&i| hay[i + 1..].starts_with(rest))
 }
 
 #[cfg(test)]
@@ -479,5 +469,53 @@ mod tests {
     fn batched_without_order_is_accepted() {
         let e = ev("t-1 [000] ..... 1.0: mm_page_free_batched: page=x pfn=0x1");
         assert_eq!((e.kind, e.order), (EventKind::FreeBatched, None));
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = "           <...>-6607    [001] .....   408.542370: mm_page_alloc: page=000000006f764635 pfn=0x104e3c order=0 migratetype=0 gfp_flags=GFP_KERNEL_ACCOUNT|__GFP_ZERO|__GFP_COMP";
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Random bytes never panic.
+        #[test]
+        fn random_bytes(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_line(&b);
+        }
+
+        /// Random edits of a valid line never panic, and what parses keeps a sane order.
+        #[test]
+        fn mutated_lines(edits in proptest::collection::vec((0usize..200, any::<u8>(), 0u8..3), 1..8)) {
+            let mut b = GOOD.as_bytes().to_vec();
+            for (pos, byte, op) in edits {
+                let p = pos % (b.len() + 1);
+                match op {
+                    0 => b.insert(p, byte),
+                    1 if p < b.len() => { b.remove(p); }
+                    _ if p < b.len() => b[p] = byte,
+                    _ => {}
+                }
+            }
+            if let Ok(Line::Event(e)) = parse_line(&b) {
+                prop_assert!(e.order.is_none_or(|o| o <= MAX_TRACE_ORDER));
+            }
+        }
+
+        /// Random structured-ish lines made of trace tokens never panic.
+        #[test]
+        fn token_soup(toks in proptest::collection::vec(prop_oneof![
+            Just("mm_page_alloc:"), Just("mm_page_free:"), Just("mm_page_free_batched:"), Just(": "),
+            Just("pfn="), Just("order="), Just("0x"), Just("-"), Just("[001]"), Just("1.5:"),
+            Just("gfp_flags="), Just("migratetype="), Just(" "), Just("99999999999999999999"),
+            Just("ffffffffffffffffff"), Just("="), Just("CPU:"), Just("[LOST "), Just(" EVENTS]"),
+        ], 0..30)) {
+            let s: String = toks.concat();
+            let _ = parse_line(s.as_bytes());
+        }
     }
 }

@@ -7,9 +7,19 @@ use crate::policy::{PolicyKind, PolicyResult};
 const W: f64 = 960.0;
 const H: f64 = 540.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 210.0;
+const RIGHT: f64 = 250.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 70.0;
+
+/// Dash pattern of a policy's line (so identical curves stay visible on top of each other).
+fn dash(p: PolicyKind) -> &'static str {
+    match p {
+        PolicyKind::Freetype => "none",
+        PolicyKind::PerPage => "none",
+        PolicyKind::UnmappedCache => "8 5",
+        PolicyKind::LinuxPlacement => "none",
+    }
+}
 
 /// Colour of a policy's line.
 fn colour(p: PolicyKind) -> &'static str {
@@ -154,8 +164,14 @@ pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
             .collect();
         let _ = writeln!(
             s,
-            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"><title>{}</title></polyline>"#,
+            r#"<polyline fill="none" stroke="{}" stroke-width="{}" stroke-dasharray="{}" points="{}"><title>{}</title></polyline>"#,
             colour(r.policy),
+            if r.policy == PolicyKind::Freetype {
+                4
+            } else {
+                2
+            },
+            dash(r.policy),
             pts.join(" "),
             r.policy
         );
@@ -172,9 +188,10 @@ pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
         let ly = TOP + 20.0 + 22.0 * i as f64;
         let _ = writeln!(
             s,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{} ({:.1}% end)</text>"#,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3" stroke-dasharray="{}"/><text x="{:.1}" y="{:.1}">{}: {:.1}% at end</text>"#,
             lx + 24.0,
             colour(r.policy),
+            dash(r.policy),
             lx + 30.0,
             ly + 4.0,
             r.policy,

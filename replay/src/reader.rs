@@ -50,20 +50,34 @@ pub fn from_reader<'a>(mut raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRea
 }
 
 /// Result of reading one line.
-pub enum NextLine {
-    /// A line is in the buffer (without its newline).
-    Line,
+pub enum NextLine<'a> {
+    /// A line (without its newline).
+    Line(&'a [u8]),
     /// A line longer than [`MAX_LINE`] was skipped.
     TooLong,
     /// End of input.
     Eof,
 }
 
-/// Reads lines into a reused buffer, capping their length.
+/// `fill_buf`, retrying when interrupted.
+fn fill<R: BufRead>(r: &mut R) -> io::Result<&[u8]> {
+    loop {
+        match r.fill_buf() {
+            Ok(_) => return r.fill_buf(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads lines, handing out slices of the read buffer when a line lies inside it (the common
+/// case: no copy) and assembling lines that straddle buffer refills in its own buffer, capped at
+/// [`MAX_LINE`] bytes.
 pub struct LineReader<R: BufRead> {
     inner: R,
-    /// The current line (valid after [`NextLine::Line`]).
-    pub buf: Vec<u8>,
+    buf: Vec<u8>,
+    /// Bytes of `inner`'s buffer handed out by the last call, consumed at the next call.
+    pending: usize,
 }
 
 impl<R: BufRead> LineReader<R> {
@@ -72,25 +86,38 @@ impl<R: BufRead> LineReader<R> {
         LineReader {
             inner,
             buf: Vec::with_capacity(512),
+            pending: 0,
         }
     }
 
-    /// Read the next line into `self.buf`.
-    pub fn next_line(&mut self) -> io::Result<NextLine> {
+    /// Read the next line.
+    pub fn next_line(&mut self) -> io::Result<NextLine<'_>> {
+        self.inner.consume(self.pending);
+        self.pending = 0;
+        // Fast path: the whole line is in the buffer.
+        let found = {
+            let avail = fill(&mut self.inner)?;
+            if avail.is_empty() {
+                return Ok(NextLine::Eof);
+            }
+            memchr::memchr(b'\n', avail)
+        };
+        if let Some(i) = found {
+            if i <= MAX_LINE {
+                self.pending = i + 1;
+                let avail = self.inner.fill_buf()?;
+                return Ok(NextLine::Line(&avail[..i]));
+            }
+        }
+        // Slow path: assemble the line across refills.
         self.buf.clear();
         let mut too_long = false;
-        let mut any = false;
         loop {
-            let avail = match self.inner.fill_buf() {
-                Ok(a) => a,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
+            let avail = fill(&mut self.inner)?;
             if avail.is_empty() {
                 break;
             }
-            any = true;
-            let (chunk, found) = match avail.iter().position(|&c| c == b'\n') {
+            let (chunk, found) = match memchr::memchr(b'\n', avail) {
                 Some(i) => (&avail[..i], Some(i)),
                 None => (avail, None),
             };
@@ -110,10 +137,8 @@ impl<R: BufRead> LineReader<R> {
         }
         Ok(if too_long {
             NextLine::TooLong
-        } else if any {
-            NextLine::Line
         } else {
-            NextLine::Eof
+            NextLine::Line(&self.buf)
         })
     }
 }
@@ -130,7 +155,7 @@ mod tests {
         let mut out = Vec::new();
         loop {
             match lr.next_line().unwrap() {
-                NextLine::Line => out.push(String::from_utf8_lossy(&lr.buf).into_owned()),
+                NextLine::Line(l) => out.push(String::from_utf8_lossy(l).into_owned()),
                 NextLine::TooLong => out.push("<too long>".into()),
                 NextLine::Eof => break,
             }
@@ -184,8 +209,8 @@ mod tests {
         let r = from_reader(Box::new(Trickle(gz, 0))).unwrap();
         let mut lr = LineReader::new(r);
         let mut got = Vec::new();
-        while let NextLine::Line = lr.next_line().unwrap() {
-            got.push(String::from_utf8_lossy(&lr.buf).into_owned());
+        while let NextLine::Line(l) = lr.next_line().unwrap() {
+            got.push(String::from_utf8_lossy(l).into_owned());
         }
         assert_eq!(got, vec!["one", "two"]);
     }

@@ -405,7 +405,11 @@ impl Loader {
 
     fn free(&mut self, pfn: u64, order: Option<u8>, batched: bool) {
         let s = &mut self.trace.stats;
-        let slot = self.slots.get(&pfn).copied();
+        let entry = self.slots.entry(pfn);
+        let slot = match &entry {
+            std::collections::hash_map::Entry::Occupied(o) => Some(*o.get()),
+            std::collections::hash_map::Entry::Vacant(_) => None,
+        };
         let next = match (slot, batched) {
             (
                 Some(Slot::Live {
@@ -452,7 +456,14 @@ impl Loader {
                 }
             }
         };
-        self.slots.insert(pfn, next);
+        match entry {
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                o.insert(next);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(next);
+            }
+        }
     }
 
     /// Finish: final counters.
@@ -482,7 +493,7 @@ pub fn load<R: BufRead>(r: R, opts: LoadOptions) -> Result<Trace, TraceError> {
         match lr.next_line()? {
             NextLine::Eof => break,
             NextLine::TooLong => loader.feed_too_long(lineno)?,
-            NextLine::Line => loader.feed(lineno, &lr.buf)?,
+            NextLine::Line(l) => loader.feed(lineno, l)?,
         }
     }
     Ok(loader.finish())

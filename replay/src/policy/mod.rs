@@ -267,7 +267,7 @@ pub struct PolicyResult {
     pub intact_blocks_end: u64,
     /// Fewest intact blocks at any moment.
     pub intact_blocks_worst: u64,
-    /// Event index at which the worst was first reached.
+    /// Number (1-based) of the replayed event at which the worst was first reached.
     pub worst_at_event: u64,
     /// `intact_blocks_end / blocks`.
     pub intact_share_end: f64,
@@ -417,6 +417,8 @@ fn drive<S: Stage2, E: Engine<S>>(
     let (mut allocs, mut unmapped_allocs, mut frees, mut free_errors) = (0u64, 0u64, 0u64, 0u64);
     let start = Instant::now();
     for (i, ev) in events.iter().enumerate() {
+        // 1-based number of the event being replayed (where the worst moment is located).
+        eng.tracker_mut().now = i as u64 + 1;
         match *ev {
             Event::Alloc {
                 pfn,
@@ -453,7 +455,6 @@ fn drive<S: Stage2, E: Engine<S>>(
             }
         }
         let i = i as u64 + 1;
-        eng.tracker_mut().now = i;
         if i.is_multiple_of(stride) {
             curve.push((i, eng.tracker().intact_blocks() as f64 / blocks as f64));
         }

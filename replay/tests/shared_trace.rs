@@ -1,0 +1,182 @@
+//! The shared real trace end to end: every policy runs and the results are sane.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use replay::cli::{self, ReplayArgs};
+use replay::policy::PolicyKind;
+use replay::trace::Event;
+
+fn trace_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/kmem-trace-cargo-small.txt.gz")
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: ReplayArgs,
+}
+
+fn args(extra: &[&str]) -> ReplayArgs {
+    let p = trace_path();
+    let mut v = vec!["replay", p.to_str().unwrap(), "--quiet"];
+    v.extend_from_slice(extra);
+    Cli::try_parse_from(v).unwrap().args
+}
+
+#[test]
+fn all_policies_on_the_shared_trace() {
+    let a = args(&[]);
+    let l = cli::load(&a).unwrap();
+    let s = &l.trace.stats;
+    // The file's own counts (see ../shared/data/README.md): 234,488 lines.
+    assert_eq!(s.lines, 234_488);
+    assert_eq!(
+        (s.alloc_events, s.free_events, s.batched_events),
+        (87_432, 75_137, 71_919)
+    );
+    assert_eq!(s.malformed_lines, 0);
+    // Every event accounted for: each batched free duplicates an mm_page_free, the rest of the
+    // frees either free a capture allocation or a page allocated before the capture.
+    assert_eq!(s.alloc_events, s.allocs + s.failed_allocs_in_trace);
+    assert_eq!(
+        s.free_events + s.batched_events,
+        s.frees_matched
+            + s.batched_matched
+            + s.batched_duplicates
+            + s.free_duplicates
+            + s.unmatched_frees
+    );
+    assert_eq!(s.batched_duplicates, s.batched_events);
+    assert!(
+        s.unmatched_frees > 0,
+        "the capture starts mid-run: some frees are of older pages"
+    );
+    assert!(s.live_at_end > 0);
+    let frees = l
+        .trace
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Free { .. }))
+        .count() as u64;
+    assert_eq!(s.allocs, s.live_at_end + frees);
+    assert!(s.peak_live_pages > s.live_pages_at_end);
+    let c = &l.classification;
+    assert!(
+        c.unmapped_allocs > 0 && c.unmapped_allocs < s.allocs / 10,
+        "{}",
+        c.unmapped_allocs
+    );
+
+    // Live unmapped pages at the end, from the events themselves.
+    let mut live = vec![None; s.allocs as usize];
+    let mut id = 0;
+    for e in &l.trace.events {
+        match *e {
+            Event::Alloc { order, flags, .. } => {
+                live[id] = Some((order, flags & replay::trace::FLAG_UNMAPPED != 0));
+                id += 1;
+            }
+            Event::Free { alloc, .. } => live[alloc as usize] = None,
+        }
+    }
+    let unmapped_live: u64 = live
+        .iter()
+        .flatten()
+        .filter(|x| x.1)
+        .map(|x| 1u64 << x.0)
+        .sum();
+    let unmapped_frees = c.unmapped_allocs - live.iter().flatten().filter(|x| x.1).count() as u64;
+
+    let results = cli::run_model(&a, &l);
+    assert_eq!(results.len(), 4);
+    let by = |k: PolicyKind| results.iter().find(|r| r.policy == k).unwrap();
+    for r in &results {
+        assert_eq!(r.failures.total(), 0, "{}: {:?}", r.policy, r.failures);
+        assert_eq!(r.free_errors, 0, "{}", r.policy);
+        assert_eq!(r.allocs, s.allocs);
+        assert_eq!(r.events, l.trace.events.len() as u64);
+        assert!(!r.exceeds_memslot_limit);
+        assert!(r.intact_blocks_worst <= r.intact_blocks_end);
+        assert!(r.peak_memslots >= r.memslots_end && r.memslots_end >= 1);
+        assert!(r.events_per_sec > 0.0);
+    }
+    // Per-allocation policies: one unmap per unmapped allocation, one map per unmapped free.
+    for k in [PolicyKind::PerPage, PolicyKind::LinuxPlacement] {
+        let r = by(k);
+        assert_eq!(r.stage2.unmap_calls, c.unmapped_allocs, "{k}");
+        assert_eq!(r.stage2.map_calls, unmapped_frees, "{k}");
+        assert_eq!(r.unmapped_pages_end, unmapped_live, "{k}");
+    }
+    // The freetype allocator amortises: far fewer stage-2 updates, and it never splits a block.
+    let ft = by(PolicyKind::Freetype);
+    let pp = by(PolicyKind::PerPage);
+    assert!(
+        ft.stage2.updates() * 100 <= pp.stage2.updates(),
+        "{} vs {}",
+        ft.stage2.updates(),
+        pp.stage2.updates()
+    );
+    assert!(ft.flips_to_unmapped >= 1);
+    assert_eq!(ft.intact_blocks_worst, ft.blocks);
+    assert_eq!(ft.unmapped_pages_end % 512, 0);
+    assert_eq!(
+        by(PolicyKind::UnmappedCache).intact_blocks_worst,
+        by(PolicyKind::UnmappedCache).blocks
+    );
+    // Linux's real placement scatters the unmapped pages: some 2 MiB blocks get split.
+    let lp = by(PolicyKind::LinuxPlacement);
+    assert!(lp.intact_blocks_worst < lp.blocks);
+
+    // The report renders as text and JSON, and the plot is well-formed XML with one polyline
+    // per policy.
+    let rep = cli::report(&a, &l, results, false);
+    let text = replay::report::render_text(&rep);
+    for k in PolicyKind::ALL {
+        assert!(text.contains(k.name()), "{text}");
+    }
+    let json = serde_json::to_value(&rep).unwrap();
+    assert_eq!(json["policies"].as_array().unwrap().len(), 4);
+    assert_eq!(json["trace"]["lines"], 234_488);
+    let svg = replay::plot::render_svg(&rep.policies, "t <&> \"q\"");
+    let mut r = quick_xml::Reader::from_str(&svg);
+    let (mut polylines, mut texts) = (0, 0);
+    loop {
+        match r.read_event().expect("valid XML") {
+            quick_xml::events::Event::Eof => break,
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e) => {
+                match e.name().as_ref() {
+                    b"polyline" => polylines += 1,
+                    b"text" => texts += 1,
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(polylines, 4);
+    assert!(texts > 10, "axes, ticks, labels and legend");
+}
+
+#[test]
+fn cli_options_change_the_outcome() {
+    // A heavier classification: unmap every user page too. Sizing, memslots and stage-2 work grow.
+    let a = args(&[
+        "--unmapped-gfp-any",
+        "GFP_KERNEL_ACCOUNT,GFP_HIGHUSER_MOVABLE",
+        "--policy",
+        "freetype,per-page",
+    ]);
+    let l = cli::load(&a).unwrap();
+    assert!(l.classification.unmapped_allocs > l.trace.stats.allocs / 2);
+    let r = cli::run_model(&a, &l);
+    assert_eq!(r.len(), 2);
+    assert!(r[0].stage2.updates() * 10 < r[1].stage2.updates());
+    // --strict succeeds on a clean trace; --mem too small makes allocations fail (a result).
+    let a = args(&["--strict", "--mem", "8M", "--policy", "freetype"]);
+    let l = cli::load(&a).unwrap();
+    let r = cli::run_model(&a, &l);
+    assert!(r[0].failures.total() > 0);
+    assert_eq!(r[0].layout.nr_pages, 2048);
+}
