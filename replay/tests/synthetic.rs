@@ -21,11 +21,15 @@ fn fb(ts: u32, pfn: u64) -> String {
 }
 
 /// The trace (U = unmapped, M = mapped):
+///
+/// ```text
 ///  1. alloc U o0 @0x10000     6. free_batched 0x10001 (duplicate of 5)
 ///  2. alloc U o0 @0x10001     7. free 0x10002 (M)
 ///  3. alloc M o0 @0x10002     8. free 0x99999 (allocated before the capture)
 ///  4. alloc U o1 @0x10200     9. alloc U o0 @0x10001 (re-used)
 ///  5. free 0x10001 (U)       10. free 0x10000 (U)
+/// ```
+///
 /// 5 allocations, 4 unmapped (1+1+2+1 = 5 pages); 3 frees replayed, 2 of them unmapped.
 /// Live at the end: 0x10200 (2 pages) and 0x10001 (1 page), both unmapped.
 fn trace() -> Trace {
