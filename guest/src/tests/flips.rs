@@ -4,7 +4,7 @@
 use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
-use crate::{ensure, fail, println};
+use crate::{ensure, fail, println, skip};
 use veil_abi::{gfp, Status, PAGE_SIZE};
 
 /// Order-0 unmapped allocations in `flip_amortised`.
@@ -16,6 +16,10 @@ const MAX_UNMAP_CALLS: u64 = 9;
 /// 4096 order-0 unmapped allocations cost at most 9 stage-2 unmap updates; freeing them none.
 pub fn flip_amortised() -> Outcome {
     let s0 = hc::stats().ctx("Stats")?;
+    if s0.free_pages < FLIP_PAGES as u64 {
+        let free = s0.free_pages;
+        skip!("needs {FLIP_PAGES} free pages, the VM has {free} (run with more --mem)");
+    }
     let mut pages = PageList::new(FLIP_PAGES);
     for i in 0..FLIP_PAGES {
         if let Err(s) = pages.alloc(0, gfp::UNMAPPED) {
