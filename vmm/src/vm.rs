@@ -177,6 +177,8 @@ impl Vm {
         };
         boot::boot_info(&params)?;
 
+        let t0 = Instant::now();
+        let lap = |what: &str| log::debug!("boot: {what} done at {:?}", t0.elapsed());
         let kvm = Kvm::new().map_err(kvm_err(
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
@@ -184,16 +186,19 @@ impl Vm {
         let ram = GuestRam::new(cfg.mem)?;
         elf::load(&image, &cfg.guest, &ram)?;
         let cr3 = boot::write_boot_structures(&ram, &params)?;
+        lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
         let slots = KvmSlots::new(vm.clone(), ram.host_base(), ram_size, max_slots);
         let engine = Stage2Engine::new(slots, ram_size, reserved_end)?;
+        lap("stage-2 engine (initial memslot)");
         let alloc = Allocator::new(
             reserved_end >> 12,
             (ram_size - reserved_end) >> 12,
             engine,
             allocator::Config::default(),
         );
+        lap("allocator");
 
         let mut vcpu = vm
             .create_vcpu(0)
@@ -212,6 +217,7 @@ impl Vm {
             .map_err(kvm_err("KVM_SET_REGS failed"))?;
         vcpu.set_sync_valid_reg(SyncReg::Register);
         let tsc_khz = vcpu.get_tsc_khz().ok();
+        lap("vCPU");
 
         let console = Console::new(&cfg.console).map_err(|source| VmError::Io {
             what: "cannot open the console output",
