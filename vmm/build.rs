@@ -60,16 +60,16 @@ fn main() {
     scrub_env(&mut cmd);
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build the guest: {e}"));
+        .unwrap_or_else(|e| fail(&format!("cannot run {cargo:?} to build the guest: {e}")));
     if !output.status.success() {
         // Cargo shows a failing build script's stderr: pass the nested build's output on.
         eprintln!("{}", String::from_utf8_lossy(&output.stdout));
         eprintln!("{}", String::from_utf8_lossy(&output.stderr));
-        panic!(
+        fail(&format!(
             "building the guest kernel ({}) for {GUEST_TARGET} failed ({}); see the output above",
             guest.display(),
             output.status
-        );
+        ));
     }
 
     let elf = target_dir
@@ -77,13 +77,19 @@ fn main() {
         .join("release")
         .join(GUEST_BIN);
     let dest = out_dir.join("veil-guest.elf");
-    fs::copy(&elf, &dest).unwrap_or_else(|e| {
-        panic!(
+    if let Err(e) = fs::copy(&elf, &dest) {
+        fail(&format!(
             "cannot copy the guest ELF {} to {}: {e}",
             elf.display(),
             dest.display()
-        )
-    });
+        ));
+    }
+}
+
+/// Stops the build script with `msg` on stderr (which cargo shows) and no backtrace.
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(1);
 }
 
 /// Removes the variables through which the outer build's configuration would reach the nested
@@ -157,13 +163,13 @@ fn check_target_installed(rustc: &OsString, root: &Path) {
         _ => false,
     };
     if !installed {
-        panic!(
-            "\n\nThe Rust target `{GUEST_TARGET}` is not installed; the default guest kernel is \
+        fail(&format!(
+            "The Rust target `{GUEST_TARGET}` is not installed; the default guest kernel is \
              built for it.\nInstall it with:\n\n    rustup target add {GUEST_TARGET}\n\n\
              or, without network, from the offline archive (from the repository root; see \
              ../shared/toolchain/README.md):\n\n    \
              tar -xJf ../shared/toolchain/rust-std-1.95.0-{GUEST_TARGET}.tar.xz \\\n        \
-             -C \"$(rustc +1.95.0 --print sysroot)/lib/rustlib/\"\n\n"
-        );
+             -C \"$(rustc +1.95.0 --print sysroot)/lib/rustlib/\"\n"
+        ));
     }
 }
