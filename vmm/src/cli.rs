@@ -42,7 +42,8 @@ Examples:
   veil run --mem 1G --dump-ept dump.svg --dump-format svg
   veil run --guest my-kernel.elf --on-violation kill --timeout 10
   veil list-tests
-  veil caps --json";
+  veil caps --json
+  veil replay ../shared/data/<trace> --kvm";
 
 /// The `veil` command line.
 #[derive(Debug, Parser)]
@@ -64,6 +65,10 @@ pub enum Command {
     /// Print what this host's KVM offers that Veil cares about (memslots, sync regs, memory
     /// fault info, guest_memfd, memory attributes, binary stats) and whether it runs nested.
     Caps(CapsArgs),
+    /// Replay a real Linux page-allocation trace (ftrace kmem events) through direct-map
+    /// policies and compare their stage-2 cost; `--kvm` applies every memslot update to a real
+    /// VM. Exit code 0 on success, 2 on a bad trace or option.
+    Replay(replay::cli::ReplayArgs),
 }
 
 /// Options that say which guest to boot and how.
@@ -360,6 +365,7 @@ pub fn main_with(cli: Cli, start: Instant) -> i32 {
         Command::Run(a) => cmd_run(a, start),
         Command::ListTests(a) => cmd_list(a, start),
         Command::Caps(a) => cmd_caps(a),
+        Command::Replay(a) => crate::replay_kvm::run(a).map_err(Failure::from),
     };
     match r {
         Ok(code) => code,
