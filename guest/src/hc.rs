@@ -76,6 +76,35 @@ pub fn log(msg: &str) -> Result<(), Status> {
     call(Hc::Log, msg.as_ptr() as u64, msg.len() as u64, 0, 0).map(|_| ())
 }
 
+/// A formatted line for the VMM's log (truncated to 160 bytes).
+pub fn logf(args: core::fmt::Arguments) {
+    struct Line {
+        buf: [u8; 160],
+        len: usize,
+    }
+    impl core::fmt::Write for Line {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            for c in s.chars() {
+                let mut tmp = [0u8; 4];
+                let e = c.encode_utf8(&mut tmp).as_bytes();
+                if self.len + e.len() > self.buf.len() {
+                    break;
+                }
+                self.buf[self.len..self.len + e.len()].copy_from_slice(e);
+                self.len += e.len();
+            }
+            Ok(())
+        }
+    }
+    let mut line = Line {
+        buf: [0; 160],
+        len: 0,
+    };
+    let _ = core::fmt::write(&mut line, args);
+    // Only whole UTF-8 sequences were copied in.
+    let _ = log(core::str::from_utf8(&line.buf[..line.len]).unwrap_or("(bad log line)"));
+}
+
 /// Allocates `2^order` pages with `gfp` bits; returns the GPA.
 pub fn alloc(order: u8, gfp: u64) -> Result<u64, Status> {
     call(Hc::Alloc, order as u64, gfp, 0, 0).map(|r| r.r0)

@@ -214,6 +214,8 @@ struct Straddle {
 
 /// Blocks held while looking for an unmapped pageblock next to a mapped one.
 const MAX_BLOCKS: usize = 4096;
+/// Held mapped blocks considered for giving one back.
+const CANDIDATES: usize = 64;
 
 /// An 8-byte load and store across the boundary between a mapped and an unmapped page.
 ///
@@ -249,7 +251,9 @@ fn straddle() -> Result<Straddle, Fail> {
                 }
             }
             Err(Status::NoMemory | Status::NoFreePageblock) if !gave_back => {
-                let Some(i) = (0..mapped.len()).find(|&i| {
+                // Blocks handed out one after the other are usually adjacent: looking at the
+                // first few keeps this O(n) in emulated instructions.
+                let Some(i) = (0..mapped.len().min(CANDIDATES)).find(|&i| {
                     let g = mapped.get(i).0;
                     neighbour(&mapped, g).is_some()
                 }) else {
@@ -263,6 +267,15 @@ fn straddle() -> Result<Straddle, Fail> {
     };
     // b: the boundary; the 8 bytes at b-4 are half mapped, half unmapped.
     let mapped_below = m + PAGEBLOCK_SIZE == u;
+    let side = if mapped_below { "below" } else { "above" };
+    let how = if gave_back {
+        "after giving one back"
+    } else {
+        "directly"
+    };
+    hc::logf(format_args!(
+        "straddle: unmapped {u:#x}, mapped {m:#x} {side}, found {how}"
+    ));
     let b = if mapped_below { u } else { m };
     let (unmapped_page, unmapped_lo, mapped_lo) = if mapped_below {
         (b, b, b - 4)
