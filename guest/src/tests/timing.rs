@@ -5,8 +5,11 @@ use crate::outcome::{Ctx, Outcome};
 use core::arch::asm;
 use veil_abi::{Hc, BARE_PORT, HYPERCALL_PORT};
 
-/// Exits timed per loop.
+/// Exits timed per kind.
 const ITERATIONS: u64 = 2000;
+/// The two kinds alternate in this many rounds, so that a change in host load during the
+/// measurement hits both alike.
+const ROUNDS: u64 = 10;
 
 /// Reads the time-stamp counter.
 fn rdtsc() -> u64 {
@@ -41,8 +44,11 @@ fn time_exits(port: u16, nr: u32, n: u64) -> u64 {
 /// Times `ITERATIONS` bare exits and `ITERATIONS` `Nop` hypercalls and reports both.
 pub fn hypercall_timing() -> Outcome {
     hc::nop().ctx("Nop")?;
-    let bare = time_exits(BARE_PORT, 0, ITERATIONS);
-    let nop = time_exits(HYPERCALL_PORT, Hc::Nop as u32, ITERATIONS);
+    let (mut bare, mut nop) = (0, 0);
+    for _ in 0..ROUNDS {
+        bare += time_exits(BARE_PORT, 0, ITERATIONS / ROUNDS);
+        nop += time_exits(HYPERCALL_PORT, Hc::Nop as u32, ITERATIONS / ROUNDS);
+    }
     crate::println!(
         "veil-guest: {ITERATIONS} exits: bare {} cycles/exit, Nop hypercall {} cycles/exit",
         bare / ITERATIONS,
