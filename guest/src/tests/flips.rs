@@ -27,15 +27,15 @@ pub fn flip_amortised() -> Outcome {
         }
     }
     let s1 = hc::stats().ctx("Stats")?;
-    let unmaps = s1.stage2_unmap_calls - s0.stage2_unmap_calls;
-    let flips = s1.flips_to_unmapped - s0.flips_to_unmapped;
-    let slots = s1.memslot_updates - s0.memslot_updates;
+    let unmaps = s1.stage2_unmap_calls.wrapping_sub(s0.stage2_unmap_calls);
+    let flips = s1.flips_to_unmapped.wrapping_sub(s0.flips_to_unmapped);
+    let slots = s1.memslot_updates.wrapping_sub(s0.memslot_updates);
     println!("veil-guest: {FLIP_PAGES} unmapped pages: {unmaps} stage-2 unmaps, {flips} flips, {slots} memslot updates");
     ensure!(
         unmaps <= MAX_UNMAP_CALLS,
         "{FLIP_PAGES} unmapped pages cost {unmaps} stage-2 unmap calls (at most {MAX_UNMAP_CALLS})"
     );
-    let taken = s0.free_pages - s1.free_pages;
+    let taken = s0.free_pages.wrapping_sub(s1.free_pages);
     ensure!(
         taken == FLIP_PAGES as u64,
         "free pages dropped by {taken}, allocated {FLIP_PAGES}"
@@ -44,14 +44,14 @@ pub fn flip_amortised() -> Outcome {
     pages.free_all().ctx("free")?;
     let s2 = hc::stats().ctx("Stats")?;
     let (unmaps, maps) = (
-        s2.stage2_unmap_calls - s1.stage2_unmap_calls,
-        s2.stage2_map_calls - s1.stage2_map_calls,
+        s2.stage2_unmap_calls.wrapping_sub(s1.stage2_unmap_calls),
+        s2.stage2_map_calls.wrapping_sub(s1.stage2_map_calls),
     );
     ensure!(
         unmaps == 0 && maps == 0,
         "freeing made {unmaps} unmap and {maps} map calls"
     );
-    let slots = s2.memslot_updates - s1.memslot_updates;
+    let slots = s2.memslot_updates.wrapping_sub(s1.memslot_updates);
     ensure!(slots == 0, "freeing made {slots} memslot updates");
     ensure!(
         s2.free_pages == s0.free_pages,

@@ -191,7 +191,7 @@ pub fn unmapped_widths() -> Outcome {
     ensure!(
         seen == total,
         "{} violations outside the accessed bytes",
-        total - seen
+        total.abs_diff(seen)
     );
 
     let intact = hc::host_count(base, len, SECRET).ctx("HostCount")?;
