@@ -230,6 +230,8 @@ pub struct KvmCost {
     pub ns_per_update: f64,
     /// Mean nanoseconds per memslot ioctl.
     pub ns_per_memslot_ioctl: f64,
+    /// Median nanoseconds per memslot ioctl.
+    pub median_memslot_ioctl_ns: u64,
     /// Slowest single stage-2 call.
     pub max_call_ns: u64,
     /// Wall time of the whole replay on KVM.
