@@ -244,6 +244,12 @@ impl Vm {
         })
     }
 
+    /// The run state (hypercall handlers, violations, allocator) before the guest runs: lets
+    /// tests and embedders drive hypercalls directly.
+    pub fn session_mut(&mut self) -> &mut Session {
+        &mut self.s
+    }
+
     /// Runs the guest until it exits, crashes, is killed or times out.
     pub fn run(mut self) -> Result<RunReport, VmError> {
         let dog = match self.timeout {

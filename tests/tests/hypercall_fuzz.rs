@@ -1,0 +1,145 @@
+//! Hostile hypercalls: random numbers and arguments, biased towards edge values and addresses
+//! that matter, straight into a real VM's hypercall handler. The VMM must answer every call with
+//! a status and never panic, the guest may never free or reach memory it does not own, and the
+//! allocator's invariants must hold throughout.
+
+use veil_abi::{Hc, Status};
+use veil_tests::*;
+use vmm::console::ConsoleSink;
+use vmm::memory::MemSize;
+use vmm::vm::Vm;
+use vmm::VmConfig;
+
+/// xorshift64*: a deterministic generator so failures reproduce.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[test]
+fn random_hypercalls_never_panic_and_keep_invariants() {
+    if !kvm_available() {
+        return;
+    }
+    let mut c = VmConfig::new(guest(EXIT0));
+    c.mem = MemSize(32 << 20);
+    c.console = ConsoleSink::Null;
+    c.echo_logs = false;
+    let mut vm = Vm::new(c).expect("boot");
+    let s = vm.session_mut();
+    let ram = s.ram().size();
+    let managed_pages = s.allocator().nr_pages();
+    let free0 = s.allocator().free_pages_count();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let mut live: Vec<(u64, u64)> = Vec::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut host_ok = 0u32;
+    for i in 0..20_000u32 {
+        let nr = match rng.below(10) {
+            0 => rng.next() as u32,
+            1..=3 => Hc::Alloc as u32,
+            4 => Hc::AllocSpecial as u32,
+            5 | 6 => Hc::Free as u32,
+            _ => rng.below(21) as u32,
+        };
+        if nr == Hc::Exit as u32 || nr == Hc::Exception as u32 {
+            continue; // these stop the VM; covered elsewhere
+        }
+        let arg = |rng: &mut Rng| -> u64 {
+            match rng.below(9) {
+                0 => 0,
+                1 => u64::MAX - rng.below(4),
+                2 => rng.below(16),
+                3 => rng.below(ram),
+                4 => rng.below(ram) & !0xfff,
+                5 => ram + rng.below(1 << 20),
+                6 => live
+                    .get(rng.below(live.len().max(1) as u64) as usize)
+                    .map(|l| l.0)
+                    .unwrap_or(0),
+                7 => 0x3000 + rng.below(0x1000),
+                _ => rng.next(),
+            }
+        };
+        let a = [arg(&mut rng), arg(&mut rng), arg(&mut rng), arg(&mut rng)];
+        let out = s.hypercall(nr, a);
+        *statuses.entry(out.status as u64).or_insert(0u64) += 1;
+        match Hc::from_u32(nr) {
+            None => assert_eq!(out.status, Status::UnknownCall),
+            Some(Hc::Alloc) if out.status == Status::Ok => {
+                assert!(
+                    out.r0.is_multiple_of(4096) && out.r0 < ram,
+                    "alloc returned {:#x}",
+                    out.r0
+                );
+                live.push((out.r0, a[0]));
+            }
+            Some(Hc::AllocSpecial) if out.status == Status::Ok => {
+                assert!(
+                    out.r0.is_multiple_of(4096) && out.r0 < ram,
+                    "alloc returned {:#x}",
+                    out.r0
+                );
+                live.push((out.r0, a[2]));
+            }
+            Some(Hc::Free) if out.status == Status::Ok => {
+                let pos = live.iter().position(|l| *l == (a[0], a[1]));
+                assert!(
+                    pos.is_some(),
+                    "freed {:#x} order {} that was not ours",
+                    a[0],
+                    a[1]
+                );
+                live.swap_remove(pos.unwrap());
+            }
+            Some(Hc::HostFill | Hc::HostCount) if out.status == Status::Ok => {
+                host_ok += 1;
+                // Only pages of live allocations may be named.
+                let (gpa, len) = (a[0], a[1]);
+                let mut page = gpa & !0xfff;
+                while page < gpa + len {
+                    assert!(
+                        live.iter()
+                            .any(|&(g, o)| g <= page && page < g + (4096 << o)),
+                        "{nr}: page {page:#x} of [{gpa:#x}, +{len:#x}) is not the guest's"
+                    );
+                    page += 4096;
+                }
+            }
+            _ => {}
+        }
+        assert!(
+            out.stop.is_none() || nr == Hc::TestBegin as u32,
+            "call {nr} stopped the VM"
+        );
+        if i % 1000 == 0 {
+            s.allocator().check_invariants().expect("invariants");
+        }
+    }
+    s.allocator().check_invariants().expect("invariants");
+    // Give everything back: the free count returns to its start.
+    for (gpa, order) in live.drain(..) {
+        assert_eq!(
+            s.hypercall(Hc::Free as u32, [gpa, order, 0, 0]).status,
+            Status::Ok
+        );
+    }
+    assert_eq!(s.allocator().free_pages_count(), free0);
+    assert!(free0 <= managed_pages);
+    assert!(
+        host_ok > 0,
+        "no HostFill/HostCount succeeded: the ownership check went untested"
+    );
+    assert!(
+        statuses.len() >= 5,
+        "too few distinct answers: {statuses:?}"
+    );
+}
