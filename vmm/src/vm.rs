@@ -288,7 +288,7 @@ impl Vm {
                     match port {
                         HYPERCALL_PORT => {
                             self.s.exits.hypercalls += 1;
-                            let r = self.vcpu.sync_regs().regs;
+                            let r = self.vcpu.sync_regs_mut().regs;
                             let args = [r.rdi, r.rsi, r.rcx, r.r8];
                             let out = self.s.hypercall(r.rax as u32, args);
                             let m = self.vcpu.sync_regs_mut();
@@ -386,8 +386,8 @@ impl Vm {
         stop
     }
 
-    fn sync_rip(&self) -> u64 {
-        self.vcpu.sync_regs().regs.rip
+    fn sync_rip(&mut self) -> u64 {
+        self.vcpu.sync_regs_mut().regs.rip
     }
 
     fn mmio_data_mut(&mut self, len: usize) -> &mut [u8] {
