@@ -206,6 +206,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     }
 
     /// Allocate for an already translated request.
+    #[inline]
     fn alloc_request(&mut self, req: AllocRequest, order: u8) -> Result<Allocation, AllocError> {
         let ft = req.freetype.index();
         let off = self.take_block(req, order)?;
@@ -237,6 +238,7 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Find a free block for the request and take it off the free structures: cache, same
     /// freetype, fallback within the same mapped-ness, drain the caches and retry, flip.
+    #[inline]
     fn take_block(&mut self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
         let ft = req.freetype.index();
         if order == 0 {
@@ -257,6 +259,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     }
 
     /// Same freetype first, then Linux's claim/steal fallback within the same mapped-ness.
+    #[inline]
     fn rmqueue(&mut self, ft: Freetype, order: u8) -> Option<u32> {
         if let Some(off) = self.rmqueue_smallest(ft.index(), order) {
             return Some(off);
@@ -298,6 +301,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Returns the pages `free_pages` returns to the free structures: order 0 to the
     /// block's cache (draining half of it when full), larger orders straight to the buddy
     /// lists with merging.
+    #[inline]
     fn release(&mut self, off: u32, order: u8) {
         let bft = self.pb[self.pb_index(off)] as usize;
         self.free += 1 << order;
@@ -322,16 +326,17 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// At pageblock order and above, buddies of the same mapped-ness merge and the buddy's
     /// pageblocks take `ft` (as Linux's `__free_one_page` does for mergeable migratetypes);
     /// buddies of different mapped-ness never merge. The caller has cleared `off`'s state.
+    #[inline]
     pub(crate) fn free_to_buddy(&mut self, mut off: u32, mut order: u8, ft: usize) {
-        let end = self.base + self.nr;
+        let base = self.base;
         while order < MAX_ORDER {
-            let pfn = self.base + off as u64;
-            let bpfn = pfn ^ (1u64 << order);
-            if bpfn < self.base || bpfn >= end {
+            // The buddy's offset; below `base` wraps to a huge value and fails the range check.
+            let boff = ((base + off as u64) ^ (1u64 << order)).wrapping_sub(base);
+            if boff >= self.nr {
                 break;
             }
-            let boff = (bpfn - self.base) as u32;
-            let bm = self.meta[boff as usize];
+            let boff = boff as u32;
+            let bm = &self.meta[boff as usize];
             if bm.state != ST_FREE | order {
                 break;
             }

@@ -30,7 +30,7 @@ impl FreeLists {
     }
 
     /// Push block `off` on list (order, ft).
-    #[inline]
+    #[inline(always)]
     pub fn push(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
         let h = self.head[order][ft];
         let m = &mut meta[off as usize];
@@ -45,7 +45,7 @@ impl FreeLists {
     }
 
     /// Remove block `off` from list (order, ft); it must be on it.
-    #[inline]
+    #[inline(always)]
     pub fn remove(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
         let m = meta[off as usize];
         if m.prev == NIL {
