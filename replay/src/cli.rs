@@ -83,7 +83,8 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub kvm: bool,
 
-    /// Memslot limit to compare layouts against (with --kvm: the host's KVM_CAP_NR_MEMSLOTS).
+    /// Memslot limit to compare layouts against. With --kvm the VM enforces the lower of this and
+    /// the host's KVM_CAP_NR_MEMSLOTS: updates beyond it fail (counted as stage-2 failures).
     #[arg(long, default_value_t = DEFAULT_MAX_MEMSLOTS, value_name = "N")]
     pub max_memslots: u64,
 
@@ -301,7 +302,7 @@ pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), Repla
     }
     if let Some(path) = &a.plot {
         let title = format!(
-            "Intact 2 MiB blocks during replay ({} unmapped allocations: {})",
+            "Intact 2 MiB blocks; {} unmapped allocations ({})",
             r.classification.unmapped_allocs, r.classification.rule
         );
         fs::write(path, crate::plot::render_svg(&r.policies, &title))

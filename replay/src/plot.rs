@@ -7,7 +7,7 @@ use crate::policy::{PolicyKind, PolicyResult};
 const W: f64 = 960.0;
 const H: f64 = 540.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 250.0;
+const RIGHT: f64 = 280.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 70.0;
 
@@ -84,6 +84,17 @@ fn trim(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// `s` cut to at most `n` characters (with an ellipsis).
+fn shorten(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut o: String = s.chars().take(n.saturating_sub(1)).collect();
+        o.push('…');
+        o
+    }
+}
+
 /// Render the plot.
 pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
     let xmax = results
@@ -109,9 +120,9 @@ pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
         r#"<?xml version="1.0" encoding="UTF-8"?>
 <svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
 <rect x="0" y="0" width="{W}" height="{H}" fill="white"/>
-<text x="{}" y="28" text-anchor="middle" font-size="16">{}</text>"#,
-        LEFT + pw / 2.0,
-        xml_escape(title)
+<text x="{}" y="28" text-anchor="middle" font-size="15">{}</text>"#,
+        W / 2.0,
+        xml_escape(&shorten(title, 110))
     );
     // Grid and ticks.
     let xstep = nice_step(xmax, 6);

@@ -33,6 +33,8 @@ pub struct Stage2Stats {
     pub pages_zeroed: u64,
     /// Calls the backend refused (e.g. out of memslots) or that fell outside the range.
     pub failed_calls: u64,
+    /// Of those, refused because the backend ran out of memslots.
+    pub out_of_slots: u64,
 }
 
 impl Stage2Stats {
@@ -306,6 +308,9 @@ impl<S: Stage2> Stage2 for Tracker<S> {
             }
             Err(e) => {
                 self.stats.failed_calls += 1;
+                if e == Stage2Error::OutOfSlots {
+                    self.stats.out_of_slots += 1;
+                }
                 Err(e)
             }
         }
@@ -326,6 +331,9 @@ impl<S: Stage2> Stage2 for Tracker<S> {
             }
             Err(e) => {
                 self.stats.failed_calls += 1;
+                if e == Stage2Error::OutOfSlots {
+                    self.stats.out_of_slots += 1;
+                }
                 Err(e)
             }
         }
@@ -345,6 +353,9 @@ impl<S: Stage2> Stage2 for Tracker<S> {
             }
             Err(e) => {
                 self.stats.failed_calls += 1;
+                if e == Stage2Error::OutOfSlots {
+                    self.stats.out_of_slots += 1;
+                }
                 Err(e)
             }
         }

@@ -240,3 +240,31 @@ fn freetype_flips_back_when_mapped_memory_runs_out() {
     );
     assert_eq!(c.failures.total(), 1);
 }
+
+#[test]
+fn atomic_unmapped_requests_cannot_flip_when_honoured() {
+    // One GFP_NOWAIT allocation (no __GFP_DIRECT_RECLAIM), classified unmapped. No unmapped
+    // page exists, so it needs a flip: refused (WouldBlock) with --honour-atomic, one flip without.
+    let s = a(1, 0x10, 0, "GFP_NOWAIT");
+    let mut t = load(s.as_bytes(), LoadOptions::default()).unwrap();
+    let rules = Rules {
+        any_of: vec!["GFP_NOWAIT".into()],
+        ..Rules::default()
+    };
+    let c = classify(&mut t, &rules).unwrap();
+    assert_eq!((c.unmapped_allocs, c.atomic_allocs), (1, 1));
+    let honour = RunOptions {
+        honour_atomic: true,
+        ..RunOptions::default()
+    };
+    let (r, _) = policy::run(PolicyKind::Freetype, &t, MANAGED, PureModel, &honour);
+    assert_eq!((r.failures.would_block, r.stage2.unmap_calls), (1, 0));
+    let (r, _) = policy::run(
+        PolicyKind::Freetype,
+        &t,
+        MANAGED,
+        PureModel,
+        &RunOptions::default(),
+    );
+    assert_eq!((r.failures.total(), r.flips_to_unmapped), (0, 1));
+}

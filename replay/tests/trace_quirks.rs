@@ -262,7 +262,11 @@ fn random_bytes_never_panic_the_loader() {
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             x = replay::classify::splitmix64(x);
-            v.push(if x.is_multiple_of(7) { b'\n' } else { (x >> 8) as u8 });
+            v.push(if x.is_multiple_of(7) {
+                b'\n'
+            } else {
+                (x >> 8) as u8
+            });
         }
         let t = load(&v[..], LoadOptions::default()).unwrap();
         assert_accounted(&t);

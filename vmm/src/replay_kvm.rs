@@ -26,7 +26,8 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
         return Ok(cli::run(args)?);
     }
     let kvm = Kvm::new().context("opening /dev/kvm (needed by --kvm)")?;
-    let max_slots = u64::try_from(kvm.get_nr_memslots()).unwrap_or(0);
+    let host_slots = u64::try_from(kvm.get_nr_memslots()).unwrap_or(0);
+    let max_slots = host_slots.min(args.max_memslots);
     let l = cli::load(args)?;
     let mut results = Vec::new();
     for kind in cli::dedup(&args.policy) {
@@ -59,7 +60,8 @@ pub fn run_policy_on_kvm(
         u32::try_from(max_slots).unwrap_or(u32::MAX),
     );
     slots.keep_durations(true);
-    let engine = Stage2Engine::new(slots, ram.size(), layout.base_pfn * 4096)?;
+    let engine = Stage2Engine::new(slots, ram.size(), layout.base_pfn * 4096)
+        .context("creating the stage-2 engine")?;
     let opts = RunOptions {
         max_slots,
         timed: true,
@@ -172,5 +174,23 @@ mod tests {
             ioctls[1],
             ioctls[0]
         );
+    }
+
+    /// Running out of real memslots is a result: refused updates, failed allocations, a flag.
+    #[test]
+    fn memslot_limit_on_kvm_is_reported_not_fatal() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let a = args(&["--unmapped", "GFP_HIGHUSER_MOVABLE", "--max-memslots", "64"]);
+        let l = cli::load(&a).unwrap();
+        let r = run_policy_on_kvm(&kvm, &a, &l, PolicyKind::PerPage, 64).unwrap();
+        assert!(r.exceeds_memslot_limit);
+        assert!(r.stage2.out_of_slots > 0);
+        assert!(r.failures.stage2 > 0, "{:?}", r.failures);
+        let k = r.kvm.unwrap();
+        assert!(k.peak_memslots <= 64, "{}", k.peak_memslots);
+        // The freetype allocator needs a handful of slots for the same trace and fits.
+        let f = run_policy_on_kvm(&kvm, &a, &l, PolicyKind::Freetype, 64).unwrap();
+        assert!(!f.exceeds_memslot_limit);
+        assert_eq!(f.failures.total(), 0);
     }
 }

@@ -281,7 +281,7 @@ pub struct PolicyResult {
     pub peak_memslots: u64,
     /// Limit compared against.
     pub max_memslots: u64,
-    /// `peak_memslots > max_memslots`.
+    /// `peak_memslots > max_memslots`, or (on KVM) a stage-2 update refused for lack of slots.
     pub exceeds_memslot_limit: bool,
     /// Pages unmapped at the end.
     pub unmapped_pages_end: u64,
@@ -497,7 +497,7 @@ fn drive<S: Stage2, E: Engine<S>>(
         memslots_end: t.memslots(),
         peak_memslots: t.peak_memslots(),
         max_memslots: opts.max_slots,
-        exceeds_memslot_limit: t.peak_memslots() > opts.max_slots,
+        exceeds_memslot_limit: t.peak_memslots() > opts.max_slots || st.out_of_slots > 0,
         unmapped_pages_end: t.unmapped_pages(),
         failures,
         free_errors,
