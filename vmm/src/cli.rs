@@ -271,22 +271,30 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
     print!("\n{}", report.table());
     const SHOW: usize = 20;
     if !report.violations.is_empty() {
+        let groups = crate::report::group_violations(&report.violations);
         println!(
-            "violations (first {} of {}):",
-            SHOW.min(report.violations.len()),
-            report.violations_total
+            "violations: {} exits in {} runs (consecutive exits of one instruction on contiguous bytes form a run){}:",
+            report.violations_total,
+            groups.len(),
+            if groups.len() > SHOW { format!(", first {SHOW} runs") } else { String::new() }
         );
-        for v in report.violations.iter().take(SHOW) {
+        for g in groups.iter().take(SHOW) {
+            let v = &report.violations[g.first];
+            let what = if g.exits == 1 {
+                format!("{} bytes", v.size)
+            } else {
+                format!("{} exits, {} bytes", g.exits, g.bytes)
+            };
             println!(
-                "  {:<5} {:>2} bytes at GPA {:#011x}  rip {:#x}  freetype {}  owner {}  test {}  -> {:?}",
+                "  {:<5} {:<20} at GPA {:#011x}  rip {:#x}  {}  {}  test {}  -> {}",
                 v.access.name(),
-                v.size,
+                what,
                 v.gpa,
                 v.rip,
                 v.freetype.as_deref().unwrap_or("-"),
                 v.owner,
                 v.test.as_deref().unwrap_or("-"),
-                v.action
+                v.action.name()
             );
         }
     }

@@ -65,6 +65,56 @@ pub enum ViolationAction {
     Killed,
 }
 
+impl ViolationAction {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ViolationAction::Poisoned => "poisoned",
+            ViolationAction::Dropped => "dropped",
+            ViolationAction::Recovered => "recovered",
+            ViolationAction::Stopped => "stopped",
+            ViolationAction::Killed => "killed",
+        }
+    }
+}
+
+/// A run of consecutive violations from one instruction over contiguous bytes (e.g. the byte
+/// exits of one `rep movsb`, or the two halves of a 16-byte load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ViolationRun {
+    /// Index of the first violation of the run.
+    pub first: usize,
+    /// Number of exits.
+    pub exits: u64,
+    /// Bytes covered.
+    pub bytes: u64,
+}
+
+/// Groups `v` into runs for display.
+pub fn group_violations(v: &[Violation]) -> Vec<ViolationRun> {
+    let mut runs: Vec<ViolationRun> = Vec::new();
+    for (i, x) in v.iter().enumerate() {
+        if let Some(r) = runs.last_mut() {
+            let f = &v[r.first];
+            if f.rip == x.rip
+                && f.access == x.access
+                && f.test == x.test
+                && f.gpa.checked_add(r.bytes) == Some(x.gpa)
+            {
+                r.exits += 1;
+                r.bytes += u64::from(x.size);
+                continue;
+            }
+        }
+        runs.push(ViolationRun {
+            first: i,
+            exits: 1,
+            bytes: u64::from(x.size),
+        });
+    }
+    runs
+}
+
 /// One access to RAM that stage 2 does not expose (one KVM exit).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
@@ -651,5 +701,89 @@ impl RunReport {
             let _ = writeln!(s, "{r}");
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(gpa: u64, size: u32, rip: u64) -> Violation {
+        Violation {
+            gpa,
+            access: AccessKind::Read,
+            size,
+            rip,
+            vcpu: 0,
+            freetype: None,
+            freetype_index: 0xff,
+            owner: "allocated",
+            test: Some("t".into()),
+            action: ViolationAction::Poisoned,
+        }
+    }
+
+    #[test]
+    fn groups_runs_of_one_instruction() {
+        let xs = [
+            v(0x1000, 8, 1),
+            v(0x1008, 8, 1), // second half of a 16-byte load
+            v(0x1010, 1, 2),
+            v(0x1011, 1, 2),
+            v(0x1012, 1, 2), // rep movsb
+            v(0x1012, 1, 2), // same byte again: a new run
+            v(0x2000, 8, 3),
+        ];
+        let g = group_violations(&xs);
+        let shape: Vec<(usize, u64, u64)> = g.iter().map(|r| (r.first, r.exits, r.bytes)).collect();
+        assert_eq!(shape, [(0, 2, 16), (2, 3, 3), (5, 1, 1), (6, 1, 8)]);
+    }
+
+    #[test]
+    fn exit_codes_follow_the_outcome() {
+        let mut r = RunReport {
+            tests: vec![],
+            announced: vec![],
+            violations: vec![],
+            violations_total: 0,
+            violations_outside_tests: 0,
+            not_ram: vec![],
+            not_ram_total: 0,
+            stage2: Stage2Counters::default(),
+            allocator: allocator::Snapshot::default(),
+            timing: Timing::default(),
+            exit: ExitInfo::GuestExit { code: 0 },
+            dumps: vec![],
+            ram_size: 0,
+            reserved_end: 0,
+            stage2_dump: serde_json::Value::Null,
+        };
+        assert_eq!(r.exit_code(), exit_code::OK);
+        r.tests.push(TestReport {
+            name: "a".into(),
+            passed: false,
+            result: TestOutcome::Skip,
+            guest_result: Some("skip"),
+            message: String::new(),
+            violations: 0,
+            expected_violations: 0,
+            time_ms: 0.0,
+        });
+        assert_eq!(r.exit_code(), exit_code::OK);
+        r.tests[0].result = TestOutcome::NotRun;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.tests[0].result = TestOutcome::Pass;
+        r.violations_outside_tests = 1;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.violations_outside_tests = 0;
+        r.exit = ExitInfo::GuestExit { code: 3 };
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.exit = ExitInfo::KvmError { error: "x".into() };
+        assert_eq!(r.exit_code(), exit_code::CRASH);
+        r.exit = ExitInfo::UnknownTests {
+            unknown: vec!["x".into()],
+            available: vec![],
+        };
+        assert_eq!(r.exit_code(), exit_code::USAGE);
     }
 }
