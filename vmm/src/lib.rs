@@ -1,8 +1,26 @@
 //! The Veil VMM: boots a guest on KVM, owns its memory through the `allocator` crate and
 //! enforces unmapped pages at stage 2 by shaping memslots.
 //!
-//! Entry points: [`vm::VmConfig`] + [`vm::run`] boot a guest and return a [`report::RunReport`];
-//! [`cli`] is the `veil` command line.
+//! Entry points: [`vm::VmConfig`] + [`vm::run`] (or [`vm::Vm::new`] then [`vm::Vm::run`]) boot
+//! a guest and return a [`report::RunReport`]; [`cli`] is the `veil` command line.
+//!
+//! Module map:
+//! - [`memory`]: guest RAM (one lazily backed anonymous mapping at GPA 0) and `--mem` sizes.
+//! - [`elf`]: the validating ELF loader for guest images from untrusted bytes.
+//! - [`boot`]: GDT, page tables (identity map of reserved memory, direct map of all RAM at
+//!   `DIRECT_MAP_BASE`), long-mode registers and the `BootInfo` block.
+//! - [`vm`]: KVM setup and the vCPU run loop (port I/O, MMIO, internal errors, shutdown...).
+//! - [`session`]: one run's state and the hypercall handlers (validation, tests, expectations,
+//!   violations, recovery point, timing, dumps).
+//! - [`expect`]: the VMM's own verdict on each test's violations.
+//! - [`report`]: results, the table and the JSON document, exit codes.
+//! - [`console`]: the 16550 UART and where its output goes.
+//! - [`watchdog`]: `--timeout`, kicking the vCPU out of `KVM_RUN` with a signal.
+//! - [`stage2`], [`dump`], [`kvm_stats`], [`caps`]: the stage-2 engine, dumps, KVM binary
+//!   statistics and host capabilities; [`replay_kvm`]: `veil replay --kvm`.
+//!
+//! One vCPU runs in the calling thread; a run owns its VM, RAM and allocator, so several runs
+//! may proceed in parallel threads of one process.
 
 pub mod boot;
 pub mod caps;

@@ -169,6 +169,35 @@ fn table_output_and_list_tests() {
 }
 
 #[test]
+fn console_file_keeps_guest_output_apart() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("console");
+    let con = dir.join("console.txt");
+    let out = veil(&[
+        "run",
+        "--tests",
+        "mapped_rw",
+        "--console",
+        con.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let c = std::fs::read_to_string(&con).unwrap();
+    assert!(c.contains("veil-guest"), "console file: {c}");
+    assert!(
+        !text(&out.stdout).contains("veil-guest"),
+        "guest output leaked to stdout"
+    );
+    assert!(text(&out.stdout).contains("1 passed"));
+    // With --json the console goes to stderr and stdout is only the JSON document.
+    let out = veil(&["run", "--tests", "mapped_rw", "--json"]);
+    assert!(text(&out.stderr).contains("veil-guest"));
+    serde_json::from_slice::<Value>(&out.stdout).expect("stdout is exactly one JSON document");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn unknown_test_is_a_usage_error_listing_the_tests() {
     if !kvm_available() {
         return;
