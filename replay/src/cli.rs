@@ -109,6 +109,14 @@ pub enum ReplayError {
     /// JSON output failed.
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    /// A policy's memory would be too large to model.
+    #[error("{policy}: {gib} GiB of memory to model, above the 64 GiB the replay supports (the trace's PFN span or --headroom is too large; choose other policies with --policy)")]
+    TooLarge {
+        /// The policy.
+        policy: PolicyKind,
+        /// Its memory in GiB.
+        gib: u64,
+    },
     /// `--kvm` needs the `veil` binary.
     #[error("--kvm needs a VM: run it as `veil replay --kvm`")]
     KvmUnavailable,
@@ -133,8 +141,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if bytes < 2 << 20 {
         return Err(format!("size {s:?} below 2 MiB"));
     }
-    if bytes > 1 << 44 {
-        return Err(format!("size {s:?} above 16 TiB"));
+    if bytes > 64 << 30 {
+        return Err(format!("size {s:?} above 64 GiB"));
     }
     Ok(bytes)
 }
@@ -193,10 +201,17 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
     })
 }
 
-/// The layout a policy replays on.
-pub fn layout(a: &ReplayArgs, kind: PolicyKind, trace: &Trace) -> Layout {
+/// The layout a policy replays on; an error if it exceeds [`policy::MAX_MANAGED_PAGES`].
+pub fn layout(a: &ReplayArgs, kind: PolicyKind, trace: &Trace) -> Result<Layout, ReplayError> {
     let pages = a.mem.map(|b| policy::round_up_blocks(b.div_ceil(4096)));
-    policy::layout_for(kind, trace, pages, a.headroom)
+    let l = policy::layout_for(kind, trace, pages, a.headroom);
+    if l.nr_pages > policy::MAX_MANAGED_PAGES {
+        return Err(ReplayError::TooLarge {
+            policy: kind,
+            gib: l.nr_pages / (1 << 18),
+        });
+    }
+    Ok(l)
 }
 
 /// How each policy runs.
@@ -224,16 +239,16 @@ pub fn progress_policy(a: &ReplayArgs, r: &PolicyResult) {
 }
 
 /// Replay every selected policy on the pure model.
-pub fn run_model(a: &ReplayArgs, l: &Loaded) -> Vec<PolicyResult> {
+pub fn run_model(a: &ReplayArgs, l: &Loaded) -> Result<Vec<PolicyResult>, ReplayError> {
     let opts = run_options(a);
     let mut out = Vec::new();
     for &kind in dedup(&a.policy).iter() {
-        let lay = layout(a, kind, &l.trace);
+        let lay = layout(a, kind, &l.trace)?;
         let (r, _) = policy::run(kind, &l.trace, lay, PureModel, &opts);
         progress_policy(a, &r);
         out.push(r);
     }
-    out
+    Ok(out)
 }
 
 /// Policies in the order given, each once.
@@ -255,7 +270,13 @@ pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool
         .iter()
         .any(|p| p.policy != PolicyKind::LinuxPlacement)
     {
-        let pages = layout(a, PolicyKind::Freetype, &l.trace).nr_pages;
+        let pages = policy::layout_for(
+            PolicyKind::Freetype,
+            &l.trace,
+            a.mem.map(|b| policy::round_up_blocks(b.div_ceil(4096))),
+            a.headroom,
+        )
+        .nr_pages;
         let how = match a.mem {
             Some(_) => "--mem".to_string(),
             None => format!(
@@ -318,7 +339,7 @@ pub fn run(a: &ReplayArgs) -> Result<i32, ReplayError> {
         return Err(ReplayError::KvmUnavailable);
     }
     let l = load(a)?;
-    let results = run_model(a, &l);
+    let results = run_model(a, &l)?;
     let r = report(a, &l, results, false);
     let stdout = io::stdout();
     emit(a, &r, &mut stdout.lock())?;
@@ -369,5 +390,33 @@ mod tests {
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
         assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn outlying_pfns_are_an_error_not_a_crash() {
+        let path = std::env::temp_dir().join(format!("replay-outlier-{}.txt", std::process::id()));
+        std::fs::write(
+            &path,
+            "t-1 [000] ..... 1.0: mm_page_alloc: page=x pfn=0x10 order=0 migratetype=0 gfp_flags=GFP_KERNEL\n\
+             t-1 [000] ..... 1.1: mm_page_alloc: page=x pfn=0xfffffffffff0 order=0 migratetype=0 gfp_flags=GFP_KERNEL\n",
+        )
+        .unwrap();
+        let p = path.to_str().unwrap();
+        let a = Cli::try_parse_from(["x", p, "-q"]).unwrap().args;
+        let l = load(&a).unwrap();
+        assert!(matches!(
+            run_model(&a, &l),
+            Err(ReplayError::TooLarge {
+                policy: PolicyKind::LinuxPlacement,
+                ..
+            })
+        ));
+        let a = Cli::try_parse_from(["x", p, "-q", "-p", "freetype,per-page"])
+            .unwrap()
+            .args;
+        let r = run_model(&a, &l).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].failures.total(), 0);
+        std::fs::remove_file(&path).unwrap();
     }
 }

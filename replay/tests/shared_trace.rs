@@ -89,7 +89,7 @@ fn all_policies_on_the_shared_trace() {
         .sum();
     let unmapped_frees = c.unmapped_allocs - live.iter().flatten().filter(|x| x.1).count() as u64;
 
-    let results = cli::run_model(&a, &l);
+    let results = cli::run_model(&a, &l).unwrap();
     assert_eq!(results.len(), 4);
     let by = |k: PolicyKind| results.iter().find(|r| r.policy == k).unwrap();
     for r in &results {
@@ -170,13 +170,13 @@ fn cli_options_change_the_outcome() {
     ]);
     let l = cli::load(&a).unwrap();
     assert!(l.classification.unmapped_allocs > l.trace.stats.allocs / 2);
-    let r = cli::run_model(&a, &l);
+    let r = cli::run_model(&a, &l).unwrap();
     assert_eq!(r.len(), 2);
     assert!(r[0].stage2.updates() * 10 < r[1].stage2.updates());
     // --strict succeeds on a clean trace; --mem too small makes allocations fail (a result).
     let a = args(&["--strict", "--mem", "8M", "--policy", "freetype"]);
     let l = cli::load(&a).unwrap();
-    let r = cli::run_model(&a, &l);
+    let r = cli::run_model(&a, &l).unwrap();
     assert!(r[0].failures.total() > 0);
     assert_eq!(r[0].layout.nr_pages, 2048);
 }

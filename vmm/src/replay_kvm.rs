@@ -49,7 +49,7 @@ pub fn run_policy_on_kvm(
     kind: policy::PolicyKind,
     max_slots: u64,
 ) -> anyhow::Result<PolicyResult> {
-    let layout = cli::layout(args, kind, &l.trace);
+    let layout = cli::layout(args, kind, &l.trace)?;
     // Declared first so it is dropped last: the RAM mapping must outlive the VM (KvmSlots).
     let ram = GuestRam::new(MemSize::new(layout.ram_bytes())?)?;
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
@@ -150,7 +150,7 @@ mod tests {
             PolicyKind::UnmappedCache,
         ] {
             let r = run_policy_on_kvm(&kvm, &a, &l, kind, max).unwrap();
-            let lay = cli::layout(&a, kind, &l.trace);
+            let lay = cli::layout(&a, kind, &l.trace).unwrap();
             let (m, _) = policy::run(kind, &l.trace, lay, PureModel, &RunOptions::default());
             assert_eq!(r.failures.total(), 0, "{kind}: {:?}", r.failures);
             assert_eq!(r.stage2, m.stage2, "{kind}");

@@ -29,6 +29,10 @@ pub use cache::UnmappedCache;
 /// Pages below the managed range: the reserved, always-mapped low memory of a Veil VM (2 MiB).
 pub const RESERVED_PAGES: u64 = PAGEBLOCK_PAGES;
 
+/// Most managed pages a policy may model (64 GiB, the VMM's RAM limit): bounds memory use on
+/// traces with outlying PFNs.
+pub const MAX_MANAGED_PAGES: u64 = (64 << 30) / 4096;
+
 /// Default headroom over the trace's peak live pages, in percent.
 pub const DEFAULT_HEADROOM_PCT: u32 = 25;
 
@@ -97,7 +101,7 @@ pub fn round_up_blocks(n: u64) -> u64 {
 
 /// The memory a policy replays on: `mem_pages` if given, else the trace's peak live pages plus
 /// `headroom_pct`, rounded up to 2 MiB (at least two blocks). `linux-placement` always covers
-/// the trace's own PFN span, rounded out to 2 MiB blocks.
+/// the trace's own PFN span, rounded out to 2 MiB blocks (at least two).
 pub fn layout_for(
     kind: PolicyKind,
     trace: &Trace,
@@ -110,7 +114,7 @@ pub fn layout_for(
         let end = round_up_blocks(s.end_pfn.max(start + 1));
         return Layout {
             base_pfn: RESERVED_PAGES,
-            nr_pages: end - start,
+            nr_pages: (end - start).max(2 * PAGEBLOCK_PAGES),
             trace_base_pfn: start,
         };
     }
