@@ -91,6 +91,8 @@ impl RangeMap {
 
     /// The runs overlapping [start, end), clipped to it, in order. O(log n + k).
     pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = Run> + '_ {
+        // An empty or inverted query yields nothing (BTreeMap::range would panic on start > end).
+        let end = end.max(start);
         let first = self.run_at(start).map(|r| r.start).unwrap_or(start);
         self.runs
             .range((Bound::Included(first), Bound::Excluded(end)))
