@@ -190,13 +190,14 @@ pub fn render_text(r: &Report) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<16} {:>10} {:>12} {:>14} {:>10} {:>12} {:>14} {:>12} {:>10}",
+            "{:<16} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10}",
             "on KVM",
             "s2 updates",
             "slot ioctls",
-            "us/s2 update",
-            "us/ioctl",
-            "median ioctl",
+            "upd med us",
+            "upd avg us",
+            "ioctl med us",
+            "ioctl avg",
             "s2 total ms",
             "max call us",
             "peak slots"
@@ -205,13 +206,14 @@ pub fn render_text(r: &Report) -> String {
             if let Some(k) = &p.kvm {
                 let _ = writeln!(
                     s,
-                    "{:<16} {:>10} {:>12} {:>14.2} {:>10.2} {:>12.2} {:>14.2} {:>12.1} {:>10}",
+                    "{:<16} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10}",
                     p.policy.name(),
                     p.stage2.updates(),
                     k.memslot_updates,
+                    k.median_update_ns as f64 / 1e3,
                     k.ns_per_update / 1e3,
-                    k.ns_per_memslot_ioctl / 1e3,
                     k.median_memslot_ioctl_ns as f64 / 1e3,
+                    k.ns_per_memslot_ioctl / 1e3,
                     (k.update_ns + k.zero_ns) as f64 / 1e6,
                     k.max_call_ns as f64 / 1e3,
                     k.peak_memslots
@@ -220,7 +222,7 @@ pub fn render_text(r: &Report) -> String {
         }
         let _ = writeln!(
             s,
-            "us/s2 update: wall time of one unmap/map through the stage-2 engine (planning + ioctls); s2 total: updates + zeroing (madvise). KVM memslot limit on this host: {}",
+            "upd: one unmap/map through the stage-2 engine (planning + KVM_SET_USER_MEMORY_REGION ioctls), median and mean;\nioctl: one memslot ioctl; s2 total: all updates + zeroing (madvise). KVM memslot limit on this host: {}",
             r.policies
                 .iter()
                 .find_map(|p| p.kvm.map(|k| k.max_memslots))

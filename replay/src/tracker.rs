@@ -55,6 +55,8 @@ pub struct Stage2Timing {
     pub zero_ns: u64,
     /// Slowest single call.
     pub max_call_ns: u64,
+    /// Median time of one map/unmap call.
+    pub median_update_ns: u64,
 }
 
 /// Configuration of a [`Tracker`].
@@ -85,6 +87,7 @@ pub struct Tracker<S: Stage2> {
     unmapped_pages: u64,
     stats: Stage2Stats,
     timing: Stage2Timing,
+    update_ns: Vec<u32>,
     /// Event index the owner sets so the worst moment can be located.
     pub now: u64,
     worst_at: u64,
@@ -110,6 +113,7 @@ impl<S: Stage2> Tracker<S> {
             unmapped_pages: 0,
             stats: Stage2Stats::default(),
             timing: Stage2Timing::default(),
+            update_ns: Vec::new(),
             now: 0,
             worst_at: 0,
         }
@@ -135,9 +139,13 @@ impl<S: Stage2> Tracker<S> {
         self.stats
     }
 
-    /// Backend time so far (zero unless `timed`).
+    /// Backend time so far (zero unless `timed`), with the median map/unmap time.
     pub fn timing(&self) -> Stage2Timing {
-        self.timing
+        let mut t = self.timing;
+        let mut d = self.update_ns.clone();
+        d.sort_unstable();
+        t.median_update_ns = d.get(d.len() / 2).map_or(0, |&x| u64::from(x));
+        t
     }
 
     /// 2 MiB blocks in the managed range (the last one may be partial).
@@ -275,6 +283,12 @@ impl<S: Stage2> Tracker<S> {
         (r, ns)
     }
 
+    fn note_update(&mut self, ns: u64) {
+        if self.cfg.timed {
+            self.update_ns.push(u32::try_from(ns).unwrap_or(u32::MAX));
+        }
+    }
+
     /// Recount runs and blocks from scratch (test oracle for the incremental counts).
     pub fn recount(&self) -> (u64, u64) {
         let n = self.cfg.nr_pages;
@@ -297,6 +311,7 @@ impl<S: Stage2> Stage2 for Tracker<S> {
         let r = self.range(pfn, count).and_then(|(a, b)| {
             let (res, ns) = self.timed(|s| s.unmap(pfn, count));
             self.timing.unmap_ns += ns;
+            self.note_update(ns);
             res.map(|()| (a, b))
         });
         match r {
@@ -320,6 +335,7 @@ impl<S: Stage2> Stage2 for Tracker<S> {
         let r = self.range(pfn, count).and_then(|(a, b)| {
             let (res, ns) = self.timed(|s| s.map(pfn, count));
             self.timing.map_ns += ns;
+            self.note_update(ns);
             res.map(|()| (a, b))
         });
         match r {

@@ -93,6 +93,7 @@ pub fn run_policy_on_kvm(
         } else {
             ioctl.total_ns as f64 / ioctl.calls as f64
         },
+        median_update_ns: t.median_update_ns,
         median_memslot_ioctl_ns: durations
             .get(durations.len() / 2)
             .map_or(0, |&d| u64::from(d)),

@@ -232,6 +232,8 @@ pub struct KvmCost {
     pub zero_ns: u64,
     /// Mean nanoseconds per map/unmap call.
     pub ns_per_update: f64,
+    /// Median nanoseconds per map/unmap call.
+    pub median_update_ns: u64,
     /// Mean nanoseconds per memslot ioctl.
     pub ns_per_memslot_ioctl: f64,
     /// Median nanoseconds per memslot ioctl.
