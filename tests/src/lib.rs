@@ -125,3 +125,51 @@ pub const FETCH_NO_RECOVERY: &[u8] = &[
     0xff, 0xd3, // call rbx
     0xeb, 0xfe, // jmp $
 ];
+
+/// A guest with two tests, `t1` and `t2`, that both read an unmapped page once and both tell
+/// the VMM they passed; only `t2` declared the violation with `ExpectViolation`. The VMM must
+/// fail `t1` on its own. Names and message live at image offset 0x100 ("t1t2ok").
+pub fn two_tests_guest() -> Vec<u8> {
+    const CODE: &[u8] = &[
+        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+        0xbf, 0x00, 0x01, 0x20, 0x00, // mov edi, 0x200100 ("t1")
+        0xbe, 2, 0, 0, 0, // mov esi, 2
+        0xb8, 6, 0, 0, 0, 0xef, // TestAnnounce
+        0xbf, 0x02, 0x01, 0x20, 0x00, // mov edi, 0x200102 ("t2")
+        0xbe, 2, 0, 0, 0, // mov esi, 2
+        0xb8, 6, 0, 0, 0, 0xef, // TestAnnounce
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
+        0xb8, 3, 0, 0, 0, 0xef, // Alloc
+        0x49, 0x89, 0xfc, // mov r12, rdi
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
+        0x4c, 0x01, 0xe3, // add rbx, r12
+        0xbf, 0x00, 0x01, 0x20, 0x00, // mov edi, 0x200100
+        0xbe, 2, 0, 0, 0, // mov esi, 2
+        0xb8, 7, 0, 0, 0, 0xef, // TestBegin t1
+        0x48, 0x8b, 0x03, // mov rax, [rbx]   (undeclared violation)
+        0xbf, 0, 0, 0, 0, // mov edi, 0 (Pass)
+        0xbe, 0x04, 0x01, 0x20, 0x00, // mov esi, 0x200104 ("ok")
+        0xb9, 2, 0, 0, 0, // mov ecx, 2
+        0xb8, 8, 0, 0, 0, 0xef, // TestEnd
+        0xbf, 0x02, 0x01, 0x20, 0x00, // mov edi, 0x200102
+        0xbe, 2, 0, 0, 0, // mov esi, 2
+        0xb8, 7, 0, 0, 0, 0xef, // TestBegin t2
+        0x4c, 0x89, 0xe7, // mov rdi, r12
+        0xbe, 1, 0, 0, 0, // mov esi, 1 (Read)
+        0xb9, 1, 0, 0, 0, // mov ecx, 1
+        0xb8, 9, 0, 0, 0, 0xef, // ExpectViolation
+        0x48, 0x8b, 0x03, // mov rax, [rbx]   (declared violation)
+        0xbf, 0, 0, 0, 0, // mov edi, 0 (Pass)
+        0xbe, 0x04, 0x01, 0x20, 0x00, // mov esi, 0x200104
+        0xb9, 2, 0, 0, 0, // mov ecx, 2
+        0xb8, 8, 0, 0, 0, 0xef, // TestEnd
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xb8, 20, 0, 0, 0, 0xef, // Exit(0)
+        0xeb, 0xfe, // jmp $
+    ];
+    let mut image = CODE.to_vec();
+    image.resize(0x100, 0xcc);
+    image.extend_from_slice(b"t1t2ok");
+    guest(&image)
+}

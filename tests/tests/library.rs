@@ -8,7 +8,7 @@ use veil_tests::*;
 use vmm::console::ConsoleSink;
 use vmm::guest_image::DEFAULT_GUEST;
 use vmm::memory::MemSize;
-use vmm::report::{AccessKind, ExitInfo, ViolationAction};
+use vmm::report::{AccessKind, ExitInfo, TestOutcome, ViolationAction};
 use vmm::{exit_code, run, RunReport, ViolationPolicy, VmConfig, VmError};
 
 fn config(guest: Vec<u8>) -> VmConfig {
@@ -172,6 +172,49 @@ fn kill_policy_stops_at_the_first_violation() {
         e => panic!("expected ViolationKill, got {e:?}"),
     }
     assert_eq!(r.violations.len(), 1, "the store after the load never ran");
+    assert_eq!(r.exit_code(), exit_code::CRASH);
+}
+
+#[test]
+fn the_vmm_fails_a_test_with_undeclared_violations_whatever_the_guest_says() {
+    if !kvm_available() {
+        return;
+    }
+    let r = run(config(two_tests_guest())).expect("boot");
+    assert_eq!(r.exit, ExitInfo::GuestExit { code: 0 }, "{}", r.summary());
+    assert_eq!(r.announced, ["t1", "t2"]);
+    let (t1, t2) = (&r.tests[0], &r.tests[1]);
+    assert_eq!(t1.guest_result, Some("pass"));
+    assert_eq!(t1.result, TestOutcome::Fail, "{}", t1.message);
+    assert!(
+        t1.message.contains("VMM: 1 unexpected read"),
+        "{}",
+        t1.message
+    );
+    assert_eq!((t1.violations, t1.expected_violations), (1, 0));
+    assert_eq!(t2.result, TestOutcome::Pass, "{}", t2.message);
+    assert_eq!((t2.violations, t2.expected_violations), (1, 1));
+    assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+
+    // Only t2 selected: the guest runs both (it ignores the selection), the report keeps both.
+    let mut c = config(two_tests_guest());
+    c.selection = vec!["t2".into()];
+    let r = run(c).expect("boot");
+    assert!(r.tests.iter().any(|t| t.name == "t2" && t.passed));
+}
+
+#[test]
+fn kill_policy_also_stops_fetches() {
+    if !kvm_available() {
+        return;
+    }
+    let mut c = config(guest(FETCH_NO_RECOVERY));
+    c.on_violation = ViolationPolicy::Kill;
+    let r = run(c).expect("boot");
+    match &r.exit {
+        ExitInfo::ViolationKill { violation } => assert_eq!(violation.access, AccessKind::Fetch),
+        e => panic!("expected ViolationKill, got {e:?}"),
+    }
     assert_eq!(r.exit_code(), exit_code::CRASH);
 }
 
