@@ -152,19 +152,19 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Allocate `1 << order` pages for a context plus GFP-style flags (the extensible entry
     /// point; see the module docs of [`crate::gfp`] for the trade-off).
     ///
-    /// The fast path (order 0, no zeroing, a page in the freetype's cache) is inlined; every
-    /// other case goes to the out-of-line slow path.
-    #[inline]
+    /// The fast path (no zeroing; a page in the freetype's cache or a block on its own free
+    /// lists) is inlined; fallback, flips, zeroing and errors go to the out-of-line slow path.
+    #[inline(always)]
     pub fn alloc_pages_special(
         &mut self,
         ctx: BuddyContext,
         gfp: Gfp,
         order: u8,
     ) -> Result<Allocation, AllocError> {
-        if order == 0 {
-            if let Ok(req) = AllocRequest::from_gfp(ctx, gfp) {
-                if !req.zero {
-                    let ft = req.freetype.index();
+        if let Ok(req) = AllocRequest::from_gfp(ctx, gfp) {
+            if !req.zero {
+                let ft = req.freetype.index();
+                if order == 0 {
                     if let Some(off) = self.pcp.pop(ft) {
                         let m = &mut self.meta[off as usize];
                         m.state = ST_ALLOC;
@@ -174,6 +174,20 @@ impl<S: Stage2> BuddyAllocator<S> {
                         return Ok(Allocation {
                             pfn: self.base + off as u64,
                             order: 0,
+                            freetype: req.freetype,
+                        });
+                    }
+                }
+                if order <= MAX_ORDER {
+                    if let Some(off) = self.rmqueue_smallest_outlined(ft, order) {
+                        let m = &mut self.meta[off as usize];
+                        m.state = ST_ALLOC | order;
+                        m.ft = ft as u8;
+                        self.free -= 1 << order;
+                        self.ctr.allocs[order as usize][ft] += 1;
+                        return Ok(Allocation {
+                            pfn: self.base + off as u64,
+                            order,
                             freetype: req.freetype,
                         });
                     }
@@ -275,6 +289,12 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.meta[off as usize].state = ST_NONE;
         self.expand(off, order, cur as u8, ft);
         Some(off)
+    }
+
+    /// [`Self::rmqueue_smallest`], kept out of line for the inlined fast path.
+    #[inline(never)]
+    fn rmqueue_smallest_outlined(&mut self, ft: usize, order: u8) -> Option<u32> {
+        self.rmqueue_smallest(ft, order)
     }
 
     /// Split block `off` of order `high` down to `low`, freeing the upper halves onto `ft`.
@@ -403,32 +423,53 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// unmapped blocks are zeroed through [`Stage2::zero`] first; if that fails the pages
     /// stay allocated and [`FreeError::Stage2`] is returned.
     ///
-    /// The fast path (order 0, no zeroing needed, room in the block's cache) is inlined.
-    #[inline]
+    /// The fast path (a valid head, no zeroing needed) is inlined.
+    #[inline(always)]
     pub fn free_pages(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
-        if order == 0 {
-            let off = pfn.wrapping_sub(self.base);
-            if off < self.nr {
-                let m = self.meta[off as usize];
-                if m.state == ST_ALLOC
-                    && !(self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize))
-                {
-                    let bft = self.pb[self.pb_index(off as u32)];
-                    if self.pcp.push(bft as usize, off as u32) {
-                        let e = &mut self.meta[off as usize];
-                        e.state = ST_CACHED;
-                        e.ft = bft;
-                        self.free += 1;
-                        self.ctr.frees[0][m.ft as usize] += 1;
-                        return Ok(());
-                    }
+        let off = pfn.wrapping_sub(self.base);
+        if off < self.nr && order <= MAX_ORDER {
+            let m = self.meta[off as usize];
+            // A head with exactly this order is naturally aligned, so this one comparison
+            // also proves the alignment; anything else takes the checked slow path.
+            if m.state == ST_ALLOC | order
+                && !(self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize))
+            {
+                let off = off as u32;
+                self.ctr.frees[order as usize][m.ft as usize] += 1;
+                let bft = self.pb[self.pb_index(off)];
+                if order == 0 && self.pcp.push(bft as usize, off) {
+                    let e = &mut self.meta[off as usize];
+                    e.state = ST_CACHED;
+                    e.ft = bft;
+                    self.free += 1;
+                    return Ok(());
                 }
+                self.free_block_outlined(off, order, bft as usize);
+                return Ok(());
             }
         }
         self.free_slow(pfn, order)
     }
 
-    /// Everything but the cached order-0 fast path.
+    /// Give a validated block back to the buddy lists (draining a full cache first for
+    /// order 0), out of line for the inlined fast path.
+    #[inline(never)]
+    fn free_block_outlined(&mut self, off: u32, order: u8, bft: usize) {
+        self.free += 1 << order;
+        if order == 0 && self.pcp.cap() != 0 {
+            self.drain_pcp_ft(bft, self.pcp.cap().div_ceil(2));
+            let pushed = self.pcp.push(bft, off);
+            debug_assert!(pushed);
+            let m = &mut self.meta[off as usize];
+            m.state = ST_CACHED;
+            m.ft = bft as u8;
+            return;
+        }
+        self.meta[off as usize].state = ST_NONE;
+        self.free_to_buddy(off, order, bft);
+    }
+
+    /// The fully checked free (errors, init_on_free).
     #[inline(never)]
     fn free_slow(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let r = self.free_checked(pfn, order);

@@ -44,7 +44,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 if !should_try_claim(cur, ft.migratetype()) {
                     break;
                 }
-                let off = self.lists.head[cur as usize][fb];
+                let off = self.lists.head(cur as usize, fb);
                 if let Some(p) = self.try_claim(off, cur, order, ft, fb) {
                     self.ctr.fallbacks_claim += 1;
                     return Some(p);

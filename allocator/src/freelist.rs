@@ -8,59 +8,97 @@ use crate::MAX_ORDER;
 /// Number of orders.
 pub(crate) const NR_ORDERS: usize = MAX_ORDER as usize + 1;
 
-/// The heads of every free list plus per-list counts and a per-freetype non-empty mask.
+/// Number of free lists.
+pub(crate) const NR_LISTS: usize = NR_ORDERS * Freetype::COUNT;
+
+/// Head and length of one free list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ListHead {
+    /// First block, or NIL.
+    pub first: u32,
+    /// Blocks on the list.
+    pub len: u32,
+}
+
+/// The heads of every free list (one flat array indexed by `order * COUNT + ft`, so one
+/// index computation and one bounds check per operation) plus a per-freetype non-empty mask.
 #[derive(Clone, Debug)]
 pub(crate) struct FreeLists {
-    /// First block of each list, or NIL.
-    pub head: [[u32; Freetype::COUNT]; NR_ORDERS],
-    /// Blocks on each list.
-    pub count: [[u64; Freetype::COUNT]; NR_ORDERS],
+    lists: [ListHead; NR_LISTS],
     /// Bit `o` set iff list (o, ft) is non-empty.
     pub nonempty: [u16; Freetype::COUNT],
+}
+
+/// Index of list (order, ft).
+#[inline(always)]
+const fn li(order: usize, ft: usize) -> usize {
+    order * Freetype::COUNT + ft
 }
 
 impl FreeLists {
     /// All lists empty.
     pub const fn new() -> FreeLists {
         FreeLists {
-            head: [[NIL; Freetype::COUNT]; NR_ORDERS],
-            count: [[0; Freetype::COUNT]; NR_ORDERS],
+            lists: [ListHead { first: NIL, len: 0 }; NR_LISTS],
             nonempty: [0; Freetype::COUNT],
         }
+    }
+
+    /// First block of list (order, ft), or NIL.
+    #[inline]
+    pub fn head(&self, order: usize, ft: usize) -> u32 {
+        self.lists[li(order, ft)].first
+    }
+
+    /// Blocks on list (order, ft).
+    #[inline]
+    pub fn count(&self, order: usize, ft: usize) -> u64 {
+        self.lists[li(order, ft)].len as u64
+    }
+
+    /// Blocks on every list, `[order][ft]`.
+    pub fn counts(&self) -> [[u64; Freetype::COUNT]; NR_ORDERS] {
+        let mut c = [[0u64; Freetype::COUNT]; NR_ORDERS];
+        for (o, row) in c.iter_mut().enumerate() {
+            for (ft, v) in row.iter_mut().enumerate() {
+                *v = self.count(o, ft);
+            }
+        }
+        c
     }
 
     /// Push block `off` on list (order, ft).
     #[inline(always)]
     pub fn push(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
-        let h = self.head[order][ft];
+        let l = &mut self.lists[li(order, ft)];
+        let h = l.first;
+        l.first = off;
+        l.len += 1;
         let m = &mut meta[off as usize];
         m.next = h;
         m.prev = NIL;
         if h != NIL {
             meta[h as usize].prev = off;
         }
-        self.head[order][ft] = off;
-        self.count[order][ft] += 1;
         self.nonempty[ft] |= 1 << order;
     }
 
     /// Remove block `off` from list (order, ft); it must be on it.
     #[inline(always)]
     pub fn remove(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
-        let m = meta[off as usize];
-        if m.prev == NIL {
-            self.head[order][ft] = m.next;
+        let m = &meta[off as usize];
+        let (prev, next) = (m.prev, m.next);
+        let l = &mut self.lists[li(order, ft)];
+        if prev == NIL {
+            l.first = next;
         } else {
-            meta[m.prev as usize].next = m.next;
+            meta[prev as usize].next = next;
         }
-        if m.next != NIL {
-            meta[m.next as usize].prev = m.prev;
+        if next != NIL {
+            meta[next as usize].prev = prev;
         }
-        let e = &mut meta[off as usize];
-        e.next = NIL;
-        e.prev = NIL;
-        self.count[order][ft] -= 1;
-        if self.head[order][ft] == NIL {
+        l.len -= 1;
+        if l.first == NIL {
             self.nonempty[ft] &= !(1 << order);
         }
     }
@@ -68,7 +106,7 @@ impl FreeLists {
     /// Pop the first block of list (order, ft), if any.
     #[inline]
     pub fn pop(&mut self, meta: &mut [PageMeta], order: usize, ft: usize) -> Option<u32> {
-        let h = self.head[order][ft];
+        let h = self.head(order, ft);
         if h == NIL {
             return None;
         }
@@ -100,7 +138,7 @@ mod tests {
         for off in [1u32, 3, 5] {
             l.push(&mut meta, off, 0, 2);
         }
-        assert_eq!(l.count[0][2], 3);
+        assert_eq!(l.count(0, 2), 3);
         assert_eq!(l.first_nonempty(0, 2), Some(0));
         l.remove(&mut meta, 3, 0, 2);
         assert_eq!(meta[5].next, 1);

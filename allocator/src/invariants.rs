@@ -107,7 +107,7 @@ impl<S: Stage2> BuddyAllocator<S> {
         // Free lists.
         for o in 0..NR_ORDERS {
             for ft in 0..Freetype::COUNT {
-                let mut cur = self.lists.head[o][ft];
+                let mut cur = self.lists.head(o, ft);
                 let mut prev = NIL;
                 let mut k = 0u64;
                 while cur != NIL {
@@ -128,7 +128,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                     prev = cur;
                     cur = m.next;
                 }
-                if k != free_blocks[o][ft] || k != self.lists.count[o][ft] {
+                if k != free_blocks[o][ft] || k != self.lists.count(o, ft) {
                     return Err("free list count differs from the free blocks");
                 }
                 if (self.lists.nonempty[ft] >> o & 1 != 0) != (k != 0) {

@@ -141,7 +141,7 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
             stage2_pages_unmapped: c.stage2_pages_unmapped,
             stage2_pages_mapped: c.stage2_pages_mapped,
             pages_zeroed: c.pages_zeroed,
-            free_per_order: self.lists.count,
+            free_per_order: self.lists.counts(),
             allocs: c.allocs,
             frees: c.frees,
             fallbacks_claim: c.fallbacks_claim,
@@ -162,10 +162,10 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
         for ft in 0..Freetype::COUNT {
             let pcp = self.pcp.len(ft) as u64;
             s.pcp_pages[ft] = pcp;
-            let buddy: u64 = (0..NR_ORDERS).map(|o| self.lists.count[o][ft] << o).sum();
+            let buddy: u64 = (0..NR_ORDERS).map(|o| self.lists.count(o, ft) << o).sum();
             s.free_pages_per_freetype[ft] = buddy + pcp;
             let whole: u64 = (PAGEBLOCK_ORDER as usize..NR_ORDERS)
-                .map(|o| self.lists.count[o][ft] << (o - PAGEBLOCK_ORDER as usize))
+                .map(|o| self.lists.count(o, ft) << (o - PAGEBLOCK_ORDER as usize))
                 .sum();
             if Freetype::ALL[ft].is_unmapped() {
                 s.free_pageblocks_unmapped += whole;
