@@ -27,6 +27,8 @@ use crate::vm::{mmio_action, Allocator, FetchOutcome, SharedVm, ViolationPolicy}
 pub const MAX_TEXT: u64 = 4096;
 /// Most records one QueryViolations call may ask for.
 pub const MAX_QUERY: u64 = 4096;
+/// Most bytes one HostFill / HostCount may name (bounds the host work one exit can cause).
+pub const MAX_HOST_RANGE: u64 = 64 << 20;
 /// Most guest log lines kept in the report.
 pub const MAX_LOGS: usize = 1000;
 
@@ -347,7 +349,7 @@ impl Session {
     /// Checks that every page of `[gpa, gpa + len)` is allocated to the guest.
     fn check_owned(&self, gpa: u64, len: u64) -> Result<(), Status> {
         let managed = self.ram.size() - self.reserved_end;
-        if len == 0 || len > managed {
+        if len == 0 || len > managed.min(MAX_HOST_RANGE) {
             return Err(Status::BadArgument);
         }
         let end = gpa.checked_add(len).ok_or(Status::BadAddress)?;
