@@ -151,6 +151,54 @@ fn every_violation_lies_in_a_range_the_json_dump_shows_unmapped() {
 }
 
 #[test]
+fn guest_requested_dumps_are_numbered_beside_the_exit_dump() {
+    if !kvm_available() {
+        return;
+    }
+    // Hc::Dump twice, then Exit(0).
+    let code = [
+        0xb8, 13, 0, 0, 0, // mov eax, 13 (Hc::Dump)
+        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+        0xef, // out dx, eax
+        0xb8, 13, 0, 0, 0, 0xef, // Dump again
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xb8, 20, 0, 0, 0, 0xef, // Exit(0)
+        0xeb, 0xfe,
+    ];
+    let dir = scratch("numbered");
+    let g = write_guest(&dir, "dump.elf", &tiny(&code));
+    let file = dir.join("ept.json");
+    let out = veil(&[
+        "run",
+        "--guest",
+        &g,
+        "--json",
+        "--dump-ept",
+        file.to_str().unwrap(),
+        "--dump-format",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dumps: Vec<&str> = doc["dumps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert_eq!(dumps.len(), 3, "{dumps:?}");
+    for (name, reason) in [
+        ("ept.1.json", "guest request #1"),
+        ("ept.2.json", "guest request #2"),
+        ("ept.json", "exit"),
+    ] {
+        let d: Value = serde_json::from_slice(&std::fs::read(dir.join(name)).unwrap()).unwrap();
+        assert_eq!(d["reason"], reason, "{name}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn table_output_and_list_tests() {
     if !kvm_available() {
         return;
@@ -311,8 +359,11 @@ fn help_teaches_options_and_exit_codes() {
     ] {
         assert!(s.contains(k), "--help lacks {k}");
     }
-    let out = veil(&["caps"]);
     if kvm_available() {
+        let out = veil(&["caps"]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let out = veil(&["caps", "--json"]);
+        let caps: Value = serde_json::from_slice(&out.stdout).expect("caps JSON");
+        assert!(caps["nr_memslots"].as_u64().unwrap() > 0);
     }
 }
