@@ -27,6 +27,19 @@ use veil_abi::{BootMode, TestResult, ABI_VERSION};
 #[no_mangle]
 extern "C" fn kmain(boot_info: u64) -> ! {
     idt::init();
+    serial::init();
+    // The first hypercall comes before any console output: the VMM times process start to it.
+    match hc::version() {
+        Ok(ABI_VERSION) => {}
+        Ok(v) => {
+            println!("veil-guest: VMM speaks ABI {v}, guest {ABI_VERSION}");
+            hc::exit(2);
+        }
+        Err(s) => {
+            println!("veil-guest: Version hypercall failed: {s:?}");
+            hc::exit(2);
+        }
+    }
     let info = match boot::init(boot_info) {
         Ok(info) => info,
         Err(why) => {
@@ -40,17 +53,6 @@ extern "C" fn kmain(boot_info: u64) -> ! {
         info.managed_start,
         info.managed_end
     );
-    match hc::version() {
-        Ok(ABI_VERSION) => {}
-        Ok(v) => {
-            println!("veil-guest: VMM speaks ABI {v}, guest {ABI_VERSION}");
-            hc::exit(2);
-        }
-        Err(s) => {
-            println!("veil-guest: Version hypercall failed: {s:?}");
-            hc::exit(2);
-        }
-    }
     let _ = hc::log("veil-guest: kernel up, announcing tests");
     for test in registry::TESTS {
         if let Err(s) = hc::test_announce(test.name) {
