@@ -505,3 +505,28 @@ impl Trace {
         self.stats.allocs
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_compact() {
+        assert!(std::mem::size_of::<Event>() <= 16);
+    }
+
+    #[test]
+    fn crlf_and_unicode_task_names() {
+        let s = "  tâche-ü-1 [000] ..... 1.0: mm_page_alloc: page=x pfn=0x10 order=0 migratetype=0 gfp_flags=GFP_KERNEL\r\n\
+                 x-1 [000] ..... 1.1: mm_page_free: page=x pfn=0x10 order=0\r\n";
+        let t = load(s.as_bytes(), LoadOptions::default()).unwrap();
+        assert_eq!(
+            (
+                t.stats.allocs,
+                t.stats.frees_matched,
+                t.stats.malformed_lines
+            ),
+            (1, 1, 0)
+        );
+    }
+}
