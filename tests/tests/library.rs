@@ -204,6 +204,28 @@ fn the_vmm_fails_a_test_with_undeclared_violations_whatever_the_guest_says() {
 }
 
 #[test]
+fn string_output_to_the_uart_reaches_the_console() {
+    if !kvm_available() {
+        return;
+    }
+    let mut code = vec![
+        0xbe, 0x00, 0x01, 0x20, 0x00, // mov esi, 0x200100
+        0xb9, 6, 0, 0, 0, // mov ecx, 6
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xf3, 0x6e, // rep outsb
+    ];
+    code.extend_from_slice(EXIT0);
+    code.resize(0x100, 0xcc);
+    code.extend_from_slice(b"hello\n");
+    let console = Arc::new(Mutex::new(Vec::new()));
+    let mut c = config(guest(&code));
+    c.console = ConsoleSink::Buffer(console.clone());
+    let r = run(c).expect("boot");
+    assert!(r.exit.is_clean(), "{}", r.summary());
+    assert_eq!(&*console.lock().unwrap(), b"hello\n");
+}
+
+#[test]
 fn kill_policy_also_stops_fetches() {
     if !kvm_available() {
         return;

@@ -303,18 +303,35 @@ impl Vm {
                         BARE_PORT => self.s.exits.bare += 1,
                         p if Console::owns(p) => {
                             self.s.exits.pio += 1;
-                            self.s.console.write(p, value);
+                            if data.len() <= 1 {
+                                self.s.console.write(p, value);
+                            } else {
+                                // String or wide I/O: one UART write per element (low byte).
+                                let bytes = data.to_vec();
+                                let size = self.pio_size();
+                                for chunk in bytes.chunks(size) {
+                                    self.s.console.write(p, chunk[0]);
+                                }
+                            }
                         }
                         _ => self.s.exits.pio += 1,
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     self.s.exits.pio += 1;
-                    if Console::owns(port) && !data.is_empty() {
-                        data[0] = self.s.console.read(port);
-                        data[1..].fill(0);
-                    } else {
+                    if !Console::owns(port) {
                         data.fill(0xff);
+                    } else if data.len() == 1 {
+                        data[0] = self.s.console.read(port);
+                    } else {
+                        // String or wide I/O: one UART read per element, zero-extended.
+                        let len = data.len();
+                        let size = self.pio_size();
+                        let mut bytes = vec![0u8; len];
+                        for chunk in bytes.chunks_mut(size) {
+                            chunk[0] = self.s.console.read(port);
+                        }
+                        self.pio_data_mut(len).copy_from_slice(&bytes);
                     }
                 }
                 Ok(VcpuExit::MmioRead(gpa, data)) => {
@@ -388,6 +405,26 @@ impl Vm {
 
     fn sync_rip(&mut self) -> u64 {
         self.vcpu.sync_regs_mut().regs.rip
+    }
+
+    /// Element size of the port I/O exit being handled (1, 2 or 4).
+    fn pio_size(&mut self) -> usize {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: called only while handling a KVM_EXIT_IO exit: `io` is the active union member.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        usize::from(io.size).clamp(1, 4)
+    }
+
+    /// The data of the port I/O exit being handled (`len` = count * size bytes).
+    fn pio_data_mut(&mut self, len: usize) -> &mut [u8] {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: called only while handling a KVM_EXIT_IO exit: `io` is the active union member.
+        let off = unsafe { run.__bindgen_anon_1.io }.data_offset as usize;
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: KVM places the I/O data at `data_offset` inside the kvm_run mapping (which spans
+        // the vCPU mmap size, several pages), and `len` is the length of the slice kvm-ioctls
+        // built from the same offset for this exit.
+        unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
     }
 
     fn mmio_data_mut(&mut self, len: usize) -> &mut [u8] {
