@@ -29,6 +29,8 @@ pub const MAX_TEXT: u64 = 4096;
 pub const MAX_QUERY: u64 = 4096;
 /// Most bytes one HostFill / HostCount may name (bounds the host work one exit can cause).
 pub const MAX_HOST_RANGE: u64 = 64 << 20;
+/// Most dumps a guest may request in one run.
+pub const MAX_GUEST_DUMPS: u32 = 1000;
 /// Most guest log lines kept in the report.
 pub const MAX_LOGS: usize = 1000;
 
@@ -397,7 +399,7 @@ impl Session {
                 self.recovery = None;
                 HcOut::ok(0)
             }
-            Hc::Dump => HcOut::ok(self.guest_dump()),
+            Hc::Dump => self.guest_dump().into(),
             Hc::CheckInvariants => match self.alloc.check_invariants() {
                 Ok(()) => HcOut::ok(0),
                 Err(msg) => {
@@ -843,15 +845,18 @@ impl Session {
     }
 
     /// Hc::Dump: writes dump number N; returns N (0 if dumps are off).
-    fn guest_dump(&mut self) -> u64 {
+    fn guest_dump(&mut self) -> Result<u64, Status> {
         let Some(cfg) = self.dump.clone() else {
-            return 0;
+            return Ok(0);
         };
+        if self.guest_dumps >= MAX_GUEST_DUMPS {
+            return Err(Status::BadState);
+        }
         self.guest_dumps += 1;
         let n = self.guest_dumps;
         let reason = format!("guest request #{n}");
         self.write_dump(&reason, cfg.numbered_path(n));
-        u64::from(n)
+        Ok(u64::from(n))
     }
 
     // ----- the end -----
