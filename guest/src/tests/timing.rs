@@ -7,9 +7,12 @@ use veil_abi::{Hc, BARE_PORT, HYPERCALL_PORT};
 
 /// Exits timed per kind.
 const ITERATIONS: u64 = 2000;
-/// The two kinds alternate in this many rounds, so that a change in host load during the
-/// measurement hits both alike.
-const ROUNDS: u64 = 10;
+/// The two kinds alternate in this many rounds of `ITERATIONS / ROUNDS` exits each. Other work
+/// on the host (this host is shared and itself virtual) slows some rounds down a lot; the
+/// median round of each kind is what gets reported, scaled to `ITERATIONS`.
+const ROUNDS: usize = 20;
+/// Exits per round.
+const PER_ROUND: u64 = ITERATIONS / ROUNDS as u64;
 
 /// Reads the time-stamp counter.
 fn rdtsc() -> u64 {
@@ -41,16 +44,31 @@ fn time_exits(port: u16, nr: u32, n: u64) -> u64 {
     rdtsc().wrapping_sub(t0)
 }
 
-/// Times `ITERATIONS` bare exits and `ITERATIONS` `Nop` hypercalls and reports both.
+/// Median of `v` (sorts it; insertion sort, `v` is tiny).
+fn median(v: &mut [u64]) -> u64 {
+    for i in 1..v.len() {
+        let mut j = i;
+        while j > 0 && v[j - 1] > v[j] {
+            v.swap(j - 1, j);
+            j -= 1;
+        }
+    }
+    v[v.len() / 2]
+}
+
+/// Times `ITERATIONS` bare exits and `ITERATIONS` `Nop` hypercalls in alternating rounds and
+/// reports the median round of each, scaled to `ITERATIONS`.
 pub fn hypercall_timing() -> Outcome {
     hc::nop().ctx("Nop")?;
-    let (mut bare, mut nop) = (0, 0);
-    for _ in 0..ROUNDS {
-        bare += time_exits(BARE_PORT, 0, ITERATIONS / ROUNDS);
-        nop += time_exits(HYPERCALL_PORT, Hc::Nop as u32, ITERATIONS / ROUNDS);
+    let (mut bare, mut nop) = ([0u64; ROUNDS], [0u64; ROUNDS]);
+    for r in 0..ROUNDS {
+        bare[r] = time_exits(BARE_PORT, 0, PER_ROUND);
+        nop[r] = time_exits(HYPERCALL_PORT, Hc::Nop as u32, PER_ROUND);
     }
+    let bare = median(&mut bare) * ROUNDS as u64;
+    let nop = median(&mut nop) * ROUNDS as u64;
     crate::println!(
-        "veil-guest: {ITERATIONS} exits: bare {} cycles/exit, Nop hypercall {} cycles/exit",
+        "veil-guest: {ITERATIONS} exits (median of {ROUNDS} rounds): bare {} cycles/exit, Nop hypercall {} cycles/exit",
         bare / ITERATIONS,
         nop / ITERATIONS
     );
