@@ -31,6 +31,7 @@ pub static TESTS: &[Test] = &[
     Test::new("unmapped_fetch", tests::unmapped::unmapped_fetch),
     Test::new("unmapped_widths", tests::widths::unmapped_widths),
     Test::new("flip_amortised", tests::flips::flip_amortised),
+    Test::new("atomic_no_flip", tests::flips::atomic_no_flip),
     Test::new("scrub_on_reuse", tests::flips::scrub_on_reuse),
     Test::new("bad_hypercalls", tests::bad_hypercalls::bad_hypercalls),
     Test::new("oom", tests::oom::oom),

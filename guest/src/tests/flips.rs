@@ -142,3 +142,50 @@ pub fn scrub_on_reuse() -> Outcome {
     );
     Ok(())
 }
+
+/// Most unmapped allocations `atomic_no_flip` may need to use up the free unmapped pages.
+const MAX_ATOMIC: usize = 4096;
+
+/// Requests that may not block never flip: `UNMAPPED | ATOMIC` allocations take the free
+/// unmapped pages there are, then fail with `WouldBlock` while mapped memory is still free,
+/// without a single stage-2 update.
+pub fn atomic_no_flip() -> Outcome {
+    let s0 = hc::stats().ctx("Stats")?;
+    let mut held = PageList::new(MAX_ATOMIC);
+    let mut order = 10u8;
+    let failure = loop {
+        ensure!(
+            !held.is_full(),
+            "more than {MAX_ATOMIC} free unmapped blocks"
+        );
+        match held.alloc(order, gfp::UNMAPPED | gfp::ATOMIC) {
+            Ok(_) => {}
+            Err(_) if order > 0 => order -= 1,
+            Err(s) => break s,
+        }
+    };
+    let s1 = hc::stats().ctx("Stats")?;
+    let flips = s1.flips_to_unmapped.wrapping_sub(s0.flips_to_unmapped);
+    let unmaps = s1.stage2_unmap_calls.wrapping_sub(s0.stage2_unmap_calls);
+    let slots = s1.memslot_updates.wrapping_sub(s0.memslot_updates);
+    ensure!(
+        flips == 0 && unmaps == 0 && slots == 0,
+        "atomic requests made {flips} flips, {unmaps} unmap calls, {slots} memslot updates"
+    );
+    let free = s1.free_pages;
+    if free >= 512 {
+        ensure!(
+            failure == Status::WouldBlock,
+            "atomic order-0 unmapped request failed with {failure:?} while {free} pages were free: \
+             expected WouldBlock"
+        );
+    }
+    // Without ATOMIC the same request may flip, and succeeds.
+    if free >= 512 {
+        held.alloc(0, gfp::UNMAPPED)
+            .ctx("non-atomic UNMAPPED after WouldBlock")?;
+    }
+    held.free_all().ctx("free")?;
+    hc::check_invariants().ctx("CheckInvariants")?;
+    Ok(())
+}
