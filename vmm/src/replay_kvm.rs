@@ -145,11 +145,7 @@ mod tests {
         let a = args(&[]);
         let l = cli::load(&a).unwrap();
         let mut ioctls = Vec::new();
-        for kind in [
-            PolicyKind::Freetype,
-            PolicyKind::PerPage,
-            PolicyKind::UnmappedCache,
-        ] {
+        for kind in PolicyKind::ALL {
             let r = run_policy_on_kvm(&kvm, &a, &l, kind, max).unwrap();
             let lay = cli::layout(&a, kind, &l.trace).unwrap();
             let (m, _) = policy::run(kind, &l.trace, lay, PureModel, &RunOptions::default());
