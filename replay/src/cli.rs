@@ -138,8 +138,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let bytes = n
         .checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} too large"))?;
-    if bytes < 2 << 20 {
-        return Err(format!("size {s:?} below 2 MiB"));
+    if bytes < 4 << 20 {
+        return Err(format!("size {s:?} below 4 MiB (two pageblocks)"));
     }
     if bytes > 64 << 30 {
         return Err(format!("size {s:?} above 64 GiB"));
@@ -387,6 +387,7 @@ mod tests {
         assert_eq!(parse_size("1G"), Ok(1 << 30));
         assert_eq!(parse_size("300MiB"), Ok(300 << 20));
         assert_eq!(parse_size("4194304"), Ok(4 << 20));
+        assert!(parse_size("2M").is_err());
         assert!(parse_size("12X").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
         assert!(parse_size("").is_err());
