@@ -33,6 +33,7 @@ pub static TESTS: &[Test] = &[
     Test::new("flip_amortised", tests::flips::flip_amortised),
     Test::new("atomic_no_flip", tests::flips::atomic_no_flip),
     Test::new("scrub_on_reuse", tests::flips::scrub_on_reuse),
+    Test::new("zeroing", tests::zeroing::zeroing),
     Test::new("bad_hypercalls", tests::bad_hypercalls::bad_hypercalls),
     Test::new("oom", tests::oom::oom),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),

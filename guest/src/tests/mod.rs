@@ -7,6 +7,7 @@ pub mod oom;
 pub mod timing;
 pub mod unmapped;
 pub mod widths;
+pub mod zeroing;
 
 use crate::hc;
 use crate::outcome::{Ctx, Fail};
