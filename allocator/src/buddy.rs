@@ -5,7 +5,7 @@ use crate::freelist::FreeLists;
 use crate::freetype::Freetype;
 use crate::gfp::{AllocRequest, BuddyContext, Gfp};
 use crate::meta::{PageMeta, NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
-use crate::pcp::Pcp;
+use crate::pcp::{Pcp, PCP_MAX_ORDER};
 use crate::stage2::Stage2;
 use crate::stats::Counters;
 use crate::{Pfn, MAX_ORDER, PAGEBLOCK_ORDER};
@@ -40,8 +40,8 @@ pub struct Config {
     /// Zero freed pages of unmapped freetypes (through [`Stage2::zero`]) before they become
     /// free, so no secret outlives its owner. Default: on.
     pub init_on_free_unmapped: bool,
-    /// Pages in each per-freetype order-0 cache ([`crate::pcp`]); 0 disables the caches.
-    /// Default: 64.
+    /// Blocks in each per-(order, freetype) cache of small free blocks ([`crate::pcp`],
+    /// orders 0..=3); 0 disables the caches. Default: 64.
     pub pcp_capacity: u32,
 }
 
@@ -164,27 +164,17 @@ impl<S: Stage2> BuddyAllocator<S> {
         if let Ok(req) = AllocRequest::from_gfp(ctx, gfp) {
             if !req.zero {
                 let ft = req.freetype.index();
-                if order == 0 {
-                    if let Some(off) = self.pcp.pop(ft) {
-                        let m = &mut self.meta[off as usize];
-                        m.state = ST_ALLOC;
-                        m.ft = ft as u8;
-                        self.free -= 1;
-                        self.ctr.allocs[0][ft] += 1;
-                        return Ok(Allocation {
-                            pfn: self.base + off as u64,
-                            order: 0,
-                            freetype: req.freetype,
-                        });
-                    }
-                }
                 if order <= MAX_ORDER {
-                    if let Some(off) = self.rmqueue_smallest_outlined(ft, order) {
+                    let hit = match self.pcp_pop(order, ft) {
+                        Some(off) => Some(off),
+                        None => self.rmqueue_smallest_outlined(ft, order),
+                    };
+                    if let Some(off) = hit {
                         let m = &mut self.meta[off as usize];
                         m.state = ST_ALLOC | order;
                         m.ft = ft as u8;
                         self.free -= 1 << order;
-                        self.ctr.allocs[order as usize][ft] += 1;
+                        self.ctr.allocs[order as usize * Freetype::COUNT + ft] += 1;
                         return Ok(Allocation {
                             pfn: self.base + off as u64,
                             order,
@@ -223,7 +213,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     #[inline]
     fn alloc_request(&mut self, req: AllocRequest, order: u8) -> Result<Allocation, AllocError> {
         let ft = req.freetype.index();
-        let off = self.take_block(req, order)?;
+        let (off, cached) = self.take_block(req, order)?;
         let m = &mut self.meta[off as usize];
         m.state = ST_ALLOC | order;
         m.ft = ft as u8;
@@ -233,16 +223,25 @@ impl<S: Stage2> BuddyAllocator<S> {
             let n = 1u64 << order;
             if let Err(e) = self.s2.zero(pfn, n) {
                 self.ctr.stage2_failures += 1;
-                // Give the block back exactly as a free would (without init_on_free: the
-                // pages were never handed out).
-                self.release(off, order);
+                // Put the block back where it came from (no init_on_free: the pages were
+                // never handed out), so the allocator is as before the call.
+                self.free += n;
+                let bft = self.pb[self.pb_index(off)] as usize;
+                if cached && self.pcp.push(order, ft, off) {
+                    let m = &mut self.meta[off as usize];
+                    m.state = ST_CACHED | order;
+                    m.ft = ft as u8;
+                } else {
+                    self.meta[off as usize].state = ST_NONE;
+                    self.free_to_buddy(off, order, bft);
+                }
                 return Err(AllocError::Stage2(e));
             }
             self.ctr.stage2_zero_calls += 1;
             self.ctr.pages_zeroed += n;
             self.ctr.pages_zeroed_on_alloc += n;
         }
-        self.ctr.allocs[order as usize][ft] += 1;
+        self.ctr.allocs[order as usize * Freetype::COUNT + ft] += 1;
         Ok(Allocation {
             pfn,
             order,
@@ -252,24 +251,23 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Find a free block for the request and take it off the free structures: cache, same
     /// freetype, fallback within the same mapped-ness, drain the caches and retry, flip.
+    /// Also says whether the block came from a cache.
     #[inline]
-    fn take_block(&mut self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
+    fn take_block(&mut self, req: AllocRequest, order: u8) -> Result<(u32, bool), AllocError> {
         let ft = req.freetype.index();
-        if order == 0 {
-            if let Some(off) = self.pcp.pop(ft) {
-                return Ok(off);
-            }
+        if let Some(off) = self.pcp_pop(order, ft) {
+            return Ok((off, true));
         }
         if let Some(off) = self.rmqueue(req.freetype, order) {
-            return Ok(off);
+            return Ok((off, false));
         }
-        if self.pcp.total() != 0 {
+        if !self.pcp.is_empty() {
             self.drain_pcp();
             if let Some(off) = self.rmqueue(req.freetype, order) {
-                return Ok(off);
+                return Ok((off, false));
             }
         }
-        self.flip_alloc(req, order)
+        self.flip_alloc(req, order).map(|off| (off, false))
     }
 
     /// Same freetype first, then Linux's claim/steal fallback within the same mapped-ness.
@@ -325,14 +323,14 @@ impl<S: Stage2> BuddyAllocator<S> {
     fn release(&mut self, off: u32, order: u8) {
         let bft = self.pb[self.pb_index(off)] as usize;
         self.free += 1 << order;
-        if order == 0 && self.pcp.cap() != 0 {
-            if !self.pcp.push(bft, off) {
-                self.drain_pcp_ft(bft, self.pcp.cap().div_ceil(2));
-                let pushed = self.pcp.push(bft, off);
+        if order <= PCP_MAX_ORDER && self.pcp.cap() != 0 {
+            if !self.pcp.push(order, bft, off) {
+                self.drain_pcp_list(order, bft, self.pcp.cap().div_ceil(2));
+                let pushed = self.pcp.push(order, bft, off);
                 debug_assert!(pushed);
             }
             let m = &mut self.meta[off as usize];
-            m.state = ST_CACHED;
+            m.state = ST_CACHED | order;
             m.ft = bft as u8;
             return;
         }
@@ -392,26 +390,40 @@ impl<S: Stage2> BuddyAllocator<S> {
         (((self.base + off as u64) >> PAGEBLOCK_ORDER) - self.pb_base) as usize
     }
 
-    /// Return every cached order-0 page to the buddy lists (Linux's `drain_all_pages`).
+    /// Return every cached block to the buddy lists (Linux's `drain_all_pages`).
     pub fn drain_pcp(&mut self) {
-        for ft in 0..Freetype::COUNT {
-            let n = self.pcp.len(ft);
-            if n != 0 {
-                self.drain_pcp_ft(ft, n);
+        for order in 0..=PCP_MAX_ORDER {
+            for ft in 0..Freetype::COUNT {
+                let n = self.pcp.len(order, ft);
+                if n != 0 {
+                    self.drain_pcp_list(order, ft, n);
+                }
             }
         }
     }
 
-    /// Return the `n` most recently cached pages of `ft` to the buddy lists.
-    fn drain_pcp_ft(&mut self, ft: usize, n: u32) {
+    /// Take a cached block of (order, ft), if the order is cached at all.
+    #[inline(always)]
+    fn pcp_pop(&mut self, order: u8, ft: usize) -> Option<u32> {
+        if order <= PCP_MAX_ORDER {
+            self.pcp.pop(order, ft)
+        } else {
+            None
+        }
+    }
+
+    /// Return the `n` most recently cached blocks of (order, ft) to the buddy lists.
+    fn drain_pcp_list(&mut self, order: u8, ft: usize, n: u32) {
         self.ctr.pcp_drains += 1;
         for _ in 0..n {
-            let Some(off) = self.pcp.pop(ft) else { break };
+            let Some(off) = self.pcp.pop(order, ft) else {
+                break;
+            };
             self.meta[off as usize].state = ST_NONE;
             // The block's freetype may have been re-claimed since; its mapped-ness cannot
-            // have changed (a flip needs a whole free pageblock, a cached page prevents it).
+            // have changed (a flip needs a whole free pageblock, a cached block prevents it).
             let bft = self.pb[self.pb_index(off)] as usize;
-            self.free_to_buddy(off, 0, bft);
+            self.free_to_buddy(off, order, bft);
         }
     }
 
@@ -435,13 +447,13 @@ impl<S: Stage2> BuddyAllocator<S> {
                 && !(self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize))
             {
                 let off = off as u32;
-                self.ctr.frees[order as usize][m.ft as usize] += 1;
+                self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
                 let bft = self.pb[self.pb_index(off)];
-                if order == 0 && self.pcp.push(bft as usize, off) {
+                if order <= PCP_MAX_ORDER && self.pcp.push(order, bft as usize, off) {
                     let e = &mut self.meta[off as usize];
-                    e.state = ST_CACHED;
+                    e.state = ST_CACHED | order;
                     e.ft = bft;
-                    self.free += 1;
+                    self.free += 1 << order;
                     return Ok(());
                 }
                 self.free_block_outlined(off, order, bft as usize);
@@ -456,12 +468,12 @@ impl<S: Stage2> BuddyAllocator<S> {
     #[inline(never)]
     fn free_block_outlined(&mut self, off: u32, order: u8, bft: usize) {
         self.free += 1 << order;
-        if order == 0 && self.pcp.cap() != 0 {
-            self.drain_pcp_ft(bft, self.pcp.cap().div_ceil(2));
-            let pushed = self.pcp.push(bft, off);
+        if order <= PCP_MAX_ORDER && self.pcp.cap() != 0 {
+            self.drain_pcp_list(order, bft, self.pcp.cap().div_ceil(2));
+            let pushed = self.pcp.push(order, bft, off);
             debug_assert!(pushed);
             let m = &mut self.meta[off as usize];
-            m.state = ST_CACHED;
+            m.state = ST_CACHED | order;
             m.ft = bft as u8;
             return;
         }
@@ -510,7 +522,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             self.ctr.pages_zeroed += n;
             self.ctr.pages_zeroed_on_free += n;
         }
-        self.ctr.frees[order as usize][m.ft as usize] += 1;
+        self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
         self.release(off, order);
         Ok(())
     }
@@ -537,7 +549,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                     freetype: Freetype::ALL[m.ft as usize],
                 });
             }
-            if (m.state & ST_FREE != 0 && ho >= o) || m.state & ST_CACHED != 0 {
+            if m.state & (ST_FREE | ST_CACHED) != 0 && ho >= o {
                 return None;
             }
         }

@@ -24,7 +24,15 @@ impl fmt::Display for Stage2Error {
 
 impl core::error::Error for Stage2Error {}
 
-/// Why an allocation failed. The allocator is unchanged after every error.
+/// Why an allocation failed.
+///
+/// After any error the allocator holds the same allocations and free pages as before and
+/// `check_invariants` holds. Invalid requests change nothing at all. A request that reached
+/// the slow path may have drained the small-block caches (Linux's `drain_all_pages`) and, for
+/// [`AllocError::Stage2`], may keep side effects of steps that succeeded before the failing
+/// stage-2 call (a migratetype claim, a completed flip whose block is now free on its new
+/// lists, a zeroing); the block that was being prepared is back on the free lists, and a
+/// block is never left mapped without having been zeroed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AllocError {

@@ -63,35 +63,35 @@ pub const FT_FLAG_SENSITIVE_RESERVED: u8 = 1 << 1;
 /// is a caller bug and is rejected ([`crate::AllocError::InvalidFlags`]) instead of being
 /// silently turned into `unmovable|unmapped`. A `SENSITIVE` flag will add rows after index 3
 /// without renumbering the existing ones.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Freetype {
-    mt: Migratetype,
-    flags: u8,
-}
+///
+/// Represented by its dense index, so [`Freetype::index`] is free on the hot path.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Freetype(u8);
+
+/// Migratetype of each freetype, by index.
+const FT_MT: [Migratetype; Freetype::COUNT] = [
+    Migratetype::Unmovable,
+    Migratetype::Movable,
+    Migratetype::Reclaimable,
+    Migratetype::Unmovable,
+];
+/// Flag bits of each freetype, by index.
+const FT_FLAGS: [u8; Freetype::COUNT] = [0, 0, 0, FT_FLAG_UNMAPPED];
+/// Names, by index.
+const FT_NAMES: [&str; Freetype::COUNT] =
+    ["unmovable", "movable", "reclaimable", "unmovable|unmapped"];
 
 impl Freetype {
     /// Number of freetypes that have free lists (dense index range).
     pub const COUNT: usize = 4;
     /// `unmovable` (mapped).
-    pub const UNMOVABLE: Freetype = Freetype {
-        mt: Migratetype::Unmovable,
-        flags: 0,
-    };
+    pub const UNMOVABLE: Freetype = Freetype(0);
     /// `movable` (mapped).
-    pub const MOVABLE: Freetype = Freetype {
-        mt: Migratetype::Movable,
-        flags: 0,
-    };
+    pub const MOVABLE: Freetype = Freetype(1);
     /// `reclaimable` (mapped).
-    pub const RECLAIMABLE: Freetype = Freetype {
-        mt: Migratetype::Reclaimable,
-        flags: 0,
-    };
+    pub const RECLAIMABLE: Freetype = Freetype(2);
     /// `unmovable|unmapped`.
-    pub const UNMOVABLE_UNMAPPED: Freetype = Freetype {
-        mt: Migratetype::Unmovable,
-        flags: FT_FLAG_UNMAPPED,
-    };
+    pub const UNMOVABLE_UNMAPPED: Freetype = Freetype(3);
     /// Every freetype with free lists, in index order.
     pub const ALL: [Freetype; Freetype::COUNT] = [
         Freetype::UNMOVABLE,
@@ -103,7 +103,9 @@ impl Freetype {
     /// The freetype for `mt` with the given mapped-ness, if that combination has free lists.
     pub const fn new(mt: Migratetype, unmapped: bool) -> Option<Freetype> {
         match (mt, unmapped) {
-            (_, false) => Some(Freetype { mt, flags: 0 }),
+            (Migratetype::Unmovable, false) => Some(Freetype::UNMOVABLE),
+            (Migratetype::Movable, false) => Some(Freetype::MOVABLE),
+            (Migratetype::Reclaimable, false) => Some(Freetype::RECLAIMABLE),
             (Migratetype::Unmovable, true) => Some(Freetype::UNMOVABLE_UNMAPPED),
             _ => None,
         }
@@ -111,32 +113,28 @@ impl Freetype {
 
     /// The migratetype part.
     pub const fn migratetype(self) -> Migratetype {
-        self.mt
+        FT_MT[self.0 as usize]
     }
 
     /// The flag bits (`FT_FLAG_*`).
     pub const fn flags(self) -> u8 {
-        self.flags
+        FT_FLAGS[self.0 as usize]
     }
 
     /// Whether pages of this freetype are removed from the direct map.
     pub const fn is_unmapped(self) -> bool {
-        self.flags & FT_FLAG_UNMAPPED != 0
+        self.flags() & FT_FLAG_UNMAPPED != 0
     }
 
     /// Dense index in `0..COUNT`.
     pub const fn index(self) -> usize {
-        if self.flags & FT_FLAG_UNMAPPED != 0 {
-            3
-        } else {
-            self.mt as usize
-        }
+        self.0 as usize
     }
 
     /// The freetype with dense index `i`.
     pub const fn from_index(i: usize) -> Option<Freetype> {
         if i < Freetype::COUNT {
-            Some(Freetype::ALL[i])
+            Some(Freetype(i as u8))
         } else {
             None
         }
@@ -144,12 +142,13 @@ impl Freetype {
 
     /// Short name, e.g. "unmovable", "unmovable|unmapped".
     pub fn name(self) -> &'static str {
-        match self.index() {
-            0 => "unmovable",
-            1 => "movable",
-            2 => "reclaimable",
-            _ => "unmovable|unmapped",
-        }
+        FT_NAMES[self.0 as usize]
+    }
+}
+
+impl core::fmt::Debug for Freetype {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Freetype({})", self.name())
     }
 }
 
@@ -188,6 +187,7 @@ mod tests {
     fn new_matches_kernel_combinations() {
         for mt in Migratetype::ALL {
             let ft = Freetype::new(mt, false).unwrap();
+            assert_eq!(ft.flags(), 0);
             assert_eq!(ft.migratetype(), mt);
             assert!(!ft.is_unmapped());
             assert_eq!(Freetype::from_index(ft.index()), Some(ft));

@@ -7,6 +7,7 @@ use crate::buddy::BuddyAllocator;
 use crate::freelist::NR_ORDERS;
 use crate::freetype::Freetype;
 use crate::meta::{NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
+use crate::pcp::PCP_MAX_ORDER;
 use crate::stage2::Stage2;
 use crate::MAX_ORDER;
 use alloc::vec;
@@ -28,17 +29,17 @@ impl<S: Stage2> BuddyAllocator<S> {
         }
         let mut free_blocks = [[0u64; Freetype::COUNT]; NR_ORDERS];
         let mut live = [[0u64; Freetype::COUNT]; NR_ORDERS];
-        let mut cached = [0u64; Freetype::COUNT];
+        let mut cached = [[0u64; Freetype::COUNT]; PCP_MAX_ORDER as usize + 1];
         let mut free_pages = 0u64;
         let mut off = 0u64;
         while off < self.nr {
             let m = self.meta[off as usize];
             let pfn = self.base + off;
             let o = if m.state & ST_CACHED != 0 {
-                if m.state != ST_CACHED {
-                    return Err("cached page with extra state bits");
+                if m.state & (ST_FREE | ST_ALLOC) != 0 || m.state & ST_ORDER > PCP_MAX_ORDER {
+                    return Err("cached block with extra state bits or a large order");
                 }
-                0
+                m.state & ST_ORDER
             } else if m.state & (ST_FREE | ST_ALLOC) != 0 {
                 if m.state & ST_FREE != 0 && m.state & ST_ALLOC != 0 {
                     return Err("page both free and allocated");
@@ -99,8 +100,8 @@ impl<S: Stage2> BuddyAllocator<S> {
             } else if m.state & ST_ALLOC != 0 {
                 live[o as usize][ft] += 1;
             } else {
-                cached[ft] += 1;
-                free_pages += 1;
+                cached[o as usize][ft] += 1;
+                free_pages += n;
             }
             off += n;
         }
@@ -137,28 +138,31 @@ impl<S: Stage2> BuddyAllocator<S> {
             }
         }
         // Caches.
-        for (ft, &want) in cached.iter().enumerate() {
-            if self.pcp.len(ft) as u64 != want {
-                return Err("cache length differs from the cached pages");
+        let mut seen = vec![
+            false;
+            if self.pcp.is_empty() {
+                0
+            } else {
+                self.nr as usize
             }
-            for &p in self.pcp.pages(ft) {
-                let m = self
-                    .meta
-                    .get(p as usize)
-                    .ok_or("cached page out of range")?;
-                if m.state != ST_CACHED || m.ft as usize != ft {
-                    return Err("cache holds a page that is not cached for it");
+        ];
+        for (o, row) in cached.iter().enumerate() {
+            for (ft, &want) in row.iter().enumerate() {
+                let o = o as u8;
+                if self.pcp.len(o, ft) as u64 != want {
+                    return Err("cache length differs from the cached blocks");
                 }
-            }
-        }
-        let mut seen = vec![false; 0];
-        if self.pcp.total() != 0 {
-            seen = vec![false; self.nr as usize];
-        }
-        for ft in 0..Freetype::COUNT {
-            for &p in self.pcp.pages(ft) {
-                if core::mem::replace(&mut seen[p as usize], true) {
-                    return Err("page cached twice");
+                for &p in self.pcp.blocks(o, ft) {
+                    let m = self
+                        .meta
+                        .get(p as usize)
+                        .ok_or("cached block out of range")?;
+                    if m.state != ST_CACHED | o || m.ft as usize != ft {
+                        return Err("cache holds a block that is not cached for it");
+                    }
+                    if core::mem::replace(&mut seen[p as usize], true) {
+                        return Err("block cached twice");
+                    }
                 }
             }
         }
@@ -167,7 +171,8 @@ impl<S: Stage2> BuddyAllocator<S> {
         }
         for o in 0..NR_ORDERS {
             for ft in 0..Freetype::COUNT {
-                let (a, f) = (self.ctr.allocs[o][ft], self.ctr.frees[o][ft]);
+                let i = o * Freetype::COUNT + ft;
+                let (a, f) = (self.ctr.allocs[i], self.ctr.frees[i]);
                 if f > a || a - f != live[o][ft] {
                     return Err("allocs - frees differs from the live allocations");
                 }

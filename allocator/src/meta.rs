@@ -9,7 +9,7 @@ pub(crate) const ST_NONE: u8 = 0;
 pub(crate) const ST_FREE: u8 = 0x40;
 /// State bit: head of a live allocation (low 4 bits: order).
 pub(crate) const ST_ALLOC: u8 = 0x80;
-/// State of an order-0 page parked in the per-freetype page cache ([`crate::pcp`]).
+/// State bit: head of a small block parked in a cache ([`crate::pcp`]) (low 4 bits: order).
 pub(crate) const ST_CACHED: u8 = 0x20;
 /// Mask of the order in a state byte.
 pub(crate) const ST_ORDER: u8 = 0x0f;

@@ -1,78 +1,101 @@
-//! Per-freetype caches of free order-0 pages, like Linux's per-CPU page lists.
+//! Per-(order, freetype) caches of small free blocks, like Linux's per-CPU page lists
+//! (which cache orders up to `PAGE_ALLOC_COSTLY_ORDER` = 3).
 //!
-//! A freed order-0 page is parked here instead of being merged, and the next order-0 request
-//! of the same freetype takes it back without touching the buddy lists: the hot alloc+free
-//! pair costs a few dozen instructions instead of a split and a merge per order. When a cache
-//! is full, half of it is returned to the buddy lists (merging). Before any flip and before an
-//! allocation fails, every cache is drained so cached pages never hide a whole free pageblock.
-//! Cached pages count as free everywhere (`free_pages_count`, `Snapshot::pcp_pages`) and are
-//! *not* allocations (`allocation_containing` says None, freeing one again is `NotAllocated`).
+//! A freed block of order `<= PCP_MAX_ORDER` is parked here instead of being merged, and the
+//! next request of the same order and freetype takes it back without touching the buddy
+//! lists: the hot alloc+free pair costs about a hundred instructions instead of a split and a
+//! merge per order. When a cache is full, half of it is returned to the buddy lists (merging).
+//! Before any flip and before an allocation fails, every cache is drained so cached blocks
+//! never hide a whole free pageblock. Cached pages count as free everywhere
+//! (`free_pages_count`, `Snapshot::pcp_pages`) and are *not* allocations
+//! (`allocation_containing` says None, freeing one again is `NotAllocated`).
 
 use crate::freetype::Freetype;
 use alloc::vec::Vec;
 
-/// The caches: one LIFO stack of page offsets per freetype.
+/// Highest order the caches hold (Linux's `PAGE_ALLOC_COSTLY_ORDER`).
+pub const PCP_MAX_ORDER: u8 = 3;
+/// Number of caches.
+const NR_PCP: usize = (PCP_MAX_ORDER as usize + 1) * Freetype::COUNT;
+
+/// Index of the cache for (order, ft).
+#[inline(always)]
+const fn ci(order: u8, ft: usize) -> usize {
+    order as usize * Freetype::COUNT + ft
+}
+
+/// The caches: one LIFO stack of block offsets per (order, freetype).
 #[derive(Clone, Debug)]
 pub(crate) struct Pcp {
     slots: Vec<u32>,
-    len: [u32; Freetype::COUNT],
+    len: [u32; NR_PCP],
     cap: u32,
 }
 
 impl Pcp {
-    /// Caches of `cap` pages each (0 disables them).
+    /// Caches of `cap` blocks each (0 disables them).
     pub fn new(cap: u32) -> Pcp {
         Pcp {
-            slots: alloc::vec![0; cap as usize * Freetype::COUNT],
-            len: [0; Freetype::COUNT],
+            slots: alloc::vec![0; cap as usize * NR_PCP],
+            len: [0; NR_PCP],
             cap,
         }
     }
 
-    /// Capacity of each cache.
+    /// Capacity of each cache, in blocks.
     #[inline]
     pub fn cap(&self) -> u32 {
         self.cap
     }
 
-    /// Pages in the cache of `ft`.
+    /// Blocks in the cache of (order, ft).
     #[inline]
-    pub fn len(&self, ft: usize) -> u32 {
-        self.len[ft]
+    pub fn len(&self, order: u8, ft: usize) -> u32 {
+        self.len[ci(order, ft)]
     }
 
-    /// Pages in all caches.
-    pub fn total(&self) -> u64 {
-        self.len.iter().map(|&l| l as u64).sum()
+    /// Pages in all caches of `ft`.
+    pub fn pages_of(&self, ft: usize) -> u64 {
+        (0..=PCP_MAX_ORDER)
+            .map(|o| (self.len(o, ft) as u64) << o)
+            .sum()
     }
 
-    /// Take the most recently cached page of `ft`.
+    /// Whether any cache holds a block.
+    pub fn is_empty(&self) -> bool {
+        self.len.iter().all(|&l| l == 0)
+    }
+
+    /// Take the most recently cached block of (order, ft).
     #[inline]
-    pub fn pop(&mut self, ft: usize) -> Option<u32> {
-        let l = self.len[ft];
+    pub fn pop(&mut self, order: u8, ft: usize) -> Option<u32> {
+        let c = ci(order, ft);
+        let l = self.len[c];
         if l == 0 {
             return None;
         }
-        self.len[ft] = l - 1;
-        Some(self.slots[ft * self.cap as usize + (l - 1) as usize])
+        self.len[c] = l - 1;
+        Some(self.slots[c * self.cap as usize + (l - 1) as usize])
     }
 
-    /// Cache page `off` for `ft`; false if that cache is full.
+    /// Cache block `off` for (order, ft); false if that cache is full.
     #[inline]
-    pub fn push(&mut self, ft: usize, off: u32) -> bool {
-        let l = self.len[ft];
+    pub fn push(&mut self, order: u8, ft: usize, off: u32) -> bool {
+        let c = ci(order, ft);
+        let l = self.len[c];
         if l >= self.cap {
             return false;
         }
-        self.slots[ft * self.cap as usize + l as usize] = off;
-        self.len[ft] = l + 1;
+        self.slots[c * self.cap as usize + l as usize] = off;
+        self.len[c] = l + 1;
         true
     }
 
-    /// The cached pages of `ft`, oldest first.
-    pub fn pages(&self, ft: usize) -> &[u32] {
-        let s = ft * self.cap as usize;
-        &self.slots[s..s + self.len[ft] as usize]
+    /// The cached blocks of (order, ft), oldest first.
+    pub fn blocks(&self, order: u8, ft: usize) -> &[u32] {
+        let c = ci(order, ft);
+        let s = c * self.cap as usize;
+        &self.slots[s..s + self.len[c] as usize]
     }
 
     /// Bytes of cache storage.
@@ -86,19 +109,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lifo_per_freetype_and_capacity() {
+    fn lifo_per_order_and_freetype_with_capacity() {
         let mut p = Pcp::new(2);
-        assert!(p.push(0, 7));
-        assert!(p.push(0, 8));
-        assert!(!p.push(0, 9));
-        assert!(p.push(3, 1));
-        assert_eq!(p.total(), 3);
-        assert_eq!(p.pages(0), &[7, 8]);
-        assert_eq!(p.pop(0), Some(8));
-        assert_eq!(p.pop(3), Some(1));
-        assert_eq!(p.pop(3), None);
+        assert!(p.push(0, 0, 7));
+        assert!(p.push(0, 0, 8));
+        assert!(!p.push(0, 0, 9));
+        assert!(p.push(0, 3, 1));
+        assert!(p.push(2, 3, 4));
+        assert_eq!(p.pages_of(0), 2);
+        assert_eq!(p.pages_of(3), 5);
+        assert_eq!(p.blocks(0, 0), &[7, 8]);
+        assert_eq!(p.pop(0, 0), Some(8));
+        assert_eq!(p.pop(0, 3), Some(1));
+        assert_eq!(p.pop(0, 3), None);
+        assert_eq!(p.pop(2, 3), Some(4));
+        assert!(!p.is_empty());
         let mut z = Pcp::new(0);
-        assert!(!z.push(0, 1));
-        assert_eq!(z.pop(0), None);
+        assert!(!z.push(0, 0, 1));
+        assert_eq!(z.pop(0, 0), None);
+        assert!(z.is_empty());
     }
 }

@@ -1,11 +1,11 @@
 //! Counters and the snapshot the VMM prints and serializes.
 
-use crate::freelist::NR_ORDERS;
+use crate::freelist::{NR_LISTS, NR_ORDERS};
 use crate::freetype::Freetype;
 use crate::{MAX_ORDER, PAGEBLOCK_ORDER};
 
 /// Event counters kept by the allocator (all monotonic).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Counters {
     pub flips_to_unmapped: u64,
     pub flips_to_mapped: u64,
@@ -21,8 +21,10 @@ pub(crate) struct Counters {
     pub pages_zeroed_on_alloc: u64,
     pub pages_zeroed_on_free: u64,
     pub pages_zeroed_on_flip: u64,
-    pub allocs: [[u64; Freetype::COUNT]; NR_ORDERS],
-    pub frees: [[u64; Freetype::COUNT]; NR_ORDERS],
+    /// Successful allocations, flat: `order * Freetype::COUNT + ft`.
+    pub allocs: [u64; NR_LISTS],
+    /// Successful frees, flat like `allocs`.
+    pub frees: [u64; NR_LISTS],
     pub fallbacks_claim: u64,
     pub fallbacks_steal: u64,
     pub alloc_failures: u64,
@@ -30,11 +32,48 @@ pub(crate) struct Counters {
     pub pcp_drains: u64,
 }
 
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            flips_to_unmapped: 0,
+            flips_to_mapped: 0,
+            flip_calls_to_unmapped: 0,
+            flip_calls_to_mapped: 0,
+            stage2_unmap_calls: 0,
+            stage2_map_calls: 0,
+            stage2_zero_calls: 0,
+            stage2_pages_unmapped: 0,
+            stage2_pages_mapped: 0,
+            stage2_failures: 0,
+            pages_zeroed: 0,
+            pages_zeroed_on_alloc: 0,
+            pages_zeroed_on_free: 0,
+            pages_zeroed_on_flip: 0,
+            allocs: [0; NR_LISTS],
+            frees: [0; NR_LISTS],
+            fallbacks_claim: 0,
+            fallbacks_steal: 0,
+            alloc_failures: 0,
+            free_failures: 0,
+            pcp_drains: 0,
+        }
+    }
+}
+
+/// A flat `order * COUNT + ft` table as `[order][ft]`.
+pub(crate) fn unflatten(t: &[u64; NR_LISTS]) -> [[u64; Freetype::COUNT]; NR_ORDERS] {
+    let mut out = [[0u64; Freetype::COUNT]; NR_ORDERS];
+    for (o, row) in out.iter_mut().enumerate() {
+        row.copy_from_slice(&t[o * Freetype::COUNT..(o + 1) * Freetype::COUNT]);
+    }
+    out
+}
+
 /// Counters and free-list state at one moment.
 ///
 /// Orders index the outer array, [`Freetype::index`] the inner one. `free_per_order` counts
 /// free *blocks* on the buddy lists (like `/proc/pagetypeinfo`; pages = blocks << order);
-/// pages parked in the order-0 caches are in `pcp_pages` instead. A "flip" counts pageblocks
+/// pages parked in the small-block caches are in `pcp_pages` instead. A "flip" counts pageblocks
 /// (an order-10 flip is 2 flips but one stage-2 call).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -93,7 +132,7 @@ pub struct Snapshot {
     pub pages_zeroed_on_flip: u64,
     /// Free pages per freetype (buddy lists plus caches).
     pub free_pages_per_freetype: [u64; Freetype::COUNT],
-    /// Order-0 pages parked in the per-freetype caches.
+    /// Pages parked in the per-(order, freetype) caches of blocks of order <= 3.
     pub pcp_pages: [u64; Freetype::COUNT],
     /// Times the caches were drained (fully or by half).
     pub pcp_drains: u64,
@@ -142,8 +181,8 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
             stage2_pages_mapped: c.stage2_pages_mapped,
             pages_zeroed: c.pages_zeroed,
             free_per_order: self.lists.counts(),
-            allocs: c.allocs,
-            frees: c.frees,
+            allocs: unflatten(&c.allocs),
+            frees: unflatten(&c.frees),
             fallbacks_claim: c.fallbacks_claim,
             fallbacks_steal: c.fallbacks_steal,
             alloc_failures: c.alloc_failures,
@@ -160,7 +199,7 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
             ..Snapshot::default()
         };
         for ft in 0..Freetype::COUNT {
-            let pcp = self.pcp.len(ft) as u64;
+            let pcp = self.pcp.pages_of(ft);
             s.pcp_pages[ft] = pcp;
             let buddy: u64 = (0..NR_ORDERS).map(|o| self.lists.count(o, ft) << o).sum();
             s.free_pages_per_freetype[ft] = buddy + pcp;

@@ -5,6 +5,7 @@
 
 mod common;
 
+use allocator::sim::CallKind;
 use allocator::*;
 use common::*;
 use proptest::prelude::*;
@@ -15,10 +16,21 @@ const OPS_PER_CASE: usize = 4000;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Alloc { ctx: u64, gfp: u32, order: u8 },
-    Free { pick: usize },
-    BadFree { pfn_off: u64, order: u8 },
+    Alloc {
+        ctx: u64,
+        gfp: u32,
+        order: u8,
+    },
+    Free {
+        pick: usize,
+    },
+    BadFree {
+        pfn_off: u64,
+        order: u8,
+    },
     Drain,
+    /// Make the next stage-2 call of this kind (0 unmap, 1 map, 2 zero) fail.
+    FailNext(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -28,6 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
         9 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         1 => (any::<u64>(), 0u8..12).prop_map(|(pfn_off, order)| Op::BadFree { pfn_off, order }),
         1 => Just(Op::Drain),
+        1 => (0u8..3).prop_map(Op::FailNext),
     ]
 }
 
@@ -108,6 +121,8 @@ fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> 
         base,
     };
     let mut tag = 1u64;
+    // Whether a stage-2 failure was ever injected in this case.
+    let mut armed = false;
     for op in ops {
         match *op {
             Op::Alloc { ctx, gfp, order } => {
@@ -163,11 +178,34 @@ fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> 
                             AllocError::OutOfMemory { .. } => {
                                 prop_assert_eq!(a.free_pages_count(), 0)
                             }
+                            AllocError::Stage2(_) => prop_assert!(armed),
                             e => prop_assert!(false, "unexpected {:?}", e),
                         }
                         // Failures change nothing but the caches (drained before a flip).
-                        let after = mask_caches(snap_no_failures(&a));
-                        let b2 = mask_caches(before);
+                        let mut after = mask_caches(snap_no_failures(&a));
+                        let mut b2 = mask_caches(before);
+                        if let AllocError::Stage2(_) = e {
+                            // Rolled back to a consistent state with the same free pages and
+                            // allocations; the search's side effects (a migratetype claim, a
+                            // flip or a zeroing that succeeded before the failed call) stay.
+                            assert_stage2_agrees(&a);
+                            for s in [&mut after, &mut b2] {
+                                s.flips_to_unmapped = 0;
+                                s.flips_to_mapped = 0;
+                                s.flip_calls_to_unmapped = 0;
+                                s.flip_calls_to_mapped = 0;
+                                s.stage2_unmap_calls = 0;
+                                s.stage2_map_calls = 0;
+                                s.stage2_pages_unmapped = 0;
+                                s.stage2_pages_mapped = 0;
+                                s.fallbacks_claim = 0;
+                                s.fallbacks_steal = 0;
+                                s.mixed_pageblocks = 0;
+                                s.stage2_zero_calls = 0;
+                                s.pages_zeroed = 0;
+                                s.pages_zeroed_on_flip = 0;
+                            }
+                        }
                         prop_assert_eq!(after, b2);
                     }
                     (Err(e), Err(why)) => {
@@ -184,8 +222,18 @@ fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> 
                     continue;
                 }
                 let x = m.live.swap_remove(pick % m.live.len());
-                a.free_pages(x.pfn, x.order)
-                    .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+                match a.free_pages(x.pfn, x.order) {
+                    Ok(()) => {}
+                    Err(FreeError::Stage2(_)) if armed => {
+                        // init_on_free failed: the pages stay allocated and unchanged.
+                        prop_assert!(x.freetype.is_unmapped() && cfg.init_on_free_unmapped);
+                        prop_assert_eq!(a.allocation_containing(x.pfn), Some(x));
+                        m.live.push(x);
+                        a.check_invariants().map_err(TestCaseError::fail)?;
+                        continue;
+                    }
+                    Err(e) => return Err(TestCaseError::fail(format!("{e:?}"))),
+                }
                 for p in x.pfn..x.pfn + (1 << x.order) {
                     m.owner[(p - base) as usize] = false;
                     prop_assert_eq!(a.allocation_containing(p), None);
@@ -200,6 +248,9 @@ fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> 
                 let hit = m.live.iter().position(|x| x.pfn == pfn && x.order == order);
                 let r = a.free_pages(pfn, order);
                 match hit {
+                    Some(_) if armed && matches!(r, Err(FreeError::Stage2(_))) => {
+                        prop_assert_eq!(snap_no_failures(&a), before);
+                    }
                     Some(i) => {
                         prop_assert_eq!(r, Ok(()));
                         let x = m.live.swap_remove(i);
@@ -214,6 +265,11 @@ fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> 
                 }
             }
             Op::Drain => a.drain_pcp(),
+            Op::FailNext(k) => {
+                let kind = [CallKind::Unmap, CallKind::Map, CallKind::Zero][k as usize];
+                a.stage2_mut().fail_nth(kind, 0, Stage2Error::Backend(-5));
+                armed = true;
+            }
         }
         a.check_invariants().map_err(TestCaseError::fail)?;
         prop_assert!(
@@ -224,8 +280,13 @@ fn run(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), TestCaseError> 
     }
     // Free everything: one fully merged state, counters balanced.
     for x in m.live.drain(..) {
-        a.free_pages(x.pfn, x.order)
-            .map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
+        let mut r = a.free_pages(x.pfn, x.order);
+        if let Err(FreeError::Stage2(_)) = r {
+            // A pending injected zeroing failure; the allocation is intact, try again.
+            prop_assert!(armed);
+            r = a.free_pages(x.pfn, x.order);
+        }
+        r.map_err(|e| TestCaseError::fail(format!("{e:?}")))?;
     }
     a.drain_pcp();
     a.check_invariants().map_err(TestCaseError::fail)?;

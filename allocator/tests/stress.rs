@@ -41,14 +41,21 @@ fn stress_1e7_interleaved_with_65536_live() {
         }
         let r = rng.next();
         let order = (r & 3) as u8;
-        let gfp = if r & 4 != 0 { Gfp::UNMAPPED } else { Gfp::empty() };
+        let gfp = if r & 4 != 0 {
+            Gfp::UNMAPPED
+        } else {
+            Gfp::empty()
+        };
         match a.alloc_pages(gfp, order) {
             Ok(x) => {
                 assert_eq!(x.freetype.is_unmapped(), gfp.contains(Gfp::UNMAPPED));
                 for p in x.pfn..x.pfn + (1 << order) {
                     let b = p - base;
                     let w = &mut owned[(b / 64) as usize];
-                    assert!(*w & (1 << (b % 64)) == 0, "double allocation of pfn {p:#x} at op {i}");
+                    assert!(
+                        *w & (1 << (b % 64)) == 0,
+                        "double allocation of pfn {p:#x} at op {i}"
+                    );
                     *w |= 1 << (b % 64);
                 }
                 slots[slot] = Some(x);
