@@ -120,6 +120,96 @@ pub fn free(gpa: u64, order: u8) -> Result<(), Status> {
     call(Hc::Free, gpa, order as u64, 0, 0).map(|_| ())
 }
 
+/// Mask of the order bits in a batch entry (`gpa | order`; GPAs are page-aligned).
+pub const ENTRY_ORDER_MASK: u64 = 0xfff;
+
+/// Fills `out` with `gpa | order` entries from up to `out.len()` `Alloc(order, gfp)` calls in
+/// one tight loop (ring-0 code is emulated: a Rust loop around [`alloc`] costs several times
+/// more per call). Returns how many succeeded and, if one failed, its status.
+pub fn alloc_batch(order: u8, gfp: u64, out: &mut [u64]) -> (usize, Option<Status>) {
+    if out.is_empty() {
+        return (0, None);
+    }
+    let base = out.as_mut_ptr();
+    let end: *mut u64;
+    let st: u64;
+    // SAFETY: the loop stores at most `out.len()` u64 into `out` (the count register runs down
+    // from its length); the VMM changes only rax/rdi/rsi, the other scratch registers are
+    // declared clobbered.
+    unsafe {
+        asm!(
+            "2:",
+            "mov eax, {nr}",
+            "mov rdi, {order}",
+            "mov rsi, {gfp}",
+            "xor ecx, ecx",
+            "xor r8d, r8d",
+            "out dx, eax",
+            "test rax, rax",
+            "jnz 3f",
+            "or rdi, {order}",
+            "mov qword ptr [{p}], rdi",
+            "add {p}, 8",
+            "dec {n}",
+            "jnz 2b",
+            "3:",
+            nr = const Hc::Alloc as u32,
+            order = in(reg) order as u64,
+            gfp = in(reg) gfp,
+            p = inout(reg) base => end,
+            n = inout(reg) out.len() => _,
+            in("dx") HYPERCALL_PORT,
+            out("rax") st, out("rdi") _, out("rsi") _, out("rcx") _, out("r8") _,
+            options(nostack),
+        );
+    }
+    // SAFETY: `end` was advanced from `base` in steps of one element, within `out`.
+    let done = unsafe { end.offset_from(base) } as usize;
+    (done, status(st).err())
+}
+
+/// Frees the `gpa | order` entries of `entries` in order with one tight loop (see
+/// [`alloc_batch`]). Stops at the first failure: returns how many were freed and its status.
+pub fn free_batch(entries: &[u64]) -> (usize, Option<Status>) {
+    if entries.is_empty() {
+        return (0, None);
+    }
+    let base = entries.as_ptr();
+    let end: *const u64;
+    let st: u64;
+    // SAFETY: the loop reads at most `entries.len()` u64 from `entries`; the VMM changes only
+    // rax/rdi/rsi, the other scratch registers are declared clobbered.
+    unsafe {
+        asm!(
+            "2:",
+            "mov rdi, qword ptr [{p}]",
+            "mov rsi, rdi",
+            "and rsi, {mask}",
+            "xor rdi, rsi",
+            "mov eax, {nr}",
+            "xor ecx, ecx",
+            "xor r8d, r8d",
+            "out dx, eax",
+            "test rax, rax",
+            "jnz 3f",
+            "add {p}, 8",
+            "dec {n}",
+            "jnz 2b",
+            "3:",
+            nr = const Hc::Free as u32,
+            mask = const ENTRY_ORDER_MASK,
+            p = inout(reg) base => end,
+            n = inout(reg) entries.len() => _,
+            in("dx") HYPERCALL_PORT,
+            out("rax") st, out("rdi") _, out("rsi") _, out("rcx") _, out("r8") _,
+            options(nostack, readonly),
+        );
+    }
+    // SAFETY: `end` was advanced from `base` in steps of one element, within `entries`.
+    let done = unsafe { end.offset_from(base) } as usize;
+    (done, status(st).err())
+}
+
 /// Declares a test.
 pub fn test_announce(name: &str) -> Result<(), Status> {
     call(

@@ -65,7 +65,7 @@ impl PageList {
     /// The i-th allocation as `(gpa, order)`.
     pub fn get(&self, i: usize) -> (u64, u8) {
         let e = self.slots()[..self.len][i];
-        (e & !0xfff, (e & 0xfff) as u8)
+        (e & !hc::ENTRY_ORDER_MASK, (e & hc::ENTRY_ORDER_MASK) as u8)
     }
 
     /// Records an allocation made elsewhere (panics when full: callers check `is_full`).
@@ -86,6 +86,18 @@ impl PageList {
         Ok(gpa)
     }
 
+    /// Allocates `n` blocks of `2^order` pages with `gfp` in one batch and records them; on
+    /// failure the ones that succeeded stay recorded. Fails with NoMemory if they cannot fit.
+    pub fn alloc_many(&mut self, n: usize, order: u8, gfp: u64) -> Result<(), Status> {
+        if self.cap - self.len < n {
+            return Err(Status::NoMemory);
+        }
+        let start = self.len;
+        let (done, err) = hc::alloc_batch(order, gfp, &mut self.slots_mut()[start..start + n]);
+        self.len += done;
+        err.map_or(Ok(()), Err)
+    }
+
     /// Frees the i-th allocation now and forgets it (the last one takes its place).
     pub fn free_at(&mut self, i: usize) -> Result<(), Status> {
         let (gpa, order) = self.get(i);
@@ -96,18 +108,23 @@ impl PageList {
         hc::free(gpa, order)
     }
 
-    /// Frees everything (newest first); returns the first error but frees all it can.
+    /// Frees everything (oldest first, in batches); returns the first error but frees all it
+    /// can.
     pub fn free_all(&mut self) -> Result<(), Status> {
         let mut first = Ok(());
-        while self.len > 0 {
-            let (gpa, order) = self.get(self.len - 1);
-            self.len -= 1;
-            if let Err(s) = hc::free(gpa, order) {
+        let mut i = 0;
+        while i < self.len {
+            let (done, err) = hc::free_batch(&self.slots()[i..self.len]);
+            i += done;
+            if let Some(s) = err {
+                // Entry i failed: keep the first error, skip it and go on.
                 if first.is_ok() {
                     first = Err(s);
                 }
+                i += 1;
             }
         }
+        self.len = 0;
         first
     }
 }

@@ -21,10 +21,9 @@ pub fn flip_amortised() -> Outcome {
         skip!("needs {FLIP_PAGES} free pages, the VM has {free} (run with more --mem)");
     }
     let mut pages = PageList::new(FLIP_PAGES);
-    for i in 0..FLIP_PAGES {
-        if let Err(s) = pages.alloc(0, gfp::UNMAPPED) {
-            fail!("unmapped allocation {i} of {FLIP_PAGES} failed: {s:?}");
-        }
+    if let Err(s) = pages.alloc_many(FLIP_PAGES, 0, gfp::UNMAPPED) {
+        let i = pages.len();
+        fail!("unmapped allocation {i} of {FLIP_PAGES} failed: {s:?}");
     }
     let s1 = hc::stats().ctx("Stats")?;
     let unmaps = s1.stage2_unmap_calls.wrapping_sub(s0.stage2_unmap_calls);
