@@ -8,8 +8,14 @@ use replay::policy::PolicyKind;
 use replay::trace::Event;
 
 fn trace_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/kmem-trace-cargo-small.txt.gz")
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/kmem-trace-cargo-small.txt.gz");
+    assert!(
+        p.exists(),
+        "the shared trace {} is missing: these tests replay it (see ../shared/data/README.md)",
+        p.display()
+    );
+    p
 }
 
 #[derive(Parser)]
