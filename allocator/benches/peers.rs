@@ -1,15 +1,15 @@
 //! Veil's allocator against `buddy-slab-allocator` 0.6 (its page-level `BuddyAllocator`) and
 //! `buddy_system_allocator` 0.13 (`FrameAllocator<11>`, max order 10 like ours), in the same
 //! run, on the same frame count, with Criterion's measurement loop. After Criterion's own
-//! report, a summary prints each workload's median time per iteration and the ratios.
+//! report, an interleaved pass (one sample of each allocator in turn, 21 rounds, so that
+//! load changes on a shared machine hit all three alike) prints each workload's median time
+//! per iteration and the ratios.
 //!
 //! Run: `cargo bench -p allocator` (add `-- --quick` for a faster, noisier run).
 
 use allocator::{BuddyAllocator, Config, Gfp, NullStage2};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
-use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Frames every allocator manages (512 MiB of 4 KiB frames).
@@ -160,88 +160,139 @@ fn aging_ops() -> Vec<(usize, u8)> {
         .collect()
 }
 
-/// Per-iteration times (ns) of every measured call, by "workload/allocator".
-static SAMPLES: Mutex<BTreeMap<(String, &'static str), Vec<f64>>> = Mutex::new(BTreeMap::new());
+/// One sample of `n` hot alloc+free pairs of `order`; returns the elapsed time.
+fn hot_sample<A: PageAlloc>(a: &mut A, order: u8, n: u64) -> Duration {
+    let t = Instant::now();
+    for _ in 0..n {
+        let x = a.alloc(black_box(order)).unwrap();
+        a.free(black_box(x), order);
+    }
+    t.elapsed()
+}
 
-fn record(workload: &str, who: &'static str, iters: u64, d: Duration) {
-    SAMPLES
-        .lock()
-        .unwrap()
-        .entry((workload.to_string(), who))
-        .or_default()
-        .push(d.as_nanos() as f64 / iters as f64);
+/// One round of the random-order free workload: allocate `BATCH` order-0 frames (not timed),
+/// then free them in the order of `perm` and settle (timed).
+fn random_free_sample<A: PageAlloc>(a: &mut A, perm: &[usize], frames: &mut [usize]) -> Duration {
+    for f in frames.iter_mut() {
+        *f = a.alloc(0).unwrap();
+    }
+    let t = Instant::now();
+    for &i in perm {
+        a.free(black_box(frames[i]), 0);
+    }
+    a.settle();
+    t.elapsed()
+}
+
+/// One round of the aging mix, ending with everything freed.
+fn aging_sample<A: PageAlloc>(
+    a: &mut A,
+    ops: &[(usize, u8)],
+    slots: &mut [Option<(usize, u8)>],
+) -> Duration {
+    let t = Instant::now();
+    for &(slot, order) in ops {
+        if let Some((f, o)) = slots[slot].take() {
+            a.free(f, o);
+        }
+        slots[slot] = a.alloc(order).map(|f| (f, order));
+    }
+    for s in slots.iter_mut() {
+        if let Some((f, o)) = s.take() {
+            a.free(f, o);
+        }
+    }
+    t.elapsed()
 }
 
 fn hot_order<A: PageAlloc>(c: &mut Criterion, a: &mut A, workload: &str, order: u8) {
     let mut g = c.benchmark_group(workload);
     g.bench_function(BenchmarkId::from_parameter(A::NAME), |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                let x = a.alloc(black_box(order)).unwrap();
-                a.free(black_box(x), order);
-            }
-            let d = t.elapsed();
-            record(workload, A::NAME, iters, d);
-            d
-        })
+        b.iter_custom(|iters| hot_sample(a, order, iters))
     });
     g.finish();
 }
 
 fn random_free<A: PageAlloc>(c: &mut Criterion, a: &mut A, perm: &[usize]) {
-    let workload = "random_free_1e5";
-    let mut g = c.benchmark_group(workload);
+    let mut g = c.benchmark_group("random_free_1e5");
     g.sampling_mode(SamplingMode::Flat).sample_size(10);
     let mut frames = vec![0usize; BATCH];
     g.bench_function(BenchmarkId::from_parameter(A::NAME), |b| {
         b.iter_custom(|iters| {
-            let mut d = Duration::ZERO;
-            for _ in 0..iters {
-                for f in frames.iter_mut() {
-                    *f = a.alloc(0).unwrap();
-                }
-                let t = Instant::now();
-                for &i in perm {
-                    a.free(black_box(frames[i]), 0);
-                }
-                a.settle();
-                d += t.elapsed();
-            }
-            record(workload, A::NAME, iters, d);
-            d
+            (0..iters)
+                .map(|_| random_free_sample(a, perm, &mut frames))
+                .sum()
         })
     });
     g.finish();
 }
 
 fn aging<A: PageAlloc>(c: &mut Criterion, a: &mut A, ops: &[(usize, u8)]) {
-    let workload = "aging_mix_2e4";
-    let mut g = c.benchmark_group(workload);
+    let mut g = c.benchmark_group("aging_mix_2e4");
     g.sampling_mode(SamplingMode::Flat).sample_size(20);
     let mut slots: Vec<Option<(usize, u8)>> = vec![None; AGING_SLOTS];
     g.bench_function(BenchmarkId::from_parameter(A::NAME), |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            for _ in 0..iters {
-                for &(slot, order) in ops {
-                    if let Some((f, o)) = slots[slot].take() {
-                        a.free(f, o);
-                    }
-                    slots[slot] = a.alloc(order).map(|f| (f, order));
-                }
-                for s in slots.iter_mut() {
-                    if let Some((f, o)) = s.take() {
-                        a.free(f, o);
-                    }
-                }
-            }
-            let d = t.elapsed();
-            record(workload, A::NAME, iters, d);
-            d
-        })
+        b.iter_custom(|iters| (0..iters).map(|_| aging_sample(a, ops, &mut slots)).sum())
     });
     g.finish();
+}
+
+/// Interleaved measurement for the summary: `ROUNDS` rounds, each timing one sample of every
+/// allocator back to back, so load changes on a shared machine hit all three alike.
+const ROUNDS: usize = 21;
+
+/// Median ns per iteration of each allocator (veil, bsa, bsys) for each workload.
+fn interleaved(perm: &[usize], ops: &[(usize, u8)]) -> Vec<(&'static str, [f64; 3])> {
+    let (mut v, mut b, mut y) = (Veil::new(), Bsa::new(), Bsys::new());
+    let mut out = Vec::new();
+    let mut run = |name: &'static str, f: &mut dyn FnMut(usize) -> f64| {
+        let mut t = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..ROUNDS {
+            for (who, samples) in t.iter_mut().enumerate() {
+                samples.push(f(who));
+            }
+        }
+        out.push((name, t.map(|mut s| median(&mut s))));
+    };
+    const HOT: u64 = 200_000;
+    run("hot_order0_pair", &mut |who| {
+        let d = match who {
+            0 => hot_sample(&mut v, 0, HOT),
+            1 => hot_sample(&mut b, 0, HOT),
+            _ => hot_sample(&mut y, 0, HOT),
+        };
+        d.as_nanos() as f64 / HOT as f64
+    });
+    let mut frames = vec![0usize; BATCH];
+    run("random_free_1e5", &mut |who| {
+        let d = match who {
+            0 => random_free_sample(&mut v, perm, &mut frames),
+            1 => random_free_sample(&mut b, perm, &mut frames),
+            _ => random_free_sample(&mut y, perm, &mut frames),
+        };
+        d.as_nanos() as f64
+    });
+    run("order9_pair", &mut |who| {
+        let d = match who {
+            0 => hot_sample(&mut v, 9, HOT),
+            1 => hot_sample(&mut b, 9, HOT),
+            _ => hot_sample(&mut y, 9, HOT),
+        };
+        d.as_nanos() as f64 / HOT as f64
+    });
+    let mut slots: Vec<Option<(usize, u8)>> = vec![None; AGING_SLOTS];
+    run("aging_mix_2e4", &mut |who| {
+        const K: u32 = 4;
+        let d: Duration = (0..K)
+            .map(|_| match who {
+                0 => aging_sample(&mut v, ops, &mut slots),
+                1 => aging_sample(&mut b, ops, &mut slots),
+                _ => aging_sample(&mut y, ops, &mut slots),
+            })
+            .sum();
+        d.as_nanos() as f64 / K as f64
+    });
+    out
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -264,14 +315,12 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
-fn print_summary() {
-    let mut s = SAMPLES.lock().unwrap();
-    let mut med: BTreeMap<(String, &'static str), f64> = BTreeMap::new();
-    for (k, v) in s.iter_mut() {
-        med.insert(k.clone(), median(v));
-    }
+fn print_summary(rows: &[(&'static str, [f64; 3])]) {
     println!();
-    println!("== allocator peers: median time per iteration ({FRAMES} frames each) ==");
+    println!(
+        "== allocator peers: median time per iteration, {FRAMES} frames each, \
+         {ROUNDS} interleaved rounds =="
+    );
     println!(
         "{:<17} {:>12} {:>22} {:>24} {:>10} {:>10}",
         "workload",
@@ -281,28 +330,22 @@ fn print_summary() {
         "veil/bsa",
         "bsys/veil"
     );
-    for w in [
-        "hot_order0_pair",
-        "random_free_1e5",
-        "order9_pair",
-        "aging_mix_2e4",
-    ] {
-        let get = |who| med.get(&(w.to_string(), who)).copied();
-        let (Some(v), Some(b), Some(y)) = (get(Veil::NAME), get(Bsa::NAME), get(Bsys::NAME)) else {
-            continue;
-        };
+    for (w, [v, b, y]) in rows {
         println!(
             "{:<17} {:>12} {:>22} {:>24} {:>9.3}x {:>9.1}x",
             w,
-            fmt_ns(v),
-            fmt_ns(b),
-            fmt_ns(y),
+            fmt_ns(*v),
+            fmt_ns(*b),
+            fmt_ns(*y),
             v / b,
             y / v
         );
     }
     println!("veil/bsa: Veil's time as a multiple of buddy-slab-allocator's (goal <= 1.0)");
-    println!("bsys/veil: how many times faster Veil is than buddy_system_allocator (goal >= 5 on random_free)");
+    println!(
+        "bsys/veil: how many times faster Veil is than buddy_system_allocator \
+         (goal >= 5 on random_free)"
+    );
 }
 
 fn main() {
@@ -327,5 +370,6 @@ fn main() {
     aging(&mut c, &mut Bsa::new(), &ops);
     aging(&mut c, &mut Bsys::new(), &ops);
     c.final_summary();
-    print_summary();
+    let rows = interleaved(&perm, &ops);
+    print_summary(&rows);
 }

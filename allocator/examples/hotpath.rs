@@ -61,7 +61,14 @@ fn bsa(n: u64) {
 /// 10^5 order-0 allocations freed in a random order, `n` times (profiling aid).
 #[inline(never)]
 fn veil_random(n: u64) {
-    let mut a = BuddyAllocator::new(1 << 18, FRAMES, NullStage2, Config::default());
+    let cfg = Config {
+        pcp_capacity: std::env::var("PCP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64),
+        ..Config::default()
+    };
+    let mut a = BuddyAllocator::new(1 << 18, FRAMES, NullStage2, cfg);
     let mut perm: Vec<usize> = (0..100_000).collect();
     let mut r = 0x9e37_79b9_7f4a_7c15u64;
     for i in (1..perm.len()).rev() {

@@ -296,7 +296,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     }
 
     /// Split block `off` of order `high` down to `low`, freeing the upper halves onto `ft`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn expand(&mut self, off: u32, low: u8, mut high: u8, ft: usize) {
         while high > low {
             high -= 1;
@@ -344,20 +344,20 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// At pageblock order and above, buddies of the same mapped-ness merge and the buddy's
     /// pageblocks take `ft` (as Linux's `__free_one_page` does for mergeable migratetypes);
     /// buddies of different mapped-ness never merge. The caller has cleared `off`'s state.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn free_to_buddy(&mut self, mut off: u32, mut order: u8, ft: usize) {
         let base = self.base;
         while order < MAX_ORDER {
             // The buddy's offset; below `base` wraps to a huge value and fails the range check.
             let boff = ((base + off as u64) ^ (1u64 << order)).wrapping_sub(base);
-            if boff >= self.nr {
+            // `meta` has exactly `nr` entries: `get` is the range check.
+            let Some(bm) = self.meta.get(boff as usize) else {
                 break;
-            }
-            let boff = boff as u32;
-            let bm = &self.meta[boff as usize];
+            };
             if bm.state != ST_FREE | order {
                 break;
             }
+            let boff = boff as u32;
             let bft = bm.ft as usize;
             if bft != ft {
                 debug_assert!(order >= PAGEBLOCK_ORDER);
