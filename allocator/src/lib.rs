@@ -13,7 +13,7 @@
 //! - **Fallback** ([`fallback`]): Linux's claim/steal rules within one mapped-ness.
 //! - **Flips** ([`flip`]): a whole free pageblock of the other mapped-ness changes sides with
 //!   one stage-2 call (zero, then map, on the way back); never for `ATOMIC` requests.
-//! - **Order-0 caches** ([`pcp`]): Linux's per-CPU lists, one per freetype.
+//! - **Small-block caches** ([`pcp`]): Linux's per-CPU lists, one per (order <= 3, freetype).
 //! - **Two API shapes, one translation** ([`gfp`]): [`Gfp`] flags and
 //!   [`BuddyContext`] + flags both go through [`AllocRequest::from_gfp`]. See that module for
 //!   the GFP-vs-context trade-off.
@@ -60,7 +60,8 @@ pub const PAGEBLOCK_PAGES: u64 = 1 << PAGEBLOCK_ORDER;
 /// byte holding free/allocated/cached + order, a freetype byte, 2 bytes padding).
 pub const METADATA_BYTES_PER_PAGE: usize = meta::PAGE_META_BYTES;
 /// Bytes of metadata kept for every pageblock (its freetype index): 1, i.e. 1/512 byte per
-/// page. Total per page: 12 + 1/512 ≈ 12.002 bytes, plus a fixed ~1.4 KiB per allocator
-/// (list heads, counters and the order-0 caches); [`BuddyAllocator::metadata_bytes`] gives the
-/// exact figure for an instance.
+/// page. Total per page: 12 + 1/512 ≈ 12.002 bytes, plus a fixed part per allocator
+/// (4,096 bytes of small-block caches at the default capacity and 360 bytes of list heads);
+/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 791,016
+/// bytes (12.07 per page) for 65,536 pages.
 pub const METADATA_BYTES_PER_PAGEBLOCK: usize = 1;

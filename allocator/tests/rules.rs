@@ -694,3 +694,11 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand() {
     a.free_pages(big.pfn, 10).unwrap();
     a.check_invariants().unwrap();
 }
+
+#[test]
+fn metadata_bytes_exact_figure_for_65536_pages() {
+    let a = BuddyAllocator::new(0, 65_536, NullStage2, Config::default());
+    // 12 bytes/page + 1 byte/pageblock + 64 slots x 16 caches x 4 bytes + 44 list heads x 8
+    // bytes + 4 non-empty masks x 2 bytes.
+    assert_eq!(a.metadata_bytes(), 65_536 * 12 + 128 + 4096 + 44 * 8 + 8);
+}
