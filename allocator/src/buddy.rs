@@ -187,7 +187,7 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.alloc_slow(ctx, gfp, order)
     }
 
-    /// Everything but the cached order-0 fast path.
+    /// Everything but the inlined fast path: errors, zeroing, fallback, drains and flips.
     #[inline(never)]
     fn alloc_slow(
         &mut self,
