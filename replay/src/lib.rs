@@ -8,6 +8,8 @@
 //! [`allocator::Stage2`], so the same code runs on a pure model or, from the `vmm` crate, on a
 //! real VM's memslots.
 
+#![warn(missing_docs)]
+
 pub mod classify;
 pub mod cli;
 pub mod gfp;
