@@ -60,7 +60,7 @@ pub const FORMAT_VERSION: u32 = 1;
 /// - `memslots[]`: `{ slot, gpa, len, host_addr }`, in GPA order;
 /// - `allocator`: the allocator's `Snapshot` (free_per_order counts free blocks,
 ///   `[order][freetype index]`);
-/// - `free_by_freetype[]`: `{ freetype, blocks_per_order[11], pages }`, one row per freetype index;
+/// - `free_by_freetype[]`: `{ freetype, blocks_per_order[11], cached_pages, pages }`, one row per freetype index;
 /// - `stage2`: the engine's `Stage2Counters`;
 /// - `kvm_stats`: `[{ name, value, unit, kind, exponent, base2, values }]` or null.
 #[derive(Clone, Debug, Serialize)]
@@ -160,7 +160,9 @@ pub struct FreeRow {
     pub freetype: String,
     /// Free blocks of each order 0..=MAX_ORDER.
     pub blocks_per_order: Vec<u64>,
-    /// Free pages on these lists.
+    /// Pages parked in the per-order caches (orders 0-3), not on the lists above.
+    pub cached_pages: u64,
+    /// All free pages of this freetype: the lists plus the caches.
     pub pages: u64,
 }
 
@@ -235,13 +237,13 @@ pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
             let blocks: Vec<u64> = (0..=MAX_ORDER as usize)
                 .map(|o| snap.free_per_order[o][i])
                 .collect();
-            let pages = blocks.iter().enumerate().map(|(o, b)| b << o).sum();
             FreeRow {
                 freetype: Freetype::from_index(i)
                     .map_or("?", Freetype::name)
                     .to_string(),
                 blocks_per_order: blocks,
-                pages,
+                cached_pages: snap.pcp_pages[i],
+                pages: snap.free_pages_per_freetype[i],
             }
         })
         .collect();

@@ -48,7 +48,11 @@ fn stats() -> Vec<Stat> {
 
 #[test]
 fn json_dump_covers_ram_and_matches_the_engine() {
-    let (a, live) = setup();
+    let (mut a, mut live) = setup();
+    // Two order-0 frees park their pages in a cache, not on the buddy lists.
+    for al in live.drain(..2) {
+        a.free_pages(al.pfn, al.order).unwrap();
+    }
     let st = stats();
     let input = DumpInput {
         alloc: &a,
@@ -102,7 +106,7 @@ fn json_dump_covers_ram_and_matches_the_engine() {
         assert_eq!(r["state"], "unmapped", "allocation at {gpa:#x}");
         unmapped_seen += 1;
     }
-    assert_eq!(unmapped_seen, 11);
+    assert_eq!(unmapped_seen, 9); // 8 order-0 and the order-9 block still live
     let engine = a.stage2();
     let slots = v["memslots"].as_array().unwrap();
     assert_eq!(slots.len(), engine.memslots().len());
@@ -122,13 +126,28 @@ fn json_dump_covers_ram_and_matches_the_engine() {
     );
     assert_eq!(v["kvm_stats"][0]["name"], "remote_tlb_flush_requests");
     assert_eq!(v["kvm_stats"][0]["value"], 42);
-    let free: u64 = v["free_by_freetype"]
-        .as_array()
-        .unwrap()
+    // Every free page is counted once: on a buddy list or in a cache.
+    let rows = v["free_by_freetype"].as_array().unwrap();
+    let free: u64 = rows.iter().map(|r| r["pages"].as_u64().unwrap()).sum();
+    assert_eq!(free, a.free_pages_count());
+    let cached: u64 = rows
         .iter()
-        .map(|r| r["pages"].as_u64().unwrap())
+        .map(|r| r["cached_pages"].as_u64().unwrap())
         .sum();
-    assert!(free <= a.free_pages_count());
+    assert!(
+        cached > 0,
+        "the setup leaves pages in the order-0..3 caches"
+    );
+    for r in rows {
+        let on_lists: u64 = r["blocks_per_order"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(o, b)| b.as_u64().unwrap() << o)
+            .sum();
+        assert_eq!(on_lists + r["cached_pages"].as_u64().unwrap(), r["pages"]);
+    }
     // The text form of the same document parses to the same value.
     let text = render(&input, DumpFormat::Json);
     assert_eq!(serde_json::from_str::<serde_json::Value>(&text).unwrap(), v);

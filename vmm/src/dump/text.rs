@@ -125,7 +125,7 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     )?;
     writeln!(
         o,
-        "  free blocks per order x freetype (pages = blocks << order):"
+        "  free blocks per order x freetype (pages = blocks << order; cached = orders 0-3 caches; free pg = lists + cached):"
     )?;
     let ftw = d
         .free_by_freetype
@@ -138,7 +138,11 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     for order in 0..=MAX_ORDER {
         write!(o, " {order:>5}")?;
     }
-    writeln!(o, " {:>9} {:>9} {:>9}", "free pg", "allocs", "frees")?;
+    writeln!(
+        o,
+        " {:>7} {:>9} {:>9} {:>9}",
+        "cached", "free pg", "allocs", "frees"
+    )?;
     for (i, row) in d.free_by_freetype.iter().enumerate() {
         write!(o, "  {:<ftw$}", row.freetype)?;
         for b in &row.blocks_per_order {
@@ -154,7 +158,11 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
             .iter()
             .map(|per| per.get(i).copied().unwrap_or(0))
             .sum();
-        writeln!(o, " {:>9} {:>9} {:>9}", row.pages, allocs, frees)?;
+        writeln!(
+            o,
+            " {:>7} {:>9} {:>9} {:>9}",
+            row.cached_pages, row.pages, allocs, frees
+        )?;
     }
 
     let c = &d.stage2;
