@@ -1,6 +1,8 @@
 //! The `veil` command line (clap derive) and what each subcommand does.
 
-use std::path::PathBuf;
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -21,15 +23,68 @@ const LONG_ABOUT: &str = "\
 Veil boots a small guest kernel on /dev/kvm, owns the guest's physical memory through a buddy
 page allocator with freetypes and pageblock flips (the kernel's __GFP_UNMAPPED series), and
 removes \"unmapped\" pages from stage 2 by shaping KVM memslots. Any guest access to such a page
-is caught and reported as a violation. The default guest runs an isolation test suite.";
+is caught and reported as a violation. The default guest runs an isolation test suite.
+
+Start with `veil run` (the whole suite, about a minute on a nested host); `veil <COMMAND> --help`
+explains each command's options, defaults and units.";
+
+const LIST_ABOUT: &str = "\
+Boot the guest in list mode and print the names of its tests, one per line: the names
+`veil run --tests` accepts. Takes the same guest options as `veil run` (--guest to list another
+guest's tests).";
+
+const LIST_AFTER: &str = "\
+Exit codes: 0 listed, 2 usage error (bad option, invalid guest ELF, /dev/kvm unavailable),
+1 or 3 when the guest did not list its tests cleanly (3: it crashed or timed out).
+
+Example:
+  veil list-tests";
+
+const CAPS_ABOUT: &str = "\
+Print what this host's KVM offers that Veil cares about: API version, memslot limit
+(KVM_CAP_NR_MEMSLOTS, which bounds how fragmented stage 2 may get), read-only memslots, sync
+regs, memory fault info, guest_memfd flags, memory attributes, binary stats, and whether this
+host is itself a VM (nested KVM, where guest ring-0 code may be emulated and slow). Boots
+nothing.";
+
+const CAPS_AFTER: &str = "\
+Exit codes: 0 printed, 2 /dev/kvm cannot be opened.
+
+Examples:
+  veil caps
+  veil caps --json";
+
+const REPLAY_ABOUT: &str = "\
+Replay a real Linux page-allocation trace (ftrace kmem events) through direct-map policies and
+compare their stage-2 cost: stage-2 updates per 1,000 allocations, pageblock flips, how many
+2 MiB blocks stay intact (could keep a huge mapping), peak memslots, failures and replay speed.
+Each policy replays the same events on the same amount of memory. Without --kvm the policies
+run on a model of stage 2; with --kvm every memslot update goes to a real VM and is timed.
+
+Malformed lines are counted and the first few reported with their line numbers (--strict makes
+the first one fatal). Progress goes to stderr (--quiet silences it); the report goes to stdout.
+Output files (--plot) are checked before the trace is read.";
+
+const REPLAY_AFTER: &str = "\
+Exit codes: 0 report printed; 2 bad option, unreadable or corrupt trace (including a truncated
+gzip file), malformed line under --strict, unwritable --plot file, or /dev/kvm unavailable with
+--kvm.
+
+Examples:
+  veil replay trace.txt.gz                       all four policies, text table
+  veil replay trace.txt.gz --json -p freetype,per-page
+  veil replay trace.txt.gz --unmapped-fraction 0.1 --seed 7 --plot blocks.svg
+  cat /sys/kernel/tracing/trace_pipe | veil replay -     read standard input
+  veil replay trace.txt.gz --kvm                 measure on real memslots";
 
 const EXIT_CODES: &str = "\
 Exit codes:
   0  every selected test passed (skipped tests do not fail a run); list-tests/caps succeeded
   1  a test failed or did not run, a violation happened outside any test, or the guest exited
      with a non-zero code
-  2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown test
-     name in --tests, /dev/kvm unavailable
+  2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown or
+     empty test name in --tests, unwritable --dump-ept or --console path (checked before the
+     guest boots), /dev/kvm unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
      --on-violation kill or by a fetch without recovery point, or ran past --timeout
 
@@ -61,36 +116,48 @@ pub enum Command {
     #[command(after_long_help = EXIT_CODES)]
     Run(RunArgs),
     /// Boot the guest in list mode and print the names of its tests, one per line.
+    #[command(long_about = LIST_ABOUT, after_long_help = LIST_AFTER)]
     ListTests(GuestArgs),
     /// Print what this host's KVM offers that Veil cares about (memslots, sync regs, memory
     /// fault info, guest_memfd, memory attributes, binary stats) and whether it runs nested.
+    #[command(long_about = CAPS_ABOUT, after_long_help = CAPS_AFTER)]
     Caps(CapsArgs),
     /// Replay a real Linux page-allocation trace (ftrace kmem events) through direct-map
     /// policies and compare their stage-2 cost; `--kvm` applies every memslot update to a real
     /// VM. Exit code 0 on success, 2 on a bad trace or option.
+    #[command(long_about = REPLAY_ABOUT, after_long_help = REPLAY_AFTER)]
     Replay(replay::cli::ReplayArgs),
 }
 
 /// Options that say which guest to boot and how.
 #[derive(Debug, Args, Clone)]
 pub struct GuestArgs {
-    /// Guest RAM size: bytes or a K/M/G suffix (binary units), a multiple of 2 MiB, at least
-    /// 6M and at most 64G. RAM is mapped lazily (MAP_NORESERVE): a large size costs nothing
-    /// until the guest touches it.
+    /// Guest RAM size: bytes or a K/M/G suffix (binary units: 1G = 1024M), a multiple of 2 MiB,
+    /// at least 6M and at most 64G, e.g. 512M or 4G. The guest image and boot structures are
+    /// reserved below the first managed 2 MiB block, so a large --guest needs more. RAM is mapped
+    /// lazily (MAP_NORESERVE): a large size costs nothing until the guest touches it.
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     pub mem: MemSize,
 
     /// Boot this ELF64 x86-64 executable instead of the embedded default guest. It must be
-    /// ET_EXEC with PT_LOAD segments at or above 0x200000 inside RAM; it is entered in 64-bit
-    /// mode with rdi = the boot info block (see the veil-abi crate).
+    /// ET_EXEC with PT_LOAD segments at or above 0x200000 inside RAM, non-overlapping, with
+    /// p_vaddr = p_paddr; it is entered in 64-bit mode at e_entry with rdi = the boot info block
+    /// (see the veil-abi crate). A malformed file is rejected with the reason (exit code 2).
     #[arg(long, value_name = "PATH")]
     pub guest: Option<PathBuf>,
 
-    /// Stop the guest after SECS seconds of wall time (0 = never). A timeout exits with code 3.
-    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    /// Stop the guest after SECS seconds of wall time (fractions allowed, e.g. 0.5; 0 = never).
+    /// A timeout prints the guest's registers and exits with code 3.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 60.0,
+        allow_negative_numbers = true
+    )]
     pub timeout: f64,
 
-    /// Write the guest's console output to FILE instead of stdout.
+    /// Write the guest's console output to FILE (created or truncated) instead of stdout. The
+    /// file is checked before the guest boots.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
 }
@@ -98,8 +165,9 @@ pub struct GuestArgs {
 /// `veil run` options.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
-    /// Run only these tests (comma-separated; default: all). Unknown names are an error that
-    /// lists the available tests.
+    /// Run only these tests (comma-separated; default: all; `veil list-tests` prints the names).
+    /// Each test runs once even if named twice. Unknown or empty names are a usage error (exit
+    /// code 2) that lists the available tests.
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
     pub tests: Vec<String>,
 
@@ -109,24 +177,25 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// What to do when the guest touches memory stage 2 does not expose. report: loads read
+    /// What to do when the guest touches memory stage 2 does not expose. `report`: loads read
     /// 0xa5 bytes, stores are dropped, the guest runs on, and an instruction fetch resumes at
-    /// the recovery point the test registered (or stops the VM if none). kill: stop at the
-    /// first violation, print the report, exit 3.
-    #[arg(long, value_enum, value_name = "POLICY", default_value_t = ViolationPolicy::Report)]
+    /// the recovery point the test registered (or stops the VM if none). `kill`: stop at the
+    /// first violation, print the report, exit 3. Either way every violation is recorded.
+    #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,
 
     /// Write stage-2 ("EPT") dumps: every GPA range with state, freetype, memslot and host
     /// address, the memslot table, allocator and engine counters, KVM's binary stats. The
     /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg by format; "-" =
     /// stdout); each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
-    /// dump.json -> dump.1.json, dump.2.json, ...
+    /// dump.json -> dump.1.json, dump.2.json, ... The directory must exist; the path is checked
+    /// before the guest boots.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub dump_ept: Option<Option<PathBuf>>,
 
-    /// Dump format: text (tables), json (for tools), svg (one cell per 2 MiB pageblock coloured
-    /// by state, with a legend).
-    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = DumpFormat::Text)]
+    /// Dump format: `text` (tables for people), `json` (one document for tools), `svg` (a
+    /// picture: one cell per 2 MiB pageblock coloured by state, with a legend).
+    #[arg(long, value_enum, value_name = "text|json|svg", default_value_t = DumpFormat::Text, hide_possible_values = true)]
     pub dump_format: DumpFormat,
 
     /// Which guest, how much memory, timeout, console.
@@ -137,7 +206,7 @@ pub struct RunArgs {
 /// `veil caps` options.
 #[derive(Debug, Args, Clone)]
 pub struct CapsArgs {
-    /// Print JSON instead of text.
+    /// Print one JSON object (for scripts) instead of the text table.
     #[arg(long)]
     pub json: bool,
 }
@@ -165,20 +234,122 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+/// Largest guest ELF file read (the loaded image itself is limited to 1 GiB).
+pub const MAX_GUEST_FILE: u64 = crate::elf::MAX_IMAGE_SIZE + (1 << 20);
+
+/// Reads a guest image file: a regular file of at most [`MAX_GUEST_FILE`] bytes (so that
+/// `--guest /dev/zero` or a FIFO is an error, not an endless read).
+pub fn read_guest_file(p: &Path) -> Result<Vec<u8>> {
+    let what = || format!("cannot read guest image {}", p.display());
+    let f = std::fs::File::open(p).with_context(what)?;
+    let meta = f.metadata().with_context(what)?;
+    if !meta.is_file() {
+        bail!(
+            "guest image {} is not a regular file (a directory, device or pipe)",
+            p.display()
+        );
+    }
+    if meta.len() > MAX_GUEST_FILE {
+        bail!(
+            "guest image {} is {} bytes, more than the {MAX_GUEST_FILE} a guest ELF may have",
+            p.display(),
+            meta.len()
+        );
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_GUEST_FILE + 1)
+        .read_to_end(&mut bytes)
+        .with_context(what)?;
+    if bytes.len() as u64 > MAX_GUEST_FILE {
+        bail!("guest image {} grew while being read", p.display());
+    }
+    Ok(bytes)
+}
+
 fn guest_bytes(args: &GuestArgs) -> Result<Vec<u8>> {
     match &args.guest {
-        Some(p) => {
-            std::fs::read(p).with_context(|| format!("cannot read guest image {}", p.display()))
-        }
+        Some(p) => read_guest_file(p),
         None => Ok(crate::guest_image::DEFAULT_GUEST.to_vec()),
     }
 }
 
-fn timeout(secs: f64) -> Result<Option<Duration>> {
+/// `--timeout SECS` as a duration (`None` for 0 = never).
+pub fn timeout(secs: f64) -> Result<Option<Duration>> {
     if !secs.is_finite() || secs < 0.0 {
-        bail!("--timeout must be a non-negative number of seconds, got {secs}");
+        bail!("--timeout must be a non-negative number of seconds (0 = never), got {secs}");
     }
-    Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
+    if secs == 0.0 {
+        return Ok(None);
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) => Ok(Some(d)),
+        Err(_) => bail!("--timeout {secs} is too large (use 0 for no timeout)"),
+    }
+}
+
+/// Checks, before any long work, that `path` can be written as an output file (`what` names
+/// it in the error): its directory exists, it is not a directory, and it can be opened for
+/// writing. An existing file is opened for appending (its contents are left alone); a new
+/// one is created and removed again.
+pub fn check_output_path(path: &Path, what: &str) -> Result<()> {
+    let fail = || format!("cannot write {what} {}", path.display());
+    if path.as_os_str().is_empty() {
+        bail!("{what}: empty file name");
+    }
+    if path.is_dir() {
+        bail!("cannot write {what} {}: it is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {what} {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    if path.exists() {
+        OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(fail)?;
+    } else {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .with_context(fail)?;
+        std::fs::remove_file(path).with_context(fail)?;
+    }
+    Ok(())
+}
+
+/// The `--tests` list: trimmed, each name once (first occurrence order); an empty name or one
+/// that is not 1-64 characters of `[a-z0-9_]` is a usage error.
+pub fn test_selection(tests: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for raw in tests {
+        let name = raw.trim();
+        if name.is_empty() {
+            bail!(
+                "--tests {:?} contains an empty test name: give comma-separated names, e.g. \
+                 --tests mapped_rw,oom (`veil list-tests` prints them)",
+                tests.join(",")
+            );
+        }
+        if !vm::valid_test_name(name) {
+            bail!(
+                "invalid test name {name:?} in --tests: names are 1-64 characters of [a-z0-9_] \
+                 (`veil list-tests` prints them)"
+            );
+        }
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
 }
 
 fn base_config(args: &GuestArgs, start: Instant) -> Result<VmConfig> {
@@ -187,6 +358,7 @@ fn base_config(args: &GuestArgs, start: Instant) -> Result<VmConfig> {
     cfg.timeout = timeout(args.timeout)?;
     cfg.start = start;
     if let Some(p) = &args.console {
+        check_output_path(p, "the console file")?;
         cfg.console = ConsoleSink::File(p.clone());
     }
     Ok(cfg)
@@ -222,13 +394,9 @@ pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTar
 
 /// `veil run`.
 pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
+    let selection = test_selection(&args.tests)?;
     let mut cfg = base_config(&args.guest, start)?;
-    cfg.selection = args
-        .tests
-        .iter()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect();
+    cfg.selection = selection;
     cfg.on_violation = args.on_violation;
     if args.json && args.guest.console.is_none() {
         cfg.console = ConsoleSink::Stderr;
@@ -240,6 +408,9 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
                 "--dump-ept - and --json both write to stdout; give --dump-ept a file name"
             )
             .into());
+        }
+        if let DumpTarget::File(p) = &target {
+            check_output_path(p, "the stage-2 dump")?;
         }
         cfg.dump = Some(DumpConfig {
             target,
@@ -420,6 +591,98 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(a.dump_ept, None);
+    }
+
+    #[test]
+    fn timeout_bounds_are_errors_not_panics() {
+        assert_eq!(timeout(0.5).unwrap(), Some(Duration::from_millis(500)));
+        for bad in [1e30, f64::MAX, f64::INFINITY, f64::NAN, -1.0, -0.0001] {
+            let e = timeout(bad).unwrap_err().to_string();
+            assert!(e.contains("--timeout"), "{bad}: {e}");
+        }
+        // A negative number reaches the check (not clap's "unexpected argument").
+        let Command::Run(a) = parse(&["run", "--timeout", "-1"]).command else {
+            panic!("not run")
+        };
+        assert!(timeout(a.guest.timeout).is_err());
+    }
+
+    #[test]
+    fn test_selection_rejects_empty_and_bad_names_and_dedups() {
+        let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            test_selection(&v(&["oom", " mapped_rw ", "oom"])).unwrap(),
+            v(&["oom", "mapped_rw"])
+        );
+        assert!(test_selection(&[]).unwrap().is_empty());
+        for bad in [
+            &["a", "", "b"][..],
+            &["", ""],
+            &[" "],
+            &["Mapped"],
+            &["a-b"],
+        ] {
+            let e = test_selection(&v(bad)).unwrap_err().to_string();
+            assert!(e.contains("--tests"), "{bad:?}: {e}");
+        }
+        // `--tests a,,b` and `--tests ,` reach the check as empty names.
+        let Command::Run(a) = parse(&["run", "--tests", "a,,b"]).command else {
+            panic!("not run")
+        };
+        assert!(test_selection(&a.tests).is_err());
+        let Command::Run(a) = parse(&["run", "--tests", ","]).command else {
+            panic!("not run")
+        };
+        assert!(test_selection(&a.tests).is_err());
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("veil-cli-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn output_paths_are_checked_without_side_effects() {
+        let d = scratch("out");
+        // A new file in an existing directory: fine, and not left behind.
+        let new = d.join("new.txt");
+        check_output_path(&new, "the dump").unwrap();
+        assert!(!new.exists());
+        // An existing file: fine, and its contents are kept.
+        let old = d.join("old.txt");
+        std::fs::write(&old, "keep").unwrap();
+        check_output_path(&old, "the dump").unwrap();
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "keep");
+        // Missing directory, a directory, a path below a regular file, an empty name.
+        let cases = [
+            (d.join("missing/x.txt"), "does not exist"),
+            (d.clone(), "is a directory"),
+            (old.join("x.txt"), "does not exist"),
+            (PathBuf::new(), "empty file name"),
+        ];
+        for (p, want) in cases {
+            let e = format!("{:#}", check_output_path(&p, "the dump").unwrap_err());
+            assert!(e.contains(want), "{}: {e}", p.display());
+            assert!(e.contains("the dump"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn guest_file_must_be_a_bounded_regular_file() {
+        let d = scratch("guest");
+        for p in [Path::new("/dev/zero"), d.as_path()] {
+            let e = format!("{:#}", read_guest_file(p).unwrap_err());
+            assert!(e.contains("not a regular file"), "{e}");
+        }
+        let e = format!("{:#}", read_guest_file(&d.join("none.elf")).unwrap_err());
+        assert!(e.contains("cannot read guest image"), "{e}");
+        let f = d.join("g.elf");
+        std::fs::write(&f, b"\x7fELF").unwrap();
+        assert_eq!(read_guest_file(&f).unwrap(), b"\x7fELF");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

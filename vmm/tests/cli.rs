@@ -367,3 +367,126 @@ fn help_teaches_options_and_exit_codes() {
         assert!(caps["nr_memslots"].as_u64().unwrap() > 0);
     }
 }
+
+/// Bad option values are usage errors (exit code 2) with a message naming the option, found
+/// before any guest boots (so none of these needs /dev/kvm).
+#[test]
+fn bad_option_values_are_usage_errors_before_boot() {
+    let dir = scratch("badopts");
+    let plain = dir.join("plain.txt");
+    std::fs::write(&plain, "x").unwrap();
+    let below_file = plain.join("dump.txt");
+    let missing_dir = dir.join("missing/dump.txt");
+    let d = dir.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--mem", "0"], "--mem"),
+        (vec!["--mem", "1"], "--mem"),
+        (vec!["--mem", "64T"], "--mem"),
+        (vec!["--mem", "99999999999999999999G"], "--mem"),
+        (vec!["--mem", "garbage"], "--mem"),
+        (vec!["--mem", "4097K"], "--mem"),
+        (vec!["--timeout", "garbage"], "--timeout"),
+        (vec!["--timeout", "1e30"], "--timeout"),
+        (vec!["--timeout", "-1"], "--timeout"),
+        (vec!["--timeout", "nan"], "--timeout"),
+        (vec!["--tests", ","], "--tests"),
+        (vec!["--tests", "mapped_rw,,oom"], "--tests"),
+        (vec!["--tests", "Mapped-RW"], "--tests"),
+        (vec!["--on-violation", "explode"], "--on-violation"),
+        (vec!["--dump-format", "png"], "--dump-format"),
+        (
+            vec!["--dump-ept", missing_dir.to_str().unwrap()],
+            "does not exist",
+        ),
+        (
+            vec!["--dump-ept", below_file.to_str().unwrap()],
+            "does not exist",
+        ),
+        (vec!["--dump-ept", d], "is a directory"),
+        (vec!["--console", d], "is a directory"),
+        (
+            vec!["--console", missing_dir.to_str().unwrap()],
+            "does not exist",
+        ),
+        (vec!["--guest", "/dev/zero"], "not a regular file"),
+        (vec!["--guest", d], "not a regular file"),
+        (vec!["--json", "--dump-ept", "-"], "stdout"),
+    ];
+    for (args, want) in cases {
+        let mut all = vec!["run"];
+        all.extend(&args);
+        let t = std::time::Instant::now();
+        let out = veil(&all);
+        let e = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(want), "{args:?}: stderr lacks {want:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+        assert!(
+            !e.contains("veil-guest") && out.stdout.is_empty(),
+            "{args:?}: a guest ran"
+        );
+        assert!(t.elapsed().as_secs() < 5, "{args:?} took {:?}", t.elapsed());
+    }
+    // Nothing was created by the checks.
+    assert!(!missing_dir.exists());
+    assert_eq!(std::fs::read_to_string(&plain).unwrap(), "x");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A timeout too large for a deadline means "practically never", not a panic.
+#[test]
+fn huge_timeout_runs_normally() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&["run", "--tests", "mapped_rw", "--timeout", "1e18"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!text(&out.stderr).contains("panicked"));
+}
+
+/// Every subcommand's --help says what it does, its defaults and how it exits.
+#[test]
+fn every_help_teaches() {
+    let cases: [(&[&str], &[&str]); 5] = [
+        (
+            &["--help"],
+            &["veil run", "Exit codes", "Examples", "--help"],
+        ),
+        (
+            &["run", "--help"],
+            &[
+                "[default: 256M]",
+                "[default: 60]",
+                "report|kill",
+                "text|json|svg",
+                "list-tests",
+            ],
+        ),
+        (
+            &["list-tests", "--help"],
+            &["Exit codes", "--guest", "[default: 256M]", "Example"],
+        ),
+        (&["caps", "--help"], &["Exit codes", "nested", "--json"]),
+        (
+            &["replay", "--help"],
+            &[
+                "Exit codes",
+                "Examples",
+                "--strict",
+                "line numbers",
+                "[default: 25]",
+                "gzip",
+            ],
+        ),
+    ];
+    for (args, wants) in cases {
+        let out = veil(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        let s = text(&out.stdout);
+        for w in wants {
+            assert!(s.contains(w), "`veil {}` lacks {w:?}:\n{s}", args.join(" "));
+        }
+        // No rustdoc link syntax leaks into the help.
+        assert!(!s.contains("[`"), "`veil {}`:\n{s}", args.join(" "));
+    }
+}
