@@ -2,6 +2,8 @@
 
 use std::fmt::Write;
 
+use replay::plot::xml_escape;
+
 use super::{text::human, DumpData};
 use crate::stage2::RangeState;
 
@@ -104,23 +106,6 @@ pub fn cells(d: &DumpData) -> Vec<Cell> {
         start = end;
     }
     out
-}
-
-/// Escapes text for XML content and attributes.
-pub fn xml_escape(s: &str) -> String {
-    let mut o = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => o.push_str("&amp;"),
-            '<' => o.push_str("&lt;"),
-            '>' => o.push_str("&gt;"),
-            '"' => o.push_str("&quot;"),
-            '\'' => o.push_str("&apos;"),
-            c if (c as u32) < 0x20 && c != '\n' && c != '\t' => o.push(' '),
-            c => o.push(c),
-        }
-    }
-    o
 }
 
 const CELL: u64 = 12;

@@ -88,48 +88,34 @@ impl<B: SlotBackend> Stage2Engine<B> {
 
     /// Every maximal range of equal state, in GPA order, with its memslot.
     pub fn ranges(&self) -> Vec<RangeInfo> {
-        self.map
-            .iter()
-            .map(|r| RangeInfo {
-                start: r.start,
-                end: r.end,
-                state: r.state,
-                slot: if r.state.is_exposed() {
-                    self.slot_containing(r.start).map(|s| s.slot)
-                } else {
-                    None
-                },
-            })
-            .collect()
+        self.map.iter().map(|r| self.range_info(r)).collect()
     }
 
     /// The ranges overlapping [start, end), clipped to it (O(log n + k)).
     pub fn ranges_in(&self, start: u64, end: u64) -> Vec<RangeInfo> {
         self.map
             .overlapping(start, end)
-            .map(|r| RangeInfo {
-                start: r.start,
-                end: r.end,
-                state: r.state,
-                slot: if r.state.is_exposed() {
-                    self.slot_containing(r.start).map(|s| s.slot)
-                } else {
-                    None
-                },
-            })
+            .map(|r| self.range_info(r))
             .collect()
+    }
+
+    /// A run with the memslot that exposes it (none for holes).
+    fn range_info(&self, r: Run) -> RangeInfo {
+        RangeInfo {
+            start: r.start,
+            end: r.end,
+            state: r.state,
+            slot: if r.state.is_exposed() {
+                self.slot_containing(r.start).map(|s| s.slot)
+            } else {
+                None
+            },
+        }
     }
 
     /// The memslot table as KVM holds it now, in GPA order.
     pub fn memslots(&self) -> Vec<SlotInfo> {
-        self.slots
-            .iter()
-            .map(|(&gpa, &(end, slot))| SlotInfo {
-                slot,
-                gpa,
-                len: end - gpa,
-            })
-            .collect()
+        SlotInfo::table(&self.slots)
     }
 
     /// The memslot containing gpa, if any.

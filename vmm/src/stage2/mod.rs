@@ -101,6 +101,18 @@ pub struct SlotInfo {
 }
 
 impl SlotInfo {
+    /// The slots of a table keyed by start GPA with `(end, slot id)` values, in GPA order.
+    pub(crate) fn table(by_gpa: &std::collections::BTreeMap<u64, (u64, u32)>) -> Vec<SlotInfo> {
+        by_gpa
+            .iter()
+            .map(|(&gpa, &(end, slot))| SlotInfo {
+                slot,
+                gpa,
+                len: end - gpa,
+            })
+            .collect()
+    }
+
     /// GPA one past the slot.
     pub const fn end(&self) -> u64 {
         self.gpa + self.len

@@ -96,14 +96,7 @@ impl ModelSlots {
 
     /// The slot table, in GPA order.
     pub fn slots(&self) -> Vec<SlotInfo> {
-        self.by_gpa
-            .iter()
-            .map(|(&gpa, &(end, slot))| SlotInfo {
-                slot,
-                gpa,
-                len: end - gpa,
-            })
-            .collect()
+        SlotInfo::table(&self.by_gpa)
     }
 
     /// Whether guest physical address `gpa` is inside some slot.

@@ -207,13 +207,9 @@ mod tests {
     use super::*;
     use RangeState::*;
 
-    fn runs(m: &RangeMap) -> Vec<(u64, u64, RangeState)> {
-        m.iter().map(|r| (r.start, r.end, r.state)).collect()
-    }
-
-    #[test]
-    fn set_splits_and_merges() {
-        let mut m = RangeMap::new(
+    /// 100 pages: 10 reserved, then 90 mapped.
+    fn reserved_then_mapped() -> RangeMap {
+        RangeMap::new(
             100,
             &[
                 Run {
@@ -227,7 +223,16 @@ mod tests {
                     state: Mapped,
                 },
             ],
-        );
+        )
+    }
+
+    fn runs(m: &RangeMap) -> Vec<(u64, u64, RangeState)> {
+        m.iter().map(|r| (r.start, r.end, r.state)).collect()
+    }
+
+    #[test]
+    fn set_splits_and_merges() {
+        let mut m = reserved_then_mapped();
         m.set(40, 50, Unmapped);
         assert_eq!(
             runs(&m),
@@ -272,21 +277,7 @@ mod tests {
 
     #[test]
     fn exposed_runs_and_diff() {
-        let m = RangeMap::new(
-            100,
-            &[
-                Run {
-                    start: 0,
-                    end: 10,
-                    state: Reserved,
-                },
-                Run {
-                    start: 10,
-                    end: 100,
-                    state: Mapped,
-                },
-            ],
-        );
+        let m = reserved_then_mapped();
         let new = exposed_runs(&m, 0, 100, 40, 50, Unmapped);
         assert_eq!(new, vec![(0, 40), (50, 100)]);
         let old = [SlotInfo {
