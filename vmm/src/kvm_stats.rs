@@ -4,7 +4,7 @@
 //! starts with a `kvm_stats_header` { flags, name_size, num_desc, id_offset, desc_offset,
 //! data_offset } (six u32); at `desc_offset` lie `num_desc` descriptors of
 //! `16 + name_size` bytes each ({ flags u32, exponent s16, size u16, offset u32, bucket_size
-//! u32, name[name_size] }); the values of a descriptor are `size` u64 at
+//! u32, `name[name_size]` }); the values of a descriptor are `size` u64 at
 //! `data_offset + offset`. kvm-ioctls 0.25 does not wrap the ioctl, so it is issued here.
 
 use std::fs::File;
