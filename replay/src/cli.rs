@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use thiserror::Error;
@@ -24,7 +24,7 @@ pub struct ReplayArgs {
     /// prints them), plain or gzip (detected by content), or `-` for standard input.
     pub trace: PathBuf,
 
-    /// Policies to run, comma separated.
+    /// Policies to run, comma separated, each once (default: all four, in this order).
     #[arg(long, short, value_enum, value_delimiter = ',', default_values_t = PolicyKind::ALL.to_vec())]
     pub policy: Vec<PolicyKind>,
 
@@ -45,17 +45,20 @@ pub struct ReplayArgs {
     #[arg(long, value_name = "N")]
     pub unmapped_migratetype: Option<u8>,
 
-    /// Unmap this fraction (0..1) of the allocations the other rules select (of all, if alone),
-    /// chosen by a seeded hash of the allocation's index: deterministic for a given --seed.
+    /// Unmap this fraction (0 to 1 inclusive, e.g. 0.1) of the allocations the other rules
+    /// select (of all, if alone), chosen by a seeded hash of the allocation's index:
+    /// deterministic for a given --seed.
     #[arg(long, value_name = "F")]
     pub unmapped_fraction: Option<f64>,
 
-    /// Seed for --unmapped-fraction.
+    /// Seed for --unmapped-fraction (an unsigned 64-bit integer).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 
-    /// Memory to replay on (e.g. 512M, 1G; rounded up to 2 MiB). Default: the trace's peak live
-    /// pages plus --headroom. linux-placement always uses the trace's own PFN span.
+    /// Memory to replay on: bytes or a K/M/G suffix (binary units), 4M to 64G, e.g. 512M or 1G;
+    /// rounded up to 2 MiB. Default: the trace's peak live pages plus --headroom.
+    /// linux-placement always uses the trace's own PFN span. Too little memory shows up as
+    /// allocation failures in the report, not as an error.
     #[arg(long, value_parser = parse_size, value_name = "SIZE")]
     pub mem: Option<u64>,
 
@@ -63,19 +66,21 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = DEFAULT_HEADROOM_PCT, value_name = "PCT")]
     pub headroom: u32,
 
-    /// Fail on the first malformed line instead of counting it.
+    /// Fail (exit code 2) on the first malformed line, naming its line number, instead of
+    /// counting it and reporting the first few.
     #[arg(long)]
     pub strict: bool,
 
-    /// Print the report as JSON.
+    /// Print the report as one JSON document on stdout instead of the text table.
     #[arg(long)]
     pub json: bool,
 
-    /// Write an SVG plot of intact 2 MiB blocks over time to FILE.
+    /// Write an SVG plot of intact 2 MiB blocks over time, one line per policy, to FILE
+    /// (checked before the trace is read).
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
 
-    /// No progress lines on stderr.
+    /// No progress lines on stderr (reading progress, one line per policy, plot written).
     #[arg(long, short)]
     pub quiet: bool,
 
@@ -83,9 +88,10 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub kvm: bool,
 
-    /// Memslot limit to compare layouts against. With --kvm the VM enforces the lower of this and
-    /// the host's KVM_CAP_NR_MEMSLOTS: updates beyond it fail (counted as stage-2 failures).
-    #[arg(long, default_value_t = DEFAULT_MAX_MEMSLOTS, value_name = "N")]
+    /// Memslot limit to compare layouts against (at least 1). With --kvm the VM enforces the
+    /// lower of this and the host's KVM_CAP_NR_MEMSLOTS: updates beyond it fail (counted as
+    /// stage-2 failures).
+    #[arg(long, default_value_t = DEFAULT_MAX_MEMSLOTS, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_memslots: u64,
 
     /// freetype policy: allocations whose gfp lacks __GFP_DIRECT_RECLAIM (GFP_NOWAIT,
@@ -97,8 +103,8 @@ pub struct ReplayArgs {
 /// Why `veil replay` failed.
 #[derive(Debug, Error)]
 pub enum ReplayError {
-    /// Could not open or write a file.
-    #[error("{0}: {1}")]
+    /// Could not open or write a file (the path, or "stdout").
+    #[error("{0}")]
     Io(String, #[source] io::Error),
     /// The trace could not be read.
     #[error(transparent)]
@@ -107,7 +113,7 @@ pub enum ReplayError {
     #[error(transparent)]
     Classify(#[from] ClassifyError),
     /// JSON output failed.
-    #[error("json: {0}")]
+    #[error("cannot write the JSON report")]
     Json(#[from] serde_json::Error),
     /// A policy's memory would be too large to model.
     #[error("{policy}: {gib} GiB of memory to model, above the 64 GiB the replay supports (the trace's PFN span or --headroom is too large; choose other policies with --policy)")]
@@ -173,16 +179,85 @@ fn progress(a: &ReplayArgs, msg: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Read, parse and classify the trace.
+/// Checks what can be checked before the trace is read, so that a long load is not wasted:
+/// the `--unmapped-fraction` range and that the `--plot` file can be written (an existing file
+/// is opened for appending and left as it is; a new one is created and removed again).
+pub fn check_args(a: &ReplayArgs) -> Result<(), ReplayError> {
+    if let Some(f) = a.unmapped_fraction {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(ClassifyError::BadFraction(f).into());
+        }
+    }
+    if let Some(p) = &a.plot {
+        check_output_path(p).map_err(|e| {
+            ReplayError::Io(format!("cannot write plot {} (--plot)", p.display()), e)
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether `path` can be written as an output file, without changing an existing file.
+pub fn check_output_path(path: &Path) -> io::Result<()> {
+    if path.as_os_str().is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "empty file name",
+        ));
+    }
+    if path.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::IsADirectory,
+            "it is a directory",
+        ));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        ));
+    }
+    if path.exists() {
+        fs::OpenOptions::new().append(true).open(path)?;
+    } else {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        fs::remove_file(path)?;
+    }
+    Ok(())
+}
+
+/// Read, parse and classify the trace (after [`check_args`]), with a progress line on stderr
+/// about every second of a long load.
 pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
+    check_args(a)?;
     let t0 = Instant::now();
     let input = crate::reader::open_input(&a.trace)
-        .map_err(|e| ReplayError::Io(a.trace.display().to_string(), e))?;
-    let mut trace = trace::load(
+        .map_err(|e| ReplayError::Io(format!("cannot open trace {}", a.trace.display()), e))?;
+    let mut last = t0;
+    let mut trace = trace::load_with_progress(
         input,
         LoadOptions {
             strict: a.strict,
             ..LoadOptions::default()
+        },
+        &mut |lines| {
+            let now = Instant::now();
+            if now.duration_since(last).as_secs_f64() >= 1.0 {
+                last = now;
+                progress(
+                    a,
+                    format_args!(
+                        "read {lines} lines ({:.0} lines/s)...",
+                        lines as f64 / now.duration_since(t0).as_secs_f64()
+                    ),
+                );
+            }
         },
     )?;
     let classification = classify(&mut trace, &rules(a))?;
@@ -314,7 +389,7 @@ fn fmt_mib(pages: u64) -> String {
 
 /// Print the report (text or JSON) to `out` and write the plot if asked.
 pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), ReplayError> {
-    let w = |e| ReplayError::Io("stdout".into(), e);
+    let w = |e| ReplayError::Io("cannot write the report to stdout".into(), e);
     if a.json {
         serde_json::to_writer_pretty(&mut *out, r)?;
         writeln!(out).map_err(w)?;
@@ -327,7 +402,7 @@ pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), Repla
             r.classification.unmapped_allocs, r.classification.rule
         );
         fs::write(path, crate::plot::render_svg(&r.policies, &title))
-            .map_err(|e| ReplayError::Io(path.display().to_string(), e))?;
+            .map_err(|e| ReplayError::Io(format!("cannot write plot {}", path.display()), e))?;
         progress(a, format_args!("plot written to {}", path.display()));
     }
     Ok(())
@@ -380,6 +455,52 @@ mod tests {
         assert_eq!(c.args.policy, PolicyKind::ALL.to_vec());
         assert!(Cli::try_parse_from(["x", "t", "--policy", "nope"]).is_err());
         assert!(Cli::try_parse_from(["x", "t", "--mem", "1K"]).is_err());
+    }
+
+    #[test]
+    fn bad_outputs_and_fractions_fail_before_reading() {
+        // The trace does not exist: every error below must come from check_args, not the read.
+        let dir = std::env::temp_dir().join(format!("replay-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let existing = dir.join("old.svg");
+        std::fs::write(&existing, "keep").unwrap();
+        let d = dir.to_str().unwrap();
+        let missing = dir.join("no/p.svg");
+        let below_file = existing.join("p.svg");
+        let cases: [(&[&str], &str); 5] = [
+            (&["--plot", missing.to_str().unwrap()], "does not exist"),
+            (&["--plot", below_file.to_str().unwrap()], "does not exist"),
+            (&["--plot", d], "is a directory"),
+            (&["--unmapped-fraction", "2"], "between 0 and 1"),
+            (&["--unmapped-fraction", "NaN"], "between 0 and 1"),
+        ];
+        for (extra, want) in cases {
+            let mut v = vec!["x", "/nonexistent/trace.txt", "-q"];
+            v.extend_from_slice(extra);
+            let a = Cli::try_parse_from(v).unwrap().args;
+            let e = load(&a).unwrap_err();
+            let mut msg = e.to_string();
+            if let Some(s) = std::error::Error::source(&e) {
+                msg = format!("{msg}: {s}");
+            }
+            assert!(msg.contains(want), "{extra:?}: {msg}");
+            assert!(
+                !msg.contains("trace.txt"),
+                "{extra:?} read the trace first: {msg}"
+            );
+        }
+        // A writable plot path passes and leaves no file; an existing one is kept as it is.
+        let new = dir.join("new.svg");
+        for p in [&new, &existing] {
+            let a = Cli::try_parse_from(["x", "t", "--plot", p.to_str().unwrap()])
+                .unwrap()
+                .args;
+            check_args(&a).unwrap();
+        }
+        assert!(!new.exists());
+        assert_eq!(std::fs::read_to_string(&existing).unwrap(), "keep");
+        assert!(Cli::try_parse_from(["x", "t", "--max-memslots", "0"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

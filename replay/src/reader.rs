@@ -42,10 +42,29 @@ pub fn from_reader<'a>(mut raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRea
         let inner = BufReader::with_capacity(BUF, joined);
         Ok(Box::new(BufReader::with_capacity(
             BUF,
-            MultiGzDecoder::new(inner),
+            GzipInput(MultiGzDecoder::new(inner)),
         )))
     } else {
         Ok(Box::new(BufReader::with_capacity(BUF, joined)))
+    }
+}
+
+/// A gzip stream could not be decoded: the file is truncated, corrupt, or has data after its
+/// last gzip member. The decoder's own error is the source.
+#[derive(Debug, thiserror::Error)]
+#[error("corrupt or truncated gzip input (or data after the last gzip member)")]
+pub struct GzipError(#[source] pub io::Error);
+
+/// A gzip decoder whose read errors say that the gzip input is at fault (flate2's bare
+/// "unexpected end of file" or "invalid gzip header" do not).
+struct GzipInput<R>(R);
+
+impl<R: Read> Read for GzipInput<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| match e.kind() {
+            io::ErrorKind::Interrupted => e,
+            kind => io::Error::new(kind, GzipError(e)),
+        })
     }
 }
 

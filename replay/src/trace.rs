@@ -149,9 +149,15 @@ pub struct Trace {
 /// Why loading failed.
 #[derive(Debug, Error)]
 pub enum TraceError {
-    /// Reading the input failed.
-    #[error("reading the trace: {0}")]
-    Io(#[from] io::Error),
+    /// Reading the input failed (after `line` complete lines).
+    #[error("cannot read the trace after line {line}")]
+    Io {
+        /// Lines read before the failure.
+        line: u64,
+        /// The read error.
+        #[source]
+        source: io::Error,
+    },
     /// `--strict` and a malformed line.
     #[error("line {line}: {reason}: {text}")]
     Malformed {
@@ -485,12 +491,31 @@ impl Loader {
 
 /// Load a whole trace from a buffered reader (see [`crate::reader::open_input`]).
 pub fn load<R: BufRead>(r: R, opts: LoadOptions) -> Result<Trace, TraceError> {
+    load_with_progress(r, opts, &mut |_| {})
+}
+
+/// Lines between calls of the progress callback of [`load_with_progress`].
+pub const PROGRESS_LINES: u64 = 1 << 20;
+
+/// [`load`], calling `progress(lines read so far)` every [`PROGRESS_LINES`] lines.
+pub fn load_with_progress<R: BufRead>(
+    r: R,
+    opts: LoadOptions,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Trace, TraceError> {
     let mut lr = LineReader::new(r);
     let mut loader = Loader::new(opts);
     let mut lineno = 0u64;
     loop {
+        if lineno > 0 && lineno.is_multiple_of(PROGRESS_LINES) {
+            progress(lineno);
+        }
         lineno += 1;
-        match lr.next_line()? {
+        let next = lr.next_line().map_err(|source| TraceError::Io {
+            line: lineno - 1,
+            source,
+        })?;
+        match next {
             NextLine::Eof => break,
             NextLine::TooLong => loader.feed_too_long(lineno)?,
             NextLine::Line(l) => loader.feed(lineno, l)?,

@@ -490,3 +490,72 @@ fn every_help_teaches() {
         assert!(!s.contains("[`"), "`veil {}`:\n{s}", args.join(" "));
     }
 }
+
+/// `veil replay` errors print each cause once, an unwritable --plot is found before the trace is
+/// read (nothing computed and thrown away), and a truncated gzip trace is an error.
+#[test]
+fn replay_errors_are_clear_and_early() {
+    let dir = scratch("replay");
+    let out = veil(&["replay", dir.join("none.txt").to_str().unwrap()]);
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("none.txt"), "{e}");
+    assert_eq!(
+        e.matches("No such file").count(),
+        1,
+        "cause printed twice: {e}"
+    );
+
+    let trace = dir.join("t.txt");
+    let mut body = String::new();
+    for i in 0..100u64 {
+        body.push_str(&format!("  t-1 [000] ..... 1.{i:03}: mm_page_alloc: page=x pfn={:#x} order=0 migratetype=0 gfp_flags=GFP_KERNEL_ACCOUNT\n", 0x1000 + i));
+    }
+    std::fs::write(&trace, &body).unwrap();
+    let t = trace.to_str().unwrap();
+    let plot = dir.join("missing/plot.svg");
+    let out = veil(&["replay", t, "--plot", plot.to_str().unwrap()]);
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("--plot") && e.contains("does not exist"), "{e}");
+    assert!(
+        out.stdout.is_empty(),
+        "a report was printed: {}",
+        text(&out.stdout)
+    );
+    assert!(!e.contains("loaded"), "the trace was read first: {e}");
+    let out = veil(&["replay", t, "--unmapped-fraction", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !text(&out.stderr).contains("loaded"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // The same trace gzipped and cut short.
+    let gz = dir.join("t.txt.gz");
+    std::fs::write(&gz, truncated_gzip(body.as_bytes())).unwrap();
+    let out = veil(&["replay", gz.to_str().unwrap(), "-q"]);
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("gzip"), "{e}");
+    assert!(out.stdout.is_empty());
+    // Sanity: the intact trace replays, with the plot written.
+    let plot = dir.join("plot.svg");
+    let out = veil(&["replay", t, "-q", "--plot", plot.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The start of a gzip file holding `data` in one stored (uncompressed) deflate block, cut
+/// before the block ends and before the CRC trailer: a truncated gzip file. `data` must be
+/// shorter than 64 KiB.
+fn truncated_gzip(data: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(data.len()).unwrap();
+    let mut v = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff, 1];
+    v.extend_from_slice(&len.to_le_bytes());
+    v.extend_from_slice(&(!len).to_le_bytes());
+    v.extend_from_slice(&data[..data.len() / 2]);
+    v
+}

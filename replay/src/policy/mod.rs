@@ -94,9 +94,11 @@ impl Layout {
     }
 }
 
-/// Round `n` up to a whole number of 2 MiB blocks.
+/// Round `n` up to a whole number of 2 MiB blocks (saturating at `u64::MAX` for pfns near the
+/// top of the range, which a trace may carry: callers compare the result against
+/// [`MAX_MANAGED_PAGES`]).
 pub fn round_up_blocks(n: u64) -> u64 {
-    n.div_ceil(PAGEBLOCK_PAGES) * PAGEBLOCK_PAGES
+    n.div_ceil(PAGEBLOCK_PAGES).saturating_mul(PAGEBLOCK_PAGES)
 }
 
 /// The memory a policy replays on: `mem_pages` if given, else the trace's peak live pages plus
@@ -515,4 +517,38 @@ fn drive<S: Stage2, E: Engine<S>>(
         kvm: None,
     };
     (result, eng.into_tracker().into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_up_blocks_saturates_instead_of_wrapping() {
+        assert_eq!(round_up_blocks(0), 0);
+        assert_eq!(round_up_blocks(1), PAGEBLOCK_PAGES);
+        assert_eq!(round_up_blocks(PAGEBLOCK_PAGES), PAGEBLOCK_PAGES);
+        // Wrapped to 0 before (and then `end - start` gave a tiny layout in release builds).
+        assert_eq!(round_up_blocks(u64::MAX), u64::MAX);
+        assert_eq!(round_up_blocks(u64::MAX - 1), u64::MAX);
+    }
+
+    #[test]
+    fn linux_layout_spanning_to_the_top_of_the_pfn_range_is_too_large_not_tiny() {
+        let line = |pfn: &str| {
+            format!("t-1 [000] ..... 1.0: mm_page_alloc: page=x pfn={pfn} order=0 migratetype=0 gfp_flags=GFP_KERNEL\n")
+        };
+        // A low and a top-of-range pfn: the span is the whole u64 range. Before, the rounded
+        // end wrapped to 0 in release builds and the layout came out as two blocks.
+        let text = line("0x10") + &line("0xfffffffffffffffe");
+        let t = crate::trace::load(text.as_bytes(), Default::default()).unwrap();
+        let l = layout_for(PolicyKind::LinuxPlacement, &t, None, DEFAULT_HEADROOM_PCT);
+        assert!(l.nr_pages > MAX_MANAGED_PAGES, "{l:?}");
+        // A lone top-of-range page is one block of span, placed correctly.
+        let t =
+            crate::trace::load(line("0xfffffffffffffffe").as_bytes(), Default::default()).unwrap();
+        let l = layout_for(PolicyKind::LinuxPlacement, &t, None, DEFAULT_HEADROOM_PCT);
+        assert_eq!(l.trace_base_pfn, u64::MAX - (PAGEBLOCK_PAGES - 1));
+        assert_eq!(l.nr_pages, 2 * PAGEBLOCK_PAGES);
+    }
 }
