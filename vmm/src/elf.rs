@@ -71,7 +71,7 @@ pub enum ElfError {
         memsz: u64,
     },
     /// A segment lies outside the loadable GPA window.
-    #[error("segment {index} [{start:#x}, {end:#x}) lies outside guest RAM [{min:#x}, {max:#x})")]
+    #[error("segment {index} [{start:#x}, {end:#x}) lies outside the loadable guest RAM [{min:#x}, {max:#x}){}", if *start >= *min && *end > *max && *end != u64::MAX { "; use a larger --mem" } else { "" })]
     OutOfRam {
         /// Program header index.
         index: usize,
@@ -474,6 +474,14 @@ mod tests {
         let mut elf = build_elf(IMAGE_MIN_GPA, CODE, 0);
         elf[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(matches!(parse(&elf, RAM), Err(ElfError::Truncated { .. })));
+    }
+
+    #[test]
+    fn out_of_ram_suggests_more_memory_only_when_that_helps() {
+        let e = parse(&build_elf(IMAGE_MIN_GPA, CODE, RAM), RAM).unwrap_err();
+        assert!(e.to_string().ends_with("use a larger --mem"), "{e}");
+        let e = parse(&build_elf(0x1000, CODE, 0), RAM).unwrap_err();
+        assert!(!e.to_string().contains("--mem"), "{e}");
     }
 
     #[test]
