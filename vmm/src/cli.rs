@@ -84,7 +84,8 @@ Exit codes:
      with a non-zero code
   2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown or
      empty test name in --tests, unwritable --dump-ept or --console path (checked before the
-     guest boots), /dev/kvm unavailable
+     guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
+     unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
      --on-violation kill or by a fetch without recovery point, or ran past --timeout
 
@@ -491,6 +492,9 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
         if d != "-" {
             println!("dump written: {d}");
         }
+    }
+    for e in &report.dump_errors {
+        say(&format!("error: {e}"));
     }
     Ok(())
 }

@@ -541,6 +541,8 @@ pub struct RunReport {
     pub exit: ExitInfo,
     /// Dumps written (paths, or "-" for stdout).
     pub dumps: Vec<String>,
+    /// Dumps that could not be written (path and reason): the run's output is incomplete.
+    pub dump_errors: Vec<String>,
     /// Guest memory size.
     pub ram_size: u64,
     /// End of reserved memory.
@@ -558,7 +560,9 @@ pub mod exit_code {
     pub const OK: i32 = 0;
     /// At least one test failed or did not run, or the guest exited non-zero.
     pub const TEST_FAILURE: i32 = 1;
-    /// Bad command line or configuration: bad size, bad ELF, unknown test name, no /dev/kvm.
+    /// Bad command line or configuration: bad size, bad ELF, unknown test name, no /dev/kvm,
+    /// an output file that cannot be written (also when a dump fails at exit after every test
+    /// passed: the run's output is incomplete).
     pub const USAGE: i32 = 2;
     /// The guest crashed, was killed by `--on-violation kill`, or timed out.
     pub const CRASH: i32 = 3;
@@ -581,10 +585,12 @@ impl RunReport {
             exit_code::USAGE
         } else if self.exit.is_crash() {
             exit_code::CRASH
-        } else if self.all_passed() {
-            exit_code::OK
-        } else {
+        } else if !self.all_passed() {
             exit_code::TEST_FAILURE
+        } else if !self.dump_errors.is_empty() {
+            exit_code::USAGE
+        } else {
+            exit_code::OK
         }
     }
 
@@ -754,6 +760,7 @@ mod tests {
             timing: Timing::default(),
             exit: ExitInfo::GuestExit { code: 0 },
             dumps: vec![],
+            dump_errors: vec![],
             ram_size: 0,
             reserved_end: 0,
             stage2_dump: serde_json::Value::Null,
@@ -770,7 +777,12 @@ mod tests {
             time_ms: 0.0,
         });
         assert_eq!(r.exit_code(), exit_code::OK);
+        // A dump lost at exit makes an otherwise clean run a failure to report.
+        r.dump_errors.push("d.json: disk full".into());
+        assert_eq!(r.exit_code(), exit_code::USAGE);
         r.tests[0].result = TestOutcome::NotRun;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.dump_errors.clear();
         assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
         r.tests[0].result = TestOutcome::Pass;
         r.violations_outside_tests = 1;

@@ -188,6 +188,7 @@ pub struct Session {
     suite_end: Option<Instant>,
     round_trip: Option<RoundTrip>,
     dumps: Vec<String>,
+    dump_errors: Vec<String>,
     guest_dumps: u32,
     /// Guest Log lines.
     pub logs: Vec<String>,
@@ -271,6 +272,7 @@ impl Session {
             suite_end: None,
             round_trip: None,
             dumps: Vec::new(),
+            dump_errors: Vec::new(),
             guest_dumps: 0,
             logs: Vec::new(),
             exits: ExitCounts::default(),
@@ -839,7 +841,11 @@ impl Session {
             }
             Some(p) => match std::fs::write(&p, text) {
                 Ok(()) => self.dumps.push(p.display().to_string()),
-                Err(e) => vmm_line(&format!("cannot write dump {}: {e}", p.display())),
+                Err(e) => {
+                    let msg = format!("cannot write dump {}: {e}", p.display());
+                    vmm_line(&msg);
+                    self.dump_errors.push(msg);
+                }
             },
         }
     }
@@ -943,6 +949,7 @@ impl Session {
             timing,
             exit,
             dumps: std::mem::take(&mut self.dumps),
+            dump_errors: std::mem::take(&mut self.dump_errors),
             ram_size: self.ram.size(),
             reserved_end: self.reserved_end,
             stage2_dump,

@@ -559,3 +559,45 @@ fn truncated_gzip(data: &[u8]) -> Vec<u8> {
     v.extend_from_slice(&data[..data.len() / 2]);
     v
 }
+
+/// A dump that cannot be written at run time (here: a directory sits where guest dump #1 goes)
+/// is reported and turns the passing run's exit code into 2: output was lost.
+#[test]
+fn a_dump_lost_at_run_time_is_not_a_clean_exit() {
+    if !kvm_available() {
+        return;
+    }
+    let code = [
+        0xb8, 13, 0, 0, 0, // mov eax, 13 (Hc::Dump)
+        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+        0xef, // out dx, eax
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xb8, 20, 0, 0, 0, 0xef, // Exit(0)
+        0xeb, 0xfe,
+    ];
+    let dir = scratch("lostdump");
+    let g = write_guest(&dir, "dump.elf", &tiny(&code));
+    std::fs::create_dir(dir.join("ept.1.json")).unwrap();
+    let file = dir.join("ept.json");
+    let args = [
+        "run",
+        "--guest",
+        &g,
+        "--dump-ept",
+        file.to_str().unwrap(),
+        "--dump-format",
+        "json",
+    ];
+    let out = veil(&args);
+    let e = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.contains("ept.1.json"), "{e}");
+    assert!(file.exists(), "the exit dump is still written");
+    let mut json = args.to_vec();
+    json.push("--json");
+    let out = veil(&json);
+    assert_eq!(out.status.code(), Some(2));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["dump_errors"].as_array().unwrap().len(), 1, "{doc}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
