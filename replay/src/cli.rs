@@ -5,7 +5,7 @@
 //! own KVM-backed stage 2.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -123,6 +123,18 @@ pub enum ReplayError {
         /// Its memory in GiB.
         gib: u64,
     },
+    /// The input holds no page-allocator event at all: not a kmem trace (or an empty one).
+    #[error("{path} holds no mm_page_alloc, mm_page_free or mm_page_free_batched event ({lines} lines, {malformed} malformed{}): is it an ftrace kmem trace? (see `veil replay --help`)", first.as_ref().map(|m| format!("; line {}: {}", m.line, m.reason)).unwrap_or_default())]
+    NoEvents {
+        /// The input.
+        path: String,
+        /// Lines read.
+        lines: u64,
+        /// Malformed lines among them.
+        malformed: u64,
+        /// The first malformed line.
+        first: Option<crate::trace::Malformed>,
+    },
     /// `--kvm` needs the `veil` binary.
     #[error("--kvm needs a VM: run it as `veil replay --kvm`")]
     KvmUnavailable,
@@ -237,6 +249,12 @@ pub fn check_output_path(path: &Path) -> io::Result<()> {
 pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
     check_args(a)?;
     let t0 = Instant::now();
+    if a.trace.as_os_str() == "-" && io::stdin().is_terminal() {
+        progress(
+            a,
+            format_args!("reading the trace from standard input (a terminal); end it with Ctrl-D"),
+        );
+    }
     let input = crate::reader::open_input(&a.trace)
         .map_err(|e| ReplayError::Io(format!("cannot open trace {}", a.trace.display()), e))?;
     let mut last = t0;
@@ -260,6 +278,24 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
             }
         },
     )?;
+    let s = &trace.stats;
+    if s.alloc_events + s.free_events + s.batched_events == 0 {
+        return Err(ReplayError::NoEvents {
+            path: a.trace.display().to_string(),
+            lines: s.lines,
+            malformed: s.malformed_lines,
+            first: s.malformed_examples.first().cloned(),
+        });
+    }
+    if let Some(m) = s.malformed_examples.first() {
+        progress(
+            a,
+            format_args!(
+                "warning: {} malformed lines skipped (first: line {}: {}); --strict makes them fatal",
+                s.malformed_lines, m.line, m.reason
+            ),
+        );
+    }
     let classification = classify(&mut trace, &rules(a))?;
     progress(
         a,
@@ -500,6 +536,36 @@ mod tests {
         assert!(!new.exists());
         assert_eq!(std::fs::read_to_string(&existing).unwrap(), "keep");
         assert!(Cli::try_parse_from(["x", "t", "--max-memslots", "0"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn input_without_events_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("replay-noevents-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, body, want) in [
+            ("empty.txt", "", "0 lines, 0 malformed)"),
+            (
+                "passwd.txt",
+                "root:x:0:0::/root:/bin/sh\n",
+                "line 1: no ftrace header",
+            ),
+            (
+                "comments.txt",
+                "# tracer: nop\n#\n",
+                "2 lines, 0 malformed)",
+            ),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            let a = Cli::try_parse_from(["x", p.to_str().unwrap(), "-q"])
+                .unwrap()
+                .args;
+            let e = load(&a).unwrap_err();
+            assert!(matches!(e, ReplayError::NoEvents { .. }), "{name}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -67,8 +67,8 @@ Output files (--plot) are checked before the trace is read.";
 
 const REPLAY_AFTER: &str = "\
 Exit codes: 0 report printed; 2 bad option, unreadable or corrupt trace (including a truncated
-gzip file), malformed line under --strict, unwritable --plot file, or /dev/kvm unavailable with
---kvm.
+gzip file), an input without a single page-allocator event (not a kmem trace), malformed line
+under --strict, unwritable --plot file, or /dev/kvm unavailable with --kvm.
 
 Examples:
   veil replay trace.txt.gz                       all four policies, text table
