@@ -237,17 +237,33 @@ fn aging<A: PageAlloc>(c: &mut Criterion, a: &mut A, ops: &[(usize, u8)]) {
     g.finish();
 }
 
-/// Interleaved measurement for the summary: `ROUNDS` rounds, each timing one sample of every
-/// allocator back to back, so load changes on a shared machine hit all three alike.
+/// Interleaved measurement for the summary: `ROUNDS` rounds (or `PEERS_ROUNDS`), each timing
+/// one sample of every allocator back to back, so load changes on a shared machine hit all
+/// three alike. `PEERS_ONLY=<substring>` restricts the pass to matching workloads (for quick
+/// A/B runs: `cargo bench -p allocator -- none` skips Criterion and runs only this pass).
 const ROUNDS: usize = 21;
+
+fn rounds() -> usize {
+    std::env::var("PEERS_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS)
+}
+
+fn selected(name: &str) -> bool {
+    std::env::var("PEERS_ONLY").map_or(true, |f| name.contains(f.as_str()))
+}
 
 /// Median ns per iteration of each allocator (veil, bsa, bsys) for each workload.
 fn interleaved(perm: &[usize], ops: &[(usize, u8)]) -> Vec<(&'static str, [f64; 3])> {
     let (mut v, mut b, mut y) = (Veil::new(), Bsa::new(), Bsys::new());
     let mut out = Vec::new();
     let mut run = |name: &'static str, f: &mut dyn FnMut(usize) -> f64| {
+        if !selected(name) {
+            return;
+        }
         let mut t = [Vec::new(), Vec::new(), Vec::new()];
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds() {
             for (who, samples) in t.iter_mut().enumerate() {
                 samples.push(f(who));
             }
@@ -319,7 +335,8 @@ fn print_summary(rows: &[(&'static str, [f64; 3])]) {
     println!();
     println!(
         "== allocator peers: median time per iteration, {FRAMES} frames each, \
-         {ROUNDS} interleaved rounds =="
+         {} interleaved rounds ==",
+        rounds()
     );
     println!(
         "{:<17} {:>12} {:>22} {:>24} {:>10} {:>10}",

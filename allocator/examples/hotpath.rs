@@ -81,22 +81,46 @@ fn veil_random(n: u64) {
         );
     }
     let mut frames = vec![0u64; perm.len()];
-    let mut free_time = std::time::Duration::ZERO;
+    let mut times = Vec::new();
     for _ in 0..n {
         for f in frames.iter_mut() {
             *f = a.alloc_pages(Gfp::empty(), 0).unwrap().pfn;
         }
         let t = std::time::Instant::now();
-        for &i in &perm {
-            a.free_pages(frames[i], 0).unwrap();
-        }
-        a.drain_pcp();
-        free_time += t.elapsed();
+        veil_free_phase(&mut a, &frames, &perm);
+        times.push(t.elapsed());
     }
-    eprintln!(
-        "veil: free phase {:?} per round",
-        free_time / n.max(1) as u32
-    );
+    report("veil: free phase", &mut times);
+}
+
+/// Print the median and minimum of per-round times.
+fn report(what: &str, times: &mut [std::time::Duration]) {
+    times.sort();
+    if let (Some(min), Some(med)) = (times.first(), times.get(times.len() / 2)) {
+        eprintln!("{what}: median {med:?}, min {min:?} per round");
+    }
+}
+
+/// The timed part of [`veil_random`]: free in `perm` order, then drain the caches (a
+/// separate function so `callgrind --toggle-collect=*veil_free_phase*` isolates it).
+#[inline(never)]
+fn veil_free_phase(a: &mut BuddyAllocator<NullStage2>, frames: &[u64], perm: &[usize]) {
+    for &i in perm {
+        a.free_pages(frames[i], 0).unwrap();
+    }
+    a.drain_pcp();
+}
+
+/// The timed part of [`bsa_random`].
+#[inline(never)]
+fn bsa_free_phase(
+    a: &mut buddy_slab_allocator::BuddyAllocator<4096>,
+    frames: &[usize],
+    perm: &[usize],
+) {
+    for &i in perm {
+        a.dealloc_pages(frames[i], 1);
+    }
 }
 
 /// As [`veil_random`] for buddy-slab-allocator.
@@ -124,21 +148,16 @@ fn bsa_random(n: u64) {
         );
     }
     let mut frames = vec![0usize; perm.len()];
-    let mut free_time = std::time::Duration::ZERO;
+    let mut times = Vec::new();
     for _ in 0..n {
         for f in frames.iter_mut() {
             *f = a.alloc_pages(1, 4096).unwrap();
         }
         let t = std::time::Instant::now();
-        for &i in &perm {
-            a.dealloc_pages(frames[i], 1);
-        }
-        free_time += t.elapsed();
+        bsa_free_phase(&mut a, &frames, &perm);
+        times.push(t.elapsed());
     }
-    eprintln!(
-        "bsa: free phase {:?} per round",
-        free_time / n.max(1) as u32
-    );
+    report("bsa: free phase", &mut times);
 }
 
 /// The benchmark's aging mix, `n` rounds, with the allocator's counters at the end.

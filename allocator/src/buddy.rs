@@ -316,19 +316,13 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Give back pages `[off, off + 2^order)`.
     ///
-    /// Returns the pages `free_pages` returns to the free structures: order 0 to the
-    /// block's cache (draining half of it when full), larger orders straight to the buddy
-    /// lists with merging.
+    /// A block of order `<= PCP_MAX_ORDER` goes to its pageblock's cache unless that cache
+    /// is full; everything else goes straight to the buddy lists with merging.
     #[inline]
     fn release(&mut self, off: u32, order: u8) {
         let bft = self.pb[self.pb_index(off)] as usize;
         self.free += 1 << order;
-        if order <= PCP_MAX_ORDER && self.pcp.cap() != 0 {
-            if !self.pcp.push(order, bft, off) {
-                self.drain_pcp_list(order, bft, self.pcp.cap().div_ceil(2));
-                let pushed = self.pcp.push(order, bft, off);
-                debug_assert!(pushed);
-            }
+        if order <= PCP_MAX_ORDER && self.pcp.push(order, bft, off) {
             let m = &mut self.meta[off as usize];
             m.state = ST_CACHED | order;
             m.ft = bft as u8;
@@ -345,34 +339,50 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// pageblocks take `ft` (as Linux's `__free_one_page` does for mergeable migratetypes);
     /// buddies of different mapped-ness never merge. The caller has cleared `off`'s state.
     #[inline(always)]
-    pub(crate) fn free_to_buddy(&mut self, mut off: u32, mut order: u8, ft: usize) {
+    pub(crate) fn free_to_buddy(&mut self, off: u32, mut order: u8, ft: usize) {
         let base = self.base;
+        // Absolute pfn of the growing block's head: buddies are aligned in absolute pfns.
+        let mut pfn = base + off as u64;
         while order < MAX_ORDER {
+            let bit = 1u64 << order;
             // The buddy's offset; below `base` wraps to a huge value and fails the range check.
-            let boff = ((base + off as u64) ^ (1u64 << order)).wrapping_sub(base);
-            // `meta` has exactly `nr` entries: `get` is the range check.
-            let Some(bm) = self.meta.get(boff as usize) else {
+            let boff = (pfn ^ bit).wrapping_sub(base);
+            // `meta` has exactly `nr` entries: `get_mut` is the range check.
+            let Some(bm) = self.meta.get_mut(boff as usize) else {
                 break;
             };
             if bm.state != ST_FREE | order {
                 break;
             }
-            let boff = boff as u32;
-            let bft = bm.ft as usize;
-            if bft != ft {
-                debug_assert!(order >= PAGEBLOCK_ORDER);
-                if is_unmapped_index(bft) != is_unmapped_index(ft) {
-                    break;
-                }
-                self.set_pageblocks(boff, order, ft);
+            let (bft, prev, next) = (bm.ft as usize, bm.prev, bm.next);
+            if bft == ft {
+                bm.state = ST_NONE;
+            } else if !self.merge_across_pageblocks(boff as u32, order, bft, ft) {
+                break;
             }
-            self.lists.remove(&mut self.meta, boff, order as usize, bft);
-            self.meta[boff as usize].state = ST_NONE;
-            off = off.min(boff);
+            self.lists
+                .unlink(&mut self.meta, prev, next, order as usize, bft);
+            pfn &= !bit;
             order += 1;
         }
+        let off = (pfn - base) as u32;
         self.set_free_head(off, order, ft);
         self.lists.push(&mut self.meta, off, order as usize, ft);
+    }
+
+    /// The rare merge step of [`Self::free_to_buddy`] with a free buddy `boff` of another
+    /// freetype (only at pageblock order and above): refuse across mapped-ness, otherwise
+    /// retype the buddy's pageblocks to `ft` and clear its head state.
+    #[cold]
+    #[inline(never)]
+    fn merge_across_pageblocks(&mut self, boff: u32, order: u8, bft: usize, ft: usize) -> bool {
+        debug_assert!(order >= PAGEBLOCK_ORDER);
+        if is_unmapped_index(bft) != is_unmapped_index(ft) {
+            return false;
+        }
+        self.set_pageblocks(boff, order, ft);
+        self.meta[boff as usize].state = ST_NONE;
+        true
     }
 
     /// Set the freetype of every pageblock overlapping `[off, off + 2^order)`.
@@ -463,20 +473,11 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.free_slow(pfn, order)
     }
 
-    /// Give a validated block back to the buddy lists (draining a full cache first for
-    /// order 0), out of line for the inlined fast path.
-    #[inline(never)]
+    /// Give a validated block back to the buddy lists, merging (its cache is full, or its
+    /// order is not cached), out of line for the inlined fast path.
+    #[inline(always)]
     fn free_block_outlined(&mut self, off: u32, order: u8, bft: usize) {
         self.free += 1 << order;
-        if order <= PCP_MAX_ORDER && self.pcp.cap() != 0 {
-            self.drain_pcp_list(order, bft, self.pcp.cap().div_ceil(2));
-            let pushed = self.pcp.push(order, bft, off);
-            debug_assert!(pushed);
-            let m = &mut self.meta[off as usize];
-            m.state = ST_CACHED | order;
-            m.ft = bft as u8;
-            return;
-        }
         self.meta[off as usize].state = ST_NONE;
         self.free_to_buddy(off, order, bft);
     }

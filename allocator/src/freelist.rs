@@ -79,27 +79,36 @@ impl FreeLists {
         m.prev = NIL;
         if h != NIL {
             meta[h as usize].prev = off;
+        } else {
+            // Only an empty list changes the mask.
+            self.nonempty[ft] |= 1 << order;
         }
-        self.nonempty[ft] |= 1 << order;
     }
 
     /// Remove block `off` from list (order, ft); it must be on it.
     #[inline(always)]
     pub fn remove(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
         let m = &meta[off as usize];
-        let (prev, next) = (m.prev, m.next);
+        self.unlink(meta, m.prev, m.next, order, ft);
+    }
+
+    /// Remove the block whose links are `prev` and `next` from list (order, ft) (for callers
+    /// that already read the block's metadata); the block's own links are left stale.
+    #[inline(always)]
+    pub fn unlink(&mut self, meta: &mut [PageMeta], prev: u32, next: u32, order: usize, ft: usize) {
         let l = &mut self.lists[li(order, ft)];
+        l.len -= 1;
         if prev == NIL {
             l.first = next;
+            // Only removing the last block empties a list.
+            if next == NIL {
+                self.nonempty[ft] &= !(1 << order);
+            }
         } else {
             meta[prev as usize].next = next;
         }
         if next != NIL {
             meta[next as usize].prev = prev;
-        }
-        l.len -= 1;
-        if l.first == NIL {
-            self.nonempty[ft] &= !(1 << order);
         }
     }
 

@@ -4,7 +4,7 @@
 //! A freed block of order `<= PCP_MAX_ORDER` is parked here instead of being merged, and the
 //! next request of the same order and freetype takes it back without touching the buddy
 //! lists: the hot alloc+free pair costs about a hundred instructions instead of a split and a
-//! merge per order. When a cache is full, half of it is returned to the buddy lists (merging).
+//! merge per order. When a cache is full, the freed block goes straight to the buddy lists (merging).
 //! Before any flip and before an allocation fails, every cache is drained so cached blocks
 //! never hide a whole free pageblock. Cached pages count as free everywhere
 //! (`free_pages_count`, `Snapshot::pcp_pages`) and are *not* allocations
@@ -40,12 +40,6 @@ impl Pcp {
             len: [0; NR_PCP],
             cap,
         }
-    }
-
-    /// Capacity of each cache, in blocks.
-    #[inline]
-    pub fn cap(&self) -> u32 {
-        self.cap
     }
 
     /// Blocks in the cache of (order, ft).
