@@ -14,6 +14,7 @@ use crate::memory::GuestRam;
 const EHDR_SIZE: usize = 64;
 const PHDR_SIZE: usize = 56;
 const PT_LOAD: u32 = 1;
+const PT_INTERP: u32 = 3;
 const PF_X: u32 = 1;
 const ET_EXEC: u16 = 2;
 const EM_X86_64: u16 = 62;
@@ -101,6 +102,9 @@ pub enum ElfError {
     /// The entry point is not in an executable segment.
     #[error("entry point {0:#x} is not inside an executable loaded segment")]
     EntryOutside(u64),
+    /// The file asks for a program interpreter: a dynamically linked user program.
+    #[error("program header {0} is PT_INTERP: this is a dynamically linked user program, not a guest kernel (link it static, ET_EXEC, with its own entry point)")]
+    NeedsInterpreter(usize),
     /// A segment's virtual address differs from its physical load address.
     #[error("segment {index}: p_vaddr {vaddr:#x} differs from p_paddr {paddr:#x}; the guest is loaded at p_paddr and entered with an identity map, so link it with virtual = physical addresses")]
     VaddrMismatch {
@@ -221,8 +225,10 @@ pub fn parse(bytes: &[u8], ram_size: u64) -> Result<ElfImage, ElfError> {
     let mut total = 0u64;
     for index in 0..phnum as usize {
         let ph = &phdrs[index * PHDR_SIZE..(index + 1) * PHDR_SIZE];
-        if u32_at(ph, 0) != PT_LOAD {
-            continue;
+        match u32_at(ph, 0) {
+            PT_LOAD => {}
+            PT_INTERP => return Err(ElfError::NeedsInterpreter(index)),
+            _ => continue,
         }
         let flags = u32_at(ph, 4);
         let offset = u64_at(ph, 8);
@@ -488,6 +494,14 @@ mod tests {
     fn rejects_huge_image() {
         let elf = build_elf(IMAGE_MIN_GPA, CODE, 2 << 30);
         assert!(matches!(parse(&elf, 64 << 30), Err(ElfError::TooLarge(_))));
+    }
+
+    #[test]
+    fn rejects_dynamically_linked_programs() {
+        let mut elf = two_segments(IMAGE_MIN_GPA + 0x1000, 0x1000);
+        let phoff = u64_at(&elf, 32) as usize;
+        elf[phoff + PHDR_SIZE..phoff + PHDR_SIZE + 4].copy_from_slice(&PT_INTERP.to_le_bytes());
+        assert_eq!(parse(&elf, RAM), Err(ElfError::NeedsInterpreter(1)));
     }
 
     #[test]
