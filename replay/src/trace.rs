@@ -159,7 +159,7 @@ pub enum TraceError {
         source: io::Error,
     },
     /// `--strict` and a malformed line.
-    #[error("line {line}: {reason}: {text}")]
+    #[error("line {line}: {reason}: {text:?}")]
     Malformed {
         /// 1-based line number.
         line: u64,

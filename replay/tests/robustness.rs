@@ -241,3 +241,21 @@ fn errors_print_each_cause_once() {
     assert_eq!(msg.matches("No such file").count(), 1, "{msg}");
     assert!(msg.contains("/nonexistent/trace.txt"), "{msg}");
 }
+
+/// The `--strict` error quotes the offending line with control characters escaped, so a trace
+/// cannot write terminal escape sequences into the error message.
+#[test]
+fn strict_error_escapes_the_line() {
+    let e = load(
+        &b"ok\x1b[31m\x07\n"[..],
+        LoadOptions {
+            strict: true,
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.starts_with("line 1: "), "{msg}");
+    assert!(!msg.contains('\x1b') && !msg.contains('\x07'), "{msg:?}");
+    assert!(msg.contains("\\u{1b}[31m"), "{msg}");
+}
