@@ -601,3 +601,29 @@ fn a_dump_lost_at_run_time_is_not_a_clean_exit() {
     assert_eq!(doc["dump_errors"].as_array().unwrap().len(), 1, "{doc}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A guest that does not fit the requested RAM is a usage error that says to raise --mem, found
+/// before /dev/kvm is opened.
+#[test]
+fn mem_too_small_for_the_guest_says_use_a_larger_mem() {
+    let dir = scratch("smallmem");
+    // 3 MiB of bss: the image ends above 5 MiB, leaving no managed block in 6 MiB of RAM.
+    let mid = write_guest(
+        &dir,
+        "mid.elf",
+        &vmm::elf::build_elf(veil_abi::IMAGE_MIN_GPA, &[0xf4], 3 << 20),
+    );
+    // 1 GiB - 16 bytes of bss: the image itself does not fit in 64 MiB.
+    let big = write_guest(
+        &dir,
+        "big.elf",
+        &vmm::elf::build_elf(veil_abi::IMAGE_MIN_GPA, &[0xf4], (1 << 30) - 16),
+    );
+    for (g, mem) in [(&mid, "6M"), (&big, "64M")] {
+        let out = veil(&["run", "--guest", g, "--mem", mem]);
+        let e = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{g} {mem}: {e}");
+        assert!(e.contains("use a larger --mem"), "{g} {mem}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
