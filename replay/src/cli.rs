@@ -232,8 +232,12 @@ pub fn check_output_path(path: &Path) -> io::Result<()> {
             format!("directory {} does not exist", dir.display()),
         ));
     }
-    if path.exists() {
-        fs::OpenOptions::new().append(true).open(path)?;
+    if let Ok(meta) = fs::metadata(path) {
+        // A regular file must be writable; a device or FIFO is taken as it is (opening a FIFO
+        // here would block until it has a reader).
+        if meta.is_file() {
+            fs::OpenOptions::new().append(true).open(path)?;
+        }
     } else {
         fs::OpenOptions::new()
             .write(true)

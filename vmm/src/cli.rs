@@ -311,11 +311,15 @@ pub fn check_output_path(path: &Path, what: &str) -> Result<()> {
             dir.display()
         );
     }
-    if path.exists() {
-        OpenOptions::new()
-            .append(true)
-            .open(path)
-            .with_context(fail)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        // A regular file must be writable; a device or FIFO (/dev/null, /dev/stdout, a pipe)
+        // is taken as it is: opening a FIFO here would block until it has a reader.
+        if meta.is_file() {
+            OpenOptions::new()
+                .append(true)
+                .open(path)
+                .with_context(fail)?;
+        }
     } else {
         OpenOptions::new()
             .write(true)
@@ -671,6 +675,13 @@ mod tests {
             assert!(e.contains(want), "{}: {e}", p.display());
             assert!(e.contains("the dump"), "{e}");
         }
+        // Devices and FIFOs are accepted without opening them (a FIFO would block).
+        check_output_path(Path::new("/dev/null"), "the dump").unwrap();
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path and a mode.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        check_output_path(&fifo, "the dump").unwrap();
         let _ = std::fs::remove_dir_all(&d);
     }
 
