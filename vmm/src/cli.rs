@@ -25,8 +25,8 @@ page allocator with freetypes and pageblock flips (the kernel's __GFP_UNMAPPED s
 removes \"unmapped\" pages from stage 2 by shaping KVM memslots. Any guest access to such a page
 is caught and reported as a violation. The default guest runs an isolation test suite.
 
-Start with `veil run` (the whole suite, about a minute on a nested host); `veil <COMMAND> --help`
-explains each command's options, defaults and units.";
+Start with `veil run` (the whole suite; well under a second on this project's nested host);
+`veil <COMMAND> --help` explains each command's options, defaults and units.";
 
 const LIST_ABOUT: &str = "\
 Boot the guest in list mode and print the names of its tests, one per line: the names
