@@ -25,7 +25,7 @@ page allocator with freetypes and pageblock flips (the kernel's __GFP_UNMAPPED s
 removes \"unmapped\" pages from stage 2 by shaping KVM memslots. Any guest access to such a page
 is caught and reported as a violation. The default guest runs an isolation test suite.
 
-Start with `veil run` (the whole suite; well under a second on this project's nested host);
+Start with `veil run` (boots the default guest and runs the whole suite);
 `veil <COMMAND> --help` explains each command's options, defaults and units.";
 
 const LIST_ABOUT: &str = "\
