@@ -92,7 +92,7 @@ pub enum StatsError {
     #[error("KVM_GET_STATS_FD failed: {0}")]
     Ioctl(std::io::Error),
     /// Reading the stats file failed.
-    #[error("reading KVM stats: {0}")]
+    #[error("reading KVM stats")]
     Io(#[from] std::io::Error),
     /// The stats file does not follow the documented layout.
     #[error("malformed KVM stats data: {0}")]
