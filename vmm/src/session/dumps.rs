@@ -1,0 +1,116 @@
+//! Stage-2 dumps of a run: where they go, the exit dump and the ones the guest asks for.
+
+use std::path::PathBuf;
+
+use veil_abi::Status;
+
+use super::{vmm_line, Session, MAX_GUEST_DUMPS};
+use crate::dump::DumpFormat;
+
+/// Where stage-2 dumps go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DumpTarget {
+    /// Standard output.
+    Stdout,
+    /// This file for the exit dump; guest-requested dump N goes to `<stem>.<N>.<ext>` beside it.
+    File(PathBuf),
+}
+
+/// `--dump-ept` / `--dump-format`.
+#[derive(Clone, Debug)]
+pub struct DumpConfig {
+    /// Where.
+    pub target: DumpTarget,
+    /// Text, JSON or SVG.
+    pub format: DumpFormat,
+}
+
+impl DumpConfig {
+    /// The path of guest-requested dump `n` (1-based), or None for stdout.
+    pub fn numbered_path(&self, n: u32) -> Option<PathBuf> {
+        match &self.target {
+            DumpTarget::Stdout => None,
+            DumpTarget::File(p) => {
+                let stem = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "veil-dump".into());
+                let name = match p.extension() {
+                    Some(ext) => format!("{stem}.{n}.{}", ext.to_string_lossy()),
+                    None => format!("{stem}.{n}"),
+                };
+                Some(p.with_file_name(name))
+            }
+        }
+    }
+}
+
+impl Session {
+    pub(super) fn render_dump(&self, reason: &str, format: DumpFormat) -> String {
+        let stats = crate::kvm_stats::read_vm_stats(&self.vm).ok();
+        let base = self.ram.host_base();
+        let host_addr = move |gpa: u64| base + gpa;
+        let input = crate::dump::DumpInput {
+            alloc: &self.alloc,
+            kvm_stats: stats.as_deref(),
+            reason,
+            host_addr: &host_addr,
+        };
+        crate::dump::render(&input, format)
+    }
+
+    /// The exit-time dump as JSON.
+    pub(super) fn dump_json(&self) -> serde_json::Value {
+        let stats = crate::kvm_stats::read_vm_stats(&self.vm).ok();
+        let base = self.ram.host_base();
+        let host_addr = move |gpa: u64| base + gpa;
+        let input = crate::dump::DumpInput {
+            alloc: &self.alloc,
+            kvm_stats: stats.as_deref(),
+            reason: "exit",
+            host_addr: &host_addr,
+        };
+        crate::dump::to_json_value(&input)
+    }
+
+    pub(super) fn write_dump(&mut self, reason: &str, path: Option<PathBuf>) {
+        let Some(cfg) = self.dump.clone() else {
+            return;
+        };
+        let text = self.render_dump(reason, cfg.format);
+        match path {
+            None => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes());
+                if !text.ends_with('\n') {
+                    let _ = out.write_all(b"\n");
+                }
+                self.dumps.push("-".into());
+            }
+            Some(p) => match std::fs::write(&p, text) {
+                Ok(()) => self.dumps.push(p.display().to_string()),
+                Err(e) => {
+                    let msg = format!("cannot write dump {}: {e}", p.display());
+                    vmm_line(&msg);
+                    self.dump_errors.push(msg);
+                }
+            },
+        }
+    }
+
+    /// Hc::Dump: writes dump number N; returns N (0 if dumps are off).
+    pub(super) fn guest_dump(&mut self) -> Result<u64, Status> {
+        let Some(cfg) = self.dump.clone() else {
+            return Ok(0);
+        };
+        if self.guest_dumps >= MAX_GUEST_DUMPS {
+            return Err(Status::BadState);
+        }
+        self.guest_dumps += 1;
+        let n = self.guest_dumps;
+        let reason = format!("guest request #{n}");
+        self.write_dump(&reason, cfg.numbered_path(n));
+        Ok(u64::from(n))
+    }
+}

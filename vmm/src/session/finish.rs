@@ -1,0 +1,99 @@
+//! The end of a run: the last test, the exit dump, and the report.
+
+use std::time::{Duration, Instant};
+
+use veil_abi::BootMode;
+
+use super::{DumpTarget, Session};
+use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing};
+
+impl Session {
+    /// Builds the report after the VM stopped with `exit`.
+    pub fn finish(mut self, exit: ExitInfo, run_time: Duration) -> RunReport {
+        self.console.flush();
+        if self.current.is_some() {
+            let why = format!("test did not end: {}", exit.summary());
+            self.end_current(TestOutcome::Fail, None, why);
+        }
+        if let Some(cfg) = self.dump.clone() {
+            let path = match cfg.target {
+                DumpTarget::Stdout => None,
+                DumpTarget::File(p) => Some(p),
+            };
+            self.write_dump("exit", path);
+        }
+        let selected: Vec<String> = if self.selection.is_empty() {
+            self.announced.clone()
+        } else {
+            self.selection.clone()
+        };
+        let mut tests = Vec::new();
+        if self.mode == BootMode::Run && !matches!(exit, ExitInfo::UnknownTests { .. }) {
+            let mut order: Vec<String> = self
+                .announced
+                .iter()
+                .filter(|n| selected.contains(n) || self.results.contains_key(*n))
+                .cloned()
+                .collect();
+            for n in &self.ran_order {
+                if !order.contains(n) {
+                    order.push(n.clone());
+                }
+            }
+            for n in &selected {
+                if !order.contains(n) {
+                    order.push(n.clone());
+                }
+            }
+            for name in order {
+                let r = self.results.remove(&name).unwrap_or(TestReport {
+                    name: name.clone(),
+                    passed: false,
+                    result: TestOutcome::NotRun,
+                    guest_result: None,
+                    message: format!("selected but never run ({})", exit.summary()),
+                    violations: 0,
+                    expected_violations: 0,
+                    time_ms: 0.0,
+                });
+                tests.push(r);
+            }
+        }
+        let end = Instant::now();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let timing = Timing {
+            first_hypercall_ms: self.first_hypercall.map(ms),
+            boot_ms: self
+                .run_start
+                .map(|r| ms(r.saturating_duration_since(self.start)))
+                .unwrap_or(0.0),
+            suite_ms: match (self.suite_start, self.suite_end) {
+                (Some(a), Some(b)) => Some(ms(b.saturating_duration_since(a))),
+                _ => None,
+            },
+            run_ms: ms(run_time),
+            total_ms: ms(end.saturating_duration_since(self.start)),
+            round_trip: self.round_trip.clone(),
+            exits: self.exits.clone(),
+        };
+        let stage2_dump = self.dump_json();
+        RunReport {
+            tests,
+            announced: self.announced.clone(),
+            violations: std::mem::take(&mut self.violations),
+            violations_total: self.violations_total,
+            violations_outside_tests: self.violations_outside,
+            not_ram: std::mem::take(&mut self.not_ram),
+            not_ram_total: self.not_ram_total,
+            stage2: self.alloc.stage2().counters(),
+            allocator: self.alloc.snapshot(),
+            timing,
+            exit,
+            dumps: std::mem::take(&mut self.dumps),
+            dump_errors: std::mem::take(&mut self.dump_errors),
+            ram_size: self.ram.size(),
+            reserved_end: self.reserved_end,
+            stage2_dump,
+        }
+    }
+}

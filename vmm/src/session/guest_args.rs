@@ -1,0 +1,74 @@
+//! Hypercall arguments that point into guest memory: buffers in reserved memory, text,
+//! test names, and ranges of pages the guest owns.
+
+use veil_abi::Status;
+
+use super::{Session, MAX_HOST_RANGE, MAX_TEXT};
+
+impl Session {
+    /// Checks that `[ptr, ptr + len)` lies in reserved memory (where guest buffers live).
+    pub(super) fn check_buf(&self, ptr: u64, len: u64) -> Result<(), Status> {
+        match ptr.checked_add(len) {
+            Some(end) if end <= self.reserved_end => Ok(()),
+            _ => Err(Status::BadAddress),
+        }
+    }
+
+    /// Reads a guest buffer of at most `max` bytes from reserved memory.
+    pub(super) fn read_buf(&self, ptr: u64, len: u64, max: u64) -> Result<Vec<u8>, Status> {
+        if len > max {
+            return Err(Status::BadArgument);
+        }
+        self.check_buf(ptr, len)?;
+        let mut b = vec![0u8; len as usize];
+        self.ram.read(ptr, &mut b).map_err(|_| Status::BadAddress)?;
+        Ok(b)
+    }
+
+    pub(super) fn read_text(&self, ptr: u64, len: u64) -> Result<String, Status> {
+        let b = self.read_buf(ptr, len, MAX_TEXT)?;
+        Ok(String::from_utf8_lossy(&b)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect())
+    }
+
+    pub(super) fn read_name(&self, ptr: u64, len: u64) -> Result<String, Status> {
+        if len == 0 || len > 64 {
+            return Err(Status::BadArgument);
+        }
+        let b = self.read_buf(ptr, len, 64)?;
+        let s = String::from_utf8(b).map_err(|_| Status::BadArgument)?;
+        if crate::vm::valid_test_name(&s) {
+            Ok(s)
+        } else {
+            Err(Status::BadArgument)
+        }
+    }
+
+    pub(super) fn write_buf(&self, ptr: u64, bytes: &[u8]) -> Result<(), Status> {
+        self.check_buf(ptr, bytes.len() as u64)?;
+        self.ram.write(ptr, bytes).map_err(|_| Status::BadAddress)
+    }
+
+    /// Checks that every page of `[gpa, gpa + len)` is allocated to the guest.
+    pub(super) fn check_owned(&self, gpa: u64, len: u64) -> Result<(), Status> {
+        let managed = self.ram.size() - self.reserved_end;
+        if len == 0 || len > managed.min(MAX_HOST_RANGE) {
+            return Err(Status::BadArgument);
+        }
+        let end = gpa.checked_add(len).ok_or(Status::BadAddress)?;
+        if gpa < self.reserved_end || end > self.ram.size() {
+            return Err(Status::BadAddress);
+        }
+        let mut pfn = gpa >> 12;
+        let last = (end - 1) >> 12;
+        while pfn <= last {
+            match self.alloc.allocation_containing(pfn) {
+                Some(a) => pfn = a.pfn + (1u64 << a.order),
+                None => return Err(Status::NotAllocated),
+            }
+        }
+        Ok(())
+    }
+}

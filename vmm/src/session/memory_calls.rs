@@ -1,0 +1,126 @@
+//! Hypercalls on the guest's memory: allocate, free, allocator statistics, and host-side
+//! fills and counts of pages the guest owns.
+
+use allocator::{AllocError, Allocation, BuddyContext, FreeError, Gfp, MAX_ORDER};
+use veil_abi::{AllocStats, Status, PAGE_SIZE};
+use vm_memory::ByteValued;
+
+use super::Session;
+
+fn alloc_status(e: AllocError) -> Status {
+    match e {
+        AllocError::InvalidOrder(_) => Status::BadOrder,
+        AllocError::InvalidFlags => Status::BadFlags,
+        AllocError::OutOfMemory { .. } => Status::NoMemory,
+        AllocError::NoFreePageblock { .. } => Status::NoFreePageblock,
+        AllocError::WouldBlock { .. } => Status::WouldBlock,
+        AllocError::Stage2(_) => Status::Stage2Failed,
+        _ => Status::NoMemory,
+    }
+}
+
+fn free_status(e: FreeError) -> Status {
+    match e {
+        FreeError::OutOfRange => Status::BadAddress,
+        FreeError::Misaligned => Status::Misaligned,
+        FreeError::InvalidOrder => Status::BadOrder,
+        FreeError::NotAllocated => Status::NotAllocated,
+        FreeError::WrongOrder { .. } => Status::WrongOrder,
+        _ => Status::BadArgument,
+    }
+}
+
+fn order_arg(v: u64) -> Result<u8, Status> {
+    if v > u64::from(MAX_ORDER) {
+        Err(Status::BadOrder)
+    } else {
+        Ok(v as u8)
+    }
+}
+
+fn gfp_arg(v: u64) -> Result<Gfp, Status> {
+    u32::try_from(v)
+        .ok()
+        .and_then(Gfp::from_bits)
+        .ok_or(Status::BadFlags)
+}
+
+impl Session {
+    pub(super) fn hc_alloc(
+        &mut self,
+        ctx: Option<u64>,
+        gfp: u64,
+        order: u64,
+    ) -> Result<u64, Status> {
+        let order = order_arg(order)?;
+        let gfp = gfp_arg(gfp)?;
+        let r: Result<Allocation, AllocError> = match ctx {
+            None => self.alloc.alloc_pages(gfp, order),
+            Some(c) => {
+                let ctx = BuddyContext::from_u64(c).ok_or(Status::BadFlags)?;
+                self.alloc.alloc_pages_special(ctx, gfp, order)
+            }
+        };
+        r.map(|a| a.pfn << 12).map_err(alloc_status)
+    }
+
+    pub(super) fn hc_free(&mut self, gpa: u64, order: u64) -> Result<u64, Status> {
+        let order = order_arg(order)?;
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(Status::Misaligned);
+        }
+        if gpa < self.reserved_end || gpa >= self.ram.size() {
+            return Err(Status::BadAddress);
+        }
+        self.alloc
+            .free_pages(gpa >> 12, order)
+            .map_err(free_status)?;
+        Ok(0)
+    }
+
+    pub(super) fn hc_stats(&mut self, ptr: u64) -> Result<u64, Status> {
+        let snap = self.alloc.snapshot();
+        let c = self.alloc.stage2().counters();
+        let stats = AllocStats {
+            free_pages: snap.free_pages,
+            managed_pages: snap.managed_pages,
+            flips_to_unmapped: snap.flips_to_unmapped,
+            flips_to_mapped: snap.flips_to_mapped,
+            stage2_unmap_calls: snap.stage2_unmap_calls,
+            stage2_map_calls: snap.stage2_map_calls,
+            stage2_zero_calls: snap.stage2_zero_calls,
+            pages_zeroed: snap.pages_zeroed,
+            memslot_updates: c.memslot_updates,
+            memslots_in_use: c.memslots_in_use,
+            violations: self.violations_total,
+        };
+        self.write_buf(ptr, StatsBytes(stats).as_slice())?;
+        Ok(0)
+    }
+
+    pub(super) fn hc_host_fill(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
+        let byte = u8::try_from(byte).map_err(|_| Status::BadArgument)?;
+        self.check_owned(gpa, len)?;
+        self.ram
+            .fill(gpa, len, byte)
+            .map_err(|_| Status::BadAddress)?;
+        Ok(0)
+    }
+
+    pub(super) fn hc_host_count(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
+        let byte = u8::try_from(byte).map_err(|_| Status::BadArgument)?;
+        self.check_owned(gpa, len)?;
+        self.ram
+            .count(gpa, len, byte)
+            .map_err(|_| Status::BadAddress)
+    }
+}
+
+/// An [`AllocStats`] as plain bytes.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+struct StatsBytes(AllocStats);
+// SAFETY: AllocStats is repr(C) and made of eleven u64: no padding, any bit pattern valid.
+unsafe impl ByteValued for StatsBytes {}
+
+const _: () = assert!(std::mem::size_of::<AllocStats>() == 88);

@@ -1,0 +1,307 @@
+//! The state of one guest run and the hypercall handlers: tests, expectations, violations,
+//! recovery point, timing and dumps. Everything the guest passes in is validated here and
+//! answered with a [`Status`]; nothing the guest does can make the VMM panic.
+//!
+//! This module holds the state and the dispatch; the handlers live by topic:
+//! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats, host
+//! fills), `test_calls` (the suite's protocol and the VMM's verdict), `violations`,
+//! `dumps` and `finish` (the report).
+
+mod dumps;
+mod finish;
+mod guest_args;
+mod memory_calls;
+mod test_calls;
+mod violations;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use veil_abi::{BootMode, Hc, Status, ABI_VERSION};
+
+pub use dumps::{DumpConfig, DumpTarget};
+
+use crate::console::Console;
+use crate::expect::{Expectation, Tally};
+use crate::memory::GuestRam;
+use crate::report::{
+    ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport, Violation,
+};
+use crate::stage2::RangeState;
+use crate::vm::{Allocator, SharedVm, ViolationPolicy};
+
+/// Longest text a Log / TestEnd message may carry.
+pub const MAX_TEXT: u64 = 4096;
+/// Most records one QueryViolations call may ask for.
+pub const MAX_QUERY: u64 = 4096;
+/// Most bytes one HostFill / HostCount may name (bounds the host work one exit can cause).
+pub const MAX_HOST_RANGE: u64 = 64 << 20;
+/// Most dumps a guest may request in one run.
+pub const MAX_GUEST_DUMPS: u32 = 1000;
+/// Most guest log lines kept in the report.
+pub const MAX_LOGS: usize = 1000;
+
+/// What a hypercall answers.
+pub struct HcOut {
+    /// Status in rax.
+    pub status: Status,
+    /// r0 in rdi.
+    pub r0: u64,
+    /// r1 in rsi.
+    pub r1: u64,
+    /// Stop the VM after answering.
+    pub stop: Option<ExitInfo>,
+}
+
+impl HcOut {
+    fn ok(r0: u64) -> HcOut {
+        HcOut {
+            status: Status::Ok,
+            r0,
+            r1: 0,
+            stop: None,
+        }
+    }
+    fn err(status: Status) -> HcOut {
+        HcOut {
+            status,
+            r0: 0,
+            r1: 0,
+            stop: None,
+        }
+    }
+    fn stop(stop: ExitInfo) -> HcOut {
+        HcOut {
+            status: Status::Ok,
+            r0: 0,
+            r1: 0,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl From<Result<u64, Status>> for HcOut {
+    fn from(r: Result<u64, Status>) -> HcOut {
+        match r {
+            Ok(v) => HcOut::ok(v),
+            Err(s) => HcOut::err(s),
+        }
+    }
+}
+
+/// The test that is running.
+struct Current {
+    name: String,
+    start: Instant,
+    expectations: Vec<Expectation>,
+    tally: Tally,
+    violations: u64,
+    first_record: usize,
+}
+
+/// What [`Session::new`] needs.
+pub struct SessionConfig {
+    /// The VM (for KVM stats in dumps).
+    pub vm: SharedVm,
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The allocator over the managed range.
+    pub alloc: Allocator,
+    /// The UART.
+    pub console: Console,
+    /// End of reserved memory.
+    pub reserved_end: u64,
+    /// Run or list.
+    pub mode: BootMode,
+    /// Selected tests (empty = all).
+    pub selection: Vec<String>,
+    /// Violation policy.
+    pub policy: ViolationPolicy,
+    /// Dumps.
+    pub dump: Option<DumpConfig>,
+    /// Process start.
+    pub start: Instant,
+    /// Echo guest logs on stderr.
+    pub echo_logs: bool,
+    /// Guest TSC kHz.
+    pub tsc_khz: Option<u32>,
+}
+
+/// One guest run's state.
+pub struct Session {
+    vm: SharedVm,
+    alloc: Allocator,
+    pub(crate) console: Console,
+    reserved_end: u64,
+    mode: BootMode,
+    selection: Vec<String>,
+    policy: ViolationPolicy,
+    dump: Option<DumpConfig>,
+    start: Instant,
+    echo_logs: bool,
+    tsc_khz: Option<u32>,
+    announced: Vec<String>,
+    selection_checked: bool,
+    current: Option<Current>,
+    results: BTreeMap<String, TestReport>,
+    ran_order: Vec<String>,
+    violations: Vec<Violation>,
+    violations_total: u64,
+    violations_outside: u64,
+    not_ram: Vec<NotRamAccess>,
+    not_ram_total: u64,
+    recovery: Option<(u64, u64)>,
+    first_hypercall: Option<Duration>,
+    run_start: Option<Instant>,
+    suite_start: Option<Instant>,
+    suite_end: Option<Instant>,
+    round_trip: Option<RoundTrip>,
+    dumps: Vec<String>,
+    dump_errors: Vec<String>,
+    guest_dumps: u32,
+    /// Guest Log lines.
+    pub logs: Vec<String>,
+    /// Exit counters (updated by the run loop).
+    pub exits: ExitCounts,
+    // Last: RAM must outlive the memslots that point into it.
+    ram: GuestRam,
+}
+fn vmm_line(msg: &str) {
+    eprintln!("veil: {msg}");
+}
+
+impl Session {
+    /// A fresh session.
+    pub fn new(c: SessionConfig) -> Session {
+        Session {
+            vm: c.vm,
+            alloc: c.alloc,
+            console: c.console,
+            reserved_end: c.reserved_end,
+            mode: c.mode,
+            selection: c.selection,
+            policy: c.policy,
+            dump: c.dump,
+            start: c.start,
+            echo_logs: c.echo_logs,
+            tsc_khz: c.tsc_khz,
+            announced: Vec::new(),
+            selection_checked: false,
+            current: None,
+            results: BTreeMap::new(),
+            ran_order: Vec::new(),
+            violations: Vec::new(),
+            violations_total: 0,
+            violations_outside: 0,
+            not_ram: Vec::new(),
+            not_ram_total: 0,
+            recovery: None,
+            first_hypercall: None,
+            run_start: None,
+            suite_start: None,
+            suite_end: None,
+            round_trip: None,
+            dumps: Vec::new(),
+            dump_errors: Vec::new(),
+            guest_dumps: 0,
+            logs: Vec::new(),
+            exits: ExitCounts::default(),
+            ram: c.ram,
+        }
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// The allocator.
+    pub fn allocator(&self) -> &Allocator {
+        &self.alloc
+    }
+
+    /// Stage-2 state of the page at `gpa` (None: not RAM).
+    pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
+        self.alloc.stage2().state_at(gpa)
+    }
+
+    pub(crate) fn mark_run_start(&mut self, t: Instant) {
+        self.run_start = Some(t);
+    }
+
+    fn current_name(&self) -> Option<String> {
+        self.current.as_ref().map(|c| c.name.clone())
+    }
+
+    // ----- hypercalls -----
+
+    /// Handles hypercall `nr` with arguments a0..a3.
+    pub fn hypercall(&mut self, nr: u32, a: [u64; 4]) -> HcOut {
+        if self.first_hypercall.is_none() {
+            self.first_hypercall = Some(self.start.elapsed());
+        }
+        let Some(hc) = Hc::from_u32(nr) else {
+            return HcOut::err(Status::UnknownCall);
+        };
+        match hc {
+            Hc::Version => HcOut::ok(ABI_VERSION),
+            Hc::Nop => HcOut::ok(0),
+            Hc::Log => self.hc_log(a[0], a[1]).into(),
+            Hc::Alloc => self.hc_alloc(None, a[1], a[0]).into(),
+            Hc::AllocSpecial => self.hc_alloc(Some(a[0]), a[1], a[2]).into(),
+            Hc::Free => self.hc_free(a[0], a[1]).into(),
+            Hc::TestAnnounce => self.hc_announce(a[0], a[1]).into(),
+            Hc::TestBegin => self.hc_test_begin(a[0], a[1]),
+            Hc::TestEnd => self.hc_test_end(a[0], a[1], a[2]).into(),
+            Hc::ExpectViolation => self.hc_expect(a[0], a[1], a[2]).into(),
+            Hc::QueryViolations => self.hc_query(a[0], a[1]).into(),
+            Hc::SetRecovery => {
+                self.recovery = Some((a[0], a[1]));
+                HcOut::ok(0)
+            }
+            Hc::ClearRecovery => {
+                self.recovery = None;
+                HcOut::ok(0)
+            }
+            Hc::Dump => self.guest_dump().into(),
+            Hc::CheckInvariants => match self.alloc.check_invariants() {
+                Ok(()) => HcOut::ok(0),
+                Err(msg) => {
+                    vmm_line(&format!("allocator invariant broken: {msg}"));
+                    HcOut::err(Status::InvariantBroken)
+                }
+            },
+            Hc::Stats => self.hc_stats(a[0]).into(),
+            Hc::HostFill => self.hc_host_fill(a[0], a[1], a[2]).into(),
+            Hc::HostCount => self.hc_host_count(a[0], a[1], a[2]).into(),
+            Hc::Exception => {
+                if self.current.is_some() {
+                    self.end_current(
+                        TestOutcome::Fail,
+                        None,
+                        format!(
+                            "guest exception {} ({}) at rip {:#x}",
+                            a[0],
+                            crate::report::vector_name(a[0]),
+                            a[2]
+                        ),
+                    );
+                }
+                HcOut::stop(ExitInfo::GuestException {
+                    vector: a[0],
+                    error_code: a[1],
+                    rip: a[2],
+                    cr2: a[3],
+                    regs: RegsDump::default(),
+                })
+            }
+            Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
+            Hc::Exit => {
+                if let Some(stop) = self.check_selection() {
+                    return HcOut::stop(stop);
+                }
+                HcOut::stop(ExitInfo::GuestExit { code: a[0] })
+            }
+        }
+    }
+}
