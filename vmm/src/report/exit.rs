@@ -1,0 +1,241 @@
+//! How the VM stopped, with the registers at the time.
+
+use serde::Serialize;
+
+use super::Violation;
+
+/// General and control registers at a crash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RegsDump {
+    /// rip.
+    pub rip: u64,
+    /// rsp.
+    pub rsp: u64,
+    /// rflags.
+    pub rflags: u64,
+    /// rax, rbx, rcx, rdx, rsi, rdi, rbp, r8..r15.
+    pub gprs: [u64; 15],
+    /// cr0.
+    pub cr0: u64,
+    /// cr2.
+    pub cr2: u64,
+    /// cr3.
+    pub cr3: u64,
+    /// cr4.
+    pub cr4: u64,
+    /// efer.
+    pub efer: u64,
+    /// cs selector.
+    pub cs: u16,
+}
+
+impl std::fmt::Display for RegsDump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const N: [&str; 15] = [
+            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12",
+            "r13", "r14", "r15",
+        ];
+        writeln!(
+            f,
+            "  rip={:#018x} rsp={:#018x} rflags={:#x} cs={:#x}",
+            self.rip, self.rsp, self.rflags, self.cs
+        )?;
+        for (i, chunk) in N.chunks(4).enumerate() {
+            write!(f, " ")?;
+            for (j, n) in chunk.iter().enumerate() {
+                write!(f, " {n:>3}={:#018x}", self.gprs[i * 4 + j])?;
+            }
+            writeln!(f)?;
+        }
+        write!(
+            f,
+            "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+            self.cr0, self.cr2, self.cr3, self.cr4, self.efer
+        )
+    }
+}
+
+/// How the VM stopped.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ExitInfo {
+    /// The guest called Hc::Exit.
+    GuestExit {
+        /// Its exit code.
+        code: u64,
+    },
+    /// `--on-violation kill` stopped the VM at a violation.
+    ViolationKill {
+        /// The violation.
+        violation: Violation,
+    },
+    /// A fetch from unmapped memory with no recovery point.
+    FetchWithoutRecovery {
+        /// The violation.
+        violation: Violation,
+    },
+    /// The guest reported an exception it could not handle (Hc::Exception).
+    GuestException {
+        /// Exception vector.
+        vector: u64,
+        /// Error code.
+        error_code: u64,
+        /// Faulting RIP.
+        rip: u64,
+        /// CR2 (page faults).
+        cr2: u64,
+        /// Registers at the report.
+        regs: RegsDump,
+    },
+    /// KVM_EXIT_SHUTDOWN: a triple fault.
+    TripleFault {
+        /// Registers at the shutdown.
+        regs: RegsDump,
+    },
+    /// KVM could not emulate an instruction (and it was not a fetch violation).
+    InternalError {
+        /// KVM's suberror.
+        suberror: u32,
+        /// KVM's extra data words.
+        data: Vec<u64>,
+        /// Registers.
+        regs: RegsDump,
+    },
+    /// The guest executed `hlt` with nothing to wake it.
+    Halted {
+        /// Registers.
+        regs: RegsDump,
+    },
+    /// An exit the VMM does not handle.
+    UnexpectedExit {
+        /// KVM's exit.
+        what: String,
+        /// Registers.
+        regs: RegsDump,
+    },
+    /// KVM_RUN failed.
+    KvmError {
+        /// The error.
+        error: String,
+    },
+    /// `--timeout` expired.
+    Timeout {
+        /// The timeout in seconds.
+        seconds: f64,
+        /// Registers when stopped.
+        regs: RegsDump,
+    },
+    /// `--tests` named tests the guest does not have.
+    UnknownTests {
+        /// Names not announced by the guest.
+        unknown: Vec<String>,
+        /// Names the guest announced.
+        available: Vec<String>,
+    },
+}
+
+impl ExitInfo {
+    /// Whether the guest stopped by itself with code 0.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, ExitInfo::GuestExit { code: 0 })
+    }
+
+    /// Whether the VM crashed, was killed or timed out (as opposed to exiting by itself).
+    pub fn is_crash(&self) -> bool {
+        !matches!(
+            self,
+            ExitInfo::GuestExit { .. } | ExitInfo::UnknownTests { .. }
+        )
+    }
+
+    /// One-line description.
+    pub fn summary(&self) -> String {
+        match self {
+            ExitInfo::GuestExit { code } => format!("guest exited with code {code}"),
+            ExitInfo::ViolationKill { violation: v } => format!(
+                "killed (--on-violation kill): {} of {} bytes at GPA {:#x}, rip {:#x}",
+                v.access.name(),
+                v.size,
+                v.gpa,
+                v.rip
+            ),
+            ExitInfo::FetchWithoutRecovery { violation: v } => format!(
+                "stopped: instruction fetch from unmapped GPA {:#x} (rip {:#x}) and no recovery point",
+                v.gpa, v.rip
+            ),
+            ExitInfo::GuestException {
+                vector,
+                error_code,
+                rip,
+                cr2,
+                ..
+            } => format!(
+                "guest exception: vector {vector} ({}), error code {error_code:#x}, rip {rip:#x}, cr2 {cr2:#x}",
+                vector_name(*vector)
+            ),
+            ExitInfo::TripleFault { regs } => {
+                format!("triple fault (KVM_EXIT_SHUTDOWN) at rip {:#x}", regs.rip)
+            }
+            ExitInfo::InternalError {
+                suberror, regs, ..
+            } => format!(
+                "KVM internal error (suberror {suberror}{}) at rip {:#x}",
+                if *suberror == 1 { ": emulation failure" } else { "" },
+                regs.rip
+            ),
+            ExitInfo::Halted { regs } => format!("guest halted at rip {:#x}", regs.rip),
+            ExitInfo::UnexpectedExit { what, regs } => {
+                format!("unexpected exit {what} at rip {:#x}", regs.rip)
+            }
+            ExitInfo::KvmError { error } => format!("KVM_RUN failed: {error}"),
+            ExitInfo::Timeout { seconds, regs } => {
+                format!("timed out after {seconds} s (rip {:#x})", regs.rip)
+            }
+            ExitInfo::UnknownTests { unknown, available } => format!(
+                "unknown test(s): {}; available: {}",
+                unknown.join(", "),
+                available.join(", ")
+            ),
+        }
+    }
+
+    /// Registers, when the exit carries them.
+    pub fn regs(&self) -> Option<&RegsDump> {
+        match self {
+            ExitInfo::GuestException { regs, .. }
+            | ExitInfo::TripleFault { regs }
+            | ExitInfo::InternalError { regs, .. }
+            | ExitInfo::Halted { regs }
+            | ExitInfo::UnexpectedExit { regs, .. }
+            | ExitInfo::Timeout { regs, .. } => Some(regs),
+            _ => None,
+        }
+    }
+}
+
+/// Name of an x86 exception vector.
+pub fn vector_name(v: u64) -> &'static str {
+    match v {
+        0 => "#DE divide error",
+        1 => "#DB debug",
+        2 => "NMI",
+        3 => "#BP breakpoint",
+        4 => "#OF overflow",
+        5 => "#BR bound range",
+        6 => "#UD invalid opcode",
+        7 => "#NM device not available",
+        8 => "#DF double fault",
+        10 => "#TS invalid TSS",
+        11 => "#NP segment not present",
+        12 => "#SS stack fault",
+        13 => "#GP general protection",
+        14 => "#PF page fault",
+        16 => "#MF x87 error",
+        17 => "#AC alignment check",
+        18 => "#MC machine check",
+        19 => "#XM SIMD error",
+        20 => "#VE virtualization exception",
+        21 => "#CP control protection",
+        _ => "other",
+    }
+}

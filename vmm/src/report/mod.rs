@@ -1,0 +1,260 @@
+//! What a run produced: test results, violations, counters, timing and how the VM stopped; the
+//! table `veil run` prints and the JSON document `veil run --json` prints.
+
+mod exit;
+mod render;
+mod violations;
+
+pub use exit::{vector_name, ExitInfo, RegsDump};
+pub use violations::{
+    group_violations, AccessKind, NotRamAccess, Violation, ViolationAction, ViolationRun,
+};
+
+use serde::Serialize;
+
+use crate::stage2::Stage2Counters;
+
+/// Outcome of one test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TestOutcome {
+    /// Guest said pass and the VMM agrees.
+    Pass,
+    /// Guest said fail, or the VMM disagrees with a pass.
+    Fail,
+    /// Guest skipped it.
+    Skip,
+    /// Selected but never started, or started and never ended.
+    NotRun,
+}
+
+impl TestOutcome {
+    /// Short name for the table.
+    pub fn name(self) -> &'static str {
+        match self {
+            TestOutcome::Pass => "pass",
+            TestOutcome::Fail => "FAIL",
+            TestOutcome::Skip => "skip",
+            TestOutcome::NotRun => "NOT RUN",
+        }
+    }
+}
+
+/// Result of one test.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TestReport {
+    /// Test name.
+    pub name: String,
+    /// Whether it passed (guest said pass and the VMM's checks agree).
+    pub passed: bool,
+    /// Final outcome.
+    pub result: TestOutcome,
+    /// What the guest said, if it ended the test ("pass", "fail", "skip").
+    pub guest_result: Option<&'static str>,
+    /// The guest's message, plus the VMM's reasons when it overrides the guest.
+    pub message: String,
+    /// Violations recorded while the test ran.
+    pub violations: u64,
+    /// Violations the test declared with ExpectViolation.
+    pub expected_violations: u64,
+    /// Wall time from TestBegin to TestEnd.
+    pub time_ms: f64,
+}
+
+/// The guest's round-trip measurement ([`veil_abi::Hc::ReportTiming`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundTrip {
+    /// TSC cycles the guest measured for its bare exits (total).
+    pub bare_cycles: u64,
+    /// TSC cycles for its hypercalls (total).
+    pub hypercall_cycles: u64,
+    /// Iterations of each.
+    pub iterations: u64,
+    /// Cycles per bare exit.
+    pub bare_cycles_per_exit: f64,
+    /// Cycles per hypercall.
+    pub hypercall_cycles_per_call: f64,
+    /// Guest TSC frequency in kHz, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+    /// Nanoseconds per bare exit (if the TSC frequency is known).
+    pub bare_ns: Option<f64>,
+    /// Nanoseconds per hypercall (if the TSC frequency is known).
+    pub hypercall_ns: Option<f64>,
+    /// hypercall / bare (goal: at most 1.2).
+    pub ratio: f64,
+}
+
+/// Exit counts by kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExitCounts {
+    /// Every return from KVM_RUN.
+    pub total: u64,
+    /// Hypercalls.
+    pub hypercalls: u64,
+    /// Bare exits on [`veil_abi::BARE_PORT`].
+    pub bare: u64,
+    /// Serial and other port I/O.
+    pub pio: u64,
+    /// MMIO exits (violations and not-RAM accesses).
+    pub mmio: u64,
+}
+
+/// Timing of the run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Timing {
+    /// From process start (or the caller's start instant) to the guest's first hypercall.
+    pub first_hypercall_ms: Option<f64>,
+    /// From process start to the first KVM_RUN.
+    pub boot_ms: f64,
+    /// From the first TestBegin to the last TestEnd.
+    pub suite_ms: Option<f64>,
+    /// From the first KVM_RUN until the VM stopped.
+    pub run_ms: f64,
+    /// From process start until the VM stopped.
+    pub total_ms: f64,
+    /// The guest's hypercall vs bare exit measurement, if it reported one.
+    pub round_trip: Option<RoundTrip>,
+    /// Exit counts.
+    pub exits: ExitCounts,
+}
+
+/// Everything one run produced.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// The tests, in the order the guest announced them (selected ones only).
+    pub tests: Vec<TestReport>,
+    /// Every test the guest announced.
+    pub announced: Vec<String>,
+    /// Every violation (one per KVM exit), oldest first (at most [`MAX_RECORDS`] kept).
+    pub violations: Vec<Violation>,
+    /// Violations recorded, including any not kept.
+    pub violations_total: u64,
+    /// Violations outside any test.
+    pub violations_outside_tests: u64,
+    /// Accesses to GPAs that are not RAM (at most [`MAX_RECORDS`] kept).
+    pub not_ram: Vec<NotRamAccess>,
+    /// Not-RAM accesses recorded, including any not kept.
+    pub not_ram_total: u64,
+    /// Stage-2 engine counters.
+    pub stage2: Stage2Counters,
+    /// Allocator counters and free lists.
+    pub allocator: allocator::Snapshot,
+    /// Timing.
+    pub timing: Timing,
+    /// How the VM stopped.
+    pub exit: ExitInfo,
+    /// Dumps written (paths, or "-" for stdout).
+    pub dumps: Vec<String>,
+    /// Dumps that could not be written (path and reason): the run's output is incomplete.
+    pub dump_errors: Vec<String>,
+    /// Guest memory size.
+    pub ram_size: u64,
+    /// End of reserved memory.
+    pub reserved_end: u64,
+    /// The exit-time stage-2 dump as JSON (ranges, memslots, counters, KVM stats).
+    pub stage2_dump: serde_json::Value,
+}
+
+/// Most violations / not-RAM records kept in memory.
+pub const MAX_RECORDS: usize = 100_000;
+
+/// Process exit codes of `veil` (documented in `--help`).
+pub mod exit_code {
+    /// Every selected test passed (or `list-tests`/`caps` succeeded).
+    pub const OK: i32 = 0;
+    /// At least one test failed or did not run, or the guest exited non-zero.
+    pub const TEST_FAILURE: i32 = 1;
+    /// Bad command line or configuration: bad size, bad ELF, unknown test name, no /dev/kvm,
+    /// an output file that cannot be written (also when a dump fails at exit after every test
+    /// passed: the run's output is incomplete).
+    pub const USAGE: i32 = 2;
+    /// The guest crashed, was killed by `--on-violation kill`, or timed out.
+    pub const CRASH: i32 = 3;
+}
+
+impl RunReport {
+    /// Whether every selected test passed (skips allowed) and the guest exited cleanly.
+    pub fn all_passed(&self) -> bool {
+        self.exit.is_clean()
+            && self.violations_outside_tests == 0
+            && self
+                .tests
+                .iter()
+                .all(|t| matches!(t.result, TestOutcome::Pass | TestOutcome::Skip))
+    }
+
+    /// The process exit code for this report (see [`exit_code`]).
+    pub fn exit_code(&self) -> i32 {
+        if matches!(self.exit, ExitInfo::UnknownTests { .. }) {
+            exit_code::USAGE
+        } else if self.exit.is_crash() {
+            exit_code::CRASH
+        } else if !self.all_passed() {
+            exit_code::TEST_FAILURE
+        } else if !self.dump_errors.is_empty() {
+            exit_code::USAGE
+        } else {
+            exit_code::OK
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stage2::Stage2Counters;
+
+    #[test]
+    fn exit_codes_follow_the_outcome() {
+        let mut r = RunReport {
+            tests: vec![],
+            announced: vec![],
+            violations: vec![],
+            violations_total: 0,
+            violations_outside_tests: 0,
+            not_ram: vec![],
+            not_ram_total: 0,
+            stage2: Stage2Counters::default(),
+            allocator: allocator::Snapshot::default(),
+            timing: Timing::default(),
+            exit: ExitInfo::GuestExit { code: 0 },
+            dumps: vec![],
+            dump_errors: vec![],
+            ram_size: 0,
+            reserved_end: 0,
+            stage2_dump: serde_json::Value::Null,
+        };
+        assert_eq!(r.exit_code(), exit_code::OK);
+        r.tests.push(TestReport {
+            name: "a".into(),
+            passed: false,
+            result: TestOutcome::Skip,
+            guest_result: Some("skip"),
+            message: String::new(),
+            violations: 0,
+            expected_violations: 0,
+            time_ms: 0.0,
+        });
+        assert_eq!(r.exit_code(), exit_code::OK);
+        // A dump lost at exit makes an otherwise clean run a failure to report.
+        r.dump_errors.push("d.json: disk full".into());
+        assert_eq!(r.exit_code(), exit_code::USAGE);
+        r.tests[0].result = TestOutcome::NotRun;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.dump_errors.clear();
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.tests[0].result = TestOutcome::Pass;
+        r.violations_outside_tests = 1;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.violations_outside_tests = 0;
+        r.exit = ExitInfo::GuestExit { code: 3 };
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.exit = ExitInfo::KvmError { error: "x".into() };
+        assert_eq!(r.exit_code(), exit_code::CRASH);
+        r.exit = ExitInfo::UnknownTests {
+            unknown: vec!["x".into()],
+            available: vec![],
+        };
+        assert_eq!(r.exit_code(), exit_code::USAGE);
+    }
+}

@@ -1,0 +1,122 @@
+//! The table and summary `veil run` prints for people.
+
+use std::fmt::Write as _;
+
+use super::{RunReport, TestOutcome};
+
+impl RunReport {
+    /// The table `veil run` prints.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        if self.tests.is_empty() {
+            let _ = writeln!(
+                s,
+                "no tests ran; {} violations, {} not-RAM accesses",
+                self.violations_total, self.not_ram_total
+            );
+            return s;
+        }
+        let w = self
+            .tests
+            .iter()
+            .map(|t| t.name.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let _ = writeln!(
+            s,
+            "{:<w$}  {:<7}  {:>10}  {:>10}  message",
+            "test", "result", "violations", "time"
+        );
+        for t in &self.tests {
+            let _ = writeln!(
+                s,
+                "{:<w$}  {:<7}  {:>10}  {:>8.1}ms  {}",
+                t.name,
+                t.result.name(),
+                t.violations,
+                t.time_ms,
+                t.message
+            );
+        }
+        let passed = self.tests.iter().filter(|t| t.passed).count();
+        let failed = self
+            .tests
+            .iter()
+            .filter(|t| matches!(t.result, TestOutcome::Fail | TestOutcome::NotRun))
+            .count();
+        let skipped = self.tests.len() - passed - failed;
+        let _ = writeln!(
+            s,
+            "{passed} passed, {failed} failed, {skipped} skipped; {} violations ({} outside tests), {} not-RAM accesses",
+            self.violations_total, self.violations_outside_tests, self.not_ram_total
+        );
+        s
+    }
+
+    /// The summary lines (timing, counters, exit).
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let t = &self.timing;
+        let _ = write!(s, "timing: first hypercall at ");
+        match t.first_hypercall_ms {
+            Some(ms) => {
+                let _ = write!(s, "{ms:.1} ms");
+            }
+            None => {
+                let _ = write!(s, "- (none)");
+            }
+        }
+        let _ = write!(s, " after process start, suite ");
+        match t.suite_ms {
+            Some(ms) => {
+                let _ = write!(s, "{ms:.1} ms");
+            }
+            None => {
+                let _ = write!(s, "-");
+            }
+        }
+        let _ = writeln!(
+            s,
+            ", guest run {:.1} ms, total {:.1} ms, {} exits ({} hypercalls, {} bare, {} mmio, {} pio)",
+            t.run_ms,
+            t.total_ms,
+            t.exits.total,
+            t.exits.hypercalls,
+            t.exits.bare,
+            t.exits.mmio,
+            t.exits.pio
+        );
+        if let Some(rt) = &t.round_trip {
+            let ns = match (rt.bare_ns, rt.hypercall_ns) {
+                (Some(b), Some(h)) => format!(" ({h:.0} ns vs {b:.0} ns)"),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "round trip: hypercall {:.0} cycles vs bare exit {:.0} cycles{ns} over {} iterations: ratio {:.3} (goal <= 1.2)",
+                rt.hypercall_cycles_per_call, rt.bare_cycles_per_exit, rt.iterations, rt.ratio
+            );
+        }
+        let c = &self.stage2;
+        let a = &self.allocator;
+        let _ = writeln!(
+            s,
+            "stage 2: {} unmaps, {} maps, {} memslot updates, {} memslots in use (peak {}); allocator: {} flips to unmapped, {} to mapped, {}/{} pages free",
+            c.unmap_calls,
+            c.map_calls,
+            c.memslot_updates,
+            c.memslots_in_use,
+            c.peak_memslots,
+            a.flips_to_unmapped,
+            a.flips_to_mapped,
+            a.free_pages,
+            a.managed_pages
+        );
+        let _ = writeln!(s, "exit: {}", self.exit.summary());
+        if let Some(r) = self.exit.regs() {
+            let _ = writeln!(s, "{r}");
+        }
+        s
+    }
+}
