@@ -95,7 +95,7 @@ own messages go to stderr prefixed with 'veil: '.
 Examples:
   veil run                              run the whole suite, print a table
   veil run --tests mapped_rw,unmapped_read_direct --json
-  veil run --mem 1G --dump-ept dump.svg --dump-format svg
+  veil run --mem 1G --dump-ept dump.svg   SVG picture (format from the extension)
   veil run --guest my-kernel.elf --on-violation kill --timeout 10
   veil list-tests
   veil caps --json
@@ -195,9 +195,15 @@ pub struct RunArgs {
     pub dump_ept: Option<Option<PathBuf>>,
 
     /// Dump format: `text` (tables for people), `json` (one document for tools), `svg` (a
-    /// picture: one cell per 2 MiB pageblock coloured by state, with a legend).
-    #[arg(long, value_enum, value_name = "text|json|svg", default_value_t = DumpFormat::Text, hide_possible_values = true)]
-    pub dump_format: DumpFormat,
+    /// picture: one cell per 2 MiB pageblock coloured by state, with a legend). Default: from
+    /// the FILE's extension (.json, .svg), otherwise text.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "text|json|svg",
+        hide_possible_values = true
+    )]
+    pub dump_format: Option<DumpFormat>,
 
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
@@ -380,6 +386,22 @@ fn vm_error(e: VmError, guest: &GuestArgs) -> Failure {
     }
 }
 
+/// The dump format: the one asked for, else the one FILE's extension names, else text.
+pub fn dump_format(explicit: Option<DumpFormat>, file: Option<&std::path::Path>) -> DumpFormat {
+    explicit.unwrap_or_else(|| {
+        match file
+            .and_then(|f| f.extension())
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("json") => DumpFormat::Json,
+            Some("svg") => DumpFormat::Svg,
+            _ => DumpFormat::Text,
+        }
+    })
+}
+
 /// The exit-time dump target for `--dump-ept [FILE]` (`None`: the flag without a file).
 pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTarget {
     let Some(arg) = arg else {
@@ -407,7 +429,8 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
         cfg.console = ConsoleSink::Stderr;
     }
     if let Some(d) = &args.dump_ept {
-        let target = dump_target(d.as_deref(), args.dump_format);
+        let format = dump_format(args.dump_format, d.as_deref());
+        let target = dump_target(d.as_deref(), format);
         if args.json && target == DumpTarget::Stdout {
             return Err(anyhow::anyhow!(
                 "--dump-ept - and --json both write to stdout; give --dump-ept a file name"
@@ -417,10 +440,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
         if let DumpTarget::File(p) = &target {
             check_output_path(p, "the stage-2 dump")?;
         }
-        cfg.dump = Some(DumpConfig {
-            target,
-            format: args.dump_format,
-        });
+        cfg.dump = Some(DumpConfig { target, format });
     }
     let report = vm::run(cfg).map_err(|e| vm_error(e, &args.guest))?;
     print_run(&report, args.json)?;
@@ -579,7 +599,7 @@ mod tests {
         };
         assert_eq!(a.dump_ept, Some(None));
         assert_eq!(
-            dump_target(None, a.dump_format),
+            dump_target(None, dump_format(a.dump_format, None)),
             DumpTarget::File(PathBuf::from("veil-dump.svg"))
         );
         let Command::Run(a) = parse(&["run", "--dump-ept", "d/x.json"]).command else {
@@ -599,6 +619,18 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(a.dump_ept, None);
+    }
+
+    #[test]
+    fn dump_format_follows_the_file_name_unless_given() {
+        let f = |explicit, file: Option<&str>| dump_format(explicit, file.map(Path::new));
+        assert_eq!(f(None, None), DumpFormat::Text);
+        assert_eq!(f(None, Some("ept.svg")), DumpFormat::Svg);
+        assert_eq!(f(None, Some("d/ept.JSON")), DumpFormat::Json);
+        assert_eq!(f(None, Some("ept.txt")), DumpFormat::Text);
+        assert_eq!(f(None, Some("-")), DumpFormat::Text);
+        assert_eq!(f(Some(DumpFormat::Json), Some("ept.svg")), DumpFormat::Json);
+        assert_eq!(f(Some(DumpFormat::Svg), None), DumpFormat::Svg);
     }
 
     #[test]
