@@ -306,53 +306,56 @@ impl<S: Stage2> Tracker<S> {
     }
 }
 
-impl<S: Stage2> Stage2 for Tracker<S> {
-    fn unmap(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+impl<S: Stage2> Tracker<S> {
+    /// An `unmap` (`unmapped`) or `map` of [pfn, pfn+count): timed, counted, and applied to the
+    /// layout when the backend accepts it.
+    fn update(&mut self, pfn: Pfn, count: u64, unmapped: bool) -> Result<(), Stage2Error> {
         let r = self.range(pfn, count).and_then(|(a, b)| {
-            let (res, ns) = self.timed(|s| s.unmap(pfn, count));
-            self.timing.unmap_ns += ns;
+            let (res, ns) = self.timed(|s| {
+                if unmapped {
+                    s.unmap(pfn, count)
+                } else {
+                    s.map(pfn, count)
+                }
+            });
+            if unmapped {
+                self.timing.unmap_ns += ns;
+            } else {
+                self.timing.map_ns += ns;
+            }
             self.note_update(ns);
             res.map(|()| (a, b))
         });
-        match r {
-            Ok((a, b)) => {
-                self.stats.unmap_calls += 1;
-                self.stats.pages_unmapped += count;
-                self.apply(a, b, true);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.failed_calls += 1;
-                if e == Stage2Error::OutOfSlots {
-                    self.stats.out_of_slots += 1;
-                }
-                Err(e)
-            }
+        let (a, b) = self.count_failure(r)?;
+        if unmapped {
+            self.stats.unmap_calls += 1;
+            self.stats.pages_unmapped += count;
+        } else {
+            self.stats.map_calls += 1;
+            self.stats.pages_mapped += count;
         }
+        self.apply(a, b, unmapped);
+        Ok(())
+    }
+
+    /// Counts a refused call (and whether it ran out of memslots), passing the result on.
+    fn count_failure<T>(&mut self, r: Result<T, Stage2Error>) -> Result<T, Stage2Error> {
+        r.inspect_err(|&e| {
+            self.stats.failed_calls += 1;
+            if e == Stage2Error::OutOfSlots {
+                self.stats.out_of_slots += 1;
+            }
+        })
+    }
+}
+
+impl<S: Stage2> Stage2 for Tracker<S> {
+    fn unmap(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        self.update(pfn, count, true)
     }
 
     fn map(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
-        let r = self.range(pfn, count).and_then(|(a, b)| {
-            let (res, ns) = self.timed(|s| s.map(pfn, count));
-            self.timing.map_ns += ns;
-            self.note_update(ns);
-            res.map(|()| (a, b))
-        });
-        match r {
-            Ok((a, b)) => {
-                self.stats.map_calls += 1;
-                self.stats.pages_mapped += count;
-                self.apply(a, b, false);
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.failed_calls += 1;
-                if e == Stage2Error::OutOfSlots {
-                    self.stats.out_of_slots += 1;
-                }
-                Err(e)
-            }
-        }
+        self.update(pfn, count, false)
     }
 
     fn zero(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
@@ -361,38 +364,15 @@ impl<S: Stage2> Stage2 for Tracker<S> {
             self.timing.zero_ns += ns;
             res
         });
-        match r {
-            Ok(()) => {
-                self.stats.zero_calls += 1;
-                self.stats.pages_zeroed += count;
-                Ok(())
-            }
-            Err(e) => {
-                self.stats.failed_calls += 1;
-                if e == Stage2Error::OutOfSlots {
-                    self.stats.out_of_slots += 1;
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-/// A stage-2 backend that does nothing: the pure model (the [`Tracker`] does the bookkeeping).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct PureModel;
-
-impl Stage2 for PureModel {
-    fn unmap(&mut self, _pfn: Pfn, _count: u64) -> Result<(), Stage2Error> {
-        Ok(())
-    }
-    fn map(&mut self, _pfn: Pfn, _count: u64) -> Result<(), Stage2Error> {
-        Ok(())
-    }
-    fn zero(&mut self, _pfn: Pfn, _count: u64) -> Result<(), Stage2Error> {
+        self.count_failure(r)?;
+        self.stats.zero_calls += 1;
+        self.stats.pages_zeroed += count;
         Ok(())
     }
 }
+
+/// The pure model: a stage-2 backend that does nothing (the [`Tracker`] does the bookkeeping).
+pub use allocator::NullStage2 as PureModel;
 
 #[cfg(test)]
 mod tests {
