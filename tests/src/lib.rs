@@ -4,26 +4,10 @@
 //! Tests that run the `veil` binary live in `vmm/tests/cli.rs`, where Cargo provides
 //! `CARGO_BIN_EXE_veil`; the tests here drive the VMM through its library API.
 
-use std::fs::OpenOptions;
+mod kvm_gate;
 
+pub use kvm_gate::kvm_available;
 use veil_abi::IMAGE_MIN_GPA;
-
-/// Whether `/dev/kvm` can be used. Prints a loud message when it cannot; with `CI=true` in the
-/// environment a missing `/dev/kvm` is a test failure (panic) instead of a skip.
-pub fn kvm_available() -> bool {
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("################################################################");
-            eprintln!("# /dev/kvm is not usable ({e}): end-to-end test SKIPPED");
-            eprintln!("################################################################");
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("/dev/kvm is required in CI (CI=true): {e}");
-            }
-            false
-        }
-    }
-}
 
 /// A guest ELF whose code is `code`, loaded and entered at `IMAGE_MIN_GPA`.
 pub fn guest(code: &[u8]) -> Vec<u8> {

@@ -2,26 +2,15 @@
 //! the package that defines the binary): exit codes, the JSON document, dumps, bad input.
 //! Library-level end-to-end tests live in the `veil-tests` crate (`tests/`).
 
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn kvm_available() -> bool {
-    match OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("################################################################");
-            eprintln!("# /dev/kvm is not usable ({e}): end-to-end test SKIPPED");
-            eprintln!("################################################################");
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("/dev/kvm is required in CI (CI=true): {e}");
-            }
-            false
-        }
-    }
-}
+#[path = "../../tests/src/kvm_gate.rs"]
+mod kvm_gate;
+
+use kvm_gate::kvm_available;
 
 fn veil(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_veil"))
