@@ -4,7 +4,7 @@ use crate::error::{AllocError, FreeError, InitError};
 use crate::freelist::FreeLists;
 use crate::freetype::Freetype;
 use crate::gfp::{AllocRequest, BuddyContext, Gfp};
-use crate::meta::{PageMeta, NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
+use crate::meta::{Links, PageMeta, NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
 use crate::pcp::{Pcp, PCP_MAX_ORDER};
 use crate::stage2::Stage2;
 use crate::stats::Counters;
@@ -78,8 +78,10 @@ pub struct BuddyAllocator<S: Stage2> {
     pub(crate) nr: u64,
     /// `base >> PAGEBLOCK_ORDER`.
     pub(crate) pb_base: u64,
-    /// Per-page metadata, indexed by page offset from `base`.
+    /// Per-page head records (state, freetype), indexed by page offset from `base`.
     pub(crate) meta: Vec<PageMeta>,
+    /// Per-page free-list links, indexed like `meta`.
+    pub(crate) links: Vec<Links>,
     /// Freetype index of each pageblock, indexed by `(pfn >> 9) - (base >> 9)`.
     pub(crate) pb: Vec<u8>,
     pub(crate) lists: FreeLists,
@@ -119,6 +121,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             nr: nr_pages,
             pb_base: base_pfn >> PAGEBLOCK_ORDER,
             meta: vec![PageMeta::EMPTY; nr_pages as usize],
+            links: vec![Links::EMPTY; nr_pages as usize],
             pb: vec![INITIAL_FREETYPE.index() as u8; nr_pb as usize],
             lists: FreeLists::new(),
             pcp: Pcp::new(cfg.pcp_capacity),
@@ -134,7 +137,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             }
             let off = (pfn - base_pfn) as u32;
             a.set_free_head(off, o, ft);
-            a.lists.push(&mut a.meta, off, o as usize, ft);
+            a.lists.push(&mut a.links, off, o as usize, ft);
             pfn += 1 << o;
         }
         a.free = nr_pages;
@@ -283,7 +286,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     #[inline]
     pub(crate) fn rmqueue_smallest(&mut self, ft: usize, order: u8) -> Option<u32> {
         let cur = self.lists.first_nonempty(order as usize, ft)?;
-        let off = self.lists.pop(&mut self.meta, cur, ft)?;
+        let off = self.lists.pop(&mut self.links, cur, ft)?;
         self.meta[off as usize].state = ST_NONE;
         self.expand(off, order, cur as u8, ft);
         Some(off)
@@ -302,7 +305,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             high -= 1;
             let b = off + (1u32 << high);
             self.set_free_head(b, high, ft);
-            self.lists.push(&mut self.meta, b, high as usize, ft);
+            self.lists.push(&mut self.links, b, high as usize, ft);
         }
     }
 
@@ -354,20 +357,20 @@ impl<S: Stage2> BuddyAllocator<S> {
             if bm.state != ST_FREE | order {
                 break;
             }
-            let (bft, prev, next) = (bm.ft as usize, bm.prev, bm.next);
+            let bft = bm.ft as usize;
             if bft == ft {
                 bm.state = ST_NONE;
             } else if !self.merge_across_pageblocks(boff as u32, order, bft, ft) {
                 break;
             }
             self.lists
-                .unlink(&mut self.meta, prev, next, order as usize, bft);
+                .remove(&mut self.links, boff as u32, order as usize, bft);
             pfn &= !bit;
             order += 1;
         }
         let off = (pfn - base) as u32;
         self.set_free_head(off, order, ft);
-        self.lists.push(&mut self.meta, off, order as usize, ft);
+        self.lists.push(&mut self.links, off, order as usize, ft);
     }
 
     /// The rare merge step of [`Self::free_to_buddy`] with a free buddy `boff` of another
@@ -605,6 +608,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// per-page array, the pageblock table, the caches and the list heads.
     pub fn metadata_bytes(&self) -> u64 {
         (self.meta.len() * core::mem::size_of::<PageMeta>()
+            + self.links.len() * core::mem::size_of::<Links>()
             + self.pb.len()
             + self.pcp.bytes()
             + core::mem::size_of::<FreeLists>()) as u64

@@ -58,7 +58,7 @@ impl<S: Stage2> BuddyAllocator<S> {
         // Steal: smallest block first; the remainder stays on the block's own lists.
         for cur in order..=MAX_ORDER {
             if let Some(fb) = self.find_suitable_fallback(cur, ft) {
-                let off = self.lists.pop(&mut self.meta, cur as usize, fb)?;
+                let off = self.lists.pop(&mut self.links, cur as usize, fb)?;
                 self.meta[off as usize].state = 0;
                 self.expand(off, order, cur, fb);
                 self.ctr.fallbacks_steal += 1;
@@ -72,7 +72,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     fn try_claim(&mut self, off: u32, cur: u8, order: u8, ft: Freetype, fb: usize) -> Option<u32> {
         let start = ft.index();
         if cur >= PAGEBLOCK_ORDER {
-            self.lists.remove(&mut self.meta, off, cur as usize, fb);
+            self.lists.remove(&mut self.links, off, cur as usize, fb);
             self.meta[off as usize].state = 0;
             self.set_pageblocks(off, cur, start);
             self.expand(off, order, cur, start);
@@ -136,9 +136,9 @@ impl<S: Stage2> BuddyAllocator<S> {
             if m.state & ST_FREE != 0 {
                 let o = m.state & ST_ORDER;
                 if m.ft as usize == from {
-                    self.lists.remove(&mut self.meta, i, o as usize, from);
+                    self.lists.remove(&mut self.links, i, o as usize, from);
                     self.set_free_head(i, o, to);
-                    self.lists.push(&mut self.meta, i, o as usize, to);
+                    self.lists.push(&mut self.links, i, o as usize, to);
                 }
                 i += 1 << o;
             } else if m.state & ST_ALLOC != 0 {

@@ -54,7 +54,7 @@ impl<S: Stage2> BuddyAllocator<S> {
         }
         let off = self
             .lists
-            .pop(&mut self.meta, cur as usize, src)
+            .pop(&mut self.links, cur as usize, src)
             .expect("candidate list is non-empty");
         self.meta[off as usize].state = 0;
         // Keep the part we do not flip on its own lists: the upper halves of the split.

@@ -2,7 +2,7 @@
 //! per-page metadata with 32-bit links: push, pop and remove are O(1).
 
 use crate::freetype::Freetype;
-use crate::meta::{PageMeta, NIL};
+use crate::meta::{Links, NIL};
 use crate::MAX_ORDER;
 
 /// Number of orders.
@@ -69,16 +69,14 @@ impl FreeLists {
 
     /// Push block `off` on list (order, ft).
     #[inline(always)]
-    pub fn push(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
+    pub fn push(&mut self, links: &mut [Links], off: u32, order: usize, ft: usize) {
         let l = &mut self.lists[li(order, ft)];
         let h = l.first;
         l.first = off;
         l.len += 1;
-        let m = &mut meta[off as usize];
-        m.next = h;
-        m.prev = NIL;
+        links[off as usize] = Links { next: h, prev: NIL };
         if h != NIL {
-            meta[h as usize].prev = off;
+            links[h as usize].prev = off;
         } else {
             // Only an empty list changes the mask.
             self.nonempty[ft] |= 1 << order;
@@ -87,15 +85,15 @@ impl FreeLists {
 
     /// Remove block `off` from list (order, ft); it must be on it.
     #[inline(always)]
-    pub fn remove(&mut self, meta: &mut [PageMeta], off: u32, order: usize, ft: usize) {
-        let m = &meta[off as usize];
-        self.unlink(meta, m.prev, m.next, order, ft);
+    pub fn remove(&mut self, links: &mut [Links], off: u32, order: usize, ft: usize) {
+        let m = links[off as usize];
+        self.unlink(links, m.prev, m.next, order, ft);
     }
 
     /// Remove the block whose links are `prev` and `next` from list (order, ft) (for callers
     /// that already read the block's metadata); the block's own links are left stale.
     #[inline(always)]
-    pub fn unlink(&mut self, meta: &mut [PageMeta], prev: u32, next: u32, order: usize, ft: usize) {
+    pub fn unlink(&mut self, links: &mut [Links], prev: u32, next: u32, order: usize, ft: usize) {
         let l = &mut self.lists[li(order, ft)];
         l.len -= 1;
         if prev == NIL {
@@ -105,21 +103,21 @@ impl FreeLists {
                 self.nonempty[ft] &= !(1 << order);
             }
         } else {
-            meta[prev as usize].next = next;
+            links[prev as usize].next = next;
         }
         if next != NIL {
-            meta[next as usize].prev = prev;
+            links[next as usize].prev = prev;
         }
     }
 
     /// Pop the first block of list (order, ft), if any.
     #[inline]
-    pub fn pop(&mut self, meta: &mut [PageMeta], order: usize, ft: usize) -> Option<u32> {
+    pub fn pop(&mut self, links: &mut [Links], order: usize, ft: usize) -> Option<u32> {
         let h = self.head(order, ft);
         if h == NIL {
             return None;
         }
-        self.remove(meta, h, order, ft);
+        self.remove(links, h, order, ft);
         Some(h)
     }
 
@@ -142,7 +140,7 @@ mod tests {
 
     #[test]
     fn push_remove_pop_keep_links() {
-        let mut meta = vec![PageMeta::EMPTY; 8];
+        let mut meta = vec![Links::EMPTY; 8];
         let mut l = FreeLists::new();
         for off in [1u32, 3, 5] {
             l.push(&mut meta, off, 0, 2);

@@ -24,7 +24,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// cached pages; the free page count matches; allocs − frees equals the live allocations
     /// for every (order, freetype).
     pub fn check_invariants(&self) -> Result<(), &'static str> {
-        if self.meta.len() as u64 != self.nr {
+        if self.meta.len() as u64 != self.nr || self.links.len() as u64 != self.nr {
             return Err("metadata array length differs from the page count");
         }
         let mut free_blocks = [[0u64; Freetype::COUNT]; NR_ORDERS];
@@ -119,7 +119,8 @@ impl<S: Stage2> BuddyAllocator<S> {
                     if m.state != ST_FREE | o as u8 || m.ft as usize != ft {
                         return Err("free list holds a block of another order or freetype");
                     }
-                    if m.prev != prev {
+                    let l = self.links[cur as usize];
+                    if l.prev != prev {
                         return Err("free list prev link broken");
                     }
                     k += 1;
@@ -127,7 +128,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                         return Err("free list longer than its free blocks (cycle or stray)");
                     }
                     prev = cur;
-                    cur = m.next;
+                    cur = l.next;
                 }
                 if k != free_blocks[o][ft] || k != self.lists.count(o, ft) {
                     return Err("free list count differs from the free blocks");

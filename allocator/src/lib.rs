@@ -56,12 +56,13 @@ pub const PAGEBLOCK_ORDER: u8 = 9;
 /// Pages in a pageblock.
 pub const PAGEBLOCK_PAGES: u64 = 1 << PAGEBLOCK_ORDER;
 
-/// Bytes of metadata kept for every managed page: 12 (two `u32` free-list links, a state
-/// byte holding free/allocated/cached + order, a freetype byte, 2 bytes padding).
+/// Bytes of metadata kept for every managed page: 10, in two arrays (struct of arrays): a
+/// 2-byte head record (a state byte holding free/allocated/cached + order, a freetype byte)
+/// and 8 bytes of free-list links (two `u32`).
 pub const METADATA_BYTES_PER_PAGE: usize = meta::PAGE_META_BYTES;
 /// Bytes of metadata kept for every pageblock (its freetype index): 1, i.e. 1/512 byte per
-/// page. Total per page: 12 + 1/512 ≈ 12.002 bytes, plus a fixed part per allocator
+/// page. Total per page: 10 + 1/512 ≈ 10.002 bytes, plus a fixed part per allocator
 /// (4,096 bytes of small-block caches at the default capacity and 360 bytes of list heads);
-/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 791,016
-/// bytes (12.07 per page) for 65,536 pages.
+/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 659,944
+/// bytes (10.07 per page) for 65,536 pages.
 pub const METADATA_BYTES_PER_PAGEBLOCK: usize = 1;

@@ -29,7 +29,7 @@ const fn ci(order: u8, ft: usize) -> usize {
 pub(crate) struct Pcp {
     slots: Vec<u32>,
     len: [u32; NR_PCP],
-    cap: u32,
+    pub(crate) cap: u32,
 }
 
 impl Pcp {

@@ -662,12 +662,12 @@ fn counters_count_allocs_and_frees_per_order_and_freetype() {
 
 #[test]
 fn metadata_is_at_most_16_bytes_per_page() {
-    assert_eq!(METADATA_BYTES_PER_PAGE, 12);
+    assert_eq!(METADATA_BYTES_PER_PAGE, 10);
     assert_eq!(METADATA_BYTES_PER_PAGEBLOCK, 1);
     for n in [65_536u64, 1 << 20] {
         let a = BuddyAllocator::new(0, n, NullStage2, Config::default());
         let bytes = a.metadata_bytes();
-        assert!(bytes >= n * 12 + n / 512);
+        assert!(bytes >= n * 10 + n / 512);
         assert!(bytes <= n * 16, "{bytes} bytes for {n} pages");
         assert_eq!(a.snapshot().metadata_bytes, bytes);
     }
@@ -698,7 +698,7 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand() {
 #[test]
 fn metadata_bytes_exact_figure_for_65536_pages() {
     let a = BuddyAllocator::new(0, 65_536, NullStage2, Config::default());
-    // 12 bytes/page + 1 byte/pageblock + 64 slots x 16 caches x 4 bytes + 44 list heads x 8
-    // bytes + 4 non-empty masks x 2 bytes.
-    assert_eq!(a.metadata_bytes(), 65_536 * 12 + 128 + 4096 + 44 * 8 + 8);
+    // 10 bytes/page (2-byte head record + 8 bytes of links) + 1 byte/pageblock + 64 slots x
+    // 16 caches x 4 bytes + 44 list heads x 8 bytes + 4 non-empty masks x 2 bytes.
+    assert_eq!(a.metadata_bytes(), 65_536 * 10 + 128 + 4096 + 44 * 8 + 8);
 }
