@@ -43,7 +43,12 @@ fn main() {
     }
 
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
-    check_target_installed(&rustc, &root);
+    if !target_installed(&rustc, &root) {
+        add_target(&root);
+        if !target_installed(&rustc, &root) {
+            fail_target_missing();
+        }
+    }
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
     let target_dir = out_dir.join("guest-target");
@@ -140,14 +145,14 @@ fn scrub_env(cmd: &mut Command) {
     }
 }
 
-/// Fails the build with instructions when the guest's target is not installed.
-fn check_target_installed(rustc: &OsString, root: &Path) {
+/// Whether the guest's target is installed for the toolchain building this crate.
+fn target_installed(rustc: &OsString, root: &Path) -> bool {
     let out = Command::new(rustc)
         .current_dir(root)
         .args(["--print", "target-libdir", "--target", GUEST_TARGET])
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .output();
-    let installed = match out {
+    match out {
         Ok(o) if o.status.success() => {
             let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
             fs::read_dir(&dir)
@@ -161,15 +166,31 @@ fn check_target_installed(rustc: &OsString, root: &Path) {
                 .unwrap_or(false)
         }
         _ => false,
-    };
-    if !installed {
-        fail(&format!(
-            "The Rust target `{GUEST_TARGET}` is not installed; the default guest kernel is \
-             built for it.\nInstall it with:\n\n    rustup target add {GUEST_TARGET}\n\n\
-             or, without network, from the offline archive (from the repository root; see \
-             ../shared/toolchain/README.md):\n\n    \
-             tar -xJf ../shared/toolchain/rust-std-1.95.0-{GUEST_TARGET}.tar.xz \\\n        \
-             -C \"$(rustc +1.95.0 --print sysroot)/lib/rustlib/\"\n"
-        ));
     }
+}
+
+/// Installs the target the way `.ci/run` does (rustup, else the offline archive), since
+/// `rust-toolchain.toml` lists it but rustup does not add it where auto-install is off.
+fn add_target(root: &Path) {
+    let script = root.join(".ci/add-guest-target");
+    if !script.is_file() {
+        return;
+    }
+    println!("cargo:warning=the {GUEST_TARGET} target was missing; installing it with .ci/add-guest-target");
+    let status = Command::new("bash").arg(&script).current_dir(root).status();
+    if let Err(e) = status {
+        eprintln!("cannot run {}: {e}", script.display());
+    }
+}
+
+/// Fails the build with instructions when the guest's target is not installed.
+fn fail_target_missing() -> ! {
+    fail(&format!(
+        "The Rust target `{GUEST_TARGET}` is not installed; the default guest kernel is \
+         built for it.\nInstall it with:\n\n    rustup target add {GUEST_TARGET}\n\n\
+         or, without network, from the offline archive (from the repository root; see \
+         ../shared/toolchain/README.md):\n\n    \
+         tar -xJf ../shared/toolchain/rust-std-1.95.0-{GUEST_TARGET}.tar.xz \\\n        \
+         -C \"$(rustc +1.95.0 --print sysroot)/lib/rustlib/\"\n"
+    ))
 }
