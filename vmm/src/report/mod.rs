@@ -102,15 +102,15 @@ pub struct ExitCounts {
 /// Timing of the run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Timing {
-    /// From process start (or the caller's start instant) to the guest's first hypercall.
+    /// From `main()` (`VmConfig::start`, or the library caller's instant) to the guest's first hypercall.
     pub first_hypercall_ms: Option<f64>,
-    /// From process start to the first KVM_RUN.
+    /// From `main()` to the first KVM_RUN.
     pub boot_ms: f64,
     /// From the first TestBegin to the last TestEnd.
     pub suite_ms: Option<f64>,
     /// From the first KVM_RUN until the VM stopped.
     pub run_ms: f64,
-    /// From process start until the VM stopped.
+    /// From `main()` until the VM stopped.
     pub total_ms: f64,
     /// The guest's hypercall vs bare exit measurement, if it reported one.
     pub round_trip: Option<RoundTrip>,

@@ -67,7 +67,7 @@ impl RunReport {
                 let _ = write!(s, "- (none)");
             }
         }
-        let _ = write!(s, " after process start, suite ");
+        let _ = write!(s, " after main() began, suite ");
         match t.suite_ms {
             Some(ms) => {
                 let _ = write!(s, "{ms:.1} ms");
