@@ -4,9 +4,10 @@
 //! A freed block of order `<= PCP_MAX_ORDER` is parked here instead of being merged, and the
 //! next request of the same order and freetype takes it back without touching the buddy
 //! lists: the hot alloc+free pair costs about a hundred instructions instead of a split and a
-//! merge per order. When a cache is full, the freed block goes straight to the buddy lists (merging).
-//! Before any flip and before an allocation fails, every cache is drained so cached blocks
-//! never hide a whole free pageblock. Cached pages count as free everywhere
+//! merge per order. When a cache is full, the freed block goes straight to the buddy lists
+//! (merging), so a burst of frees pays no push and pop per block. Before any flip and before
+//! an allocation fails, every cache is drained so cached blocks never hide a whole free
+//! pageblock. Cached pages count as free everywhere
 //! (`free_pages_count`, `Snapshot::pcp_pages`) and are *not* allocations
 //! (`allocation_containing` says None, freeing one again is `NotAllocated`).
 

@@ -134,7 +134,8 @@ pub struct Snapshot {
     pub free_pages_per_freetype: [u64; Freetype::COUNT],
     /// Pages parked in the per-(order, freetype) caches of blocks of order <= 3.
     pub pcp_pages: [u64; Freetype::COUNT],
-    /// Times a cache was drained ([`crate::BuddyAllocator::drain_pcp`], before a flip or a failure).
+    /// Times a cache was drained (by [`crate::BuddyAllocator::drain_pcp`], which also runs
+    /// before a flip or a failure).
     pub pcp_drains: u64,
     /// Pageblocks (including partial ones at the ends of the range).
     pub pageblocks: u64,
