@@ -83,17 +83,11 @@ impl FreeLists {
         }
     }
 
-    /// Remove block `off` from list (order, ft); it must be on it.
+    /// Remove block `off` from list (order, ft); it must be on it. Its own links are left
+    /// stale (they are rewritten whenever it is pushed again).
     #[inline(always)]
     pub fn remove(&mut self, links: &mut [Links], off: u32, order: usize, ft: usize) {
-        let m = links[off as usize];
-        self.unlink(links, m.prev, m.next, order, ft);
-    }
-
-    /// Remove the block whose links are `prev` and `next` from list (order, ft) (for callers
-    /// that already read the block's metadata); the block's own links are left stale.
-    #[inline(always)]
-    pub fn unlink(&mut self, links: &mut [Links], prev: u32, next: u32, order: usize, ft: usize) {
+        let Links { next, prev } = links[off as usize];
         let l = &mut self.lists[li(order, ft)];
         l.len -= 1;
         if prev == NIL {
