@@ -6,6 +6,9 @@
 use std::error::Error;
 use std::io::Write;
 
+mod common;
+
+use common::assert_accounted;
 use flate2::write::GzEncoder;
 use proptest::prelude::*;
 use replay::classify::{classify, Rules};
@@ -73,23 +76,6 @@ fn args(extra: &[&str]) -> ReplayArgs {
     let mut v = vec!["x", "-", "-q"];
     v.extend_from_slice(extra);
     Cli::try_parse_from(v).unwrap().args
-}
-
-/// Every line is accounted for exactly once.
-fn assert_accounted(t: &Trace) {
-    let s = &t.stats;
-    assert_eq!(
-        s.lines,
-        s.blank_lines
-            + s.comment_lines
-            + s.other_events
-            + s.lost_markers
-            + s.malformed_lines
-            + s.alloc_events
-            + s.free_events
-            + s.batched_events
-    );
-    assert_eq!(s.alloc_events, s.allocs + s.failed_allocs_in_trace);
 }
 
 proptest! {

@@ -3,6 +3,9 @@
 use std::io::Write;
 
 use flate2::write::GzEncoder;
+mod common;
+
+use common::assert_accounted;
 use replay::reader::from_reader;
 use replay::trace::{load, Event, LoadOptions, Trace, TraceError};
 
@@ -20,41 +23,6 @@ fn free(cpu: u32, ts: &str, pfn: u64, order: u8) -> String {
 
 fn batched(cpu: u32, ts: &str, pfn: u64) -> String {
     format!("           <...>-6607    [{cpu:03}] ...2.   {ts}: mm_page_free_batched: page=00000000c6e60b5f pfn={pfn:#x} order=0\n")
-}
-
-/// Every line is accounted for exactly once.
-fn assert_accounted(t: &Trace) {
-    let s = &t.stats;
-    assert_eq!(
-        s.lines,
-        s.blank_lines
-            + s.comment_lines
-            + s.other_events
-            + s.lost_markers
-            + s.malformed_lines
-            + s.alloc_events
-            + s.free_events
-            + s.batched_events
-    );
-    assert_eq!(s.alloc_events, s.allocs + s.failed_allocs_in_trace);
-    assert_eq!(
-        s.free_events + s.batched_events,
-        s.frees_matched
-            + s.batched_matched
-            + s.batched_duplicates
-            + s.free_duplicates
-            + s.unmatched_frees
-    );
-    let frees = t
-        .events
-        .iter()
-        .filter(|e| matches!(e, Event::Free { .. }))
-        .count() as u64;
-    assert_eq!(
-        frees,
-        s.frees_matched + s.batched_matched + s.implicit_frees
-    );
-    assert_eq!(s.allocs, s.live_at_end + frees);
 }
 
 #[test]

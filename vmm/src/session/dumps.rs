@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use veil_abi::Status;
 
 use super::{vmm_line, Session, MAX_GUEST_DUMPS};
-use crate::dump::DumpFormat;
+use crate::dump::{DumpFormat, DumpInput};
+use crate::stage2::KvmSlots;
 
 /// Where stage-2 dumps go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,31 +47,26 @@ impl DumpConfig {
 }
 
 impl Session {
-    pub(super) fn render_dump(&self, reason: &str, format: DumpFormat) -> String {
+    /// Calls `f` with everything a dump is gathered from (KVM's stats are read now).
+    fn with_dump_input<T>(&self, reason: &str, f: impl FnOnce(&DumpInput<KvmSlots>) -> T) -> T {
         let stats = crate::kvm_stats::read_vm_stats(&self.vm).ok();
         let base = self.ram.host_base();
         let host_addr = move |gpa: u64| base + gpa;
-        let input = crate::dump::DumpInput {
+        f(&DumpInput {
             alloc: &self.alloc,
             kvm_stats: stats.as_deref(),
             reason,
             host_addr: &host_addr,
-        };
-        crate::dump::render(&input, format)
+        })
+    }
+
+    pub(super) fn render_dump(&self, reason: &str, format: DumpFormat) -> String {
+        self.with_dump_input(reason, |input| crate::dump::render(input, format))
     }
 
     /// The exit-time dump as JSON.
     pub(super) fn dump_json(&self) -> serde_json::Value {
-        let stats = crate::kvm_stats::read_vm_stats(&self.vm).ok();
-        let base = self.ram.host_base();
-        let host_addr = move |gpa: u64| base + gpa;
-        let input = crate::dump::DumpInput {
-            alloc: &self.alloc,
-            kvm_stats: stats.as_deref(),
-            reason: "exit",
-            host_addr: &host_addr,
-        };
-        crate::dump::to_json_value(&input)
+        self.with_dump_input("exit", crate::dump::to_json_value)
     }
 
     pub(super) fn write_dump(&mut self, reason: &str, path: Option<PathBuf>) {
