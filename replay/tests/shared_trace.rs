@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
+mod common;
+
 use clap::Parser;
+use common::assert_accounted;
 use replay::cli::{self, ReplayArgs};
 use replay::policy::PolicyKind;
 use replay::trace::Event;
@@ -45,15 +48,7 @@ fn all_policies_on_the_shared_trace() {
     assert_eq!(s.malformed_lines, 0);
     // Every event accounted for: each batched free duplicates an mm_page_free, the rest of the
     // frees either free a capture allocation or a page allocated before the capture.
-    assert_eq!(s.alloc_events, s.allocs + s.failed_allocs_in_trace);
-    assert_eq!(
-        s.free_events + s.batched_events,
-        s.frees_matched
-            + s.batched_matched
-            + s.batched_duplicates
-            + s.free_duplicates
-            + s.unmatched_frees
-    );
+    assert_accounted(&l.trace);
     assert_eq!(s.batched_duplicates, s.batched_events);
     assert!(
         s.unmatched_frees > 0,

@@ -41,6 +41,18 @@ fn tiny(code: &[u8]) -> Vec<u8> {
     vmm::elf::build_elf(veil_abi::IMAGE_MIN_GPA, code, 0)
 }
 
+/// A tiny guest that asks for `dumps` stage-2 dumps (Hc::Dump), then exits with code 0.
+fn dumping_guest(dumps: usize) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xe0, 0x05]; // mov dx, 0x5e0 (the doorbell)
+    for _ in 0..dumps {
+        code.extend_from_slice(&[0xb8, 13, 0, 0, 0, 0xef]); // mov eax, 13 (Hc::Dump); out dx, eax
+    }
+    code.extend_from_slice(&[0xbf, 0, 0, 0, 0]); // mov edi, 0
+    code.extend_from_slice(&[0xb8, 20, 0, 0, 0, 0xef]); // mov eax, 20 (Hc::Exit); out dx, eax
+    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
+    tiny(&code)
+}
+
 #[test]
 fn json_run_of_the_whole_suite() {
     if !kvm_available() {
@@ -144,18 +156,8 @@ fn guest_requested_dumps_are_numbered_beside_the_exit_dump() {
     if !kvm_available() {
         return;
     }
-    // Hc::Dump twice, then Exit(0).
-    let code = [
-        0xb8, 13, 0, 0, 0, // mov eax, 13 (Hc::Dump)
-        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
-        0xef, // out dx, eax
-        0xb8, 13, 0, 0, 0, 0xef, // Dump again
-        0xbf, 0, 0, 0, 0, // mov edi, 0
-        0xb8, 20, 0, 0, 0, 0xef, // Exit(0)
-        0xeb, 0xfe,
-    ];
     let dir = scratch("numbered");
-    let g = write_guest(&dir, "dump.elf", &tiny(&code));
+    let g = write_guest(&dir, "dump.elf", &dumping_guest(2));
     let file = dir.join("ept.json");
     let out = veil(&[
         "run",
@@ -556,16 +558,8 @@ fn a_dump_lost_at_run_time_is_not_a_clean_exit() {
     if !kvm_available() {
         return;
     }
-    let code = [
-        0xb8, 13, 0, 0, 0, // mov eax, 13 (Hc::Dump)
-        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
-        0xef, // out dx, eax
-        0xbf, 0, 0, 0, 0, // mov edi, 0
-        0xb8, 20, 0, 0, 0, 0xef, // Exit(0)
-        0xeb, 0xfe,
-    ];
     let dir = scratch("lostdump");
-    let g = write_guest(&dir, "dump.elf", &tiny(&code));
+    let g = write_guest(&dir, "dump.elf", &dumping_guest(1));
     std::fs::create_dir(dir.join("ept.1.json")).unwrap();
     let file = dir.join("ept.json");
     let args = [
