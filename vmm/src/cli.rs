@@ -1,6 +1,5 @@
 //! The `veil` command line (clap derive) and what each subcommand does.
 
-use std::fs::OpenOptions;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -299,42 +298,8 @@ pub fn timeout(secs: f64) -> Result<Option<Duration>> {
 /// writing. An existing file is opened for appending (its contents are left alone); a new
 /// one is created and removed again.
 pub fn check_output_path(path: &Path, what: &str) -> Result<()> {
-    let fail = || format!("cannot write {what} {}", path.display());
-    if path.as_os_str().is_empty() {
-        bail!("{what}: empty file name");
-    }
-    if path.is_dir() {
-        bail!("cannot write {what} {}: it is a directory", path.display());
-    }
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if !dir.is_dir() {
-        bail!(
-            "cannot write {what} {}: directory {} does not exist",
-            path.display(),
-            dir.display()
-        );
-    }
-    if let Ok(meta) = std::fs::metadata(path) {
-        // A regular file must be writable; a device or FIFO (/dev/null, /dev/stdout, a pipe)
-        // is taken as it is: opening a FIFO here would block until it has a reader.
-        if meta.is_file() {
-            OpenOptions::new()
-                .append(true)
-                .open(path)
-                .with_context(fail)?;
-        }
-    } else {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .with_context(fail)?;
-        std::fs::remove_file(path).with_context(fail)?;
-    }
-    Ok(())
+    replay::cli::check_output_path(path)
+        .with_context(|| format!("cannot write {what} {}", path.display()))
 }
 
 /// The `--tests` list: trimmed, each name once (first occurrence order); an empty name or one
