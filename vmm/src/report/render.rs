@@ -58,24 +58,14 @@ impl RunReport {
     pub fn summary(&self) -> String {
         let mut s = String::new();
         let t = &self.timing;
-        let _ = write!(s, "timing: first hypercall at ");
-        match t.first_hypercall_ms {
-            Some(ms) => {
-                let _ = write!(s, "{ms:.1} ms");
-            }
-            None => {
-                let _ = write!(s, "- (none)");
-            }
-        }
-        let _ = write!(s, " after main() began, suite ");
-        match t.suite_ms {
-            Some(ms) => {
-                let _ = write!(s, "{ms:.1} ms");
-            }
-            None => {
-                let _ = write!(s, "-");
-            }
-        }
+        let ms =
+            |v: Option<f64>, none: &str| v.map_or(none.to_string(), |ms| format!("{ms:.1} ms"));
+        let _ = write!(
+            s,
+            "timing: first hypercall at {} after main() began, suite {}",
+            ms(t.first_hypercall_ms, "- (none)"),
+            ms(t.suite_ms, "-")
+        );
         let _ = writeln!(
             s,
             ", guest run {:.1} ms, total {:.1} ms, {} exits ({} hypercalls, {} bare, {} mmio, {} pio)",

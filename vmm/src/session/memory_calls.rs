@@ -98,9 +98,15 @@ impl Session {
         Ok(0)
     }
 
-    pub(super) fn hc_host_fill(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
+    /// HostFill / HostCount arguments: a byte value and a range of pages the guest owns.
+    fn host_range_args(&self, gpa: u64, len: u64, byte: u64) -> Result<u8, Status> {
         let byte = u8::try_from(byte).map_err(|_| Status::BadArgument)?;
         self.check_owned(gpa, len)?;
+        Ok(byte)
+    }
+
+    pub(super) fn hc_host_fill(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
+        let byte = self.host_range_args(gpa, len, byte)?;
         self.ram
             .fill(gpa, len, byte)
             .map_err(|_| Status::BadAddress)?;
@@ -108,8 +114,7 @@ impl Session {
     }
 
     pub(super) fn hc_host_count(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
-        let byte = u8::try_from(byte).map_err(|_| Status::BadArgument)?;
-        self.check_owned(gpa, len)?;
+        let byte = self.host_range_args(gpa, len, byte)?;
         self.ram
             .count(gpa, len, byte)
             .map_err(|_| Status::BadAddress)
