@@ -159,7 +159,25 @@ pub enum Hc {
     ReportTiming = 19,
     /// (code): stop the VM; the VMM exits with `code` (0 = success).
     Exit = 20,
+    /// (gpa, len, what, count): a **host assertion**. The VMM counts, through its own mapping,
+    /// the bytes of `[gpa, gpa + len)` (pages the current test's guest owns) that match `what`
+    /// (a byte value 0..=255, or [`HOST_EXPECT_SECRET`]: "equal to the secret the VMM planted
+    /// at that address") and records in the current test's verdict whether exactly `count`
+    /// matched. It returns only `Ok` ("recorded"): nothing derived from the contents.
+    HostExpect = 21,
+    /// (gpa, len): test-harness only. The VMM writes its per-run secret (bytes the guest never
+    /// learns) into pages the guest owns, whatever their stage-2 state.
+    PlantSecret = 22,
+    /// (name_ptr, name_len, sink_gpa, sink_len): a reachability route starts; the guest will put
+    /// whatever the route obtains into the sink (mapped memory it owns or reserved memory).
+    RouteBegin = 23,
+    /// (): the current route ends; the VMM judges it (blocked and recorded / blocked but
+    /// unrecorded / leaked) from its own records and mapping, and returns only `Ok`.
+    RouteEnd = 24,
 }
+
+/// `what` of [`Hc::HostExpect`]: match against the secret planted by [`Hc::PlantSecret`].
+pub const HOST_EXPECT_SECRET: u64 = 0x100;
 
 impl Hc {
     /// The hypercall with number `nr`, if any.
@@ -186,6 +204,10 @@ impl Hc {
             18 => Hc::Exception,
             19 => Hc::ReportTiming,
             20 => Hc::Exit,
+            21 => Hc::HostExpect,
+            22 => Hc::PlantSecret,
+            23 => Hc::RouteBegin,
+            24 => Hc::RouteEnd,
             _ => return None,
         })
     }
@@ -225,6 +247,13 @@ pub enum Status {
     BadState = 13,
     /// The allocator's invariants do not hold.
     InvariantBroken = 14,
+    /// A test-harness call ([`Hc::PlantSecret`], a host write into a page the guest cannot
+    /// reach) while the harness capability is off (`veil run --test-harness` turns it on for a
+    /// `--guest` ELF; the embedded suite has it).
+    HarnessOnly = 15,
+    /// The call would return something derived from, or write into, a page the guest cannot
+    /// reach at stage 2.
+    Unreachable = 16,
 }
 
 impl Status {
@@ -246,6 +275,8 @@ impl Status {
             12 => Status::Stage2Failed,
             13 => Status::BadState,
             14 => Status::InvariantBroken,
+            15 => Status::HarnessOnly,
+            16 => Status::Unreachable,
             _ => return None,
         })
     }

@@ -296,6 +296,11 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
+            // Numbers reserved in the ABI, implemented by the host-assertion and reachability
+            // work.
+            Hc::HostExpect | Hc::PlantSecret | Hc::RouteBegin | Hc::RouteEnd => {
+                HcOut::err(Status::UnknownCall)
+            }
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);
