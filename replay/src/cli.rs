@@ -233,11 +233,36 @@ pub fn check_output_path(path: &Path) -> io::Result<()> {
         ));
     }
     if let Ok(meta) = fs::metadata(path) {
-        // A regular file must be writable; a device or FIFO is taken as it is (opening a FIFO
-        // here would block until it has a reader).
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let ft = meta.file_type();
         if meta.is_file() {
+            // A regular file must be writable (opened for appending: contents kept).
             fs::OpenOptions::new().append(true).open(path)?;
+        } else if ft.is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "it is a socket (writing to it would block or fail): give a regular file",
+            ));
+        } else if ft.is_fifo() {
+            // Opening a FIFO for writing blocks until it has a reader; without O_NONBLOCK's
+            // answer (ENXIO: no reader) the run would hang before it starts.
+            match fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "it is a FIFO with no reader (writing to it would block): start the \
+                         reader first, or give a regular file",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
         }
+        // Character devices (/dev/null, a terminal) are taken as they are.
     } else {
         fs::OpenOptions::new()
             .write(true)

@@ -86,7 +86,16 @@ Exit codes:
      guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
      unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
-     --on-violation kill or by a fetch without recovery point, or ran past --timeout
+     --on-violation kill (tests after it count as not run) or by a fetch without recovery
+     point, or ran past --timeout
+  130, 143, 129  SIGINT (Ctrl-C), SIGTERM or SIGHUP stopped the run: the guest is stopped,
+     the report (table or complete JSON, exit kind \"interrupted\") and the requested dumps are
+     still written, unmapped guest pages are wiped; the test that was running and the ones
+     after it count as not run. A second signal while that happens ends veil at once.
+
+Host memory: guest RAM is kept out of core dumps of veil (MADV_DONTDUMP) unless
+--dump-guest-core; unmapped pages are locked against swap (mlock) as far as RLIMIT_MEMLOCK
+allows (the report says whether locking held) and wiped at the end of every run.
 
 Output: guest console output goes to stdout (stderr with --json, or --console FILE); the VMM's
 own messages go to stderr prefixed with 'veil: '.
@@ -157,7 +166,8 @@ pub struct GuestArgs {
     pub timeout: f64,
 
     /// Write the guest's console output to FILE (created or truncated) instead of stdout. The
-    /// file is checked before the guest boots.
+    /// file is checked before the guest boots: a FIFO without a reader or a socket is refused
+    /// (it would block); "/dev/null" and pipes with a reader are fine.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
 }
@@ -180,7 +190,9 @@ pub struct RunArgs {
     /// What to do when the guest touches memory stage 2 does not expose. `report`: loads read
     /// 0xa5 bytes, stores are dropped, the guest runs on, and an instruction fetch resumes at
     /// the recovery point the test registered (or stops the VM if none). `kill`: stop at the
-    /// first violation, print the report, exit 3. Either way every violation is recorded.
+    /// first violation no test declared (ExpectViolation): a declared one is answered as under
+    /// `report`; print the report, exit 3; tests after it count as not run. Either way every
+    /// violation is recorded.
     #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,
 
@@ -203,6 +215,12 @@ pub struct RunArgs {
         hide_possible_values = true
     )]
     pub dump_format: Option<DumpFormat>,
+
+    /// Leave guest RAM in core dumps of veil (for debugging the guest from a VMM core). By
+    /// default it is excluded (MADV_DONTDUMP), as QEMU's dump-guest-core=off: a core of a
+    /// crashed or killed veil then holds no guest page, unmapped secrets included.
+    #[arg(long)]
+    pub dump_guest_core: bool,
 
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
@@ -390,6 +408,9 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     let mut cfg = base_config(&args.guest, start)?;
     cfg.selection = selection;
     cfg.on_violation = args.on_violation;
+    if args.dump_guest_core {
+        cfg.core_dump = crate::memory::CoreDump::Include;
+    }
     if args.json && args.guest.console.is_none() {
         cfg.console = ConsoleSink::Stderr;
     }
@@ -672,13 +693,27 @@ mod tests {
             assert!(e.contains(want), "{}: {e}", p.display());
             assert!(e.contains("the dump"), "{e}");
         }
-        // Devices and FIFOs are accepted without opening them (a FIFO would block).
+        // /dev/null is fine; a FIFO is refused while it has no reader (a write would block),
+        // accepted once it has one; a socket is refused.
         check_output_path(Path::new("/dev/null"), "the dump").unwrap();
         let fifo = d.join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid NUL-terminated path and a mode.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = format!("{:#}", check_output_path(&fifo, "the dump").unwrap_err());
+        assert!(e.contains("FIFO with no reader"), "{e}");
+        use std::os::unix::fs::OpenOptionsExt;
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
         check_output_path(&fifo, "the dump").unwrap();
+        drop(reader);
+        let sock = d.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let e = format!("{:#}", check_output_path(&sock, "the dump").unwrap_err());
+        assert!(e.contains("socket"), "{e}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

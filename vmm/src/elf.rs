@@ -315,7 +315,9 @@ pub fn load(image: &ElfImage, bytes: &[u8], ram: &GuestRam) -> Result<(), ElfErr
         ram.write(s.gpa, data)
             .map_err(|e| ElfError::Memory(e.to_string()))?;
         if s.memsz > s.filesz {
-            ram.fill(s.gpa + s.filesz, s.memsz - s.filesz, 0)
+            // Released, not written: a fresh mapping is already zero, so a 1 GiB .bss costs
+            // one partial page of RSS, not 1 GiB.
+            ram.zero(s.gpa + s.filesz, s.memsz - s.filesz)
                 .map_err(|e| ElfError::Memory(e.to_string()))?;
         }
     }

@@ -28,6 +28,17 @@ pub fn count(t: &mut Tally, v: &Violation) {
     *t.entry((v.gpa & !0xfff, v.access)).or_default() += 1;
 }
 
+/// Whether one more violation of `access` on `page` is still covered by `expected`: the declared
+/// total for that (page, access) exceeds what `got` already counted.
+pub fn declared(expected: &[Expectation], got: &Tally, page: u64, access: AccessKind) -> bool {
+    let want: u64 = expected
+        .iter()
+        .filter(|e| e.page == page && e.access == access)
+        .map(|e| e.count)
+        .sum();
+    want > got.get(&(page, access)).copied().unwrap_or(0)
+}
+
 /// Compares declared expectations with the violations a test produced (`got`). `Ok` if, for
 /// every (page, access), the recorded number equals the declared total; otherwise a message
 /// naming each difference.
@@ -100,6 +111,26 @@ mod tests {
         }];
         assert_eq!(check(&e, &tally(&[&a, &b])), Ok(()));
         assert_eq!(check(&[], &tally(&[])), Ok(()));
+    }
+
+    #[test]
+    fn declared_until_used_up() {
+        let e = [Expectation {
+            page: 0x40_0000,
+            access: AccessKind::Read,
+            count: 2,
+        }];
+        let a = v(0x40_0010, AccessKind::Read);
+        assert!(declared(&e, &tally(&[]), 0x40_0000, AccessKind::Read));
+        assert!(declared(&e, &tally(&[&a]), 0x40_0000, AccessKind::Read));
+        assert!(!declared(
+            &e,
+            &tally(&[&a, &a]),
+            0x40_0000,
+            AccessKind::Read
+        ));
+        assert!(!declared(&e, &tally(&[]), 0x40_0000, AccessKind::Write));
+        assert!(!declared(&e, &tally(&[]), 0x40_1000, AccessKind::Read));
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`report`]: results, the table and the JSON document, exit codes.
 //! - [`console`]: the 16550 UART and where its output goes.
 //! - [`watchdog`]: `--timeout`, kicking the vCPU out of `KVM_RUN` with a signal.
+//! - [`signals`]: SIGINT/SIGTERM/SIGHUP stop the run cleanly (report kept, exit 128 + signal).
 //! - [`stage2`], [`dump`], [`kvm_stats`], [`caps`]: the stage-2 engine, dumps, KVM binary
 //!   statistics and host capabilities; [`replay_kvm`]: `veil replay --kvm`.
 //!
@@ -35,6 +36,7 @@ pub mod memory;
 pub mod replay_kvm;
 pub mod report;
 pub mod session;
+pub mod signals;
 pub mod stage2;
 pub mod vm;
 pub mod watchdog;

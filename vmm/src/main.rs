@@ -11,6 +11,9 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    if let Err(e) = vmm::signals::install() {
+        eprintln!("veil: warning: cannot handle SIGINT/SIGTERM/SIGHUP ({e}): a signal ends the process without a report");
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = vmm::cli::Cli::parse();
     let code = vmm::cli::main_with(cli, start);

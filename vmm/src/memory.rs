@@ -1,4 +1,6 @@
-//! Guest RAM: one anonymous, lazily backed host mapping at GPA 0, and the `--mem` size parser.
+//! Guest RAM: one anonymous, lazily backed host mapping at GPA 0 (kept out of core dumps unless
+//! asked for), its zeroing and wiping without touching memory that is already zero, and the
+//! `--mem` size parser.
 
 use std::str::FromStr;
 
@@ -116,16 +118,33 @@ impl std::fmt::Display for MemSize {
     }
 }
 
-/// Guest RAM: `[0, size)` backed by one anonymous `MAP_NORESERVE` mapping, touched lazily.
+/// Whether guest RAM appears in the VMM's core dumps (`veil run --dump-guest-core`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CoreDump {
+    /// Excluded (`MADV_DONTDUMP`): the default.
+    #[default]
+    Exclude,
+    /// Included, for debugging the guest from a VMM core.
+    Include,
+}
+
+/// Guest RAM: `[0, size)` backed by one anonymous `MAP_NORESERVE` mapping, touched lazily and
+/// excluded from core dumps (`MADV_DONTDUMP`) unless [`CoreDump::Include`].
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     size: u64,
     host_base: u64,
+    core: CoreDump,
 }
 
 impl GuestRam {
-    /// Maps `size` bytes of guest RAM (nothing is touched until used).
+    /// Maps `size` bytes of guest RAM (nothing is touched until used), out of core dumps.
     pub fn new(size: MemSize) -> Result<GuestRam, MemoryError> {
+        GuestRam::with_core_dump(size, CoreDump::Exclude)
+    }
+
+    /// Maps `size` bytes of guest RAM; `core` says whether it may appear in core dumps.
+    pub fn with_core_dump(size: MemSize, core: CoreDump) -> Result<GuestRam, MemoryError> {
         let len = usize::try_from(size.0).map_err(|_| MemoryError::TooLarge(size.0))?;
         // from_ranges maps MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| {
@@ -140,11 +159,32 @@ impl GuestRam {
                 size: size.0,
                 msg: e.to_string(),
             })? as u64;
+        if core == CoreDump::Exclude {
+            // SAFETY: [host_base, host_base + len) is the mapping vm-memory just created and
+            // owns; MADV_DONTDUMP only changes which VMAs a core dump includes.
+            let r =
+                unsafe { libc::madvise(host_base as *mut libc::c_void, len, libc::MADV_DONTDUMP) };
+            if r != 0 {
+                return Err(MemoryError::Map {
+                    size: size.0,
+                    msg: format!(
+                        "madvise(MADV_DONTDUMP) failed: {}",
+                        std::io::Error::last_os_error()
+                    ),
+                });
+            }
+        }
         Ok(GuestRam {
             mem,
             size: size.0,
             host_base,
+            core,
         })
+    }
+
+    /// Whether this RAM may appear in core dumps.
+    pub fn core_dump(&self) -> CoreDump {
+        self.core
     }
 
     /// Bytes of RAM.
@@ -189,6 +229,68 @@ impl GuestRam {
         Ok(())
     }
 
+    /// Zeroes `[gpa, gpa + len)` without touching pages that are already zero: partial pages at
+    /// the edges are written, whole pages are released (`MADV_DONTNEED`: the next access sees a
+    /// fresh zero page, so a fresh mapping costs no RSS). Locked pages are unlocked first.
+    pub fn zero(&self, gpa: u64, len: u64) -> Result<(), vm_memory::GuestMemoryError> {
+        if !self.contains(gpa, len) {
+            return Err(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                GuestAddress(gpa),
+            ));
+        }
+        let end = gpa + len;
+        let page_start = gpa.next_multiple_of(PAGE).min(end);
+        let page_end = (end / PAGE * PAGE).max(page_start);
+        for (s, e) in [(gpa, page_start), (page_end, end)] {
+            if s < e {
+                self.fill(s, e - s, 0)?;
+            }
+        }
+        if page_start < page_end {
+            // SAFETY: [page_start, page_end) lies inside this private anonymous mapping (checked
+            // above) and is page aligned (host_base comes from mmap); no Rust reference points
+            // into guest RAM (vm-memory accesses it through volatile copies).
+            unsafe { release_pages(self.host_base + page_start, page_end - page_start) }
+                .map_err(vm_memory::GuestMemoryError::IOError)?;
+        }
+        Ok(())
+    }
+
+    /// Wipes `[gpa, gpa + len)` (page aligned): every resident page is overwritten with zeroes
+    /// (so the secret does not linger in a freed host page) and then released. Returns the
+    /// bytes that were resident and overwritten.
+    pub fn wipe(&self, gpa: u64, len: u64) -> Result<u64, vm_memory::GuestMemoryError> {
+        if !self.contains(gpa, len) || !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
+            return Err(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                GuestAddress(gpa),
+            ));
+        }
+        let mut resident = vec![0u8; (len / PAGE) as usize];
+        // SAFETY: the range is page aligned and inside this mapping; `resident` has one byte per
+        // page of it, as mincore(2) requires.
+        let r = unsafe {
+            libc::mincore(
+                (self.host_base + gpa) as *mut libc::c_void,
+                len as usize,
+                resident.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(vm_memory::GuestMemoryError::IOError(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut wiped = 0;
+        for (i, flags) in resident.iter().enumerate() {
+            if flags & 1 != 0 {
+                self.fill(gpa + i as u64 * PAGE, PAGE, 0)?;
+                wiped += PAGE;
+            }
+        }
+        self.zero(gpa, len)?;
+        Ok(wiped)
+    }
+
     /// Counts the bytes equal to `byte` in `[gpa, gpa + len)`.
     pub fn count(&self, gpa: u64, len: u64, byte: u8) -> Result<u64, vm_memory::GuestMemoryError> {
         let mut buf = [0u8; 4096];
@@ -202,6 +304,39 @@ impl GuestRam {
         }
         Ok(n_eq)
     }
+}
+
+const PAGE: u64 = 4096;
+
+/// Releases whole pages of a private anonymous mapping (`MADV_DONTNEED`), unlocking them first
+/// if they are locked (`MADV_DONTNEED` fails with `EINVAL` on locked memory) and locking them
+/// again, on fault, afterwards.
+///
+/// # Safety
+/// `[addr, addr + len)` must be page aligned, inside one live private anonymous mapping that no
+/// Rust reference points into.
+pub unsafe fn release_pages(addr: u64, len: u64) -> std::io::Result<()> {
+    let p = addr as *mut libc::c_void;
+    let n = len as usize;
+    // SAFETY: per this function's contract.
+    if unsafe { libc::madvise(p, n, libc::MADV_DONTNEED) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(err);
+    }
+    // SAFETY: munlock/madvise/mlock2 on a range of a live mapping (this function's contract);
+    // none of them moves or unmaps it.
+    unsafe {
+        if libc::munlock(p, n) != 0 || libc::madvise(p, n, libc::MADV_DONTNEED) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Locked again lazily (pages lock as they are faulted in); failure leaves them unlocked,
+        // which the lock statistics of the stage-2 backend report.
+        let _ = libc::mlock2(p, n, libc::MLOCK_ONFAULT);
+    }
+    Ok(())
 }
 
 /// The lowest GPA the allocator may manage: image end rounded up to a pageblock, at least

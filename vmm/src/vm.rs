@@ -12,9 +12,10 @@ use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE}
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
-use crate::memory::{reserved_end_for, GuestRam, MemSize, MemoryError};
+use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
+use crate::signals;
 use crate::stage2::{EngineError, KvmSlots, RangeState, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
 
@@ -56,11 +57,13 @@ pub struct VmConfig {
     pub start: Instant,
     /// Echo the guest's Hc::Log lines on stderr.
     pub echo_logs: bool,
+    /// Whether guest RAM may appear in a core dump of the VMM (`--dump-guest-core`).
+    pub core_dump: CoreDump,
 }
 
 impl VmConfig {
     /// Defaults: 256 MiB, the embedded guest, run all tests, report policy, 60 s timeout,
-    /// console to stdout, no dumps.
+    /// console to stdout, no dumps, guest RAM out of core dumps.
     pub fn new(guest: Vec<u8>) -> VmConfig {
         VmConfig {
             mem: MemSize::default(),
@@ -73,6 +76,7 @@ impl VmConfig {
             dump: None,
             start: Instant::now(),
             echo_logs: true,
+            core_dump: CoreDump::Exclude,
         }
     }
 }
@@ -183,7 +187,7 @@ impl Vm {
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
-        let ram = GuestRam::new(cfg.mem)?;
+        let ram = GuestRam::with_core_dump(cfg.mem, cfg.core_dump)?;
         elf::load(&image, &cfg.guest, &ram)?;
         let cr3 = boot::write_boot_structures(&ram, &params)?;
         lap("VM, RAM, image and boot structures");
@@ -259,9 +263,15 @@ impl Vm {
             })?),
             None => None,
         };
+        watchdog::install_handler().map_err(|source| VmError::Io {
+            what: "cannot install the vCPU kick handler",
+            source,
+        })?;
+        let kick_me = signals::VcpuRegistration::new();
         let run_start = Instant::now();
         self.s.mark_run_start(run_start);
         let stop = self.run_loop(dog.as_ref());
+        drop(kick_me);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
         Ok(self.s.finish(stop, run_start.elapsed()))
@@ -279,6 +289,13 @@ impl Vm {
                 if d.fired() {
                     return self.timeout_exit();
                 }
+            }
+            if let Some(signal) = signals::pending() {
+                return ExitInfo::Interrupted {
+                    signal,
+                    name: signals::name(signal),
+                    regs: self.regs_dump(),
+                };
             }
             let exit = self.vcpu.run();
             self.s.exits.total += 1;

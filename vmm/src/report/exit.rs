@@ -125,6 +125,15 @@ pub enum ExitInfo {
         /// Registers when stopped.
         regs: RegsDump,
     },
+    /// SIGINT, SIGTERM or SIGHUP stopped the run (see [`crate::signals`]).
+    Interrupted {
+        /// The signal number.
+        signal: i32,
+        /// Its name ("SIGINT", ...).
+        name: &'static str,
+        /// Registers when stopped.
+        regs: RegsDump,
+    },
     /// `--tests` named tests the guest does not have.
     UnknownTests {
         /// Names not announced by the guest.
@@ -191,6 +200,9 @@ impl ExitInfo {
             ExitInfo::Timeout { seconds, regs } => {
                 format!("timed out after {seconds} s (rip {:#x})", regs.rip)
             }
+            ExitInfo::Interrupted { name, regs, .. } => {
+                format!("interrupted by {name} (rip {:#x})", regs.rip)
+            }
             ExitInfo::UnknownTests { unknown, available } => format!(
                 "unknown test(s): {}; available: {}",
                 unknown.join(", "),
@@ -207,7 +219,8 @@ impl ExitInfo {
             | ExitInfo::InternalError { regs, .. }
             | ExitInfo::Halted { regs }
             | ExitInfo::UnexpectedExit { regs, .. }
-            | ExitInfo::Timeout { regs, .. } => Some(regs),
+            | ExitInfo::Timeout { regs, .. }
+            | ExitInfo::Interrupted { regs, .. } => Some(regs),
             _ => None,
         }
     }

@@ -12,7 +12,7 @@ pub use violations::{
 
 use serde::Serialize;
 
-use crate::stage2::Stage2Counters;
+use crate::stage2::{LockStats, Stage2Counters};
 
 /// Outcome of one test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -118,11 +118,26 @@ pub struct Timing {
     pub exits: ExitCounts,
 }
 
+/// Tests by outcome (the summary line; a test that never ran is not a failure).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TestCounts {
+    /// Passed.
+    pub passed: usize,
+    /// Failed.
+    pub failed: usize,
+    /// Skipped by the guest.
+    pub skipped: usize,
+    /// Selected but never run or never ended (a kill, an interrupt, a crash, an early exit).
+    pub not_run: usize,
+}
+
 /// Everything one run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
     /// The tests, in the order the guest announced them (selected ones only).
     pub tests: Vec<TestReport>,
+    /// The tests by outcome.
+    pub counts: TestCounts,
     /// Every test the guest announced.
     pub announced: Vec<String>,
     /// Every violation (one per KVM exit), oldest first (at most [`MAX_RECORDS`] kept).
@@ -137,6 +152,13 @@ pub struct RunReport {
     pub not_ram_total: u64,
     /// Stage-2 engine counters.
     pub stage2: Stage2Counters,
+    /// Whether the unmapped pages were locked against swap (`mlock`, within `RLIMIT_MEMLOCK`).
+    pub memory_lock: LockStats,
+    /// Bytes of unmapped RAM that were resident at the end and were overwritten with zeroes
+    /// before being released (every unmapped page is released at the end of the run).
+    pub wiped_bytes: u64,
+    /// Whether guest RAM was left in core dumps (`--dump-guest-core`).
+    pub guest_core_dump: bool,
     /// Allocator counters and free lists.
     pub allocator: allocator::Snapshot,
     /// Timing.
@@ -170,9 +192,29 @@ pub mod exit_code {
     pub const USAGE: i32 = 2;
     /// The guest crashed, was killed by `--on-violation kill`, or timed out.
     pub const CRASH: i32 = 3;
+    /// SIGINT stopped the run (128 + 2); the report was still written.
+    pub const SIGINT: i32 = 130;
+    /// SIGTERM stopped the run (128 + 15).
+    pub const SIGTERM: i32 = 143;
+    /// SIGHUP stopped the run (128 + 1).
+    pub const SIGHUP: i32 = 129;
 }
 
 impl RunReport {
+    /// Counts the tests by outcome.
+    pub fn counts(&self) -> TestCounts {
+        let mut c = TestCounts::default();
+        for t in &self.tests {
+            match t.result {
+                TestOutcome::Pass => c.passed += 1,
+                TestOutcome::Fail => c.failed += 1,
+                TestOutcome::Skip => c.skipped += 1,
+                TestOutcome::NotRun => c.not_run += 1,
+            }
+        }
+        c
+    }
+
     /// Whether every selected test passed (skips allowed) and the guest exited cleanly.
     pub fn all_passed(&self) -> bool {
         self.exit.is_clean()
@@ -185,7 +227,9 @@ impl RunReport {
 
     /// The process exit code for this report (see [`exit_code`]).
     pub fn exit_code(&self) -> i32 {
-        if matches!(self.exit, ExitInfo::UnknownTests { .. }) {
+        if let ExitInfo::Interrupted { signal, .. } = self.exit {
+            crate::signals::exit_code(signal)
+        } else if matches!(self.exit, ExitInfo::UnknownTests { .. }) {
             exit_code::USAGE
         } else if self.exit.is_crash() {
             exit_code::CRASH
@@ -208,6 +252,8 @@ mod tests {
     fn exit_codes_follow_the_outcome() {
         let mut r = RunReport {
             tests: vec![],
+            counts: TestCounts::default(),
+            guest_core_dump: false,
             announced: vec![],
             violations: vec![],
             violations_total: 0,
@@ -215,6 +261,8 @@ mod tests {
             not_ram: vec![],
             not_ram_total: 0,
             stage2: Stage2Counters::default(),
+            memory_lock: Default::default(),
+            wiped_bytes: 0,
             allocator: allocator::Snapshot::default(),
             timing: Timing::default(),
             exit: ExitInfo::GuestExit { code: 0 },

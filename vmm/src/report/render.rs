@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{RunReport, TestOutcome};
+use super::RunReport;
 
 impl RunReport {
     /// The table `veil run` prints.
@@ -39,16 +39,11 @@ impl RunReport {
                 t.message
             );
         }
-        let passed = self.tests.iter().filter(|t| t.passed).count();
-        let failed = self
-            .tests
-            .iter()
-            .filter(|t| matches!(t.result, TestOutcome::Fail | TestOutcome::NotRun))
-            .count();
-        let skipped = self.tests.len() - passed - failed;
+        let c = self.counts();
         let _ = writeln!(
             s,
-            "{passed} passed, {failed} failed, {skipped} skipped; {} violations ({} outside tests), {} not-RAM accesses",
+            "{} passed, {} failed, {} skipped, {} not run; {} violations ({} outside tests), {} not-RAM accesses",
+            c.passed, c.failed, c.skipped, c.not_run,
             self.violations_total, self.violations_outside_tests, self.not_ram_total
         );
         s
@@ -102,6 +97,20 @@ impl RunReport {
             a.flips_to_mapped,
             a.free_pages,
             a.managed_pages
+        );
+        let l = &self.memory_lock;
+        let _ = writeln!(
+            s,
+            "host memory: unmapped pages {} (peak {} KiB locked{}), {} KiB resident at the end wiped; guest RAM {} core dumps",
+            if l.held() { "locked against swap" } else { "NOT all locked against swap" },
+            l.peak_locked_bytes >> 10,
+            if l.held() {
+                String::new()
+            } else {
+                format!(", {} KiB over the memlock limit", l.failed_bytes >> 10)
+            },
+            self.wiped_bytes >> 10,
+            if self.guest_core_dump { "in" } else { "kept out of" }
         );
         let _ = writeln!(s, "exit: {}", self.exit.summary());
         if let Some(r) = self.exit.regs() {

@@ -27,6 +27,19 @@ pub struct DumpConfig {
 }
 
 impl DumpConfig {
+    /// Whether guest-requested numbered dumps may be written: only beside a regular file (or
+    /// one not created yet), never beside a device, FIFO or a symlink to one (`/dev/null` as
+    /// the exit dump would otherwise scatter numbered files next to it).
+    pub fn numbered_allowed(&self) -> bool {
+        match &self.target {
+            DumpTarget::Stdout => true,
+            DumpTarget::File(p) => match std::fs::metadata(p) {
+                Ok(m) => m.is_file(),
+                Err(_) => std::fs::symlink_metadata(p).is_err(),
+            },
+        }
+    }
+
     /// The path of guest-requested dump `n` (1-based), or None for stdout.
     pub fn numbered_path(&self, n: u32) -> Option<PathBuf> {
         match &self.target {
@@ -102,6 +115,15 @@ impl Session {
         };
         if self.guest_dumps >= MAX_GUEST_DUMPS {
             return Err(Status::BadState);
+        }
+        if !cfg.numbered_allowed() {
+            if !self.numbered_refused {
+                self.numbered_refused = true;
+                vmm_line(
+                    "guest-requested dumps are not written: the exit dump is not a regular file",
+                );
+            }
+            return Ok(0);
         }
         self.guest_dumps += 1;
         let n = self.guest_dumps;

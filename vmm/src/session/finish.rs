@@ -4,16 +4,42 @@ use std::time::{Duration, Instant};
 
 use veil_abi::BootMode;
 
-use super::{DumpTarget, Session};
+use super::{vmm_line, DumpTarget, Session};
+use crate::memory::CoreDump;
 use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing};
+use crate::stage2::RangeState;
 
 impl Session {
+    /// Wipes every unmapped range of guest RAM (resident pages overwritten with zeroes, then
+    /// all released): called at the end of every run, whatever stopped it. Returns the bytes
+    /// overwritten. The stage-2 layout is left as it is (the guest no longer runs).
+    pub fn wipe_unmapped(&mut self) -> u64 {
+        let mut wiped = 0;
+        for r in self.alloc.stage2().ranges() {
+            if r.state == RangeState::Unmapped {
+                match self.ram.wipe(r.start, r.end - r.start) {
+                    Ok(n) => wiped += n,
+                    Err(e) => vmm_line(&format!(
+                        "cannot wipe unmapped GPA {:#x}..{:#x}: {e}",
+                        r.start, r.end
+                    )),
+                }
+            }
+        }
+        wiped
+    }
+
     /// Builds the report after the VM stopped with `exit`.
     pub fn finish(mut self, exit: ExitInfo, run_time: Duration) -> RunReport {
         self.console.flush();
         if self.current.is_some() {
             let why = format!("test did not end: {}", exit.summary());
-            self.end_current(TestOutcome::Fail, None, why);
+            // Interrupted from outside: the test did not get to finish, it did not fail.
+            let outcome = match exit {
+                ExitInfo::Interrupted { .. } => TestOutcome::NotRun,
+                _ => TestOutcome::Fail,
+            };
+            self.end_current(outcome, None, why);
         }
         if let Some(cfg) = self.dump.clone() {
             let path = match cfg.target {
@@ -77,8 +103,12 @@ impl Session {
             exits: self.exits.clone(),
         };
         let stage2_dump = self.dump_json();
-        RunReport {
+        let memory_lock = self.alloc.stage2().backend().lock_stats();
+        let wiped_bytes = self.wipe_unmapped();
+        let mut report = RunReport {
             tests,
+            counts: Default::default(),
+            guest_core_dump: self.ram.core_dump() == CoreDump::Include,
             announced: self.announced.clone(),
             violations: std::mem::take(&mut self.violations),
             violations_total: self.violations_total,
@@ -86,6 +116,8 @@ impl Session {
             not_ram: std::mem::take(&mut self.not_ram),
             not_ram_total: self.not_ram_total,
             stage2: self.alloc.stage2().counters(),
+            memory_lock,
+            wiped_bytes,
             allocator: self.alloc.snapshot(),
             timing,
             exit,
@@ -94,6 +126,8 @@ impl Session {
             ram_size: self.ram.size(),
             reserved_end: self.reserved_end,
             stage2_dump,
-        }
+        };
+        report.counts = report.counts();
+        report
     }
 }

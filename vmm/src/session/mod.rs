@@ -159,6 +159,7 @@ pub struct Session {
     dumps: Vec<String>,
     dump_errors: Vec<String>,
     guest_dumps: u32,
+    numbered_refused: bool,
     /// Guest Log lines.
     pub logs: Vec<String>,
     /// Exit counters (updated by the run loop).
@@ -204,6 +205,7 @@ impl Session {
             dumps: Vec::new(),
             dump_errors: Vec::new(),
             guest_dumps: 0,
+            numbered_refused: false,
             logs: Vec::new(),
             exits: ExitCounts::default(),
             ram: c.ram,

@@ -8,6 +8,21 @@ use crate::stage2::RangeState;
 use crate::vm::{mmio_action, FetchOutcome, ViolationPolicy};
 
 impl Session {
+    /// The policy for a violation of `access` at `gpa`: `kill` only fires on violations no test
+    /// declared; one the running test still expects (`ExpectViolation`, not yet used up) is
+    /// answered as under `report`.
+    fn policy_for(&self, gpa: u64, access: AccessKind) -> ViolationPolicy {
+        if self.policy == ViolationPolicy::Kill {
+            if let Some(c) = &self.current {
+                let page = gpa & !0xfff;
+                if expect::declared(&c.expectations, &c.tally, page, access) {
+                    return ViolationPolicy::Report;
+                }
+            }
+        }
+        self.policy
+    }
+
     pub(super) fn record_violation(
         &mut self,
         gpa: u64,
@@ -59,9 +74,10 @@ impl Session {
     ) -> (u8, Option<ExitInfo>) {
         match self.state_at(gpa) {
             Some(RangeState::Unmapped) => {
-                let action = mmio_action(self.policy, access);
+                let policy = self.policy_for(gpa, access);
+                let action = mmio_action(policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);
-                let stop = (self.policy == ViolationPolicy::Kill)
+                let stop = (policy == ViolationPolicy::Kill)
                     .then_some(ExitInfo::ViolationKill { violation: v });
                 (veil_abi::POISON_BYTE, stop)
             }
@@ -89,7 +105,10 @@ impl Session {
 
     /// An instruction fetch from unmapped RAM at `gpa`.
     pub(crate) fn fetch_violation(&mut self, gpa: u64, rip: u64) -> FetchOutcome {
-        let (action, resume) = match (self.policy, self.recovery.take()) {
+        let (action, resume) = match (
+            self.policy_for(gpa, AccessKind::Fetch),
+            self.recovery.take(),
+        ) {
             (ViolationPolicy::Kill, _) => (ViolationAction::Killed, None),
             (_, Some(r)) => (ViolationAction::Recovered, Some(r)),
             (_, None) => (ViolationAction::Stopped, None),

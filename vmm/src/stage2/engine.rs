@@ -162,6 +162,7 @@ impl<B: SlotBackend> Stage2Engine<B> {
     pub fn unmap_range(&mut self, gpa: u64, len: u64) -> Result<(), EngineError> {
         let r = self.update("unmap", gpa, len, RangeState::Mapped, RangeState::Unmapped);
         if r.is_ok() {
+            self.backend.set_locked(gpa, len, true);
             self.counters.unmap_calls += 1;
             self.counters.pages_unmapped += len >> PAGE_SHIFT;
         }
@@ -172,6 +173,7 @@ impl<B: SlotBackend> Stage2Engine<B> {
     pub fn map_range(&mut self, gpa: u64, len: u64) -> Result<(), EngineError> {
         let r = self.update("map", gpa, len, RangeState::Unmapped, RangeState::Mapped);
         if r.is_ok() {
+            self.backend.set_locked(gpa, len, false);
             self.counters.map_calls += 1;
             self.counters.pages_mapped += len >> PAGE_SHIFT;
         }

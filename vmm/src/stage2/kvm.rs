@@ -35,6 +35,7 @@ pub struct KvmSlots {
     timing: SlotTiming,
     durations_ns: Vec<u32>,
     keep_durations: bool,
+    lock: LockStats,
 }
 
 impl KvmSlots {
@@ -48,6 +49,7 @@ impl KvmSlots {
             timing: SlotTiming::default(),
             durations_ns: Vec::new(),
             keep_durations: false,
+            lock: LockStats::default(),
         }
     }
 
@@ -69,6 +71,11 @@ impl KvmSlots {
     /// Time spent in memslot ioctls so far.
     pub fn timing(&self) -> SlotTiming {
         self.timing
+    }
+
+    /// Whether the unmapped pages are locked against swap.
+    pub fn lock_stats(&self) -> LockStats {
+        self.lock
     }
 
     /// Keeps every `set_slot` duration (for medians; see [`KvmSlots::durations_ns`]).
@@ -141,25 +148,61 @@ impl SlotBackend for KvmSlots {
             // and inside RAM, a private anonymous mapping per the `KvmSlots::new` contract; for
             // such memory MADV_DONTNEED drops the pages and later accesses (host or guest, via
             // KVM's MMU notifier) see fresh zero pages. No Rust reference points into guest RAM.
-            let r = unsafe {
-                libc::madvise(
-                    (self.host_base + page_start) as *mut libc::c_void,
-                    (page_end - page_start) as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            if r != 0 {
-                return Err(Stage2Error::Backend(
-                    -std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO),
-                ));
+            // Locked (unmapped) pages are unlocked for the release and locked again.
+            unsafe {
+                crate::memory::release_pages(self.host_base + page_start, page_end - page_start)
             }
+            .map_err(|e| Stage2Error::Backend(-e.raw_os_error().unwrap_or(libc::EIO)))?;
         }
         Ok(())
     }
 
     fn max_slots(&self) -> u32 {
         self.max_slots
+    }
+
+    fn set_locked(&mut self, gpa: u64, len: u64, locked: bool) {
+        if !self.in_ram(gpa, len) || len == 0 {
+            return;
+        }
+        let p = (self.host_base + gpa) as *mut libc::c_void;
+        let n = len as usize;
+        if locked {
+            // SAFETY: [gpa, gpa + len) lies inside the RAM mapping (checked above); MLOCK_ONFAULT
+            // locks pages as they are faulted in and neither populates nor moves the mapping.
+            if unsafe { libc::mlock2(p, n, libc::MLOCK_ONFAULT) } == 0 {
+                self.lock.locked_bytes += len;
+                self.lock.peak_locked_bytes =
+                    self.lock.peak_locked_bytes.max(self.lock.locked_bytes);
+            } else {
+                self.lock.failed_bytes += len;
+                self.lock.errno = std::io::Error::last_os_error().raw_os_error();
+            }
+        } else {
+            // SAFETY: as above; munlock of a range that is not locked is a no-op.
+            unsafe { libc::munlock(p, n) };
+            self.lock.locked_bytes = self.lock.locked_bytes.saturating_sub(len);
+        }
+    }
+}
+
+/// Whether the unmapped pages are locked against swap (`mlock2(MLOCK_ONFAULT)` on every range
+/// as it is unmapped, `munlock` as it is mapped again).
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LockStats {
+    /// Bytes of unmapped RAM locked now.
+    pub locked_bytes: u64,
+    /// Most bytes locked at once.
+    pub peak_locked_bytes: u64,
+    /// Bytes unmapped whose locking failed (over `RLIMIT_MEMLOCK`): these may be swapped.
+    pub failed_bytes: u64,
+    /// errno of the last failed lock (`ENOMEM`/`EPERM`: the memlock limit).
+    pub errno: Option<i32>,
+}
+
+impl LockStats {
+    /// Whether every unmapped range was locked.
+    pub fn held(&self) -> bool {
+        self.failed_bytes == 0
     }
 }

@@ -21,7 +21,7 @@ mod model;
 pub mod plan;
 
 pub use engine::Stage2Engine;
-pub use kvm::{KvmSlots, SlotTiming};
+pub use kvm::{KvmSlots, LockStats, SlotTiming};
 pub use model::{ModelSlots, SlotCall};
 
 use serde::Serialize;
@@ -225,6 +225,10 @@ pub trait SlotBackend {
     /// Most memslots this backend offers (KVM_CAP_NR_MEMSLOTS for KVM); the engine uses slot
     /// ids `0..max_slots()`.
     fn max_slots(&self) -> u32;
+    /// Locks [gpa, gpa+len) against swap when it becomes unmapped (`locked`), unlocks it when it
+    /// is mapped again. Best effort: the KVM backend counts failures (memlock limit); the
+    /// default does nothing.
+    fn set_locked(&mut self, _gpa: u64, _len: u64, _locked: bool) {}
 }
 
 #[cfg(test)]

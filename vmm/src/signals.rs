@@ -1,0 +1,120 @@
+//! SIGINT, SIGTERM and SIGHUP: ask the run to stop cleanly instead of ending the process.
+//!
+//! [`install`] (done by the `veil` binary) replaces the default actions. The first signal is
+//! recorded ([`pending`]) and the registered vCPU thread is kicked out of `KVM_RUN` the way the
+//! watchdog does it (its kick signal sets `kvm_run.immediate_exit`); the run loop then stops
+//! the guest, the report and dumps are written, guest RAM is wiped, and `veil` exits with
+//! 128 + the signal number (130, 143, 129). A second signal while that happens restores the
+//! default action and re-raises it: the process dies at once.
+
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+use libc::c_int;
+
+/// The signals handled.
+pub const SIGNALS: [c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+/// The first signal received (0: none).
+static PENDING: AtomicI32 = AtomicI32::new(0);
+/// `pthread_t` of the vCPU thread to kick (0: none registered).
+static VCPU: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_signal(sig: c_int) {
+    if PENDING
+        .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        // SAFETY: signal() and raise() are async-signal safe; the default action of these
+        // signals ends the process.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        return;
+    }
+    let t = VCPU.load(Ordering::SeqCst);
+    if t != 0 {
+        // SAFETY: pthread_kill is async-signal safe; `t` was registered by a live vCPU thread
+        // that unregisters itself before it ends (`VcpuRegistration::drop`).
+        unsafe { libc::pthread_kill(t as libc::pthread_t, crate::watchdog::kick_signal()) };
+    }
+}
+
+/// Installs the handlers for [`SIGNALS`] (and the watchdog's kick handler they rely on).
+pub fn install() -> std::io::Result<()> {
+    crate::watchdog::install_handler()?;
+    for sig in SIGNALS {
+        // SAFETY: a zeroed sigaction with a plain handler, no flags (no SA_RESTART) and an
+        // empty mask is valid; the handler only touches atomics and async-signal-safe calls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The signal that asked the run to stop, if any.
+pub fn pending() -> Option<c_int> {
+    match PENDING.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The exit code for a run stopped by `sig`: 128 + its number (130 SIGINT, 143 SIGTERM, 129
+/// SIGHUP), as a shell reports a process killed by it.
+pub fn exit_code(sig: c_int) -> i32 {
+    128 + sig
+}
+
+/// The signal's name ("SIGINT", ...).
+pub fn name(sig: c_int) -> &'static str {
+    match sig {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "signal",
+    }
+}
+
+/// Makes the calling thread the one a signal kicks out of `KVM_RUN`, until dropped.
+pub struct VcpuRegistration(());
+
+impl VcpuRegistration {
+    /// Registers the calling thread.
+    pub fn new() -> VcpuRegistration {
+        // SAFETY: pthread_self has no preconditions.
+        VCPU.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
+        VcpuRegistration(())
+    }
+}
+
+impl Default for VcpuRegistration {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for VcpuRegistration {
+    fn drop(&mut self) {
+        VCPU.store(0, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_and_names() {
+        assert_eq!(exit_code(libc::SIGINT), 130);
+        assert_eq!(exit_code(libc::SIGTERM), 143);
+        assert_eq!(exit_code(libc::SIGHUP), 129);
+        assert_eq!(name(libc::SIGTERM), "SIGTERM");
+    }
+}
