@@ -308,7 +308,8 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
         },
     )?;
     let s = &trace.stats;
-    if s.alloc_events + s.free_events + s.batched_events == 0 {
+    if s.alloc_events + s.free_events + s.batched_events == 0 && crate::stop::requested().is_none()
+    {
         return Err(ReplayError::NoEvents {
             path: a.trace.display().to_string(),
             lines: s.lines,
@@ -383,6 +384,9 @@ pub fn run_model(a: &ReplayArgs, l: &Loaded) -> Result<Vec<PolicyResult>, Replay
     let opts = run_options(a);
     let mut out = Vec::new();
     for &kind in dedup(&a.policy).iter() {
+        if crate::stop::requested().is_some() {
+            break;
+        }
         let lay = layout(a, kind, &l.trace)?;
         let (r, _) = policy::run(kind, &l.trace, lay, PureModel, &opts);
         progress_policy(a, &r);
@@ -445,6 +449,7 @@ pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool
         sizing: sizing.join("; "),
         kvm,
         policies,
+        interrupted: crate::stop::requested(),
     }
 }
 
@@ -483,7 +488,7 @@ pub fn run(a: &ReplayArgs) -> Result<i32, ReplayError> {
     let r = report(a, &l, results, false);
     let stdout = io::stdout();
     emit(a, &r, &mut stdout.lock())?;
-    Ok(0)
+    Ok(r.exit_code())
 }
 
 #[cfg(test)]

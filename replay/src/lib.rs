@@ -18,6 +18,7 @@ pub mod plot;
 pub mod policy;
 pub mod reader;
 pub mod report;
+pub mod stop;
 pub mod trace;
 pub mod tracker;
 

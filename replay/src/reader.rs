@@ -7,6 +7,8 @@ use std::path::Path;
 
 use flate2::read::MultiGzDecoder;
 
+use crate::stop::StopAtRequest;
+
 /// Longest line the reader accepts; longer lines are reported as malformed and skipped.
 pub const MAX_LINE: usize = 64 * 1024;
 
@@ -16,11 +18,13 @@ const BUF: usize = 256 * 1024;
 /// Open `path` (or standard input for `-`), transparently decompressing gzip.
 pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
     let raw: Box<dyn Read> = if path.as_os_str() == "-" {
-        Box::new(io::stdin().lock())
+        Box::new(StopAtRequest(io::stdin().lock()))
     } else {
-        Box::new(File::open(path)?)
+        Box::new(StopAtRequest(File::open(path)?))
     };
-    from_reader(raw)
+    // A stop request ends the input at the innermost read (an interrupted pipe read) and at the
+    // outermost one (a gzip stream cut short is not an error then).
+    Ok(Box::new(StopAtRequest(from_reader(raw)?)))
 }
 
 /// Wrap any reader, decompressing it when it starts with the gzip magic `1f 8b`.

@@ -23,6 +23,17 @@ pub struct Report {
     pub kvm: bool,
     /// One entry per policy.
     pub policies: Vec<PolicyResult>,
+    /// A signal stopped the replay early: the trace may be cut short (interrupted while
+    /// loading: no policy replayed), the last policy's `events` says how far it got, later
+    /// policies are missing.
+    pub interrupted: Option<crate::stop::Interrupted>,
+}
+
+impl Report {
+    /// The process exit code: 0, or 128 + the signal that interrupted the replay.
+    pub fn exit_code(&self) -> i32 {
+        self.interrupted.map_or(0, |i| i.exit_code())
+    }
 }
 
 fn mib(pages: u64) -> String {
@@ -47,6 +58,13 @@ pub fn render_text(r: &Report) -> String {
     let t = &r.trace;
     let c = &r.classification;
     let mut s = String::new();
+    if let Some(i) = r.interrupted {
+        let _ = writeln!(
+            s,
+            "INTERRUPTED by {}: partial report (the trace as read so far; the policy running stopped early, later ones skipped)",
+            i.name
+        );
+    }
     let _ = writeln!(s, "trace: {}", r.input);
     let _ = writeln!(
         s,

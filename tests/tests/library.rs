@@ -204,6 +204,52 @@ fn the_vmm_fails_a_test_with_undeclared_violations_whatever_the_guest_says() {
 }
 
 #[test]
+fn kill_fires_only_on_an_undeclared_violation_and_later_tests_count_as_not_run() {
+    if !kvm_available() {
+        return;
+    }
+    // t1's violation is undeclared: killed there; t2 never runs. Run only t2's kind of access
+    // (declared) and nothing is killed: see the default suite under kill in host_safety.rs.
+    let mut c = config(two_tests_guest());
+    c.on_violation = ViolationPolicy::Kill;
+    let r = run(c).expect("boot");
+    match &r.exit {
+        ExitInfo::ViolationKill { violation } => {
+            assert_eq!(violation.test.as_deref(), Some("t1"));
+            assert_eq!(violation.action, ViolationAction::Killed);
+        }
+        e => panic!("expected ViolationKill, got {e:?}"),
+    }
+    assert_eq!(r.tests[0].result, TestOutcome::Fail);
+    assert_eq!(r.tests[1].result, TestOutcome::NotRun);
+    assert_eq!((r.counts.failed, r.counts.not_run), (1, 1));
+    assert!(r
+        .table()
+        .contains("0 passed, 1 failed, 0 skipped, 1 not run"));
+    assert_eq!(r.exit_code(), exit_code::CRASH);
+}
+
+#[test]
+fn unmapped_pages_read_zero_through_the_vmm_mapping_after_the_wipe() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = vmm::vm::Vm::new(config(guest(EXIT0))).expect("boot");
+    let s = vm.session_mut();
+    let a = s.hypercall(veil_abi::Hc::Alloc as u32, [0, 2, 0, 0]);
+    assert_eq!(a.status, veil_abi::Status::Ok);
+    let gpa = a.r0;
+    let f = s.hypercall(veil_abi::Hc::HostFill as u32, [gpa, 4096, 0x5a, 0]);
+    assert_eq!(f.status, veil_abi::Status::Ok);
+    assert_eq!(s.ram().count(gpa, 4096, 0x5a).unwrap(), 4096);
+    assert_eq!(s.wipe_unmapped(), 4096, "the planted page was resident");
+    assert_eq!(s.ram().count(gpa, 4096, 0).unwrap(), 4096);
+    // And at the end of a run (every exit path goes through it), the report says so.
+    let r = run(config(guest(UNMAPPED_RW))).expect("boot");
+    assert_eq!(r.wiped_bytes, 4096, "{}", r.summary());
+}
+
+#[test]
 fn string_output_to_the_uart_reaches_the_console() {
     if !kvm_available() {
         return;

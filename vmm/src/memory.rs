@@ -217,16 +217,35 @@ impl GuestRam {
         self.mem.read_slice(buf, GuestAddress(gpa))
     }
 
-    /// Fills `[gpa, gpa + len)` with `byte`.
+    /// Fills `[gpa, gpa + len)` with `byte`, in place (no copy of the pattern is left behind
+    /// in VMM memory, e.g. on the stack).
     pub fn fill(&self, gpa: u64, len: u64, byte: u8) -> Result<(), vm_memory::GuestMemoryError> {
-        let chunk = [byte; 4096];
-        let mut off = 0;
-        while off < len {
-            let n = (len - off).min(4096) as usize;
-            self.write(gpa + off, &chunk[..n])?;
-            off += n as u64;
-        }
+        let s = self.host_slice(gpa, len)?;
+        // SAFETY: `s` is a checked range of this live mapping; u8 has no alignment or validity
+        // requirements; vm-memory only touches guest RAM through volatile copies and the vCPU
+        // does not run while the VMM handles an exit, so nothing else writes it concurrently.
+        unsafe { std::ptr::write_bytes(s, byte, len as usize) };
         Ok(())
+    }
+
+    /// Counts the bytes equal to `byte` in `[gpa, gpa + len)`, in place (no copy of guest data
+    /// is made in VMM memory).
+    pub fn count(&self, gpa: u64, len: u64, byte: u8) -> Result<u64, vm_memory::GuestMemoryError> {
+        let s = self.host_slice(gpa, len)?;
+        // SAFETY: as in `fill`: a checked range of this live mapping that nothing writes while
+        // the shared slice exists (the vCPU is stopped while the VMM handles an exit).
+        let bytes = unsafe { std::slice::from_raw_parts(s, len as usize) };
+        Ok(bytes.iter().filter(|&&b| b == byte).count() as u64)
+    }
+
+    /// The host address of `[gpa, gpa + len)` after checking it lies inside RAM.
+    fn host_slice(&self, gpa: u64, len: u64) -> Result<*mut u8, vm_memory::GuestMemoryError> {
+        if !self.contains(gpa, len) || usize::try_from(len).is_err() {
+            return Err(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                GuestAddress(gpa),
+            ));
+        }
+        Ok((self.host_base + gpa) as *mut u8)
     }
 
     /// Zeroes `[gpa, gpa + len)` without touching pages that are already zero: partial pages at
@@ -289,20 +308,6 @@ impl GuestRam {
         }
         self.zero(gpa, len)?;
         Ok(wiped)
-    }
-
-    /// Counts the bytes equal to `byte` in `[gpa, gpa + len)`.
-    pub fn count(&self, gpa: u64, len: u64, byte: u8) -> Result<u64, vm_memory::GuestMemoryError> {
-        let mut buf = [0u8; 4096];
-        let mut off = 0;
-        let mut n_eq = 0u64;
-        while off < len {
-            let n = (len - off).min(4096) as usize;
-            self.read(gpa + off, &mut buf[..n])?;
-            n_eq += buf[..n].iter().filter(|&&b| b == byte).count() as u64;
-            off += n as u64;
-        }
-        Ok(n_eq)
     }
 }
 
@@ -397,6 +402,33 @@ mod tests {
         assert_eq!(reserved_end_for(0), 4 << 20);
         assert_eq!(reserved_end_for(0x20_1000), 4 << 20);
         assert_eq!(reserved_end_for(0x40_0001), 6 << 20);
+    }
+
+    #[test]
+    fn zero_and_wipe_work_on_locked_pages_and_touch_nothing_fresh() {
+        let ram = GuestRam::new(MemSize(16 << 20)).unwrap();
+        let (gpa, len) = (8 << 20, 64 << 10);
+        ram.fill(gpa, len, 0x5a).unwrap();
+        // SAFETY: a range inside the live mapping; mlock2 neither moves nor unmaps it.
+        let locked = unsafe {
+            libc::mlock2(
+                (ram.host_base() + gpa) as *mut libc::c_void,
+                len as usize,
+                libc::MLOCK_ONFAULT,
+            )
+        } == 0;
+        // Partial edges are written, whole pages released, locked or not.
+        ram.zero(gpa + 100, len - 200).unwrap();
+        assert_eq!(ram.count(gpa, 100, 0x5a).unwrap(), 100);
+        assert_eq!(ram.count(gpa + 100, len - 200, 0).unwrap(), len - 200);
+        assert_eq!(ram.count(gpa + len - 100, 100, 0x5a).unwrap(), 100);
+        ram.fill(gpa, len, 0x5a).unwrap();
+        assert_eq!(ram.wipe(gpa, len).unwrap(), len, "locked={locked}");
+        assert_eq!(ram.count(gpa, len, 0).unwrap(), len);
+        // Nothing resident in a fresh range: nothing to overwrite.
+        assert_eq!(ram.wipe(12 << 20, 1 << 20).unwrap(), 0);
+        assert!(ram.wipe(gpa + 1, 4096).is_err());
+        assert!(ram.zero(16 << 20, 1).is_err());
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::stage2::{KvmSlots, Stage2Engine};
 
 /// Run `veil replay`; returns the process exit code.
 pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
+    replay::stop::set_check(|| crate::signals::pending().map(|s| (s, crate::signals::name(s))));
     if !args.kvm {
         return Ok(cli::run(args)?);
     }
@@ -31,6 +32,9 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
     let l = cli::load(args)?;
     let mut results = Vec::new();
     for kind in cli::dedup(&args.policy) {
+        if replay::stop::requested().is_some() {
+            break;
+        }
         let r = run_policy_on_kvm(&kvm, args, &l, kind, max_slots)
             .with_context(|| format!("replaying {kind} on KVM"))?;
         cli::progress_policy(args, &r);
@@ -38,7 +42,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
     }
     let report = cli::report(args, &l, results, true);
     cli::emit(args, &report, &mut io::stdout().lock())?;
-    Ok(0)
+    Ok(report.exit_code())
 }
 
 /// Replay one policy with a fresh VM as its stage 2.

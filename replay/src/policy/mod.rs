@@ -426,7 +426,12 @@ fn drive<S: Stage2, E: Engine<S>>(
     let mut failures = Failures::default();
     let (mut allocs, mut unmapped_allocs, mut frees, mut free_errors) = (0u64, 0u64, 0u64, 0u64);
     let start = Instant::now();
+    let mut n_done = n;
     for (i, ev) in events.iter().enumerate() {
+        if i % 4096 == 0 && i > 0 && crate::stop::requested().is_some() {
+            n_done = i as u64;
+            break;
+        }
         // 1-based number of the event being replayed (where the worst moment is located).
         eng.tracker_mut().now = i as u64 + 1;
         match *ev {
@@ -469,6 +474,7 @@ fn drive<S: Stage2, E: Engine<S>>(
             curve.push((i, eng.tracker().intact_blocks() as f64 / blocks as f64));
         }
     }
+    let n = n_done;
     let replay_ns = start.elapsed().as_nanos().max(1) as u64;
     if curve.last().map(|c| c.0) != Some(n) {
         curve.push((n, eng.tracker().intact_blocks() as f64 / blocks as f64));
