@@ -45,6 +45,50 @@ pub struct Caps {
     pub binary_stats: bool,
     /// How the host itself runs.
     pub host: HostInfo,
+    /// How much unmapped guest RAM can be locked against swap (`mlock`): `None` = no limit
+    /// (`RLIMIT_MEMLOCK` infinite, or `CAP_IPC_LOCK` lets this process lock beyond it), else the
+    /// limit in bytes; unmapped pages beyond it are not locked (the run report says so).
+    pub memlock_bytes: Option<u64>,
+}
+
+/// Probes how much memory this process may lock: see [`Caps::memlock_bytes`].
+pub fn probe_memlock() -> Option<u64> {
+    // SAFETY: getrlimit writes one rlimit.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    // Can we lock one page beyond the limit (CAP_IPC_LOCK)? Try on a fresh mapping, locked on
+    // fault only, so nothing is populated.
+    let len = (lim.rlim_cur as usize).saturating_add(4096);
+    // SAFETY: a fresh private anonymous NORESERVE mapping, locked, unlocked and unmapped here;
+    // nothing else refers to it.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return Some(lim.rlim_cur);
+        }
+        let beyond = libc::mlock2(p, len, libc::MLOCK_ONFAULT) == 0;
+        libc::munlock(p, len);
+        libc::munmap(p, len);
+        if beyond {
+            None
+        } else {
+            Some(lim.rlim_cur)
+        }
+    }
 }
 
 /// Whether this host is itself a guest, and what KVM flavour it has.
@@ -112,6 +156,7 @@ pub fn probe(kvm: &Kvm) -> Caps {
         vm_types: cap_u(kvm, KVM_CAP_VM_TYPES),
         binary_stats: cap(kvm, KVM_CAP_BINARY_STATS_FD) > 0,
         host: probe_host(),
+        memlock_bytes: probe_memlock(),
     }
 }
 
@@ -226,6 +271,14 @@ impl Caps {
                 "stage-2 hole budget",
             ),
             ("max vCPUs", self.max_vcpus.to_string(), ""),
+            (
+                "memlock for unmapped pages",
+                match self.memlock_bytes {
+                    None => "unlimited".into(),
+                    Some(b) => format!("{} KiB (RLIMIT_MEMLOCK)", b >> 10),
+                },
+                "unmapped pages beyond it are not locked against swap",
+            ),
             (
                 "KVM_SET_USER_MEMORY_REGION2",
                 yes(self.user_memory2).into(),

@@ -34,7 +34,8 @@ guest's tests).";
 
 const LIST_AFTER: &str = "\
 Exit codes: 0 listed, 2 usage error (bad option, invalid guest ELF, /dev/kvm unavailable),
-1 or 3 when the guest did not list its tests cleanly (3: it crashed or timed out).
+1 or 3 when the guest did not list its tests cleanly (3: it crashed or timed out), 130 / 143 /
+129 stopped by SIGINT / SIGTERM / SIGHUP.
 
 Example:
   veil list-tests";
@@ -67,7 +68,11 @@ Output files (--plot) are checked before the trace is read.";
 const REPLAY_AFTER: &str = "\
 Exit codes: 0 report printed; 2 bad option, unreadable or corrupt trace (including a truncated
 gzip file), an input without a single page-allocator event (not a kmem trace), malformed line
-under --strict, unwritable --plot file, or /dev/kvm unavailable with --kvm.
+under --strict, unwritable --plot file (a FIFO without reader or a socket included), or
+/dev/kvm unavailable with --kvm; 130 / 143 / 129: SIGINT / SIGTERM / SIGHUP stopped the replay
+(the report, text or complete JSON, is still printed, marked interrupted: the trace as read so
+far, the policy that was running cut short, later ones skipped; a second signal ends veil at
+once).
 
 Examples:
   veil replay trace.txt.gz                       all four policies, text table
@@ -82,8 +87,8 @@ Exit codes:
   1  a test failed or did not run, a violation happened outside any test, or the guest exited
      with a non-zero code
   2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown or
-     empty test name in --tests, unwritable --dump-ept or --console path (checked before the
-     guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
+     empty test name in --tests, unwritable --dump-ept or --console path (a FIFO without a
+     reader or a socket included: writing would block; checked before the guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
      unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
      --on-violation kill (tests after it count as not run) or by a fetch without recovery
@@ -200,8 +205,9 @@ pub struct RunArgs {
     /// address, the memslot table, allocator and engine counters, KVM's binary stats. The
     /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg by format; "-" =
     /// stdout); each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
-    /// dump.json -> dump.1.json, dump.2.json, ... The directory must exist; the path is checked
-    /// before the guest boots.
+    /// dump.json -> dump.1.json, dump.2.json, ... (only beside a regular file: with /dev/null or
+    /// a link to it they are not written). The directory must exist; the path is checked before
+    /// the guest boots (a FIFO without a reader or a socket is refused: it would block).
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub dump_ept: Option<Option<PathBuf>>,
 
@@ -521,7 +527,10 @@ pub fn cmd_list(args: &GuestArgs, start: Instant) -> Result<i32, Failure> {
     for name in &report.announced {
         println!("{name}");
     }
-    if report.exit.is_clean() {
+    if let crate::report::ExitInfo::Interrupted { signal, .. } = report.exit {
+        say(&report.exit.summary());
+        Ok(crate::signals::exit_code(signal))
+    } else if report.exit.is_clean() {
         Ok(exit_code::OK)
     } else {
         say(&format!(

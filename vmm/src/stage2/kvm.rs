@@ -190,7 +190,8 @@ impl SlotBackend for KvmSlots {
 /// as it is unmapped, `munlock` as it is mapped again).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct LockStats {
-    /// Bytes of unmapped RAM locked now.
+    /// Bytes of unmapped RAM locked now (bytes locked minus bytes mapped again; a lower bound
+    /// once some lock failed, since mapping a range whose lock failed also subtracts).
     pub locked_bytes: u64,
     /// Most bytes locked at once.
     pub peak_locked_bytes: u64,
