@@ -251,31 +251,6 @@ fn unknown_test_is_a_usage_error_listing_the_tests() {
 }
 
 #[test]
-fn kill_policy_exits_3_with_the_report() {
-    if !kvm_available() {
-        return;
-    }
-    // A guest whose load from an unmapped page no test declared: killed there.
-    let dir = scratch("kill");
-    let code = [
-        0xbf, 0, 0, 0, 0, // mov edi, 0
-        0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
-        0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
-        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
-        0xef, // out dx, eax
-        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
-        0x48, 0x01, 0xfb, // add rbx, rdi
-        0x48, 0x8b, 0x03, // mov rax, [rbx]
-        0xeb, 0xfe, // jmp $
-    ];
-    let g = write_guest(&dir, "kill.elf", &tiny(&code));
-    let out = veil(&["run", "--guest", &g, "--on-violation", "kill"]);
-    assert_eq!(out.status.code(), Some(3));
-    let s = text(&out.stdout);
-    assert!(s.contains("killed (--on-violation kill)"), "{s}");
-}
-
-#[test]
 fn bad_input_exit_codes() {
     let dir = scratch("bad");
     // Bad sizes: clap usage errors (2) with the reason.

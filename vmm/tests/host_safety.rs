@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-#[path = "../../tests/src/kvm_gate.rs"]
-mod kvm_gate;
+// The tiny hand-assembled guests and the /dev/kvm gate of the `veil-tests` crate.
+#[path = "../../tests/src/lib.rs"]
+#[allow(dead_code)]
+mod guests;
 
-use kvm_gate::kvm_available;
+use guests::kvm_available;
 
 const VEIL: &str = env!("CARGO_BIN_EXE_veil");
 /// The byte the secret guest plants in its unmapped page (4096 of them).
@@ -84,6 +86,19 @@ fn wait_for(rx: &Receiver<String>, want: &str) -> Vec<String> {
 fn kill(child: &Child, sig: i32) {
     // SAFETY: kill(2) on the pid of a child this test spawned and has not waited for yet.
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// Sends `sig` to `child`, reads the rest of its stdout and waits: (exit code, stdout).
+fn signal_and_collect(mut child: Child, sig: i32) -> (Option<i32>, String) {
+    kill(&child, sig);
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    (child.wait().unwrap().code(), out)
 }
 
 /// Whether `hay` holds a run of at least 4096 bytes equal to `b`.
@@ -315,17 +330,9 @@ fn signals_during_replay_keep_the_complete_report() {
             stdin.write_all(kmem_lines(2000).as_bytes()).unwrap();
             stdin.flush().unwrap();
             std::thread::sleep(Duration::from_millis(300));
-            kill(&child, sig);
-            let mut out = String::new();
-            child
-                .stdout
-                .take()
-                .unwrap()
-                .read_to_string(&mut out)
-                .unwrap();
-            let st = child.wait().unwrap();
+            let (rc, out) = signal_and_collect(child, sig);
             drop(stdin);
-            assert_eq!(st.code(), Some(code), "{name} kvm={kvm}: {out}");
+            assert_eq!(rc, Some(code), "{name} kvm={kvm}: {out}");
             let doc: Value = serde_json::from_str(&out).unwrap_or_else(|e| {
                 panic!("{name} kvm={kvm}: not one JSON document ({e}):\n{out}")
             });
@@ -367,16 +374,8 @@ fn a_signal_between_kvm_policies_keeps_the_finished_ones() {
             break;
         }
     }
-    kill(&child, libc::SIGTERM);
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let st = child.wait().unwrap();
-    assert_eq!(st.code(), Some(143), "{out}");
+    let (rc, out) = signal_and_collect(child, libc::SIGTERM);
+    assert_eq!(rc, Some(143), "{out}");
     let doc: Value = serde_json::from_str(&out).expect("one JSON document");
     assert_eq!(doc["interrupted"]["name"], "SIGTERM");
     let n = doc["policies"].as_array().unwrap().len();
@@ -575,4 +574,29 @@ fn unmapped_pages_are_locked_within_the_memlock_limit_and_the_report_says_so() {
         );
         assert!(doc["memory_lock"]["peak_locked_bytes"].as_u64().unwrap() >= 16 << 20);
     }
+}
+
+#[test]
+fn kill_policy_exits_3_with_the_report_at_an_undeclared_violation() {
+    if !kvm_available() {
+        return;
+    }
+    // No test declared the guest's load from its unmapped page: killed there.
+    let dir = scratch("kill");
+    let g = dir.join("kill.elf");
+    std::fs::write(&g, guests::guest(guests::UNMAPPED_RW)).unwrap();
+    let out = Command::new(VEIL)
+        .args([
+            "run",
+            "--guest",
+            g.to_str().unwrap(),
+            "--on-violation",
+            "kill",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("killed (--on-violation kill): read"), "{s}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
