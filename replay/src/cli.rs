@@ -233,7 +233,7 @@ pub fn check_output_path(path: &Path) -> io::Result<()> {
         ));
     }
     if let Ok(meta) = fs::metadata(path) {
-        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        use std::os::unix::fs::FileTypeExt;
         let ft = meta.file_type();
         if meta.is_file() {
             // A regular file must be writable (opened for appending: contents kept).
@@ -246,21 +246,7 @@ pub fn check_output_path(path: &Path) -> io::Result<()> {
         } else if ft.is_fifo() {
             // Opening a FIFO for writing blocks until it has a reader; without O_NONBLOCK's
             // answer (ENXIO: no reader) the run would hang before it starts.
-            match fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(path)
-            {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::WouldBlock,
-                        "it is a FIFO with no reader (writing to it would block): start the \
-                         reader first, or give a regular file",
-                    ))
-                }
-                Err(e) => return Err(e),
-            }
+            open_nonblocking(fs::OpenOptions::new().write(true), path)?;
         }
         // Character devices (/dev/null, a terminal) are taken as they are.
     } else {
@@ -271,6 +257,43 @@ pub fn check_output_path(path: &Path) -> io::Result<()> {
         fs::remove_file(path)?;
     }
     Ok(())
+}
+
+/// Opens `path` with `opts` plus `O_NONBLOCK`: a FIFO without a reader is then an error
+/// (`ENXIO`, reported as such) instead of an open that blocks until one comes.
+fn open_nonblocking(opts: &mut fs::OpenOptions, path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    opts.custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ENXIO) => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "it is a FIFO with no reader (writing to it would block): start the reader \
+                 first, or give a regular file",
+            ),
+            _ => e,
+        })
+}
+
+/// Creates or truncates the output file `path` without blocking on a FIFO that has no reader
+/// (the error says so); writes to the file then block normally.
+pub fn create_output(path: &Path) -> io::Result<fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = open_nonblocking(
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true),
+        path,
+    )?;
+    // SAFETY: fcntl on a descriptor this function owns; only the O_NONBLOCK status flag changes.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if fl < 0 || libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(f)
 }
 
 /// Read, parse and classify the trace (after [`check_args`]), with a progress line on stderr
@@ -471,7 +494,8 @@ pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), Repla
             "Intact 2 MiB blocks; {} unmapped allocations ({})",
             r.classification.unmapped_allocs, r.classification.rule
         );
-        fs::write(path, crate::plot::render_svg(&r.policies, &title))
+        create_output(path)
+            .and_then(|mut f| f.write_all(crate::plot::render_svg(&r.policies, &title).as_bytes()))
             .map_err(|e| ReplayError::Io(format!("cannot write plot {}", path.display()), e))?;
         progress(a, format_args!("plot written to {}", path.display()));
     }

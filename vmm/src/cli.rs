@@ -718,7 +718,13 @@ mod tests {
             .open(&fifo)
             .unwrap();
         check_output_path(&fifo, "the dump").unwrap();
+        // Opening it for the output at run time does not block either, with or without reader.
+        let mut w = replay::cli::create_output(&fifo).unwrap();
+        std::io::Write::write_all(&mut w, b"x").unwrap();
         drop(reader);
+        drop(w);
+        let e = replay::cli::create_output(&fifo).unwrap_err().to_string();
+        assert!(e.contains("FIFO with no reader"), "{e}");
         let sock = d.join("sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
         let e = format!("{:#}", check_output_path(&sock, "the dump").unwrap_err());

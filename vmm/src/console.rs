@@ -1,7 +1,6 @@
 //! The guest console: a 16550 UART (vm-superio) on [`SERIAL_PORT`] whose output goes to stdout,
 //! stderr, a file or an in-memory buffer, kept apart from the VMM's own `veil: ` lines.
 
-use std::fs::File;
 use std::io::{self, LineWriter, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -58,7 +57,7 @@ impl ConsoleSink {
         Ok(ConsoleWriter(match self {
             ConsoleSink::Stdout => Box::new(io::stdout()),
             ConsoleSink::Stderr => Box::new(io::stderr()),
-            ConsoleSink::File(p) => Box::new(LineWriter::new(File::create(p)?)),
+            ConsoleSink::File(p) => Box::new(LineWriter::new(replay::cli::create_output(p)?)),
             ConsoleSink::Buffer(b) => Box::new(BufferWriter(b.clone())),
             ConsoleSink::Null => Box::new(io::sink()),
         }))

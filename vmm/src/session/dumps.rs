@@ -97,7 +97,10 @@ impl Session {
                 }
                 self.dumps.push("-".into());
             }
-            Some(p) => match std::fs::write(&p, text) {
+            // Never blocks on a FIFO whose reader went away since the check before boot.
+            Some(p) => match replay::cli::create_output(&p)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            {
                 Ok(()) => self.dumps.push(p.display().to_string()),
                 Err(e) => {
                     let msg = format!("cannot write dump {}: {e}", p.display());
