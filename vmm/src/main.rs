@@ -16,6 +16,11 @@ fn main() {
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = vmm::cli::Cli::parse();
-    let code = vmm::cli::main_with(cli, start);
+    let mut code = vmm::cli::main_with(cli, start);
+    // A signal that arrived where no run loop saw it (e.g. during `veil caps`, or while an
+    // error was being reported) still decides the exit code.
+    if let Some(sig) = vmm::signals::pending() {
+        code = vmm::signals::exit_code(sig);
+    }
     std::process::exit(code);
 }

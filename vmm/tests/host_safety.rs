@@ -88,6 +88,26 @@ fn kill(child: &Child, sig: i32) {
     assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
 }
 
+/// Waits (at most 60 s) until `child` catches SIGINT, SIGTERM and SIGHUP (`SigCgt` in its
+/// /proc status), so a signal sent next meets veil's handler, not the default action.
+fn wait_for_handlers(child: &Child) {
+    let want =
+        (1u64 << (libc::SIGINT - 1)) | (1 << (libc::SIGTERM - 1)) | (1 << (libc::SIGHUP - 1));
+    for _ in 0..6000 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+            .unwrap_or(0);
+        if caught & want == want {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("veil did not install its signal handlers within 60 s");
+}
+
 /// Sends `sig` to `child`, reads the rest of its stdout and waits: (exit code, stdout).
 fn signal_and_collect(mut child: Child, sig: i32) -> (Option<i32>, String) {
     kill(&child, sig);
@@ -329,7 +349,8 @@ fn signals_during_replay_keep_the_complete_report() {
             let mut stdin = child.stdin.take().unwrap();
             stdin.write_all(kmem_lines(2000).as_bytes()).unwrap();
             stdin.flush().unwrap();
-            std::thread::sleep(Duration::from_millis(300));
+            wait_for_handlers(&child);
+            std::thread::sleep(Duration::from_millis(200));
             let (rc, out) = signal_and_collect(child, sig);
             drop(stdin);
             assert_eq!(rc, Some(code), "{name} kvm={kvm}: {out}");
