@@ -621,3 +621,44 @@ fn kill_policy_exits_3_with_the_report_at_an_undeclared_violation() {
     assert!(s.contains("killed (--on-violation kill): read"), "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_second_signal_ends_veil_at_once() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("second");
+    let guest = secret_guest(&dir);
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two descriptors, which are handed to OwnedFd at once; the write
+    // end's buffer is shrunk to one page (F_SETPIPE_SZ) so the JSON report cannot fit.
+    let (r, w) = unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        libc::fcntl(fds[1], libc::F_SETPIPE_SZ, 4096);
+        use std::os::fd::FromRawFd;
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let mut child = Command::new(VEIL)
+        .args(["run", "--json", "--mem", "16M", "--guest", &guest])
+        .stdout(Stdio::from(w))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
+    wait_for(&rx, "R");
+    kill(&child, libc::SIGINT);
+    // The first signal stops the guest; the report then blocks on the full pipe nobody reads.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "blocked writing the report"
+    );
+    kill(&child, libc::SIGINT);
+    let st = child.wait().unwrap();
+    assert_eq!(st.signal(), Some(libc::SIGINT), "{st:?}");
+    drop(r);
+    let _ = std::fs::remove_dir_all(&dir);
+}
