@@ -64,6 +64,7 @@ pub fn run_policy_on_kvm(
         u32::try_from(max_slots).unwrap_or(u32::MAX),
     );
     slots.keep_durations(true);
+    slots.lock_unmapped(false);
     let engine = Stage2Engine::new(slots, ram.size(), layout.base_pfn * 4096)
         .context("creating the stage-2 engine")?;
     let opts = RunOptions {

@@ -36,6 +36,7 @@ pub struct KvmSlots {
     durations_ns: Vec<u32>,
     keep_durations: bool,
     lock: LockStats,
+    lock_unmapped: bool,
 }
 
 impl KvmSlots {
@@ -50,6 +51,7 @@ impl KvmSlots {
             durations_ns: Vec::new(),
             keep_durations: false,
             lock: LockStats::default(),
+            lock_unmapped: true,
         }
     }
 
@@ -71,6 +73,12 @@ impl KvmSlots {
     /// Time spent in memslot ioctls so far.
     pub fn timing(&self) -> SlotTiming {
         self.timing
+    }
+
+    /// Whether unmapped ranges are locked against swap (default on; `veil replay --kvm` turns
+    /// it off: it holds no guest data, and the lock calls would distort its timings).
+    pub fn lock_unmapped(&mut self, on: bool) {
+        self.lock_unmapped = on;
     }
 
     /// Whether the unmapped pages are locked against swap.
@@ -162,7 +170,7 @@ impl SlotBackend for KvmSlots {
     }
 
     fn set_locked(&mut self, gpa: u64, len: u64, locked: bool) {
-        if !self.in_ram(gpa, len) || len == 0 {
+        if !self.lock_unmapped || !self.in_ram(gpa, len) || len == 0 {
             return;
         }
         let p = (self.host_base + gpa) as *mut libc::c_void;
