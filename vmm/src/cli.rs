@@ -186,8 +186,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME,...", value_delimiter = ',')]
     pub tests: Vec<String>,
 
-    /// Print one JSON document on stdout instead of the table: tests[], violations[], not_ram[],
-    /// stage2 and allocator counters, timing, exit, and the exit-time stage-2 dump. The guest
+    /// Print one JSON document on stdout instead of the table: tests[], counts (passed, failed,
+    /// skipped, not_run), violations[], not_ram[], stage2 and allocator counters, memory_lock
+    /// and wiped_bytes, timing, exit, and the exit-time stage-2 dump. The guest
     /// console then goes to stderr (or --console FILE).
     #[arg(long)]
     pub json: bool,
