@@ -2,6 +2,7 @@
 //! the vCPU run loop that dispatches port I/O (hypercalls, bare exits, the UART), MMIO exits
 //! (violations, not-RAM accesses) and everything else.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,9 +12,11 @@ use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE}
 
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
+use crate::decode::{self, CpuState};
 use crate::elf::{self, ElfError};
+use crate::livelock::{self, FaultRepeat, StallSampler};
 use crate::memory::{reserved_end_for, GuestRam, MemSize, MemoryError};
-use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
+use crate::report::{AccessKind, ExitInfo, LivelockShape, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
 use crate::stage2::{EngineError, KvmSlots, RangeState, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
@@ -148,6 +151,12 @@ pub struct Vm {
     vcpu: VcpuFd,
     s: Session,
     timeout: Option<Duration>,
+    /// Exits that were not watchdog kicks, published for the watchdog's stall check.
+    progress: Arc<AtomicU64>,
+    /// When the last such exit happened.
+    last_exit: Instant,
+    faults: FaultRepeat,
+    stalls: StallSampler,
 }
 
 impl Vm {
@@ -241,6 +250,10 @@ impl Vm {
             vcpu,
             s,
             timeout: cfg.timeout,
+            progress: Arc::new(AtomicU64::new(0)),
+            last_exit: Instant::now(),
+            faults: FaultRepeat::default(),
+            stalls: StallSampler::default(),
         })
     }
 
@@ -252,16 +265,15 @@ impl Vm {
 
     /// Runs the guest until it exits, crashes, is killed or times out.
     pub fn run(mut self) -> Result<RunReport, VmError> {
-        let dog = match self.timeout {
-            Some(t) => Some(Watchdog::start(t).map_err(|source| VmError::Io {
+        let dog =
+            Watchdog::start(self.timeout, self.progress.clone()).map_err(|source| VmError::Io {
                 what: "cannot start the watchdog",
                 source,
-            })?),
-            None => None,
-        };
+            })?;
         let run_start = Instant::now();
         self.s.mark_run_start(run_start);
-        let stop = self.run_loop(dog.as_ref());
+        self.last_exit = run_start;
+        let stop = self.run_loop(&dog);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
         Ok(self.s.finish(stop, run_start.elapsed()))
@@ -271,17 +283,24 @@ impl Vm {
         regs_dump(&self.vcpu)
     }
 
-    fn run_loop(&mut self, dog: Option<&Watchdog>) -> ExitInfo {
+    fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
         let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
         watchdog::publish_immediate_exit(p);
         loop {
-            if let Some(d) = dog {
-                if d.fired() {
-                    return self.timeout_exit();
-                }
+            if dog.fired() {
+                return self.timeout_exit();
             }
             let exit = self.vcpu.run();
             self.s.exits.total += 1;
+            if !matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
+                && !matches!(exit, Ok(VcpuExit::Intr))
+            {
+                self.last_exit = Instant::now();
+                self.progress.store(self.s.exits.total, Ordering::Relaxed);
+                if !matches!(exit, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))) {
+                    self.faults.progress();
+                }
+            }
             match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let value = data.first().copied().unwrap_or(0);
@@ -340,7 +359,7 @@ impl Vm {
                     let rip = self.sync_rip();
                     let (byte, stop) = self.s.mmio(gpa, AccessKind::Read, len as u32, rip);
                     self.mmio_data_mut(len).fill(byte);
-                    if let Some(stop) = stop {
+                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
                         return stop;
                     }
                 }
@@ -348,7 +367,8 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    if let (_, Some(stop)) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip) {
+                    let (_, stop) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip);
+                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
                         return stop;
                     }
                 }
@@ -377,6 +397,11 @@ impl Vm {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
+                    if dog.take_sample() {
+                        if let Some(stop) = self.stall_sample() {
+                            return stop;
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -389,10 +414,115 @@ impl Vm {
     }
 
     fn timeout_exit(&mut self) -> ExitInfo {
+        let regs = self.regs_dump();
         ExitInfo::Timeout {
             seconds: self.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
-            regs: self.regs_dump(),
+            no_exit_ms: self.last_exit.elapsed().as_secs_f64() * 1e3,
+            instruction: self.instruction_text(regs.rip),
+            regs,
         }
+    }
+
+    /// A violation exit just handled: the VM's stop if it is the [`livelock::FAULT_REPEATS`]th
+    /// identical one in a row (same RIP, GPA, access, registers).
+    fn fault_loop(&mut self, gpa: u64, access: AccessKind) -> Option<ExitInfo> {
+        if self.s.state_at(gpa) != Some(RangeState::Unmapped) {
+            self.faults.progress();
+            return None;
+        }
+        let regs = livelock::fingerprint(&self.vcpu.sync_regs().regs);
+        let repeats = self.faults.fault(gpa, access as u8, regs)?;
+        let regs = self.regs_dump();
+        Some(ExitInfo::Livelock {
+            rip: regs.rip,
+            gpa: Some(gpa),
+            access: Some(access),
+            shape: LivelockShape::FaultLoop,
+            repeats: u64::from(repeats),
+            instruction: self.instruction_text(regs.rip),
+            regs,
+        })
+    }
+
+    /// A watchdog sample of a vCPU that made no exit for a whole sample period: a livelock if
+    /// the registers did not move for [`livelock::STALL_SAMPLES`] samples and the instruction
+    /// at RIP touches a hole (or never completes on this host).
+    fn stall_sample(&mut self) -> Option<ExitInfo> {
+        let Ok(r) = self.vcpu.get_regs() else {
+            return None;
+        };
+        let progress = self.progress.load(Ordering::Relaxed);
+        let samples = self.stalls.sample(progress, livelock::fingerprint(&r))?;
+        self.stalls.reset();
+        let verdict = self.stalled_instruction(&r)?;
+        let regs = self.regs_dump();
+        if let Some((gpa, access, size)) = verdict.hole {
+            self.s.livelock_violation(gpa, access, size, regs.rip);
+        }
+        Some(ExitInfo::Livelock {
+            rip: regs.rip,
+            gpa: verdict.hole.map(|h| h.0),
+            access: verdict.hole.map(|h| h.1),
+            shape: LivelockShape::SilentSpin,
+            repeats: u64::from(samples),
+            instruction: Some(verdict.text),
+            regs,
+        })
+    }
+
+    /// The instruction at RIP of a stalled vCPU, decoded: a livelock verdict if it touches a
+    /// hole (the first such piece: GPA, access, size) or is `vmcall` (which this host never
+    /// completes); None for anything else (`jmp $` is a hang for the timeout, not a livelock).
+    fn stalled_instruction(&mut self, r: &kvm_bindings::kvm_regs) -> Option<StallVerdict> {
+        let sregs = self.vcpu.get_sregs().ok()?;
+        let bytes = self.insn_bytes(r.rip);
+        let insn = decode::decode(&bytes, r.rip).ok()?;
+        let cpu = CpuState {
+            regs: r,
+            sregs: &sregs,
+        };
+        let accesses = decode::accesses(&insn, &cpu, &mut |gva| self.translate(gva));
+        let hole = accesses.iter().find_map(|a| {
+            let gpa = a.gpa?;
+            (self.s.state_at(gpa) == Some(RangeState::Unmapped)).then_some((gpa, a.access, a.size))
+        });
+        if hole.is_none() && insn.mnemonic() != iced_x86::Mnemonic::Vmcall {
+            return None;
+        }
+        Some(StallVerdict {
+            hole,
+            text: decode::format(&insn),
+        })
+    }
+
+    /// Up to 15 bytes of instruction at `rip`, as far as they are readable.
+    fn insn_bytes(&mut self, rip: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(decode::MAX_INSN_LEN);
+        for i in 0..decode::MAX_INSN_LEN as u64 {
+            let gva = rip.wrapping_add(i);
+            let Some(gpa) = self.translate(gva) else {
+                break;
+            };
+            if self
+                .s
+                .state_at(gpa)
+                .is_none_or(|st| st == RangeState::Unmapped)
+            {
+                break;
+            }
+            let mut b = [0u8; 1];
+            if self.s.ram().read(gpa, &mut b).is_err() {
+                break;
+            }
+            out.push(b[0]);
+        }
+        out
+    }
+
+    /// The instruction at `rip` in Intel syntax, if it can be read and decoded.
+    fn instruction_text(&mut self, rip: u64) -> Option<String> {
+        let bytes = self.insn_bytes(rip);
+        decode::decode(&bytes, rip).ok().map(|i| decode::format(&i))
     }
 
     /// Replaces the placeholder registers of an exit built inside a hypercall by the real ones.
@@ -479,6 +609,14 @@ impl Vm {
         let cr3 = self.vcpu.get_sregs().ok()?.cr3;
         boot::walk_page_tables(self.s.ram(), cr3, gva)
     }
+}
+
+/// What a stalled vCPU's instruction is judged to be (see [`Vm::stall_sample`]).
+struct StallVerdict {
+    /// The first page piece it touches in a hole: GPA, access, bytes.
+    hole: Option<(u64, AccessKind, u32)>,
+    /// The instruction in Intel syntax.
+    text: String,
 }
 
 /// What to do after a fetch violation.

@@ -87,6 +87,12 @@ impl Session {
         }
     }
 
+    /// The blocked access of a silent-spin livelock (no exit carried it, so the VMM records it
+    /// from the decoded instruction); the VM stops.
+    pub(crate) fn livelock_violation(&mut self, gpa: u64, access: AccessKind, size: u32, rip: u64) {
+        self.record_violation(gpa, access, size, rip, ViolationAction::Stopped);
+    }
+
     /// An instruction fetch from unmapped RAM at `gpa`.
     pub(crate) fn fetch_violation(&mut self, gpa: u64, rip: u64) -> FetchOutcome {
         let (action, resume) = match (self.policy, self.recovery.take()) {
