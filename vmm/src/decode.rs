@@ -374,7 +374,6 @@ mod tests {
         );
         assert_eq!(decode(&[], 0), Err(DecodeError::Truncated { got: 0 }));
         // 0x06 (push es) is invalid in 64-bit mode
-        assert_eq!(decode(&[0x06], 0), Err(DecodeError::Invalid));
+        assert_eq!(decode(&[0x06, 0x90, 0x90], 0), Err(DecodeError::Invalid));
     }
 }
-

@@ -12,14 +12,16 @@ use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE}
 
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
-use crate::decode::{self, CpuState};
 use crate::elf::{self, ElfError};
-use crate::livelock::{self, FaultRepeat, StallSampler};
+use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::{reserved_end_for, GuestRam, MemSize, MemoryError};
-use crate::report::{AccessKind, ExitInfo, LivelockShape, RegsDump, RunReport, ViolationAction};
+use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
-use crate::stage2::{EngineError, KvmSlots, RangeState, Stage2Engine};
+use crate::stage2::{EngineError, KvmSlots, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
+
+mod fault;
+mod stall;
 
 /// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
 pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
@@ -377,11 +379,7 @@ impl Vm {
                         return stop;
                     }
                 }
-                Ok(VcpuExit::Shutdown) => {
-                    return ExitInfo::TripleFault {
-                        regs: self.regs_dump(),
-                    }
-                }
+                Ok(VcpuExit::Shutdown) => return self.shutdown(),
                 Ok(VcpuExit::Hlt) => {
                     return ExitInfo::Halted {
                         regs: self.regs_dump(),
@@ -411,118 +409,6 @@ impl Vm {
                 }
             }
         }
-    }
-
-    fn timeout_exit(&mut self) -> ExitInfo {
-        let regs = self.regs_dump();
-        ExitInfo::Timeout {
-            seconds: self.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
-            no_exit_ms: self.last_exit.elapsed().as_secs_f64() * 1e3,
-            instruction: self.instruction_text(regs.rip),
-            regs,
-        }
-    }
-
-    /// A violation exit just handled: the VM's stop if it is the [`livelock::FAULT_REPEATS`]th
-    /// identical one in a row (same RIP, GPA, access, registers).
-    fn fault_loop(&mut self, gpa: u64, access: AccessKind) -> Option<ExitInfo> {
-        if self.s.state_at(gpa) != Some(RangeState::Unmapped) {
-            self.faults.progress();
-            return None;
-        }
-        let regs = livelock::fingerprint(&self.vcpu.sync_regs().regs);
-        let repeats = self.faults.fault(gpa, access as u8, regs)?;
-        let regs = self.regs_dump();
-        Some(ExitInfo::Livelock {
-            rip: regs.rip,
-            gpa: Some(gpa),
-            access: Some(access),
-            shape: LivelockShape::FaultLoop,
-            repeats: u64::from(repeats),
-            instruction: self.instruction_text(regs.rip),
-            regs,
-        })
-    }
-
-    /// A watchdog sample of a vCPU that made no exit for a whole sample period: a livelock if
-    /// the registers did not move for [`livelock::STALL_SAMPLES`] samples and the instruction
-    /// at RIP touches a hole (or never completes on this host).
-    fn stall_sample(&mut self) -> Option<ExitInfo> {
-        let Ok(r) = self.vcpu.get_regs() else {
-            return None;
-        };
-        let progress = self.progress.load(Ordering::Relaxed);
-        let samples = self.stalls.sample(progress, livelock::fingerprint(&r))?;
-        self.stalls.reset();
-        let verdict = self.stalled_instruction(&r)?;
-        let regs = self.regs_dump();
-        if let Some((gpa, access, size)) = verdict.hole {
-            self.s.livelock_violation(gpa, access, size, regs.rip);
-        }
-        Some(ExitInfo::Livelock {
-            rip: regs.rip,
-            gpa: verdict.hole.map(|h| h.0),
-            access: verdict.hole.map(|h| h.1),
-            shape: LivelockShape::SilentSpin,
-            repeats: u64::from(samples),
-            instruction: Some(verdict.text),
-            regs,
-        })
-    }
-
-    /// The instruction at RIP of a stalled vCPU, decoded: a livelock verdict if it touches a
-    /// hole (the first such piece: GPA, access, size) or is `vmcall` (which this host never
-    /// completes); None for anything else (`jmp $` is a hang for the timeout, not a livelock).
-    fn stalled_instruction(&mut self, r: &kvm_bindings::kvm_regs) -> Option<StallVerdict> {
-        let sregs = self.vcpu.get_sregs().ok()?;
-        let bytes = self.insn_bytes(r.rip);
-        let insn = decode::decode(&bytes, r.rip).ok()?;
-        let cpu = CpuState {
-            regs: r,
-            sregs: &sregs,
-        };
-        let accesses = decode::accesses(&insn, &cpu, &mut |gva| self.translate(gva));
-        let hole = accesses.iter().find_map(|a| {
-            let gpa = a.gpa?;
-            (self.s.state_at(gpa) == Some(RangeState::Unmapped)).then_some((gpa, a.access, a.size))
-        });
-        if hole.is_none() && insn.mnemonic() != iced_x86::Mnemonic::Vmcall {
-            return None;
-        }
-        Some(StallVerdict {
-            hole,
-            text: decode::format(&insn),
-        })
-    }
-
-    /// Up to 15 bytes of instruction at `rip`, as far as they are readable.
-    fn insn_bytes(&mut self, rip: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(decode::MAX_INSN_LEN);
-        for i in 0..decode::MAX_INSN_LEN as u64 {
-            let gva = rip.wrapping_add(i);
-            let Some(gpa) = self.translate(gva) else {
-                break;
-            };
-            if self
-                .s
-                .state_at(gpa)
-                .is_none_or(|st| st == RangeState::Unmapped)
-            {
-                break;
-            }
-            let mut b = [0u8; 1];
-            if self.s.ram().read(gpa, &mut b).is_err() {
-                break;
-            }
-            out.push(b[0]);
-        }
-        out
-    }
-
-    /// The instruction at `rip` in Intel syntax, if it can be read and decoded.
-    fn instruction_text(&mut self, rip: u64) -> Option<String> {
-        let bytes = self.insn_bytes(rip);
-        decode::decode(&bytes, rip).ok().map(|i| decode::format(&i))
     }
 
     /// Replaces the placeholder registers of an exit built inside a hypercall by the real ones.
@@ -565,58 +451,6 @@ impl Vm {
         let n = len.min(mmio.data.len());
         &mut mmio.data[..n]
     }
-
-    /// An internal-error exit: a fetch violation if RIP translates to unmapped RAM, else a crash.
-    fn internal_error(&mut self) -> Option<ExitInfo> {
-        let (suberror, data) = {
-            let run = self.vcpu.get_kvm_run();
-            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
-            // union member.
-            let ie = unsafe { run.__bindgen_anon_1.internal };
-            let n = (ie.ndata as usize).min(ie.data.len());
-            (ie.suberror, ie.data[..n].to_vec())
-        };
-        let rip = self.sync_rip();
-        let gpa = self.translate(rip);
-        if let Some(gpa) = gpa {
-            if self.s.state_at(gpa) == Some(RangeState::Unmapped) {
-                match self.s.fetch_violation(gpa, rip) {
-                    FetchOutcome::Resume { rip, rsp } => {
-                        let m = self.vcpu.sync_regs_mut();
-                        m.regs.rip = rip;
-                        m.regs.rsp = rsp;
-                        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                        return None;
-                    }
-                    FetchOutcome::Stop(e) => return Some(*e),
-                }
-            }
-        }
-        Some(ExitInfo::InternalError {
-            suberror,
-            data,
-            regs: self.regs_dump(),
-        })
-    }
-
-    /// GPA of guest-virtual `gva` under the current page tables.
-    fn translate(&self, gva: u64) -> Option<u64> {
-        if let Ok(t) = self.vcpu.translate_gva(gva) {
-            if t.valid != 0 {
-                return Some(t.physical_address);
-            }
-        }
-        let cr3 = self.vcpu.get_sregs().ok()?.cr3;
-        boot::walk_page_tables(self.s.ram(), cr3, gva)
-    }
-}
-
-/// What a stalled vCPU's instruction is judged to be (see [`Vm::stall_sample`]).
-struct StallVerdict {
-    /// The first page piece it touches in a hole: GPA, access, bytes.
-    hole: Option<(u64, AccessKind, u32)>,
-    /// The instruction in Intel syntax.
-    text: String,
 }
 
 /// What to do after a fetch violation.
