@@ -86,7 +86,9 @@ Exit codes:
      guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
      unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
-     --on-violation kill or by a fetch without recovery point, or ran past --timeout
+     --on-violation kill or by a fetch without recovery point, livelocked (one instruction
+     repeating a blocked access with no progress, e.g. lgdt from an unmapped page: stopped at
+     once, whatever --timeout says), or ran past --timeout
 
 Output: guest console output goes to stdout (stderr with --json, or --console FILE); the VMM's
 own messages go to stderr prefixed with 'veil: '.
@@ -147,7 +149,9 @@ pub struct GuestArgs {
     pub guest: Option<PathBuf>,
 
     /// Stop the guest after SECS seconds of wall time (fractions allowed, e.g. 0.5; 0 = never).
-    /// A timeout prints the guest's registers and exits with code 3.
+    /// A timeout prints the guest's registers, how long the vCPU had gone without an exit and
+    /// the instruction it sat on, and exits with code 3. Livelocks on blocked accesses are
+    /// stopped at once without waiting for it.
     #[arg(
         long,
         value_name = "SECS",

@@ -101,6 +101,8 @@ impl Vm {
         let r = self.vcpu.get_regs().ok()?;
         let sregs = self.vcpu.get_sregs().ok()?;
         let (bytes, _) = self.fetch_insn(sregs.cr3, r.rip);
-        decode::decode(&bytes, r.rip).ok().map(|i| decode::format(&i))
+        decode::decode(&bytes, r.rip)
+            .ok()
+            .map(|i| decode::format(&i))
     }
 }
