@@ -27,7 +27,28 @@ const EXIT0: &[u8] = &[0xbf, 0, 0, 0, 0, 0xb8, 20, 0, 0, 0, 0xef, 0xeb, 0xfe];
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn run_code(payload: &[u8], timeout: Duration) -> (RunReport, Duration) {
+    run_guest(payload, false, timeout)
+}
+
+/// `SetRecovery(rip = the Exit(0) after `payload_len` bytes of payload, rsp = rsp)`.
+fn set_recovery(payload_len: usize) -> Vec<u8> {
+    // lea rdi, [rip + d]: d counts from the end of the lea to the end of the payload.
+    let tail = 3 + 5 + 1 + payload_len; // mov rsi, rsp; mov eax, 11; out dx, eax; payload
+    let mut v = vec![0x48, 0x8d, 0x3d];
+    v.extend_from_slice(&(tail as u32).to_le_bytes());
+    v.extend_from_slice(&[
+        0x48, 0x89, 0xe6, // mov rsi, rsp
+        0xb8, 11, 0, 0, 0,    // mov eax, 11 (Hc::SetRecovery)
+        0xef, // out dx, eax
+    ]);
+    v
+}
+
+fn run_guest(payload: &[u8], recovery: bool, timeout: Duration) -> (RunReport, Duration) {
     let mut code = ALLOC_UNMAPPED.to_vec();
+    if recovery {
+        code.extend_from_slice(&set_recovery(payload.len()));
+    }
     code.extend_from_slice(payload);
     code.extend_from_slice(EXIT0);
     let mut c = VmConfig::new(guest(&code));
@@ -90,6 +111,50 @@ fn expect_livelock(name: &str, payload: &[u8], shape: LivelockShape, access: Opt
     assert_eq!(r.exit_code(), vmm::exit_code::CRASH, "{name}");
 }
 
+/// GDTR = {limit 0xffff, base rbx} built on the stack, then `mov ds, 0x10`: the descriptor read
+/// at base + 0x10 is in the hole.
+const MOV_DS_GDT_IN_HOLE: &[u8] = &[
+    0x48, 0x83, 0xec, 0x10, // sub rsp, 16
+    0x66, 0xc7, 0x04, 0x24, 0xff, 0xff, // mov word [rsp], 0xffff
+    0x48, 0x89, 0x5c, 0x24, 0x02, // mov [rsp+2], rbx
+    0x0f, 0x01, 0x14, 0x24, // lgdt [rsp]
+    0xb8, 0x10, 0, 0, 0, // mov eax, 0x10
+    0x8e, 0xd8, // mov ds, eax
+];
+
+#[test]
+fn every_livelock_kind_resumes_at_the_recovery_point_under_report() {
+    if !kvm_available() {
+        return;
+    }
+    for (name, payload, hole) in [
+        ("lgdt", &[0x0f, 0x01, 0x13][..], true),
+        ("lidt", &[0x0f, 0x01, 0x1b][..], true),
+        ("sgdt", &[0x0f, 0x01, 0x03][..], true),
+        ("sidt", &[0x0f, 0x01, 0x0b][..], true),
+        ("mov ds", MOV_DS_GDT_IN_HOLE, true),
+        ("vmcall", &[0x0f, 0x01, 0xc1][..], false),
+    ] {
+        let (r, took) = run_guest(payload, true, TIMEOUT);
+        eprintln!(
+            "{name} with a recovery point: {took:?}: {}",
+            r.exit.summary()
+        );
+        assert_eq!(r.exit, ExitInfo::GuestExit { code: 0 }, "{name}");
+        assert!(took < TIMEOUT / 2, "{name}");
+        if hole {
+            assert!(
+                r.violations_total >= 1,
+                "{name}: the blocked access is recorded"
+            );
+            assert!(
+                r.violations.iter().all(|v| v.gpa >= r.reserved_end),
+                "{name}"
+            );
+        }
+    }
+}
+
 #[test]
 fn lgdt_and_lidt_from_a_hole_are_fault_loops() {
     if !kvm_available() {
@@ -125,19 +190,9 @@ fn segment_load_with_the_gdt_in_a_hole_is_a_silent_spin() {
     if !kvm_available() {
         return;
     }
-    // GDTR = {limit 0xffff, base rbx} built on the stack, then `mov ds, 0x10`: the descriptor
-    // read at base + 0x10 is in the hole.
-    let payload = [
-        0x48, 0x83, 0xec, 0x10, // sub rsp, 16
-        0x66, 0xc7, 0x04, 0x24, 0xff, 0xff, // mov word [rsp], 0xffff
-        0x48, 0x89, 0x5c, 0x24, 0x02, // mov [rsp+2], rbx
-        0x0f, 0x01, 0x14, 0x24, // lgdt [rsp]
-        0xb8, 0x10, 0, 0, 0, // mov eax, 0x10
-        0x8e, 0xd8, // mov ds, eax
-    ];
     expect_livelock(
         "mov ds",
-        &payload,
+        MOV_DS_GDT_IN_HOLE,
         LivelockShape::SilentSpin,
         Some(AccessKind::Read),
     );

@@ -6,11 +6,13 @@
 use std::sync::atomic::Ordering;
 
 use iced_x86::Mnemonic;
+use kvm_ioctls::{SyncReg, VcpuExit};
+use veil_abi::POISON_BYTE;
 
 use super::Vm;
 use crate::decode;
 use crate::livelock;
-use crate::report::{AccessKind, ExitInfo, LivelockShape};
+use crate::report::{AccessKind, ExitInfo, LivelockShape, ViolationAction};
 use crate::stage2::RangeState;
 
 /// What a stalled vCPU's instruction is judged to be (see [`Vm::stall_sample`]).
@@ -33,8 +35,9 @@ impl Vm {
         }
     }
 
-    /// A violation exit just handled: the VM's stop if it is the [`livelock::FAULT_REPEATS`]th
-    /// identical one in a row (same RIP, GPA, access, registers).
+    /// A violation exit just handled: if it is the [`livelock::FAULT_REPEATS`]th identical one
+    /// in a row (same RIP, GPA, access, registers), the guest resumes at its recovery point
+    /// (under `report`, if it set one) or the VM stops with the livelock.
     pub(super) fn fault_loop(&mut self, gpa: u64, access: AccessKind) -> Option<ExitInfo> {
         if self.s.state_at(gpa) != Some(RangeState::Unmapped) {
             self.faults.progress();
@@ -42,6 +45,15 @@ impl Vm {
         }
         let regs = livelock::fingerprint(&self.vcpu.sync_regs().regs);
         let repeats = self.faults.fault(gpa, access as u8, regs)?;
+        self.faults.progress();
+        if let Some((rip, rsp)) = self.s.livelock_recovery() {
+            // KVM holds the half-done instruction: let it finish this MMIO (the data is
+            // already poison) before RIP moves under it.
+            if self.settle_pending_mmio() {
+                self.resume_at(rip, rsp);
+                return None;
+            }
+        }
         let regs = self.regs_dump();
         Some(ExitInfo::Livelock {
             rip: regs.rip,
@@ -63,10 +75,20 @@ impl Vm {
         let samples = self.stalls.sample(progress, livelock::fingerprint(&r))?;
         self.stalls.reset();
         let verdict = self.stalled_instruction(&r)?;
-        let regs = self.regs_dump();
+        let resume = self.s.livelock_recovery();
+        let action = match resume {
+            Some(_) => ViolationAction::Recovered,
+            None => ViolationAction::Stopped,
+        };
         if let Some((gpa, access, size)) = verdict.hole {
-            self.s.livelock_violation(gpa, access, size, regs.rip);
+            self.s.livelock_violation(gpa, access, size, r.rip, action);
         }
+        if let Some((rip, rsp)) = resume {
+            // Out of KVM_RUN by a signal: nothing is pending, RIP may move.
+            self.resume_at(rip, rsp);
+            return None;
+        }
+        let regs = self.regs_dump();
         Some(ExitInfo::Livelock {
             rip: regs.rip,
             gpa: verdict.hole.map(|h| h.0),
@@ -76,6 +98,35 @@ impl Vm {
             instruction: Some(verdict.text),
             regs,
         })
+    }
+
+    /// Lets KVM complete the MMIO access it is waiting on without entering the guest
+    /// (`immediate_exit`): true once `KVM_RUN` returns `EINTR` with nothing pending; loads that
+    /// are still asked for on the way get poison. False if the instruction will not settle.
+    fn settle_pending_mmio(&mut self) -> bool {
+        let mut settled = false;
+        for _ in 0..8 {
+            self.vcpu.set_kvm_immediate_exit(1);
+            match self.vcpu.run() {
+                Err(e) if e.errno() == libc::EINTR => {
+                    settled = true;
+                    break;
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(POISON_BYTE),
+                Ok(VcpuExit::MmioWrite(..)) => {}
+                _ => break,
+            }
+        }
+        self.vcpu.set_kvm_immediate_exit(0);
+        settled
+    }
+
+    /// Moves the vCPU to `rip`/`rsp` for its next entry.
+    fn resume_at(&mut self, rip: u64, rsp: u64) {
+        let m = self.vcpu.sync_regs_mut();
+        m.regs.rip = rip;
+        m.regs.rsp = rsp;
+        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
     }
 
     /// The instruction at RIP of a stalled vCPU, decoded: a livelock verdict if it touches a
