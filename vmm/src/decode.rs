@@ -4,8 +4,8 @@
 //! translated to GPAs by the caller's (stage-2-checked) translator.
 
 use iced_x86::{
-    Decoder, DecoderError, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic,
-    OpAccess, OpKind, Register,
+    Decoder, DecoderError, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
+    OpKind, Register,
 };
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
@@ -93,7 +93,10 @@ fn reg_value(cpu: &CpuState<'_>, insn: &Instruction, reg: Register) -> Option<u6
         },
     };
     // AH, BH, CH, DH are bits 8..16 of their register.
-    if matches!(reg, Register::AH | Register::BH | Register::CH | Register::DH) {
+    if matches!(
+        reg,
+        Register::AH | Register::BH | Register::CH | Register::DH
+    ) {
         return Some((v >> 8) & 0xff);
     }
     Some(match reg.size() {
@@ -279,7 +282,11 @@ mod tests {
             r.rsi = 0x40_0000;
             r.rcx = 2;
         });
-        let a = run(&[0xf3, 0x48, 0x0f, 0xb8, 0x44, 0xce, 0x08], r, Default::default());
+        let a = run(
+            &[0xf3, 0x48, 0x0f, 0xb8, 0x44, 0xce, 0x08],
+            r,
+            Default::default(),
+        );
         assert_eq!(a, [one(0x40_0018, AccessKind::Read, 8)]);
         // fld tbyte [rdi] (x87 80-bit load)
         let r = regs(|r| r.rdi = 0x41_0000);

@@ -66,7 +66,8 @@ mod tests {
         let ram = GuestRam::new(MemSize(8 << 20)).unwrap();
         // PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x50_0000 (the hole): a 2 MiB page at 0.
         ram.write(0x1000, &(0x2000u64 | 7).to_le_bytes()).unwrap();
-        ram.write(0x2000, &(0x50_0000u64 | 7).to_le_bytes()).unwrap();
+        ram.write(0x2000, &(0x50_0000u64 | 7).to_le_bytes())
+            .unwrap();
         ram.write(0x50_0000, &(0x60_0000u64 | 0x87).to_le_bytes())
             .unwrap();
         let hole = OneHole {

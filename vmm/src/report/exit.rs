@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::Violation;
+use super::{AccessKind, Violation};
 
 /// General and control registers at a crash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -69,7 +69,9 @@ pub enum ExitInfo {
         /// The violation.
         violation: Violation,
     },
-    /// A fetch from unmapped memory with no recovery point.
+    /// An access to unmapped memory the guest cannot run on past (an instruction fetch, an
+    /// instruction KVM could not emulate, an exception frame pushed into a hole, a page walk
+    /// through a hole) with no recovery point.
     FetchWithoutRecovery {
         /// The violation.
         violation: Violation,
@@ -160,8 +162,15 @@ impl ExitInfo {
                 v.rip
             ),
             ExitInfo::FetchWithoutRecovery { violation: v } => format!(
-                "stopped: instruction fetch from unmapped GPA {:#x} (rip {:#x}) and no recovery point",
-                v.gpa, v.rip
+                "stopped: {} of {} bytes at unmapped GPA {:#x} (rip {:#x}) and no recovery point",
+                match v.access {
+                    AccessKind::Fetch => "instruction fetch",
+                    AccessKind::Read => "blocked read",
+                    AccessKind::Write => "blocked write",
+                },
+                v.size,
+                v.gpa,
+                v.rip
             ),
             ExitInfo::GuestException {
                 vector,

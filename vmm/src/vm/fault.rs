@@ -6,6 +6,7 @@
 //! unmapped page becomes a violation record answered by the policy
 //! ([`crate::session::Session`]'s `unresumable`).
 
+use iced_x86::Mnemonic;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 
@@ -92,7 +93,9 @@ impl Vm {
         hits
     }
 
-    /// The blocked accesses of the instruction at RIP (empty: none found).
+    /// The blocked accesses of the instruction at RIP (empty: none found). A software
+    /// interrupt (`int n`, `int3`, `int1`, `into`: no memory operand) is charged with the frame
+    /// it pushes.
     fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
         let cr3 = sregs.cr3;
         let (bytes, stop) = self.fetch_insn(cr3, regs.rip);
@@ -110,6 +113,12 @@ impl Vm {
                     Err(_) => None,
                 });
                 hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
+                if matches!(
+                    insn.mnemonic(),
+                    Mnemonic::Int | Mnemonic::Int1 | Mnemonic::Int3 | Mnemonic::Into
+                ) {
+                    hits.extend(self.frame_holes(regs, sregs));
+                }
                 for a in acc {
                     if let Some(g) = a.gpa {
                         if self.s.state_at(g) == Some(RangeState::Unmapped) {
@@ -178,12 +187,15 @@ impl Vm {
         })
     }
 
-    /// A shutdown (triple fault): if the exception frame went to a stack in a hole, that push
-    /// is recorded (the VM stops either way: a shut-down vCPU is not resumed).
+    /// A shutdown (triple fault): the blocked accesses that explain it are recorded: the
+    /// instruction at RIP's (e.g. a page walk through a page table in a hole, which KVM answers
+    /// with a #PF the guest cannot take) and the exception frame pushed onto a stack in a hole.
+    /// The VM stops either way: a shut-down vCPU is not resumed.
     pub(super) fn shutdown(&mut self) -> ExitInfo {
         let regs = self.regs_dump();
         if let (Ok(r), Ok(s)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
-            let hits = self.frame_holes(&r, &s);
+            let mut hits = self.attribute_insn(&r, &s);
+            hits.extend(self.frame_holes(&r, &s));
             if let Some((first, more)) = hits.split_first() {
                 return self.s.fatal(*first, more, r.rip);
             }
