@@ -14,7 +14,7 @@ use super::{FetchOutcome, Vm};
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
 use crate::guest_view::ViewError;
 use crate::page_walk::{self, WalkError};
-use crate::report::{AccessKind, ExitInfo};
+use crate::report::{AccessKind, ExitInfo, InsnAccess, InsnAtRip};
 use crate::stage2::RangeState;
 
 /// KVM_INTERNAL_ERROR_DELIVERY_EV: KVM could not deliver an event (e.g. the frame push).
@@ -93,15 +93,25 @@ impl Vm {
         hits
     }
 
-    /// The blocked accesses of the instruction at RIP (empty: none found). A software
-    /// interrupt (`int n`, `int3`, `int1`, `into`: no memory operand) is charged with the frame
-    /// it pushes.
-    fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
+    /// The blocked accesses of the instruction at RIP (empty: none found), and what was read
+    /// and decoded there. A software interrupt (`int n`, `int3`, `int1`, `into`: no memory
+    /// operand) is charged with the frame it pushes.
+    fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> (Vec<Hit>, InsnAtRip) {
         let cr3 = sregs.cr3;
         let (bytes, stop) = self.fetch_insn(cr3, regs.rip);
         let mut hits = Vec::new();
+        let mut seen = InsnAtRip {
+            bytes: bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            decoded: String::new(),
+            accesses: Vec::new(),
+        };
         match decode::decode(&bytes, regs.rip) {
             Ok(insn) => {
+                seen.decoded = format!("{:?}", insn.mnemonic()).to_lowercase();
                 let cpu = CpuState { regs, sregs };
                 let mut tables = Vec::new();
                 let acc = decode::accesses(&insn, &cpu, &mut |va| match self.translate(cr3, va) {
@@ -113,29 +123,38 @@ impl Vm {
                     Err(_) => None,
                 });
                 hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
+                for a in acc {
+                    let state = a.gpa.map(|g| self.s.state_at(g));
+                    if let (Some(g), Some(Some(RangeState::Unmapped))) = (a.gpa, state) {
+                        hits.push((g, a.access, a.size));
+                    }
+                    seen.accesses.push(InsnAccess {
+                        gva: a.gva,
+                        gpa: a.gpa,
+                        access: a.access,
+                        size: a.size,
+                        state: state.map(state_name),
+                    });
+                }
                 if matches!(
                     insn.mnemonic(),
                     Mnemonic::Int | Mnemonic::Int1 | Mnemonic::Int3 | Mnemonic::Into
                 ) {
                     hits.extend(self.frame_holes(regs, sregs));
                 }
-                for a in acc {
-                    if let Some(g) = a.gpa {
-                        if self.s.state_at(g) == Some(RangeState::Unmapped) {
-                            hits.push((g, a.access, a.size));
-                        }
-                    }
-                }
             }
             // The instruction runs on into a page the walk or the view refused.
-            Err(DecodeError::Truncated { .. }) => match stop {
-                Some(FetchStop::Hole(g)) => hits.push((g, AccessKind::Fetch, 1)),
-                Some(FetchStop::TableHole(e)) => hits.push((e, AccessKind::Read, 8)),
-                None => {}
-            },
-            Err(DecodeError::Invalid) => {}
+            Err(DecodeError::Truncated { got }) => {
+                seen.decoded = if got == 0 { "unreadable" } else { "truncated" }.into();
+                match stop {
+                    Some(FetchStop::Hole(g)) => hits.push((g, AccessKind::Fetch, 1)),
+                    Some(FetchStop::TableHole(e)) => hits.push((e, AccessKind::Read, 8)),
+                    None => {}
+                }
+            }
+            Err(DecodeError::Invalid) => seen.decoded = "invalid".into(),
         }
-        hits
+        (hits, seen)
     }
 
     /// The exception frame a ring-0 event delivery pushes below RSP, if it lands in a hole.
@@ -171,18 +190,21 @@ impl Vm {
             (ie.suberror, ie.data[..n].to_vec())
         };
         let regs = self.vcpu.sync_regs().regs;
+        let mut insn = None;
         if let Ok(sregs) = self.vcpu.get_sregs() {
-            let mut hits = self.attribute_insn(&regs, &sregs);
+            let (mut hits, seen) = self.attribute_insn(&regs, &sregs);
             if hits.is_empty() && suberror == SUBERROR_DELIVERY_EV {
                 hits = self.frame_holes(&regs, &sregs);
             }
             if let Some((first, more)) = hits.split_first() {
                 return self.answer(*first, more, regs.rip);
             }
+            insn = Some(seen);
         }
         Some(ExitInfo::InternalError {
             suberror,
             data,
+            insn,
             regs: self.regs_dump(),
         })
     }
@@ -194,12 +216,22 @@ impl Vm {
     pub(super) fn shutdown(&mut self) -> ExitInfo {
         let regs = self.regs_dump();
         if let (Ok(r), Ok(s)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
-            let mut hits = self.attribute_insn(&r, &s);
+            let (mut hits, _) = self.attribute_insn(&r, &s);
             hits.extend(self.frame_holes(&r, &s));
             if let Some((first, more)) = hits.split_first() {
                 return self.s.fatal(*first, more, r.rip);
             }
         }
         ExitInfo::TripleFault { regs }
+    }
+}
+
+/// Report name of a stage-2 state (None: not RAM).
+fn state_name(s: Option<RangeState>) -> &'static str {
+    match s {
+        Some(RangeState::Reserved) => "reserved",
+        Some(RangeState::Mapped) => "mapped",
+        Some(RangeState::Unmapped) => "unmapped",
+        None => "not RAM",
     }
 }
