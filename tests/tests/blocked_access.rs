@@ -13,7 +13,8 @@ use vmm::{exit_code, run, ViolationPolicy, VmConfig};
 
 /// Exit code of the guest's recovery point.
 const RECOVERED: u64 = 0x42;
-/// Image bytes: code at 0, the IDT/GDT pseudo-descriptor at 0xf00, the IDT at 0x1000, a page
+/// Image bytes: code at 0, a GDT with user segments at 0xe00 (pseudo-descriptor at 0xf10),
+/// the IDT/GDT pseudo-descriptor at 0xf00, the IDT at 0x1000, a page
 /// table at 0x2000, a scratch page at 0x3000.
 const IMAGE_LEN: usize = 0x4000;
 
@@ -71,6 +72,20 @@ fn hole_guest(setup: &[u8], insn: &[u8], recovery: bool) -> Vec<u8> {
         image[off + 6..off + 8].copy_from_slice(&((r >> 16) as u16).to_le_bytes());
         image[off + 8..off + 16].fill(0);
     }
+    // A GDT with user segments at 0xe00 (user data 0x18, 64-bit user code 0x20), its
+    // pseudo-descriptor at 0xf10.
+    let gdt: [u64; 5] = [
+        0,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+    ];
+    for (i, e) in gdt.iter().enumerate() {
+        image[0xe00 + i * 8..0xe08 + i * 8].copy_from_slice(&e.to_le_bytes());
+    }
+    image[0xf10..0xf12].copy_from_slice(&0x27u16.to_le_bytes());
+    image[0xf12..0xf1a].copy_from_slice(&(IMAGE_MIN_GPA + 0xe00).to_le_bytes());
     image[0xf00..0xf02].copy_from_slice(&0x0fffu16.to_le_bytes());
     image[0xf02..0xf0a].copy_from_slice(&(IMAGE_MIN_GPA + 0x1000).to_le_bytes());
     // Scratch page: the first 3 bytes of `movabs rax, imm64` at its last 3 bytes.
@@ -116,6 +131,20 @@ const GDT_IN_HOLE: &[u8] = &[
     0x48, 0x89, 0x1c, 0x25, 0x02, 0x0f, 0x20, 0x00, // mov [0x200f02], rbx
     0x0f, 0x01, 0x14, 0x25, 0x00, 0x0f, 0x20, 0x00, // lgdt [0x200f00]
     0xb9, 0x10, 0, 0, 0, // mov ecx, 0x10
+];
+
+/// Enters ring 3 (`lgdt` of the image's GDT with user segments; `iretq` to CS 0x23, SS 0x1b,
+/// IOPL 3 so the hypercall port stays usable) and goes on with the next instruction.
+const RING3: &[u8] = &[
+    0x0f, 0x01, 0x14, 0x25, 0x10, 0x0f, 0x20, 0x00, // lgdt [0x200f10]
+    0x48, 0x89, 0xe0, // mov rax, rsp
+    0x48, 0x8d, 0x0d, 0x0d, 0x00, 0x00, 0x00, // lea rcx, [rip + 13] (after iretq)
+    0x6a, 0x1b, // push 0x1b (SS)
+    0x50, // push rax (RSP)
+    0x68, 0x02, 0x30, 0x00, 0x00, // push 0x3002 (RFLAGS, IOPL 3)
+    0x6a, 0x23, // push 0x23 (CS)
+    0x51, // push rcx (RIP)
+    0x48, 0xcf, // iretq
 ];
 
 /// PD entry 3 (VA 6 MiB) points at a page table in the hole.
