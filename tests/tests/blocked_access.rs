@@ -172,15 +172,10 @@ fn on_hole(v: &vmm::report::Violation, off: u64) {
     );
 }
 
-#[test]
-fn fetch_running_into_a_hole_is_recorded_and_honours_the_recovery_point() {
-    if !kvm_available() {
-        return;
-    }
-    let r = run_guest(
-        hole_guest(STRADDLE_SETUP, STRADDLE_JMP, true),
-        ViolationPolicy::Report,
-    );
+/// Runs `setup; insn` with a recovery point: the guest must come back through it, with exactly
+/// one record (returned) made with action `Recovered`.
+fn recovered_once(setup: &[u8], insn: &[u8]) -> vmm::report::Violation {
+    let r = run_guest(hole_guest(setup, insn, true), ViolationPolicy::Report);
     assert_eq!(
         r.exit,
         ExitInfo::GuestExit { code: RECOVERED },
@@ -189,8 +184,17 @@ fn fetch_running_into_a_hole_is_recorded_and_honours_the_recovery_point() {
     );
     let v = decoded(&r, ViolationAction::Recovered);
     assert_eq!(v.len(), 1, "{:?}", r.violations);
-    on_hole(v[0], 0);
-    assert_eq!((v[0].access, v[0].rip), (AccessKind::Fetch, 0x60_0ffd));
+    v[0].clone()
+}
+
+#[test]
+fn fetch_running_into_a_hole_is_recorded_and_honours_the_recovery_point() {
+    if !kvm_available() {
+        return;
+    }
+    let v = recovered_once(STRADDLE_SETUP, STRADDLE_JMP);
+    on_hole(&v, 0);
+    assert_eq!((v.access, v.rip), (AccessKind::Fetch, 0x60_0ffd));
 
     let r = run_guest(
         hole_guest(STRADDLE_SETUP, STRADDLE_JMP, false),
@@ -389,20 +393,9 @@ fn an_exception_frame_pushed_onto_a_stack_in_a_hole_is_recorded() {
     }
     // int 0x20: KVM fails to emulate the delivery; the frame push is charged, the recovery
     // point is honoured.
-    let r = run_guest(
-        hole_guest(STACK_IN_HOLE, &[0xcd, 0x20], true),
-        ViolationPolicy::Report,
-    );
-    assert_eq!(
-        r.exit,
-        ExitInfo::GuestExit { code: RECOVERED },
-        "{}",
-        r.exit.summary()
-    );
-    let v = decoded(&r, ViolationAction::Recovered);
-    assert_eq!(v.len(), 1, "{:?}", r.violations);
-    assert_eq!(v[0].access, AccessKind::Write);
-    on_hole(v[0], 0x1000 - u64::from(v[0].size));
+    let v = recovered_once(STACK_IN_HOLE, &[0xcd, 0x20]);
+    assert_eq!(v.access, AccessKind::Write);
+    on_hole(&v, 0x1000 - u64::from(v.size));
     // ud2: the #UD frame cannot be pushed, KVM shuts the vCPU down; the push is recorded and
     // the VM stops (a shut-down vCPU is not resumed, recovery point or not).
     let r = run_guest(

@@ -8,8 +8,7 @@ mod common;
 
 use std::hint::black_box;
 
-use vmm::decode::{memory_operands, CpuState};
-use vmm::guest_view::GuestView;
+use vmm::decode::memory_operands;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -18,13 +17,8 @@ fn main() {
         eprintln!("usage: access_cost CASE N (CASE: raw8|raw64|raw4096|checked8|checked64|checked4096|decode)");
         std::process::exit(2);
     };
-    let (ram, engine) = common::fixture();
-    let view = GuestView::new(&ram, &engine);
-    let (regs, sregs) = common::fxsave_regs();
-    let cpu = CpuState {
-        regs: &regs,
-        sregs: &sregs,
-    };
+    let fx = common::Fixture::new();
+    let (ram, view, cpu) = (&fx.ram, fx.view(), fx.cpu());
     let mut buf = vec![0u8; 4096];
     // Parse the case once: the loop holds only the call measured.
     let (kind, len) = match case.as_str() {

@@ -23,7 +23,7 @@ const SUBERROR_DELIVERY_EV: u32 = 3;
 pub const EXCEPTION_FRAME: u64 = 48;
 
 /// One blocked access: GPA, kind, bytes.
-type Hit = (u64, AccessKind, u32);
+pub(super) type Hit = (u64, AccessKind, u32);
 
 /// Where reading the instruction bytes at RIP stopped early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,7 +96,11 @@ impl Vm {
     /// The blocked accesses of the instruction at RIP (empty: none found), and what was read
     /// and decoded there. A software interrupt (`int n`, `int3`, `int1`, `into`: no memory
     /// operand) is charged with the frame it pushes.
-    fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> (Vec<Hit>, InsnAtRip) {
+    pub(super) fn attribute_insn(
+        &self,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> (Vec<Hit>, InsnAtRip) {
         let cr3 = sregs.cr3;
         let (bytes, stop) = self.fetch_insn(cr3, regs.rip);
         let mut hits = Vec::new();
