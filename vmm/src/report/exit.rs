@@ -296,3 +296,49 @@ pub fn vector_name(v: u64) -> &'static str {
         _ => "other",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unattributed_emulation_failure_names_the_instruction_and_unknown_addresses() {
+        let e = ExitInfo::InternalError {
+            suberror: 1,
+            data: vec![],
+            insn: Some(InsnAtRip {
+                bytes: "0f ae 03".into(),
+                decoded: "fxsave".into(),
+                accesses: vec![
+                    InsnAccess {
+                        gva: Some(0x1000),
+                        gpa: Some(0x30_0000),
+                        access: AccessKind::Write,
+                        size: 256,
+                        state: Some("reserved"),
+                    },
+                    InsnAccess {
+                        gva: Some(0x2000),
+                        gpa: None,
+                        access: AccessKind::Write,
+                        size: 256,
+                        state: None,
+                    },
+                ],
+            }),
+            regs: RegsDump {
+                rip: 0x20_0000,
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            e.summary(),
+            "KVM internal error (suberror 1: emulation failure) at rip 0x200000: fxsave \
+             (0f ae 03), write of 256 bytes at GPA 0x300000 (reserved), write of 256 bytes at \
+             address unknown"
+        );
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["insn"]["accesses"][1]["gpa"], serde_json::Value::Null);
+        assert_eq!(j["insn"]["decoded"], "fxsave");
+    }
+}
