@@ -19,7 +19,10 @@ use crate::stage2::RangeState;
 
 /// KVM_INTERNAL_ERROR_DELIVERY_EV: KVM could not deliver an event (e.g. the frame push).
 const SUBERROR_DELIVERY_EV: u32 = 3;
-/// Largest 64-bit exception frame: SS, RSP, RFLAGS, CS, RIP and an error code.
+/// 64-bit interrupt frame: SS, RSP, RFLAGS, CS, RIP.
+pub const INTERRUPT_FRAME: u64 = 40;
+/// Largest 64-bit exception frame: the interrupt frame and an error code (charged when the
+/// vector is not known, as at a shutdown).
 pub const EXCEPTION_FRAME: u64 = 48;
 
 /// One blocked access: GPA, kind, bytes.
@@ -144,7 +147,7 @@ impl Vm {
                     insn.mnemonic(),
                     Mnemonic::Int | Mnemonic::Int1 | Mnemonic::Int3 | Mnemonic::Into
                 ) {
-                    hits.extend(self.frame_holes(regs, sregs));
+                    hits.extend(self.frame_holes(regs, sregs, INTERRUPT_FRAME));
                 }
             }
             // The instruction runs on into a page the walk or the view refused.
@@ -161,11 +164,11 @@ impl Vm {
         (hits, seen)
     }
 
-    /// The exception frame a ring-0 event delivery pushes below RSP, if it lands in a hole.
-    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
+    /// The `frame` bytes a ring-0 event delivery pushes below RSP (rounded down to 16), where
+    /// they land in a hole.
+    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs, frame: u64) -> Vec<Hit> {
         let top = regs.rsp & !0xf;
-        let base = top.wrapping_sub(EXCEPTION_FRAME);
-        self.holes_in(sregs.cr3, base, EXCEPTION_FRAME, AccessKind::Write)
+        self.holes_in(sregs.cr3, top.wrapping_sub(frame), frame, AccessKind::Write)
     }
 
     /// Records `first` and `more` at `rip` and applies the policy's answer.
@@ -198,7 +201,7 @@ impl Vm {
         if let Ok(sregs) = self.vcpu.get_sregs() {
             let (mut hits, seen) = self.attribute_insn(&regs, &sregs);
             if hits.is_empty() && suberror == SUBERROR_DELIVERY_EV {
-                hits = self.frame_holes(&regs, &sregs);
+                hits = self.frame_holes(&regs, &sregs, EXCEPTION_FRAME);
             }
             if let Some((first, more)) = hits.split_first() {
                 return self.answer(*first, more, regs.rip);
@@ -221,7 +224,7 @@ impl Vm {
         let regs = self.regs_dump();
         if let (Ok(r), Ok(s)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
             let (mut hits, _) = self.attribute_insn(&r, &s);
-            hits.extend(self.frame_holes(&r, &s));
+            hits.extend(self.frame_holes(&r, &s, EXCEPTION_FRAME));
             if let Some((first, more)) = hits.split_first() {
                 return self.s.fatal(*first, more, r.rip);
             }
