@@ -361,4 +361,31 @@ mod tests {
         // 0x06 (push es) is invalid in 64-bit mode
         assert_eq!(decode(&[0x06, 0x90, 0x90], 0), Err(DecodeError::Invalid));
     }
+
+    proptest::proptest! {
+        /// Guest bytes and registers are untrusted: any of them decode to a typed error or to
+        /// pieces that each stay inside one page, never a panic.
+        #[test]
+        fn random_bytes_and_registers_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+            rip in proptest::prelude::any::<u64>(),
+            rbx in proptest::prelude::any::<u64>(),
+            rsp in proptest::prelude::any::<u64>(),
+            base in proptest::prelude::any::<u64>(),
+        ) {
+            let r = kvm_regs { rip, rbx, rsp, rax: rbx, rsi: rsp, ..Default::default() };
+            let mut s = kvm_sregs::default();
+            s.gdt.base = base;
+            s.fs.base = base;
+            let cpu = CpuState { regs: &r, sregs: &s };
+            if let Ok(a) = memory_operands(&bytes, &cpu, &mut ident) {
+                for p in a {
+                    proptest::prop_assert!(p.size >= 1);
+                    if let Some(va) = p.gva {
+                        proptest::prop_assert!((va & 0xfff) + u64::from(p.size) <= 0x1000);
+                    }
+                }
+            }
+        }
+    }
 }
