@@ -41,11 +41,13 @@ impl Fixture {
             rbx: 8 << 20,
             ..Default::default()
         };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.l = 1; // 64-bit code
         Fixture {
             ram,
             engine,
             regs,
-            sregs: kvm_sregs::default(),
+            sregs,
         }
     }
 

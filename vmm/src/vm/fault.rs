@@ -116,7 +116,7 @@ impl Vm {
             decoded: String::new(),
             accesses: Vec::new(),
         };
-        match decode::decode(&bytes, regs.rip) {
+        match decode::decode(&bytes, regs.rip, decode::bitness(sregs)) {
             Ok(insn) => {
                 seen.decoded = format!("{:?}", insn.mnemonic()).to_lowercase();
                 let cpu = CpuState { regs, sregs };
