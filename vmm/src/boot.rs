@@ -263,7 +263,7 @@ mod tests {
     fn walk_page_tables(ram: &GuestRam, cr3: u64, gva: u64) -> Option<u64> {
         let all = OneHole {
             size: ram.size(),
-            hole: u64::MAX & !0xfff,
+            hole: !0xfff,
         };
         walk(&GuestView::new(ram, &all), cr3, gva).ok()
     }

@@ -30,8 +30,9 @@ pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ViolationPolicy {
-    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch resumes at the
-    /// test's recovery point (or stops the VM if there is none).
+    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch or another access
+    /// the guest cannot run on past resumes at the test's recovery point (or stops the VM if
+    /// there is none).
     #[default]
     Report,
     /// Stop the VM at the first violation, print the report, exit non-zero.

@@ -6,6 +6,7 @@
 //! unmapped page becomes a violation record answered by the policy
 //! ([`crate::session::Session`]'s `unresumable`).
 
+use iced_x86::Mnemonic;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 
@@ -13,16 +14,19 @@ use super::{FetchOutcome, Vm};
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
 use crate::guest_view::ViewError;
 use crate::page_walk::{self, WalkError};
-use crate::report::{AccessKind, ExitInfo};
+use crate::report::{AccessKind, ExitInfo, InsnAccess, InsnAtRip};
 use crate::stage2::RangeState;
 
 /// KVM_INTERNAL_ERROR_DELIVERY_EV: KVM could not deliver an event (e.g. the frame push).
 const SUBERROR_DELIVERY_EV: u32 = 3;
-/// Largest 64-bit exception frame: SS, RSP, RFLAGS, CS, RIP and an error code.
+/// 64-bit interrupt frame: SS, RSP, RFLAGS, CS, RIP.
+pub const INTERRUPT_FRAME: u64 = 40;
+/// Largest 64-bit exception frame: the interrupt frame and an error code (charged when the
+/// vector is not known, as at a shutdown).
 pub const EXCEPTION_FRAME: u64 = 48;
 
 /// One blocked access: GPA, kind, bytes.
-type Hit = (u64, AccessKind, u32);
+pub(super) type Hit = (u64, AccessKind, u32);
 
 /// Where reading the instruction bytes at RIP stopped early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,13 +96,29 @@ impl Vm {
         hits
     }
 
-    /// The blocked accesses of the instruction at RIP (empty: none found).
-    pub(super) fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
+    /// The blocked accesses of the instruction at RIP (empty: none found), and what was read
+    /// and decoded there. A software interrupt (`int n`, `int3`, `int1`, `into`: no memory
+    /// operand) is charged with the frame it pushes.
+    pub(super) fn attribute_insn(
+        &self,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> (Vec<Hit>, InsnAtRip) {
         let cr3 = sregs.cr3;
         let (bytes, stop) = self.fetch_insn(cr3, regs.rip);
         let mut hits = Vec::new();
-        match decode::decode(&bytes, regs.rip) {
+        let mut seen = InsnAtRip {
+            bytes: bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            decoded: String::new(),
+            accesses: Vec::new(),
+        };
+        match decode::decode(&bytes, regs.rip, decode::bitness(sregs)) {
             Ok(insn) => {
+                seen.decoded = format!("{:?}", insn.mnemonic()).to_lowercase();
                 let cpu = CpuState { regs, sregs };
                 let mut tables = Vec::new();
                 let acc = decode::accesses(&insn, &cpu, &mut |va| match self.translate(cr3, va) {
@@ -111,29 +131,44 @@ impl Vm {
                 });
                 hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
                 for a in acc {
-                    if let Some(g) = a.gpa {
-                        if self.s.state_at(g) == Some(RangeState::Unmapped) {
-                            hits.push((g, a.access, a.size));
-                        }
+                    let state = a.gpa.map(|g| self.s.state_at(g));
+                    if let (Some(g), Some(Some(RangeState::Unmapped))) = (a.gpa, state) {
+                        hits.push((g, a.access, a.size));
                     }
+                    seen.accesses.push(InsnAccess {
+                        gva: a.gva,
+                        gpa: a.gpa,
+                        access: a.access,
+                        size: a.size,
+                        state: state.map(state_name),
+                    });
+                }
+                if matches!(
+                    insn.mnemonic(),
+                    Mnemonic::Int | Mnemonic::Int1 | Mnemonic::Int3 | Mnemonic::Into
+                ) {
+                    hits.extend(self.frame_holes(regs, sregs, INTERRUPT_FRAME));
                 }
             }
             // The instruction runs on into a page the walk or the view refused.
-            Err(DecodeError::Truncated { .. }) => match stop {
-                Some(FetchStop::Hole(g)) => hits.push((g, AccessKind::Fetch, 1)),
-                Some(FetchStop::TableHole(e)) => hits.push((e, AccessKind::Read, 8)),
-                None => {}
-            },
-            Err(DecodeError::Invalid) => {}
+            Err(DecodeError::Truncated { got }) => {
+                seen.decoded = if got == 0 { "unreadable" } else { "truncated" }.into();
+                match stop {
+                    Some(FetchStop::Hole(g)) => hits.push((g, AccessKind::Fetch, 1)),
+                    Some(FetchStop::TableHole(e)) => hits.push((e, AccessKind::Read, 8)),
+                    None => {}
+                }
+            }
+            Err(DecodeError::Invalid) => seen.decoded = "invalid".into(),
         }
-        hits
+        (hits, seen)
     }
 
-    /// The exception frame a ring-0 event delivery pushes below RSP, if it lands in a hole.
-    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
+    /// The `frame` bytes a ring-0 event delivery pushes below RSP (rounded down to 16), where
+    /// they land in a hole.
+    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs, frame: u64) -> Vec<Hit> {
         let top = regs.rsp & !0xf;
-        let base = top.wrapping_sub(EXCEPTION_FRAME);
-        self.holes_in(sregs.cr3, base, EXCEPTION_FRAME, AccessKind::Write)
+        self.holes_in(sregs.cr3, top.wrapping_sub(frame), frame, AccessKind::Write)
     }
 
     /// Records `first` and `more` at `rip` and applies the policy's answer.
@@ -162,32 +197,48 @@ impl Vm {
             (ie.suberror, ie.data[..n].to_vec())
         };
         let regs = self.vcpu.sync_regs().regs;
+        let mut insn = None;
         if let Ok(sregs) = self.vcpu.get_sregs() {
-            let mut hits = self.attribute_insn(&regs, &sregs);
+            let (mut hits, seen) = self.attribute_insn(&regs, &sregs);
             if hits.is_empty() && suberror == SUBERROR_DELIVERY_EV {
-                hits = self.frame_holes(&regs, &sregs);
+                hits = self.frame_holes(&regs, &sregs, EXCEPTION_FRAME);
             }
             if let Some((first, more)) = hits.split_first() {
                 return self.answer(*first, more, regs.rip);
             }
+            insn = Some(seen);
         }
         Some(ExitInfo::InternalError {
             suberror,
             data,
+            insn,
             regs: self.regs_dump(),
         })
     }
 
-    /// A shutdown (triple fault): if the exception frame went to a stack in a hole, that push
-    /// is recorded (the VM stops either way: a shut-down vCPU is not resumed).
+    /// A shutdown (triple fault): the blocked accesses that explain it are recorded: the
+    /// instruction at RIP's (e.g. a page walk through a page table in a hole, which KVM answers
+    /// with a #PF the guest cannot take) and the exception frame pushed onto a stack in a hole.
+    /// The VM stops either way: a shut-down vCPU is not resumed.
     pub(super) fn shutdown(&mut self) -> ExitInfo {
         let regs = self.regs_dump();
         if let (Ok(r), Ok(s)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
-            let hits = self.frame_holes(&r, &s);
+            let (mut hits, _) = self.attribute_insn(&r, &s);
+            hits.extend(self.frame_holes(&r, &s, EXCEPTION_FRAME));
             if let Some((first, more)) = hits.split_first() {
                 return self.s.fatal(*first, more, r.rip);
             }
         }
         ExitInfo::TripleFault { regs }
+    }
+}
+
+/// Report name of a stage-2 state (None: not RAM).
+fn state_name(s: Option<RangeState>) -> &'static str {
+    match s {
+        Some(RangeState::Reserved) => "reserved",
+        Some(RangeState::Mapped) => "mapped",
+        Some(RangeState::Unmapped) => "unmapped",
+        None => "not RAM",
     }
 }

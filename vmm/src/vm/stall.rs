@@ -136,8 +136,8 @@ impl Vm {
     fn stalled_instruction(&mut self, r: &kvm_bindings::kvm_regs) -> Option<StallVerdict> {
         let sregs = self.vcpu.get_sregs().ok()?;
         let (bytes, _) = self.fetch_insn(sregs.cr3, r.rip);
-        let insn = decode::decode(&bytes, r.rip).ok()?;
-        let hole = self.attribute_insn(r, &sregs).first().copied();
+        let insn = decode::decode(&bytes, r.rip, decode::bitness(&sregs)).ok()?;
+        let hole = self.attribute_insn(r, &sregs).0.first().copied();
         if hole.is_none() && insn.mnemonic() != Mnemonic::Vmcall {
             return None;
         }
@@ -152,7 +152,7 @@ impl Vm {
         let r = self.vcpu.get_regs().ok()?;
         let sregs = self.vcpu.get_sregs().ok()?;
         let (bytes, _) = self.fetch_insn(sregs.cr3, r.rip);
-        decode::decode(&bytes, r.rip)
+        decode::decode(&bytes, r.rip, decode::bitness(&sregs))
             .ok()
             .map(|i| decode::format(&i))
     }
