@@ -91,8 +91,11 @@ Exit codes:
      reader or a socket included: writing would block; checked before the guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
      unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
-     --on-violation kill (tests after it count as not run) or by a fetch without recovery
-     point, or ran past --timeout
+     --on-violation kill (tests after it count as not run) or by a blocked access it cannot
+     run on past (a fetch, an instruction KVM cannot emulate, an exception frame on a stack in
+     a hole) with no recovery point, livelocked (one instruction repeating a blocked access
+     with no progress, e.g. lgdt from an unmapped page: stopped at once, whatever --timeout
+     says), or ran past --timeout
   130, 143, 129  SIGINT (Ctrl-C), SIGTERM or SIGHUP stopped the run: the guest is stopped,
      the report (table or complete JSON, exit kind \"interrupted\") and the requested dumps are
      still written, unmapped guest pages are wiped; the test that was running and the ones
@@ -161,7 +164,9 @@ pub struct GuestArgs {
     pub guest: Option<PathBuf>,
 
     /// Stop the guest after SECS seconds of wall time (fractions allowed, e.g. 0.5; 0 = never).
-    /// A timeout prints the guest's registers and exits with code 3.
+    /// A timeout prints the guest's registers, how long the vCPU had gone without an exit and
+    /// the instruction it sat on, and exits with code 3. Livelocks on blocked accesses are
+    /// stopped at once without waiting for it.
     #[arg(
         long,
         value_name = "SECS",
@@ -194,11 +199,12 @@ pub struct RunArgs {
     pub json: bool,
 
     /// What to do when the guest touches memory stage 2 does not expose. `report`: loads read
-    /// 0xa5 bytes, stores are dropped, the guest runs on, and an instruction fetch resumes at
-    /// the recovery point the test registered (or stops the VM if none). `kill`: stop at the
-    /// first violation no test declared (ExpectViolation): a declared one is answered as under
-    /// `report`; print the report, exit 3; tests after it count as not run. Either way every
-    /// violation is recorded.
+    /// 0xa5 bytes, stores are dropped, the guest runs on; an access it cannot run on past (an
+    /// instruction fetch, an instruction KVM cannot emulate, an exception frame pushed onto a
+    /// stack in a hole, a livelock) resumes at the recovery point the test registered (or stops
+    /// the VM if none; a triple fault always stops it). `kill`: stop at the first violation no
+    /// test declared (ExpectViolation): a declared one is answered as under `report`; print the
+    /// report, exit 3; tests after it count as not run. Either way every violation is recorded.
     #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,
 

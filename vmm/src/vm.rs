@@ -2,6 +2,7 @@
 //! the vCPU run loop that dispatches port I/O (hypercalls, bare exits, the UART), MMIO exits
 //! (violations, not-RAM accesses) and everything else.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,16 @@ use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE}
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
+use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
 use crate::signals;
-use crate::stage2::{EngineError, KvmSlots, RangeState, Stage2Engine};
+use crate::stage2::{EngineError, KvmSlots, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
+
+mod fault;
+mod stall;
 
 /// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
 pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
@@ -26,8 +31,9 @@ pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ViolationPolicy {
-    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch resumes at the
-    /// test's recovery point (or stops the VM if there is none).
+    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch or another access
+    /// the guest cannot run on past resumes at the test's recovery point (or stops the VM if
+    /// there is none).
     #[default]
     Report,
     /// Stop the VM at the first violation, print the report, exit non-zero.
@@ -152,6 +158,12 @@ pub struct Vm {
     vcpu: VcpuFd,
     s: Session,
     timeout: Option<Duration>,
+    /// Exits that were not watchdog kicks, published for the watchdog's stall check.
+    progress: Arc<AtomicU64>,
+    /// When the last such exit happened.
+    last_exit: Instant,
+    faults: FaultRepeat,
+    stalls: StallSampler,
 }
 
 impl Vm {
@@ -245,6 +257,10 @@ impl Vm {
             vcpu,
             s,
             timeout: cfg.timeout,
+            progress: Arc::new(AtomicU64::new(0)),
+            last_exit: Instant::now(),
+            faults: FaultRepeat::default(),
+            stalls: StallSampler::default(),
         })
     }
 
@@ -256,13 +272,11 @@ impl Vm {
 
     /// Runs the guest until it exits, crashes, is killed or times out.
     pub fn run(mut self) -> Result<RunReport, VmError> {
-        let dog = match self.timeout {
-            Some(t) => Some(Watchdog::start(t).map_err(|source| VmError::Io {
+        let dog =
+            Watchdog::start(self.timeout, self.progress.clone()).map_err(|source| VmError::Io {
                 what: "cannot start the watchdog",
                 source,
-            })?),
-            None => None,
-        };
+            })?;
         watchdog::install_handler().map_err(|source| VmError::Io {
             what: "cannot install the vCPU kick handler",
             source,
@@ -270,7 +284,8 @@ impl Vm {
         let kick_me = signals::VcpuRegistration::new();
         let run_start = Instant::now();
         self.s.mark_run_start(run_start);
-        let stop = self.run_loop(dog.as_ref());
+        self.last_exit = run_start;
+        let stop = self.run_loop(&dog);
         drop(kick_me);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
@@ -281,14 +296,12 @@ impl Vm {
         regs_dump(&self.vcpu)
     }
 
-    fn run_loop(&mut self, dog: Option<&Watchdog>) -> ExitInfo {
+    fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
         let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
         watchdog::publish_immediate_exit(p);
         loop {
-            if let Some(d) = dog {
-                if d.fired() {
-                    return self.timeout_exit();
-                }
+            if dog.fired() {
+                return self.timeout_exit();
             }
             if let Some(signal) = signals::pending() {
                 return ExitInfo::Interrupted {
@@ -299,6 +312,15 @@ impl Vm {
             }
             let exit = self.vcpu.run();
             self.s.exits.total += 1;
+            if !matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
+                && !matches!(exit, Ok(VcpuExit::Intr))
+            {
+                self.last_exit = Instant::now();
+                self.progress.store(self.s.exits.total, Ordering::Relaxed);
+                if !matches!(exit, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))) {
+                    self.faults.progress();
+                }
+            }
             match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let value = data.first().copied().unwrap_or(0);
@@ -357,7 +379,7 @@ impl Vm {
                     let rip = self.sync_rip();
                     let (byte, stop) = self.s.mmio(gpa, AccessKind::Read, len as u32, rip);
                     self.mmio_data_mut(len).fill(byte);
-                    if let Some(stop) = stop {
+                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
                         return stop;
                     }
                 }
@@ -365,7 +387,8 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    if let (_, Some(stop)) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip) {
+                    let (_, stop) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip);
+                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
                         return stop;
                     }
                 }
@@ -374,11 +397,7 @@ impl Vm {
                         return stop;
                     }
                 }
-                Ok(VcpuExit::Shutdown) => {
-                    return ExitInfo::TripleFault {
-                        regs: self.regs_dump(),
-                    }
-                }
+                Ok(VcpuExit::Shutdown) => return self.shutdown(),
                 Ok(VcpuExit::Hlt) => {
                     return ExitInfo::Halted {
                         regs: self.regs_dump(),
@@ -394,6 +413,11 @@ impl Vm {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
+                    if dog.take_sample() {
+                        if let Some(stop) = self.stall_sample() {
+                            return stop;
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -402,13 +426,6 @@ impl Vm {
                     }
                 }
             }
-        }
-    }
-
-    fn timeout_exit(&mut self) -> ExitInfo {
-        ExitInfo::Timeout {
-            seconds: self.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
-            regs: self.regs_dump(),
         }
     }
 
@@ -451,50 +468,6 @@ impl Vm {
         let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
         let n = len.min(mmio.data.len());
         &mut mmio.data[..n]
-    }
-
-    /// An internal-error exit: a fetch violation if RIP translates to unmapped RAM, else a crash.
-    fn internal_error(&mut self) -> Option<ExitInfo> {
-        let (suberror, data) = {
-            let run = self.vcpu.get_kvm_run();
-            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
-            // union member.
-            let ie = unsafe { run.__bindgen_anon_1.internal };
-            let n = (ie.ndata as usize).min(ie.data.len());
-            (ie.suberror, ie.data[..n].to_vec())
-        };
-        let rip = self.sync_rip();
-        let gpa = self.translate(rip);
-        if let Some(gpa) = gpa {
-            if self.s.state_at(gpa) == Some(RangeState::Unmapped) {
-                match self.s.fetch_violation(gpa, rip) {
-                    FetchOutcome::Resume { rip, rsp } => {
-                        let m = self.vcpu.sync_regs_mut();
-                        m.regs.rip = rip;
-                        m.regs.rsp = rsp;
-                        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                        return None;
-                    }
-                    FetchOutcome::Stop(e) => return Some(*e),
-                }
-            }
-        }
-        Some(ExitInfo::InternalError {
-            suberror,
-            data,
-            regs: self.regs_dump(),
-        })
-    }
-
-    /// GPA of guest-virtual `gva` under the current page tables.
-    fn translate(&self, gva: u64) -> Option<u64> {
-        if let Ok(t) = self.vcpu.translate_gva(gva) {
-            if t.valid != 0 {
-                return Some(t.physical_address);
-            }
-        }
-        let cr3 = self.vcpu.get_sregs().ok()?.cr3;
-        boot::walk_page_tables(self.s.ram(), cr3, gva)
     }
 }
 

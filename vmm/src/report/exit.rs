@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::Violation;
+use super::{AccessKind, Violation};
 
 /// General and control registers at a crash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -55,6 +55,48 @@ impl std::fmt::Display for RegsDump {
     }
 }
 
+/// The instruction at RIP as the VMM read and decoded it (through the stage-2-checked view,
+/// with iced-x86) for an exit KVM could not explain, when no access of it hit a hole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InsnAtRip {
+    /// The bytes read at RIP, hex (fewer than 15 where the next page could not be read).
+    pub bytes: String,
+    /// The lower-case iced-x86 mnemonic, or why there is none: "unreadable" (no bytes),
+    /// "truncated", "invalid".
+    pub decoded: String,
+    /// Its memory accesses, page by page.
+    pub accesses: Vec<InsnAccess>,
+}
+
+/// One page piece of a memory access of [`InsnAtRip`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InsnAccess {
+    /// Guest-virtual address (null: could not be computed).
+    pub gva: Option<u64>,
+    /// Guest-physical address (null: address unknown, no translation).
+    pub gpa: Option<u64>,
+    /// Load or store.
+    pub access: AccessKind,
+    /// Bytes.
+    pub size: u32,
+    /// Stage-2 state of the GPA ("reserved", "mapped", "unmapped", "not RAM"; null if unknown).
+    pub state: Option<&'static str>,
+}
+
+impl std::fmt::Display for InsnAtRip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.decoded, self.bytes)?;
+        for a in &self.accesses {
+            write!(f, ", {} of {} bytes at ", a.access.name(), a.size)?;
+            match a.gpa {
+                Some(g) => write!(f, "GPA {g:#x} ({})", a.state.unwrap_or("?"))?,
+                None => write!(f, "address unknown")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How the VM stopped.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -69,7 +111,9 @@ pub enum ExitInfo {
         /// The violation.
         violation: Violation,
     },
-    /// A fetch from unmapped memory with no recovery point.
+    /// An access to unmapped memory the guest cannot run on past (an instruction fetch, an
+    /// instruction KVM could not emulate, an exception frame pushed into a hole, a page walk
+    /// through a hole) with no recovery point.
     FetchWithoutRecovery {
         /// The violation.
         violation: Violation,
@@ -92,12 +136,14 @@ pub enum ExitInfo {
         /// Registers at the shutdown.
         regs: RegsDump,
     },
-    /// KVM could not emulate an instruction (and it was not a fetch violation).
+    /// KVM could not emulate an instruction, and none of its accesses was found in a hole.
     InternalError {
         /// KVM's suberror.
         suberror: u32,
         /// KVM's extra data words.
         data: Vec<u64>,
+        /// The instruction at RIP and its accesses, as the VMM decoded them.
+        insn: Option<InsnAtRip>,
         /// Registers.
         regs: RegsDump,
     },
@@ -122,6 +168,31 @@ pub enum ExitInfo {
     Timeout {
         /// The timeout in seconds.
         seconds: f64,
+        /// How long the vCPU had gone without an exit (other than the watchdog's own kicks)
+        /// when it was stopped: a long stretch means it sat in one instruction or in a ring-0
+        /// loop (emulated here, so no exits), a short one that it was still exiting.
+        no_exit_ms: f64,
+        /// The instruction at RIP when stopped, in Intel syntax, if readable.
+        instruction: Option<String>,
+        /// Registers when stopped.
+        regs: RegsDump,
+    },
+    /// A livelock: one instruction repeating a blocked access without progress
+    /// (`crate::livelock`). The VM stops at once.
+    Livelock {
+        /// The instruction's RIP.
+        rip: u64,
+        /// The GPA in a hole it keeps touching (None for one that never completes without
+        /// touching a hole, such as `vmcall` on this host).
+        gpa: Option<u64>,
+        /// The access it keeps making there.
+        access: Option<AccessKind>,
+        /// Fault loop (MMIO exits) or silent spin (no exits).
+        shape: LivelockShape,
+        /// Identical exits in a row (fault loop) or identical watchdog samples (silent spin).
+        repeats: u64,
+        /// The instruction in Intel syntax, if readable.
+        instruction: Option<String>,
         /// Registers when stopped.
         regs: RegsDump,
     },
@@ -169,8 +240,15 @@ impl ExitInfo {
                 v.rip
             ),
             ExitInfo::FetchWithoutRecovery { violation: v } => format!(
-                "stopped: instruction fetch from unmapped GPA {:#x} (rip {:#x}) and no recovery point",
-                v.gpa, v.rip
+                "stopped: {} of {} bytes at unmapped GPA {:#x} (rip {:#x}) and no recovery point",
+                match v.access {
+                    AccessKind::Fetch => "instruction fetch",
+                    AccessKind::Read => "blocked read",
+                    AccessKind::Write => "blocked write",
+                },
+                v.size,
+                v.gpa,
+                v.rip
             ),
             ExitInfo::GuestException {
                 vector,
@@ -186,20 +264,64 @@ impl ExitInfo {
                 format!("triple fault (KVM_EXIT_SHUTDOWN) at rip {:#x}", regs.rip)
             }
             ExitInfo::InternalError {
-                suberror, regs, ..
+                suberror,
+                regs,
+                insn,
+                ..
             } => format!(
-                "KVM internal error (suberror {suberror}{}) at rip {:#x}",
+                "KVM internal error (suberror {suberror}{}) at rip {:#x}{}",
                 if *suberror == 1 { ": emulation failure" } else { "" },
-                regs.rip
+                regs.rip,
+                insn.as_ref().map(|i| format!(": {i}")).unwrap_or_default()
             ),
             ExitInfo::Halted { regs } => format!("guest halted at rip {:#x}", regs.rip),
             ExitInfo::UnexpectedExit { what, regs } => {
                 format!("unexpected exit {what} at rip {:#x}", regs.rip)
             }
             ExitInfo::KvmError { error } => format!("KVM_RUN failed: {error}"),
-            ExitInfo::Timeout { seconds, regs } => {
-                format!("timed out after {seconds} s (rip {:#x})", regs.rip)
-            }
+            ExitInfo::Timeout {
+                seconds,
+                no_exit_ms,
+                instruction,
+                regs,
+            } => format!(
+                "timed out after {seconds} s at rip {:#x}{}; no exit for the last {:.1} s{}",
+                regs.rip,
+                instruction
+                    .as_ref()
+                    .map(|i| format!(" (`{i}`)"))
+                    .unwrap_or_default(),
+                no_exit_ms / 1e3,
+                if *no_exit_ms >= 1e3 {
+                    " (one instruction or a ring-0 loop: ring 0 is emulated here and makes no exits)"
+                } else {
+                    ""
+                }
+            ),
+            ExitInfo::Livelock {
+                rip,
+                gpa,
+                access,
+                shape,
+                repeats,
+                instruction,
+                ..
+            } => format!(
+                "livelock at rip {rip:#x}{} on {}: {} ({repeats} {} in a row)",
+                instruction
+                    .as_ref()
+                    .map(|i| format!(" (`{i}`)"))
+                    .unwrap_or_default(),
+                match (gpa, access) {
+                    (Some(g), Some(a)) => format!("GPA {g:#x} ({} in a hole)", a.name()),
+                    _ => "no GPA (an instruction this host never completes)".to_string(),
+                },
+                shape.describe(),
+                match shape {
+                    LivelockShape::FaultLoop => "identical violation exits",
+                    LivelockShape::SilentSpin => "identical samples without an exit",
+                }
+            ),
             ExitInfo::Interrupted { name, regs, .. } => {
                 format!("interrupted by {name} (rip {:#x})", regs.rip)
             }
@@ -220,8 +342,32 @@ impl ExitInfo {
             | ExitInfo::Halted { regs }
             | ExitInfo::UnexpectedExit { regs, .. }
             | ExitInfo::Timeout { regs, .. }
-            | ExitInfo::Interrupted { regs, .. } => Some(regs),
+            | ExitInfo::Interrupted { regs, .. }
+            | ExitInfo::Livelock { regs, .. } => Some(regs),
             _ => None,
+        }
+    }
+}
+
+/// How a livelock shows itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LivelockShape {
+    /// The same violation exit again and again (`lgdt`/`lidt` from a hole).
+    FaultLoop,
+    /// No exits at all, the vCPU stuck on one instruction (`sgdt`/`sidt` into a hole, a segment
+    /// load with the GDT in a hole, `vmcall`).
+    SilentSpin,
+}
+
+impl LivelockShape {
+    /// What the shape means, for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LivelockShape::FaultLoop => "the instruction restarts on every violation exit",
+            LivelockShape::SilentSpin => {
+                "the vCPU sits on the instruction inside KVM without exits"
+            }
         }
     }
 }
@@ -250,5 +396,51 @@ pub fn vector_name(v: u64) -> &'static str {
         20 => "#VE virtualization exception",
         21 => "#CP control protection",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unattributed_emulation_failure_names_the_instruction_and_unknown_addresses() {
+        let e = ExitInfo::InternalError {
+            suberror: 1,
+            data: vec![],
+            insn: Some(InsnAtRip {
+                bytes: "0f ae 03".into(),
+                decoded: "fxsave".into(),
+                accesses: vec![
+                    InsnAccess {
+                        gva: Some(0x1000),
+                        gpa: Some(0x30_0000),
+                        access: AccessKind::Write,
+                        size: 256,
+                        state: Some("reserved"),
+                    },
+                    InsnAccess {
+                        gva: Some(0x2000),
+                        gpa: None,
+                        access: AccessKind::Write,
+                        size: 256,
+                        state: None,
+                    },
+                ],
+            }),
+            regs: RegsDump {
+                rip: 0x20_0000,
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            e.summary(),
+            "KVM internal error (suberror 1: emulation failure) at rip 0x200000: fxsave \
+             (0f ae 03), write of 256 bytes at GPA 0x300000 (reserved), write of 256 bytes at \
+             address unknown"
+        );
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["insn"]["accesses"][1]["gpa"], serde_json::Value::Null);
+        assert_eq!(j["insn"]["decoded"], "fxsave");
     }
 }

@@ -5,7 +5,7 @@ mod exit;
 mod render;
 mod violations;
 
-pub use exit::{vector_name, ExitInfo, RegsDump};
+pub use exit::{vector_name, ExitInfo, InsnAccess, InsnAtRip, LivelockShape, RegsDump};
 pub use violations::{
     group_violations, AccessKind, NotRamAccess, Violation, ViolationAction, ViolationRun,
 };
