@@ -61,10 +61,11 @@ pub const NOT_RAM: &[u8] = &[
 /// The GPA [`NOT_RAM`] reads.
 pub const NOT_RAM_GPA: u64 = 0x4000_0000;
 
-/// Allocates one unmapped page (`Alloc(0, UNMAPPED)`), plants 0x5a in it with `HostFill`, loads
-/// 8 bytes through the direct map, stores 8 bytes at +8, counts the 0x5a bytes with `HostCount`
-/// and exits with `loaded_low_byte | (count == 4096) << 8`: 0x1a5 means the load got poison and
-/// the store did not land.
+/// Allocates one unmapped page (`Alloc(0, UNMAPPED)`), plants 0x5a in it with `HostFill` (a
+/// harness call), loads 8 bytes through the direct map, stores 8 bytes at +8, asks `HostCount`
+/// for the 0x5a bytes (the old byte-equality oracle) and exits with
+/// `loaded_low_byte | (status == Unreachable) << 8`: 0x1a5 means the load got poison and the
+/// VMM refused to count bytes of a page the guest cannot reach.
 pub const UNMAPPED_RW: &[u8] = &[
     0xbf, 0, 0, 0, 0, // mov edi, 0 (order)
     0xbe, 2, 0, 0, 0, // mov esi, 2 (gfp UNMAPPED)
@@ -86,7 +87,7 @@ pub const UNMAPPED_RW: &[u8] = &[
     0xb8, 17, 0, 0, 0,    // mov eax, 17 (Hc::HostCount)
     0xef, // out dx, eax
     0x4d, 0x31, 0xf6, // xor r14, r14
-    0x48, 0x81, 0xff, 0x00, 0x10, 0, 0, // cmp rdi, 4096
+    0x48, 0x83, 0xf8, 0x10, // cmp rax, 16 (Status::Unreachable)
     0x41, 0x0f, 0x94, 0xc6, // sete r14b
     0x49, 0xc1, 0xe6, 0x08, // shl r14, 8
     0x41, 0x0f, 0xb6, 0xfd, // movzx edi, r13b

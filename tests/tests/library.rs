@@ -128,7 +128,7 @@ fn unmapped_load_gets_poison_and_store_is_dropped() {
         return;
     }
     let r = run(config(guest(UNMAPPED_RW))).expect("boot");
-    // Low byte: what the load returned; bit 8: all 4096 secret bytes still there (from the host).
+    // Low byte: what the load returned; bit 8: HostCount over the unmapped page was refused.
     assert_eq!(
         r.exit,
         ExitInfo::GuestExit {
