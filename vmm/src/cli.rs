@@ -1,6 +1,6 @@
 //! The `veil` command line (clap derive) and what each subcommand does.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -423,8 +423,11 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
 
 fn print_run(report: &RunReport, json: bool) -> Result<()> {
     if json {
-        let s = serde_json::to_string_pretty(report).context("cannot serialise the report")?;
-        println!("{s}");
+        // Streamed: a storm's report is large, and need not exist twice in memory.
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, report).context("cannot write the report")?;
+        writeln!(out).context("cannot write the report")?;
+        drop(out);
         if let crate::report::ExitInfo::UnknownTests { .. } = report.exit {
             say(&report.exit.summary());
         }
@@ -467,6 +470,9 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
                 v.action.name()
             );
         }
+    }
+    if let Some(line) = report.violations_summary.storm_line() {
+        println!("{line}");
     }
     if !report.not_ram.is_empty() {
         println!(

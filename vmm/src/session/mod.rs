@@ -26,7 +26,8 @@ use crate::console::Console;
 use crate::expect::{Expectation, Tally};
 use crate::memory::GuestRam;
 use crate::report::{
-    ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport, Violation,
+    Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
+    Violation,
 };
 use crate::secret::Secret;
 use crate::stage2::RangeState;
@@ -153,6 +154,7 @@ pub struct Session {
     results: BTreeMap<String, TestReport>,
     ran_order: Vec<String>,
     violations: Vec<Violation>,
+    aggregated: Aggregator,
     violations_total: u64,
     violations_outside: u64,
     not_ram: Vec<NotRamAccess>,
@@ -200,6 +202,7 @@ impl Session {
             results: BTreeMap::new(),
             ran_order: Vec::new(),
             violations: Vec::new(),
+            aggregated: Aggregator::default(),
             violations_total: 0,
             violations_outside: 0,
             not_ram: Vec::new(),
