@@ -158,3 +158,32 @@ pub fn two_tests_guest() -> Vec<u8> {
     image.extend_from_slice(b"t1t2ok");
     guest(&image)
 }
+
+/// GPA of the load in [`storm_guest`]'s loop.
+pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 38;
+
+/// Allocates one unmapped page and loads 8 bytes from its start through the direct map `n`
+/// times in a loop (`n` read violations from one instruction on one page), then `Exit(0)`.
+pub fn storm_guest(n: u32) -> Vec<u8> {
+    let mut code = vec![
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
+        0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
+        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+        0xef, // out dx, eax
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
+        0x48, 0x01, 0xfb, // add rbx, rdi
+        0xb9, // mov ecx, n
+    ];
+    code.extend_from_slice(&n.to_le_bytes());
+    code.extend_from_slice(&[
+        0x48, 0x8b, 0x03, // 1: mov rax, [rbx]   (STORM_LOAD_RIP)
+        0xff, 0xc9, // dec ecx
+        0x75, 0xf9, // jnz 1b
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xb8, 20, 0, 0, 0,    // mov eax, 20 (Hc::Exit)
+        0xef, // out dx, eax
+        0xeb, 0xfe, // jmp $
+    ]);
+    guest(&code)
+}
