@@ -5,9 +5,33 @@
 //! `CARGO_BIN_EXE_veil`; the tests here drive the VMM through its library API.
 
 mod kvm_gate;
+mod rng;
 
 pub use kvm_gate::kvm_available;
+pub use rng::Rng;
 use veil_abi::IMAGE_MIN_GPA;
+use vmm::console::ConsoleSink;
+use vmm::memory::MemSize;
+use vmm::VmConfig;
+
+/// A configuration for the tiny guest `code` with `mem` bytes of RAM, console and guest log
+/// lines discarded.
+pub fn quiet_config(code: &[u8], mem: u64) -> VmConfig {
+    let mut c = VmConfig::new(guest(code));
+    c.mem = MemSize(mem);
+    c.console = ConsoleSink::Null;
+    c.echo_logs = false;
+    c
+}
+
+/// A field of this process's /proc/self/status in kB (`"VmHWM:"`, `"VmRSS:"`).
+pub fn proc_status_kb(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
 
 /// A guest ELF whose code is `code`, loaded and entered at `IMAGE_MIN_GPA`.
 pub fn guest(code: &[u8]) -> Vec<u8> {

@@ -9,15 +9,6 @@ use vmm::{run, VmConfig};
 /// Violations in the storm.
 const STORM: u32 = 1_000_000;
 
-/// A field of /proc/self/status in kB.
-fn status_kb(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
-}
-
 #[test]
 fn a_real_guest_storm_of_a_million_violations_stays_within_64_mb() {
     if !kvm_available() {
@@ -27,10 +18,10 @@ fn a_real_guest_storm_of_a_million_violations_stays_within_64_mb() {
     c.console = vmm::console::ConsoleSink::Null;
     c.echo_logs = false;
     c.timeout = Some(std::time::Duration::from_secs(300));
-    let rss0 = status_kb("VmRSS:");
+    let rss0 = proc_status_kb("VmRSS:");
     let t = std::time::Instant::now();
     let r = run(c).expect("boot");
-    let hwm = status_kb("VmHWM:");
+    let hwm = proc_status_kb("VmHWM:");
     let growth = hwm.saturating_sub(rss0);
     eprintln!(
         "real storm: {} violations in {:.1} s, VmRSS before {rss0} kB, VmHWM after {hwm} kB (growth {growth} kB)",

@@ -19,19 +19,9 @@ const SEED: u64 = 0x00e1_f0de_ad5e_ed01;
 /// is 2 s).
 const WATCHDOG: Duration = Duration::from_secs(30);
 
-/// xorshift64*.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+#[path = "../../tests/src/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// Offsets of the interesting 8-byte fields of an ELF64 header and its program headers.
 fn fields(elf: &[u8]) -> Vec<usize> {
@@ -68,7 +58,7 @@ fn mutate(base: &[u8], rng: &mut Rng) -> (Vec<u8>, String) {
                 0x20_0000,
                 0x1f_ffff,
                 0x1000,
-                rng.next(),
+                rng.next_u64(),
                 u64::from_le_bytes(m[off..off + 8].try_into().unwrap()).wrapping_add(1 << 30),
             ][rng.below(9) as usize];
             m[off..off + 8].copy_from_slice(&v.to_le_bytes());
@@ -76,7 +66,7 @@ fn mutate(base: &[u8], rng: &mut Rng) -> (Vec<u8>, String) {
         }
         2 => {
             let i = 16 + rng.below(48) as usize;
-            let v = rng.next() as u8;
+            let v = rng.next_u64() as u8;
             m[i] = v;
             format!("set ELF header byte {i:#x} to {v:#x}")
         }
@@ -89,7 +79,7 @@ fn mutate(base: &[u8], rng: &mut Rng) -> (Vec<u8>, String) {
             let n = 1 + rng.below(8);
             for _ in 0..n {
                 let i = rng.below(m.len() as u64) as usize;
-                m[i] = rng.next() as u8;
+                m[i] = rng.next_u64() as u8;
             }
             format!("{n} random byte(s) anywhere")
         }
