@@ -1,7 +1,7 @@
 //! Violation storms: 10^6 violations through the VMM's MMIO path (`Session::mmio`, what the run
 //! loop calls for each MMIO exit) over 131,072 pages and 4,096 instructions keep the VMM's
-//! memory, the test's verdict and the JSON report bounded. One test in its own binary, so the process's peak RSS (VmHWM) is
-//! this storm's.
+//! memory, the test's verdict and the JSON report bounded. One test in its own binary, so the
+//! process's peak RSS (VmHWM) is this storm's.
 
 use veil_abi::{gfp, Hc, Status, PAGE_SIZE};
 use veil_tests::*;
