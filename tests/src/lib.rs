@@ -184,10 +184,12 @@ pub fn two_tests_guest() -> Vec<u8> {
 }
 
 /// GPA of the load in [`storm_guest`]'s loop.
-pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 38;
+pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 53;
 
-/// Allocates one unmapped page and loads 8 bytes from its start through the direct map `n`
-/// times in a loop (`n` read violations from one instruction on one page), then `Exit(0)`.
+/// Allocates one unmapped page and loads 8 bytes from it through the direct map `n` times in
+/// a loop, at offset `(8 * i) & 0xff8` for i = n..1 (so two consecutive loads never hit the same
+/// GPA: a storm, not a livelock), then `Exit(0)`: `n` read violations from one instruction on
+/// one page.
 pub fn storm_guest(n: u32) -> Vec<u8> {
     let mut code = vec![
         0xbf, 0, 0, 0, 0, // mov edi, 0
@@ -201,9 +203,11 @@ pub fn storm_guest(n: u32) -> Vec<u8> {
     ];
     code.extend_from_slice(&n.to_le_bytes());
     code.extend_from_slice(&[
-        0x48, 0x8b, 0x03, // 1: mov rax, [rbx]   (STORM_LOAD_RIP)
+        0x44, 0x8d, 0x04, 0xcd, 0, 0, 0, 0, // 1: lea r8d, [rcx * 8]
+        0x41, 0x81, 0xe0, 0xf8, 0x0f, 0, 0, // and r8d, 0xff8
+        0x4a, 0x8b, 0x04, 0x03, // mov rax, [rbx + r8]   (STORM_LOAD_RIP)
         0xff, 0xc9, // dec ecx
-        0x75, 0xf9, // jnz 1b
+        0x75, 0xe9, // jnz 1b
         0xbf, 0, 0, 0, 0, // mov edi, 0
         0xb8, 20, 0, 0, 0,    // mov eax, 20 (Hc::Exit)
         0xef, // out dx, eax
