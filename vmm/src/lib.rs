@@ -16,6 +16,7 @@
 //! - [`session`]: one run's state and the hypercall handlers (validation, tests, expectations,
 //!   violations, recovery point, timing, dumps).
 //! - [`expect`]: the VMM's own verdict on each test's violations.
+//! - [`secret`]: the per-run secret `Hc::PlantSecret` writes, computable for any GPA.
 //! - [`report`]: results, the table and the JSON document, exit codes.
 //! - [`console`]: the 16550 UART and where its output goes.
 //! - [`watchdog`]: `--timeout`, kicking the vCPU out of `KVM_RUN` with a signal.
@@ -42,6 +43,7 @@ pub mod memory;
 pub mod page_walk;
 pub mod replay_kvm;
 pub mod report;
+pub mod secret;
 pub mod session;
 pub mod signals;
 pub mod stage2;

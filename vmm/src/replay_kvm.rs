@@ -35,8 +35,16 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
         if replay::stop::requested().is_some() {
             break;
         }
-        let r = run_policy_on_kvm(&kvm, args, &l, kind, max_slots)
-            .with_context(|| format!("replaying {kind} on KVM"))?;
+        let r = match run_policy_on_kvm(&kvm, args, &l, kind, max_slots) {
+            Ok(r) => r,
+            // A signal can break a KVM call half-way (EINTR): the run was asked to stop, so
+            // the policies finished so far are the report, not an error that loses them.
+            Err(e) if replay::stop::requested().is_some() => {
+                eprintln!("replay: {kind}: abandoned on interrupt ({e:#})");
+                break;
+            }
+            Err(e) => return Err(e.context(format!("replaying {kind} on KVM"))),
+        };
         cli::progress_policy(args, &r);
         results.push(r);
     }

@@ -65,11 +65,15 @@ pub struct VmConfig {
     pub echo_logs: bool,
     /// Whether guest RAM may appear in a core dump of the VMM (`--dump-guest-core`).
     pub core_dump: CoreDump,
+    /// The test-harness capability: `Hc::PlantSecret` and host writes into pages the guest
+    /// cannot reach are allowed (on for the embedded suite; `veil run --test-harness` for a
+    /// `--guest` ELF). Denied calls get `Status::HarnessOnly`.
+    pub test_harness: bool,
 }
 
 impl VmConfig {
     /// Defaults: 256 MiB, the embedded guest, run all tests, report policy, 60 s timeout,
-    /// console to stdout, no dumps, guest RAM out of core dumps.
+    /// console to stdout, no dumps, guest RAM out of core dumps, test-harness capability on.
     pub fn new(guest: Vec<u8>) -> VmConfig {
         VmConfig {
             mem: MemSize::default(),
@@ -83,6 +87,7 @@ impl VmConfig {
             start: Instant::now(),
             echo_logs: true,
             core_dump: CoreDump::Exclude,
+            test_harness: true,
         }
     }
 }
@@ -252,6 +257,7 @@ impl Vm {
             start: cfg.start,
             echo_logs: cfg.echo_logs,
             tsc_khz,
+            test_harness: cfg.test_harness,
         });
         Ok(Vm {
             vcpu,

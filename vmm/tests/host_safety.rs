@@ -13,7 +13,7 @@ use serde_json::Value;
 
 // The tiny hand-assembled guests and the /dev/kvm gate of the `veil-tests` crate.
 #[path = "../../tests/src/lib.rs"]
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 mod guests;
 
 use guests::kvm_available;
@@ -30,7 +30,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A guest that allocates one unmapped page, has the host fill it with [`SECRET`]
-/// (`HostFill`), prints "R" on the UART and spins until stopped.
+/// (`HostFill`, a test-harness call: run it with `--test-harness`), prints "R" on the UART and spins until stopped.
 fn secret_guest(dir: &Path) -> String {
     #[rustfmt::skip]
     let code = [
@@ -138,11 +138,20 @@ fn has_run(hay: &[u8], b: u8) -> bool {
 fn core_of_aborted_veil(dir: &Path, extra: &[&str]) -> Option<Vec<u8>> {
     let guest = secret_guest(dir);
     let mut cmd = Command::new(VEIL);
-    cmd.args(["run", "--mem", "16M", "--timeout", "60", "--guest", &guest])
-        .args(extra)
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "run",
+        "--mem",
+        "16M",
+        "--timeout",
+        "60",
+        "--test-harness",
+        "--guest",
+        &guest,
+    ])
+    .args(extra)
+    .current_dir(dir)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     // SAFETY: setrlimit is async-signal safe and touches no state of the parent.
     unsafe {
         cmd.pre_exec(|| {
@@ -223,6 +232,7 @@ fn interrupted_run(sig: i32, json: bool) -> (Option<i32>, String, PathBuf) {
         "run".to_string(),
         "--mem".into(),
         "16M".into(),
+        "--test-harness".into(),
         "--guest".into(),
         guest,
         "--tests".into(),
@@ -642,7 +652,15 @@ fn a_second_signal_ends_veil_at_once() {
         )
     };
     let mut child = Command::new(VEIL)
-        .args(["run", "--json", "--mem", "16M", "--guest", &guest])
+        .args([
+            "run",
+            "--json",
+            "--mem",
+            "16M",
+            "--test-harness",
+            "--guest",
+            &guest,
+        ])
         .stdout(Stdio::from(w))
         .stderr(Stdio::piped())
         .spawn()

@@ -1,10 +1,12 @@
 //! What a run produced: test results, violations, counters, timing and how the VM stopped; the
 //! table `veil run` prints and the JSON document `veil run --json` prints.
 
+mod aggregate;
 mod exit;
 mod render;
 mod violations;
 
+pub use aggregate::{Aggregator, ViolationAggregate, ViolationSummary, MAX_AGGREGATES};
 pub use exit::{vector_name, ExitInfo, InsnAccess, InsnAtRip, LivelockShape, RegsDump};
 pub use violations::{
     group_violations, AccessKind, NotRamAccess, Violation, ViolationAction, ViolationRun,
@@ -142,6 +144,11 @@ pub struct RunReport {
     pub announced: Vec<String>,
     /// Every violation (one per KVM exit), oldest first (at most [`MAX_RECORDS`] kept).
     pub violations: Vec<Violation>,
+    /// Violations past the [`MAX_RECORDS`] full records, grouped by (test, page, kind, RIP)
+    /// with counts (at most [`MAX_AGGREGATES`] groups).
+    pub violations_aggregated: Vec<ViolationAggregate>,
+    /// How the violations were kept: full records, aggregated, counted only.
+    pub violations_summary: ViolationSummary,
     /// Violations recorded, including any not kept.
     pub violations_total: u64,
     /// Violations outside any test.
@@ -256,6 +263,8 @@ mod tests {
             guest_core_dump: false,
             announced: vec![],
             violations: vec![],
+            violations_aggregated: vec![],
+            violations_summary: ViolationSummary::default(),
             violations_total: 0,
             violations_outside_tests: 0,
             not_ram: vec![],

@@ -6,7 +6,7 @@ use veil_abi::BootMode;
 
 use super::{vmm_line, DumpTarget, Session};
 use crate::memory::CoreDump;
-use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing};
+use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing, MAX_RECORDS};
 use crate::stage2::RangeState;
 
 impl Session {
@@ -105,12 +105,17 @@ impl Session {
         let stage2_dump = self.dump_json();
         let memory_lock = self.alloc.stage2().backend().lock_stats();
         let wiped_bytes = self.wipe_unmapped();
+        let kept = self.violations.len() as u64;
+        let (violations_aggregated, violations_summary) =
+            std::mem::take(&mut self.aggregated).finish(&self.ran_order, kept, MAX_RECORDS);
         let mut report = RunReport {
             tests,
             counts: Default::default(),
             guest_core_dump: self.ram.core_dump() == CoreDump::Include,
             announced: self.announced.clone(),
             violations: std::mem::take(&mut self.violations),
+            violations_aggregated,
+            violations_summary,
             violations_total: self.violations_total,
             violations_outside_tests: self.violations_outside,
             not_ram: std::mem::take(&mut self.not_ram),

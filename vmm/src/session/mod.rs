@@ -3,13 +3,14 @@
 //! answered with a [`Status`]; nothing the guest does can make the VMM panic.
 //!
 //! This module holds the state and the dispatch; the handlers live by topic:
-//! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats, host
-//! fills), `test_calls` (the suite's protocol and the VMM's verdict), `violations`,
-//! `dumps` and `finish` (the report).
+//! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
+//! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the
+//! suite's protocol and the VMM's verdict), `violations`, `dumps` and `finish` (the report).
 
 mod dumps;
 mod finish;
 mod guest_args;
+mod host_calls;
 mod memory_calls;
 mod test_calls;
 mod violations;
@@ -26,8 +27,10 @@ use crate::expect::{Expectation, Tally};
 use crate::guest_view::GuestView;
 use crate::memory::GuestRam;
 use crate::report::{
-    ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport, Violation,
+    Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
+    Violation,
 };
+use crate::secret::Secret;
 use crate::stage2::RangeState;
 use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 
@@ -35,7 +38,8 @@ use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 pub const MAX_TEXT: u64 = 4096;
 /// Most records one QueryViolations call may ask for.
 pub const MAX_QUERY: u64 = 4096;
-/// Most bytes one HostFill / HostCount may name (bounds the host work one exit can cause).
+/// Most bytes one HostFill / HostCount / HostExpect / PlantSecret may name (bounds the host
+/// work one exit can cause).
 pub const MAX_HOST_RANGE: u64 = 64 << 20;
 /// Most dumps a guest may request in one run.
 pub const MAX_GUEST_DUMPS: u32 = 1000;
@@ -98,6 +102,7 @@ struct Current {
     tally: Tally,
     violations: u64,
     first_record: usize,
+    host: host_calls::HostVerdict,
 }
 
 /// What [`Session::new`] needs.
@@ -126,6 +131,8 @@ pub struct SessionConfig {
     pub echo_logs: bool,
     /// Guest TSC kHz.
     pub tsc_khz: Option<u32>,
+    /// The test-harness capability ([`Hc::PlantSecret`], host writes into unreachable pages).
+    pub test_harness: bool,
 }
 
 /// One guest run's state.
@@ -141,12 +148,15 @@ pub struct Session {
     start: Instant,
     echo_logs: bool,
     tsc_khz: Option<u32>,
+    test_harness: bool,
+    secret: Secret,
     announced: Vec<String>,
     selection_checked: bool,
     current: Option<Current>,
     results: BTreeMap<String, TestReport>,
     ran_order: Vec<String>,
     violations: Vec<Violation>,
+    aggregated: Aggregator,
     violations_total: u64,
     violations_outside: u64,
     not_ram: Vec<NotRamAccess>,
@@ -187,12 +197,15 @@ impl Session {
             start: c.start,
             echo_logs: c.echo_logs,
             tsc_khz: c.tsc_khz,
+            test_harness: c.test_harness,
+            secret: Secret::random(),
             announced: Vec::new(),
             selection_checked: false,
             current: None,
             results: BTreeMap::new(),
             ran_order: Vec::new(),
             violations: Vec::new(),
+            aggregated: Aggregator::default(),
             violations_total: 0,
             violations_outside: 0,
             not_ram: Vec::new(),
@@ -304,11 +317,10 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
-            // Numbers reserved in the ABI, implemented by the host-assertion and reachability
-            // work.
-            Hc::HostExpect | Hc::PlantSecret | Hc::RouteBegin | Hc::RouteEnd => {
-                HcOut::err(Status::UnknownCall)
-            }
+            Hc::HostExpect => self.hc_host_expect(a[0], a[1], a[2], a[3]).into(),
+            Hc::PlantSecret => self.hc_plant_secret(a[0], a[1]).into(),
+            // Numbers reserved in the ABI, implemented by the reachability work.
+            Hc::RouteBegin | Hc::RouteEnd => HcOut::err(Status::UnknownCall),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);

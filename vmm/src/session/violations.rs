@@ -54,12 +54,18 @@ impl Session {
         match &mut self.current {
             Some(c) => {
                 c.violations += 1;
-                expect::count(&mut c.tally, &v);
+                c.tally.count(&v);
             }
             None => self.violations_outside += 1,
         }
         if self.violations.len() < MAX_RECORDS {
             self.violations.push(v.clone());
+        } else {
+            let test = match self.current {
+                Some(_) => self.ran_order.len().saturating_sub(1) as u32,
+                None => u32::MAX,
+            };
+            self.aggregated.add(test, &v);
         }
         v
     }
