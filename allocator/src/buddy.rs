@@ -273,6 +273,24 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.flip_alloc(req, order).map(|off| (off, false))
     }
 
+    /// For [`crate::Zone`] (whose core has no caches and never zeroes): a block of `order`
+    /// for freetype `ft` from the buddy lists, same freetype or fallback, marked allocated;
+    /// None when only a flip could help.
+    pub(crate) fn take_allocated(&mut self, ft: Freetype, order: u8) -> Option<u32> {
+        let off = self.rmqueue(ft, order)?;
+        self.mark_allocated(off, order, ft.index());
+        Some(off)
+    }
+
+    /// Record block `off` (just taken off the free structures) as an allocation.
+    pub(crate) fn mark_allocated(&mut self, off: u32, order: u8, ft: usize) {
+        let m = &mut self.meta[off as usize];
+        m.state = ST_ALLOC | order;
+        m.ft = ft as u8;
+        self.free -= 1 << order;
+        self.ctr.allocs[order as usize * Freetype::COUNT + ft] += 1;
+    }
+
     /// Same freetype first, then Linux's claim/steal fallback within the same mapped-ness.
     #[inline]
     fn rmqueue(&mut self, ft: Freetype, order: u8) -> Option<u32> {
