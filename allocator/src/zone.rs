@@ -181,15 +181,15 @@ impl<S: Stage2> Zone<S> {
         }
         let req = AllocRequest::from_gfp(ctx, gfp)?;
         let ft = req.freetype.index();
-        let mut cached = false;
-        let off = match self.alloc_cached(slot, req, order) {
-            Some(off) => {
-                cached = true;
-                off
+        let count = order as usize * Freetype::COUNT + ft;
+        let (off, cached) = match self.alloc_cached(slot, req, order, count) {
+            Some(off) => (off, true),
+            None => {
+                let off = self.alloc_uncached(req, order)?;
+                slot.lock().allocs[count] += 1;
+                (off, false)
             }
-            None => self.alloc_uncached(req, order)?,
         };
-        self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Release);
         let pfn = self.base + off as u64;
         if req.zero {
             let n = 1u64 << order;
@@ -198,13 +198,13 @@ impl<S: Stage2> Zone<S> {
                 b.failures += 1;
                 drop(b);
                 // Never handed out: back without zeroing, as it came.
+                slot.lock().allocs[count] -= 1;
                 self.give_back(slot, off, order, ft, cached);
                 return Err(AllocError::Stage2(e));
             }
             b.zero_calls += 1;
             b.zeroed_on_alloc += n;
         }
-        slot.lock().allocs[order as usize * Freetype::COUNT + ft] += 1;
         Ok(Allocation {
             pfn,
             order,
@@ -213,17 +213,36 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// A block from `slot`'s cache, refilled from the buddy lists under one zone-lock
-    /// acquisition on a miss; None if the order is not cached or the lists have nothing
-    /// without a flip.
-    fn alloc_cached(&self, slot: &SpinLock<CpuCache>, req: AllocRequest, order: u8) -> Option<u32> {
+    /// acquisition on a miss, marked allocated and counted (`count`: the flat counter
+    /// index) under the CPU's lock; None if the order is not cached or the lists have
+    /// nothing without a flip.
+    #[inline]
+    fn alloc_cached(
+        &self,
+        slot: &SpinLock<CpuCache>,
+        req: AllocRequest,
+        order: u8,
+        count: usize,
+    ) -> Option<u32> {
         if order > PCP_MAX_ORDER {
             return None;
         }
         let ft = req.freetype.index();
         let mut c = slot.lock();
-        if let Some(off) = c.pcp.pop(order, ft) {
-            return Some(off);
-        }
+        let off = match c.pcp.pop(order, ft) {
+            Some(off) => off,
+            None => self.refill(&mut c, req, order)?,
+        };
+        self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Release);
+        c.allocs[count] += 1;
+        Some(off)
+    }
+
+    /// Take up to `batch` blocks of (order, freetype) from the buddy lists under one
+    /// zone-lock acquisition: the first for the caller, the rest into `c`.
+    #[inline(never)]
+    fn refill(&self, c: &mut CpuCache, req: AllocRequest, order: u8) -> Option<u32> {
+        let ft = req.freetype.index();
         let mut core = self.core.lock();
         let first = core.take_allocated(req.freetype, order)?;
         for _ in 1..self.batch {
@@ -244,13 +263,13 @@ impl<S: Stage2> Zone<S> {
     /// lists again, then a flip with stage 2 changed outside the zone lock.
     fn alloc_uncached(&self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
         if let Some(off) = self.core.lock().take_allocated(req.freetype, order) {
-            return Ok(off);
+            return Ok(self.mark(off, order, req));
         }
         self.drain_all();
         let ticket = {
             let mut core = self.core.lock();
             if let Some(off) = core.take_allocated(req.freetype, order) {
-                return Ok(off);
+                return Ok(self.mark(off, order, req));
             }
             core.flip_begin(req, order)?
         };
@@ -258,7 +277,16 @@ impl<S: Stage2> Zone<S> {
         let mut core = self.core.lock();
         let off = core.flip_end(ticket, res, order)?;
         core.mark_allocated(off, order, req.freetype.index());
-        Ok(off)
+        Ok(self.mark(off, order, req))
+    }
+
+    /// Mark `off` allocated at the zone level (a block the core just allocated to us).
+    fn mark(&self, off: u32, order: u8, req: AllocRequest) -> u32 {
+        self.heads[off as usize].store(
+            head(ST_ALLOC | order, req.freetype.index()),
+            Ordering::Release,
+        );
+        off
     }
 
     /// Return block `off` (zone state set to allocated by us, never handed out) to where
