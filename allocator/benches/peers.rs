@@ -464,15 +464,15 @@ fn ir_mode(inp: &Inputs) -> bool {
     let (w, c) = v.split_once(':').expect("PEERS_IR=<workload>:<contender>");
     let (w, c): (usize, usize) = (w.parse().unwrap(), c.parse().unwrap());
     if w == 4 {
-        // The free-path comparison: contender 0 mapped, 1 unmapped.
+        // The free-path comparison: BuddyAllocator mapped (0), unmapped (1); Zone mapped
+        // (2), unmapped (3).
         for _ in 0..rounds() {
-            black_box(free_cost(c == 1, &inp.perm));
+            black_box(match c {
+                0 | 1 => free_cost(c == 1, &inp.perm),
+                _ => zone_free_cost(c == 3, &inp.perm),
+            });
         }
-        eprintln!(
-            "PEERS_IR: {} x free of {BATCH} pages, unmapped: {}",
-            rounds(),
-            c == 1
-        );
+        eprintln!("PEERS_IR: {} x free of {BATCH} pages, case {c}", rounds());
         return true;
     }
     let mut cs = contenders();
@@ -597,8 +597,9 @@ impl allocator::Stage2 for CallStage2 {
     }
 }
 
-/// ns per free of `BATCH` order-0 pages in random order, mapped or unmapped (init_on_free
-/// on), through `BuddyAllocator` with an out-of-line zeroing stage 2.
+/// ns per free of `BATCH` order-0 pages in random order (then a drain), mapped or unmapped
+/// (init_on_free on), through `BuddyAllocator` with an out-of-line zeroing stage 2 whose
+/// `zero_batch` is the default (one `zero` per range).
 fn free_cost(unmapped: bool, perm: &[usize]) -> f64 {
     let mut a = BuddyAllocator::new(1 << 18, FRAMES as u64, CallStage2(0), Config::default());
     let gfp = if unmapped {
@@ -622,6 +623,35 @@ fn free_cost_phase(a: &mut BuddyAllocator<CallStage2>, perm: &[usize], frames: &
     }
     a.drain_pcp();
 }
+/// [`free_cost`] through a one-CPU [`Zone`] (freed unmapped pages zeroed in batches).
+fn zone_free_cost(unmapped: bool, perm: &[usize]) -> f64 {
+    let z = Zone::new(1 << 18, FRAMES as u64, CallStage2(0), Config::default(), 1).unwrap();
+    let gfp = if unmapped {
+        Gfp::UNMAPPED
+    } else {
+        Gfp::empty()
+    };
+    black_box(z.alloc_pages(0, gfp, 0).unwrap());
+    let frames: Vec<u64> = (0..BATCH)
+        .map(|_| z.alloc_pages(0, gfp, 0).unwrap().pfn)
+        .collect();
+    let t = Instant::now();
+    zone_free_cost_phase(&z, perm, &frames);
+    t.elapsed().as_nanos() as f64 / BATCH as f64
+}
+/// The timed part of [`zone_free_cost`] (`--toggle-collect='*free_cost_phase*'`).
+#[inline(never)]
+fn zone_free_cost_phase(z: &Zone<CallStage2>, perm: &[usize], frames: &[u64]) {
+    for &i in perm {
+        zone_free_call(z, frames[i]);
+    }
+    z.drain_all();
+}
+#[inline(never)]
+fn zone_free_call(z: &Zone<CallStage2>, pfn: u64) {
+    z.free_pages(0, pfn, 0).unwrap();
+}
+
 /// The same out-of-line call layer as [`fair_free`].
 #[inline(never)]
 fn fair_free_call(a: &mut BuddyAllocator<CallStage2>, pfn: u64) {
@@ -653,19 +683,23 @@ fn threads_pass(perm: &[usize]) {
             t / o
         );
     }
-    let mut m: Vec<f64> = Vec::new();
-    let mut u: Vec<f64> = Vec::new();
-    for _ in 0..rounds() {
-        m.push(free_cost(false, perm));
-        u.push(free_cost(true, perm));
+    for (name, f) in [
+        ("BuddyAllocator", free_cost as fn(bool, &[usize]) -> f64),
+        ("Zone (1 cpu)", zone_free_cost),
+    ] {
+        let mut m: Vec<f64> = Vec::new();
+        let mut u: Vec<f64> = Vec::new();
+        for _ in 0..rounds() {
+            m.push(f(false, perm));
+            u.push(f(true, perm));
+        }
+        let (m, u) = (median(&mut m), median(&mut u));
+        println!(
+            "{name:<15} random-order free of {BATCH} pages: unmapped (init_on_free) {u:.1} ns vs \
+             mapped {m:.1} ns per page: {:.2}x (goal <= 1.1)",
+            u / m
+        );
     }
-    let (m, u) = (median(&mut m), median(&mut u));
-    println!(
-        "unmapped free (init_on_free) {:.1} ns vs mapped free {:.1} ns: {:.2}x (goal <= 1.1)",
-        u,
-        m,
-        u / m
-    );
 }
 
 fn main() {

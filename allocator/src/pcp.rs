@@ -30,6 +30,9 @@ const fn ci(order: u8, ft: usize) -> usize {
 pub(crate) struct Pcp {
     slots: Vec<u32>,
     len: [u32; NR_PCP],
+    /// Entries `clean..len` of each stack are dirty: freed unmapped blocks not zeroed yet
+    /// (only [`crate::Zone`] pushes dirty blocks); entries below are clean.
+    clean: [u32; NR_PCP],
     pub(crate) cap: u32,
 }
 
@@ -39,6 +42,7 @@ impl Pcp {
         Pcp {
             slots: alloc::vec![0; cap as usize * NR_PCP],
             len: [0; NR_PCP],
+            clean: [0; NR_PCP],
             cap,
         }
     }
@@ -70,6 +74,7 @@ impl Pcp {
             return None;
         }
         self.len[c] = l - 1;
+        self.clean[c] = self.clean[c].min(l - 1);
         Some(self.slots[c * self.cap as usize + (l - 1) as usize])
     }
 
@@ -83,7 +88,35 @@ impl Pcp {
         }
         self.slots[c * self.cap as usize + l as usize] = off;
         self.len[c] = l + 1;
+        if self.clean[c] == l {
+            self.clean[c] = l + 1;
+        }
         true
+    }
+
+    /// Cache block `off`, not zeroed yet, for (order, ft); false if that cache is full.
+    #[inline]
+    pub fn push_dirty(&mut self, order: u8, ft: usize, off: u32) -> bool {
+        let c = ci(order, ft);
+        let clean = self.clean[c];
+        let pushed = self.push(order, ft, off);
+        self.clean[c] = clean;
+        pushed
+    }
+
+    /// The dirty blocks of (order, ft) (not zeroed yet), oldest first.
+    #[inline]
+    pub fn dirty(&self, order: u8, ft: usize) -> &[u32] {
+        let c = ci(order, ft);
+        let s = c * self.cap as usize;
+        &self.slots[s + self.clean[c] as usize..s + self.len[c] as usize]
+    }
+
+    /// Record that every block of (order, ft) has been zeroed.
+    #[inline]
+    pub fn mark_clean(&mut self, order: u8, ft: usize) {
+        let c = ci(order, ft);
+        self.clean[c] = self.len[c];
     }
 
     /// The cached blocks of (order, ft), oldest first.
@@ -119,6 +152,17 @@ mod tests {
         assert_eq!(p.pop(0, 3), None);
         assert_eq!(p.pop(2, 3), Some(4));
         assert!(!p.is_empty());
+        assert!(p.push_dirty(1, 3, 10));
+        assert!(p.push_dirty(1, 3, 12));
+        assert_eq!(p.dirty(1, 3), &[10, 12]);
+        assert_eq!(p.pop(1, 3), Some(12));
+        assert_eq!(p.dirty(1, 3), &[10]);
+        p.mark_clean(1, 3);
+        assert!(p.dirty(1, 3).is_empty());
+        assert_eq!(p.pop(1, 3), Some(10));
+        assert!(p.push(1, 3, 14));
+        assert!(p.push_dirty(1, 3, 16));
+        assert_eq!(p.dirty(1, 3), &[16]);
         let mut z = Pcp::new(0);
         assert!(!z.push(0, 0, 1));
         assert_eq!(z.pop(0, 0), None);

@@ -23,12 +23,20 @@
 //!   drops it around `set_direct_map_*`; then, under the lock again, the block is retyped and
 //!   allocated from, or on failure merged back onto its old lists. A flip needs a wholly free
 //!   block on the buddy lists, so no page of a flipped block is in any CPU's cache.
-//! - **No secret outlives its owner**: with `init_on_free_unmapped`, a freed block of an
-//!   unmapped freetype is zeroed (one `Stage2::zero` call, outside the zone lock) before it
-//!   enters a cache or the buddy lists, so it is zero before anyone else can be handed it.
+//! - **A page is zero before anyone else can be handed it**: with `init_on_free_unmapped`, a
+//!   freed block of an unmapped freetype and order `<= PCP_MAX_ORDER` enters its CPU's
+//!   cache *dirty* (not zeroed yet); the dirty blocks of a list are zeroed together, one
+//!   [`Stage2::zero_batch`] call per up to 64 blocks, before any of them leaves the cache:
+//!   before the first is allocated again (on that CPU: no other CPU takes from it), before a
+//!   drain or spill returns them to the buddy lists (so before any flip, which drains
+//!   first), and when the cache is full (with the block being freed). Larger blocks are
+//!   zeroed on free. Until then the old contents stay in the unmapped page, which nobody can
+//!   reach: the guest lost it at stage 2 and the allocator hands it to no one. A failed
+//!   zeroing fails the allocation (or the free that found the cache full) with
+//!   `Stage2`, and the blocks stay cached and dirty.
 
 use crate::buddy::{is_unmapped_index, BuddyAllocator, Config};
-use crate::error::{AllocError, BadCpu, FreeError, InitError};
+use crate::error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
 use crate::flip::flip_stage2;
 use crate::freelist::NR_LISTS;
 use crate::freetype::Freetype;
@@ -79,6 +87,9 @@ pub struct Zone<S: Stage2> {
     alloc_failures: AtomicU64,
     free_failures: AtomicU64,
 }
+
+/// Most ranges passed to one [`Stage2::zero_batch`] call.
+const ZERO_BATCH: usize = 64;
 
 /// A head word.
 const fn head(state: u8, ft: usize) -> u16 {
@@ -182,7 +193,7 @@ impl<S: Stage2> Zone<S> {
         let req = AllocRequest::from_gfp(ctx, gfp)?;
         let ft = req.freetype.index();
         let count = order as usize * Freetype::COUNT + ft;
-        let (off, cached) = match self.alloc_cached(slot, req, order, count) {
+        let (off, cached) = match self.alloc_cached(slot, req, order, count)? {
             Some(off) => (off, true),
             None => {
                 let off = self.alloc_uncached(req, order)?;
@@ -215,7 +226,8 @@ impl<S: Stage2> Zone<S> {
     /// A block from `slot`'s cache, refilled from the buddy lists under one zone-lock
     /// acquisition on a miss, marked allocated and counted (`count`: the flat counter
     /// index) under the CPU's lock; None if the order is not cached or the lists have
-    /// nothing without a flip.
+    /// nothing without a flip. Dirty blocks (freed unmapped, not zeroed yet) are zeroed,
+    /// all of the list's in one batch, before the first of them is handed out.
     #[inline]
     fn alloc_cached(
         &self,
@@ -223,19 +235,74 @@ impl<S: Stage2> Zone<S> {
         req: AllocRequest,
         order: u8,
         count: usize,
-    ) -> Option<u32> {
+    ) -> Result<Option<u32>, AllocError> {
         if order > PCP_MAX_ORDER {
-            return None;
+            return Ok(None);
         }
         let ft = req.freetype.index();
         let mut c = slot.lock();
+        if !c.pcp.dirty(order, ft).is_empty() {
+            self.zero_dirty(&mut c, order, ft)
+                .map_err(AllocError::Stage2)?;
+        }
         let off = match c.pcp.pop(order, ft) {
             Some(off) => off,
-            None => self.refill(&mut c, req, order)?,
+            None => match self.refill(&mut c, req, order) {
+                Some(off) => off,
+                None => return Ok(None),
+            },
         };
         self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Release);
         c.allocs[count] += 1;
-        Some(off)
+        Ok(Some(off))
+    }
+
+    /// Zero every dirty block of (order, ft) in `c` with one [`Stage2::zero_batch`] call
+    /// per up to [`ZERO_BATCH`] blocks, then mark them clean (under the CPU's lock, never
+    /// the zone lock). `extra` is zeroed in the same call.
+    #[cold]
+    #[inline(never)]
+    fn zero_dirty_with(
+        &self,
+        c: &mut CpuCache,
+        order: u8,
+        ft: usize,
+        extra: Option<u32>,
+    ) -> Result<(), Stage2Error> {
+        let n = 1u64 << order;
+        let mut b = self.s2.lock();
+        let blocks = c.pcp.dirty(order, ft).iter().chain(extra.as_ref());
+        let mut ranges = [(0u64, 0u64); ZERO_BATCH];
+        let mut k = 0;
+        let flush = |ranges: &[(u64, u64)], b: &mut Backend<S>| {
+            let r = b.s2.zero_batch(ranges);
+            match r {
+                Ok(()) => {
+                    b.zero_calls += 1;
+                    b.zeroed_on_free += n * ranges.len() as u64;
+                }
+                Err(_) => b.failures += 1,
+            }
+            r
+        };
+        for &off in blocks {
+            ranges[k] = (self.base + off as u64, n);
+            k += 1;
+            if k == ZERO_BATCH {
+                flush(&ranges, &mut b)?;
+                k = 0;
+            }
+        }
+        if k != 0 {
+            flush(&ranges[..k], &mut b)?;
+        }
+        drop(b);
+        c.pcp.mark_clean(order, ft);
+        Ok(())
+    }
+
+    fn zero_dirty(&self, c: &mut CpuCache, order: u8, ft: usize) -> Result<(), Stage2Error> {
+        self.zero_dirty_with(c, order, ft, None)
     }
 
     /// Take up to `batch` blocks of (order, freetype) from the buddy lists under one
@@ -351,7 +418,8 @@ impl<S: Stage2> Zone<S> {
         };
         let ft = (word >> 8) as usize;
         let off = off as u32;
-        if self.cfg.init_on_free_unmapped && is_unmapped_index(ft) {
+        let dirty = self.cfg.init_on_free_unmapped && is_unmapped_index(ft);
+        if dirty && order > PCP_MAX_ORDER {
             let n = 1u64 << order;
             let mut b = self.s2.lock();
             if let Err(e) = b.s2.zero(pfn, n) {
@@ -363,18 +431,32 @@ impl<S: Stage2> Zone<S> {
             b.zeroed_on_free += n;
         }
         let mut c = slot.lock();
-        c.frees[order as usize * Freetype::COUNT + ft] += 1;
         if order <= PCP_MAX_ORDER {
-            if c.pcp.push(order, ft, off) {
+            let pushed = if dirty {
+                c.pcp.push_dirty(order, ft, off)
+            } else {
+                c.pcp.push(order, ft, off)
+            };
+            if pushed {
                 h.store(head(ST_CACHED | order, ft), Ordering::Release);
+                c.frees[order as usize * Freetype::COUNT + ft] += 1;
                 return Ok(());
             }
-            // Full: this block and a batch of the cached ones go back under one lock.
+            // Full: zero this block with the cache's dirty ones in one call, then it and a
+            // batch of the cached ones go back under one zone-lock acquisition.
+            if dirty {
+                if let Err(e) = self.zero_dirty_with(&mut c, order, ft, Some(off)) {
+                    h.store(word, Ordering::Release);
+                    return Err(FreeError::Stage2(e));
+                }
+            }
+            c.frees[order as usize * Freetype::COUNT + ft] += 1;
             let mut core = self.core.lock();
             self.spill(&mut c, &mut core, order, ft, self.batch);
             core.free_pages(pfn, order).expect("validated above");
             return Ok(());
         }
+        c.frees[order as usize * Freetype::COUNT + ft] += 1;
         drop(c);
         self.core
             .lock()
@@ -384,7 +466,7 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// Give up to `n` of the most recently cached blocks of (order, ft) back to the buddy
-    /// lists.
+    /// lists. The caller has zeroed the list's dirty blocks.
     fn spill(
         &self,
         c: &mut CpuCache,
@@ -393,6 +475,7 @@ impl<S: Stage2> Zone<S> {
         ft: usize,
         n: u32,
     ) {
+        debug_assert!(c.pcp.dirty(order, ft).is_empty());
         for _ in 0..n {
             let Some(off) = c.pcp.pop(order, ft) else {
                 break;
@@ -410,10 +493,20 @@ impl<S: Stage2> Zone<S> {
         if c.pcp.is_empty() {
             return Ok(());
         }
+        // Zero dirty blocks first (stage 2 is never called under the zone lock); a list
+        // whose zeroing fails stays cached, dirty, until a later drain or allocation.
+        let lists = || (0..=PCP_MAX_ORDER).flat_map(|o| (0..Freetype::COUNT).map(move |f| (o, f)));
+        // Bit i: list i of `lists()` could not be zeroed.
+        let mut failed = 0u32;
+        for (i, (order, ft)) in lists().enumerate() {
+            if !c.pcp.dirty(order, ft).is_empty() && self.zero_dirty(&mut c, order, ft).is_err() {
+                failed |= 1 << i;
+            }
+        }
         let mut core = self.core.lock();
         c.drains += 1;
-        for order in 0..=PCP_MAX_ORDER {
-            for ft in 0..Freetype::COUNT {
+        for (i, (order, ft)) in lists().enumerate() {
+            if failed & (1 << i) == 0 {
                 let n = c.pcp.len(order, ft);
                 self.spill(&mut c, &mut core, order, ft, n);
             }

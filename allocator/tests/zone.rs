@@ -351,28 +351,108 @@ fn bad_cpu_ids_are_typed_errors_and_change_nothing() {
     z.check_invariants().unwrap();
 }
 
-/// Init-on-free, ZERO and stage-2 failures through the zone: a secret written into an
-/// unmapped page is gone before the page is handed out again, on any CPU; a failed zeroing
-/// on free keeps the allocation.
+/// Init-on-free through the zone: freed unmapped pages wait dirty in their CPU's cache and
+/// are zeroed, all of them in one batch call, before the first is handed out again; a
+/// failed zeroing fails that allocation and keeps the pages cached; a drain zeroes too;
+/// `ZERO` zeroes on allocation.
 #[test]
-fn unmapped_frees_are_zeroed_before_reuse_on_any_cpu() {
+fn unmapped_frees_are_zeroed_in_one_batch_before_reuse() {
+    use allocator::sim::CallKind;
     let base = 0x200000;
     let z = zone(base, 4 * PB, Config::default(), 2);
-    let a = z.alloc_pages(0, Gfp::UNMAPPED, 0).unwrap();
-    z.with_stage2(|s| s.host_write(a.pfn, SECRET | 5));
-    z.with_stage2(|s| s.fail_nth(allocator::sim::CallKind::Zero, 0, Stage2Error::Backend(-5)));
+    let live: Vec<_> = (0..5)
+        .map(|_| z.alloc_pages(0, Gfp::UNMAPPED, 0).unwrap())
+        .collect();
+    for (i, a) in live.iter().enumerate() {
+        z.with_stage2(|s| s.host_write(a.pfn, SECRET | i as u64));
+    }
+    let zeros = z.with_stage2(|s| s.count(CallKind::Zero));
+    for a in &live {
+        z.free_pages(1, a.pfn, 0).unwrap();
+        assert_eq!(z.allocation_containing(a.pfn), None);
+    }
     assert_eq!(
-        z.free_pages(1, a.pfn, 0),
-        Err(FreeError::Stage2(Stage2Error::Backend(-5)))
+        z.with_stage2(|s| s.count(CallKind::Zero)),
+        zeros,
+        "zeroing deferred"
     );
-    assert_eq!(z.allocation_containing(a.pfn), Some(a));
-    z.free_pages(1, a.pfn, 0).unwrap();
-    assert_eq!(z.with_stage2(|s| s.content(a.pfn)), Some(0));
+    z.with_stage2(|s| s.fail_nth(CallKind::Zero, 0, Stage2Error::Backend(-5)));
+    assert_eq!(
+        z.alloc_pages(1, Gfp::UNMAPPED, 0),
+        Err(AllocError::Stage2(Stage2Error::Backend(-5)))
+    );
+    assert_eq!(
+        z.cached_pages(1).unwrap(),
+        5,
+        "nothing handed out, nothing lost"
+    );
     let b = z.alloc_pages(1, Gfp::UNMAPPED, 0).unwrap();
-    assert_eq!(b.pfn, a.pfn, "CPU 1's cache hands the page back");
+    assert_eq!(
+        b.pfn, live[4].pfn,
+        "CPU 1's cache hands the last freed page back"
+    );
+    z.with_stage2(|s| {
+        assert_eq!(
+            s.count(CallKind::Zero),
+            zeros + 6,
+            "one failed call, then 5 pages"
+        );
+        for a in &live {
+            assert_eq!(s.content(a.pfn), Some(0));
+        }
+    });
+    let s = z.snapshot();
+    assert_eq!(s.pages_zeroed_on_free, 5);
+    // A drain zeroes what is dirty before the buddy lists get it.
+    z.with_stage2(|s| s.host_write(b.pfn, SECRET));
+    z.free_pages(0, b.pfn, 0).unwrap();
+    z.drain_all();
+    assert_eq!(z.with_stage2(|s| s.content(b.pfn)), Some(0));
     let c = z.alloc_pages(0, Gfp::ZERO | Gfp::MOVABLE, 2).unwrap();
     z.with_stage2(|s| (c.pfn..c.pfn + 4).for_each(|p| assert_eq!(s.content(p), Some(0))));
     let s = z.snapshot();
-    assert_eq!((s.pages_zeroed_on_free, s.pages_zeroed_on_alloc), (1, 4));
+    assert_eq!((s.pages_zeroed_on_free, s.pages_zeroed_on_alloc), (6, 4));
     z.check_invariants().unwrap();
+}
+
+/// A full cache takes the block being freed and the dirty ones into one zeroing call; if
+/// it fails, the free fails and the allocation stays.
+#[test]
+fn full_unmapped_cache_zeroes_in_one_call_and_a_failure_keeps_the_allocation() {
+    use allocator::sim::CallKind;
+    let cfg = Config {
+        pcp_capacity: 4,
+        ..Config::default()
+    };
+    let z = zone(0, 4 * PB, cfg, 1);
+    let live: Vec<_> = (0..6)
+        .map(|_| z.alloc_pages(0, Gfp::UNMAPPED, 0).unwrap())
+        .collect();
+    let zeros = z.with_stage2(|s| s.count(CallKind::Zero));
+    for a in &live[..4] {
+        z.free_pages(0, a.pfn, 0).unwrap();
+    }
+    z.with_stage2(|s| s.fail_nth(CallKind::Zero, 0, Stage2Error::Backend(-7)));
+    assert_eq!(
+        z.free_pages(0, live[4].pfn, 0),
+        Err(FreeError::Stage2(Stage2Error::Backend(-7)))
+    );
+    assert_eq!(z.allocation_containing(live[4].pfn), Some(live[4]));
+    z.free_pages(0, live[4].pfn, 0).unwrap();
+    z.with_stage2(|s| {
+        // The failed batch stopped at its first range; the retry zeroed all five pages.
+        assert_eq!(s.count(CallKind::Zero), zeros + 1 + 5);
+        for a in &live[..5] {
+            assert_eq!(s.content(a.pfn), Some(0));
+        }
+    });
+    assert_eq!(
+        z.snapshot().stage2_zero_calls - zeros,
+        1,
+        "one batch call counted"
+    );
+    z.free_pages(0, live[5].pfn, 0).unwrap();
+    z.drain_all();
+    z.check_invariants().unwrap();
+    assert_eq!(z.free_pages_count(), 4 * PB);
 }
