@@ -55,12 +55,22 @@ impl Rng {
 /// random CPU (bad ids included), frees of its own allocations (sometimes on another CPU),
 /// wrong-order frees, drains, and phases that push the unmapped share up and down so
 /// pageblocks flip both ways. `owner` is the shared double-allocation detector.
-fn worker(z: &Zone<SimStage2>, owner: &[AtomicU8], id: u8, seed: u64, ops: usize) {
+fn worker(
+    z: &Zone<SimStage2>,
+    owner: &[AtomicU8],
+    id: u8,
+    seed: u64,
+    ops: usize,
+    check_each: bool,
+) {
     let mut r = Rng(seed | 1);
     let nr_cpus = z.nr_cpus();
     let base = z.base_pfn();
     let mut live: Vec<Allocation> = Vec::new();
     for i in 0..ops {
+        if check_each {
+            z.check_invariants().unwrap();
+        }
         let unmapped_phase = (i / 500) % 2 == 1;
         let cpu = if r.below(50) == 0 {
             nr_cpus + r.below(3) as usize
@@ -175,13 +185,14 @@ fn worker(z: &Zone<SimStage2>, owner: &[AtomicU8], id: u8, seed: u64, ops: usize
 
 /// Run `threads` workers on one zone, then check everything after joining.
 fn threaded(base: Pfn, n: u64, cpus: usize, threads: usize, seeds: &[u64], ops: usize) {
+    let check_each = threads == 1;
     let z = zone(base, n, Config::default(), cpus);
     let owner: Vec<AtomicU8> = (0..n).map(|_| AtomicU8::new(0)).collect();
     std::thread::scope(|s| {
         for t in 0..threads {
             let (z, owner) = (&z, &owner[..]);
             let seed = seeds[t % seeds.len()].wrapping_add(t as u64 * 0x9e37_79b9);
-            s.spawn(move || worker(z, owner, t as u8 + 1, seed, ops));
+            s.spawn(move || worker(z, owner, t as u8 + 1, seed, ops, check_each));
         }
     });
     z.check_invariants().unwrap();
@@ -218,6 +229,16 @@ proptest! {
         skew in 0u64..PB,
     ) {
         threaded(0x40000 + skew, 8 * PB + 37, cpus, threads, &seeds, 3000);
+    }
+
+    /// One thread on 1-3 CPUs, `check_invariants()` before every operation.
+    #[test]
+    fn one_thread_invariants_after_every_operation(
+        seed in any::<u64>(),
+        cpus in 1usize..=3,
+        skew in 0u64..PB,
+    ) {
+        threaded(0x40000 + skew, 4 * PB + 5, cpus, 1, &[seed], 1500);
     }
 }
 
