@@ -74,7 +74,6 @@ impl Pcp {
             return None;
         }
         self.len[c] = l - 1;
-        self.clean[c] = self.clean[c].min(l - 1);
         Some(self.slots[c * self.cap as usize + (l - 1) as usize])
     }
 
@@ -88,20 +87,32 @@ impl Pcp {
         }
         self.slots[c * self.cap as usize + l as usize] = off;
         self.len[c] = l + 1;
-        if self.clean[c] == l {
-            self.clean[c] = l + 1;
-        }
         true
     }
 
-    /// Cache block `off`, not zeroed yet, for (order, ft); false if that cache is full.
+    /// [`Self::pop`] keeping the dirty marks ([`crate::Zone`]'s caches; the single-CPU
+    /// allocator never has dirty blocks and uses the plain calls).
     #[inline]
-    pub fn push_dirty(&mut self, order: u8, ft: usize, off: u32) -> bool {
+    pub fn pop_tracked(&mut self, order: u8, ft: usize) -> Option<u32> {
         let c = ci(order, ft);
-        let clean = self.clean[c];
-        let pushed = self.push(order, ft, off);
-        self.clean[c] = clean;
-        pushed
+        let off = self.pop(order, ft)?;
+        self.clean[c] = self.clean[c].min(self.len[c]);
+        Some(off)
+    }
+
+    /// Cache block `off` for (order, ft), `dirty` if it has not been zeroed yet; false if
+    /// that cache is full. A clean block pushed above dirty ones counts as dirty.
+    #[inline]
+    pub fn push_tracked(&mut self, order: u8, ft: usize, off: u32, dirty: bool) -> bool {
+        let c = ci(order, ft);
+        let l = self.len[c];
+        if !self.push(order, ft, off) {
+            return false;
+        }
+        if !dirty && self.clean[c] == l {
+            self.clean[c] = l + 1;
+        }
+        true
     }
 
     /// The dirty blocks of (order, ft) (not zeroed yet), oldest first.
@@ -152,17 +163,19 @@ mod tests {
         assert_eq!(p.pop(0, 3), None);
         assert_eq!(p.pop(2, 3), Some(4));
         assert!(!p.is_empty());
-        assert!(p.push_dirty(1, 3, 10));
-        assert!(p.push_dirty(1, 3, 12));
+        assert!(p.push_tracked(1, 3, 10, true));
+        assert!(p.push_tracked(1, 3, 12, true));
         assert_eq!(p.dirty(1, 3), &[10, 12]);
-        assert_eq!(p.pop(1, 3), Some(12));
+        assert_eq!(p.pop_tracked(1, 3), Some(12));
         assert_eq!(p.dirty(1, 3), &[10]);
         p.mark_clean(1, 3);
         assert!(p.dirty(1, 3).is_empty());
-        assert_eq!(p.pop(1, 3), Some(10));
-        assert!(p.push(1, 3, 14));
-        assert!(p.push_dirty(1, 3, 16));
+        assert_eq!(p.pop_tracked(1, 3), Some(10));
+        assert!(p.push_tracked(1, 3, 14, false));
+        assert!(p.dirty(1, 3).is_empty());
+        assert!(p.push_tracked(1, 3, 16, true));
         assert_eq!(p.dirty(1, 3), &[16]);
+        assert!(!p.push_tracked(1, 3, 18, false));
         let mut z = Pcp::new(0);
         assert!(!z.push(0, 0, 1));
         assert_eq!(z.pop(0, 0), None);

@@ -137,7 +137,9 @@ impl<S: Stage2> Zone<S> {
                 failures: 0,
             }),
             cfg,
-            batch: (cfg.pcp_capacity / 4).max(1),
+            // Half a cache: also 64 bytes of `heads` for order 0, so the blocks two CPUs refill
+            // at once rarely share a cache line of ownership words.
+            batch: (cfg.pcp_capacity / 2).max(1),
             base: base_pfn,
             nr: nr_pages,
             alloc_failures: AtomicU64::new(0),
@@ -245,7 +247,7 @@ impl<S: Stage2> Zone<S> {
             self.zero_dirty(&mut c, order, ft)
                 .map_err(AllocError::Stage2)?;
         }
-        let off = match c.pcp.pop(order, ft) {
+        let off = match c.pcp.pop_tracked(order, ft) {
             Some(off) => off,
             None => match self.refill(&mut c, req, order) {
                 Some(off) => off,
@@ -316,7 +318,7 @@ impl<S: Stage2> Zone<S> {
             let Some(off) = core.take_allocated(req.freetype, order) else {
                 break;
             };
-            if !c.pcp.push(order, ft, off) {
+            if !c.pcp.push_tracked(order, ft, off, false) {
                 core.free_pages(self.base + off as u64, order)
                     .expect("a block the core just allocated");
                 break;
@@ -361,7 +363,7 @@ impl<S: Stage2> Zone<S> {
     fn give_back(&self, slot: &SpinLock<CpuCache>, off: u32, order: u8, ft: usize, cached: bool) {
         if cached {
             let mut c = slot.lock();
-            if c.pcp.push(order, ft, off) {
+            if c.pcp.push_tracked(order, ft, off, false) {
                 self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Release);
                 return;
             }
@@ -432,11 +434,7 @@ impl<S: Stage2> Zone<S> {
         }
         let mut c = slot.lock();
         if order <= PCP_MAX_ORDER {
-            let pushed = if dirty {
-                c.pcp.push_dirty(order, ft, off)
-            } else {
-                c.pcp.push(order, ft, off)
-            };
+            let pushed = c.pcp.push_tracked(order, ft, off, dirty);
             if pushed {
                 h.store(head(ST_CACHED | order, ft), Ordering::Release);
                 c.frees[order as usize * Freetype::COUNT + ft] += 1;
@@ -477,7 +475,7 @@ impl<S: Stage2> Zone<S> {
     ) {
         debug_assert!(c.pcp.dirty(order, ft).is_empty());
         for _ in 0..n {
-            let Some(off) = c.pcp.pop(order, ft) else {
+            let Some(off) = c.pcp.pop_tracked(order, ft) else {
                 break;
             };
             self.heads[off as usize].store(0, Ordering::Relaxed);

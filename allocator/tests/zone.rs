@@ -449,6 +449,8 @@ fn full_unmapped_cache_zeroes_in_one_call_and_a_failure_keeps_the_allocation() {
     let live: Vec<_> = (0..6)
         .map(|_| z.alloc_pages(0, Gfp::UNMAPPED, 0).unwrap())
         .collect();
+    z.drain_all();
+    assert_eq!(z.cached_pages(0).unwrap(), 0);
     let zeros = z.with_stage2(|s| s.count(CallKind::Zero));
     for a in &live[..4] {
         z.free_pages(0, a.pfn, 0).unwrap();
