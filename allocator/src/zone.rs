@@ -35,7 +35,7 @@
 //!   zeroing fails the allocation (or the free that found the cache full) with
 //!   `Stage2`, and the blocks stay cached and dirty.
 
-use crate::buddy::{is_unmapped_index, BuddyAllocator, Config};
+use crate::buddy::{check_free_range, is_unmapped_index, BuddyAllocator, Config};
 use crate::error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
 use crate::flip::flip_stage2;
 use crate::freelist::NR_LISTS;
@@ -90,6 +90,19 @@ pub struct Zone<S: Stage2> {
 
 /// Most ranges passed to one [`Stage2::zero_batch`] call.
 const ZERO_BATCH: usize = 64;
+
+/// What an allocation gives.
+type AllocResult = Result<Allocation, AllocError>;
+
+/// `f()`, counting an error in `failures`.
+#[inline(always)]
+fn counted<T, E>(failures: &AtomicU64, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    let r = f();
+    if r.is_err() {
+        failures.fetch_add(1, Ordering::Relaxed);
+    }
+    r
+}
 
 /// A head word.
 const fn head(state: u8, ft: usize) -> u16 {
@@ -174,20 +187,12 @@ impl<S: Stage2> Zone<S> {
         gfp: Gfp,
         order: u8,
     ) -> Result<Allocation, AllocError> {
-        let r = self.alloc_inner(cpu, ctx, gfp, order);
-        if r.is_err() {
-            self.alloc_failures.fetch_add(1, Ordering::Relaxed);
-        }
-        r
+        counted(&self.alloc_failures, || {
+            self.alloc_inner(cpu, ctx, gfp, order)
+        })
     }
 
-    fn alloc_inner(
-        &self,
-        cpu: usize,
-        ctx: BuddyContext,
-        gfp: Gfp,
-        order: u8,
-    ) -> Result<Allocation, AllocError> {
+    fn alloc_inner(&self, cpu: usize, ctx: BuddyContext, gfp: Gfp, order: u8) -> AllocResult {
         let slot = self.slot(cpu).map_err(AllocError::BadCpu)?;
         if order > MAX_ORDER {
             return Err(AllocError::InvalidOrder(order));
@@ -380,25 +385,12 @@ impl<S: Stage2> Zone<S> {
     /// The errors and their order are those of [`BuddyAllocator::free_pages`], plus
     /// [`FreeError::BadCpu`]; on error nothing changes. Any CPU may free any allocation.
     pub fn free_pages(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
-        let r = self.free_inner(cpu, pfn, order);
-        if r.is_err() {
-            self.free_failures.fetch_add(1, Ordering::Relaxed);
-        }
-        r
+        counted(&self.free_failures, || self.free_inner(cpu, pfn, order))
     }
 
     fn free_inner(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let slot = self.slot(cpu).map_err(FreeError::BadCpu)?;
-        let off = pfn.wrapping_sub(self.base);
-        if off >= self.nr {
-            return Err(FreeError::OutOfRange);
-        }
-        if order > MAX_ORDER {
-            return Err(FreeError::InvalidOrder);
-        }
-        if pfn & ((1u64 << order) - 1) != 0 {
-            return Err(FreeError::Misaligned);
-        }
+        let off = check_free_range(self.base, self.nr, pfn, order)?;
         let h = &self.heads[off as usize];
         // Claim the allocation: only one free of it can move it out of "allocated".
         let word = loop {
@@ -419,7 +411,6 @@ impl<S: Stage2> Zone<S> {
             }
         };
         let ft = (word >> 8) as usize;
-        let off = off as u32;
         let dirty = self.cfg.init_on_free_unmapped && is_unmapped_index(ft);
         if dirty && order > PCP_MAX_ORDER {
             let n = 1u64 << order;
