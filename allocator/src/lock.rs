@@ -51,7 +51,7 @@ impl<T> SpinLock<T> {
             while self.locked.load(Ordering::Relaxed) {
                 spins = spins.wrapping_add(1);
                 #[cfg(feature = "std")]
-                if spins % 256 == 0 {
+                if spins.is_multiple_of(256) {
                     std::thread::yield_now();
                     continue;
                 }
