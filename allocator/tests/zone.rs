@@ -479,3 +479,42 @@ fn full_unmapped_cache_zeroes_in_one_call_and_a_failure_keeps_the_allocation() {
     z.check_invariants().unwrap();
     assert_eq!(z.free_pages_count(), 4 * PB);
 }
+
+/// Two CPUs racing to free the same blocks: exactly one free of each block succeeds, the
+/// other is `NotAllocated`, and nothing is cached or merged twice.
+#[test]
+fn racing_double_frees_succeed_exactly_once() {
+    let n = 16 * PB;
+    let z = zone(0, n, Config::default(), 2);
+    for round in 0..20 {
+        let order = (round % 4) as u8;
+        let live: Vec<_> = (0..400)
+            .map(|i| z.alloc_pages(i % 2, Gfp::MOVABLE, order).unwrap())
+            .collect();
+        let ok: Vec<usize> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (z, live) = (&z, &live);
+                    s.spawn(move || {
+                        let mut won = 0;
+                        for a in live {
+                            match z.free_pages(cpu, a.pfn, a.order) {
+                                Ok(()) => won += 1,
+                                Err(FreeError::NotAllocated) => {}
+                                Err(e) => panic!("{e:?}"),
+                            }
+                        }
+                        won
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ok[0] + ok[1], live.len(), "round {round}: {ok:?}");
+        z.check_invariants().unwrap();
+        assert_eq!(z.free_pages_count(), n);
+    }
+    let s = z.snapshot();
+    assert_eq!(s.total_frees(), 20 * 400);
+    assert_eq!(s.free_failures, 20 * 400);
+}
