@@ -1,13 +1,22 @@
 //! Veil's allocator against `buddy-slab-allocator` 0.6 (its page-level `BuddyAllocator`) and
 //! `buddy_system_allocator` 0.13 (`FrameAllocator<11>`, max order 10 like ours), in the same
-//! run, on the same frame count, with Criterion's measurement loop. After Criterion's own
-//! report, an interleaved pass (one sample of each allocator in turn, 21 rounds, so that
-//! load changes on a shared machine hit all three alike) prints each workload's median time
-//! per iteration and the ratios.
+//! run, on the same frame count, in three passes:
 //!
-//! Run: `cargo bench -p allocator` (add `-- --quick` for a faster, noisier run).
+//! 1. Criterion, **inlined** adapters, fresh allocators (the historical setup: Veil's fast
+//!    path is inlined into the loop, and buddy-slab-allocator starts with all frames as one
+//!    order-17 block, which it splits 17 levels on every hot pair);
+//! 2. the **fair** interleaved pass: every contender (Veil's `BuddyAllocator`, Veil's `Zone`
+//!    on CPU 0 and both peers) called through the same out-of-line adapter ([`Fair`]), each
+//!    started warm (one page allocated first and kept), one sample of each in turn with the
+//!    order of the contenders rotated every round;
+//! 3. **threads**: Veil's `Zone` with 1 and 2 threads (one CPU id each), throughput of hot
+//!    order-0 pairs and of random-order frees; and the unmapped free path against a mapped
+//!    free.
+//!
+//! Run: `cargo bench -p allocator` (add `-- --quick` for a faster, noisier run;
+//! `cargo bench -p allocator -- none` skips pass 1).
 
-use allocator::{BuddyAllocator, Config, Gfp, NullStage2};
+use allocator::{BuddyAllocator, Config, Gfp, NullStage2, Zone};
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -127,6 +136,65 @@ impl PageAlloc for Bsys {
     }
 }
 
+/// Veil's allocator for several CPUs, used on CPU 0.
+struct VeilZone(Zone<NullStage2>);
+impl VeilZone {
+    fn new() -> Self {
+        VeilZone(Zone::new(1 << 18, FRAMES as u64, NullStage2, Config::default(), 2).unwrap())
+    }
+}
+impl PageAlloc for VeilZone {
+    const NAME: &'static str = "veil-zone";
+    #[inline(always)]
+    fn alloc(&mut self, order: u8) -> Option<usize> {
+        self.0
+            .alloc_pages(0, Gfp::empty(), order)
+            .ok()
+            .map(|a| a.pfn as usize)
+    }
+    #[inline(always)]
+    fn free(&mut self, frame: usize, order: u8) {
+        self.0.free_pages(0, frame as u64, order).unwrap();
+    }
+    fn settle(&mut self) {
+        self.0.drain_all();
+    }
+}
+
+/// The fair adapter: the same out-of-line call layer around every contender's alloc and
+/// free (one `#[inline(never)]` function per operation and contender), so no contender's
+/// fast path is inlined into the workload loop. Created warm: one page is allocated first
+/// and kept, so no allocator pays a first-split from one huge block on every hot pair.
+struct Fair<A>(A);
+impl<A: PageAlloc> Fair<A> {
+    fn warm(mut a: A) -> Self {
+        black_box(a.alloc(0).unwrap());
+        Fair(a)
+    }
+}
+#[inline(never)]
+fn fair_alloc<A: PageAlloc>(a: &mut A, order: u8) -> Option<usize> {
+    a.alloc(order)
+}
+#[inline(never)]
+fn fair_free<A: PageAlloc>(a: &mut A, frame: usize, order: u8) {
+    a.free(frame, order)
+}
+impl<A: PageAlloc> PageAlloc for Fair<A> {
+    const NAME: &'static str = A::NAME;
+    #[inline(always)]
+    fn alloc(&mut self, order: u8) -> Option<usize> {
+        fair_alloc(&mut self.0, order)
+    }
+    #[inline(always)]
+    fn free(&mut self, frame: usize, order: u8) {
+        fair_free(&mut self.0, frame, order)
+    }
+    fn settle(&mut self) {
+        self.0.settle()
+    }
+}
+
 /// xorshift64*: the same pseudo-random sequence for every allocator.
 struct Rng(u64);
 impl Rng {
@@ -168,6 +236,7 @@ fn aging_ops() -> Vec<(usize, u8)> {
 }
 
 /// One sample of `n` hot alloc+free pairs of `order`; returns the elapsed time.
+#[inline(never)]
 fn hot_sample<A: PageAlloc>(a: &mut A, order: u8, n: u64) -> Duration {
     let t = Instant::now();
     for _ in 0..n {
@@ -184,14 +253,22 @@ fn random_free_sample<A: PageAlloc>(a: &mut A, perm: &[usize], frames: &mut [usi
         *f = a.alloc(0).unwrap();
     }
     let t = Instant::now();
+    free_phase(a, perm, frames);
+    t.elapsed()
+}
+
+/// The timed part of [`random_free_sample`] (its own function so that
+/// `callgrind --toggle-collect='*free_phase*'` counts only it).
+#[inline(never)]
+fn free_phase<A: PageAlloc>(a: &mut A, perm: &[usize], frames: &[usize]) {
     for &i in perm {
         a.free(black_box(frames[i]), 0);
     }
     a.settle();
-    t.elapsed()
 }
 
 /// One round of the aging mix, ending with everything freed.
+#[inline(never)]
 fn aging_sample<A: PageAlloc>(
     a: &mut A,
     ops: &[(usize, u8)],
@@ -282,22 +359,93 @@ fn flush_caches(buf: &mut [u8]) {
     black_box(&buf[..]);
 }
 
-/// Median ns per iteration of each allocator (veil, bsa, bsys) for each workload.
-fn interleaved(perm: &[usize], ops: &[(usize, u8)]) -> Vec<(&'static str, [f64; 3])> {
-    let (mut v, mut b, mut y) = (Veil::new(), Bsa::new(), Bsys::new());
+/// Workloads of the fair pass.
+const WORKLOADS: [&str; 4] = [
+    "hot_order0_pair",
+    "random_free_1e5",
+    "order9_pair",
+    "aging_mix_2e4",
+];
+/// Hot pairs per sample.
+const HOT: u64 = 200_000;
+/// Hot pairs per thread in the threads pass (long enough, ≈ 50 ms, that thread start-up
+/// skew on a busy host does not serialise the threads).
+const THREAD_HOT: u64 = 2_000_000;
+/// Aging rounds per sample.
+const AGING_K: u32 = 4;
+
+/// Inputs shared by every sample.
+struct Inputs {
+    perm: Vec<usize>,
+    ops: Vec<(usize, u8)>,
+}
+
+/// One contender of the fair pass, behind a `dyn` boundary per *sample* (not per operation).
+trait Contender {
+    fn name(&self) -> &'static str;
+    /// ns per iteration of workload `w` (an index into [`WORKLOADS`]).
+    fn sample(&mut self, w: usize, inp: &Inputs) -> f64;
+}
+
+struct Slot<A> {
+    a: Fair<A>,
+    frames: Vec<usize>,
+    slots: Vec<Option<(usize, u8)>>,
+}
+impl<A: PageAlloc> Contender for Slot<A> {
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+    fn sample(&mut self, w: usize, inp: &Inputs) -> f64 {
+        match w {
+            0 => hot_sample(&mut self.a, 0, HOT).as_nanos() as f64 / HOT as f64,
+            1 => random_free_sample(&mut self.a, &inp.perm, &mut self.frames).as_nanos() as f64,
+            2 => hot_sample(&mut self.a, 9, HOT).as_nanos() as f64 / HOT as f64,
+            _ => {
+                let d: Duration = (0..AGING_K)
+                    .map(|_| aging_sample(&mut self.a, &inp.ops, &mut self.slots))
+                    .sum();
+                d.as_nanos() as f64 / AGING_K as f64
+            }
+        }
+    }
+}
+fn slot<A: PageAlloc + 'static>(a: A) -> Box<dyn Contender> {
+    Box::new(Slot {
+        a: Fair::warm(a),
+        frames: vec![0; BATCH],
+        slots: vec![None; AGING_SLOTS],
+    })
+}
+
+/// The contenders of the fair pass, fresh and warm: veil, veil-zone, bsa, bsys.
+fn contenders() -> Vec<Box<dyn Contender>> {
+    vec![
+        slot(Veil::new()),
+        slot(VeilZone::new()),
+        slot(Bsa::new()),
+        slot(Bsys::new()),
+    ]
+}
+
+/// The fair pass: per workload, `rounds()` rounds of one sample of every contender, the
+/// starting contender rotated each round; the median (or minimum) ns per iteration of each.
+fn fair_pass(inp: &Inputs) -> Vec<(&'static str, Vec<f64>)> {
+    let mut cs = contenders();
     let mut flush = vec![0u8; FLUSH_BYTES];
     let mut out = Vec::new();
-    let mut run = |name: &'static str, f: &mut dyn FnMut(usize) -> f64| {
+    for (w, name) in WORKLOADS.iter().enumerate() {
         if !selected(name) {
-            return;
+            continue;
         }
-        let mut t = [Vec::new(), Vec::new(), Vec::new()];
-        for _ in 0..rounds() {
-            for (who, samples) in t.iter_mut().enumerate() {
+        let mut t: Vec<Vec<f64>> = vec![Vec::new(); cs.len()];
+        for round in 0..rounds() {
+            for k in 0..cs.len() {
+                let who = (round + k) % cs.len();
                 if flush_enabled() {
                     flush_caches(&mut flush);
                 }
-                samples.push(f(who));
+                t[who].push(cs[who].sample(w, inp));
             }
         }
         let stat: fn(&mut [f64]) -> f64 = if std::env::var_os("PEERS_MIN").is_some() {
@@ -305,47 +453,42 @@ fn interleaved(perm: &[usize], ops: &[(usize, u8)]) -> Vec<(&'static str, [f64; 
         } else {
             median
         };
-        out.push((name, t.map(|mut s| stat(&mut s))));
-    };
-    const HOT: u64 = 200_000;
-    run("hot_order0_pair", &mut |who| {
-        let d = match who {
-            0 => hot_sample(&mut v, 0, HOT),
-            1 => hot_sample(&mut b, 0, HOT),
-            _ => hot_sample(&mut y, 0, HOT),
-        };
-        d.as_nanos() as f64 / HOT as f64
-    });
-    let mut frames = vec![0usize; BATCH];
-    run("random_free_1e5", &mut |who| {
-        let d = match who {
-            0 => random_free_sample(&mut v, perm, &mut frames),
-            1 => random_free_sample(&mut b, perm, &mut frames),
-            _ => random_free_sample(&mut y, perm, &mut frames),
-        };
-        d.as_nanos() as f64
-    });
-    run("order9_pair", &mut |who| {
-        let d = match who {
-            0 => hot_sample(&mut v, 9, HOT),
-            1 => hot_sample(&mut b, 9, HOT),
-            _ => hot_sample(&mut y, 9, HOT),
-        };
-        d.as_nanos() as f64 / HOT as f64
-    });
-    let mut slots: Vec<Option<(usize, u8)>> = vec![None; AGING_SLOTS];
-    run("aging_mix_2e4", &mut |who| {
-        const K: u32 = 4;
-        let d: Duration = (0..K)
-            .map(|_| match who {
-                0 => aging_sample(&mut v, ops, &mut slots),
-                1 => aging_sample(&mut b, ops, &mut slots),
-                _ => aging_sample(&mut y, ops, &mut slots),
-            })
-            .sum();
-        d.as_nanos() as f64 / K as f64
-    });
+        out.push((*name, t.iter_mut().map(|s| stat(s)).collect()));
+    }
     out
+}
+
+/// `PEERS_IR=<workload index>:<contender index>`: run only that workload on that contender,
+/// `rounds()` samples (workload 4: the free-path comparison, contender 0 mapped, 1 unmapped), for `valgrind --tool=callgrind --toggle-collect=...` (see the README).
+fn ir_mode(inp: &Inputs) -> bool {
+    let Ok(v) = std::env::var("PEERS_IR") else {
+        return false;
+    };
+    let (w, c) = v.split_once(':').expect("PEERS_IR=<workload>:<contender>");
+    let (w, c): (usize, usize) = (w.parse().unwrap(), c.parse().unwrap());
+    if w == 4 {
+        // The free-path comparison: BuddyAllocator mapped (0), unmapped (1); Zone mapped
+        // (2), unmapped (3).
+        for _ in 0..rounds() {
+            black_box(match c {
+                0 | 1 => free_cost(c == 1, &inp.perm),
+                _ => zone_free_cost(c == 3, &inp.perm),
+            });
+        }
+        eprintln!("PEERS_IR: {} x free of {BATCH} pages, case {c}", rounds());
+        return true;
+    }
+    let mut cs = contenders();
+    for _ in 0..rounds() {
+        black_box(cs[c].sample(w, inp));
+    }
+    eprintln!(
+        "PEERS_IR: {} x {} on {}",
+        rounds(),
+        WORKLOADS[w],
+        cs[c].name()
+    );
+    true
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -373,38 +516,232 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
-fn print_summary(rows: &[(&'static str, [f64; 3])]) {
+fn print_fair(rows: &[(&'static str, Vec<f64>)]) {
+    let names: Vec<&str> = contenders().iter().map(|c| c.name()).collect();
     println!();
     println!(
-        "== allocator peers: median time per iteration, {FRAMES} frames each, \
-         {} interleaved rounds ==",
+        "== fair setup: same out-of-line adapter, warm start, rotated order; median time per \
+         iteration, {FRAMES} frames each, {} rounds ==",
         rounds()
     );
+    print!("{:<17}", "workload");
+    for n in &names {
+        print!(" {n:>22}");
+    }
+    println!(" {:>10} {:>10}", "veil/bsa", "zone/bsa");
+    for (w, t) in rows {
+        print!("{w:<17}");
+        for x in t {
+            print!(" {:>22}", fmt_ns(*x));
+        }
+        println!(" {:>9.3}x {:>9.3}x", t[0] / t[2], t[1] / t[2]);
+    }
     println!(
-        "{:<17} {:>12} {:>22} {:>24} {:>10} {:>10}",
-        "workload",
-        "veil",
-        "buddy-slab-allocator",
-        "buddy_system_allocator",
-        "veil/bsa",
-        "bsys/veil"
+        "veil/bsa, zone/bsa: Veil's time as a multiple of buddy-slab-allocator's (goal <= 0.8)"
     );
-    for (w, [v, b, y]) in rows {
+}
+
+/// Throughput (operations per second, all threads together) of `threads` threads on one
+/// zone, each on its own CPU id: `hot` pairs each (`random` false) or the random-order free
+/// of `BATCH / 2` pages each, allocated untimed (`random` true).
+fn zone_throughput(threads: usize, random: bool, perm: &[usize]) -> f64 {
+    let z = Zone::new(1 << 18, FRAMES as u64, NullStage2, Config::default(), 2).unwrap();
+    black_box(z.alloc_pages(0, Gfp::empty(), 0).unwrap());
+    let half = BATCH / 2;
+    let frames: Vec<Vec<u64>> = (0..threads)
+        .map(|cpu| {
+            if !random {
+                return Vec::new();
+            }
+            (0..half)
+                .map(|_| z.alloc_pages(cpu, Gfp::empty(), 0).unwrap().pfn)
+                .collect()
+        })
+        .collect();
+    let start = std::sync::Barrier::new(threads + 1);
+    let ops = if random { half as u64 } else { THREAD_HOT };
+    // Each thread times itself from the barrier; the span is first start to last end.
+    let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+        let hs: Vec<_> = frames
+            .iter()
+            .enumerate()
+            .map(|(cpu, mine)| {
+                let (z, start) = (&z, &start);
+                s.spawn(move || {
+                    start.wait();
+                    let t0 = Instant::now();
+                    if random {
+                        for &i in perm.iter().filter(|&&i| i < half) {
+                            z.free_pages(cpu, black_box(mine[i]), 0).unwrap();
+                        }
+                    } else {
+                        for _ in 0..THREAD_HOT {
+                            let a = z.alloc_pages(cpu, Gfp::empty(), black_box(0)).unwrap();
+                            z.free_pages(cpu, black_box(a.pfn), 0).unwrap();
+                        }
+                    }
+                    (t0, Instant::now())
+                })
+            })
+            .collect();
+        start.wait();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let first = spans.iter().map(|s| s.0).min().unwrap();
+    let last = spans.iter().map(|s| s.1).max().unwrap();
+    let elapsed = last - first;
+    (threads as u64 * ops) as f64 / elapsed.as_secs_f64()
+}
+
+/// Throughput of `threads` threads running a shared-nothing compute loop: the control for
+/// the zone's figures (what 2 threads can get on this host at this moment).
+fn control_throughput(threads: usize) -> f64 {
+    const N: u64 = 20_000_000;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut x = 1u64;
+                for i in 0..N {
+                    x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i));
+                }
+                black_box(x)
+            });
+        }
+    });
+    (threads as u64 * N) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// A stage 2 whose `zero` is a real, out-of-line call (as in the VMM) that only counts.
+struct CallStage2(u64);
+impl allocator::Stage2 for CallStage2 {
+    fn unmap(&mut self, _: u64, _: u64) -> Result<(), allocator::Stage2Error> {
+        Ok(())
+    }
+    fn map(&mut self, _: u64, _: u64) -> Result<(), allocator::Stage2Error> {
+        Ok(())
+    }
+    #[inline(never)]
+    fn zero(&mut self, _: u64, n: u64) -> Result<(), allocator::Stage2Error> {
+        self.0 = black_box(self.0 + n);
+        Ok(())
+    }
+}
+
+/// ns per free of `BATCH` order-0 pages in random order (then a drain), mapped or unmapped
+/// (init_on_free on), through `BuddyAllocator` with an out-of-line zeroing stage 2 whose
+/// `zero_batch` is the default (one `zero` per range).
+fn free_cost(unmapped: bool, perm: &[usize]) -> f64 {
+    let mut a = BuddyAllocator::new(1 << 18, FRAMES as u64, CallStage2(0), Config::default());
+    let gfp = if unmapped {
+        Gfp::UNMAPPED
+    } else {
+        Gfp::empty()
+    };
+    black_box(a.alloc_pages(gfp, 0).unwrap());
+    let frames: Vec<u64> = (0..BATCH)
+        .map(|_| a.alloc_pages(gfp, 0).unwrap().pfn)
+        .collect();
+    let t = Instant::now();
+    free_cost_phase(&mut a, perm, &frames);
+    t.elapsed().as_nanos() as f64 / BATCH as f64
+}
+/// The timed part of [`free_cost`] (`--toggle-collect='*free_cost_phase*'`).
+#[inline(never)]
+fn free_cost_phase(a: &mut BuddyAllocator<CallStage2>, perm: &[usize], frames: &[u64]) {
+    for &i in perm {
+        fair_free_call(a, frames[i]);
+    }
+    a.drain_pcp();
+}
+/// [`free_cost`] through a one-CPU [`Zone`] (freed unmapped pages zeroed in batches).
+fn zone_free_cost(unmapped: bool, perm: &[usize]) -> f64 {
+    let z = Zone::new(1 << 18, FRAMES as u64, CallStage2(0), Config::default(), 1).unwrap();
+    let gfp = if unmapped {
+        Gfp::UNMAPPED
+    } else {
+        Gfp::empty()
+    };
+    black_box(z.alloc_pages(0, gfp, 0).unwrap());
+    let frames: Vec<u64> = (0..BATCH)
+        .map(|_| z.alloc_pages(0, gfp, 0).unwrap().pfn)
+        .collect();
+    let t = Instant::now();
+    zone_free_cost_phase(&z, perm, &frames);
+    t.elapsed().as_nanos() as f64 / BATCH as f64
+}
+/// The timed part of [`zone_free_cost`] (`--toggle-collect='*free_cost_phase*'`).
+#[inline(never)]
+fn zone_free_cost_phase(z: &Zone<CallStage2>, perm: &[usize], frames: &[u64]) {
+    for &i in perm {
+        zone_free_call(z, frames[i]);
+    }
+    z.drain_all();
+}
+#[inline(never)]
+fn zone_free_call(z: &Zone<CallStage2>, pfn: u64) {
+    z.free_pages(0, pfn, 0).unwrap();
+}
+
+/// The same out-of-line call layer as [`fair_free`].
+#[inline(never)]
+fn fair_free_call(a: &mut BuddyAllocator<CallStage2>, pfn: u64) {
+    a.free_pages(pfn, 0).unwrap();
+}
+
+/// Pass 3: 1 vs 2 threads, and the unmapped free path.
+fn threads_pass(perm: &[usize]) {
+    if !selected("threads") {
+        return;
+    }
+    println!();
+    println!(
+        "== Zone, 1 vs 2 threads (one CPU id each), {} rounds; goal: 2 threads >= 1.8x on hot pairs; \
+         the control shows what 2 threads get on this host right now ==",
+        rounds()
+    );
+    for (name, w) in [
+        ("hot_order0_pair", 0),
+        ("random_free_5e4_each", 1),
+        ("control (no sharing)", 2),
+    ] {
+        let f = |threads| match w {
+            2 => control_throughput(threads),
+            _ => zone_throughput(threads, w == 1, perm),
+        };
+        let mut one: Vec<f64> = (0..rounds()).map(|_| f(1)).collect();
+        let mut two: Vec<f64> = (0..rounds()).map(|_| f(2)).collect();
+        let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+        let (b1, b2) = (best(&one), best(&two));
+        let (o, t) = (median(&mut one), median(&mut two));
         println!(
-            "{:<17} {:>12} {:>22} {:>24} {:>9.3}x {:>9.1}x",
-            w,
-            fmt_ns(*v),
-            fmt_ns(*b),
-            fmt_ns(*y),
-            v / b,
-            y / v
+            "{name:<22} median: 1 thread {:>7.2} Mop/s, 2 threads {:>7.2} Mop/s = {:.2}x; \
+             best: {:>7.2} / {:>7.2} Mop/s = {:.2}x",
+            o / 1e6,
+            t / 1e6,
+            t / o,
+            b1 / 1e6,
+            b2 / 1e6,
+            b2 / b1
         );
     }
-    println!("veil/bsa: Veil's time as a multiple of buddy-slab-allocator's (goal <= 1.0)");
-    println!(
-        "bsys/veil: how many times faster Veil is than buddy_system_allocator \
-         (goal >= 5 on random_free)"
-    );
+    for (name, f) in [
+        ("BuddyAllocator", free_cost as fn(bool, &[usize]) -> f64),
+        ("Zone (1 cpu)", zone_free_cost),
+    ] {
+        let mut m: Vec<f64> = Vec::new();
+        let mut u: Vec<f64> = Vec::new();
+        for _ in 0..rounds() {
+            m.push(f(false, perm));
+            u.push(f(true, perm));
+        }
+        let (m, u) = (median(&mut m), median(&mut u));
+        println!(
+            "{name:<15} random-order free of {BATCH} pages: unmapped (init_on_free) {u:.1} ns vs \
+             mapped {m:.1} ns per page: {:.2}x (goal <= 1.1)",
+            u / m
+        );
+    }
 }
 
 fn main() {
@@ -412,23 +749,30 @@ fn main() {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .configure_from_args();
-    let perm = shuffled(BATCH, 42);
-    let ops = aging_ops();
+    let inp = Inputs {
+        perm: shuffled(BATCH, 42),
+        ops: aging_ops(),
+    };
+    if ir_mode(&inp) {
+        return;
+    }
+    let (perm, ops) = (&inp.perm, &inp.ops);
     // Workload by workload, the three allocators back to back, so that load changes on a
     // shared machine hit them alike.
     hot_order(&mut c, &mut Veil::new(), "hot_order0_pair", 0);
     hot_order(&mut c, &mut Bsa::new(), "hot_order0_pair", 0);
     hot_order(&mut c, &mut Bsys::new(), "hot_order0_pair", 0);
-    random_free(&mut c, &mut Veil::new(), &perm);
-    random_free(&mut c, &mut Bsa::new(), &perm);
-    random_free(&mut c, &mut Bsys::new(), &perm);
+    random_free(&mut c, &mut Veil::new(), perm);
+    random_free(&mut c, &mut Bsa::new(), perm);
+    random_free(&mut c, &mut Bsys::new(), perm);
     hot_order(&mut c, &mut Veil::new(), "order9_pair", 9);
     hot_order(&mut c, &mut Bsa::new(), "order9_pair", 9);
     hot_order(&mut c, &mut Bsys::new(), "order9_pair", 9);
-    aging(&mut c, &mut Veil::new(), &ops);
-    aging(&mut c, &mut Bsa::new(), &ops);
-    aging(&mut c, &mut Bsys::new(), &ops);
+    aging(&mut c, &mut Veil::new(), ops);
+    aging(&mut c, &mut Bsa::new(), ops);
+    aging(&mut c, &mut Bsys::new(), ops);
     c.final_summary();
-    let rows = interleaved(&perm, &ops);
-    print_summary(&rows);
+    let rows = fair_pass(&inp);
+    print_fair(&rows);
+    threads_pass(&inp.perm);
 }

@@ -34,6 +34,23 @@ pub(crate) const fn is_unmapped_index(i: usize) -> bool {
     (UNMAPPED_INDEX_MASK >> i) & 1 != 0
 }
 
+/// The first checks of a free, in their order: `pfn` in `[base, base + nr)`, `order` valid,
+/// `pfn` aligned to it. Gives the page offset.
+#[inline]
+pub(crate) fn check_free_range(base: u64, nr: u64, pfn: Pfn, order: u8) -> Result<u32, FreeError> {
+    let off = pfn.wrapping_sub(base);
+    if off >= nr {
+        return Err(FreeError::OutOfRange);
+    }
+    if order > MAX_ORDER {
+        return Err(FreeError::InvalidOrder);
+    }
+    if pfn & ((1u64 << order) - 1) != 0 {
+        return Err(FreeError::Misaligned);
+    }
+    Ok(off as u32)
+}
+
 /// Allocator options.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -273,6 +290,24 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.flip_alloc(req, order).map(|off| (off, false))
     }
 
+    /// For [`crate::Zone`] (whose core has no caches and never zeroes): a block of `order`
+    /// for freetype `ft` from the buddy lists, same freetype or fallback, marked allocated;
+    /// None when only a flip could help.
+    pub(crate) fn take_allocated(&mut self, ft: Freetype, order: u8) -> Option<u32> {
+        let off = self.rmqueue(ft, order)?;
+        self.mark_allocated(off, order, ft.index());
+        Some(off)
+    }
+
+    /// Record block `off` (just taken off the free structures) as an allocation.
+    pub(crate) fn mark_allocated(&mut self, off: u32, order: u8, ft: usize) {
+        let m = &mut self.meta[off as usize];
+        m.state = ST_ALLOC | order;
+        m.ft = ft as u8;
+        self.free -= 1 << order;
+        self.ctr.allocs[order as usize * Freetype::COUNT + ft] += 1;
+    }
+
     /// Same freetype first, then Linux's claim/steal fallback within the same mapped-ness.
     #[inline]
     fn rmqueue(&mut self, ft: Freetype, order: u8) -> Option<u32> {
@@ -498,17 +533,7 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     #[inline]
     fn free_checked(&mut self, pfn: Pfn, order: u8) -> Result<(), FreeError> {
-        let off = pfn.wrapping_sub(self.base);
-        if off >= self.nr {
-            return Err(FreeError::OutOfRange);
-        }
-        if order > MAX_ORDER {
-            return Err(FreeError::InvalidOrder);
-        }
-        if pfn & ((1u64 << order) - 1) != 0 {
-            return Err(FreeError::Misaligned);
-        }
-        let off = off as u32;
+        let off = check_free_range(self.base, self.nr, pfn, order)?;
         let m = self.meta[off as usize];
         if m.state & ST_ALLOC == 0 {
             return Err(FreeError::NotAllocated);

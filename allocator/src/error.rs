@@ -67,6 +67,8 @@ pub enum AllocError {
     },
     /// The stage-2 backend failed during a flip or a zeroing; the allocator rolled back.
     Stage2(Stage2Error),
+    /// The CPU id names no per-CPU cache of this [`crate::Zone`].
+    BadCpu(BadCpu),
 }
 
 impl fmt::Display for AllocError {
@@ -91,6 +93,7 @@ impl fmt::Display for AllocError {
                 "order {order} {freetype} needs a pageblock flip but may not block"
             ),
             AllocError::Stage2(e) => write!(f, "{e}"),
+            AllocError::BadCpu(e) => write!(f, "{e}"),
         }
     }
 }
@@ -116,6 +119,8 @@ pub enum FreeError {
     },
     /// `init_on_free` zeroing failed; the pages stay allocated.
     Stage2(Stage2Error),
+    /// The CPU id names no per-CPU cache of this [`crate::Zone`].
+    BadCpu(BadCpu),
 }
 
 impl fmt::Display for FreeError {
@@ -129,6 +134,7 @@ impl fmt::Display for FreeError {
                 write!(f, "wrong order: the allocation has order {allocated}")
             }
             FreeError::Stage2(e) => write!(f, "zeroing on free failed: {e}"),
+            FreeError::BadCpu(e) => write!(f, "{e}"),
         }
     }
 }
@@ -143,6 +149,8 @@ pub enum InitError {
     TooManyPages(u64),
     /// `base_pfn + nr_pages` overflows.
     Overflow,
+    /// A [`crate::Zone`] needs at least one CPU.
+    NoCpus,
 }
 
 impl fmt::Display for InitError {
@@ -150,8 +158,30 @@ impl fmt::Display for InitError {
         match *self {
             InitError::TooManyPages(n) => write!(f, "{n} pages: too many for 32-bit links"),
             InitError::Overflow => f.write_str("pfn range overflows"),
+            InitError::NoCpus => f.write_str("a zone needs at least one CPU"),
         }
     }
 }
 
 impl core::error::Error for InitError {}
+
+/// A CPU id outside `0..nr_cpus` was passed to a [`crate::Zone`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadCpu {
+    /// The id passed.
+    pub cpu: usize,
+    /// CPUs the zone has caches for.
+    pub nr_cpus: usize,
+}
+
+impl fmt::Display for BadCpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cpu {} out of range (the zone has {} cpus)",
+            self.cpu, self.nr_cpus
+        )
+    }
+}
+
+impl core::error::Error for BadCpu {}

@@ -7,7 +7,7 @@
 //! request fails with [`AllocError::Stage2`]. Requests that may not block never flip.
 
 use crate::buddy::BuddyAllocator;
-use crate::error::AllocError;
+use crate::error::{AllocError, Stage2Error};
 use crate::freetype::Freetype;
 use crate::gfp::AllocRequest;
 use crate::stage2::Stage2;
@@ -30,6 +30,19 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Flip a whole free pageblock (or order-10 block) to the request's mapped-ness and
     /// allocate `order` from it.
     pub(crate) fn flip_alloc(&mut self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
+        let t = self.flip_begin(req, order)?;
+        let res = flip_stage2(&mut self.s2, &t);
+        self.flip_end(t, res, order)
+    }
+
+    /// First half of a flip, under the zone lock: choose the block, take it off the free
+    /// lists and split off what is not flipped, so no one else can see or take it while its
+    /// stage 2 changes. Fails like an allocation that found no block.
+    pub(crate) fn flip_begin(
+        &mut self,
+        req: AllocRequest,
+        order: u8,
+    ) -> Result<FlipTicket, AllocError> {
         let target = req.freetype;
         let flip_order = order.max(PAGEBLOCK_ORDER);
         let Some((cur, src)) = self.flip_candidate(target, flip_order) else {
@@ -59,49 +72,107 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.meta[off as usize].state = 0;
         // Keep the part we do not flip on its own lists: the upper halves of the split.
         self.expand(off, flip_order, cur, src);
+        // The block is off the lists but still counted free until the flip ends.
+        Ok(FlipTicket {
+            pfn: self.base + off as u64,
+            off,
+            flip_order,
+            src,
+            target,
+        })
+    }
 
-        let pfn = self.base + off as u64;
-        let n = 1u64 << flip_order;
-        let res = if target.is_unmapped() {
-            let r = self.s2.unmap(pfn, n);
-            if r.is_ok() {
-                self.ctr.stage2_unmap_calls += 1;
-                self.ctr.stage2_pages_unmapped += n;
-            }
-            r
-        } else {
-            match self.s2.zero(pfn, n) {
-                Ok(()) => {
-                    self.ctr.stage2_zero_calls += 1;
-                    self.ctr.pages_zeroed += n;
-                    self.ctr.pages_zeroed_on_flip += n;
-                    let r = self.s2.map(pfn, n);
-                    if r.is_ok() {
-                        self.ctr.stage2_map_calls += 1;
-                        self.ctr.stage2_pages_mapped += n;
-                    }
-                    r
-                }
-                Err(e) => Err(e),
-            }
-        };
-        if let Err(e) = res {
+    /// Second half of a flip, under the zone lock again: count the stage-2 calls of `res`
+    /// (from [`flip_stage2`]), then retype the block and split `order` off it, or on a
+    /// stage-2 error merge it back onto the lists it came from.
+    pub(crate) fn flip_end(
+        &mut self,
+        t: FlipTicket,
+        res: FlipResult,
+        order: u8,
+    ) -> Result<u32, AllocError> {
+        let n = 1u64 << t.flip_order;
+        if res.unmapped {
+            self.ctr.stage2_unmap_calls += 1;
+            self.ctr.stage2_pages_unmapped += n;
+        }
+        if res.zeroed {
+            self.ctr.stage2_zero_calls += 1;
+            self.ctr.pages_zeroed += n;
+            self.ctr.pages_zeroed_on_flip += n;
+        }
+        if res.mapped {
+            self.ctr.stage2_map_calls += 1;
+            self.ctr.stage2_pages_mapped += n;
+        }
+        if let Err(e) = res.result {
             self.ctr.stage2_failures += 1;
             // Roll back: the block is still of the source mapped-ness; merge it back.
-            self.free_to_buddy(off, flip_order, src);
+            self.free_to_buddy(t.off, t.flip_order, t.src);
             return Err(AllocError::Stage2(e));
         }
-        let t = target.index();
-        self.set_pageblocks(off, flip_order, t);
+        let ft = t.target.index();
+        self.set_pageblocks(t.off, t.flip_order, ft);
         let blocks = n >> PAGEBLOCK_ORDER;
-        if target.is_unmapped() {
+        if t.target.is_unmapped() {
             self.ctr.flips_to_unmapped += blocks;
             self.ctr.flip_calls_to_unmapped += 1;
         } else {
             self.ctr.flips_to_mapped += blocks;
             self.ctr.flip_calls_to_mapped += 1;
         }
-        self.expand(off, order, flip_order, t);
-        Ok(off)
+        self.expand(t.off, order, t.flip_order, ft);
+        Ok(t.off)
     }
+}
+
+/// A block taken off the lists by [`BuddyAllocator::flip_begin`], waiting for its stage-2
+/// change.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlipTicket {
+    /// First pfn of the block.
+    pub pfn: u64,
+    off: u32,
+    flip_order: u8,
+    src: usize,
+    target: Freetype,
+}
+
+impl FlipTicket {
+    /// Pages in the block.
+    pub fn pages(&self) -> u64 {
+        1 << self.flip_order
+    }
+}
+
+/// What the stage-2 half of a flip did.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FlipResult {
+    unmapped: bool,
+    zeroed: bool,
+    mapped: bool,
+    result: Result<(), Stage2Error>,
+}
+
+/// The stage-2 half of a flip (no allocator state touched, so it may run outside the zone
+/// lock): `unmap` the range, or `zero` then `map` it, one call each.
+pub(crate) fn flip_stage2<S: Stage2>(s2: &mut S, t: &FlipTicket) -> FlipResult {
+    let n = t.pages();
+    let mut r = FlipResult {
+        unmapped: false,
+        zeroed: false,
+        mapped: false,
+        result: Ok(()),
+    };
+    r.result = if t.target.is_unmapped() {
+        s2.unmap(t.pfn, n).map(|()| r.unmapped = true)
+    } else {
+        s2.zero(t.pfn, n)
+            .and_then(|()| {
+                r.zeroed = true;
+                s2.map(t.pfn, n)
+            })
+            .map(|()| r.mapped = true)
+    };
+    r
 }

@@ -14,6 +14,8 @@
 //! - **Flips** ([`flip`]): a whole free pageblock of the other mapped-ness changes sides with
 //!   one stage-2 call (zero, then map, on the way back); never for `ATOMIC` requests.
 //! - **Small-block caches** ([`pcp`]): Linux's per-CPU lists, one per (order <= 3, freetype).
+//! - **Several CPUs** ([`zone`]): [`Zone`] puts the buddy lists under one lock (the zone
+//!   lock) and gives every CPU its own caches; flips change stage 2 outside the lock.
 //! - **Two API shapes, one translation** ([`gfp`]): [`Gfp`] flags and
 //!   [`BuddyContext`] + flags both go through [`AllocRequest::from_gfp`]. See that module for
 //!   the GFP-vs-context trade-off.
@@ -33,19 +35,22 @@ pub mod freelist;
 pub mod freetype;
 pub mod gfp;
 pub mod invariants;
+pub mod lock;
 mod meta;
 pub mod pcp;
 pub mod sim;
 pub mod stage2;
 pub mod stats;
+pub mod zone;
 
 pub use buddy::{Allocation, BuddyAllocator, Config, INITIAL_FREETYPE};
-pub use error::{AllocError, FreeError, InitError, Stage2Error};
+pub use error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
 pub use freetype::{Freetype, Migratetype, FT_FLAG_SENSITIVE_RESERVED, FT_FLAG_UNMAPPED};
 pub use gfp::{AllocRequest, BuddyContext, Gfp};
 pub use sim::SimStage2;
 pub use stage2::{NullStage2, Stage2};
 pub use stats::Snapshot;
+pub use zone::Zone;
 
 /// A page frame number (GPA >> 12).
 pub type Pfn = u64;

@@ -30,6 +30,9 @@ const fn ci(order: u8, ft: usize) -> usize {
 pub(crate) struct Pcp {
     slots: Vec<u32>,
     len: [u32; NR_PCP],
+    /// Entries `clean..len` of each stack are dirty: freed unmapped blocks not zeroed yet
+    /// (only [`crate::Zone`] pushes dirty blocks); entries below are clean.
+    clean: [u32; NR_PCP],
     pub(crate) cap: u32,
 }
 
@@ -39,6 +42,7 @@ impl Pcp {
         Pcp {
             slots: alloc::vec![0; cap as usize * NR_PCP],
             len: [0; NR_PCP],
+            clean: [0; NR_PCP],
             cap,
         }
     }
@@ -86,6 +90,46 @@ impl Pcp {
         true
     }
 
+    /// [`Self::pop`] keeping the dirty marks ([`crate::Zone`]'s caches; the single-CPU
+    /// allocator never has dirty blocks and uses the plain calls).
+    #[inline]
+    pub fn pop_tracked(&mut self, order: u8, ft: usize) -> Option<u32> {
+        let c = ci(order, ft);
+        let off = self.pop(order, ft)?;
+        self.clean[c] = self.clean[c].min(self.len[c]);
+        Some(off)
+    }
+
+    /// Cache block `off` for (order, ft), `dirty` if it has not been zeroed yet; false if
+    /// that cache is full. A clean block pushed above dirty ones counts as dirty.
+    #[inline]
+    pub fn push_tracked(&mut self, order: u8, ft: usize, off: u32, dirty: bool) -> bool {
+        let c = ci(order, ft);
+        let l = self.len[c];
+        if !self.push(order, ft, off) {
+            return false;
+        }
+        if !dirty && self.clean[c] == l {
+            self.clean[c] = l + 1;
+        }
+        true
+    }
+
+    /// The dirty blocks of (order, ft) (not zeroed yet), oldest first.
+    #[inline]
+    pub fn dirty(&self, order: u8, ft: usize) -> &[u32] {
+        let c = ci(order, ft);
+        let s = c * self.cap as usize;
+        &self.slots[s + self.clean[c] as usize..s + self.len[c] as usize]
+    }
+
+    /// Record that every block of (order, ft) has been zeroed.
+    #[inline]
+    pub fn mark_clean(&mut self, order: u8, ft: usize) {
+        let c = ci(order, ft);
+        self.clean[c] = self.len[c];
+    }
+
     /// The cached blocks of (order, ft), oldest first.
     pub fn blocks(&self, order: u8, ft: usize) -> &[u32] {
         let c = ci(order, ft);
@@ -119,6 +163,19 @@ mod tests {
         assert_eq!(p.pop(0, 3), None);
         assert_eq!(p.pop(2, 3), Some(4));
         assert!(!p.is_empty());
+        assert!(p.push_tracked(1, 3, 10, true));
+        assert!(p.push_tracked(1, 3, 12, true));
+        assert_eq!(p.dirty(1, 3), &[10, 12]);
+        assert_eq!(p.pop_tracked(1, 3), Some(12));
+        assert_eq!(p.dirty(1, 3), &[10]);
+        p.mark_clean(1, 3);
+        assert!(p.dirty(1, 3).is_empty());
+        assert_eq!(p.pop_tracked(1, 3), Some(10));
+        assert!(p.push_tracked(1, 3, 14, false));
+        assert!(p.dirty(1, 3).is_empty());
+        assert!(p.push_tracked(1, 3, 16, true));
+        assert_eq!(p.dirty(1, 3), &[16]);
+        assert!(!p.push_tracked(1, 3, 18, false));
         let mut z = Pcp::new(0);
         assert!(!z.push(0, 0, 1));
         assert_eq!(z.pop(0, 0), None);

@@ -15,6 +15,12 @@ pub trait Stage2 {
     fn map(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error>;
     /// Zero [pfn, pfn+count) (mapped or not).
     fn zero(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error>;
+    /// Zero several ranges `(pfn, count)` in one call ([`crate::Zone`] zeroes a CPU's freed
+    /// unmapped blocks this way). The default zeroes them one by one with [`Stage2::zero`],
+    /// stopping at the first error; a backend that can batch overrides it.
+    fn zero_batch(&mut self, ranges: &[(Pfn, u64)]) -> Result<(), Stage2Error> {
+        ranges.iter().try_for_each(|&(pfn, n)| self.zero(pfn, n))
+    }
 }
 
 impl<T: Stage2 + ?Sized> Stage2 for &mut T {
@@ -26,6 +32,9 @@ impl<T: Stage2 + ?Sized> Stage2 for &mut T {
     }
     fn zero(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
         (**self).zero(pfn, count)
+    }
+    fn zero_batch(&mut self, ranges: &[(Pfn, u64)]) -> Result<(), Stage2Error> {
+        (**self).zero_batch(ranges)
     }
 }
 
