@@ -18,6 +18,7 @@ mod outcome;
 mod pages;
 mod panic;
 mod registry;
+mod route;
 mod serial;
 mod tests;
 

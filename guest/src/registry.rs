@@ -37,4 +37,5 @@ pub static TESTS: &[Test] = &[
     Test::new("bad_hypercalls", tests::bad_hypercalls::bad_hypercalls),
     Test::new("oom", tests::oom::oom),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),
+    Test::new("reachability", tests::reachability::reachability),
 ];

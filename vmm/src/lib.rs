@@ -32,6 +32,7 @@ pub mod expect;
 pub mod guest_image;
 pub mod kvm_stats;
 pub mod memory;
+pub mod pv_msrs;
 pub mod replay_kvm;
 pub mod report;
 pub mod session;

@@ -4,6 +4,7 @@ pub mod bad_hypercalls;
 pub mod flips;
 pub mod mapped;
 pub mod oom;
+pub mod reachability;
 pub mod timing;
 pub mod unmapped;
 pub mod widths;

@@ -2,6 +2,7 @@
 //! table `veil run` prints and the JSON document `veil run --json` prints.
 
 mod exit;
+pub mod matrix;
 mod render;
 mod violations;
 
@@ -153,6 +154,8 @@ pub struct RunReport {
     pub reserved_end: u64,
     /// The exit-time stage-2 dump as JSON (ranges, memslots, counters, KVM stats).
     pub stage2_dump: serde_json::Value,
+    /// The reachability matrix: one cell per route the guest ran (empty if none).
+    pub reachability: matrix::Matrix,
 }
 
 /// Most violations / not-RAM records kept in memory.
@@ -223,6 +226,7 @@ mod tests {
             ram_size: 0,
             reserved_end: 0,
             stage2_dump: serde_json::Value::Null,
+            reachability: matrix::Matrix::default(),
         };
         assert_eq!(r.exit_code(), exit_code::OK);
         r.tests.push(TestReport {

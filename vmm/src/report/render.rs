@@ -51,6 +51,7 @@ impl RunReport {
             "{passed} passed, {failed} failed, {skipped} skipped; {} violations ({} outside tests), {} not-RAM accesses",
             self.violations_total, self.violations_outside_tests, self.not_ram_total
         );
+        s.push_str(&self.reachability.table());
         s
     }
 

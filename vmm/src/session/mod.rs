@@ -4,13 +4,16 @@
 //!
 //! This module holds the state and the dispatch; the handlers live by topic:
 //! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats, host
-//! fills), `test_calls` (the suite's protocol and the VMM's verdict), `violations`,
+//! fills), `test_calls` (the suite's protocol and the VMM's verdict), `routes` and `secret`
+//! (the reachability matrix and the planted secret it is judged against), `violations`,
 //! `dumps` and `finish` (the report).
 
 mod dumps;
 mod finish;
 mod guest_args;
 mod memory_calls;
+mod routes;
+mod secret;
 mod test_calls;
 mod violations;
 
@@ -159,6 +162,8 @@ pub struct Session {
     dumps: Vec<String>,
     dump_errors: Vec<String>,
     guest_dumps: u32,
+    secret: secret::Secret,
+    routes: routes::Routes,
     /// Guest Log lines.
     pub logs: Vec<String>,
     /// Exit counters (updated by the run loop).
@@ -204,6 +209,8 @@ impl Session {
             dumps: Vec::new(),
             dump_errors: Vec::new(),
             guest_dumps: 0,
+            secret: secret::Secret::random(),
+            routes: routes::Routes::default(),
             logs: Vec::new(),
             exits: ExitCounts::default(),
             ram: c.ram,
@@ -243,6 +250,12 @@ impl Session {
         let Some(hc) = Hc::from_u32(nr) else {
             return HcOut::err(Status::UnknownCall);
         };
+        let out = self.dispatch(hc, a);
+        self.note_refusal(hc, &out);
+        out
+    }
+
+    fn dispatch(&mut self, hc: Hc, a: [u64; 4]) -> HcOut {
         match hc {
             Hc::Version => HcOut::ok(ABI_VERSION),
             Hc::Nop => HcOut::ok(0),
@@ -296,11 +309,11 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
-            // Numbers reserved in the ABI, implemented by the host-assertion and reachability
-            // work.
-            Hc::HostExpect | Hc::PlantSecret | Hc::RouteBegin | Hc::RouteEnd => {
-                HcOut::err(Status::UnknownCall)
-            }
+            // Reserved in the ABI, implemented by the host-assertion work.
+            Hc::HostExpect => HcOut::err(Status::UnknownCall),
+            Hc::PlantSecret => self.hc_plant_secret(a[0], a[1]).into(),
+            Hc::RouteBegin => self.hc_route_begin(a[0], a[1], a[2], a[3]).into(),
+            Hc::RouteEnd => self.hc_route_end().into(),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);

@@ -1,0 +1,499 @@
+//! `reachability`: every route class the guest can try against pages removed from stage 2 that
+//! hold the VMM's planted secret. Per route: plant the secret into the route's own page of an
+//! unmapped pageblock, zero the sink, `RouteBegin`, run the access inside a recovery frame
+//! (`route::protected`: an exception or a blocked fetch ends the route, not the run), leave what
+//! it obtained in the sink, `RouteEnd`. The VMM judges each route and prints the matrix; its
+//! verdict, not this test's, decides (a cell other than "blocked and recorded" fails the test).
+//!
+//! Routes whose cell depends on work not in this build carry `needs`: they are listed in the
+//! log and not run, so the default suite stays green until that work lands (then delete the
+//! `needs`).
+
+use crate::hc;
+use crate::outcome::{Ctx as _, Outcome};
+use crate::pages::PageList;
+use crate::route::{protected, Body, Ctx, Ended};
+use crate::{dm, ensure};
+use core::arch::asm;
+use core::ptr::addr_of_mut;
+use veil_abi::{gfp, Hc, PAGEBLOCK_SIZE, PAGE_SIZE};
+
+/// Offset of the access inside the route's page.
+const OFFSET: u64 = 0x40;
+/// PML4 slot of the guest-built alias window (unused by the VMM's tables: they use the
+/// identity slot 0 and the direct map's slot 273).
+const ALIAS_SLOT: u64 = 400;
+/// Guest-virtual base of the alias window.
+const ALIAS_BASE: u64 = 0xffff_0000_0000_0000 | (ALIAS_SLOT << 39);
+/// Present | writable.
+const PW: u64 = 0b11;
+/// Page-size bit of a PDE (a 2 MiB page).
+const PS: u64 = 1 << 7;
+
+/// How a route reaches its page.
+#[derive(Clone, Copy)]
+enum Via {
+    /// The guest's direct map.
+    Direct,
+    /// A 4 KiB PTE the guest wrote into its own page tables.
+    Alias4k,
+    /// A 2 MiB PDE the guest wrote into its own page tables.
+    Alias2m,
+    /// `wrmsr` of this PV MSR with the page's GPA | these flag bits.
+    Msr(u32, u64),
+}
+
+/// One route of the matrix.
+struct Route {
+    name: &'static str,
+    via: Via,
+    body: Body,
+    /// Work this route's cell depends on that is not in this build: not run while set.
+    needs: Option<&'static str>,
+}
+
+const fn r(name: &'static str, body: Body) -> Route {
+    Route {
+        name,
+        via: Via::Direct,
+        body,
+        needs: None,
+    }
+}
+
+const fn via(name: &'static str, via: Via, body: Body) -> Route {
+    Route {
+        name,
+        via,
+        body,
+        needs: None,
+    }
+}
+
+const fn pending(name: &'static str, body: Body, needs: &'static str) -> Route {
+    Route {
+        name,
+        via: Via::Direct,
+        body,
+        needs: Some(needs),
+    }
+}
+
+/// A body of inline assembly with `r8` = the target address and `r9` = the sink.
+macro_rules! body {
+    ($name:ident, $($asm:literal),+ $(,)?) => {
+        unsafe extern "C" fn $name(c: *mut Ctx) {
+            // SAFETY: `c` is the live context `run_route` passes; the access goes to a page this
+            // test owns and stage 2 blocks (loads get poison, stores are dropped, fetches are
+            // recovered); the sink is `c.out`. Only the declared registers change (xmm0 is
+            // scratch on this soft-float target, see dm.rs); rbx is restored by the body.
+            unsafe {
+                asm!($($asm),+,
+                     in("r8") (*c).va, in("r9") addr_of_mut!((*c).out),
+                     out("rax") _, out("rcx") _, out("rdx") _, out("rsi") _, out("rdi") _,
+                     out("r10") _, out("r11") _);
+            }
+        }
+    };
+}
+
+body!(load_1, "movzx eax, byte ptr [r8]", "mov [r9], rax");
+body!(load_2, "movzx eax, word ptr [r8]", "mov [r9], rax");
+body!(load_4, "mov eax, dword ptr [r8]", "mov [r9], rax");
+body!(load_8, "mov rax, qword ptr [r8]", "mov [r9], rax");
+body!(
+    load_16,
+    "movdqu xmm0, xmmword ptr [r8]",
+    "movdqu xmmword ptr [r9], xmm0"
+);
+body!(
+    load_8_misaligned,
+    "mov rax, qword ptr [r8 + 3]",
+    "mov [r9], rax"
+);
+body!(
+    load_16_misaligned,
+    "movdqu xmm0, xmmword ptr [r8 + 5]",
+    "movdqu xmmword ptr [r9], xmm0"
+);
+body!(store_1, "mov byte ptr [r8], 0x77");
+body!(store_2, "mov word ptr [r8], 0x7777");
+body!(store_4, "mov dword ptr [r8], 0x77777777");
+body!(
+    store_8,
+    "mov rax, 0x7777777777777777",
+    "mov qword ptr [r8], rax"
+);
+body!(
+    store_16,
+    "movdqu xmm0, xmmword ptr [r9]",
+    "movdqu xmmword ptr [r8], xmm0"
+);
+body!(
+    store_8_misaligned,
+    "mov rax, 0x7777777777777777",
+    "mov qword ptr [r8 + 3], rax"
+);
+body!(rmw_add_8, "add qword ptr [r8], 1");
+body!(rmw_inc_1, "inc byte ptr [r8]");
+body!(rmw_xor_4, "xor dword ptr [r8], 0x5a5a");
+body!(
+    alu_load_operand,
+    "xor eax, eax",
+    "add rax, qword ptr [r8]",
+    "mov [r9], rax"
+);
+body!(lock_add_8, "lock add qword ptr [r8], 1");
+body!(
+    lock_xadd_8,
+    "mov eax, 1",
+    "lock xadd qword ptr [r8], rax",
+    "mov [r9], rax"
+);
+body!(
+    xchg_8,
+    "xor eax, eax",
+    "xchg qword ptr [r8], rax",
+    "mov [r9], rax"
+);
+body!(
+    lock_cmpxchg_8,
+    "xor eax, eax",
+    "mov ecx, 1",
+    "lock cmpxchg qword ptr [r8], rcx",
+    "mov [r9], rax"
+);
+body!(
+    lock_cmpxchg8b,
+    "mov r10, rbx",
+    "xor eax, eax",
+    "xor edx, edx",
+    "xor ebx, ebx",
+    "mov ecx, 1",
+    "lock cmpxchg8b qword ptr [r8]",
+    "mov rbx, r10",
+    "mov [r9], eax",
+    "mov [r9 + 4], edx"
+);
+body!(
+    rep_movsb_from,
+    "mov rsi, r8",
+    "mov rdi, r9",
+    "mov ecx, 8",
+    "rep movsb"
+);
+body!(movsq_from, "mov rsi, r8", "mov rdi, r9", "movsq");
+body!(
+    rep_movsb_to,
+    "mov rsi, r9",
+    "mov rdi, r8",
+    "mov ecx, 8",
+    "rep movsb"
+);
+body!(
+    rep_stosb,
+    "mov rdi, r8",
+    "xor eax, eax",
+    "mov ecx, 8",
+    "rep stosb"
+);
+body!(stosq, "mov rdi, r8", "xor eax, eax", "stosq");
+body!(
+    lodsb,
+    "mov rsi, r8",
+    "xor eax, eax",
+    "lodsb",
+    "mov [r9], rax"
+);
+body!(
+    rep_lodsq,
+    "mov rsi, r8",
+    "mov ecx, 2",
+    "rep lodsq",
+    "mov [r9], rax"
+);
+// cmps/scas: what they learn is where the first (in)equality is; the remaining count goes to
+// the sink (a small number: never a secret byte, see the VMM's secret).
+body!(
+    repe_cmpsb,
+    "mov rsi, r8",
+    "lea rdi, [r9 + 8]",
+    "mov ecx, 8",
+    "repe cmpsb",
+    "mov [r9], rcx"
+);
+body!(
+    repne_scasb,
+    "mov rdi, r8",
+    "mov al, 0x5e",
+    "mov ecx, 8",
+    "repne scasb",
+    "mov [r9], rcx"
+);
+body!(clflush, "clflush byte ptr [r8]");
+body!(clflushopt, "clflushopt byte ptr [r8]");
+body!(prefetcht0, "prefetcht0 byte ptr [r8]");
+body!(prefetchnta, "prefetchnta byte ptr [r8]");
+body!(prefetchw, "prefetchw byte ptr [r8]");
+body!(
+    movnti_8,
+    "mov rax, 0x7777777777777777",
+    "movnti qword ptr [r8], rax"
+);
+body!(fetch_jmp, "jmp r8");
+// `call` pushes its return address onto our (mapped) stack; the recovery frame resets rsp.
+body!(fetch_call, "call r8");
+body!(
+    wrmsr_gpa,
+    "mov rax, r8",
+    "mov rdx, r8",
+    "shr rdx, 32",
+    "mov ecx, dword ptr [r9 - 8]",
+    "wrmsr"
+);
+
+/// Hypercalls aimed at the unmapped page: each must be refused (the refusal is the record).
+unsafe extern "C" fn hc_log(c: *mut Ctx) {
+    // SAFETY: `c` is the live context run_route passes.
+    let gpa = unsafe { (*c).gpa };
+    let _ = hc::aimed(Hc::Log, gpa, 64, 0, 0);
+}
+
+unsafe extern "C" fn hc_test_announce(c: *mut Ctx) {
+    // SAFETY: as in hc_log.
+    let gpa = unsafe { (*c).gpa };
+    let _ = hc::aimed(Hc::TestAnnounce, gpa, 8, 0, 0);
+}
+
+unsafe extern "C" fn hc_query_violations(c: *mut Ctx) {
+    // SAFETY: as in hc_log.
+    let gpa = unsafe { (*c).gpa };
+    let _ = hc::aimed(Hc::QueryViolations, gpa, 4, 0, 0);
+}
+
+unsafe extern "C" fn hc_stats(c: *mut Ctx) {
+    // SAFETY: as in hc_log.
+    let gpa = unsafe { (*c).gpa };
+    let _ = hc::aimed(Hc::Stats, gpa, 0, 0, 0);
+}
+
+/// HostCount as a byte-equality oracle on the first target byte; the byte found goes to the
+/// sink.
+unsafe extern "C" fn hc_host_count_oracle(c: *mut Ctx) {
+    // SAFETY: as in hc_log; `out` is the sink.
+    let (gpa, out) = unsafe { ((*c).gpa, addr_of_mut!((*c).out)) };
+    for b in 0..=255u64 {
+        if hc::aimed(Hc::HostCount, gpa, 1, b, 0) == Ok(1) {
+            // SAFETY: `out` points into the live context.
+            unsafe { (*out)[0] = b };
+            return;
+        }
+    }
+}
+
+unsafe extern "C" fn hc_host_fill(c: *mut Ctx) {
+    // SAFETY: as in hc_log.
+    let gpa = unsafe { (*c).gpa };
+    let _ = hc::aimed(Hc::HostFill, gpa, 8, 0, 0);
+}
+
+const MSR_KVM_WALL_CLOCK: u32 = 0x11;
+const MSR_KVM_SYSTEM_TIME: u32 = 0x12;
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+const MSR_KVM_ASYNC_PF_EN: u32 = 0x4b56_4d02;
+const MSR_KVM_STEAL_TIME: u32 = 0x4b56_4d03;
+const MSR_KVM_PV_EOI_EN: u32 = 0x4b56_4d04;
+
+/// Depends on helper 8a (HostCount/HostFill made stage-2-aware): leaked before that.
+const NEEDS_8A: &str = "i8a: HostCount/HostFill refuse unmapped pages";
+
+/// A prefetch is a hint that makes no architectural access and never faults; KVM's emulator
+/// treats it as a no-op: no exit reaches the VMM, so the cell is "blocked but unrecorded" by
+/// construction (nothing is loaded either; measured on this host).
+const NO_EXIT: &str = "an exit: prefetches reach no one (blocked but unrecorded here)";
+
+/// Every route, in run order.
+#[rustfmt::skip]
+static ROUTES: &[Route] = &[
+    r("load_1", load_1),
+    r("load_2", load_2),
+    r("load_4", load_4),
+    r("load_8", load_8),
+    r("load_16", load_16),
+    r("load_8_misaligned", load_8_misaligned),
+    r("load_16_misaligned", load_16_misaligned),
+    r("store_1", store_1),
+    r("store_2", store_2),
+    r("store_4", store_4),
+    r("store_8", store_8),
+    r("store_16", store_16),
+    r("store_8_misaligned", store_8_misaligned),
+    r("rmw_add_8", rmw_add_8),
+    r("rmw_inc_1", rmw_inc_1),
+    r("rmw_xor_4", rmw_xor_4),
+    r("alu_load_operand", alu_load_operand),
+    r("lock_add_8", lock_add_8),
+    r("lock_xadd_8", lock_xadd_8),
+    r("xchg_8", xchg_8),
+    r("lock_cmpxchg_8", lock_cmpxchg_8),
+    r("lock_cmpxchg8b", lock_cmpxchg8b),
+    r("rep_movsb_from", rep_movsb_from),
+    r("movsq_from", movsq_from),
+    r("rep_movsb_to", rep_movsb_to),
+    r("rep_stosb", rep_stosb),
+    r("stosq", stosq),
+    r("lodsb", lodsb),
+    r("rep_lodsq", rep_lodsq),
+    r("repe_cmpsb", repe_cmpsb),
+    r("repne_scasb", repne_scasb),
+    r("clflush", clflush),
+    r("clflushopt", clflushopt),
+    pending("prefetcht0", prefetcht0, NO_EXIT),
+    pending("prefetchnta", prefetchnta, NO_EXIT),
+    pending("prefetchw", prefetchw, NO_EXIT),
+    r("movnti_8", movnti_8),
+    r("fetch_jmp", fetch_jmp),
+    r("fetch_call", fetch_call),
+    via("alias_4k_load", Via::Alias4k, load_8),
+    via("alias_4k_store", Via::Alias4k, store_8),
+    via("alias_2m_load", Via::Alias2m, load_8),
+    via("alias_2m_store", Via::Alias2m, store_8),
+    via("msr_kvm_wall_clock", Via::Msr(MSR_KVM_WALL_CLOCK, 0), wrmsr_gpa),
+    via("msr_kvm_system_time", Via::Msr(MSR_KVM_SYSTEM_TIME, 1), wrmsr_gpa),
+    via("msr_kvm_wall_clock_new", Via::Msr(MSR_KVM_WALL_CLOCK_NEW, 0), wrmsr_gpa),
+    via("msr_kvm_system_time_new", Via::Msr(MSR_KVM_SYSTEM_TIME_NEW, 1), wrmsr_gpa),
+    via("msr_kvm_async_pf_en", Via::Msr(MSR_KVM_ASYNC_PF_EN, 1), wrmsr_gpa),
+    via("msr_kvm_steal_time", Via::Msr(MSR_KVM_STEAL_TIME, 1), wrmsr_gpa),
+    via("msr_kvm_pv_eoi_en", Via::Msr(MSR_KVM_PV_EOI_EN, 1), wrmsr_gpa),
+    r("hc_log", hc_log),
+    r("hc_test_announce", hc_test_announce),
+    r("hc_query_violations", hc_query_violations),
+    r("hc_stats", hc_stats),
+    pending("hc_host_count_oracle", hc_host_count_oracle, NEEDS_8A),
+    pending("hc_host_fill", hc_host_fill, NEEDS_8A),
+];
+
+/// The guest's alias window: three zeroed mapped pages (PDPT, PD, PT) hooked into PML4 slot
+/// [`ALIAS_SLOT`]; PD[0] -> PT (4 KiB aliases), PD[1] a 2 MiB alias. Unhooked on drop.
+struct AliasWindow {
+    pml4: *mut u64,
+    pd: *mut u64,
+    pt: *mut u64,
+}
+
+impl AliasWindow {
+    /// Builds the window in `pages` (3 order-0 pages).
+    fn new(pages: &mut PageList) -> Result<AliasWindow, crate::outcome::Fail> {
+        let mut table = || {
+            pages
+                .alloc(0, gfp::ZERO)
+                .ctx("alloc page-table page")
+                .map(|g| (g, dm::va(g) as *mut u64))
+        };
+        let (pdpt_gpa, pdpt) = table()?;
+        let (pd_gpa, pd) = table()?;
+        let (pt_gpa, pt) = table()?;
+        let cr3: u64;
+        // SAFETY: reading CR3 has no side effect.
+        unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack)) };
+        // The VMM's page tables sit in identity-mapped reserved memory: GPA == VA.
+        let pml4 = (cr3 & !0xfff) as *mut u64;
+        // SAFETY: the three pages are ours, zeroed and mapped (direct map); PML4 slot
+        // ALIAS_SLOT is unused (see its doc); single vCPU, interrupts off.
+        unsafe {
+            ensure!(
+                *pml4.add(ALIAS_SLOT as usize) == 0,
+                "PML4 slot {ALIAS_SLOT} in use"
+            );
+            *pdpt = pd_gpa | PW;
+            *pd = pt_gpa | PW;
+            *pml4.add(ALIAS_SLOT as usize) = pdpt_gpa | PW;
+        }
+        Ok(AliasWindow { pml4, pd, pt })
+    }
+
+    /// Points the 4 KiB alias at `page`; returns its VA.
+    fn map_4k(&self, page: u64) -> u64 {
+        // SAFETY: PT entry 0 of our own table; invlpg drops any stale translation.
+        unsafe {
+            *self.pt = page | PW;
+            asm!("invlpg [{}]", in(reg) ALIAS_BASE, options(nostack));
+        }
+        ALIAS_BASE
+    }
+
+    /// Points the 2 MiB alias at the pageblock holding `page`; returns the VA of `page` in it.
+    fn map_2m(&self, page: u64) -> u64 {
+        let block = page & !(PAGEBLOCK_SIZE - 1);
+        let va = ALIAS_BASE + PAGEBLOCK_SIZE + (page - block);
+        // SAFETY: PD entry 1 of our own table; invlpg as above.
+        unsafe {
+            *self.pd.add(1) = block | PW | PS;
+            asm!("invlpg [{}]", in(reg) va, options(nostack));
+        }
+        va
+    }
+}
+
+impl Drop for AliasWindow {
+    fn drop(&mut self) {
+        // SAFETY: unhooks our slot and flushes the whole TLB (CR3 reload; no global pages).
+        unsafe {
+            *self.pml4.add(ALIAS_SLOT as usize) = 0;
+            asm!("mov {t}, cr3", "mov cr3, {t}", t = out(reg) _, options(nostack));
+        }
+    }
+}
+
+/// Runs every route not waiting on other work against its own planted page.
+pub fn reachability() -> Outcome {
+    let mut pages = PageList::new(4);
+    let block = pages
+        .alloc(9, gfp::UNMAPPED)
+        .ctx("alloc order-9 UNMAPPED")?;
+    ensure!(
+        ROUTES.len() as u64 <= PAGEBLOCK_SIZE / PAGE_SIZE,
+        "more routes than pages in a pageblock"
+    );
+    let window = AliasWindow::new(&mut pages)?;
+    let (mut ran, mut faulted) = (0, 0);
+    for (i, route) in ROUTES.iter().enumerate() {
+        if let Some(needs) = route.needs {
+            hc::logf(format_args!("route {} not run: needs {needs}", route.name));
+            continue;
+        }
+        let page = block + i as u64 * PAGE_SIZE;
+        hc::plant_secret(page, PAGE_SIZE).ctx("PlantSecret")?;
+        let gpa = page + OFFSET;
+        let (va, aux) = match route.via {
+            Via::Direct => (dm::va(gpa), 0),
+            Via::Alias4k => (window.map_4k(page) + OFFSET, 0),
+            Via::Alias2m => (window.map_2m(page) + OFFSET, 0),
+            Via::Msr(index, flags) => (page | flags, u64::from(index)),
+        };
+        let mut ctx = Ctx {
+            va,
+            gpa,
+            aux,
+            out: [0; 4],
+        };
+        let sink = addr_of_mut!(ctx.out) as u64;
+        hc::route_begin(route.name, sink, core::mem::size_of_val(&ctx.out) as u64)
+            .ctx("RouteBegin")?;
+        // SAFETY: the bodies own nothing and touch only the target and `ctx`.
+        let ended = unsafe { protected(route.body, &mut ctx) };
+        hc::route_end().ctx("RouteEnd")?;
+        if ended != Ended::Returned {
+            faulted += 1;
+            hc::logf(format_args!("route {}: {ended:?}", route.name));
+        }
+        ran += 1;
+    }
+    drop(window);
+    hc::logf(format_args!(
+        "reachability: {ran} routes run, {faulted} ended by an exception or a recovery"
+    ));
+    pages.free_all().ctx("free")?;
+    Ok(())
+}

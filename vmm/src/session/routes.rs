@@ -1,0 +1,164 @@
+//! Reachability routes (`Hc::RouteBegin` / `Hc::RouteEnd`): the guest brackets each attempt to
+//! reach a planted secret, and at the end the VMM judges it from its own records and its own
+//! view of memory (see [`crate::report::matrix`] for the three results).
+//!
+//! Protocol, per route: `PlantSecret` the target page(s) (the ranges planted since the last
+//! `RouteBegin` belong to the next route), zero the sink, `RouteBegin(name, sink)`, perform the
+//! access(es), copy whatever they obtained into the sink, `RouteEnd()`. While a route is open
+//! the VMM counts the violations it records and the hypercalls it refuses with `BadAddress`,
+//! `NotAllocated`, `Unreachable` or `HarnessOnly` (a refusal is the record of a blocked
+//! hypercall route). Violations inside an open route are not matched against the test's
+//! `ExpectViolation`s: the route's cell judges them. A test with any cell other than "blocked and recorded", or with a route
+//! still open at `TestEnd`, fails on the VMM side whatever the guest says.
+
+use veil_abi::{Hc, Status};
+
+use super::{HcOut, Session};
+use crate::report::matrix::{judge, Matrix, RouteCell, RouteEvidence, RouteResult};
+
+/// Most bytes a route's sink may have.
+pub const MAX_SINK: u64 = 64 << 10;
+/// Most ranges planted for one route.
+pub const MAX_PLANTED: usize = 1024;
+/// Most routes in one run.
+pub const MAX_ROUTES: usize = 4096;
+
+/// The open route.
+struct OpenRoute {
+    name: String,
+    sink: (u64, u64),
+    planted: Vec<(u64, u64)>,
+    violations_at_begin: u64,
+    refused: u64,
+}
+
+/// Route bookkeeping of a session.
+#[derive(Default)]
+pub(super) struct Routes {
+    open: Option<OpenRoute>,
+    planted: Vec<(u64, u64)>,
+    /// Every judged route.
+    pub(super) matrix: Matrix,
+}
+
+impl Routes {
+    /// Whether a route is open.
+    pub(super) fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+}
+
+impl Session {
+    /// Remembers a planted range for the next route.
+    pub(super) fn note_planted(&mut self, gpa: u64, len: u64) -> Result<(), Status> {
+        if self.routes.planted.len() >= MAX_PLANTED {
+            return Err(Status::BadArgument);
+        }
+        self.routes.planted.push((gpa, len));
+        Ok(())
+    }
+
+    /// Counts a refused hypercall against the open route.
+    pub(super) fn note_refusal(&mut self, hc: Hc, out: &HcOut) {
+        let refused = matches!(
+            out.status,
+            Status::BadAddress | Status::NotAllocated | Status::Unreachable | Status::HarnessOnly
+        );
+        if let (true, false, Some(r)) = (
+            refused,
+            matches!(hc, Hc::RouteBegin | Hc::RouteEnd),
+            self.routes.open.as_mut(),
+        ) {
+            r.refused += 1;
+        }
+    }
+
+    pub(super) fn hc_route_begin(
+        &mut self,
+        name_ptr: u64,
+        name_len: u64,
+        sink: u64,
+        sink_len: u64,
+    ) -> Result<u64, Status> {
+        if self.current.is_none() || self.routes.open.is_some() {
+            return Err(Status::BadState);
+        }
+        let name = self.read_name(name_ptr, name_len)?;
+        if sink_len == 0 || sink_len > MAX_SINK {
+            return Err(Status::BadArgument);
+        }
+        self.check_buf(sink, sink_len)?;
+        if self.routes.matrix.routes.len() >= MAX_ROUTES {
+            return Err(Status::BadArgument);
+        }
+        self.routes.open = Some(OpenRoute {
+            name,
+            sink: (sink, sink_len),
+            planted: std::mem::take(&mut self.routes.planted),
+            violations_at_begin: self.violations_total,
+            refused: 0,
+        });
+        Ok(0)
+    }
+
+    pub(super) fn hc_route_end(&mut self) -> Result<u64, Status> {
+        if self.routes.open.is_none() {
+            return Err(Status::BadState);
+        }
+        let test = self.current_name();
+        self.judge_open_route(test);
+        Ok(0)
+    }
+
+    /// Judges the open route, if any, and adds its cell to the matrix.
+    fn judge_open_route(&mut self, test: Option<String>) {
+        let Some(r) = self.routes.open.take() else {
+            return;
+        };
+        let read = |gpa: u64, len: u64| {
+            let mut b = vec![0u8; len as usize];
+            self.ram.read(gpa, &mut b).ok().map(|()| b)
+        };
+        let sink = read(r.sink.0, r.sink.1);
+        let reserved = read(0, self.reserved_end);
+        let evidence = RouteEvidence {
+            // An unreadable sink cannot be shown clean: count it all as leaked.
+            sink_secret_bytes: sink.map_or(r.sink.1, |b| self.secret.count_secret_bytes(&b)),
+            reserved_secret_words: reserved.map_or(1, |b| self.secret.count_secret_words(&b)),
+            planted_bytes_changed: r
+                .planted
+                .iter()
+                .map(|&(gpa, len)| self.secret_bytes_changed(gpa, len))
+                .sum(),
+            violations: self.violations_total - r.violations_at_begin,
+            refused_hypercalls: r.refused,
+        };
+        self.routes.matrix.push(RouteCell {
+            route: r.name,
+            test,
+            result: judge(&evidence),
+            evidence,
+        });
+    }
+
+    /// The VMM's objection to the current test's routes, if any: a route left open (judged
+    /// now) or a cell other than "blocked and recorded".
+    pub(super) fn route_verdict(&mut self, test: &str) -> Option<String> {
+        let open = self.routes.open.as_ref().map(|r| r.name.clone());
+        self.judge_open_route(Some(test.to_string()));
+        let mut problems: Vec<String> = self
+            .routes
+            .matrix
+            .routes
+            .iter()
+            .filter(|c| c.test.as_deref() == Some(test))
+            .filter(|c| c.result != RouteResult::BlockedAndRecorded)
+            .map(|c| format!("route {} {}", c.route, c.result.name()))
+            .collect();
+        if let Some(name) = open {
+            problems.insert(0, format!("route {name} did not end"));
+        }
+        self.routes.planted.clear();
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
