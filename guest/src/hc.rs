@@ -276,9 +276,22 @@ pub fn host_fill(gpa: u64, len: u64, byte: u8) -> Result<(), Status> {
     call(Hc::HostFill, gpa, len, byte as u64, 0).map(|_| ())
 }
 
-/// Has the VMM count the bytes equal to `byte` in `[gpa, gpa+len)` from the host side.
+/// Has the VMM count the bytes equal to `byte` in `[gpa, gpa+len)` from the host side
+/// (pages the guest can reach only: `Unreachable` otherwise).
 pub fn host_count(gpa: u64, len: u64, byte: u8) -> Result<u64, Status> {
     call(Hc::HostCount, gpa, len, byte as u64, 0).map(|r| r.r0)
+}
+
+/// A host assertion: exactly `count` bytes of `[gpa, gpa+len)` equal `what` (a byte value or
+/// [`veil_abi::HOST_EXPECT_SECRET`]). The VMM judges it into the test's verdict; the guest
+/// learns nothing but "recorded".
+pub fn host_expect(gpa: u64, len: u64, what: u64, count: u64) -> Result<(), Status> {
+    call(Hc::HostExpect, gpa, len, what, count).map(|_| ())
+}
+
+/// Has the VMM plant its per-run secret in `[gpa, gpa+len)` (test harness only).
+pub fn plant_secret(gpa: u64, len: u64) -> Result<(), Status> {
+    call(Hc::PlantSecret, gpa, len, 0, 0).map(|_| ())
 }
 
 /// Reports the round-trip measurement.
@@ -300,11 +313,6 @@ pub fn exit(code: u64) -> ! {
 pub fn bare_exit() {
     // SAFETY: a write to the bare port only makes the VMM count an exit.
     unsafe { asm!("out dx, eax", in("dx") BARE_PORT, in("eax") 0u32, options(nomem, nostack)) };
-}
-
-/// Has the VMM plant its per-run secret over `[gpa, gpa+len)` (pages the guest owns).
-pub fn plant_secret(gpa: u64, len: u64) -> Result<(), Status> {
-    call(Hc::PlantSecret, gpa, len, 0, 0).map(|_| ())
 }
 
 /// Opens the reachability route `name`; what it obtains goes into `[sink, sink+sink_len)`.

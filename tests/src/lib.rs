@@ -61,10 +61,11 @@ pub const NOT_RAM: &[u8] = &[
 /// The GPA [`NOT_RAM`] reads.
 pub const NOT_RAM_GPA: u64 = 0x4000_0000;
 
-/// Allocates one unmapped page (`Alloc(0, UNMAPPED)`), plants 0x5a in it with `HostFill`, loads
-/// 8 bytes through the direct map, stores 8 bytes at +8, counts the 0x5a bytes with `HostCount`
-/// and exits with `loaded_low_byte | (count == 4096) << 8`: 0x1a5 means the load got poison and
-/// the store did not land.
+/// Allocates one unmapped page (`Alloc(0, UNMAPPED)`), plants 0x5a in it with `HostFill` (a
+/// harness call), loads 8 bytes through the direct map, stores 8 bytes at +8, asks `HostCount`
+/// for the 0x5a bytes (the old byte-equality oracle) and exits with
+/// `loaded_low_byte | (status == Unreachable) << 8`: 0x1a5 means the load got poison and the
+/// VMM refused to count bytes of a page the guest cannot reach.
 pub const UNMAPPED_RW: &[u8] = &[
     0xbf, 0, 0, 0, 0, // mov edi, 0 (order)
     0xbe, 2, 0, 0, 0, // mov esi, 2 (gfp UNMAPPED)
@@ -86,7 +87,7 @@ pub const UNMAPPED_RW: &[u8] = &[
     0xb8, 17, 0, 0, 0,    // mov eax, 17 (Hc::HostCount)
     0xef, // out dx, eax
     0x4d, 0x31, 0xf6, // xor r14, r14
-    0x48, 0x81, 0xff, 0x00, 0x10, 0, 0, // cmp rdi, 4096
+    0x48, 0x83, 0xf8, 0x10, // cmp rax, 16 (Status::Unreachable)
     0x41, 0x0f, 0x94, 0xc6, // sete r14b
     0x49, 0xc1, 0xe6, 0x08, // shl r14, 8
     0x41, 0x0f, 0xb6, 0xfd, // movzx edi, r13b
@@ -156,4 +157,33 @@ pub fn two_tests_guest() -> Vec<u8> {
     image.resize(0x100, 0xcc);
     image.extend_from_slice(b"t1t2ok");
     guest(&image)
+}
+
+/// GPA of the load in [`storm_guest`]'s loop.
+pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 38;
+
+/// Allocates one unmapped page and loads 8 bytes from its start through the direct map `n`
+/// times in a loop (`n` read violations from one instruction on one page), then `Exit(0)`.
+pub fn storm_guest(n: u32) -> Vec<u8> {
+    let mut code = vec![
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
+        0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
+        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+        0xef, // out dx, eax
+        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
+        0x48, 0x01, 0xfb, // add rbx, rdi
+        0xb9, // mov ecx, n
+    ];
+    code.extend_from_slice(&n.to_le_bytes());
+    code.extend_from_slice(&[
+        0x48, 0x8b, 0x03, // 1: mov rax, [rbx]   (STORM_LOAD_RIP)
+        0xff, 0xc9, // dec ecx
+        0x75, 0xf9, // jnz 1b
+        0xbf, 0, 0, 0, 0, // mov edi, 0
+        0xb8, 20, 0, 0, 0,    // mov eax, 20 (Hc::Exit)
+        0xef, // out dx, eax
+        0xeb, 0xfe, // jmp $
+    ]);
+    guest(&code)
 }

@@ -24,6 +24,12 @@ impl Rng {
     }
 }
 
+/// Whether `[ptr, ptr + len)` overlaps the TSS/GDT/BootInfo pages or the page-table area.
+fn over_vmm_structures(ptr: u64, len: u64) -> bool {
+    let end = ptr.saturating_add(len);
+    len > 0 && (ptr < 0x3000 || (ptr < veil_abi::IMAGE_MIN_GPA && end > veil_abi::PAGE_TABLES_GPA))
+}
+
 #[test]
 fn random_hypercalls_never_panic_and_keep_invariants() {
     if !kvm_available() {
@@ -42,13 +48,15 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     let mut live: Vec<(u64, u64)> = Vec::new();
     let mut statuses = std::collections::BTreeMap::new();
     let mut host_ok = 0u32;
+    let mut unreachable = 0u32;
     for i in 0..20_000u32 {
         let nr = match rng.below(10) {
             0 => rng.next() as u32,
             1..=3 => Hc::Alloc as u32,
             4 => Hc::AllocSpecial as u32,
             5 | 6 => Hc::Free as u32,
-            _ => rng.below(21) as u32,
+            // Every call this ABI defines up to PlantSecret, plus a few unknown numbers.
+            _ => rng.below(Hc::PlantSecret as u64 + 3) as u32,
         };
         if nr == Hc::Exit as u32 || nr == Hc::Exception as u32 {
             continue; // these stop the VM; covered elsewhere
@@ -69,7 +77,29 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                 _ => rng.next(),
             }
         };
-        let a = [arg(&mut rng), arg(&mut rng), arg(&mut rng), arg(&mut rng)];
+        let mut a = [arg(&mut rng), arg(&mut rng), arg(&mut rng), arg(&mut rng)];
+        // Half the time, well-formed enough to get past the first checks: small orders and
+        // valid GFP bits for allocations, a live allocation for the host calls.
+        if rng.below(2) == 0 {
+            match Hc::from_u32(nr) {
+                Some(Hc::Alloc) => a[1] = rng.below(veil_abi::gfp::ALL + 1),
+                Some(Hc::HostFill | Hc::HostCount | Hc::HostExpect | Hc::PlantSecret)
+                    if !live.is_empty() =>
+                {
+                    let (g, o) = live[rng.below(live.len() as u64) as usize];
+                    let size = 4096u64 << o.min(20);
+                    let off = [0, 1, 4095, 4096]
+                        .get(rng.below(4) as usize)
+                        .copied()
+                        .unwrap_or(0);
+                    a[0] = g + off.min(size - 1);
+                    a[1] = [1, 16, 4096, size, size + 1][rng.below(5) as usize];
+                    a[2] = rng.below(0x102);
+                    a[3] = rng.below(a[1] + 2);
+                }
+                _ => {}
+            }
+        }
         let out = s.hypercall(nr, a);
         *statuses.entry(out.status as u64).or_insert(0u64) += 1;
         match Hc::from_u32(nr) {
@@ -100,21 +130,46 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                 );
                 live.swap_remove(pos.unwrap());
             }
-            Some(Hc::HostFill | Hc::HostCount) if out.status == Status::Ok => {
-                host_ok += 1;
-                // Only pages of live allocations may be named.
-                let (gpa, len) = (a[0], a[1]);
-                let mut page = gpa & !0xfff;
-                while page < gpa + len {
-                    assert!(
-                        live.iter()
-                            .any(|&(g, o)| g <= page && page < g + (4096 << o)),
-                        "{nr}: page {page:#x} of [{gpa:#x}, +{len:#x}) is not the guest's"
-                    );
-                    page += 4096;
-                }
+            Some(Hc::HostCount) if out.status == Status::Unreachable => unreachable += 1,
+            Some(Hc::HostExpect) => assert_eq!(
+                (out.r0, out.r1),
+                (0, 0),
+                "HostExpect returned something besides its status"
+            ),
+            Some(Hc::Stats) if out.status == Status::Ok => {
+                assert!(!over_vmm_structures(a[0], 88), "Stats wrote at {:#x}", a[0]);
+            }
+            Some(Hc::QueryViolations) if out.status == Status::Ok => {
+                assert!(
+                    !over_vmm_structures(a[0], a[1] * 24),
+                    "QueryViolations may write at {:#x}",
+                    a[0]
+                );
             }
             _ => {}
+        }
+        if matches!(
+            Hc::from_u32(nr),
+            Some(Hc::HostFill | Hc::HostCount | Hc::HostExpect | Hc::PlantSecret)
+        ) && out.status == Status::Ok
+        {
+            host_ok += 1;
+            // Only pages of live allocations may be named; HostCount only reachable ones.
+            let (gpa, len) = (a[0], a[1]);
+            let mut page = gpa & !0xfff;
+            while page < gpa + len {
+                assert!(
+                    live.iter()
+                        .any(|&(g, o)| g <= page && page < g + (4096 << o)),
+                    "{nr}: page {page:#x} of [{gpa:#x}, +{len:#x}) is not the guest's"
+                );
+                assert!(
+                    nr != Hc::HostCount as u32
+                        || s.state_at(page).is_some_and(|st| st.is_exposed()),
+                    "HostCount answered over unreachable page {page:#x}"
+                );
+                page += 4096;
+            }
         }
         assert!(
             out.stop.is_none() || nr == Hc::TestBegin as u32,
@@ -136,7 +191,11 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     assert!(free0 <= managed_pages);
     assert!(
         host_ok > 0,
-        "no HostFill/HostCount succeeded: the ownership check went untested"
+        "no host call succeeded: the ownership check went untested"
+    );
+    assert!(
+        unreachable > 0,
+        "no HostCount over an unmapped page: the stage-2 check went untested"
     );
     assert!(
         statuses.len() >= 5,

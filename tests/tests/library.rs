@@ -128,7 +128,7 @@ fn unmapped_load_gets_poison_and_store_is_dropped() {
         return;
     }
     let r = run(config(guest(UNMAPPED_RW))).expect("boot");
-    // Low byte: what the load returned; bit 8: all 4096 secret bytes still there (from the host).
+    // Low byte: what the load returned; bit 8: HostCount over the unmapped page was refused.
     assert_eq!(
         r.exit,
         ExitInfo::GuestExit {
@@ -375,4 +375,31 @@ fn bad_images_and_sizes_are_clear_errors() {
     let mut c = config(good);
     c.selection = vec!["Bad-Name".into()];
     assert!(matches!(run(c).err(), Some(VmError::BadTestName(_))));
+}
+
+#[test]
+fn a_real_violation_storm_is_aggregated_past_the_record_cap() {
+    if !kvm_available() {
+        return;
+    }
+    let n = vmm::report::MAX_RECORDS as u32 + 50_000;
+    let r = run(config(storm_guest(n))).expect("boot");
+    assert_eq!(r.exit, ExitInfo::GuestExit { code: 0 }, "{}", r.summary());
+    assert_eq!(r.violations_total, u64::from(n));
+    assert_eq!(r.violations.len(), vmm::report::MAX_RECORDS);
+    let s = &r.violations_summary;
+    assert_eq!(
+        (s.kept, s.aggregated, s.groups, s.counted_only),
+        (100_000, 50_000, 1, 0)
+    );
+    let g = &r.violations_aggregated[0];
+    assert_eq!(
+        (g.access, g.rip, g.count, g.bytes),
+        (AccessKind::Read, STORM_LOAD_RIP, 50_000, 400_000)
+    );
+    assert_eq!(g.page, r.violations[0].gpa);
+    assert!(s
+        .storm_line()
+        .unwrap()
+        .contains("50000 more aggregated into 1"));
 }

@@ -62,7 +62,7 @@ fn each_outcome_is_judged_by_the_vmm_and_fails_the_test() {
 
     route(s, 2, "sink_leak", |s, page| {
         let b = s.secret_byte(page + 5);
-        assert!(s.is_secret_byte(b));
+        assert!(Session::is_secret_byte(b));
         s.ram().write(SINK + 3, &[b]).unwrap();
     });
     route(s, 3, "store_landed", |s, page| {
@@ -76,7 +76,7 @@ fn each_outcome_is_judged_by_the_vmm_and_fails_the_test() {
     route(s, 6, "poisoned_load", |s, page| {
         let rip = 0x20_0000;
         let (byte, stop) = s.mmio(page + 8, vmm::report::AccessKind::Read, 8, rip);
-        assert!(stop.is_none() && !s.is_secret_byte(byte));
+        assert!(stop.is_none() && !Session::is_secret_byte(byte));
         s.ram().write(SINK, &[byte; 8]).unwrap();
     });
     // The guest says pass; the VMM disagrees.

@@ -1,6 +1,6 @@
 //! The `veil` command line (clap derive) and what each subcommand does.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -204,6 +204,13 @@ pub struct RunArgs {
     )]
     pub dump_format: Option<DumpFormat>,
 
+    /// Give a --guest ELF the test-harness capability the embedded suite always has: the
+    /// hypercalls that plant a VMM secret (PlantSecret) or fill a page the guest cannot reach
+    /// (HostFill on an unmapped page). Without it such calls get Status::HarnessOnly. Host
+    /// assertions (HostExpect) need no capability: they return nothing but "recorded".
+    #[arg(long)]
+    pub test_harness: bool,
+
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
     pub guest: GuestArgs,
@@ -330,6 +337,7 @@ pub fn test_selection(tests: &[String]) -> Result<Vec<String>> {
 
 fn base_config(args: &GuestArgs, start: Instant) -> Result<VmConfig> {
     let mut cfg = VmConfig::new(guest_bytes(args)?);
+    cfg.test_harness = args.guest.is_none();
     cfg.mem = args.mem;
     cfg.timeout = timeout(args.timeout)?;
     cfg.start = start;
@@ -390,6 +398,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     let mut cfg = base_config(&args.guest, start)?;
     cfg.selection = selection;
     cfg.on_violation = args.on_violation;
+    cfg.test_harness |= args.test_harness;
     if args.json && args.guest.console.is_none() {
         cfg.console = ConsoleSink::Stderr;
     }
@@ -414,8 +423,11 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
 
 fn print_run(report: &RunReport, json: bool) -> Result<()> {
     if json {
-        let s = serde_json::to_string_pretty(report).context("cannot serialise the report")?;
-        println!("{s}");
+        // Streamed: a storm's report is large, and need not exist twice in memory.
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, report).context("cannot write the report")?;
+        writeln!(out).context("cannot write the report")?;
+        drop(out);
         if let crate::report::ExitInfo::UnknownTests { .. } = report.exit {
             say(&report.exit.summary());
         }
@@ -458,6 +470,9 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
                 v.action.name()
             );
         }
+    }
+    if let Some(line) = report.violations_summary.storm_line() {
+        println!("{line}");
     }
     if !report.not_ram.is_empty() {
         println!(

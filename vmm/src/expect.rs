@@ -1,6 +1,7 @@
 //! Per-test violation expectations ([`veil_abi::Hc::ExpectViolation`]) and the VMM's own verdict:
 //! at TestEnd the recorded violations must match the declared ones exactly, whatever the guest
-//! says.
+//! says. Both the per-page tally and the failure message are bounded, so a violation storm
+//! cannot grow them without limit.
 
 use std::collections::BTreeMap;
 
@@ -8,6 +9,11 @@ use crate::report::{AccessKind, Violation};
 
 /// Most expectations one test may declare.
 pub const MAX_EXPECTATIONS: usize = 4096;
+/// Most (page, kind) pairs one test's tally holds; violations on further pairs are counted
+/// together (and fail the test: more pairs than any test may declare).
+pub const MAX_TALLY: usize = 65_536;
+/// Most differences a failure message names.
+pub const MAX_PROBLEMS: usize = 16;
 
 /// "`count` violations of kind `access` on the page at `page`".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,45 +26,83 @@ pub struct Expectation {
     pub count: u64,
 }
 
-/// Violations counted per (page, access kind).
-pub type Tally = BTreeMap<(u64, AccessKind), u64>;
+/// Violations counted per (page, access kind), at most [`MAX_TALLY`] pairs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    pages: BTreeMap<(u64, AccessKind), u64>,
+    /// Violations on pairs beyond [`MAX_TALLY`].
+    untallied: u64,
+}
 
-/// Adds one violation to a tally.
-pub fn count(t: &mut Tally, v: &Violation) {
-    *t.entry((v.gpa & !0xfff, v.access)).or_default() += 1;
+impl Tally {
+    /// An empty tally.
+    pub fn new() -> Tally {
+        Tally::default()
+    }
+
+    /// Adds one violation.
+    pub fn count(&mut self, v: &Violation) {
+        let key = (v.gpa & !0xfff, v.access);
+        if let Some(n) = self.pages.get_mut(&key) {
+            *n += 1;
+        } else if self.pages.len() < MAX_TALLY {
+            self.pages.insert(key, 1);
+        } else {
+            self.untallied += 1;
+        }
+    }
 }
 
 /// Compares declared expectations with the violations a test produced (`got`). `Ok` if, for
 /// every (page, access), the recorded number equals the declared total; otherwise a message
 /// naming each difference.
+///
+/// At most [`MAX_PROBLEMS`] differences are named; the message says how many more there were.
 pub fn check(expected: &[Expectation], got: &Tally) -> Result<(), String> {
-    let mut want: Tally = BTreeMap::new();
+    let mut want: BTreeMap<(u64, AccessKind), u64> = BTreeMap::new();
     for e in expected {
         *want.entry((e.page, e.access)).or_default() += e.count;
     }
     let mut problems = Vec::new();
+    let mut unnamed = 0u64;
+    let mut problem = |p: String| {
+        if problems.len() < MAX_PROBLEMS {
+            problems.push(p);
+        } else {
+            unnamed += 1;
+        }
+    };
     for (&(page, access), &n) in &want {
-        let g = got.get(&(page, access)).copied().unwrap_or(0);
+        let g = got.pages.get(&(page, access)).copied().unwrap_or(0);
         if g != n {
-            problems.push(format!(
+            problem(format!(
                 "expected {n} {} violation(s) on page {page:#x}, recorded {g}",
                 access.name()
             ));
         }
     }
-    for (&(page, access), &g) in got {
+    for (&(page, access), &g) in &got.pages {
         if !want.contains_key(&(page, access)) {
-            problems.push(format!(
+            problem(format!(
                 "{g} unexpected {} violation(s) on page {page:#x}",
                 access.name()
             ));
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems.join("; "))
+    if got.untallied > 0 {
+        problem(format!(
+            "{} violation(s) on more than {MAX_TALLY} (page, kind) pairs, not tallied per page",
+            got.untallied
+        ));
     }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut m = problems.join("; ");
+    if unnamed > 0 {
+        m.push_str(&format!("; and {unnamed} more difference(s)"));
+    }
+    Err(m)
 }
 
 #[cfg(test)]
@@ -69,7 +113,7 @@ mod tests {
     fn tally(vs: &[&Violation]) -> Tally {
         let mut t = Tally::new();
         for v in vs {
-            count(&mut t, v);
+            t.count(v);
         }
         t
     }
@@ -116,5 +160,26 @@ mod tests {
         assert!(msg.contains("unexpected write"), "{msg}");
         assert!(check(&[], &tally(&[&a])).is_err());
         assert!(check(&e, &tally(&[])).is_err());
+    }
+
+    #[test]
+    fn tally_and_message_stay_bounded() {
+        let mut t = Tally::new();
+        for i in 0..(MAX_TALLY as u64 + 10) {
+            t.count(&v(i * 4096, AccessKind::Write));
+        }
+        t.count(&v(0, AccessKind::Write));
+        assert_eq!(t.pages.len(), MAX_TALLY);
+        assert_eq!(t.untallied, 10);
+        assert_eq!(t.pages[&(0, AccessKind::Write)], 2);
+        let msg = check(&[], &t).unwrap_err();
+        assert!(msg.len() < 2048, "{} bytes", msg.len());
+        assert!(
+            msg.ends_with(&format!(
+                "and {} more difference(s)",
+                MAX_TALLY + 1 - MAX_PROBLEMS
+            )),
+            "{msg}"
+        );
     }
 }

@@ -13,6 +13,7 @@
 //! - [`session`]: one run's state and the hypercall handlers (validation, tests, expectations,
 //!   violations, recovery point, timing, dumps).
 //! - [`expect`]: the VMM's own verdict on each test's violations.
+//! - [`secret`]: the per-run secret `Hc::PlantSecret` writes, computable for any GPA.
 //! - [`report`]: results, the table and the JSON document, exit codes.
 //! - [`console`]: the 16550 UART and where its output goes.
 //! - [`watchdog`]: `--timeout`, kicking the vCPU out of `KVM_RUN` with a signal.
@@ -35,6 +36,7 @@ pub mod memory;
 pub mod pv_msrs;
 pub mod replay_kvm;
 pub mod report;
+pub mod secret;
 pub mod session;
 pub mod stage2;
 pub mod vm;

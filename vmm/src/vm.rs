@@ -56,11 +56,15 @@ pub struct VmConfig {
     pub start: Instant,
     /// Echo the guest's Hc::Log lines on stderr.
     pub echo_logs: bool,
+    /// The test-harness capability: `Hc::PlantSecret` and host writes into pages the guest
+    /// cannot reach are allowed (on for the embedded suite; `veil run --test-harness` for a
+    /// `--guest` ELF). Denied calls get `Status::HarnessOnly`.
+    pub test_harness: bool,
 }
 
 impl VmConfig {
     /// Defaults: 256 MiB, the embedded guest, run all tests, report policy, 60 s timeout,
-    /// console to stdout, no dumps.
+    /// console to stdout, no dumps, test-harness capability on.
     pub fn new(guest: Vec<u8>) -> VmConfig {
         VmConfig {
             mem: MemSize::default(),
@@ -73,6 +77,7 @@ impl VmConfig {
             dump: None,
             start: Instant::now(),
             echo_logs: true,
+            test_harness: true,
         }
     }
 }
@@ -243,6 +248,7 @@ impl Vm {
             start: cfg.start,
             echo_logs: cfg.echo_logs,
             tsc_khz,
+            test_harness: cfg.test_harness,
         });
         Ok(Vm {
             vcpu,

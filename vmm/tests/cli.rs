@@ -715,3 +715,49 @@ fn reachability_matrix_is_all_blocked_and_recorded() {
         "{table}"
     );
 }
+
+/// A tiny guest that allocates an unmapped page, asks the VMM to plant its secret there
+/// (Hc::PlantSecret, a test-harness call) and exits with the call's status as its code.
+fn planting_guest() -> Vec<u8> {
+    tiny(&[
+        0xbf, 0, 0, 0, 0, // mov edi, 0 (order)
+        0xbe, 2, 0, 0, 0, // mov esi, 2 (gfp UNMAPPED)
+        0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
+        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+        0xef, // out dx, eax (rdi = GPA)
+        0xbe, 0x00, 0x10, 0, 0, // mov esi, 4096
+        0xb8, 22, 0, 0, 0,    // mov eax, 22 (Hc::PlantSecret)
+        0xef, // out dx, eax
+        0x48, 0x89, 0xc7, // mov rdi, rax (the status)
+        0xb8, 20, 0, 0, 0,    // mov eax, 20 (Hc::Exit)
+        0xef, // out dx, eax
+        0xeb, 0xfe, // jmp $
+    ])
+}
+
+#[test]
+fn a_guest_elf_gets_the_harness_capability_only_with_test_harness() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = scratch("harness");
+    let g = write_guest(&dir, "plant.elf", &planting_guest());
+    let exit_of = |extra: &[&str]| -> Value {
+        let mut args = vec!["run", "--json", "--guest", g.as_str()];
+        args.extend_from_slice(extra);
+        let out = veil(&args);
+        let doc: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&out.stderr)));
+        assert!(!text(&out.stderr).contains("panicked"));
+        doc["exit"].clone()
+    };
+    let denied = exit_of(&[]);
+    assert_eq!(
+        denied["code"].as_u64(),
+        Some(veil_abi::Status::HarnessOnly as u64),
+        "{denied}"
+    );
+    let allowed = exit_of(&["--test-harness"]);
+    assert_eq!(allowed["code"].as_u64(), Some(0), "{allowed}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

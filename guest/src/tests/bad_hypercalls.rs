@@ -26,7 +26,8 @@ const fn case(what: &'static str, nr: u32, args: [u64; 4], want: &'static [Statu
 }
 
 use Status::{
-    BadAddress, BadArgument, BadFlags, BadOrder, Misaligned, NotAllocated, UnknownCall, WrongOrder,
+    BadAddress, BadArgument, BadFlags, BadOrder, Misaligned, NotAllocated, UnknownCall,
+    Unreachable, WrongOrder,
 };
 
 /// Runs one case; a call that unexpectedly succeeded allocating is undone.
@@ -60,6 +61,8 @@ pub fn bad_hypercalls() -> Outcome {
     let mut pages = PageList::new(2);
     // An order-1 block we own, for wrong-order, misaligned and double-free cases.
     let p = pages.alloc(1, 0).ctx("alloc order 1")?;
+    // An unmapped page we own: nothing may read it back for us.
+    let u = pages.alloc(0, gfp::UNMAPPED).ctx("alloc unmapped")?;
     let scratch = core::ptr::addr_of_mut!(SCRATCH) as u64;
     // A managed page that is certainly not ours: the last managed page, unless it is in `p`.
     let mut not_ours = info.managed_end - PAGE_SIZE;
@@ -72,13 +75,16 @@ pub fn bad_hypercalls() -> Outcome {
     let (alloc, special, free) = (Hc::Alloc as u32, Hc::AllocSpecial as u32, Hc::Free as u32);
     let (log, stats, query) = (Hc::Log as u32, Hc::Stats as u32, Hc::QueryViolations as u32);
     let (fill, count) = (Hc::HostFill as u32, Hc::HostCount as u32);
+    let (hexpect, plant) = (Hc::HostExpect as u32, Hc::PlantSecret as u32);
+    let (gdt, pt) = (veil_abi::GDT_GPA, veil_abi::PAGE_TABLES_GPA);
+    let secret = veil_abi::HOST_EXPECT_SECRET;
     let addr_or_len: &[Status] = &[BadAddress, BadArgument];
 
     let expect = Hc::ExpectViolation as u32;
     let end = Hc::TestEnd as u32;
     #[rustfmt::skip]
     let cases = [
-        case("unknown call 21", 21, [0; 4], &[UnknownCall]),
+        case("unknown call 25", 25, [0; 4], &[UnknownCall]),
         case("unknown call 0xffffffff", u32::MAX, [0; 4], &[UnknownCall]),
         case("alloc order 11", alloc, [11, 0, 0, 0], &[BadOrder]),
         case("alloc order 255", alloc, [255, 0, 0, 0], &[BadOrder]),
@@ -108,12 +114,31 @@ pub fn bad_hypercalls() -> Outcome {
         case("query into managed memory", query, [not_ours, 4, 0, 0], &[BadAddress]),
         case("query into u64::MAX", query, [u64::MAX, 4, 0, 0], &[BadAddress]),
         case("query huge max", query, [scratch, huge, 0, 0], addr_or_len),
+        case("stats over the TSS", stats, [0, 0, 0, 0], &[BadAddress]),
+        case("stats over the GDT", stats, [gdt, 0, 0, 0], &[BadAddress]),
+        case("stats over BootInfo", stats, [0x2000, 0, 0, 0], &[BadAddress]),
+        case("stats over page tables", stats, [pt, 0, 0, 0], &[BadAddress]),
+        case("stats into page tables", stats, [pt - 8, 0, 0, 0], &[BadAddress]),
+        case("query over the GDT", query, [gdt, 1, 0, 0], &[BadAddress]),
+        case("query into page tables", query, [pt - 24, 2, 0, 0], &[BadAddress]),
         case("host_fill not ours", fill, [not_ours, 16, 0, 0], &[NotAllocated]),
         case("host_fill reserved", fill, [0x2000, 16, 0, 0], &[BadAddress]),
         case("host_fill huge", fill, [p, huge, 0, 0], addr_or_len),
         case("host_fill byte 256", fill, [p, 16, 256, 0], &[BadArgument]),
         case("host_count not ours", count, [not_ours, 16, 0, 0], &[NotAllocated]),
         case("host_count past RAM", count, [top_page, 2 * PAGE_SIZE, 0, 0], &[BadAddress]),
+        case("host_count unmapped page", count, [u, 16, 0, 0], &[Unreachable]),
+        case("host_count half unmapped", count, [u, PAGE_SIZE, 0xa5, 0], &[Unreachable]),
+        case("host_expect not ours", hexpect, [not_ours, 16, 0, 0], &[NotAllocated]),
+        case("host_expect reserved", hexpect, [0x2000, 16, 0, 16], &[BadAddress]),
+        case("host_expect huge", hexpect, [p, huge, 0, 0], addr_or_len),
+        case("host_expect what 0x101", hexpect, [u, 16, secret + 1, 0], &[BadArgument]),
+        case("host_expect count > len", hexpect, [u, 16, 0, 17], &[BadArgument]),
+        case("host_expect length 0", hexpect, [u, 0, 0, 0], &[BadArgument]),
+        case("plant_secret not ours", plant, [not_ours, 16, 0, 0], &[NotAllocated]),
+        case("plant_secret reserved", plant, [0x2000, 16, 0, 0], &[BadAddress]),
+        case("plant_secret huge", plant, [p, huge, 0, 0], addr_or_len),
+        case("plant_secret past RAM", plant, [top_page, 2 * PAGE_SIZE, 0, 0], &[BadAddress]),
         case("expect_violation access 0", expect, [p, 0, 1, 0], &[BadArgument]),
         case("expect_violation access 9", expect, [p, 9, 1, 0], &[BadArgument]),
         case("test_end result 7", end, [7, scratch, 1, 0], &[BadArgument]),
@@ -125,12 +150,16 @@ pub fn bad_hypercalls() -> Outcome {
     // The order-1 block is still ours after all that: free it right, then free it again.
     let s1 = hc::stats().ctx("Stats")?;
     ensure!(
-        s1.free_pages == s0.free_pages.wrapping_sub(2),
+        s1.free_pages == s0.free_pages.wrapping_sub(3),
         "free pages changed by the malformed calls"
     );
-    let (gpa, order) = pages.get(0);
-    pages.free_at(0).ctx("free order-1 block")?;
-    ensure!(gpa == p && order == 1, "page list corrupted");
+    ensure!(
+        pages.get(0) == (p, 1) && pages.get(1) == (u, 0),
+        "page list corrupted"
+    );
+    pages
+        .free_all()
+        .ctx("free order-1 block and unmapped page")?;
     match hc::free(p, 1) {
         Err(NotAllocated) => {}
         other => fail!("double free: got {other:?}, expected NotAllocated"),

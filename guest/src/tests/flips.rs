@@ -80,8 +80,7 @@ pub fn scrub_on_reuse() -> Outcome {
         for slot in dirty.iter_mut() {
             *slot = secret.alloc(0, gfp::UNMAPPED).ctx("alloc UNMAPPED")?;
             hc::host_fill(*slot, PAGE_SIZE, PATTERN).ctx("HostFill")?;
-            let n = hc::host_count(*slot, PAGE_SIZE, PATTERN).ctx("HostCount")?;
-            ensure!(n == PAGE_SIZE, "pattern not planted: {n} bytes");
+            super::expect_bytes(*slot, PAGE_SIZE, PATTERN, PAGE_SIZE)?;
         }
         secret.free_all().ctx("free unmapped")?;
     }

@@ -11,11 +11,19 @@ pub mod widths;
 pub mod zeroing;
 
 use crate::hc;
-use crate::outcome::{Ctx, Fail};
-use veil_abi::{ViolationRecord, POISON_BYTE};
+use crate::outcome::{Ctx, Fail, Outcome};
+use veil_abi::{ViolationRecord, HOST_EXPECT_SECRET, POISON_BYTE};
 
-/// Byte the VMM plants in unmapped pages: it must never reach the guest.
-pub const SECRET: u8 = 0x5e;
+/// A host assertion that every byte of `[gpa, gpa+len)` still holds the VMM's planted secret
+/// (judged by the VMM into the test's verdict).
+pub fn expect_secret(gpa: u64, len: u64) -> Outcome {
+    hc::host_expect(gpa, len, HOST_EXPECT_SECRET, len).ctx("HostExpect secret")
+}
+
+/// A host assertion that exactly `count` bytes of `[gpa, gpa+len)` equal `byte`.
+pub fn expect_bytes(gpa: u64, len: u64, byte: u8, count: u64) -> Outcome {
+    hc::host_expect(gpa, len, u64::from(byte), count).ctx("HostExpect")
+}
 
 /// `POISON_BYTE` repeated in a u64: what a load from unmapped memory returns.
 pub const POISON64: u64 = u64::from_ne_bytes([POISON_BYTE; 8]);

@@ -1,11 +1,13 @@
 //! What a run produced: test results, violations, counters, timing and how the VM stopped; the
 //! table `veil run` prints and the JSON document `veil run --json` prints.
 
+mod aggregate;
 mod exit;
 pub mod matrix;
 mod render;
 mod violations;
 
+pub use aggregate::{Aggregator, ViolationAggregate, ViolationSummary, MAX_AGGREGATES};
 pub use exit::{vector_name, ExitInfo, RegsDump};
 pub use violations::{
     group_violations, AccessKind, NotRamAccess, Violation, ViolationAction, ViolationRun,
@@ -128,6 +130,11 @@ pub struct RunReport {
     pub announced: Vec<String>,
     /// Every violation (one per KVM exit), oldest first (at most [`MAX_RECORDS`] kept).
     pub violations: Vec<Violation>,
+    /// Violations past the [`MAX_RECORDS`] full records, grouped by (test, page, kind, RIP)
+    /// with counts (at most [`MAX_AGGREGATES`] groups).
+    pub violations_aggregated: Vec<ViolationAggregate>,
+    /// How the violations were kept: full records, aggregated, counted only.
+    pub violations_summary: ViolationSummary,
     /// Violations recorded, including any not kept.
     pub violations_total: u64,
     /// Violations outside any test.
@@ -213,6 +220,8 @@ mod tests {
             tests: vec![],
             announced: vec![],
             violations: vec![],
+            violations_aggregated: vec![],
+            violations_summary: ViolationSummary::default(),
             violations_total: 0,
             violations_outside_tests: 0,
             not_ram: vec![],

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use veil_abi::BootMode;
 
 use super::{DumpTarget, Session};
-use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing};
+use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing, MAX_RECORDS};
 
 impl Session {
     /// Builds the report after the VM stopped with `exit`.
@@ -77,10 +77,15 @@ impl Session {
             exits: self.exits.clone(),
         };
         let stage2_dump = self.dump_json();
+        let kept = self.violations.len() as u64;
+        let (violations_aggregated, violations_summary) =
+            std::mem::take(&mut self.aggregated).finish(&self.ran_order, kept, MAX_RECORDS);
         RunReport {
             tests,
             announced: self.announced.clone(),
             violations: std::mem::take(&mut self.violations),
+            violations_aggregated,
+            violations_summary,
             violations_total: self.violations_total,
             violations_outside_tests: self.violations_outside,
             not_ram: std::mem::take(&mut self.not_ram),

@@ -1,9 +1,17 @@
 //! Hypercall arguments that point into guest memory: buffers in reserved memory, text,
 //! test names, and ranges of pages the guest owns.
 
-use veil_abi::Status;
+use veil_abi::{Status, BOOT_INFO_GPA, IMAGE_MIN_GPA, PAGE_SIZE, PAGE_TABLES_GPA};
 
 use super::{Session, MAX_HOST_RANGE, MAX_TEXT};
+
+/// Reserved memory the VMM built and relies on, which no hypercall writes into on the guest's
+/// behalf: the TSS, GDT and BootInfo pages, and the page-table area. (The guest's own image,
+/// stack and mailbox are the guest's business.)
+pub const VMM_STRUCTURES: [(u64, u64); 2] = [
+    (0, BOOT_INFO_GPA + PAGE_SIZE),
+    (PAGE_TABLES_GPA, IMAGE_MIN_GPA),
+];
 
 impl Session {
     /// Checks that `[ptr, ptr + len)` lies in reserved memory (where guest buffers live).
@@ -46,8 +54,20 @@ impl Session {
         }
     }
 
+    /// Checks that a result buffer `[ptr, ptr + len)` lies in reserved memory and does not
+    /// overlap [`VMM_STRUCTURES`].
+    pub(super) fn check_out_buf(&self, ptr: u64, len: u64) -> Result<(), Status> {
+        self.check_buf(ptr, len)?;
+        let end = ptr + len;
+        if len > 0 && VMM_STRUCTURES.iter().any(|&(s, e)| ptr < e && s < end) {
+            return Err(Status::BadAddress);
+        }
+        Ok(())
+    }
+
+    /// Writes a result buffer (see [`Session::check_out_buf`]).
     pub(super) fn write_buf(&self, ptr: u64, bytes: &[u8]) -> Result<(), Status> {
-        self.check_buf(ptr, bytes.len() as u64)?;
+        self.check_out_buf(ptr, bytes.len() as u64)?;
         self.ram.write(ptr, bytes).map_err(|_| Status::BadAddress)
     }
 

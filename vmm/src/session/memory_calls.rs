@@ -1,5 +1,4 @@
-//! Hypercalls on the guest's memory: allocate, free, allocator statistics, and host-side
-//! fills and counts of pages the guest owns.
+//! Hypercalls on the guest's memory: allocate, free and allocator statistics.
 
 use allocator::{AllocError, Allocation, BuddyContext, FreeError, Gfp, MAX_ORDER};
 use veil_abi::{AllocStats, Status, PAGE_SIZE};
@@ -96,28 +95,6 @@ impl Session {
         };
         self.write_buf(ptr, StatsBytes(stats).as_slice())?;
         Ok(0)
-    }
-
-    /// HostFill / HostCount arguments: a byte value and a range of pages the guest owns.
-    fn host_range_args(&self, gpa: u64, len: u64, byte: u64) -> Result<u8, Status> {
-        let byte = u8::try_from(byte).map_err(|_| Status::BadArgument)?;
-        self.check_owned(gpa, len)?;
-        Ok(byte)
-    }
-
-    pub(super) fn hc_host_fill(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
-        let byte = self.host_range_args(gpa, len, byte)?;
-        self.ram
-            .fill(gpa, len, byte)
-            .map_err(|_| Status::BadAddress)?;
-        Ok(0)
-    }
-
-    pub(super) fn hc_host_count(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
-        let byte = self.host_range_args(gpa, len, byte)?;
-        self.ram
-            .count(gpa, len, byte)
-            .map_err(|_| Status::BadAddress)
     }
 }
 

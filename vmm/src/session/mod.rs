@@ -3,17 +3,16 @@
 //! answered with a [`Status`]; nothing the guest does can make the VMM panic.
 //!
 //! This module holds the state and the dispatch; the handlers live by topic:
-//! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats, host
-//! fills), `test_calls` (the suite's protocol and the VMM's verdict), `routes` and `secret`
-//! (the reachability matrix and the planted secret it is judged against), `violations`,
+//! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
+//! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
 //! `dumps` and `finish` (the report).
 
 mod dumps;
 mod finish;
 mod guest_args;
+mod host_calls;
 mod memory_calls;
 mod routes;
-mod secret;
 mod test_calls;
 mod violations;
 
@@ -28,8 +27,10 @@ use crate::console::Console;
 use crate::expect::{Expectation, Tally};
 use crate::memory::GuestRam;
 use crate::report::{
-    ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport, Violation,
+    Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
+    Violation,
 };
+use crate::secret::Secret;
 use crate::stage2::RangeState;
 use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 
@@ -37,7 +38,7 @@ use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 pub const MAX_TEXT: u64 = 4096;
 /// Most records one QueryViolations call may ask for.
 pub const MAX_QUERY: u64 = 4096;
-/// Most bytes one HostFill / HostCount may name (bounds the host work one exit can cause).
+/// Most bytes one HostFill / HostCount / HostExpect / PlantSecret may name (bounds the host work one exit can cause).
 pub const MAX_HOST_RANGE: u64 = 64 << 20;
 /// Most dumps a guest may request in one run.
 pub const MAX_GUEST_DUMPS: u32 = 1000;
@@ -100,6 +101,7 @@ struct Current {
     tally: Tally,
     violations: u64,
     first_record: usize,
+    host: host_calls::HostVerdict,
 }
 
 /// What [`Session::new`] needs.
@@ -128,6 +130,8 @@ pub struct SessionConfig {
     pub echo_logs: bool,
     /// Guest TSC kHz.
     pub tsc_khz: Option<u32>,
+    /// The test-harness capability ([`Hc::PlantSecret`], host writes into unreachable pages).
+    pub test_harness: bool,
 }
 
 /// One guest run's state.
@@ -143,12 +147,15 @@ pub struct Session {
     start: Instant,
     echo_logs: bool,
     tsc_khz: Option<u32>,
+    test_harness: bool,
+    secret: Secret,
     announced: Vec<String>,
     selection_checked: bool,
     current: Option<Current>,
     results: BTreeMap<String, TestReport>,
     ran_order: Vec<String>,
     violations: Vec<Violation>,
+    aggregated: Aggregator,
     violations_total: u64,
     violations_outside: u64,
     not_ram: Vec<NotRamAccess>,
@@ -162,7 +169,6 @@ pub struct Session {
     dumps: Vec<String>,
     dump_errors: Vec<String>,
     guest_dumps: u32,
-    secret: secret::Secret,
     routes: routes::Routes,
     /// Guest Log lines.
     pub logs: Vec<String>,
@@ -190,12 +196,15 @@ impl Session {
             start: c.start,
             echo_logs: c.echo_logs,
             tsc_khz: c.tsc_khz,
+            test_harness: c.test_harness,
+            secret: Secret::random(),
             announced: Vec::new(),
             selection_checked: false,
             current: None,
             results: BTreeMap::new(),
             ran_order: Vec::new(),
             violations: Vec::new(),
+            aggregated: Aggregator::default(),
             violations_total: 0,
             violations_outside: 0,
             not_ram: Vec::new(),
@@ -209,7 +218,6 @@ impl Session {
             dumps: Vec::new(),
             dump_errors: Vec::new(),
             guest_dumps: 0,
-            secret: secret::Secret::random(),
             routes: routes::Routes::default(),
             logs: Vec::new(),
             exits: ExitCounts::default(),
@@ -309,8 +317,7 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
-            // Reserved in the ABI, implemented by the host-assertion work.
-            Hc::HostExpect => HcOut::err(Status::UnknownCall),
+            Hc::HostExpect => self.hc_host_expect(a[0], a[1], a[2], a[3]).into(),
             Hc::PlantSecret => self.hc_plant_secret(a[0], a[1]).into(),
             Hc::RouteBegin => self.hc_route_begin(a[0], a[1], a[2], a[3]).into(),
             Hc::RouteEnd => self.hc_route_end().into(),

@@ -11,6 +11,8 @@
 //! `ExpectViolation`s: the route's cell judges them. A test with any cell other than "blocked and recorded", or with a route
 //! still open at `TestEnd`, fails on the VMM side whatever the guest says.
 
+use std::collections::HashSet;
+
 use veil_abi::{Hc, Status};
 
 use super::{HcOut, Session};
@@ -18,8 +20,10 @@ use crate::report::matrix::{judge, Matrix, RouteCell, RouteEvidence, RouteResult
 
 /// Most bytes a route's sink may have.
 pub const MAX_SINK: u64 = 64 << 10;
-/// Most ranges planted for one route.
+/// Most planted ranges one route is judged against (the most recent ones).
 pub const MAX_PLANTED: usize = 1024;
+/// Most secret windows a route's reserved-memory scan looks for (8 pages' worth).
+pub const MAX_WINDOWS: usize = 8 * 4096;
 /// Most routes in one run.
 pub const MAX_ROUTES: usize = 4096;
 
@@ -49,13 +53,12 @@ impl Routes {
 }
 
 impl Session {
-    /// Remembers a planted range for the next route.
-    pub(super) fn note_planted(&mut self, gpa: u64, len: u64) -> Result<(), Status> {
+    /// Remembers a planted range for the next route (the last [`MAX_PLANTED`] are kept).
+    pub(super) fn note_planted(&mut self, gpa: u64, len: u64) {
         if self.routes.planted.len() >= MAX_PLANTED {
-            return Err(Status::BadArgument);
+            self.routes.planted.remove(0);
         }
         self.routes.planted.push((gpa, len));
-        Ok(())
     }
 
     /// Counts a refused hypercall against the open route.
@@ -121,14 +124,17 @@ impl Session {
         };
         let sink = read(r.sink.0, r.sink.1);
         let reserved = read(0, self.reserved_end);
+        let windows = self.secret_windows(&r.planted);
         let evidence = RouteEvidence {
-            // An unreadable sink cannot be shown clean: count it all as leaked.
-            sink_secret_bytes: sink.map_or(r.sink.1, |b| self.secret.count_secret_bytes(&b)),
-            reserved_secret_words: reserved.map_or(1, |b| self.secret.count_secret_words(&b)),
+            // An unreadable sink or reserved memory cannot be shown clean: count it as leaked.
+            sink_secret_bytes: sink.map_or(r.sink.1, |b| {
+                b.iter().filter(|&&b| Session::is_secret_byte(b)).count() as u64
+            }),
+            reserved_secret_words: reserved.map_or(1, |b| count_windows(&b, &windows)),
             planted_bytes_changed: r
                 .planted
                 .iter()
-                .map(|&(gpa, len)| self.secret_bytes_changed(gpa, len))
+                .map(|&(gpa, len)| len - self.secret_matches(gpa, len).unwrap_or(0).min(len))
                 .sum(),
             violations: self.violations_total - r.violations_at_begin,
             refused_hypercalls: r.refused,
@@ -139,6 +145,25 @@ impl Session {
             result: judge(&evidence),
             evidence,
         });
+    }
+
+    /// Every 8-byte window of the secret planted over `planted` (as little-endian u64), at
+    /// most [`MAX_WINDOWS`]: what an 8-byte or wider load of a planted page would copy out.
+    fn secret_windows(&self, planted: &[(u64, u64)]) -> HashSet<u64> {
+        let mut set = HashSet::new();
+        for &(gpa, len) in planted {
+            let len = len.min(MAX_WINDOWS as u64 - set.len().min(MAX_WINDOWS) as u64);
+            let mut b = vec![0u8; len as usize + 7];
+            for (i, x) in b.iter_mut().enumerate() {
+                *x = self.secret_byte(gpa + i as u64);
+            }
+            set.extend(
+                b.windows(8)
+                    .take(len.saturating_sub(7) as usize)
+                    .map(le_u64),
+            );
+        }
+        set
     }
 
     /// The VMM's objection to the current test's routes, if any: a route left open (judged
@@ -160,5 +185,48 @@ impl Session {
         }
         self.routes.planted.clear();
         (!problems.is_empty()).then(|| problems.join("; "))
+    }
+}
+
+fn le_u64(w: &[u8]) -> u64 {
+    u64::from_le_bytes(w.try_into().unwrap_or([0; 8]))
+}
+
+/// Places in `bytes` where 8 consecutive bytes are one of `windows` (only runs of 8 bytes that
+/// each could be secret are looked up, so the scan costs one compare per byte).
+fn count_windows(bytes: &[u8], windows: &HashSet<u64>) -> u64 {
+    let (mut run, mut found) = (0usize, 0u64);
+    for (i, &b) in bytes.iter().enumerate() {
+        run = if Session::is_secret_byte(b) {
+            run + 1
+        } else {
+            0
+        };
+        if run >= 8 && windows.contains(&le_u64(&bytes[i + 1 - 8..=i])) {
+            found += 1;
+            run = 0;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_are_found_wherever_they_were_copied() {
+        let secret: Vec<u8> = (0..32u8).map(|i| 0x10 + i * 3).collect();
+        let set: HashSet<u64> = secret.windows(8).map(le_u64).collect();
+        let mut mem = vec![0u8; 100];
+        mem[41..49].copy_from_slice(&secret[5..13]);
+        assert_eq!(count_windows(&mem, &set), 1);
+        // Seven bytes are not a window; secret-range bytes in another order are not either.
+        mem[48] = 0;
+        assert_eq!(count_windows(&mem, &set), 0);
+        let mut shuffled = secret[..8].to_vec();
+        shuffled.swap(0, 1);
+        mem[60..68].copy_from_slice(&shuffled);
+        assert_eq!(count_windows(&mem, &set), 0);
     }
 }

@@ -78,6 +78,7 @@ impl Session {
             tally: Tally::new(),
             violations: 0,
             first_record: self.violations.len(),
+            host: Default::default(),
         });
         HcOut::ok(0)
     }
@@ -118,7 +119,12 @@ impl Session {
         let mut outcome = outcome;
         let mut message = msg;
         if outcome != TestOutcome::Skip {
-            if let Err(why) = expect::check(&c.expectations, &c.tally) {
+            let problems: Vec<String> = [expect::check(&c.expectations, &c.tally), c.host.check()]
+                .into_iter()
+                .filter_map(Result::err)
+                .collect();
+            if !problems.is_empty() {
+                let why = problems.join("; ");
                 if outcome == TestOutcome::Pass {
                     outcome = TestOutcome::Fail;
                 }
@@ -179,7 +185,7 @@ impl Session {
             return Err(Status::BadArgument);
         }
         let size = std::mem::size_of::<ViolationRecord>() as u64;
-        self.check_buf(ptr, max * size)?;
+        self.check_out_buf(ptr, max * size)?;
         let (count, first) = match &self.current {
             Some(c) => (c.violations, c.first_record),
             None => (self.violations_total, 0),

@@ -2,7 +2,6 @@
 //! GPAs that are not RAM, recorded and answered according to the policy.
 
 use super::Session;
-use crate::expect;
 use crate::report::{AccessKind, ExitInfo, NotRamAccess, Violation, ViolationAction, MAX_RECORDS};
 use crate::stage2::RangeState;
 use crate::vm::{mmio_action, FetchOutcome, ViolationPolicy};
@@ -41,13 +40,19 @@ impl Session {
                 c.violations += 1;
                 // Inside an open route the route's judgement covers it, not ExpectViolation.
                 if !self.routes.is_open() {
-                    expect::count(&mut c.tally, &v);
+                    c.tally.count(&v);
                 }
             }
             None => self.violations_outside += 1,
         }
         if self.violations.len() < MAX_RECORDS {
             self.violations.push(v.clone());
+        } else {
+            let test = match self.current {
+                Some(_) => self.ran_order.len().saturating_sub(1) as u32,
+                None => u32::MAX,
+            };
+            self.aggregated.add(test, &v);
         }
         v
     }
