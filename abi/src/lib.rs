@@ -137,7 +137,8 @@ pub enum Hc {
     /// (buf_ptr, max) -> r0 = violations in the current test; copies up to `max`
     /// [`ViolationRecord`]s (the most recent ones) to `buf_ptr`.
     QueryViolations = 10,
-    /// (rip, rsp): where to resume if an instruction fetch from unmapped memory happens.
+    /// (rip, rsp): where to resume after an access the guest cannot run on past: an instruction
+    /// fetch from unmapped memory, an instruction KVM cannot emulate touching a hole (used once).
     SetRecovery = 11,
     /// (): forget the recovery point.
     ClearRecovery = 12,

@@ -252,34 +252,21 @@ pub fn write_boot_structures(ram: &GuestRam, p: &BootParams) -> Result<u64, Boot
     Ok(pt.pml4)
 }
 
-/// Walks the guest's 4-level page tables in host memory: the GPA that `gva` maps to, if any.
-pub fn walk_page_tables(ram: &GuestRam, cr3: u64, gva: u64) -> Option<u64> {
-    let mut table = cr3 & 0x000f_ffff_ffff_f000;
-    for level in (0..4).rev() {
-        let index = (gva >> (12 + 9 * level)) & 511;
-        let mut b = [0u8; 8];
-        ram.read(table + index * 8, &mut b).ok()?;
-        let e = u64::from_le_bytes(b);
-        if e & PTE_PRESENT == 0 {
-            return None;
-        }
-        let addr = e & 0x000f_ffff_ffff_f000;
-        if level > 0 && level < 3 && e & PTE_HUGE != 0 {
-            let size = 1u64 << (12 + 9 * level);
-            return Some((addr & !(size - 1)) | (gva & (size - 1)));
-        }
-        if level == 0 {
-            return Some(addr | (gva & 0xfff));
-        }
-        table = addr;
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guest_view::{tests::OneHole, GuestView};
     use crate::memory::MemSize;
+    use crate::page_walk::walk;
+
+    /// The walker over `ram` with every page reachable.
+    fn walk_page_tables(ram: &GuestRam, cr3: u64, gva: u64) -> Option<u64> {
+        let all = OneHole {
+            size: ram.size(),
+            hole: !0xfff,
+        };
+        walk(&GuestView::new(ram, &all), cr3, gva).ok()
+    }
 
     #[test]
     fn gdt_matches_firecracker_encoding() {

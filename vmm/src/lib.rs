@@ -7,6 +7,9 @@
 //! Module map:
 //! - [`memory`]: guest RAM (one lazily backed anonymous mapping at GPA 0) and `--mem` sizes.
 //! - [`elf`]: the validating ELF loader for guest images from untrusted bytes.
+//! - [`guest_view`]: the stage-2-checked accessor for every access the VMM makes for the guest;
+//!   [`page_walk`]: the page walker through it; [`decode`]: the instruction at RIP and the
+//!   memory it touches (iced-x86), for exits that name no GPA.
 //! - [`boot`]: GDT, page tables (identity map of reserved memory, direct map of all RAM at
 //!   `DIRECT_MAP_BASE`), long-mode registers and the `BootInfo` block.
 //! - [`vm`]: KVM setup and the vCPU run loop (port I/O, MMIO, internal errors, shutdown...).
@@ -27,12 +30,15 @@ pub mod boot;
 pub mod caps;
 pub mod cli;
 pub mod console;
+pub mod decode;
 pub mod dump;
 pub mod elf;
 pub mod expect;
 pub mod guest_image;
+pub mod guest_view;
 pub mod kvm_stats;
 pub mod memory;
+pub mod page_walk;
 pub mod pv_msrs;
 pub mod replay_kvm;
 pub mod report;

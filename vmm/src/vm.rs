@@ -15,8 +15,10 @@ use crate::elf::{self, ElfError};
 use crate::memory::{reserved_end_for, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
-use crate::stage2::{EngineError, KvmSlots, RangeState, Stage2Engine};
+use crate::stage2::{EngineError, KvmSlots, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
+
+mod fault;
 
 /// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
 pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
@@ -370,11 +372,7 @@ impl Vm {
                         return stop;
                     }
                 }
-                Ok(VcpuExit::Shutdown) => {
-                    return ExitInfo::TripleFault {
-                        regs: self.regs_dump(),
-                    }
-                }
+                Ok(VcpuExit::Shutdown) => return self.shutdown(),
                 Ok(VcpuExit::Hlt) => {
                     return ExitInfo::Halted {
                         regs: self.regs_dump(),
@@ -463,50 +461,6 @@ impl Vm {
         let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
         let n = len.min(mmio.data.len());
         &mut mmio.data[..n]
-    }
-
-    /// An internal-error exit: a fetch violation if RIP translates to unmapped RAM, else a crash.
-    fn internal_error(&mut self) -> Option<ExitInfo> {
-        let (suberror, data) = {
-            let run = self.vcpu.get_kvm_run();
-            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
-            // union member.
-            let ie = unsafe { run.__bindgen_anon_1.internal };
-            let n = (ie.ndata as usize).min(ie.data.len());
-            (ie.suberror, ie.data[..n].to_vec())
-        };
-        let rip = self.sync_rip();
-        let gpa = self.translate(rip);
-        if let Some(gpa) = gpa {
-            if self.s.state_at(gpa) == Some(RangeState::Unmapped) {
-                match self.s.fetch_violation(gpa, rip) {
-                    FetchOutcome::Resume { rip, rsp } => {
-                        let m = self.vcpu.sync_regs_mut();
-                        m.regs.rip = rip;
-                        m.regs.rsp = rsp;
-                        self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                        return None;
-                    }
-                    FetchOutcome::Stop(e) => return Some(*e),
-                }
-            }
-        }
-        Some(ExitInfo::InternalError {
-            suberror,
-            data,
-            regs: self.regs_dump(),
-        })
-    }
-
-    /// GPA of guest-virtual `gva` under the current page tables.
-    fn translate(&self, gva: u64) -> Option<u64> {
-        if let Ok(t) = self.vcpu.translate_gva(gva) {
-            if t.valid != 0 {
-                return Some(t.physical_address);
-            }
-        }
-        let cr3 = self.vcpu.get_sregs().ok()?.cr3;
-        boot::walk_page_tables(self.s.ram(), cr3, gva)
     }
 }
 

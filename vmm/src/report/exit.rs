@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::Violation;
+use super::{AccessKind, Violation};
 
 /// General and control registers at a crash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -55,6 +55,48 @@ impl std::fmt::Display for RegsDump {
     }
 }
 
+/// The instruction at RIP as the VMM read and decoded it (through the stage-2-checked view,
+/// with iced-x86) for an exit KVM could not explain, when no access of it hit a hole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InsnAtRip {
+    /// The bytes read at RIP, hex (fewer than 15 where the next page could not be read).
+    pub bytes: String,
+    /// The lower-case iced-x86 mnemonic, or why there is none: "unreadable" (no bytes),
+    /// "truncated", "invalid".
+    pub decoded: String,
+    /// Its memory accesses, page by page.
+    pub accesses: Vec<InsnAccess>,
+}
+
+/// One page piece of a memory access of [`InsnAtRip`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InsnAccess {
+    /// Guest-virtual address (null: could not be computed).
+    pub gva: Option<u64>,
+    /// Guest-physical address (null: address unknown, no translation).
+    pub gpa: Option<u64>,
+    /// Load or store.
+    pub access: AccessKind,
+    /// Bytes.
+    pub size: u32,
+    /// Stage-2 state of the GPA ("reserved", "mapped", "unmapped", "not RAM"; null if unknown).
+    pub state: Option<&'static str>,
+}
+
+impl std::fmt::Display for InsnAtRip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.decoded, self.bytes)?;
+        for a in &self.accesses {
+            write!(f, ", {} of {} bytes at ", a.access.name(), a.size)?;
+            match a.gpa {
+                Some(g) => write!(f, "GPA {g:#x} ({})", a.state.unwrap_or("?"))?,
+                None => write!(f, "address unknown")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// How the VM stopped.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -69,7 +111,9 @@ pub enum ExitInfo {
         /// The violation.
         violation: Violation,
     },
-    /// A fetch from unmapped memory with no recovery point.
+    /// An access to unmapped memory the guest cannot run on past (an instruction fetch, an
+    /// instruction KVM could not emulate, an exception frame pushed into a hole, a page walk
+    /// through a hole) with no recovery point.
     FetchWithoutRecovery {
         /// The violation.
         violation: Violation,
@@ -92,12 +136,14 @@ pub enum ExitInfo {
         /// Registers at the shutdown.
         regs: RegsDump,
     },
-    /// KVM could not emulate an instruction (and it was not a fetch violation).
+    /// KVM could not emulate an instruction, and none of its accesses was found in a hole.
     InternalError {
         /// KVM's suberror.
         suberror: u32,
         /// KVM's extra data words.
         data: Vec<u64>,
+        /// The instruction at RIP and its accesses, as the VMM decoded them.
+        insn: Option<InsnAtRip>,
         /// Registers.
         regs: RegsDump,
     },
@@ -160,8 +206,15 @@ impl ExitInfo {
                 v.rip
             ),
             ExitInfo::FetchWithoutRecovery { violation: v } => format!(
-                "stopped: instruction fetch from unmapped GPA {:#x} (rip {:#x}) and no recovery point",
-                v.gpa, v.rip
+                "stopped: {} of {} bytes at unmapped GPA {:#x} (rip {:#x}) and no recovery point",
+                match v.access {
+                    AccessKind::Fetch => "instruction fetch",
+                    AccessKind::Read => "blocked read",
+                    AccessKind::Write => "blocked write",
+                },
+                v.size,
+                v.gpa,
+                v.rip
             ),
             ExitInfo::GuestException {
                 vector,
@@ -177,11 +230,15 @@ impl ExitInfo {
                 format!("triple fault (KVM_EXIT_SHUTDOWN) at rip {:#x}", regs.rip)
             }
             ExitInfo::InternalError {
-                suberror, regs, ..
+                suberror,
+                regs,
+                insn,
+                ..
             } => format!(
-                "KVM internal error (suberror {suberror}{}) at rip {:#x}",
+                "KVM internal error (suberror {suberror}{}) at rip {:#x}{}",
                 if *suberror == 1 { ": emulation failure" } else { "" },
-                regs.rip
+                regs.rip,
+                insn.as_ref().map(|i| format!(": {i}")).unwrap_or_default()
             ),
             ExitInfo::Halted { regs } => format!("guest halted at rip {:#x}", regs.rip),
             ExitInfo::UnexpectedExit { what, regs } => {

@@ -1,5 +1,6 @@
 //! Hypercall arguments that point into guest memory: buffers in reserved memory, text,
-//! test names, and ranges of pages the guest owns.
+//! test names, and ranges of pages the guest owns. Buffers are read and written through the
+//! stage-2-checked [`crate::guest_view::GuestView`].
 
 use veil_abi::{Status, BOOT_INFO_GPA, IMAGE_MIN_GPA, PAGE_SIZE, PAGE_TABLES_GPA};
 
@@ -29,7 +30,9 @@ impl Session {
         }
         self.check_buf(ptr, len)?;
         let mut b = vec![0u8; len as usize];
-        self.ram.read(ptr, &mut b).map_err(|_| Status::BadAddress)?;
+        self.view()
+            .read(ptr, &mut b)
+            .map_err(|_| Status::BadAddress)?;
         Ok(b)
     }
 
@@ -68,7 +71,9 @@ impl Session {
     /// Writes a result buffer (see [`Session::check_out_buf`]).
     pub(super) fn write_buf(&self, ptr: u64, bytes: &[u8]) -> Result<(), Status> {
         self.check_out_buf(ptr, bytes.len() as u64)?;
-        self.ram.write(ptr, bytes).map_err(|_| Status::BadAddress)
+        self.view()
+            .write(ptr, bytes)
+            .map_err(|_| Status::BadAddress)
     }
 
     /// Checks that every page of `[gpa, gpa + len)` is allocated to the guest.

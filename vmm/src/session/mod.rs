@@ -25,6 +25,7 @@ pub use dumps::{DumpConfig, DumpTarget};
 
 use crate::console::Console;
 use crate::expect::{Expectation, Tally};
+use crate::guest_view::GuestView;
 use crate::memory::GuestRam;
 use crate::report::{
     Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
@@ -228,6 +229,11 @@ impl Session {
     /// Guest RAM.
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// RAM as the guest can reach it (stage-2 checked): for every access made for the guest.
+    pub fn view(&self) -> GuestView<'_> {
+        GuestView::new(&self.ram, self.alloc.stage2())
     }
 
     /// The allocator.

@@ -95,20 +95,63 @@ impl Session {
         }
     }
 
-    /// An instruction fetch from unmapped RAM at `gpa`.
-    pub(crate) fn fetch_violation(&mut self, gpa: u64, rip: u64) -> FetchOutcome {
+    /// Accesses to unmapped RAM (`(gpa, kind, size)`: `first`, then `more`) by an
+    /// instruction the guest cannot simply run on past: a fetch, an instruction KVM could not
+    /// emulate, a page walk through a hole. All are recorded with one action: under `report`
+    /// the guest resumes at its recovery point if it set one (the point is used up), else the
+    /// VM stops with the first record; under `kill` it stops.
+    pub(crate) fn unresumable(
+        &mut self,
+        first: (u64, AccessKind, u32),
+        more: &[(u64, AccessKind, u32)],
+        rip: u64,
+    ) -> FetchOutcome {
         let (action, resume) = match (self.policy, self.recovery.take()) {
             (ViolationPolicy::Kill, _) => (ViolationAction::Killed, None),
             (_, Some(r)) => (ViolationAction::Recovered, Some(r)),
             (_, None) => (ViolationAction::Stopped, None),
         };
-        let v = self.record_violation(gpa, AccessKind::Fetch, 1, rip, action);
-        match (action, resume) {
-            (ViolationAction::Recovered, Some((rip, rsp))) => FetchOutcome::Resume { rip, rsp },
-            (ViolationAction::Killed, _) => {
-                FetchOutcome::Stop(Box::new(ExitInfo::ViolationKill { violation: v }))
-            }
-            _ => FetchOutcome::Stop(Box::new(ExitInfo::FetchWithoutRecovery { violation: v })),
+        let v = self.record_all(first, more, rip, action);
+        match resume {
+            Some((rip, rsp)) => FetchOutcome::Resume { rip, rsp },
+            None => FetchOutcome::Stop(Box::new(stop_exit(v))),
         }
+    }
+
+    /// Like [`Session::unresumable`] for a vCPU that cannot be resumed at all (a shutdown):
+    /// records the accesses and returns the stop.
+    pub(crate) fn fatal(
+        &mut self,
+        first: (u64, AccessKind, u32),
+        more: &[(u64, AccessKind, u32)],
+        rip: u64,
+    ) -> ExitInfo {
+        let action = match self.policy {
+            ViolationPolicy::Kill => ViolationAction::Killed,
+            ViolationPolicy::Report => ViolationAction::Stopped,
+        };
+        stop_exit(self.record_all(first, more, rip, action))
+    }
+
+    fn record_all(
+        &mut self,
+        first: (u64, AccessKind, u32),
+        more: &[(u64, AccessKind, u32)],
+        rip: u64,
+        action: ViolationAction,
+    ) -> Violation {
+        let v = self.record_violation(first.0, first.1, first.2, rip, action);
+        for &(gpa, access, size) in more {
+            self.record_violation(gpa, access, size, rip, action);
+        }
+        v
+    }
+}
+
+/// The exit that stops the VM at violation `v`.
+fn stop_exit(v: Violation) -> ExitInfo {
+    match v.action {
+        ViolationAction::Killed => ExitInfo::ViolationKill { violation: v },
+        _ => ExitInfo::FetchWithoutRecovery { violation: v },
     }
 }

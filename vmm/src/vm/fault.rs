@@ -1,0 +1,237 @@
+//! Exits that name no GPA but may be blocked accesses to unmapped RAM: emulation failures
+//! (an instruction KVM cannot emulate touching a hole, an instruction fetch running into a
+//! hole) and shutdowns (an exception frame pushed onto a stack in a hole). Each is attributed
+//! here: the instruction at RIP is read through the stage-2-checked view, decoded with
+//! iced-x86, its memory accesses translated with the checked walker, and every piece in an
+//! unmapped page becomes a violation record answered by the policy
+//! ([`crate::session::Session`]'s `unresumable`).
+
+use iced_x86::Mnemonic;
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::SyncReg;
+
+use super::{FetchOutcome, Vm};
+use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
+use crate::guest_view::ViewError;
+use crate::page_walk::{self, WalkError};
+use crate::report::{AccessKind, ExitInfo, InsnAccess, InsnAtRip};
+use crate::stage2::RangeState;
+
+/// KVM_INTERNAL_ERROR_DELIVERY_EV: KVM could not deliver an event (e.g. the frame push).
+const SUBERROR_DELIVERY_EV: u32 = 3;
+/// Largest 64-bit exception frame: SS, RSP, RFLAGS, CS, RIP and an error code.
+pub const EXCEPTION_FRAME: u64 = 48;
+
+/// One blocked access: GPA, kind, bytes.
+type Hit = (u64, AccessKind, u32);
+
+/// Where reading the instruction bytes at RIP stopped early.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FetchStop {
+    /// The next byte is in an unmapped page at this GPA.
+    Hole(u64),
+    /// The walk for the next page read a table entry in a hole at this GPA.
+    TableHole(u64),
+}
+
+impl Vm {
+    /// GPA of guest-virtual `gva`: KVM_TRANSLATE (which walks through memslots only), else the
+    /// VMM's checked walker.
+    pub(super) fn translate(&self, cr3: u64, gva: u64) -> Result<u64, WalkError> {
+        if let Ok(t) = self.vcpu.translate_gva(gva) {
+            if t.valid != 0 {
+                return Ok(t.physical_address);
+            }
+        }
+        page_walk::walk(&self.s.view(), cr3, gva)
+    }
+
+    /// Up to 15 instruction bytes at `rip`, read through the checked view.
+    fn fetch_insn(&self, cr3: u64, rip: u64) -> (Vec<u8>, Option<FetchStop>) {
+        let mut bytes = Vec::with_capacity(MAX_INSN_LEN);
+        let mut va = rip;
+        while bytes.len() < MAX_INSN_LEN {
+            let n = (MAX_INSN_LEN - bytes.len()).min((0x1000 - (va & 0xfff)) as usize);
+            let gpa = match self.translate(cr3, va) {
+                Ok(g) => g,
+                Err(WalkError::TableInHole { entry_gpa }) => {
+                    return (bytes, Some(FetchStop::TableHole(entry_gpa)))
+                }
+                Err(_) => return (bytes, None),
+            };
+            let mut buf = [0u8; MAX_INSN_LEN];
+            match self.s.view().read(gpa, &mut buf[..n]) {
+                Ok(()) => bytes.extend_from_slice(&buf[..n]),
+                Err(ViewError::Unmapped { gpa }) => return (bytes, Some(FetchStop::Hole(gpa))),
+                Err(ViewError::NotRam { .. }) => return (bytes, None),
+            }
+            va = va.wrapping_add(n as u64);
+        }
+        (bytes, None)
+    }
+
+    /// Translates `[gva, gva + len)` page by page: the pieces in unmapped pages as `kind`
+    /// accesses, and table entries in holes met on the way as 8-byte reads.
+    fn holes_in(&self, cr3: u64, gva: u64, len: u64, kind: AccessKind) -> Vec<Hit> {
+        let mut hits = Vec::new();
+        let mut va = gva;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(0x1000 - (va & 0xfff));
+            match self.translate(cr3, va) {
+                Ok(g) if self.s.state_at(g) == Some(RangeState::Unmapped) => {
+                    hits.push((g, kind, n as u32))
+                }
+                Err(WalkError::TableInHole { entry_gpa }) => {
+                    hits.push((entry_gpa, AccessKind::Read, 8))
+                }
+                _ => {}
+            }
+            left -= n;
+            va = va.wrapping_add(n);
+        }
+        hits
+    }
+
+    /// The blocked accesses of the instruction at RIP (empty: none found), and what was read
+    /// and decoded there. A software interrupt (`int n`, `int3`, `int1`, `into`: no memory
+    /// operand) is charged with the frame it pushes.
+    fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> (Vec<Hit>, InsnAtRip) {
+        let cr3 = sregs.cr3;
+        let (bytes, stop) = self.fetch_insn(cr3, regs.rip);
+        let mut hits = Vec::new();
+        let mut seen = InsnAtRip {
+            bytes: bytes
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            decoded: String::new(),
+            accesses: Vec::new(),
+        };
+        match decode::decode(&bytes, regs.rip) {
+            Ok(insn) => {
+                seen.decoded = format!("{:?}", insn.mnemonic()).to_lowercase();
+                let cpu = CpuState { regs, sregs };
+                let mut tables = Vec::new();
+                let acc = decode::accesses(&insn, &cpu, &mut |va| match self.translate(cr3, va) {
+                    Ok(g) => Some(g),
+                    Err(WalkError::TableInHole { entry_gpa }) => {
+                        tables.push(entry_gpa);
+                        None
+                    }
+                    Err(_) => None,
+                });
+                hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
+                for a in acc {
+                    let state = a.gpa.map(|g| self.s.state_at(g));
+                    if let (Some(g), Some(Some(RangeState::Unmapped))) = (a.gpa, state) {
+                        hits.push((g, a.access, a.size));
+                    }
+                    seen.accesses.push(InsnAccess {
+                        gva: a.gva,
+                        gpa: a.gpa,
+                        access: a.access,
+                        size: a.size,
+                        state: state.map(state_name),
+                    });
+                }
+                if matches!(
+                    insn.mnemonic(),
+                    Mnemonic::Int | Mnemonic::Int1 | Mnemonic::Int3 | Mnemonic::Into
+                ) {
+                    hits.extend(self.frame_holes(regs, sregs));
+                }
+            }
+            // The instruction runs on into a page the walk or the view refused.
+            Err(DecodeError::Truncated { got }) => {
+                seen.decoded = if got == 0 { "unreadable" } else { "truncated" }.into();
+                match stop {
+                    Some(FetchStop::Hole(g)) => hits.push((g, AccessKind::Fetch, 1)),
+                    Some(FetchStop::TableHole(e)) => hits.push((e, AccessKind::Read, 8)),
+                    None => {}
+                }
+            }
+            Err(DecodeError::Invalid) => seen.decoded = "invalid".into(),
+        }
+        (hits, seen)
+    }
+
+    /// The exception frame a ring-0 event delivery pushes below RSP, if it lands in a hole.
+    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
+        let top = regs.rsp & !0xf;
+        let base = top.wrapping_sub(EXCEPTION_FRAME);
+        self.holes_in(sregs.cr3, base, EXCEPTION_FRAME, AccessKind::Write)
+    }
+
+    /// Records `first` and `more` at `rip` and applies the policy's answer.
+    fn answer(&mut self, first: Hit, more: &[Hit], rip: u64) -> Option<ExitInfo> {
+        match self.s.unresumable(first, more, rip) {
+            FetchOutcome::Resume { rip, rsp } => {
+                let m = self.vcpu.sync_regs_mut();
+                m.regs.rip = rip;
+                m.regs.rsp = rsp;
+                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                None
+            }
+            FetchOutcome::Stop(e) => Some(*e),
+        }
+    }
+
+    /// An internal-error exit: attributed to the blocked accesses of the instruction at RIP
+    /// (or of the event frame KVM could not push), else reported as KVM's error.
+    pub(super) fn internal_error(&mut self) -> Option<ExitInfo> {
+        let (suberror, data) = {
+            let run = self.vcpu.get_kvm_run();
+            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
+            // union member.
+            let ie = unsafe { run.__bindgen_anon_1.internal };
+            let n = (ie.ndata as usize).min(ie.data.len());
+            (ie.suberror, ie.data[..n].to_vec())
+        };
+        let regs = self.vcpu.sync_regs().regs;
+        let mut insn = None;
+        if let Ok(sregs) = self.vcpu.get_sregs() {
+            let (mut hits, seen) = self.attribute_insn(&regs, &sregs);
+            if hits.is_empty() && suberror == SUBERROR_DELIVERY_EV {
+                hits = self.frame_holes(&regs, &sregs);
+            }
+            if let Some((first, more)) = hits.split_first() {
+                return self.answer(*first, more, regs.rip);
+            }
+            insn = Some(seen);
+        }
+        Some(ExitInfo::InternalError {
+            suberror,
+            data,
+            insn,
+            regs: self.regs_dump(),
+        })
+    }
+
+    /// A shutdown (triple fault): the blocked accesses that explain it are recorded: the
+    /// instruction at RIP's (e.g. a page walk through a page table in a hole, which KVM answers
+    /// with a #PF the guest cannot take) and the exception frame pushed onto a stack in a hole.
+    /// The VM stops either way: a shut-down vCPU is not resumed.
+    pub(super) fn shutdown(&mut self) -> ExitInfo {
+        let regs = self.regs_dump();
+        if let (Ok(r), Ok(s)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            let (mut hits, _) = self.attribute_insn(&r, &s);
+            hits.extend(self.frame_holes(&r, &s));
+            if let Some((first, more)) = hits.split_first() {
+                return self.s.fatal(*first, more, r.rip);
+            }
+        }
+        ExitInfo::TripleFault { regs }
+    }
+}
+
+/// Report name of a stage-2 state (None: not RAM).
+fn state_name(s: Option<RangeState>) -> &'static str {
+    match s {
+        Some(RangeState::Reserved) => "reserved",
+        Some(RangeState::Mapped) => "mapped",
+        Some(RangeState::Unmapped) => "unmapped",
+        None => "not RAM",
+    }
+}
