@@ -636,6 +636,13 @@ const REACHABILITY_ROUTES: &[&str] = &[
     "clflush",
     "clflushopt",
     "movnti_8",
+    "cmpxchg16b",
+    "fxsave",
+    "popcnt_m64",
+    "movntdqa",
+    "clwb",
+    "far_call_m16_64",
+    "stack_in_hole",
     "fetch_jmp",
     "fetch_call",
     "alias_4k_load",
@@ -650,6 +657,7 @@ const REACHABILITY_ROUTES: &[&str] = &[
     "hc_log",
     "hc_stats",
     "hc_query_violations",
+    "hc_host_count_oracle",
 ];
 
 #[test]
