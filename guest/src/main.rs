@@ -18,6 +18,7 @@ mod outcome;
 mod pages;
 mod panic;
 mod registry;
+mod ring3;
 mod route;
 mod serial;
 mod tests;

@@ -47,8 +47,14 @@ global_asm!(
     "    pop rbp",
     "    pop rbx",
     "    ret",
-    // The VMM's recovery point: rsp is the frame's.
-    "4:  mov eax, 0x200",
+    // The VMM's recovery point: rsp is the frame's. The VMM sets only rip and rsp, so after a
+    // ring-3 access it resumes here in ring 3: `ud2` then comes back to ring 0 through the IDT
+    // (which unwinds to this same frame).
+    "4:  mov ax, cs",
+    "    test al, 3",
+    "    jz 5f",
+    "    ud2",
+    "5:  mov eax, 0x200",
     "    jmp 3b",
     // From the IDT: rsp is the frame's, rax = 0x100 + vector.
     "veil_route_fault:",

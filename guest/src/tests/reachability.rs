@@ -13,7 +13,7 @@ use crate::hc;
 use crate::outcome::{Ctx as _, Outcome};
 use crate::pages::PageList;
 use crate::route::{protected, Body, Ctx, Ended};
-use crate::{dm, ensure};
+use crate::{dm, ensure, ring3};
 use core::arch::asm;
 use core::ptr::addr_of_mut;
 use veil_abi::{gfp, Hc, PAGEBLOCK_SIZE, PAGE_SIZE};
@@ -25,8 +25,13 @@ const OFFSET: u64 = 0x40;
 const ALIAS_SLOT: u64 = 400;
 /// Guest-virtual base of the alias window.
 const ALIAS_BASE: u64 = 0xffff_0000_0000_0000 | (ALIAS_SLOT << 39);
-/// Present | writable.
-const PW: u64 = 0b11;
+/// Present | writable | user (user for the ring-3 routes; no SMEP/SMAP here, so ring 0 uses
+/// the same entries).
+const PW: u64 = 0b111;
+/// Guest-virtual base of the user alias of the image's 2 MiB block (ring-3 code).
+const USER_IMAGE: u64 = ALIAS_BASE + 3 * PAGEBLOCK_SIZE;
+/// Guest-virtual base of the user alias of GPA 0..2 MiB (the stack, where the sink lives).
+const USER_LOW: u64 = ALIAS_BASE + 4 * PAGEBLOCK_SIZE;
 /// Page-size bit of a PDE (a 2 MiB page).
 const PS: u64 = 1 << 7;
 
@@ -41,6 +46,8 @@ enum Via {
     Alias2m,
     /// A PDE of the guest's own tables naming the page as a page table.
     TableInHole,
+    /// From ring 3, through the 4 KiB alias: `iretq` to this stub (see `ring3.rs`).
+    Ring3(unsafe extern "C" fn()),
     /// `wrmsr` of this PV MSR with the page's GPA | these flag bits.
     Msr(u32, u64),
 }
@@ -291,6 +298,16 @@ body!(
     "wrmsr"
 );
 
+/// Leaves for ring 3 at the stub in `aux` (user VA) with the target and the sink's user alias.
+unsafe extern "C" fn ring3_body(c: *mut Ctx) {
+    // SAFETY: `c` is the live context; run_route mapped the stub, the target and the sink for
+    // ring 3 and runs this inside a recovery frame.
+    unsafe {
+        let sink = USER_LOW + addr_of_mut!((*c).out) as u64;
+        ring3::enter((*c).aux, (*c).va, sink)
+    }
+}
+
 /// Hypercalls aimed at the unmapped page: each must be refused (the refusal is the record).
 unsafe extern "C" fn hc_log(c: *mut Ctx) {
     // SAFETY: `c` is the live context run_route passes.
@@ -418,6 +435,9 @@ static ROUTES: &[Route] = &[
     via("msr_kvm_async_pf_en", Via::Msr(MSR_KVM_ASYNC_PF_EN, 1), wrmsr_gpa),
     via("msr_kvm_steal_time", Via::Msr(MSR_KVM_STEAL_TIME, 1), wrmsr_gpa),
     via("msr_kvm_pv_eoi_en", Via::Msr(MSR_KVM_PV_EOI_EN, 1), wrmsr_gpa),
+    via("ring3_load_8", Via::Ring3(ring3::veil_ring3_load8), ring3_body),
+    via("ring3_store_8", Via::Ring3(ring3::veil_ring3_store8), ring3_body),
+    via("ring3_paddd", Via::Ring3(ring3::veil_ring3_paddd), ring3_body),
     r("hc_log", hc_log),
     r("hc_test_announce", hc_test_announce),
     r("hc_query_violations", hc_query_violations),
@@ -488,6 +508,24 @@ impl AliasWindow {
 }
 
 impl AliasWindow {
+    /// Maps the image's and the low 2 MiB for ring 3; returns the user VA of `stub`.
+    fn user_code(&self, stub: u64) -> Result<u64, crate::outcome::Fail> {
+        let image = veil_abi::IMAGE_MIN_GPA;
+        ensure!(
+            (image..image + PAGEBLOCK_SIZE).contains(&stub),
+            "ring-3 stub {stub:#x} outside the image's first 2 MiB"
+        );
+        // SAFETY: PD entries 3 and 4 of our own table (2 MiB user pages over the image and
+        // over GPA 0); invlpg as in map_4k.
+        unsafe {
+            *self.pd.add(3) = image | PW | PS;
+            *self.pd.add(4) = PW | PS;
+            asm!("invlpg [{}]", in(reg) USER_IMAGE, options(nostack));
+            asm!("invlpg [{}]", in(reg) USER_LOW, options(nostack));
+        }
+        Ok(USER_IMAGE + (stub - image))
+    }
+
     /// Makes the page the page table of PD entry 2; returns the VA of that table's first page.
     fn table_in(&self, page: u64) -> u64 {
         let va = ALIAS_BASE + 2 * PAGEBLOCK_SIZE;
@@ -521,6 +559,7 @@ pub fn reachability() -> Outcome {
         "more routes than pages in a pageblock"
     );
     let window = AliasWindow::new(&mut pages)?;
+    ring3::init();
     let (mut ran, mut faulted) = (0, 0);
     for (i, route) in ROUTES.iter().enumerate() {
         if let Some(needs) = route.needs {
@@ -536,6 +575,10 @@ pub fn reachability() -> Outcome {
             Via::Alias2m => (window.map_2m(page) + OFFSET, 0),
             Via::TableInHole => (window.table_in(page) + OFFSET, 0),
             Via::Msr(index, flags) => (page | flags, u64::from(index)),
+            Via::Ring3(stub) => (
+                window.map_4k(page) + OFFSET,
+                window.user_code(stub as usize as u64)?,
+            ),
         };
         let mut ctx = Ctx {
             va,
@@ -549,6 +592,9 @@ pub fn reachability() -> Outcome {
         // SAFETY: the bodies own nothing and touch only the target and `ctx`.
         let ended = unsafe { protected(route.body, &mut ctx) };
         hc::route_end().ctx("RouteEnd")?;
+        if let Via::Ring3(_) = route.via {
+            ring3::restore_kernel_segments();
+        }
         if ended != Ended::Returned {
             faulted += 1;
             hc::logf(format_args!("route {}: {ended:?}", route.name));
