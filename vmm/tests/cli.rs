@@ -652,6 +652,8 @@ const REACHABILITY_ROUTES: &[&str] = &[
     "ring3_load_8",
     "ring3_store_8",
     "ring3_paddd",
+    "lar_gdt_in_hole",
+    "verr_gdt_in_hole",
     "msr_kvm_system_time_new",
     "msr_kvm_wall_clock_new",
     "msr_kvm_steal_time",

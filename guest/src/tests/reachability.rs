@@ -48,6 +48,8 @@ enum Via {
     TableInHole,
     /// From ring 3, through the 4 KiB alias: `iretq` to this stub (see `ring3.rs`).
     Ring3(unsafe extern "C" fn()),
+    /// With the GDT moved onto the page (`lgdt`), restored right after the body.
+    GdtInHole,
     /// `wrmsr` of this PV MSR with the page's GPA | these flag bits.
     Msr(u32, u64),
 }
@@ -298,6 +300,45 @@ body!(
     "wrmsr"
 );
 
+// With the GDT in the hole: `lar`/`verr` read the descriptor of selector 0x10 (unemulatable
+// here: i8b's decode path records the descriptor read and resumes at the recovery point).
+body!(lar_gdt_in_hole, "mov ecx, 0x10", "lar eax, ecx");
+body!(verr_gdt_in_hole, "mov ecx, 0x10", "verr cx");
+// Livelocks on this host (issue 8 item 4): KVM spins or loops on MMIO exits for ever, so these
+// wait for the lead's livelock detector (they would end only by the 60 s --timeout).
+body!(sgdt_into_hole, "sgdt [r8]");
+body!(sidt_into_hole, "sidt [r8]");
+body!(mov_ds_gdt_in_hole, "mov ecx, 0x10", "mov ds, ecx");
+
+/// The operand of `sgdt`/`lgdt`.
+#[repr(C, packed)]
+struct Gdtr {
+    limit: u16,
+    base: u64,
+}
+
+/// Moves the GDT to `base` (keeping its limit); returns the old GDTR.
+fn move_gdt(base: u64) -> Gdtr {
+    let mut old = Gdtr { limit: 0, base: 0 };
+    // SAFETY: sgdt writes the 10-byte operand; the new table is only used by the route body
+    // (no segment load or exception delivery happens before `restore_gdt`).
+    unsafe {
+        asm!("sgdt [{}]", in(reg) &mut old, options(nostack));
+        let new = Gdtr {
+            limit: old.limit,
+            base,
+        };
+        asm!("lgdt [{}]", in(reg) &new, options(readonly, nostack));
+    }
+    old
+}
+
+/// Puts back the GDTR [`move_gdt`] returned.
+fn restore_gdt(old: &Gdtr) {
+    // SAFETY: `old` is the GDTR in use before the route.
+    unsafe { asm!("lgdt [{}]", in(reg) old, options(readonly, nostack)) };
+}
+
 /// Leaves for ring 3 at the stub in `aux` (user VA) with the target and the sink's user alias.
 unsafe extern "C" fn ring3_body(c: *mut Ctx) {
     // SAFETY: `c` is the live context; run_route mapped the stub, the target and the sink for
@@ -369,6 +410,9 @@ const NO_EXIT: &str = "an exit: prefetches reach no one (blocked but unrecorded 
 const PT_IN_HOLE: &str =
     "an exit: KVM injects #PF for a walk through a table in a hole (blocked but unrecorded here)";
 
+/// Livelocks on this host: wait for the lead's detector (issue 8 item 4).
+const LIVELOCK: &str = "the livelock detector (lead, issue 8 item 4): KVM spins with no exit here";
+
 /// Every route, in run order.
 #[rustfmt::skip]
 static ROUTES: &[Route] = &[
@@ -438,6 +482,11 @@ static ROUTES: &[Route] = &[
     via("ring3_load_8", Via::Ring3(ring3::veil_ring3_load8), ring3_body),
     via("ring3_store_8", Via::Ring3(ring3::veil_ring3_store8), ring3_body),
     via("ring3_paddd", Via::Ring3(ring3::veil_ring3_paddd), ring3_body),
+    via("lar_gdt_in_hole", Via::GdtInHole, lar_gdt_in_hole),
+    via("verr_gdt_in_hole", Via::GdtInHole, verr_gdt_in_hole),
+    pending("sgdt_into_hole", sgdt_into_hole, LIVELOCK),
+    pending("sidt_into_hole", sidt_into_hole, LIVELOCK),
+    Route { name: "mov_ds_gdt_in_hole", via: Via::GdtInHole, body: mov_ds_gdt_in_hole, needs: Some(LIVELOCK) },
     r("hc_log", hc_log),
     r("hc_test_announce", hc_test_announce),
     r("hc_query_violations", hc_query_violations),
@@ -575,6 +624,7 @@ pub fn reachability() -> Outcome {
             Via::Alias2m => (window.map_2m(page) + OFFSET, 0),
             Via::TableInHole => (window.table_in(page) + OFFSET, 0),
             Via::Msr(index, flags) => (page | flags, u64::from(index)),
+            Via::GdtInHole => (dm::va(page), 0),
             Via::Ring3(stub) => (
                 window.map_4k(page) + OFFSET,
                 window.user_code(stub as usize as u64)?,
@@ -589,8 +639,12 @@ pub fn reachability() -> Outcome {
         let sink = addr_of_mut!(ctx.out) as u64;
         hc::route_begin(route.name, sink, core::mem::size_of_val(&ctx.out) as u64)
             .ctx("RouteBegin")?;
+        let gdt = matches!(route.via, Via::GdtInHole).then(|| move_gdt(dm::va(page)));
         // SAFETY: the bodies own nothing and touch only the target and `ctx`.
         let ended = unsafe { protected(route.body, &mut ctx) };
+        if let Some(old) = &gdt {
+            restore_gdt(old);
+        }
         hc::route_end().ctx("RouteEnd")?;
         if let Via::Ring3(_) = route.via {
             ring3::restore_kernel_segments();
