@@ -187,3 +187,14 @@ pub fn storm_guest(n: u32) -> Vec<u8> {
     ]);
     guest(&code)
 }
+
+/// A quiet (no console, no log echo) 32 MiB VM running [`EXIT0`], booted but not run, for tests
+/// that drive `Session::hypercall` directly; `harness` is the test-harness capability.
+pub fn hypercall_vm(harness: bool) -> vmm::vm::Vm {
+    let mut c = vmm::VmConfig::new(guest(EXIT0));
+    c.mem = vmm::memory::MemSize(32 << 20);
+    c.console = vmm::console::ConsoleSink::Null;
+    c.echo_logs = false;
+    c.test_harness = harness;
+    vmm::vm::Vm::new(c).expect("boot")
+}

@@ -4,23 +4,15 @@
 
 use veil_abi::{gfp, Hc, Status, HOST_EXPECT_SECRET, PAGE_SIZE};
 use veil_tests::*;
-use vmm::console::ConsoleSink;
-use vmm::memory::MemSize;
 use vmm::report::TestOutcome;
 use vmm::session::Session;
 use vmm::vm::Vm;
-use vmm::VmConfig;
 
 /// Where the test names go (reserved memory, not a VMM structure).
 const NAME_GPA: u64 = 0x3000;
 
 fn vm(harness: bool) -> Vm {
-    let mut c = VmConfig::new(guest(EXIT0));
-    c.mem = MemSize(32 << 20);
-    c.console = ConsoleSink::Null;
-    c.echo_logs = false;
-    c.test_harness = harness;
-    Vm::new(c).expect("boot")
+    hypercall_vm(harness)
 }
 
 fn call(s: &mut Session, hc: Hc, a: [u64; 4]) -> Status {

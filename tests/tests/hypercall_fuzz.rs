@@ -5,10 +5,6 @@
 
 use veil_abi::{Hc, Status};
 use veil_tests::*;
-use vmm::console::ConsoleSink;
-use vmm::memory::MemSize;
-use vmm::vm::Vm;
-use vmm::VmConfig;
 
 /// xorshift64*: a deterministic generator so failures reproduce.
 struct Rng(u64);
@@ -35,11 +31,7 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     if !kvm_available() {
         return;
     }
-    let mut c = VmConfig::new(guest(EXIT0));
-    c.mem = MemSize(32 << 20);
-    c.console = ConsoleSink::Null;
-    c.echo_logs = false;
-    let mut vm = Vm::new(c).expect("boot");
+    let mut vm = hypercall_vm(true);
     let s = vm.session_mut();
     let ram = s.ram().size();
     let managed_pages = s.allocator().nr_pages();

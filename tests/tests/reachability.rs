@@ -5,12 +5,8 @@
 
 use veil_abi::{gfp, Hc, Status, PAGE_SIZE};
 use veil_tests::*;
-use vmm::console::ConsoleSink;
-use vmm::memory::MemSize;
 use vmm::report::matrix::RouteResult;
 use vmm::session::Session;
-use vmm::vm::Vm;
-use vmm::VmConfig;
 
 /// Scratch in reserved memory (below the image, above the mailbox): names and the sink.
 const NAMES: u64 = 0x8000;
@@ -46,11 +42,7 @@ fn each_outcome_is_judged_by_the_vmm_and_fails_the_test() {
     if !kvm_available() {
         return;
     }
-    let mut c = VmConfig::new(guest(EXIT0));
-    c.mem = MemSize(32 << 20);
-    c.console = ConsoleSink::Null;
-    c.echo_logs = false;
-    let mut vm = Vm::new(c).expect("boot");
+    let mut vm = hypercall_vm(true);
     let s = vm.session_mut();
     let (p, l) = name(s, 0, "routes");
     ok(s, Hc::TestAnnounce, [p, l, 0, 0]);

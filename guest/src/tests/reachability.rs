@@ -50,6 +50,8 @@ enum Via {
     Ring3(unsafe extern "C" fn()),
     /// With the GDT moved onto the page (`lgdt`), restored right after the body.
     GdtInHole,
+    /// This hypercall with the page's GPA and this length.
+    Hypercall(Hc, u64),
     /// `wrmsr` of this PV MSR with the page's GPA | these flag bits.
     Msr(u32, u64),
 }
@@ -349,37 +351,22 @@ unsafe extern "C" fn ring3_body(c: *mut Ctx) {
     }
 }
 
-/// Hypercalls aimed at the unmapped page: each must be refused (the refusal is the record).
-unsafe extern "C" fn hc_log(c: *mut Ctx) {
+/// A hypercall aimed at the unmapped page (`aux` = number | length << 32, the GPA first): it
+/// must be refused (the refusal is the record).
+unsafe extern "C" fn hc_aimed(c: *mut Ctx) {
     // SAFETY: `c` is the live context run_route passes.
-    let gpa = unsafe { (*c).gpa };
-    let _ = hc::aimed(Hc::Log, gpa, 64, 0, 0);
-}
-
-unsafe extern "C" fn hc_test_announce(c: *mut Ctx) {
-    // SAFETY: as in hc_log.
-    let gpa = unsafe { (*c).gpa };
-    let _ = hc::aimed(Hc::TestAnnounce, gpa, 8, 0, 0);
-}
-
-unsafe extern "C" fn hc_query_violations(c: *mut Ctx) {
-    // SAFETY: as in hc_log.
-    let gpa = unsafe { (*c).gpa };
-    let _ = hc::aimed(Hc::QueryViolations, gpa, 4, 0, 0);
-}
-
-unsafe extern "C" fn hc_stats(c: *mut Ctx) {
-    // SAFETY: as in hc_log.
-    let gpa = unsafe { (*c).gpa };
-    let _ = hc::aimed(Hc::Stats, gpa, 0, 0, 0);
+    let (gpa, aux) = unsafe { ((*c).gpa, (*c).aux) };
+    if let Some(hc) = Hc::from_u32(aux as u32) {
+        let _ = hc::aimed(hc, gpa, aux >> 32, 0, 0);
+    }
 }
 
 /// HostCount as a byte-equality oracle on the first target byte; the byte found goes to the
-/// sink. (HostFill into an unreachable page is a test-harness capability like PlantSecret, on
+/// sink. (Refused here: each of the 256 calls is a record.) (HostFill into an unreachable page is a test-harness capability like PlantSecret, on
 /// for this suite, so it is no route here; without the harness it is refused, see
 /// `bad_hypercalls`. HostExpect returns nothing derived from the contents.)
 unsafe extern "C" fn hc_host_count_oracle(c: *mut Ctx) {
-    // SAFETY: as in hc_log; `out` is the sink.
+    // SAFETY: as in hc_aimed; `out` is the sink.
     let (gpa, out) = unsafe { ((*c).gpa, addr_of_mut!((*c).out)) };
     for b in 0..=255u64 {
         if hc::aimed(Hc::HostCount, gpa, 1, b, 0) == Ok(1) {
@@ -487,10 +474,10 @@ static ROUTES: &[Route] = &[
     pending("sgdt_into_hole", sgdt_into_hole, LIVELOCK),
     pending("sidt_into_hole", sidt_into_hole, LIVELOCK),
     Route { name: "mov_ds_gdt_in_hole", via: Via::GdtInHole, body: mov_ds_gdt_in_hole, needs: Some(LIVELOCK) },
-    r("hc_log", hc_log),
-    r("hc_test_announce", hc_test_announce),
-    r("hc_query_violations", hc_query_violations),
-    r("hc_stats", hc_stats),
+    via("hc_log", Via::Hypercall(Hc::Log, 64), hc_aimed),
+    via("hc_test_announce", Via::Hypercall(Hc::TestAnnounce, 8), hc_aimed),
+    via("hc_query_violations", Via::Hypercall(Hc::QueryViolations, 4), hc_aimed),
+    via("hc_stats", Via::Hypercall(Hc::Stats, 0), hc_aimed),
     r("hc_host_count_oracle", hc_host_count_oracle),
 ];
 
@@ -625,6 +612,7 @@ pub fn reachability() -> Outcome {
             Via::TableInHole => (window.table_in(page) + OFFSET, 0),
             Via::Msr(index, flags) => (page | flags, u64::from(index)),
             Via::GdtInHole => (dm::va(page), 0),
+            Via::Hypercall(hc, len) => (0, hc as u64 | len << 32),
             Via::Ring3(stub) => (
                 window.map_4k(page) + OFFSET,
                 window.user_code(stub as usize as u64)?,
