@@ -172,8 +172,9 @@ pub struct RunArgs {
     pub tests: Vec<String>,
 
     /// Print one JSON document on stdout instead of the table: tests[], violations[], not_ram[],
-    /// stage2 and allocator counters, timing, exit, and the exit-time stage-2 dump. The guest
-    /// console then goes to stderr (or --console FILE).
+    /// stage2 and allocator counters, timing, exit, the exit-time stage-2 dump, and the
+    /// reachability matrix (`reachability`: routes[] with result and evidence, counts; filled by
+    /// `--tests reachability`). The guest console then goes to stderr (or --console FILE).
     #[arg(long)]
     pub json: bool,
 
