@@ -7,12 +7,11 @@ mod common;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use vmm::decode::{memory_operands, CpuState};
-use vmm::guest_view::GuestView;
+use vmm::decode::memory_operands;
 
 fn reads(c: &mut Criterion) {
-    let (ram, engine) = common::fixture();
-    let view = GuestView::new(&ram, &engine);
+    let fx = common::Fixture::new();
+    let (ram, view) = (&fx.ram, fx.view());
     let mut g = c.benchmark_group("read");
     for size in [8usize, 64, 4096] {
         let mut buf = vec![0u8; size];
@@ -27,13 +26,8 @@ fn reads(c: &mut Criterion) {
 }
 
 fn decode(c: &mut Criterion) {
-    let (ram, engine) = common::fixture();
-    let view = GuestView::new(&ram, &engine);
-    let (regs, sregs) = common::fxsave_regs();
-    let cpu = CpuState {
-        regs: &regs,
-        sregs: &sregs,
-    };
+    let fx = common::Fixture::new();
+    let (view, cpu) = (fx.view(), fx.cpu());
     c.bench_function("decode_fxsave_on_hole", |b| {
         b.iter(|| {
             let mut tr = |va: u64| view.check(va, 1).is_ok().then_some(va);

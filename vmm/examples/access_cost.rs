@@ -8,8 +8,7 @@ mod common;
 
 use std::hint::black_box;
 
-use vmm::decode::{memory_operands, CpuState};
-use vmm::guest_view::GuestView;
+use vmm::decode::memory_operands;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -18,32 +17,40 @@ fn main() {
         eprintln!("usage: access_cost CASE N (CASE: raw8|raw64|raw4096|checked8|checked64|checked4096|decode)");
         std::process::exit(2);
     };
-    let (ram, engine) = common::fixture();
-    let view = GuestView::new(&ram, &engine);
-    let (regs, sregs) = common::fxsave_regs();
-    let cpu = CpuState {
-        regs: &regs,
-        sregs: &sregs,
-    };
+    let fx = common::Fixture::new();
+    let (ram, view, cpu) = (&fx.ram, fx.view(), fx.cpu());
     let mut buf = vec![0u8; 4096];
-    let size = |s: &str| s.parse::<usize>().ok();
-    for _ in 0..n {
-        match case.as_str() {
-            "decode" => {
+    // Parse the case once: the loop holds only the call measured.
+    let (kind, len) = match case.as_str() {
+        "decode" => ("decode", 0),
+        c => match (c.strip_prefix("raw"), c.strip_prefix("checked")) {
+            (Some(n), _) => ("raw", n.parse().unwrap_or(8)),
+            (_, Some(n)) => ("checked", n.parse().unwrap_or(8)),
+            _ => {
+                eprintln!("unknown case {c}");
+                std::process::exit(2);
+            }
+        },
+    };
+    let buf = &mut buf[..len.min(4096)];
+    match kind {
+        "decode" => {
+            for _ in 0..n {
                 let mut tr = |va: u64| view.check(va, 1).is_ok().then_some(va);
                 black_box(memory_operands(black_box(common::FXSAVE), &cpu, &mut tr).unwrap());
             }
-            c if c.starts_with("raw") => {
-                let len = size(&c[3..]).unwrap_or(8);
-                ram.read(black_box(common::MAPPED_GPA), &mut buf[..len])
-                    .unwrap();
-            }
-            c => {
-                let len = size(c.trim_start_matches("checked")).unwrap_or(8);
-                view.read(black_box(common::MAPPED_GPA), &mut buf[..len])
-                    .unwrap();
+        }
+        "raw" => {
+            for _ in 0..n {
+                ram.read(black_box(common::MAPPED_GPA), buf).unwrap();
+                black_box(&buf);
             }
         }
-        black_box(&buf);
+        _ => {
+            for _ in 0..n {
+                view.read(black_box(common::MAPPED_GPA), buf).unwrap();
+                black_box(&buf);
+            }
+        }
     }
 }

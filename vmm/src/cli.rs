@@ -86,7 +86,10 @@ Exit codes:
      guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
      unavailable
   3  the guest crashed (exception, triple fault, emulation failure), was stopped by
-     --on-violation kill or by a fetch without recovery point, or ran past --timeout
+     --on-violation kill or by a blocked access it cannot run on past (a fetch, an instruction
+     KVM cannot emulate, an exception frame on a stack in a hole) with no recovery point,
+     livelocked (one instruction repeating a blocked access with no progress, e.g. lgdt from
+     an unmapped page: stopped at once, whatever --timeout says), or ran past --timeout
 
 Output: guest console output goes to stdout (stderr with --json, or --console FILE); the VMM's
 own messages go to stderr prefixed with 'veil: '.
@@ -147,7 +150,9 @@ pub struct GuestArgs {
     pub guest: Option<PathBuf>,
 
     /// Stop the guest after SECS seconds of wall time (fractions allowed, e.g. 0.5; 0 = never).
-    /// A timeout prints the guest's registers and exits with code 3.
+    /// A timeout prints the guest's registers, how long the vCPU had gone without an exit and
+    /// the instruction it sat on, and exits with code 3. Livelocks on blocked accesses are
+    /// stopped at once without waiting for it.
     #[arg(
         long,
         value_name = "SECS",
@@ -179,8 +184,10 @@ pub struct RunArgs {
     pub json: bool,
 
     /// What to do when the guest touches memory stage 2 does not expose. `report`: loads read
-    /// 0xa5 bytes, stores are dropped, the guest runs on, and an instruction fetch resumes at
-    /// the recovery point the test registered (or stops the VM if none). `kill`: stop at the
+    /// 0xa5 bytes, stores are dropped, the guest runs on; an access it cannot run on past (an
+    /// instruction fetch, an instruction KVM cannot emulate, an exception frame pushed onto a
+    /// stack in a hole) resumes at the recovery point the test registered (or stops the VM if
+    /// none; a triple fault always stops it). `kill`: stop at the
     /// first violation, print the report, exit 3. Either way every violation is recorded.
     #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,

@@ -51,9 +51,18 @@ pub struct CpuState<'a> {
     pub sregs: &'a kvm_sregs,
 }
 
-/// Decodes one 64-bit instruction at `rip` from `bytes`.
-pub fn decode(bytes: &[u8], rip: u64) -> Result<Instruction, DecodeError> {
-    let mut d = Decoder::with_ip(64, bytes, rip, DecoderOptions::NONE);
+/// Code size of the segment in CS: 64 (long mode), 32 or 16 (compatibility mode).
+pub fn bitness(sregs: &kvm_sregs) -> u32 {
+    match (sregs.cs.l, sregs.cs.db) {
+        (1, _) => 64,
+        (_, 1) => 32,
+        _ => 16,
+    }
+}
+
+/// Decodes one instruction of `bitness` (64, 32 or 16) at `rip` from `bytes`.
+pub fn decode(bytes: &[u8], rip: u64, bitness: u32) -> Result<Instruction, DecodeError> {
+    let mut d = Decoder::with_ip(bitness, bytes, rip, DecoderOptions::NONE);
     let insn = d.decode();
     match d.last_error() {
         DecoderError::None => Ok(insn),
@@ -63,12 +72,17 @@ pub fn decode(bytes: &[u8], rip: u64) -> Result<Instruction, DecodeError> {
 }
 
 /// Value of `reg` (any width) in `cpu`; segment registers give their base as the CPU uses it
-/// in 64-bit mode (0 except FS and GS).
+/// (in 64-bit mode 0 except FS and GS).
 fn reg_value(cpu: &CpuState<'_>, insn: &Instruction, reg: Register) -> Option<u64> {
     let r = cpu.regs;
     let s = cpu.sregs;
+    let long = insn.code_size() == iced_x86::CodeSize::Code64;
     let v = match reg {
-        Register::ES | Register::CS | Register::SS | Register::DS => return Some(0),
+        Register::ES | Register::CS | Register::SS | Register::DS if long => return Some(0),
+        Register::ES => return Some(s.es.base),
+        Register::CS => return Some(s.cs.base),
+        Register::SS => return Some(s.ss.base),
+        Register::DS => return Some(s.ds.base),
         Register::FS => return Some(s.fs.base),
         Register::GS => return Some(s.gs.base),
         Register::RIP | Register::EIP => insn.next_ip(),
@@ -153,11 +167,18 @@ fn push_pieces(
     }
 }
 
-/// The selector a `lar`/`lsl`/`verr`/`verw` examines, if it is in a register.
+/// The selector a `lar`/`lsl`/`verr`/`verw`/`ltr`/`lldt` examines or a `mov sreg, reg` loads
+/// (its descriptor is read from the GDT or LDT), if it is in a register. A null selector
+/// reads no descriptor.
 fn selector_operand(cpu: &CpuState<'_>, insn: &Instruction) -> Option<u16> {
     let op = match insn.mnemonic() {
         Mnemonic::Lar | Mnemonic::Lsl => 1,
-        Mnemonic::Verr | Mnemonic::Verw => 0,
+        Mnemonic::Verr | Mnemonic::Verw | Mnemonic::Ltr | Mnemonic::Lldt => 0,
+        Mnemonic::Mov
+            if insn.op0_kind() == OpKind::Register && insn.op0_register().is_segment_register() =>
+        {
+            1
+        }
         _ => return None,
     };
     match insn.op_kind(op) {
@@ -185,7 +206,7 @@ pub fn accesses(
             push_pieces(&mut out, gva, size, k, translate);
         }
     }
-    if let Some(sel) = selector_operand(cpu, insn) {
+    if let Some(sel) = selector_operand(cpu, insn).filter(|s| s & !3 != 0) {
         let table = if sel & 4 != 0 {
             cpu.sregs.ldt.base
         } else {
@@ -204,8 +225,16 @@ pub fn memory_operands(
     cpu: &CpuState<'_>,
     translate: &mut dyn FnMut(u64) -> Option<u64>,
 ) -> Result<Vec<MemAccess>, DecodeError> {
-    let insn = decode(bytes, cpu.regs.rip)?;
+    let insn = decode(bytes, cpu.regs.rip, bitness(cpu.sregs))?;
     Ok(accesses(&insn, cpu, translate))
+}
+
+/// `insn` in Intel syntax (`lgdt [rbx]`), for reports.
+pub fn format(insn: &Instruction) -> String {
+    use iced_x86::Formatter;
+    let mut out = String::new();
+    iced_x86::IntelFormatter::new().format(insn, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -244,11 +273,18 @@ mod tests {
         }
     }
 
+    /// Segment registers of 64-bit mode.
+    fn long() -> kvm_sregs {
+        let mut s = kvm_sregs::default();
+        s.cs.l = 1;
+        s
+    }
+
     #[test]
     fn cmpxchg16b_reads_and_writes_16_bytes() {
         // lock cmpxchg16b [rbx]
         let r = regs(|r| r.rbx = 0x50_0000);
-        let a = run(&[0xf0, 0x48, 0x0f, 0xc7, 0x0b], r, Default::default());
+        let a = run(&[0xf0, 0x48, 0x0f, 0xc7, 0x0b], r, long());
         assert_eq!(
             a,
             [
@@ -262,7 +298,7 @@ mod tests {
     fn fxsave_and_fxrstor_are_512_byte_store_and_load_split_at_pages() {
         // fxsave [rax+0xf00]: 256 bytes in one page, 256 in the next.
         let r = regs(|r| r.rax = 0x50_0000);
-        let a = run(&[0x0f, 0xae, 0x80, 0x00, 0x0f, 0, 0], r, Default::default());
+        let a = run(&[0x0f, 0xae, 0x80, 0x00, 0x0f, 0, 0], r, long());
         assert_eq!(
             a,
             [
@@ -271,7 +307,7 @@ mod tests {
             ]
         );
         // fxrstor [rax]
-        let a = run(&[0x0f, 0xae, 0x08], r, Default::default());
+        let a = run(&[0x0f, 0xae, 0x08], r, long());
         assert_eq!(a, [one(0x50_0000, AccessKind::Read, 512)]);
     }
 
@@ -282,32 +318,28 @@ mod tests {
             r.rsi = 0x40_0000;
             r.rcx = 2;
         });
-        let a = run(
-            &[0xf3, 0x48, 0x0f, 0xb8, 0x44, 0xce, 0x08],
-            r,
-            Default::default(),
-        );
+        let a = run(&[0xf3, 0x48, 0x0f, 0xb8, 0x44, 0xce, 0x08], r, long());
         assert_eq!(a, [one(0x40_0018, AccessKind::Read, 8)]);
         // fld tbyte [rdi] (x87 80-bit load)
         let r = regs(|r| r.rdi = 0x41_0000);
-        let a = run(&[0xdb, 0x2f], r, Default::default());
+        let a = run(&[0xdb, 0x2f], r, long());
         assert_eq!(a, [one(0x41_0000, AccessKind::Read, 10)]);
         // movntdqa xmm0, [rdi]
-        let a = run(&[0x66, 0x0f, 0x38, 0x2a, 0x07], r, Default::default());
+        let a = run(&[0x66, 0x0f, 0x38, 0x2a, 0x07], r, long());
         assert_eq!(a, [one(0x41_0000, AccessKind::Read, 16)]);
         // clwb [rdi]: a cache-line operation on the page counts as a read of it.
-        let a = run(&[0x66, 0x0f, 0xae, 0x37], r, Default::default());
+        let a = run(&[0x66, 0x0f, 0xae, 0x37], r, long());
         assert_eq!(a.len(), 1);
         assert_eq!((a[0].gpa, a[0].access), (Some(0x41_0000), AccessKind::Read));
         // lea rax, [rdi]: no access.
-        assert!(run(&[0x48, 0x8d, 0x07], r, Default::default()).is_empty());
+        assert!(run(&[0x48, 0x8d, 0x07], r, long()).is_empty());
     }
 
     #[test]
     fn far_call_through_memory_reads_the_pointer_and_pushes_cs_rip() {
         // call far qword [rbx] (REX.W FF /3: m16:64)
         let r = regs(|r| r.rbx = 0x42_0000);
-        let a = run(&[0x48, 0xff, 0x1b], r, Default::default());
+        let a = run(&[0x48, 0xff, 0x1b], r, long());
         assert!(a.contains(&one(0x42_0000, AccessKind::Read, 10)), "{a:?}");
         let stores: Vec<_> = a.iter().filter(|x| x.access == AccessKind::Write).collect();
         assert!(!stores.is_empty(), "{a:?}");
@@ -316,7 +348,7 @@ mod tests {
 
     #[test]
     fn lar_and_verr_read_the_descriptor_from_the_gdt_or_ldt() {
-        let mut s = kvm_sregs::default();
+        let mut s = long();
         s.gdt.base = 0x43_0000;
         s.ldt.base = 0x44_0000;
         // lar eax, ecx with selector 0x18 (GDT entry 3)
@@ -334,7 +366,7 @@ mod tests {
         // paddd xmm0, fs:[rax] with FS base 0x3fff_f000 + rax 0x800: crosses 1 GiB, where the
         // identity translation stops.
         let r = regs(|r| r.rax = 0x800);
-        let mut s = kvm_sregs::default();
+        let mut s = long();
         s.fs.base = 0x3fff_f7f8;
         let a = run(&[0x64, 0x66, 0x0f, 0xfe, 0x00], r, s);
         assert_eq!(a.len(), 2);
@@ -351,14 +383,59 @@ mod tests {
     }
 
     #[test]
+    fn compatibility_mode_uses_32_bit_decoding_and_segment_bases() {
+        // In a 32-bit code segment 0x48 is `dec eax`, not REX.W; `mov eax, [ebx]` adds DS's base.
+        let mut s = kvm_sregs::default();
+        s.cs.db = 1;
+        s.ds.base = 0x10_0000;
+        let r = regs(|r| r.rbx = 0xffff_ffff_0000_2000);
+        let a = run(&[0x8b, 0x03], r, s);
+        assert_eq!(a, [one(0x10_2000, AccessKind::Read, 4)]);
+        assert_eq!(decode(&[0x48], 0, 32).unwrap().mnemonic(), Mnemonic::Dec);
+    }
+
+    #[test]
     fn truncated_and_invalid_bytes_are_typed_errors() {
         // movabs rax, imm64 cut after 3 bytes
         assert_eq!(
-            decode(&[0x48, 0xb8, 0x01], 0),
+            decode(&[0x48, 0xb8, 0x01], 0, 64),
             Err(DecodeError::Truncated { got: 3 })
         );
-        assert_eq!(decode(&[], 0), Err(DecodeError::Truncated { got: 0 }));
+        assert_eq!(decode(&[], 0, 64), Err(DecodeError::Truncated { got: 0 }));
         // 0x06 (push es) is invalid in 64-bit mode
-        assert_eq!(decode(&[0x06, 0x90, 0x90], 0), Err(DecodeError::Invalid));
+        assert_eq!(
+            decode(&[0x06, 0x90, 0x90], 0, 64),
+            Err(DecodeError::Invalid)
+        );
+    }
+
+    proptest::proptest! {
+        /// Guest bytes and registers are untrusted: any of them decode to a typed error or to
+        /// pieces that each stay inside one page, never a panic.
+        #[test]
+        fn random_bytes_and_registers_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..16),
+            rip in proptest::prelude::any::<u64>(),
+            rbx in proptest::prelude::any::<u64>(),
+            rsp in proptest::prelude::any::<u64>(),
+            base in proptest::prelude::any::<u64>(),
+        ) {
+            let r = kvm_regs { rip, rbx, rsp, rax: rbx, rsi: rsp, ..Default::default() };
+            let mut s = kvm_sregs::default();
+            s.cs.l = (base & 1) as u8;
+            s.cs.db = (base >> 1 & 1) as u8;
+            s.gdt.base = base;
+            s.fs.base = base;
+            s.ds.base = base;
+            let cpu = CpuState { regs: &r, sregs: &s };
+            if let Ok(a) = memory_operands(&bytes, &cpu, &mut ident) {
+                for p in a {
+                    proptest::prop_assert!(p.size >= 1);
+                    if let Some(va) = p.gva {
+                        proptest::prop_assert!((va & 0xfff) + u64::from(p.size) <= 0x1000);
+                    }
+                }
+            }
+        }
     }
 }

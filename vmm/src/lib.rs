@@ -37,6 +37,7 @@ pub mod expect;
 pub mod guest_image;
 pub mod guest_view;
 pub mod kvm_stats;
+pub mod livelock;
 pub mod memory;
 pub mod page_walk;
 pub mod pv_msrs;

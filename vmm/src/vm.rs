@@ -2,6 +2,7 @@
 //! the vCPU run loop that dispatches port I/O (hypercalls, bare exits, the UART), MMIO exits
 //! (violations, not-RAM accesses) and everything else.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE}
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
+use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::{reserved_end_for, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
@@ -19,6 +21,7 @@ use crate::stage2::{EngineError, KvmSlots, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
 
 mod fault;
+mod stall;
 
 /// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
 pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
@@ -27,8 +30,9 @@ pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ViolationPolicy {
-    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch resumes at the
-    /// test's recovery point (or stops the VM if there is none).
+    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch or another access
+    /// the guest cannot run on past resumes at the test's recovery point (or stops the VM if
+    /// there is none).
     #[default]
     Report,
     /// Stop the VM at the first violation, print the report, exit non-zero.
@@ -155,6 +159,12 @@ pub struct Vm {
     vcpu: VcpuFd,
     s: Session,
     timeout: Option<Duration>,
+    /// Exits that were not watchdog kicks, published for the watchdog's stall check.
+    progress: Arc<AtomicU64>,
+    /// When the last such exit happened.
+    last_exit: Instant,
+    faults: FaultRepeat,
+    stalls: StallSampler,
 }
 
 impl Vm {
@@ -256,6 +266,10 @@ impl Vm {
             vcpu,
             s,
             timeout: cfg.timeout,
+            progress: Arc::new(AtomicU64::new(0)),
+            last_exit: Instant::now(),
+            faults: FaultRepeat::default(),
+            stalls: StallSampler::default(),
         })
     }
 
@@ -267,16 +281,15 @@ impl Vm {
 
     /// Runs the guest until it exits, crashes, is killed or times out.
     pub fn run(mut self) -> Result<RunReport, VmError> {
-        let dog = match self.timeout {
-            Some(t) => Some(Watchdog::start(t).map_err(|source| VmError::Io {
+        let dog =
+            Watchdog::start(self.timeout, self.progress.clone()).map_err(|source| VmError::Io {
                 what: "cannot start the watchdog",
                 source,
-            })?),
-            None => None,
-        };
+            })?;
         let run_start = Instant::now();
         self.s.mark_run_start(run_start);
-        let stop = self.run_loop(dog.as_ref());
+        self.last_exit = run_start;
+        let stop = self.run_loop(&dog);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
         Ok(self.s.finish(stop, run_start.elapsed()))
@@ -286,17 +299,24 @@ impl Vm {
         regs_dump(&self.vcpu)
     }
 
-    fn run_loop(&mut self, dog: Option<&Watchdog>) -> ExitInfo {
+    fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
         let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
         watchdog::publish_immediate_exit(p);
         loop {
-            if let Some(d) = dog {
-                if d.fired() {
-                    return self.timeout_exit();
-                }
+            if dog.fired() {
+                return self.timeout_exit();
             }
             let exit = self.vcpu.run();
             self.s.exits.total += 1;
+            if !matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
+                && !matches!(exit, Ok(VcpuExit::Intr))
+            {
+                self.last_exit = Instant::now();
+                self.progress.store(self.s.exits.total, Ordering::Relaxed);
+                if !matches!(exit, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))) {
+                    self.faults.progress();
+                }
+            }
             match exit {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     let value = data.first().copied().unwrap_or(0);
@@ -355,7 +375,7 @@ impl Vm {
                     let rip = self.sync_rip();
                     let (byte, stop) = self.s.mmio(gpa, AccessKind::Read, len as u32, rip);
                     self.mmio_data_mut(len).fill(byte);
-                    if let Some(stop) = stop {
+                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
                         return stop;
                     }
                 }
@@ -363,7 +383,8 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    if let (_, Some(stop)) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip) {
+                    let (_, stop) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip);
+                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
                         return stop;
                     }
                 }
@@ -398,6 +419,11 @@ impl Vm {
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.vcpu.set_kvm_immediate_exit(0);
+                    if dog.take_sample() {
+                        if let Some(stop) = self.stall_sample() {
+                            return stop;
+                        }
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -406,13 +432,6 @@ impl Vm {
                     }
                 }
             }
-        }
-    }
-
-    fn timeout_exit(&mut self) -> ExitInfo {
-        ExitInfo::Timeout {
-            seconds: self.timeout.map(|t| t.as_secs_f64()).unwrap_or(0.0),
-            regs: self.regs_dump(),
         }
     }
 

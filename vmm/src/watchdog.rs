@@ -1,16 +1,21 @@
-//! `--timeout`: a watchdog thread that kicks a runaway vCPU out of `KVM_RUN`.
+//! The watchdog: a thread that kicks a runaway vCPU out of `KVM_RUN` at `--timeout`, and
+//! samples a vCPU that has made no exit for a while (the livelock detector's silent-spin check).
 //!
 //! The vCPU thread publishes the address of its `kvm_run.immediate_exit` byte in a thread-local;
 //! the watchdog sends it a real-time signal whose handler sets that byte, so a kick that lands
 //! just before `KVM_RUN` is not lost, and keeps kicking every few milliseconds until the run
-//! loop notices the timeout.
+//! loop notices the timeout. Every [`STALL_SAMPLE`] it compares the run loop's exit counter with
+//! the last tick's; only when no exit happened in between does it kick for a sample, so a guest
+//! that exits on its own pays nothing.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::livelock::STALL_SAMPLE;
 
 use libc::{c_int, c_void, siginfo_t};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -66,23 +71,47 @@ pub struct Watchdog {
     stop: Sender<()>,
     handle: Option<JoinHandle<()>>,
     fired: Arc<AtomicBool>,
+    sample: Arc<AtomicBool>,
 }
 
 impl Watchdog {
-    /// Starts a watchdog that kicks the calling thread after `timeout`.
-    pub fn start(timeout: Duration) -> Result<Watchdog, std::io::Error> {
+    /// Starts a watchdog for the calling thread: it kicks the thread for good after `timeout`
+    /// (if any), and for a sample whenever `exits` (the run loop's exit counter) has not moved
+    /// for a whole [`STALL_SAMPLE`].
+    pub fn start(
+        timeout: Option<Duration>,
+        exits: Arc<AtomicU64>,
+    ) -> Result<Watchdog, std::io::Error> {
         install_handler()?;
         // SAFETY: pthread_self has no preconditions.
         let target = Thread(unsafe { libc::pthread_self() });
         let fired = Arc::new(AtomicBool::new(false));
-        let fired2 = fired.clone();
+        let sample = Arc::new(AtomicBool::new(false));
+        let (fired2, sample2) = (fired.clone(), sample.clone());
         let (stop, rx) = channel::<()>();
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let handle = std::thread::Builder::new()
             .name("veil-watchdog".into())
             .spawn(move || {
-                match rx.recv_timeout(timeout) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    _ => return,
+                let mut seen = exits.load(Ordering::Relaxed);
+                loop {
+                    let tick = match deadline {
+                        Some(d) => STALL_SAMPLE.min(d.saturating_duration_since(Instant::now())),
+                        None => STALL_SAMPLE,
+                    };
+                    match rx.recv_timeout(tick) {
+                        Err(RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        break;
+                    }
+                    let now = exits.load(Ordering::Relaxed);
+                    if now == seen {
+                        sample2.store(true, Ordering::SeqCst);
+                        let _ = target.kill(kick_signal());
+                    }
+                    seen = now;
                 }
                 fired2.store(true, Ordering::SeqCst);
                 loop {
@@ -97,12 +126,18 @@ impl Watchdog {
             stop,
             handle: Some(handle),
             fired,
+            sample,
         })
     }
 
     /// Whether the timeout has expired.
     pub fn fired(&self) -> bool {
         self.fired.load(Ordering::SeqCst)
+    }
+
+    /// Whether a sample kick is pending (and clears it).
+    pub fn take_sample(&self) -> bool {
+        self.sample.swap(false, Ordering::SeqCst)
     }
 }
 

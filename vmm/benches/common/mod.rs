@@ -5,6 +5,8 @@
 
 use allocator::Stage2;
 use kvm_bindings::{kvm_regs, kvm_sregs};
+use vmm::decode::CpuState;
+use vmm::guest_view::GuestView;
 use vmm::memory::{GuestRam, MemSize};
 use vmm::stage2::{ModelSlots, Stage2Engine};
 
@@ -15,22 +17,50 @@ pub const MAPPED_GPA: u64 = 0x80_1000;
 /// `fxsave [rbx]`.
 pub const FXSAVE: &[u8] = &[0x0f, 0xae, 0x03];
 
-/// RAM and a stage-2 engine (model memslots) with 256 holes.
-pub fn fixture() -> (GuestRam, Stage2Engine<ModelSlots>) {
-    let ram = GuestRam::new(MemSize(RAM)).unwrap();
-    let mut e = Stage2Engine::new(ModelSlots::new(1024), RAM, 4 << 20).unwrap();
-    for i in 0..256u64 {
-        e.unmap((8 << 20 >> 12) + i * 231, 1).unwrap();
-    }
-    (ram, e)
+/// RAM, a stage-2 engine (model memslots) with 256 holes, and registers for [`FXSAVE`]
+/// (rbx points at the first hole).
+pub struct Fixture {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// The engine whose range map the view consults.
+    pub engine: Stage2Engine<ModelSlots>,
+    regs: kvm_regs,
+    sregs: kvm_sregs,
 }
 
-/// Registers for [`FXSAVE`]: rbx points at the first hole.
-pub fn fxsave_regs() -> (kvm_regs, kvm_sregs) {
-    let r = kvm_regs {
-        rip: 0x20_0000,
-        rbx: 8 << 20,
-        ..Default::default()
-    };
-    (r, kvm_sregs::default())
+impl Fixture {
+    /// Builds the fixture.
+    pub fn new() -> Fixture {
+        let ram = GuestRam::new(MemSize(RAM)).unwrap();
+        let mut engine = Stage2Engine::new(ModelSlots::new(1024), RAM, 4 << 20).unwrap();
+        for i in 0..256u64 {
+            engine.unmap((8 << 20 >> 12) + i * 231, 1).unwrap();
+        }
+        let regs = kvm_regs {
+            rip: 0x20_0000,
+            rbx: 8 << 20,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.l = 1; // 64-bit code
+        Fixture {
+            ram,
+            engine,
+            regs,
+            sregs,
+        }
+    }
+
+    /// The checked view.
+    pub fn view(&self) -> GuestView<'_> {
+        GuestView::new(&self.ram, &self.engine)
+    }
+
+    /// The registers for [`FXSAVE`].
+    pub fn cpu(&self) -> CpuState<'_> {
+        CpuState {
+            regs: &self.regs,
+            sregs: &self.sregs,
+        }
+    }
 }

@@ -168,6 +168,31 @@ pub enum ExitInfo {
     Timeout {
         /// The timeout in seconds.
         seconds: f64,
+        /// How long the vCPU had gone without an exit (other than the watchdog's own kicks)
+        /// when it was stopped: a long stretch means it sat in one instruction or in a ring-0
+        /// loop (emulated here, so no exits), a short one that it was still exiting.
+        no_exit_ms: f64,
+        /// The instruction at RIP when stopped, in Intel syntax, if readable.
+        instruction: Option<String>,
+        /// Registers when stopped.
+        regs: RegsDump,
+    },
+    /// A livelock: one instruction repeating a blocked access without progress
+    /// (`crate::livelock`). The VM stops at once.
+    Livelock {
+        /// The instruction's RIP.
+        rip: u64,
+        /// The GPA in a hole it keeps touching (None for one that never completes without
+        /// touching a hole, such as `vmcall` on this host).
+        gpa: Option<u64>,
+        /// The access it keeps making there.
+        access: Option<AccessKind>,
+        /// Fault loop (MMIO exits) or silent spin (no exits).
+        shape: LivelockShape,
+        /// Identical exits in a row (fault loop) or identical watchdog samples (silent spin).
+        repeats: u64,
+        /// The instruction in Intel syntax, if readable.
+        instruction: Option<String>,
         /// Registers when stopped.
         regs: RegsDump,
     },
@@ -245,9 +270,49 @@ impl ExitInfo {
                 format!("unexpected exit {what} at rip {:#x}", regs.rip)
             }
             ExitInfo::KvmError { error } => format!("KVM_RUN failed: {error}"),
-            ExitInfo::Timeout { seconds, regs } => {
-                format!("timed out after {seconds} s (rip {:#x})", regs.rip)
-            }
+            ExitInfo::Timeout {
+                seconds,
+                no_exit_ms,
+                instruction,
+                regs,
+            } => format!(
+                "timed out after {seconds} s at rip {:#x}{}; no exit for the last {:.1} s{}",
+                regs.rip,
+                instruction
+                    .as_ref()
+                    .map(|i| format!(" (`{i}`)"))
+                    .unwrap_or_default(),
+                no_exit_ms / 1e3,
+                if *no_exit_ms >= 1e3 {
+                    " (one instruction or a ring-0 loop: ring 0 is emulated here and makes no exits)"
+                } else {
+                    ""
+                }
+            ),
+            ExitInfo::Livelock {
+                rip,
+                gpa,
+                access,
+                shape,
+                repeats,
+                instruction,
+                ..
+            } => format!(
+                "livelock at rip {rip:#x}{} on {}: {} ({repeats} {} in a row)",
+                instruction
+                    .as_ref()
+                    .map(|i| format!(" (`{i}`)"))
+                    .unwrap_or_default(),
+                match (gpa, access) {
+                    (Some(g), Some(a)) => format!("GPA {g:#x} ({} in a hole)", a.name()),
+                    _ => "no GPA (an instruction this host never completes)".to_string(),
+                },
+                shape.describe(),
+                match shape {
+                    LivelockShape::FaultLoop => "identical violation exits",
+                    LivelockShape::SilentSpin => "identical samples without an exit",
+                }
+            ),
             ExitInfo::UnknownTests { unknown, available } => format!(
                 "unknown test(s): {}; available: {}",
                 unknown.join(", "),
@@ -264,8 +329,32 @@ impl ExitInfo {
             | ExitInfo::InternalError { regs, .. }
             | ExitInfo::Halted { regs }
             | ExitInfo::UnexpectedExit { regs, .. }
-            | ExitInfo::Timeout { regs, .. } => Some(regs),
+            | ExitInfo::Timeout { regs, .. }
+            | ExitInfo::Livelock { regs, .. } => Some(regs),
             _ => None,
+        }
+    }
+}
+
+/// How a livelock shows itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LivelockShape {
+    /// The same violation exit again and again (`lgdt`/`lidt` from a hole).
+    FaultLoop,
+    /// No exits at all, the vCPU stuck on one instruction (`sgdt`/`sidt` into a hole, a segment
+    /// load with the GDT in a hole, `vmcall`).
+    SilentSpin,
+}
+
+impl LivelockShape {
+    /// What the shape means, for the report.
+    pub fn describe(self) -> &'static str {
+        match self {
+            LivelockShape::FaultLoop => "the instruction restarts on every violation exit",
+            LivelockShape::SilentSpin => {
+                "the vCPU sits on the instruction inside KVM without exits"
+            }
         }
     }
 }
@@ -294,5 +383,51 @@ pub fn vector_name(v: u64) -> &'static str {
         20 => "#VE virtualization exception",
         21 => "#CP control protection",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unattributed_emulation_failure_names_the_instruction_and_unknown_addresses() {
+        let e = ExitInfo::InternalError {
+            suberror: 1,
+            data: vec![],
+            insn: Some(InsnAtRip {
+                bytes: "0f ae 03".into(),
+                decoded: "fxsave".into(),
+                accesses: vec![
+                    InsnAccess {
+                        gva: Some(0x1000),
+                        gpa: Some(0x30_0000),
+                        access: AccessKind::Write,
+                        size: 256,
+                        state: Some("reserved"),
+                    },
+                    InsnAccess {
+                        gva: Some(0x2000),
+                        gpa: None,
+                        access: AccessKind::Write,
+                        size: 256,
+                        state: None,
+                    },
+                ],
+            }),
+            regs: RegsDump {
+                rip: 0x20_0000,
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            e.summary(),
+            "KVM internal error (suberror 1: emulation failure) at rip 0x200000: fxsave \
+             (0f ae 03), write of 256 bytes at GPA 0x300000 (reserved), write of 256 bytes at \
+             address unknown"
+        );
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["insn"]["accesses"][1]["gpa"], serde_json::Value::Null);
+        assert_eq!(j["insn"]["decoded"], "fxsave");
     }
 }

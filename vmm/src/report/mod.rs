@@ -8,7 +8,7 @@ mod render;
 mod violations;
 
 pub use aggregate::{Aggregator, ViolationAggregate, ViolationSummary, MAX_AGGREGATES};
-pub use exit::{vector_name, ExitInfo, InsnAccess, InsnAtRip, RegsDump};
+pub use exit::{vector_name, ExitInfo, InsnAccess, InsnAtRip, LivelockShape, RegsDump};
 pub use violations::{
     group_violations, AccessKind, NotRamAccess, Violation, ViolationAction, ViolationRun,
 };

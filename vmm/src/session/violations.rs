@@ -95,6 +95,28 @@ impl Session {
         }
     }
 
+    /// Where a livelocked vCPU resumes, if anywhere: under `report`, the test's recovery point
+    /// (used up), as for a fetch; under `kill`, nowhere.
+    pub(crate) fn livelock_recovery(&mut self) -> Option<(u64, u64)> {
+        match self.policy {
+            ViolationPolicy::Kill => None,
+            ViolationPolicy::Report => self.recovery.take(),
+        }
+    }
+
+    /// The blocked access of a silent-spin livelock (no exit carried it, so the VMM records it
+    /// from the decoded instruction), with what happened next (`recovered` or `stopped`).
+    pub(crate) fn livelock_violation(
+        &mut self,
+        gpa: u64,
+        access: AccessKind,
+        size: u32,
+        rip: u64,
+        action: ViolationAction,
+    ) {
+        self.record_violation(gpa, access, size, rip, action);
+    }
+
     /// Accesses to unmapped RAM (`(gpa, kind, size)`: `first`, then `more`) by an
     /// instruction the guest cannot simply run on past: a fetch, an instruction KVM could not
     /// emulate, a page walk through a hole. All are recorded with one action: under `report`

@@ -19,15 +19,18 @@ use crate::stage2::RangeState;
 
 /// KVM_INTERNAL_ERROR_DELIVERY_EV: KVM could not deliver an event (e.g. the frame push).
 const SUBERROR_DELIVERY_EV: u32 = 3;
-/// Largest 64-bit exception frame: SS, RSP, RFLAGS, CS, RIP and an error code.
+/// 64-bit interrupt frame: SS, RSP, RFLAGS, CS, RIP.
+pub const INTERRUPT_FRAME: u64 = 40;
+/// Largest 64-bit exception frame: the interrupt frame and an error code (charged when the
+/// vector is not known, as at a shutdown).
 pub const EXCEPTION_FRAME: u64 = 48;
 
 /// One blocked access: GPA, kind, bytes.
-type Hit = (u64, AccessKind, u32);
+pub(super) type Hit = (u64, AccessKind, u32);
 
 /// Where reading the instruction bytes at RIP stopped early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FetchStop {
+pub(super) enum FetchStop {
     /// The next byte is in an unmapped page at this GPA.
     Hole(u64),
     /// The walk for the next page read a table entry in a hole at this GPA.
@@ -47,7 +50,7 @@ impl Vm {
     }
 
     /// Up to 15 instruction bytes at `rip`, read through the checked view.
-    fn fetch_insn(&self, cr3: u64, rip: u64) -> (Vec<u8>, Option<FetchStop>) {
+    pub(super) fn fetch_insn(&self, cr3: u64, rip: u64) -> (Vec<u8>, Option<FetchStop>) {
         let mut bytes = Vec::with_capacity(MAX_INSN_LEN);
         let mut va = rip;
         while bytes.len() < MAX_INSN_LEN {
@@ -96,7 +99,11 @@ impl Vm {
     /// The blocked accesses of the instruction at RIP (empty: none found), and what was read
     /// and decoded there. A software interrupt (`int n`, `int3`, `int1`, `into`: no memory
     /// operand) is charged with the frame it pushes.
-    fn attribute_insn(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> (Vec<Hit>, InsnAtRip) {
+    pub(super) fn attribute_insn(
+        &self,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> (Vec<Hit>, InsnAtRip) {
         let cr3 = sregs.cr3;
         let (bytes, stop) = self.fetch_insn(cr3, regs.rip);
         let mut hits = Vec::new();
@@ -109,7 +116,7 @@ impl Vm {
             decoded: String::new(),
             accesses: Vec::new(),
         };
-        match decode::decode(&bytes, regs.rip) {
+        match decode::decode(&bytes, regs.rip, decode::bitness(sregs)) {
             Ok(insn) => {
                 seen.decoded = format!("{:?}", insn.mnemonic()).to_lowercase();
                 let cpu = CpuState { regs, sregs };
@@ -140,7 +147,7 @@ impl Vm {
                     insn.mnemonic(),
                     Mnemonic::Int | Mnemonic::Int1 | Mnemonic::Int3 | Mnemonic::Into
                 ) {
-                    hits.extend(self.frame_holes(regs, sregs));
+                    hits.extend(self.frame_holes(regs, sregs, INTERRUPT_FRAME));
                 }
             }
             // The instruction runs on into a page the walk or the view refused.
@@ -157,11 +164,11 @@ impl Vm {
         (hits, seen)
     }
 
-    /// The exception frame a ring-0 event delivery pushes below RSP, if it lands in a hole.
-    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Vec<Hit> {
+    /// The `frame` bytes a ring-0 event delivery pushes below RSP (rounded down to 16), where
+    /// they land in a hole.
+    fn frame_holes(&self, regs: &kvm_regs, sregs: &kvm_sregs, frame: u64) -> Vec<Hit> {
         let top = regs.rsp & !0xf;
-        let base = top.wrapping_sub(EXCEPTION_FRAME);
-        self.holes_in(sregs.cr3, base, EXCEPTION_FRAME, AccessKind::Write)
+        self.holes_in(sregs.cr3, top.wrapping_sub(frame), frame, AccessKind::Write)
     }
 
     /// Records `first` and `more` at `rip` and applies the policy's answer.
@@ -194,7 +201,7 @@ impl Vm {
         if let Ok(sregs) = self.vcpu.get_sregs() {
             let (mut hits, seen) = self.attribute_insn(&regs, &sregs);
             if hits.is_empty() && suberror == SUBERROR_DELIVERY_EV {
-                hits = self.frame_holes(&regs, &sregs);
+                hits = self.frame_holes(&regs, &sregs, EXCEPTION_FRAME);
             }
             if let Some((first, more)) = hits.split_first() {
                 return self.answer(*first, more, regs.rip);
@@ -217,7 +224,7 @@ impl Vm {
         let regs = self.regs_dump();
         if let (Ok(r), Ok(s)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
             let (mut hits, _) = self.attribute_insn(&r, &s);
-            hits.extend(self.frame_holes(&r, &s));
+            hits.extend(self.frame_holes(&r, &s, EXCEPTION_FRAME));
             if let Some((first, more)) = hits.split_first() {
                 return self.s.fatal(*first, more, r.rip);
             }
