@@ -306,39 +306,63 @@ body!(
 // here: i8b's decode path records the descriptor read and resumes at the recovery point).
 body!(lar_gdt_in_hole, "mov ecx, 0x10", "lar eax, ecx");
 body!(verr_gdt_in_hole, "mov ecx, 0x10", "verr cx");
-// Livelocks on this host (issue 8 item 4): KVM spins or loops on MMIO exits for ever, so these
-// wait for the lead's livelock detector (they would end only by the 60 s --timeout).
+// Livelocks on this host (issue 8 item 4): KVM spins with no exit (sgdt, sidt, mov ds) or loops
+// on MMIO exits (lgdt, lidt) for ever; the lead's detector (i8d, merged) records them and
+// resumes at the recovery point. lgdt/lidt may load poison: the tables are restored after every
+// route.
 body!(sgdt_into_hole, "sgdt [r8]");
 body!(sidt_into_hole, "sidt [r8]");
+body!(lgdt_from_hole, "lgdt [r8]");
+body!(lidt_from_hole, "lidt [r8]");
 body!(mov_ds_gdt_in_hole, "mov ecx, 0x10", "mov ds, ecx");
 
-/// The operand of `sgdt`/`lgdt`.
+/// The operand of `sgdt`/`lgdt`/`sidt`/`lidt`.
 #[repr(C, packed)]
-struct Gdtr {
+struct TableReg {
     limit: u16,
     base: u64,
 }
 
-/// Moves the GDT to `base` (keeping its limit); returns the old GDTR.
-fn move_gdt(base: u64) -> Gdtr {
-    let mut old = Gdtr { limit: 0, base: 0 };
-    // SAFETY: sgdt writes the 10-byte operand; the new table is only used by the route body
-    // (no segment load or exception delivery happens before `restore_gdt`).
-    unsafe {
-        asm!("sgdt [{}]", in(reg) &mut old, options(nostack));
-        let new = Gdtr {
-            limit: old.limit,
-            base,
-        };
-        asm!("lgdt [{}]", in(reg) &new, options(readonly, nostack));
-    }
-    old
+/// GDTR and IDTR as they were before a route (a route may move or clobber either).
+struct Tables {
+    gdtr: TableReg,
+    idtr: TableReg,
 }
 
-/// Puts back the GDTR [`move_gdt`] returned.
-fn restore_gdt(old: &Gdtr) {
-    // SAFETY: `old` is the GDTR in use before the route.
-    unsafe { asm!("lgdt [{}]", in(reg) old, options(readonly, nostack)) };
+impl Tables {
+    /// Saves GDTR and IDTR.
+    fn save() -> Tables {
+        let mut t = Tables {
+            gdtr: TableReg { limit: 0, base: 0 },
+            idtr: TableReg { limit: 0, base: 0 },
+        };
+        // SAFETY: sgdt/sidt write the 10-byte operands.
+        unsafe {
+            asm!("sgdt [{}]", "sidt [{}]", in(reg) &mut t.gdtr, in(reg) &mut t.idtr,
+                 options(nostack));
+        }
+        t
+    }
+
+    /// Moves the GDT to `base`, keeping its limit (the route body is the only user: no segment
+    /// load or exception delivery happens before [`Tables::restore`]).
+    fn move_gdt(&self, base: u64) {
+        let new = TableReg {
+            limit: self.gdtr.limit,
+            base,
+        };
+        // SAFETY: see above.
+        unsafe { asm!("lgdt [{}]", in(reg) &new, options(readonly, nostack)) };
+    }
+
+    /// Puts both back.
+    fn restore(&self) {
+        // SAFETY: the registers in use before the route.
+        unsafe {
+            asm!("lgdt [{}]", "lidt [{}]", in(reg) &self.gdtr, in(reg) &self.idtr,
+                 options(readonly, nostack));
+        }
+    }
 }
 
 /// Leaves for ring 3 at the stub in `aux` (user VA) with the target and the sink's user alias.
@@ -396,9 +420,6 @@ const NO_EXIT: &str = "an exit: prefetches reach no one (blocked but unrecorded 
 /// route ends with Exception(14), 0 records.
 const PT_IN_HOLE: &str =
     "an exit: KVM injects #PF for a walk through a table in a hole (blocked but unrecorded here)";
-
-/// Livelocks on this host: wait for the lead's detector (issue 8 item 4).
-const LIVELOCK: &str = "the livelock detector (lead, issue 8 item 4): KVM spins with no exit here";
 
 /// Every route, in run order.
 #[rustfmt::skip]
@@ -471,9 +492,11 @@ static ROUTES: &[Route] = &[
     via("ring3_paddd", Via::Ring3(ring3::veil_ring3_paddd), ring3_body),
     via("lar_gdt_in_hole", Via::GdtInHole, lar_gdt_in_hole),
     via("verr_gdt_in_hole", Via::GdtInHole, verr_gdt_in_hole),
-    pending("sgdt_into_hole", sgdt_into_hole, LIVELOCK),
-    pending("sidt_into_hole", sidt_into_hole, LIVELOCK),
-    Route { name: "mov_ds_gdt_in_hole", via: Via::GdtInHole, body: mov_ds_gdt_in_hole, needs: Some(LIVELOCK) },
+    r("sgdt_into_hole", sgdt_into_hole),
+    r("sidt_into_hole", sidt_into_hole),
+    r("lgdt_from_hole", lgdt_from_hole),
+    r("lidt_from_hole", lidt_from_hole),
+    via("mov_ds_gdt_in_hole", Via::GdtInHole, mov_ds_gdt_in_hole),
     via("hc_log", Via::Hypercall(Hc::Log, 64), hc_aimed),
     via("hc_test_announce", Via::Hypercall(Hc::TestAnnounce, 8), hc_aimed),
     via("hc_query_violations", Via::Hypercall(Hc::QueryViolations, 4), hc_aimed),
@@ -627,12 +650,13 @@ pub fn reachability() -> Outcome {
         let sink = addr_of_mut!(ctx.out) as u64;
         hc::route_begin(route.name, sink, core::mem::size_of_val(&ctx.out) as u64)
             .ctx("RouteBegin")?;
-        let gdt = matches!(route.via, Via::GdtInHole).then(|| move_gdt(dm::va(page)));
+        let tables = Tables::save();
+        if let Via::GdtInHole = route.via {
+            tables.move_gdt(dm::va(page));
+        }
         // SAFETY: the bodies own nothing and touch only the target and `ctx`.
         let ended = unsafe { protected(route.body, &mut ctx) };
-        if let Some(old) = &gdt {
-            restore_gdt(old);
-        }
+        tables.restore();
         hc::route_end().ctx("RouteEnd")?;
         if let Via::Ring3(_) = route.via {
             ring3::restore_kernel_segments();
