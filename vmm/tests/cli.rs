@@ -645,6 +645,9 @@ const REACHABILITY_ROUTES: &[&str] = &[
     "stack_in_hole",
     "fetch_jmp",
     "fetch_call",
+    "fetch_runs_into_hole",
+    "straddle_load_8",
+    "straddle_store_8",
     "alias_4k_load",
     "alias_4k_store",
     "alias_2m_load",
@@ -667,6 +670,8 @@ const REACHABILITY_ROUTES: &[&str] = &[
     "hc_log",
     "hc_stats",
     "hc_query_violations",
+    "hc_test_begin",
+    "hc_test_end",
     "hc_host_count_oracle",
 ];
 

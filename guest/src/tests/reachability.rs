@@ -46,6 +46,9 @@ enum Via {
     Alias2m,
     /// A PDE of the guest's own tables naming the page as a page table.
     TableInHole,
+    /// This many bytes before the end of a mapped page that the guest's tables place right
+    /// below the unmapped one (a 4 KiB alias pair): the access straddles the boundary.
+    Boundary(u64),
     /// From ring 3, through the 4 KiB alias: `iretq` to this stub (see `ring3.rs`).
     Ring3(unsafe extern "C" fn()),
     /// With the GDT moved onto the page (`lgdt`), restored right after the body.
@@ -291,6 +294,14 @@ body!(far_call_m16_64, ".byte 0x49, 0xff, 0x18");
 // the CPU delivers #GP, whose frame cannot be pushed (i8b attributes the push).
 body!(stack_in_hole, "lea rsp, [r8 + 0xfc0]", "int 0x20");
 body!(fetch_jmp, "jmp r8");
+// The straddling load's upper 4 bytes come from the hole: only they go to the sink (the lower 4
+// are the guest's own mapped bytes, which hold code bytes of the fetch route).
+body!(
+    straddle_load_8,
+    "mov rax, qword ptr [r8]",
+    "shr rax, 32",
+    "mov [r9], rax"
+);
 // `call` pushes its return address onto our (mapped) stack; the recovery frame resets rsp.
 body!(fetch_call, "call r8");
 body!(
@@ -375,20 +386,29 @@ unsafe extern "C" fn ring3_body(c: *mut Ctx) {
     }
 }
 
-/// A hypercall aimed at the unmapped page (`aux` = number | length << 32, the GPA first): it
-/// must be refused (the refusal is the record).
+/// A hypercall aimed at the unmapped page (`aux` = number | length << 32; the GPA goes where
+/// the call takes its pointer): it must be refused (the refusal is the record).
 unsafe extern "C" fn hc_aimed(c: *mut Ctx) {
     // SAFETY: `c` is the live context run_route passes.
     let (gpa, aux) = unsafe { ((*c).gpa, (*c).aux) };
-    if let Some(hc) = Hc::from_u32(aux as u32) {
-        let _ = hc::aimed(hc, gpa, aux >> 32, 0, 0);
+    let len = aux >> 32;
+    match Hc::from_u32(aux as u32) {
+        // TestEnd takes (result, ptr, len): a pass whose message is in the hole.
+        Some(Hc::TestEnd) => {
+            let _ = hc::aimed(Hc::TestEnd, 0, gpa, len, 0);
+        }
+        Some(hc) => {
+            let _ = hc::aimed(hc, gpa, len, 0, 0);
+        }
+        None => {}
     }
 }
 
 /// HostCount as a byte-equality oracle on the first target byte; the byte found goes to the
-/// sink. (Refused here: each of the 256 calls is a record.) (HostFill into an unreachable page is a test-harness capability like PlantSecret, on
-/// for this suite, so it is no route here; without the harness it is refused, see
-/// `bad_hypercalls`. HostExpect returns nothing derived from the contents.)
+/// sink (refused here: each of the 256 calls is a record). HostFill into an unreachable page is
+/// a test-harness capability like PlantSecret, on for this suite, so it is no route here
+/// (without the harness it is refused, see `bad_hypercalls`); HostExpect returns nothing
+/// derived from the contents.
 unsafe extern "C" fn hc_host_count_oracle(c: *mut Ctx) {
     // SAFETY: as in hc_aimed; `out` is the sink.
     let (gpa, out) = unsafe { ((*c).gpa, addr_of_mut!((*c).out)) };
@@ -474,6 +494,10 @@ static ROUTES: &[Route] = &[
     r("far_call_m16_64", far_call_m16_64),
     r("stack_in_hole", stack_in_hole),
     Route { name: "page_table_in_hole", via: Via::TableInHole, body: load_8, needs: Some(PT_IN_HOLE) },
+    via("straddle_load_8", Via::Boundary(4), straddle_load_8),
+    via("straddle_store_8", Via::Boundary(4), store_8),
+    // A fetch that starts in the mapped page and runs into the hole (i8b's decode path).
+    via("fetch_runs_into_hole", Via::Boundary(3), fetch_jmp),
     r("fetch_jmp", fetch_jmp),
     r("fetch_call", fetch_call),
     via("alias_4k_load", Via::Alias4k, load_8),
@@ -501,6 +525,8 @@ static ROUTES: &[Route] = &[
     via("hc_test_announce", Via::Hypercall(Hc::TestAnnounce, 8), hc_aimed),
     via("hc_query_violations", Via::Hypercall(Hc::QueryViolations, 4), hc_aimed),
     via("hc_stats", Via::Hypercall(Hc::Stats, 0), hc_aimed),
+    via("hc_test_begin", Via::Hypercall(Hc::TestBegin, 8), hc_aimed),
+    via("hc_test_end", Via::Hypercall(Hc::TestEnd, 8), hc_aimed),
     r("hc_host_count_oracle", hc_host_count_oracle),
 ];
 
@@ -551,6 +577,19 @@ impl AliasWindow {
             asm!("invlpg [{}]", in(reg) ALIAS_BASE, options(nostack));
         }
         ALIAS_BASE
+    }
+
+    /// Maps `mapped` then `page` at two consecutive 4 KiB alias pages; returns the VA of the
+    /// boundary between them.
+    fn map_boundary(&self, mapped: u64, page: u64) -> u64 {
+        // SAFETY: PT entries 0 and 1 of our own table; invlpg as above.
+        unsafe {
+            *self.pt = mapped | PW;
+            *self.pt.add(1) = page | PW;
+            asm!("invlpg [{}]", in(reg) ALIAS_BASE, options(nostack));
+            asm!("invlpg [{}]", in(reg) ALIAS_BASE + PAGE_SIZE, options(nostack));
+        }
+        ALIAS_BASE + PAGE_SIZE
     }
 
     /// Points the 2 MiB alias at the pageblock holding `page`; returns the VA of `page` in it.
@@ -609,7 +648,7 @@ impl Drop for AliasWindow {
 
 /// Runs every route not waiting on other work against its own planted page.
 pub fn reachability() -> Outcome {
-    let mut pages = PageList::new(4);
+    let mut pages = PageList::new(5);
     let block = pages
         .alloc(9, gfp::UNMAPPED)
         .ctx("alloc order-9 UNMAPPED")?;
@@ -618,6 +657,9 @@ pub fn reachability() -> Outcome {
         "more routes than pages in a pageblock"
     );
     let window = AliasWindow::new(&mut pages)?;
+    // The mapped page placed below the route's page for the boundary routes; its last 3 bytes
+    // start a 10-byte `movabs rax, imm64` whose other 7 bytes lie in the hole.
+    let below = pages.alloc(0, gfp::ZERO).ctx("alloc mapped page")?;
     ring3::init();
     let (mut ran, mut faulted) = (0, 0);
     for (i, route) in ROUTES.iter().enumerate() {
@@ -633,6 +675,12 @@ pub fn reachability() -> Outcome {
             Via::Alias4k => (window.map_4k(page) + OFFSET, 0),
             Via::Alias2m => (window.map_2m(page) + OFFSET, 0),
             Via::TableInHole => (window.table_in(page) + OFFSET, 0),
+            Via::Boundary(back) => {
+                // SAFETY: `below` is ours and mapped; the direct map reaches it. Rewritten for
+                // each route: the straddling store changes it.
+                unsafe { *((dm::va(below) + PAGE_SIZE - 3) as *mut [u8; 3]) = [0x48, 0xb8, 0] };
+                (window.map_boundary(below, page) - back, 0)
+            }
             Via::Msr(index, flags) => (page | flags, u64::from(index)),
             Via::GdtInHole => (dm::va(page), 0),
             Via::Hypercall(hc, len) => (0, hc as u64 | len << 32),
