@@ -148,11 +148,13 @@ pub enum Hc {
     CheckInvariants = 14,
     /// (buf_ptr): copy an [`AllocStats`] to `buf_ptr`.
     Stats = 15,
-    /// (gpa, len, byte): the VMM fills guest-owned memory with `byte` through its host mapping
-    /// (how a test plants a "secret" in a page it cannot reach).
+    /// (gpa, len, byte): the VMM fills guest-owned memory with `byte` through its host mapping.
+    /// A range with a page the guest cannot reach at stage 2 needs the test-harness capability
+    /// ([`Status::HarnessOnly`] otherwise).
     HostFill = 16,
     /// (gpa, len, byte) -> r0 = number of bytes in the range equal to `byte`, read by the VMM
-    /// through its host mapping.
+    /// through its host mapping; only over pages the guest can reach at stage 2
+    /// ([`Status::Unreachable`] otherwise: use [`Hc::HostExpect`] for the others).
     HostCount = 17,
     /// (vector, error_code, rip, cr2): the guest took an exception it could not handle.
     Exception = 18,
@@ -164,7 +166,10 @@ pub enum Hc {
     /// the bytes of `[gpa, gpa + len)` (pages the current test's guest owns) that match `what`
     /// (a byte value 0..=255, or [`HOST_EXPECT_SECRET`]: "equal to the secret the VMM planted
     /// at that address") and records in the current test's verdict whether exactly `count`
-    /// matched. It returns only `Ok` ("recorded"): nothing derived from the contents.
+    /// matched. It returns only `Ok` ("recorded"): nothing derived from the contents. A failed
+    /// assertion fails the test on the VMM side (message: range, what, expected, found). Errors
+    /// come from the arguments alone: `what` or `count > len` ([`Status::BadArgument`]), the
+    /// range (as [`Hc::HostFill`]), no test running ([`Status::BadState`]).
     HostExpect = 21,
     /// (gpa, len): test-harness only. The VMM writes its per-run secret (bytes the guest never
     /// learns) into pages the guest owns, whatever their stage-2 state.

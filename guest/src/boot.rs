@@ -58,9 +58,13 @@ pub fn mode() -> BootMode {
 pub fn selected(name: &str) -> bool {
     let info = info();
     let sel = &info.selection[..info.selection_len as usize];
-    if sel.iter().all(|b| b.is_ascii_whitespace()) {
-        return true;
-    }
-    sel.split(|&b| b == b',')
+    sel.iter().all(|b| b.is_ascii_whitespace()) || named(name)
+}
+
+/// Whether the selection names `name` explicitly (`veil run --tests name`).
+pub fn named(name: &str) -> bool {
+    let info = info();
+    info.selection[..info.selection_len as usize]
+        .split(|&b| b == b',')
         .any(|item| item.trim_ascii() == name.as_bytes())
 }

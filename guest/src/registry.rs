@@ -35,6 +35,7 @@ pub static TESTS: &[Test] = &[
     Test::new("scrub_on_reuse", tests::flips::scrub_on_reuse),
     Test::new("zeroing", tests::zeroing::zeroing),
     Test::new("bad_hypercalls", tests::bad_hypercalls::bad_hypercalls),
+    Test::new("hc_fuzz", tests::hc_fuzz::hc_fuzz),
     Test::new("oom", tests::oom::oom),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),
     Test::new("reachability", tests::reachability::reachability),

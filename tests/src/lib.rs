@@ -5,9 +5,33 @@
 //! `CARGO_BIN_EXE_veil`; the tests here drive the VMM through its library API.
 
 mod kvm_gate;
+mod rng;
 
 pub use kvm_gate::kvm_available;
+pub use rng::Rng;
 use veil_abi::IMAGE_MIN_GPA;
+use vmm::console::ConsoleSink;
+use vmm::memory::MemSize;
+use vmm::VmConfig;
+
+/// A configuration for the tiny guest `code` with `mem` bytes of RAM, console and guest log
+/// lines discarded.
+pub fn quiet_config(code: &[u8], mem: u64) -> VmConfig {
+    let mut c = VmConfig::new(guest(code));
+    c.mem = MemSize(mem);
+    c.console = ConsoleSink::Null;
+    c.echo_logs = false;
+    c
+}
+
+/// A field of this process's /proc/self/status in kB (`"VmHWM:"`, `"VmRSS:"`).
+pub fn proc_status_kb(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
+}
 
 /// A guest ELF whose code is `code`, loaded and entered at `IMAGE_MIN_GPA`.
 pub fn guest(code: &[u8]) -> Vec<u8> {
@@ -160,10 +184,12 @@ pub fn two_tests_guest() -> Vec<u8> {
 }
 
 /// GPA of the load in [`storm_guest`]'s loop.
-pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 38;
+pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 53;
 
-/// Allocates one unmapped page and loads 8 bytes from its start through the direct map `n`
-/// times in a loop (`n` read violations from one instruction on one page), then `Exit(0)`.
+/// Allocates one unmapped page and loads 8 bytes from it through the direct map `n` times in
+/// a loop, at offset `(8 * i) & 0xff8` for i = n..1 (so two consecutive loads never hit the same
+/// GPA: a storm, not a livelock), then `Exit(0)`: `n` read violations from one instruction on
+/// one page.
 pub fn storm_guest(n: u32) -> Vec<u8> {
     let mut code = vec![
         0xbf, 0, 0, 0, 0, // mov edi, 0
@@ -177,24 +203,15 @@ pub fn storm_guest(n: u32) -> Vec<u8> {
     ];
     code.extend_from_slice(&n.to_le_bytes());
     code.extend_from_slice(&[
-        0x48, 0x8b, 0x03, // 1: mov rax, [rbx]   (STORM_LOAD_RIP)
+        0x44, 0x8d, 0x04, 0xcd, 0, 0, 0, 0, // 1: lea r8d, [rcx * 8]
+        0x41, 0x81, 0xe0, 0xf8, 0x0f, 0, 0, // and r8d, 0xff8
+        0x4a, 0x8b, 0x04, 0x03, // mov rax, [rbx + r8]   (STORM_LOAD_RIP)
         0xff, 0xc9, // dec ecx
-        0x75, 0xf9, // jnz 1b
+        0x75, 0xe9, // jnz 1b
         0xbf, 0, 0, 0, 0, // mov edi, 0
         0xb8, 20, 0, 0, 0,    // mov eax, 20 (Hc::Exit)
         0xef, // out dx, eax
         0xeb, 0xfe, // jmp $
     ]);
     guest(&code)
-}
-
-/// A quiet (no console, no log echo) 32 MiB VM running [`EXIT0`], booted but not run, for tests
-/// that drive `Session::hypercall` directly; `harness` is the test-harness capability.
-pub fn hypercall_vm(harness: bool) -> vmm::vm::Vm {
-    let mut c = vmm::VmConfig::new(guest(EXIT0));
-    c.mem = vmm::memory::MemSize(32 << 20);
-    c.console = vmm::console::ConsoleSink::Null;
-    c.echo_logs = false;
-    c.test_harness = harness;
-    vmm::vm::Vm::new(c).expect("boot")
 }

@@ -12,7 +12,9 @@ use vmm::vm::Vm;
 const NAME_GPA: u64 = 0x3000;
 
 fn vm(harness: bool) -> Vm {
-    hypercall_vm(harness)
+    let mut c = quiet_config(EXIT0, 32 << 20);
+    c.test_harness = harness;
+    Vm::new(c).expect("boot")
 }
 
 fn call(s: &mut Session, hc: Hc, a: [u64; 4]) -> Status {

@@ -5,20 +5,7 @@
 
 use veil_abi::{Hc, Status};
 use veil_tests::*;
-
-/// xorshift64*: a deterministic generator so failures reproduce.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use vmm::vm::Vm;
 
 /// Whether `[ptr, ptr + len)` overlaps the TSS/GDT/BootInfo pages or the page-table area.
 fn over_vmm_structures(ptr: u64, len: u64) -> bool {
@@ -31,7 +18,7 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     if !kvm_available() {
         return;
     }
-    let mut vm = hypercall_vm(true);
+    let mut vm = Vm::new(quiet_config(EXIT0, 32 << 20)).expect("boot");
     let s = vm.session_mut();
     let ram = s.ram().size();
     let managed_pages = s.allocator().nr_pages();
@@ -43,7 +30,7 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     let mut unreachable = 0u32;
     for i in 0..20_000u32 {
         let nr = match rng.below(10) {
-            0 => rng.next() as u32,
+            0 => rng.next_u64() as u32,
             1..=3 => Hc::Alloc as u32,
             4 => Hc::AllocSpecial as u32,
             5 | 6 => Hc::Free as u32,
@@ -66,7 +53,7 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                     .map(|l| l.0)
                     .unwrap_or(0),
                 7 => 0x3000 + rng.below(0x1000),
-                _ => rng.next(),
+                _ => rng.next_u64(),
             }
         };
         let mut a = [arg(&mut rng), arg(&mut rng), arg(&mut rng), arg(&mut rng)];

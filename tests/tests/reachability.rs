@@ -7,6 +7,7 @@ use veil_abi::{gfp, Hc, Status, PAGE_SIZE};
 use veil_tests::*;
 use vmm::report::matrix::RouteResult;
 use vmm::session::Session;
+use vmm::vm::Vm;
 
 /// Scratch in reserved memory (below the image, above the mailbox): names and the sink.
 const NAMES: u64 = 0x8000;
@@ -42,7 +43,7 @@ fn each_outcome_is_judged_by_the_vmm_and_fails_the_test() {
     if !kvm_available() {
         return;
     }
-    let mut vm = hypercall_vm(true);
+    let mut vm = Vm::new(quiet_config(EXIT0, 32 << 20)).expect("boot");
     let s = vm.session_mut();
     let (p, l) = name(s, 0, "routes");
     ok(s, Hc::TestAnnounce, [p, l, 0, 0]);

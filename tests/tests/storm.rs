@@ -1,15 +1,12 @@
 //! Violation storms: 10^6 violations through the VMM's MMIO path (`Session::mmio`, what the run
 //! loop calls for each MMIO exit) over 131,072 pages and 4,096 instructions keep the VMM's
-//! memory, the test's verdict and the JSON report bounded. One test in its own binary, so the process's peak RSS (VmHWM) is
-//! this storm's.
+//! memory, the test's verdict and the JSON report bounded. One test in its own binary, so the
+//! process's peak RSS (VmHWM) is this storm's.
 
 use veil_abi::{gfp, Hc, Status, PAGE_SIZE};
 use veil_tests::*;
-use vmm::console::ConsoleSink;
-use vmm::memory::MemSize;
 use vmm::report::{AccessKind, TestOutcome, MAX_AGGREGATES, MAX_RECORDS};
 use vmm::vm::Vm;
-use vmm::VmConfig;
 
 /// Violations in the storm.
 const STORM: u64 = 1_000_000;
@@ -30,25 +27,12 @@ impl std::io::Write for ByteCount {
     }
 }
 
-/// A field of /proc/self/status in kB.
-fn status_kb(field: &str) -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/self/status"))
-}
-
 #[test]
 fn a_million_violations_keep_memory_and_report_bounded() {
     if !kvm_available() {
         return;
     }
-    let mut c = VmConfig::new(guest(EXIT0));
-    c.mem = MemSize(1 << 30);
-    c.console = ConsoleSink::Null;
-    c.echo_logs = false;
-    let mut vm = Vm::new(c).expect("boot");
+    let mut vm = Vm::new(quiet_config(EXIT0, 1 << 30)).expect("boot");
     let s = vm.session_mut();
     // 512 MiB of unmapped blocks: 131,072 pages to spread the storm over.
     let mut pages = Vec::with_capacity(PAGES as usize);
@@ -65,7 +49,7 @@ fn a_million_violations_keep_memory_and_report_bounded() {
     let declared = pages[7];
     let per_page = STORM / PAGES;
 
-    let rss0 = status_kb("VmRSS:");
+    let rss0 = proc_status_kb("VmRSS:");
     let mut on_declared = 0;
     for i in 0..STORM {
         let gpa = pages[(i % PAGES) as usize] + (i / PAGES % 512) * 8;
@@ -94,7 +78,7 @@ fn a_million_violations_keep_memory_and_report_bounded() {
         Status::Ok
     );
     let r = vm.run().expect("run");
-    let hwm = status_kb("VmHWM:");
+    let hwm = proc_status_kb("VmHWM:");
     let growth = hwm.saturating_sub(rss0);
     // The JSON document's size, without holding it (the binary streams it to stdout too).
     let mut json = ByteCount(0);

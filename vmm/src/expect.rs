@@ -108,7 +108,6 @@ pub fn check(expected: &[Expectation], got: &Tally) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::ViolationAction;
 
     fn tally(vs: &[&Violation]) -> Tally {
         let mut t = Tally::new();
@@ -119,18 +118,7 @@ mod tests {
     }
 
     fn v(gpa: u64, access: AccessKind) -> Violation {
-        Violation {
-            gpa,
-            access,
-            size: 8,
-            rip: 0,
-            vcpu: 0,
-            freetype: None,
-            freetype_index: 0xff,
-            owner: "allocated",
-            test: None,
-            action: ViolationAction::Poisoned,
-        }
+        Violation::sample(gpa, access, 8, 0)
     }
 
     #[test]

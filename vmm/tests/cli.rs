@@ -784,3 +784,30 @@ fn a_guest_elf_gets_the_harness_capability_only_with_test_harness() {
     assert_eq!(allowed["code"].as_u64(), Some(0), "{allowed}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The guest's own hypercall fuzzer, named so that it makes its full 100,000 calls through
+/// real exits (about 25 s on this nested host under load).
+#[test]
+fn guest_side_hypercall_fuzz_through_real_exits() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&["run", "--tests", "hc_fuzz", "--json", "--timeout", "600"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let doc: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{stderr}"));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let t = &doc["tests"][0];
+    assert_eq!(t["name"], "hc_fuzz");
+    assert_eq!(t["result"], "pass", "{t}");
+    assert_eq!(t["violations"], 0);
+    assert!(stderr.contains("hc_fuzz: 100000 calls"), "{stderr}");
+    assert!(doc["timing"]["exits"]["hypercalls"].as_u64().unwrap() >= 100_000);
+    let a = &doc["allocator"];
+    assert_eq!(
+        a["free_pages"], a["managed_pages"],
+        "the fuzz left pages allocated"
+    );
+    assert_eq!(doc["exit"]["kind"], "guest_exit");
+}

@@ -2,6 +2,7 @@
 
 pub mod bad_hypercalls;
 pub mod flips;
+pub mod hc_fuzz;
 pub mod mapped;
 pub mod oom;
 pub mod reachability;

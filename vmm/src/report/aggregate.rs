@@ -130,21 +130,9 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::ViolationAction;
 
     fn v(gpa: u64, rip: u64) -> Violation {
-        Violation {
-            gpa,
-            access: AccessKind::Read,
-            size: 8,
-            rip,
-            vcpu: 0,
-            freetype: None,
-            freetype_index: 0xff,
-            owner: "allocated",
-            test: None,
-            action: ViolationAction::Poisoned,
-        }
+        Violation::sample(gpa, AccessKind::Read, 8, rip)
     }
 
     #[test]

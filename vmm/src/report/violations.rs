@@ -140,6 +140,23 @@ pub struct Violation {
 }
 
 impl Violation {
+    /// A poisoned record with no freetype or test, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn sample(gpa: u64, access: AccessKind, size: u32, rip: u64) -> Violation {
+        Violation {
+            gpa,
+            access,
+            size,
+            rip,
+            vcpu: 0,
+            freetype: None,
+            freetype_index: 0xff,
+            owner: "allocated",
+            test: None,
+            action: ViolationAction::Poisoned,
+        }
+    }
+
     /// The record [`veil_abi::Hc::QueryViolations`] writes.
     pub fn record(&self) -> veil_abi::ViolationRecord {
         veil_abi::ViolationRecord {
@@ -176,16 +193,8 @@ mod tests {
 
     fn v(gpa: u64, size: u32, rip: u64) -> Violation {
         Violation {
-            gpa,
-            access: AccessKind::Read,
-            size,
-            rip,
-            vcpu: 0,
-            freetype: None,
-            freetype_index: 0xff,
-            owner: "allocated",
             test: Some("t".into()),
-            action: ViolationAction::Poisoned,
+            ..Violation::sample(gpa, AccessKind::Read, size, rip)
         }
     }
 

@@ -11,41 +11,71 @@ use veil_abi::{Status, HOST_EXPECT_SECRET};
 use super::Session;
 use crate::secret::Secret;
 
-/// Most failed host assertions whose message one test keeps (the rest are only counted).
+/// Most failed host assertions one test describes (the rest are only counted).
 pub const MAX_HOST_FAILURES: usize = 16;
+
+/// One failed host assertion, kept as numbers and put into words only at the verdict (so the
+/// call costs the same whether it held or not, up to a tiny copy).
+#[derive(Clone, Copy, Debug)]
+struct HostFailure {
+    gpa: u64,
+    len: u64,
+    what: u64,
+    count: u64,
+    found: u64,
+}
+
+impl std::fmt::Display for HostFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{:#x}, {:#x}): expected {} byte(s) ",
+            self.gpa,
+            self.gpa + self.len,
+            self.count
+        )?;
+        if self.what == HOST_EXPECT_SECRET {
+            f.write_str("equal to the planted secret")?;
+        } else {
+            write!(f, "equal to {:#04x}", self.what)?;
+        }
+        write!(f, ", found {}", self.found)
+    }
+}
 
 /// The host assertions of one test.
 #[derive(Debug, Default)]
 pub(super) struct HostVerdict {
     checked: u64,
     failed: u64,
-    messages: Vec<String>,
+    failures: Vec<HostFailure>,
 }
 
 impl HostVerdict {
-    fn record(&mut self, failure: Option<String>) {
+    fn record(&mut self, a: HostFailure) {
         self.checked += 1;
-        if let Some(m) = failure {
+        if a.found != a.count {
             self.failed += 1;
-            if self.messages.len() < MAX_HOST_FAILURES {
-                self.messages.push(m);
+            if self.failures.len() < MAX_HOST_FAILURES {
+                self.failures.push(a);
             }
         }
     }
 
     /// `Ok` if every host assertion held; otherwise the failures (at most
-    /// [`MAX_HOST_FAILURES`] named).
+    /// [`MAX_HOST_FAILURES`] described).
     pub(super) fn check(&self) -> Result<(), String> {
         if self.failed == 0 {
             return Ok(());
         }
+        let named: Vec<String> = self.failures.iter().map(|f| f.to_string()).collect();
         let mut m = format!(
             "{} of {} host assertion(s) failed: {}",
             self.failed,
             self.checked,
-            self.messages.join("; ")
+            named.join("; ")
         );
-        let unnamed = self.failed - self.messages.len() as u64;
+        let unnamed = self.failed - self.failures.len() as u64;
         if unnamed > 0 {
             m.push_str(&format!("; and {unnamed} more"));
         }
@@ -131,19 +161,14 @@ impl Session {
             self.ram.count(gpa, len, what as u8)
         }
         .map_err(|_| Status::BadAddress)?;
-        let failure = (found != count).then(|| {
-            let what = if what == HOST_EXPECT_SECRET {
-                "equal to the planted secret".to_string()
-            } else {
-                format!("equal to {what:#04x}")
-            };
-            format!(
-                "[{gpa:#x}, {:#x}): expected {count} byte(s) {what}, found {found}",
-                gpa + len
-            )
-        });
         if let Some(c) = self.current.as_mut() {
-            c.host.record(failure);
+            c.host.record(HostFailure {
+                gpa,
+                len,
+                what,
+                count,
+                found,
+            });
         }
         Ok(0)
     }

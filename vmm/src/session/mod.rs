@@ -4,7 +4,8 @@
 //!
 //! This module holds the state and the dispatch; the handlers live by topic:
 //! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
-//! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
+//! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the
+//! suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
 //! `dumps` and `finish` (the report).
 
 mod dumps;
@@ -39,7 +40,8 @@ use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 pub const MAX_TEXT: u64 = 4096;
 /// Most records one QueryViolations call may ask for.
 pub const MAX_QUERY: u64 = 4096;
-/// Most bytes one HostFill / HostCount / HostExpect / PlantSecret may name (bounds the host work one exit can cause).
+/// Most bytes one HostFill / HostCount / HostExpect / PlantSecret may name (bounds the host
+/// work one exit can cause).
 pub const MAX_HOST_RANGE: u64 = 64 << 20;
 /// Most dumps a guest may request in one run.
 pub const MAX_GUEST_DUMPS: u32 = 1000;
