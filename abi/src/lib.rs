@@ -174,11 +174,14 @@ pub enum Hc {
     /// (gpa, len): test-harness only. The VMM writes its per-run secret (bytes the guest never
     /// learns) into pages the guest owns, whatever their stage-2 state.
     PlantSecret = 22,
-    /// (name_ptr, name_len, sink_gpa, sink_len): a reachability route starts; the guest will put
-    /// whatever the route obtains into the sink (mapped memory it owns or reserved memory).
+    /// (name_ptr, name_len, sink_gpa, sink_len): a reachability route starts inside the current
+    /// test (`BadState` outside one or while a route is open); the guest will put whatever the
+    /// route obtains into the sink (1..=64 KiB of reserved memory). The ranges planted with
+    /// [`Hc::PlantSecret`] since the previous `RouteBegin` are the route's targets.
     RouteBegin = 23,
     /// (): the current route ends; the VMM judges it (blocked and recorded / blocked but
-    /// unrecorded / leaked) from its own records and mapping, and returns only `Ok`.
+    /// unrecorded / leaked) from its own records and mapping, and returns only `Ok`. A cell
+    /// other than "blocked and recorded" fails the test on the VMM side.
     RouteEnd = 24,
 }
 

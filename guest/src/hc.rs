@@ -314,3 +314,23 @@ pub fn bare_exit() {
     // SAFETY: a write to the bare port only makes the VMM count an exit.
     unsafe { asm!("out dx, eax", in("dx") BARE_PORT, in("eax") 0u32, options(nomem, nostack)) };
 }
+
+/// Opens the reachability route `name`; what it obtains goes into `[sink, sink+sink_len)`.
+pub fn route_begin(name: &str, sink: u64, sink_len: u64) -> Result<(), Status> {
+    let (p, l) = (name.as_ptr() as u64, name.len() as u64);
+    call(Hc::RouteBegin, p, l, sink, sink_len).map(|_| ())
+}
+
+/// Closes the open route: the VMM judges it.
+pub fn route_end() -> Result<(), Status> {
+    call(Hc::RouteEnd, 0, 0, 0, 0).map(|_| ())
+}
+
+/// A hypercall with raw arguments, for routes that aim them at memory the guest cannot reach:
+/// returns the status only.
+pub fn aimed(hc: Hc, a0: u64, a1: u64, a2: u64, a3: u64) -> Result<u64, Status> {
+    // SAFETY: the callers aim pointers only at pages the guest owns but cannot reach (the VMM
+    // must refuse to write there) or at reserved-memory buffers they own.
+    let r = unsafe { raw(hc as u32, a0, a1, a2, a3) };
+    status(r.status).map(|()| r.r0)
+}

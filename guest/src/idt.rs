@@ -1,4 +1,5 @@
-//! The IDT: every CPU exception (vectors 0..32) is reported to the VMM and stops the VM.
+//! The IDT: every CPU exception (vectors 0..32) is reported to the VMM and stops the VM, unless
+//! a protected route is running (`route.rs`): then it unwinds to the route's frame.
 //!
 //! Each stub pushes a dummy error code where the CPU pushes none, then the vector, and jumps to a
 //! common path that calls `Hc::Exception(vector, error_code, rip, cr2)` and `Hc::Exit(3)`. The
@@ -27,7 +28,16 @@ global_asm!(
     "    jmp veil_isr_common",
     ".endr",
     "veil_isr_common:",
+    // Inside a protected route (route.rs): unwind to its frame instead of stopping.
+    "    mov rax, [rip + {route_rsp}]",
+    "    test rax, rax",
+    "    jz 4f",
     "    mov rdi, [rsp]",
+    "    mov qword ptr [rip + {route_rsp}], 0",
+    "    mov rsp, rax",
+    "    lea rax, [rdi + 0x100]",
+    "    jmp veil_route_fault",
+    "4:  mov rdi, [rsp]",
     "    mov rsi, [rsp + 8]",
     "    mov rcx, [rsp + 16]",
     "    mov r8, cr2",
@@ -51,6 +61,7 @@ global_asm!(
     exception = const Hc::Exception as u32,
     exit = const Hc::Exit as u32,
     code = const EXCEPTION_EXIT_CODE,
+    route_rsp = sym crate::route::VEIL_ROUTE_RSP,
 );
 
 extern "C" {

@@ -18,6 +18,8 @@ mod outcome;
 mod pages;
 mod panic;
 mod registry;
+mod ring3;
+mod route;
 mod serial;
 mod tests;
 

@@ -38,4 +38,5 @@ pub static TESTS: &[Test] = &[
     Test::new("hc_fuzz", tests::hc_fuzz::hc_fuzz),
     Test::new("oom", tests::oom::oom),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),
+    Test::new("reachability", tests::reachability::reachability),
 ];

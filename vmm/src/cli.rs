@@ -193,8 +193,9 @@ pub struct RunArgs {
 
     /// Print one JSON document on stdout instead of the table: tests[], counts (passed, failed,
     /// skipped, not_run), violations[], not_ram[], stage2 and allocator counters, memory_lock
-    /// and wiped_bytes, timing, exit, and the exit-time stage-2 dump. The guest
-    /// console then goes to stderr (or --console FILE).
+    /// and wiped_bytes, timing, exit, the exit-time stage-2 dump, and the reachability matrix
+    /// (`reachability`: routes[] with result and evidence, counts; filled by `--tests
+    /// reachability`). The guest console then goes to stderr (or --console FILE).
     #[arg(long)]
     pub json: bool,
 

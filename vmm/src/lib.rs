@@ -41,6 +41,7 @@ pub mod kvm_stats;
 pub mod livelock;
 pub mod memory;
 pub mod page_walk;
+pub mod pv_msrs;
 pub mod replay_kvm;
 pub mod report;
 pub mod secret;

@@ -204,6 +204,13 @@ impl Vm {
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
+        match crate::pv_msrs::install(&kvm, &vm) {
+            Ok(true) => {}
+            Ok(false) => log::warn!("KVM cannot filter MSRs here: PV MSR writes go to KVM unseen"),
+            Err(e) => {
+                log::warn!("PV MSR filter not installed ({e}): PV MSR writes go to KVM unseen")
+            }
+        }
         let ram = GuestRam::with_core_dump(cfg.mem, cfg.core_dump)?;
         elf::load(&image, &cfg.guest, &ram)?;
         let cr3 = boot::write_boot_structures(&ram, &params)?;
@@ -410,6 +417,16 @@ impl Vm {
                     }
                 }
                 Ok(VcpuExit::Intr) => continue,
+                Ok(VcpuExit::X86Wrmsr(w)) => {
+                    let (index, value) = (w.index, w.data);
+                    let rip = self.vcpu.sync_regs_mut().regs.rip;
+                    let (error, stop) =
+                        crate::pv_msrs::on_write(&mut self.s, &self.vcpu, index, value, rip);
+                    self.set_msr_error(error);
+                    if let Some(stop) = stop {
+                        return stop;
+                    }
+                }
                 Ok(other) => {
                     let what = format!("{other:?}");
                     return ExitInfo::UnexpectedExit {
@@ -465,6 +482,12 @@ impl Vm {
         // the vCPU mmap size, several pages), and `len` is the length of the slice kvm-ioctls
         // built from the same offset for this exit.
         unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
+    }
+
+    /// Sets the `error` byte of the `KVM_EXIT_X86_WRMSR` exit being handled (1 injects #GP).
+    fn set_msr_error(&mut self, error: u8) {
+        // Called only while handling a KVM_EXIT_X86_WRMSR exit: `msr` is the active member.
+        self.vcpu.get_kvm_run().__bindgen_anon_1.msr.error = error;
     }
 
     fn mmio_data_mut(&mut self, len: usize) -> &mut [u8] {

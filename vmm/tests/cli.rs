@@ -594,6 +594,134 @@ fn mem_too_small_for_the_guest_says_use_a_larger_mem() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One route per class the `reachability` guest test must cover (the matrix may hold more).
+const REACHABILITY_ROUTES: &[&str] = &[
+    "load_1",
+    "load_2",
+    "load_4",
+    "load_8",
+    "load_16",
+    "load_8_misaligned",
+    "store_1",
+    "store_16",
+    "store_8_misaligned",
+    "rmw_add_8",
+    "lock_xadd_8",
+    "xchg_8",
+    "lock_cmpxchg_8",
+    "lock_cmpxchg8b",
+    "rep_movsb_from",
+    "rep_movsb_to",
+    "rep_stosb",
+    "lodsb",
+    "repe_cmpsb",
+    "repne_scasb",
+    "clflush",
+    "clflushopt",
+    "movnti_8",
+    "cmpxchg16b",
+    "fxsave",
+    "popcnt_m64",
+    "movntdqa",
+    "clwb",
+    "far_call_m16_64",
+    "stack_in_hole",
+    "fetch_jmp",
+    "fetch_call",
+    "fetch_runs_into_hole",
+    "straddle_load_8",
+    "straddle_store_8",
+    "alias_4k_load",
+    "alias_4k_store",
+    "alias_2m_load",
+    "alias_2m_store",
+    "ring3_load_8",
+    "ring3_store_8",
+    "ring3_paddd",
+    "lar_gdt_in_hole",
+    "verr_gdt_in_hole",
+    "sgdt_into_hole",
+    "sidt_into_hole",
+    "lgdt_from_hole",
+    "lidt_from_hole",
+    "mov_ds_gdt_in_hole",
+    "msr_kvm_system_time_new",
+    "msr_kvm_wall_clock_new",
+    "msr_kvm_steal_time",
+    "msr_kvm_async_pf_en",
+    "msr_kvm_pv_eoi_en",
+    "hc_log",
+    "hc_stats",
+    "hc_query_violations",
+    "hc_test_begin",
+    "hc_test_end",
+    "hc_host_count_oracle",
+];
+
+#[test]
+fn reachability_matrix_is_all_blocked_and_recorded() {
+    if !kvm_available() {
+        return;
+    }
+    let out = veil(&["run", "--tests", "reachability", "--json"]);
+    let stdout = text(&out.stdout);
+    let doc: Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{stdout}"));
+    let m = &doc["reachability"];
+    let routes = m["routes"].as_array().expect("reachability.routes[]");
+    for want in REACHABILITY_ROUTES {
+        assert!(
+            routes.iter().any(|c| c["route"] == *want),
+            "route {want} missing from {m}"
+        );
+    }
+    for c in routes {
+        assert_eq!(c["result"], "blocked_and_recorded", "{c}");
+        assert_eq!(c["test"], "reachability", "{c}");
+        let records = c["violations"].as_u64().unwrap() + c["refused_hypercalls"].as_u64().unwrap();
+        assert!(records > 0, "{c}");
+        for k in [
+            "sink_secret_bytes",
+            "planted_bytes_changed",
+            "reserved_secret_words",
+        ] {
+            assert_eq!(c[k], 0, "{k}: {c}");
+        }
+        // A hypercall route is recorded by the refusal, every other one by violations.
+        let hc = c["route"].as_str().unwrap().starts_with("hc_");
+        let by = if hc {
+            "refused_hypercalls"
+        } else {
+            "violations"
+        };
+        assert!(c[by].as_u64().unwrap() > 0, "{by}: {c}");
+    }
+    let n = routes.len() as u64;
+    assert_eq!(m["counts"]["blocked_and_recorded"], n, "{m}");
+    assert_eq!(m["counts"]["blocked_but_unrecorded"], 0, "{m}");
+    assert_eq!(m["counts"]["leaked"], 0, "{m}");
+    let test = &doc["tests"][0];
+    assert_eq!(test["name"], "reachability");
+    assert_eq!(test["passed"], true, "{test}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+
+    // The table prints the same matrix for people.
+    let out = veil(&["run", "--tests", "reachability"]);
+    let table = text(&out.stdout);
+    assert!(
+        table.contains(&format!(
+            "reachability: {n} routes: {n} blocked and recorded, 0 blocked but unrecorded, 0 leaked"
+        )),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("alias_2m_load ") && l.contains("blocked and recorded")),
+        "{table}"
+    );
+}
+
 /// A tiny guest that allocates an unmapped page, asks the VMM to plant its secret there
 /// (Hc::PlantSecret, a test-harness call) and exits with the call's status as its code.
 fn planting_guest() -> Vec<u8> {

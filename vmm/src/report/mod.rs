@@ -3,6 +3,7 @@
 
 mod aggregate;
 mod exit;
+pub mod matrix;
 mod render;
 mod violations;
 
@@ -182,6 +183,8 @@ pub struct RunReport {
     pub reserved_end: u64,
     /// The exit-time stage-2 dump as JSON (ranges, memslots, counters, KVM stats).
     pub stage2_dump: serde_json::Value,
+    /// The reachability matrix: one cell per route the guest ran (empty if none).
+    pub reachability: matrix::Matrix,
 }
 
 /// Most violations / not-RAM records kept in memory.
@@ -280,6 +283,7 @@ mod tests {
             ram_size: 0,
             reserved_end: 0,
             stage2_dump: serde_json::Value::Null,
+            reachability: matrix::Matrix::default(),
         };
         assert_eq!(r.exit_code(), exit_code::OK);
         r.tests.push(TestReport {

@@ -46,6 +46,7 @@ impl RunReport {
             c.passed, c.failed, c.skipped, c.not_run,
             self.violations_total, self.violations_outside_tests, self.not_ram_total
         );
+        s.push_str(&self.reachability.table());
         s
     }
 

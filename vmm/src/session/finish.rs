@@ -131,6 +131,7 @@ impl Session {
             ram_size: self.ram.size(),
             reserved_end: self.reserved_end,
             stage2_dump,
+            reachability: std::mem::take(&mut self.routes.matrix),
         };
         report.counts = report.counts();
         report

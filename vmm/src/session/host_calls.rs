@@ -137,6 +137,7 @@ impl Session {
                 .map_err(|_| Status::BadAddress)?;
             off += n as u64;
         }
+        self.note_planted(gpa, len);
         Ok(0)
     }
 

@@ -5,13 +5,15 @@
 //! This module holds the state and the dispatch; the handlers live by topic:
 //! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
 //! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the
-//! suite's protocol and the VMM's verdict), `violations`, `dumps` and `finish` (the report).
+//! suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
+//! `dumps` and `finish` (the report).
 
 mod dumps;
 mod finish;
 mod guest_args;
 mod host_calls;
 mod memory_calls;
+mod routes;
 mod test_calls;
 mod violations;
 
@@ -171,6 +173,7 @@ pub struct Session {
     dump_errors: Vec<String>,
     guest_dumps: u32,
     numbered_refused: bool,
+    routes: routes::Routes,
     /// Guest Log lines.
     pub logs: Vec<String>,
     /// Exit counters (updated by the run loop).
@@ -220,6 +223,7 @@ impl Session {
             dump_errors: Vec::new(),
             guest_dumps: 0,
             numbered_refused: false,
+            routes: routes::Routes::default(),
             logs: Vec::new(),
             exits: ExitCounts::default(),
             ram: c.ram,
@@ -264,6 +268,12 @@ impl Session {
         let Some(hc) = Hc::from_u32(nr) else {
             return HcOut::err(Status::UnknownCall);
         };
+        let out = self.dispatch(hc, a);
+        self.note_refusal(hc, &out);
+        out
+    }
+
+    fn dispatch(&mut self, hc: Hc, a: [u64; 4]) -> HcOut {
         match hc {
             Hc::Version => HcOut::ok(ABI_VERSION),
             Hc::Nop => HcOut::ok(0),
@@ -319,8 +329,8 @@ impl Session {
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
             Hc::HostExpect => self.hc_host_expect(a[0], a[1], a[2], a[3]).into(),
             Hc::PlantSecret => self.hc_plant_secret(a[0], a[1]).into(),
-            // Numbers reserved in the ABI, implemented by the reachability work.
-            Hc::RouteBegin | Hc::RouteEnd => HcOut::err(Status::UnknownCall),
+            Hc::RouteBegin => self.hc_route_begin(a[0], a[1], a[2], a[3]).into(),
+            Hc::RouteEnd => self.hc_route_end().into(),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);

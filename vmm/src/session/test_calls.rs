@@ -135,6 +135,15 @@ impl Session {
                 message.push_str(&why);
             }
         }
+        if let Some(why) = self.route_verdict(&c.name) {
+            // A leak or an unrecorded route fails the test even if the guest skipped it.
+            outcome = TestOutcome::Fail;
+            if !message.is_empty() {
+                message.push_str("; ");
+            }
+            message.push_str("VMM: ");
+            message.push_str(&why);
+        }
         let expected = c.expectations.iter().map(|e| e.count).sum();
         self.results.insert(
             c.name.clone(),

@@ -9,10 +9,14 @@ use crate::vm::{mmio_action, FetchOutcome, ViolationPolicy};
 
 impl Session {
     /// The policy for a violation of `access` at `gpa`: `kill` only fires on violations no test
-    /// declared; one the running test still expects (`ExpectViolation`, not yet used up) is
+    /// declared; one the running test still expects (`ExpectViolation`, not yet used up), or
+    /// one inside an open reachability route (a route declares that it tries the access), is
     /// answered as under `report`.
     fn policy_for(&self, gpa: u64, access: AccessKind) -> ViolationPolicy {
         if self.policy == ViolationPolicy::Kill {
+            if self.routes.is_open() {
+                return ViolationPolicy::Report;
+            }
             if let Some(c) = &self.current {
                 let page = gpa & !0xfff;
                 if expect::declared(&c.expectations, &c.tally, page, access) {
@@ -54,7 +58,10 @@ impl Session {
         match &mut self.current {
             Some(c) => {
                 c.violations += 1;
-                c.tally.count(&v);
+                // Inside an open route the route's judgement covers it, not ExpectViolation.
+                if !self.routes.is_open() {
+                    c.tally.count(&v);
+                }
             }
             None => self.violations_outside += 1,
         }
@@ -109,10 +116,19 @@ impl Session {
         }
     }
 
-    /// Where a livelocked vCPU resumes, if anywhere: under `report`, the test's recovery point
-    /// (used up), as for a fetch; under `kill`, nowhere.
-    pub(crate) fn livelock_recovery(&mut self) -> Option<(u64, u64)> {
-        match self.policy {
+    /// Where a livelocked vCPU resumes, if anywhere: under `report` (or `kill` on an access
+    /// declared or inside a route, as for any violation), the test's recovery point (used up),
+    /// as for a fetch; under `kill` otherwise, nowhere.
+    pub(crate) fn livelock_recovery(
+        &mut self,
+        hole: Option<(u64, AccessKind)>,
+    ) -> Option<(u64, u64)> {
+        let policy = match hole {
+            Some((gpa, access)) => self.policy_for(gpa, access),
+            None if self.routes.is_open() => ViolationPolicy::Report,
+            None => self.policy,
+        };
+        match policy {
             ViolationPolicy::Kill => None,
             ViolationPolicy::Report => self.recovery.take(),
         }

@@ -46,7 +46,7 @@ impl Vm {
         let regs = livelock::fingerprint(&self.vcpu.sync_regs().regs);
         let repeats = self.faults.fault(gpa, access as u8, regs)?;
         self.faults.progress();
-        if let Some((rip, rsp)) = self.s.livelock_recovery() {
+        if let Some((rip, rsp)) = self.s.livelock_recovery(Some((gpa, access))) {
             // KVM holds the half-done instruction: let it finish this MMIO (the data is
             // already poison) before RIP moves under it.
             if self.settle_pending_mmio() {
@@ -75,7 +75,7 @@ impl Vm {
         let samples = self.stalls.sample(progress, livelock::fingerprint(&r))?;
         self.stalls.reset();
         let verdict = self.stalled_instruction(&r)?;
-        let resume = self.s.livelock_recovery();
+        let resume = self.s.livelock_recovery(verdict.hole.map(|h| (h.0, h.1)));
         let action = match resume {
             Some(_) => ViolationAction::Recovered,
             None => ViolationAction::Stopped,
