@@ -1,5 +1,6 @@
 //! The IDT: every CPU exception (vectors 0..32) is reported to the VMM and stops the VM, unless
-//! a protected route is running (`route.rs`): then it unwinds to the route's frame.
+//! a protected route is running (`route.rs`): then it is reported to the VMM (which attributes
+//! it to the route and answers without stopping) and unwinds to the route's frame.
 //!
 //! Each stub pushes a dummy error code where the CPU pushes none, then the vector, and jumps to a
 //! common path that calls `Hc::Exception(vector, error_code, rip, cr2)` and `Hc::Exit(3)`. The
@@ -28,10 +29,19 @@ global_asm!(
     "    jmp veil_isr_common",
     ".endr",
     "veil_isr_common:",
-    // Inside a protected route (route.rs): unwind to its frame instead of stopping.
+    // Inside a protected route (route.rs): tell the VMM (which attributes the exception to
+    // the route and answers without stopping), then unwind to the route's frame.
     "    mov rax, [rip + {route_rsp}]",
     "    test rax, rax",
     "    jz 4f",
+    "    mov rdi, [rsp]",
+    "    mov rsi, [rsp + 8]",
+    "    mov rcx, [rsp + 16]",
+    "    mov r8, cr2",
+    "    mov dx, {port}",
+    "    mov eax, {exception}",
+    "    out dx, eax",
+    "    mov rax, [rip + {route_rsp}]",
     "    mov rdi, [rsp]",
     "    mov qword ptr [rip + {route_rsp}], 0",
     "    mov rsp, rax",

@@ -342,7 +342,10 @@ impl Vm {
                             self.s.exits.hypercalls += 1;
                             let r = self.vcpu.sync_regs_mut().regs;
                             let args = [r.rdi, r.rsi, r.rcx, r.r8];
-                            let out = self.s.hypercall(r.rax as u32, args);
+                            let out = match self.route_exception(r.rax as u32, args) {
+                                Some(out) => out,
+                                None => self.s.hypercall(r.rax as u32, args),
+                            };
                             let m = self.vcpu.sync_regs_mut();
                             m.regs.rax = out.status as u64;
                             m.regs.rdi = out.r0;

@@ -61,7 +61,7 @@ pub struct HcOut {
 }
 
 impl HcOut {
-    fn ok(r0: u64) -> HcOut {
+    pub(crate) fn ok(r0: u64) -> HcOut {
         HcOut {
             status: Status::Ok,
             r0,

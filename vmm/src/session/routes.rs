@@ -17,6 +17,7 @@ use veil_abi::{Hc, Status};
 
 use super::{HcOut, Session};
 use crate::report::matrix::{judge, Matrix, RouteCell, RouteEvidence, RouteResult};
+use crate::report::{AccessKind, ViolationAction};
 
 /// Most bytes a route's sink may have.
 pub const MAX_SINK: u64 = 64 << 10;
@@ -56,6 +57,24 @@ impl Routes {
 
 impl Session {
     /// Remembers a planted range for the next route (the last [`MAX_PLANTED`] are kept).
+    /// Whether a reachability route is open.
+    pub(crate) fn route_is_open(&self) -> bool {
+        self.routes.is_open()
+    }
+
+    /// Records the read of a page-table entry in a hole that KVM's own walk made for the
+    /// route's access at `rip` (the guest took #PF; no exit carried it), answered by the
+    /// guest's route frame.
+    pub(crate) fn route_fault_violation(&mut self, entry_gpa: u64, rip: u64) {
+        self.record_violation(
+            entry_gpa,
+            AccessKind::Read,
+            8,
+            rip,
+            ViolationAction::Recovered,
+        );
+    }
+
     pub(super) fn note_planted(&mut self, gpa: u64, len: u64) {
         if self.routes.planted.len() >= MAX_PLANTED {
             self.routes.planted.remove(0);

@@ -10,13 +10,18 @@ use iced_x86::Mnemonic;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 
+use veil_abi::Hc;
+
 use super::{FetchOutcome, Vm};
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
 use crate::guest_view::ViewError;
 use crate::page_walk::{self, WalkError};
 use crate::report::{AccessKind, ExitInfo, InsnAccess, InsnAtRip};
+use crate::session::HcOut;
 use crate::stage2::RangeState;
 
+/// The #PF vector.
+const PAGE_FAULT: u64 = 14;
 /// KVM_INTERNAL_ERROR_DELIVERY_EV: KVM could not deliver an event (e.g. the frame push).
 const SUBERROR_DELIVERY_EV: u32 = 3;
 /// 64-bit interrupt frame: SS, RSP, RFLAGS, CS, RIP.
@@ -183,6 +188,26 @@ impl Vm {
             }
             FetchOutcome::Stop(e) => Some(*e),
         }
+    }
+
+    /// `Hc::Exception` while a reachability route is open: the guest took an exception inside
+    /// the route and its route frame recovers, so the VM does not stop. A #PF whose address the
+    /// checked walker cannot translate because a page-table page is in a hole is the blocked
+    /// access KVM's own walk made without an exit: recorded as an 8-byte read of that entry at
+    /// the faulting RIP. Any other call (or no open route) goes to the session as usual.
+    pub(super) fn route_exception(&mut self, nr: u32, a: [u64; 4]) -> Option<HcOut> {
+        if nr != Hc::Exception as u32 || !self.s.route_is_open() {
+            return None;
+        }
+        let [vector, _error_code, rip, cr2] = a;
+        if vector == PAGE_FAULT {
+            if let Ok(sregs) = self.vcpu.get_sregs() {
+                if let Err(WalkError::TableInHole { entry_gpa }) = self.translate(sregs.cr3, cr2) {
+                    self.s.route_fault_violation(entry_gpa, rip);
+                }
+            }
+        }
+        Some(HcOut::ok(0))
     }
 
     /// An internal-error exit: attributed to the blocked accesses of the instruction at RIP
