@@ -183,6 +183,18 @@ pub fn two_tests_guest() -> Vec<u8> {
     guest(&image)
 }
 
+/// `Alloc(0, UNMAPPED)`, then `rbx` = the page's direct-map address (`rdi` its GPA; `dx`
+/// stays the hypercall doorbell): the prologue of the tiny guests that attack an unmapped page.
+pub const ALLOC_UNMAPPED: &[u8] = &[
+    0xbf, 0, 0, 0, 0, // mov edi, 0 (order)
+    0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
+    0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
+    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
+    0xef, // out dx, eax
+    0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
+    0x48, 0x01, 0xfb, // add rbx, rdi
+];
+
 /// GPA of the load in [`storm_guest`]'s loop.
 pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 53;
 
@@ -191,16 +203,8 @@ pub const STORM_LOAD_RIP: u64 = IMAGE_MIN_GPA + 53;
 /// GPA: a storm, not a livelock), then `Exit(0)`: `n` read violations from one instruction on
 /// one page.
 pub fn storm_guest(n: u32) -> Vec<u8> {
-    let mut code = vec![
-        0xbf, 0, 0, 0, 0, // mov edi, 0
-        0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
-        0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
-        0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
-        0xef, // out dx, eax
-        0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
-        0x48, 0x01, 0xfb, // add rbx, rdi
-        0xb9, // mov ecx, n
-    ];
+    let mut code = ALLOC_UNMAPPED.to_vec();
+    code.push(0xb9); // mov ecx, n
     code.extend_from_slice(&n.to_le_bytes());
     code.extend_from_slice(&[
         0x44, 0x8d, 0x04, 0xcd, 0, 0, 0, 0, // 1: lea r8d, [rcx * 8]

@@ -9,17 +9,6 @@ use vmm::console::ConsoleSink;
 use vmm::report::{AccessKind, ExitInfo, LivelockShape};
 use vmm::{run, RunReport, VmConfig};
 
-/// `Alloc(0, UNMAPPED)`, then `rbx` = the page's direct-map address (`dx` stays the doorbell).
-const ALLOC_UNMAPPED: &[u8] = &[
-    0xbf, 0, 0, 0, 0, // mov edi, 0 (order)
-    0xbe, 2, 0, 0, 0, // mov esi, 2 (UNMAPPED)
-    0xb8, 3, 0, 0, 0, // mov eax, 3 (Hc::Alloc)
-    0x66, 0xba, 0xe0, 0x05, // mov dx, 0x5e0
-    0xef, // out dx, eax
-    0x48, 0xbb, 0, 0, 0, 0, 0x80, 0x88, 0xff, 0xff, // movabs rbx, DIRECT_MAP_BASE
-    0x48, 0x01, 0xfb, // add rbx, rdi
-];
-
 /// `Exit(0)`.
 const EXIT0: &[u8] = &[0xbf, 0, 0, 0, 0, 0xb8, 20, 0, 0, 0, 0xef, 0xeb, 0xfe];
 
