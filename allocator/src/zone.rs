@@ -605,6 +605,11 @@ impl<S: Stage2> Zone<S> {
         f(&mut self.s2.lock().s2)
     }
 
+    /// The stage-2 backend, through exclusive access to the zone (no locking needed).
+    pub fn stage2_mut(&mut self) -> &mut S {
+        &mut self.s2.get_mut().s2
+    }
+
     /// Give up the zone and keep its stage-2 backend.
     pub fn into_stage2(self) -> S {
         self.s2.into_inner().s2
