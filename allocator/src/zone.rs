@@ -14,9 +14,12 @@
 //!   the stage-2 lock is never held together with the zone lock.
 //! - **Ownership word per page** (`heads`, one `AtomicU16`: the zone-level state and
 //!   freetype of a block head): a free claims its allocation with one compare-exchange from
-//!   "allocated, this order" to "being freed", so two CPUs freeing the same block cannot both
-//!   succeed (the loser gets [`FreeError::NotAllocated`]). For the core, a block in a CPU
-//!   cache is still allocated; only a drain gives it back to the buddy lists.
+//!   "allocated, this order" — straight to "cached" under its CPU's lock on the fast path,
+//!   to "being freed" on the slow one — so two CPUs freeing the same block cannot both
+//!   succeed (the loser gets [`FreeError::NotAllocated`]). All its accesses are `Relaxed`:
+//!   the word carries only itself, and what a transition also changes (a CPU's cache, the
+//!   core) is under that state's lock. For the core, a block in a CPU cache is still
+//!   allocated; only a drain gives it back to the buddy lists.
 //! - **Flips**: caches are drained first (every CPU's: `drain_all`), then under the zone lock
 //!   the block is chosen and taken off the lists (no CPU can see or take it); the lock is
 //!   dropped around the stage-2 call (`unmap`, or `zero` then `map`), as the kernel series
@@ -174,12 +177,18 @@ impl<S: Stage2> Zone<S> {
 
     /// Allocate `1 << order` pages on CPU `cpu` (same as
     /// `alloc_pages_special(cpu, BuddyContext::Default, gfp, order)`).
+    #[inline(always)]
     pub fn alloc_pages(&self, cpu: usize, gfp: Gfp, order: u8) -> Result<Allocation, AllocError> {
         self.alloc_pages_special(cpu, BuddyContext::Default, gfp, order)
     }
 
     /// Allocate `1 << order` pages on CPU `cpu` for a context plus flags (the rules of
     /// [`BuddyAllocator::alloc_pages_special`]).
+    ///
+    /// The fast path (a valid CPU, no zeroing, a clean block in the CPU's cache) is inlined:
+    /// one lock of the CPU's cache and one plain store of the ownership word; everything
+    /// else goes to the out-of-line slow path, which starts over.
+    #[inline(always)]
     pub fn alloc_pages_special(
         &self,
         cpu: usize,
@@ -187,6 +196,29 @@ impl<S: Stage2> Zone<S> {
         gfp: Gfp,
         order: u8,
     ) -> Result<Allocation, AllocError> {
+        if let (Some(slot), Ok(req)) = (self.cpus.get(cpu), AllocRequest::from_gfp(ctx, gfp)) {
+            if !req.zero && order <= PCP_MAX_ORDER {
+                let ft = req.freetype.index();
+                let mut c = slot.0.lock();
+                if let Some(off) = c.pcp.pop_clean(order, ft) {
+                    // Relaxed: see `free_pages`.
+                    self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Relaxed);
+                    c.allocs[order as usize * Freetype::COUNT + ft] += 1;
+                    return Ok(Allocation {
+                        pfn: self.base + off as u64,
+                        order,
+                        freetype: req.freetype,
+                    });
+                }
+            }
+        }
+        self.alloc_slow(cpu, ctx, gfp, order)
+    }
+
+    /// Everything but the inlined fast path: errors, zeroing, dirty blocks, refills, the
+    /// buddy lists, drains and flips.
+    #[inline(never)]
+    fn alloc_slow(&self, cpu: usize, ctx: BuddyContext, gfp: Gfp, order: u8) -> AllocResult {
         counted(&self.alloc_failures, || {
             self.alloc_inner(cpu, ctx, gfp, order)
         })
@@ -209,6 +241,8 @@ impl<S: Stage2> Zone<S> {
             }
         };
         let pfn = self.base + off as u64;
+        // The block is no allocation until it is zeroed: its ownership word still says
+        // "cached" or "none", so a free of its pfn meanwhile (from any CPU) is NotAllocated.
         if req.zero {
             let n = 1u64 << order;
             let mut b = self.s2.lock();
@@ -223,6 +257,7 @@ impl<S: Stage2> Zone<S> {
             b.zero_calls += 1;
             b.zeroed_on_alloc += n;
         }
+        self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Relaxed);
         Ok(Allocation {
             pfn,
             order,
@@ -231,8 +266,8 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// A block from `slot`'s cache, refilled from the buddy lists under one zone-lock
-    /// acquisition on a miss, marked allocated and counted (`count`: the flat counter
-    /// index) under the CPU's lock; None if the order is not cached or the lists have
+    /// acquisition on a miss, counted (`count`: the flat counter index) under the CPU's
+    /// lock, not yet marked allocated (the caller does that once it is ready to hand out); None if the order is not cached or the lists have
     /// nothing without a flip. Dirty blocks (freed unmapped, not zeroed yet) are zeroed,
     /// all of the list's in one batch, before the first of them is handed out.
     #[inline]
@@ -259,7 +294,6 @@ impl<S: Stage2> Zone<S> {
                 None => return Ok(None),
             },
         };
-        self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Release);
         c.allocs[count] += 1;
         Ok(Some(off))
     }
@@ -334,16 +368,17 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// The slow path: the buddy lists (fallback included), then every cache drained and the
-    /// lists again, then a flip with stage 2 changed outside the zone lock.
+    /// lists again, then a flip with stage 2 changed outside the zone lock. The block is
+    /// allocated in the core, not yet marked allocated in its ownership word.
     fn alloc_uncached(&self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
         if let Some(off) = self.core.lock().take_allocated(req.freetype, order) {
-            return Ok(self.mark(off, order, req));
+            return Ok(off);
         }
         self.drain_all();
         let ticket = {
             let mut core = self.core.lock();
             if let Some(off) = core.take_allocated(req.freetype, order) {
-                return Ok(self.mark(off, order, req));
+                return Ok(off);
             }
             core.flip_begin(req, order)?
         };
@@ -351,25 +386,16 @@ impl<S: Stage2> Zone<S> {
         let mut core = self.core.lock();
         let off = core.flip_end(ticket, res, order)?;
         core.mark_allocated(off, order, req.freetype.index());
-        Ok(self.mark(off, order, req))
+        Ok(off)
     }
 
-    /// Mark `off` allocated at the zone level (a block the core just allocated to us).
-    fn mark(&self, off: u32, order: u8, req: AllocRequest) -> u32 {
-        self.heads[off as usize].store(
-            head(ST_ALLOC | order, req.freetype.index()),
-            Ordering::Release,
-        );
-        off
-    }
-
-    /// Return block `off` (zone state set to allocated by us, never handed out) to where
-    /// it came from.
+    /// Return block `off` (taken by an allocation that failed before marking it allocated)
+    /// to where it came from.
     fn give_back(&self, slot: &SpinLock<CpuCache>, off: u32, order: u8, ft: usize, cached: bool) {
         if cached {
             let mut c = slot.lock();
             if c.pcp.push_tracked(order, ft, off, false) {
-                self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Release);
+                self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Relaxed);
                 return;
             }
         }
@@ -384,7 +410,53 @@ impl<S: Stage2> Zone<S> {
     ///
     /// The errors and their order are those of [`BuddyAllocator::free_pages`], plus
     /// [`FreeError::BadCpu`]; on error nothing changes. Any CPU may free any allocation.
+    ///
+    /// The fast path (a valid CPU and block of a cached order, room in the CPU's cache) is
+    /// inlined: under the CPU's lock, one compare-exchange moves the ownership word from
+    /// "allocated, this order" straight to "cached" and the block is pushed (dirty if it
+    /// must be zeroed), so the claim and the caching are one step for every other CPU.
+    /// Everything else goes to the out-of-line slow path, which starts over.
+    ///
+    /// The ownership word's loads, stores and compare-exchanges are `Relaxed`: the word
+    /// hands over nothing but itself (the compare-exchange makes the claim exclusive
+    /// whatever the ordering), and every other piece of state a transition touches — a
+    /// CPU's cache, the core — is under the lock that guards it, whose acquire and release
+    /// order the accesses.
+    #[inline(always)]
     pub fn free_pages(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        let off = pfn.wrapping_sub(self.base);
+        if let Some(slot) = self.cpus.get(cpu) {
+            if off < self.nr && order <= PCP_MAX_ORDER {
+                let h = &self.heads[off as usize];
+                let w = h.load(Ordering::Relaxed);
+                // Only a block head carries "allocated, this order", and a head of that
+                // order is naturally aligned, so this also proves the alignment.
+                if w as u8 == ST_ALLOC | order {
+                    let ft = (w >> 8) as usize;
+                    let mut c = slot.0.lock();
+                    if c.pcp.has_room(order, ft)
+                        && h.compare_exchange(
+                            w,
+                            head(ST_CACHED | order, ft),
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok()
+                    {
+                        let dirty = self.cfg.init_on_free_unmapped && is_unmapped_index(ft);
+                        c.pcp.push_tracked(order, ft, off as u32, dirty);
+                        c.frees[order as usize * Freetype::COUNT + ft] += 1;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.free_slow(cpu, pfn, order)
+    }
+
+    /// The fully checked free (errors, full caches, larger blocks, lost races).
+    #[inline(never)]
+    fn free_slow(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         counted(&self.free_failures, || self.free_inner(cpu, pfn, order))
     }
 
@@ -394,7 +466,7 @@ impl<S: Stage2> Zone<S> {
         let h = &self.heads[off as usize];
         // Claim the allocation: only one free of it can move it out of "allocated".
         let word = loop {
-            let w = h.load(Ordering::Acquire);
+            let w = h.load(Ordering::Relaxed);
             let st = w as u8;
             if st & ST_ALLOC == 0 {
                 return Err(FreeError::NotAllocated);
@@ -404,7 +476,7 @@ impl<S: Stage2> Zone<S> {
                     allocated: st & ST_ORDER,
                 });
             }
-            if h.compare_exchange(w, 0, Ordering::Acquire, Ordering::Relaxed)
+            if h.compare_exchange(w, 0, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
             {
                 break w;
@@ -417,7 +489,7 @@ impl<S: Stage2> Zone<S> {
             let mut b = self.s2.lock();
             if let Err(e) = b.s2.zero(pfn, n) {
                 b.failures += 1;
-                h.store(word, Ordering::Release);
+                h.store(word, Ordering::Relaxed);
                 return Err(FreeError::Stage2(e));
             }
             b.zero_calls += 1;
@@ -427,7 +499,7 @@ impl<S: Stage2> Zone<S> {
         if order <= PCP_MAX_ORDER {
             let pushed = c.pcp.push_tracked(order, ft, off, dirty);
             if pushed {
-                h.store(head(ST_CACHED | order, ft), Ordering::Release);
+                h.store(head(ST_CACHED | order, ft), Ordering::Relaxed);
                 c.frees[order as usize * Freetype::COUNT + ft] += 1;
                 return Ok(());
             }
@@ -435,7 +507,7 @@ impl<S: Stage2> Zone<S> {
             // batch of the cached ones go back under one zone-lock acquisition.
             if dirty {
                 if let Err(e) = self.zero_dirty_with(&mut c, order, ft, Some(off)) {
-                    h.store(word, Ordering::Release);
+                    h.store(word, Ordering::Relaxed);
                     return Err(FreeError::Stage2(e));
                 }
             }
@@ -573,7 +645,7 @@ impl<S: Stage2> Zone<S> {
     /// allocations).
     pub fn allocation_containing(&self, pfn: Pfn) -> Option<Allocation> {
         let a = self.core.lock().allocation_containing(pfn)?;
-        let w = self.heads[(a.pfn - self.base) as usize].load(Ordering::Acquire);
+        let w = self.heads[(a.pfn - self.base) as usize].load(Ordering::Relaxed);
         (w as u8 == ST_ALLOC | a.order).then(|| Allocation {
             freetype: Freetype::ALL[(w >> 8) as usize],
             ..a
@@ -624,7 +696,7 @@ impl<S: Stage2> Zone<S> {
         core.check_invariants()?;
         let mut marked = 0u64;
         for (off, h) in self.heads.iter().enumerate() {
-            let w = h.load(Ordering::Acquire);
+            let w = h.load(Ordering::Relaxed);
             let st = w as u8;
             if st == ST_NONE {
                 continue;
@@ -645,7 +717,7 @@ impl<S: Stage2> Zone<S> {
                 for ft in 0..Freetype::COUNT {
                     for &off in c.pcp.blocks(order, ft) {
                         listed += 1;
-                        let w = self.heads[off as usize].load(Ordering::Acquire);
+                        let w = self.heads[off as usize].load(Ordering::Relaxed);
                         if w != head(ST_CACHED | order, ft) {
                             return Err(
                                 "cached block not marked cached with its order and freetype",

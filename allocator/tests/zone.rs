@@ -518,3 +518,69 @@ fn racing_double_frees_succeed_exactly_once() {
     assert_eq!(s.total_frees(), 20 * 400);
     assert_eq!(s.free_failures, 20 * 400);
 }
+
+/// A stage 2 whose `zero` hands the range to another thread and waits until that thread is
+/// done before failing: a window inside a `ZERO` allocation's zeroing.
+struct ZeroHook {
+    to_peer: std::sync::mpsc::Sender<Pfn>,
+    from_peer: std::sync::mpsc::Receiver<()>,
+}
+
+impl Stage2 for ZeroHook {
+    fn unmap(&mut self, _: Pfn, _: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+    fn map(&mut self, _: Pfn, _: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+    fn zero(&mut self, pfn: Pfn, _: u64) -> Result<(), Stage2Error> {
+        self.to_peer.send(pfn).unwrap();
+        self.from_peer.recv().unwrap();
+        Err(Stage2Error::Backend(-5))
+    }
+}
+
+/// A block being zeroed for a `ZERO` allocation is not an allocation yet: a free of its pfn
+/// from another CPU during the zeroing (a guest guessing pfns) is `NotAllocated`, and when
+/// the zeroing fails the block goes back exactly once — never into two places.
+#[test]
+fn a_block_being_zeroed_for_its_allocation_cannot_be_freed() {
+    for (order, cached) in [(0u8, true), (0, false), (5, false)] {
+        let (to_peer, peer_rx) = std::sync::mpsc::channel();
+        let (peer_tx, from_peer) = std::sync::mpsc::channel();
+        let cfg = Config {
+            pcp_capacity: if cached { 8 } else { 0 },
+            ..Config::default()
+        };
+        let z = Zone::new(0, 4 * PB, ZeroHook { to_peer, from_peer }, cfg, 2).unwrap();
+        // Warm CPU 0's cache so the ZERO request takes its block from there.
+        let warm = z.alloc_pages(0, Gfp::empty(), order).unwrap();
+        z.free_pages(0, warm.pfn, order).unwrap();
+        let free_before = z.free_pages_count();
+        std::thread::scope(|s| {
+            let z = &z;
+            s.spawn(move || {
+                let pfn = peer_rx.recv().unwrap();
+                assert_eq!(
+                    z.free_pages(1, pfn, order),
+                    Err(FreeError::NotAllocated),
+                    "order {order}: a block not handed out yet was freed"
+                );
+                peer_tx.send(()).unwrap();
+            });
+            assert_eq!(
+                z.alloc_pages(0, Gfp::ZERO, order),
+                Err(AllocError::Stage2(Stage2Error::Backend(-5)))
+            );
+        });
+        z.check_invariants().unwrap();
+        assert_eq!(z.free_pages_count(), free_before, "order {order}");
+        // Every page can still be handed out exactly once.
+        z.drain_all();
+        let mut seen = std::collections::HashSet::new();
+        while let Ok(x) = z.alloc_pages(0, Gfp::empty(), 0) {
+            assert!(seen.insert(x.pfn), "pfn {:#x} handed out twice", x.pfn);
+        }
+        assert_eq!(seen.len() as u64, free_before);
+    }
+}
