@@ -342,6 +342,10 @@ fn bad_cpu_ids_are_typed_errors_and_change_nothing() {
         Zone::new(0, 8, SimStage2::new(0, 8), Config::default(), 0),
         Err(InitError::NoCpus)
     ));
+    assert!(matches!(
+        Zone::new(0, 8, NullStage2, Config::default(), allocator::zone::MAX_CPUS + 1),
+        Err(InitError::TooManyCpus(n)) if n == allocator::zone::MAX_CPUS + 1
+    ));
     let a = z.alloc_pages(1, Gfp::empty(), 0).unwrap();
     let before = z.snapshot();
     let bad = BadCpu { cpu: 2, nr_cpus: 2 };
@@ -582,5 +586,42 @@ fn a_block_being_zeroed_for_its_allocation_cannot_be_freed() {
             assert!(seen.insert(x.pfn), "pfn {:#x} handed out twice", x.pfn);
         }
         assert_eq!(seen.len() as u64, free_before);
+    }
+}
+
+/// Two CPUs freeing the same blocks, none of them the CPU the blocks were allocated on (so
+/// both take the slow path and meet at the allocating CPU's lock, the blocks' guard):
+/// exactly one free of each block succeeds, and every page is handed out once afterwards.
+#[test]
+fn racing_frees_from_other_cpus_succeed_exactly_once() {
+    let n = 8 * PB;
+    let z = zone(0, n, Config::default(), 3);
+    let go = std::sync::Barrier::new(2);
+    for round in 0..300 {
+        let order = (round % 5) as u8; // 4: not cached, freed straight to the lists
+        let live: Vec<_> = (0..200)
+            .map(|_| z.alloc_pages(2, Gfp::MOVABLE, order).unwrap())
+            .collect();
+        let ok: Vec<usize> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (z, live, go) = (&z, &live, &go);
+                    s.spawn(move || {
+                        go.wait();
+                        live.iter()
+                            .filter(|a| match z.free_pages(cpu, a.pfn, a.order) {
+                                Ok(()) => true,
+                                Err(FreeError::NotAllocated) => false,
+                                Err(e) => panic!("{e:?}"),
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ok[0] + ok[1], live.len(), "round {round}: {ok:?}");
+        z.check_invariants().unwrap();
+        assert_eq!(z.free_pages_count(), n, "round {round}");
     }
 }
