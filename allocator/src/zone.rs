@@ -488,9 +488,9 @@ impl<S: Stage2> Zone<S> {
         let off = check_free_range(self.base, self.nr, pfn, order)?;
         let h = &self.heads[off as usize];
         // Claim the allocation under its guard's lock: only one free of it can move it out
-        // of "allocated" (to "none" while it is being freed). Freed on its guard, a block
-        // of a cached order keeps the lock for the rest of the free (a larger one may be
-        // zeroed through stage 2 first, which a CPU's lock is not held around).
+        // of "allocated" (to "none" while it is being freed). Freed on its guard, the block
+        // keeps the lock for the rest of the free, unless it is zeroed through stage 2 on
+        // free (a large unmapped one), which a CPU's lock is not held around.
         let (word, held) = loop {
             let w = h.load(Ordering::Relaxed);
             let st = w as u8;
@@ -506,7 +506,10 @@ impl<S: Stage2> Zone<S> {
             let held = self.cpus[guard].0.lock();
             if h.load(Ordering::Relaxed) == w {
                 h.store(0, Ordering::Relaxed);
-                break (w, (guard == cpu && order <= PCP_MAX_ORDER).then_some(held));
+                let zeroed_now = order > PCP_MAX_ORDER
+                    && self.cfg.init_on_free_unmapped
+                    && is_unmapped_index(word_ft(w));
+                break (w, (guard == cpu && !zeroed_now).then_some(held));
             }
         };
         let ft = word_ft(word);
