@@ -337,49 +337,45 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
     Ok(())
 }
 
+/// One case: a range (unaligned bases and partial blocks included), a configuration and
+/// the operations.
+fn case() -> impl Strategy<Value = (Pfn, u64, Config, Vec<Op>)> {
+    (
+        1u64..64,
+        prop_oneof![4 => Just(0u64), 1 => 0u64..512],
+        2u64..7,
+        prop_oneof![2 => Just(0u64), 1 => 0u64..512],
+        prop_oneof![Just(0u32), Just(4), Just(64)],
+        any::<bool>(),
+        proptest::collection::vec(op(), OPS_PER_CASE),
+    )
+        .prop_map(
+            |(base_pb, base_skew, blocks, tail, pcp, init_on_free, ops)| {
+                let cfg = Config {
+                    init_on_free_unmapped: init_on_free,
+                    pcp_capacity: pcp,
+                };
+                (base_pb * PB + base_skew, blocks * PB + tail, cfg, ops)
+            },
+        )
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: PROP_CASES, failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
-    fn random_sequences_match_the_model(
-        base_pb in 1u64..64,
-        base_skew in prop_oneof![4 => Just(0u64), 1 => 0u64..512],
-        blocks in 2u64..7,
-        tail in prop_oneof![2 => Just(0u64), 1 => 0u64..512],
-        pcp in prop_oneof![Just(0u32), Just(4), Just(64)],
-        init_on_free in any::<bool>(),
-        ops in proptest::collection::vec(op(), OPS_PER_CASE),
-    ) {
-        let cfg = Config { init_on_free_unmapped: init_on_free, pcp_capacity: pcp };
-        run::<BuddyAllocator<allocator::sim::SimStage2>>(base_pb * PB + base_skew, blocks * PB + tail, cfg, &ops)?;
+    fn random_sequences_match_the_model((base, n, cfg, ops) in case()) {
+        run::<BuddyAllocator<allocator::sim::SimStage2>>(base, n, cfg, &ops)?;
     }
 
     #[test]
-    fn zone1_random_sequences_match_the_model(
-        base_pb in 1u64..64,
-        base_skew in prop_oneof![4 => Just(0u64), 1 => 0u64..512],
-        blocks in 2u64..7,
-        tail in prop_oneof![2 => Just(0u64), 1 => 0u64..512],
-        pcp in prop_oneof![Just(0u32), Just(4), Just(64)],
-        init_on_free in any::<bool>(),
-        ops in proptest::collection::vec(op(), OPS_PER_CASE),
-    ) {
-        let cfg = Config { init_on_free_unmapped: init_on_free, pcp_capacity: pcp };
-        run::<OnCpus<1>>(base_pb * PB + base_skew, blocks * PB + tail, cfg, &ops)?;
+    fn zone1_random_sequences_match_the_model((base, n, cfg, ops) in case()) {
+        run::<OnCpus<1>>(base, n, cfg, &ops)?;
     }
 
     #[test]
-    fn zone4_random_sequences_match_the_model(
-        base_pb in 1u64..64,
-        base_skew in prop_oneof![4 => Just(0u64), 1 => 0u64..512],
-        blocks in 2u64..7,
-        tail in prop_oneof![2 => Just(0u64), 1 => 0u64..512],
-        pcp in prop_oneof![Just(0u32), Just(4), Just(64)],
-        init_on_free in any::<bool>(),
-        ops in proptest::collection::vec(op(), OPS_PER_CASE),
-    ) {
-        let cfg = Config { init_on_free_unmapped: init_on_free, pcp_capacity: pcp };
-        run::<OnCpus<4>>(base_pb * PB + base_skew, blocks * PB + tail, cfg, &ops)?;
+    fn zone4_random_sequences_match_the_model((base, n, cfg, ops) in case()) {
+        run::<OnCpus<4>>(base, n, cfg, &ops)?;
     }
 }
 
