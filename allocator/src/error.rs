@@ -151,6 +151,8 @@ pub enum InitError {
     Overflow,
     /// A [`crate::Zone`] needs at least one CPU.
     NoCpus,
+    /// More CPUs than a [`crate::Zone`] can have ([`crate::zone::MAX_CPUS`]).
+    TooManyCpus(usize),
 }
 
 impl fmt::Display for InitError {
@@ -159,6 +161,7 @@ impl fmt::Display for InitError {
             InitError::TooManyPages(n) => write!(f, "{n} pages: too many for 32-bit links"),
             InitError::Overflow => f.write_str("pfn range overflows"),
             InitError::NoCpus => f.write_str("a zone needs at least one CPU"),
+            InitError::TooManyCpus(n) => write!(f, "{n} CPUs: a zone has at most 65536"),
         }
     }
 }

@@ -24,7 +24,7 @@
 #![no_std]
 #![warn(missing_docs)]
 extern crate alloc;
-#[cfg(feature = "std")]
+#[cfg(any(feature = "std", test))]
 extern crate std;
 
 pub mod buddy;

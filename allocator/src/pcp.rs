@@ -100,9 +100,29 @@ impl Pcp {
         Some(off)
     }
 
+    /// The most recently cached block of (order, ft) if no dirty block is cached there
+    /// ([`crate::Zone`]'s fast path; otherwise the dirty ones must be zeroed first).
+    #[inline(always)]
+    pub fn pop_clean(&mut self, order: u8, ft: usize) -> Option<u32> {
+        let c = ci(order, ft);
+        let l = self.len[c];
+        if l == 0 || self.clean[c] != l {
+            return None;
+        }
+        self.len[c] = l - 1;
+        self.clean[c] = l - 1;
+        Some(self.slots[c * self.cap as usize + (l - 1) as usize])
+    }
+
+    /// Whether the cache of (order, ft) has room for one more block.
+    #[inline(always)]
+    pub fn has_room(&self, order: u8, ft: usize) -> bool {
+        self.len[ci(order, ft)] < self.cap
+    }
+
     /// Cache block `off` for (order, ft), `dirty` if it has not been zeroed yet; false if
     /// that cache is full. A clean block pushed above dirty ones counts as dirty.
-    #[inline]
+    #[inline(always)]
     pub fn push_tracked(&mut self, order: u8, ft: usize, off: u32, dirty: bool) -> bool {
         let c = ci(order, ft);
         let l = self.len[c];
@@ -176,6 +196,14 @@ mod tests {
         assert!(p.push_tracked(1, 3, 16, true));
         assert_eq!(p.dirty(1, 3), &[16]);
         assert!(!p.push_tracked(1, 3, 18, false));
+        assert!(!p.has_room(1, 3));
+        assert_eq!(p.pop_clean(1, 3), None, "a dirty block on top");
+        p.mark_clean(1, 3);
+        assert_eq!(p.pop_clean(1, 3), Some(16));
+        assert!(p.has_room(1, 3));
+        assert!(p.dirty(1, 3).is_empty());
+        assert_eq!(p.pop_clean(1, 3), Some(14));
+        assert_eq!(p.pop_clean(1, 3), None);
         let mut z = Pcp::new(0);
         assert!(!z.push(0, 0, 1));
         assert_eq!(z.pop(0, 0), None);

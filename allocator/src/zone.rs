@@ -12,11 +12,17 @@
 //!   zone-lock acquisition, a full cache spills `batch` blocks under one (Linux's
 //!   `rmqueue_bulk` / `free_pcppages_bulk`). Lock order: a CPU's lock, then the zone lock;
 //!   the stage-2 lock is never held together with the zone lock.
-//! - **Ownership word per page** (`heads`, one `AtomicU16`: the zone-level state and
-//!   freetype of a block head): a free claims its allocation with one compare-exchange from
-//!   "allocated, this order" to "being freed", so two CPUs freeing the same block cannot both
-//!   succeed (the loser gets [`FreeError::NotAllocated`]). For the core, a block in a CPU
-//!   cache is still allocated; only a drain gives it back to the buddy lists.
+//! - **Ownership word per page** (`heads`, one `AtomicU32`: the zone-level state and
+//!   freetype of a block head, and for a live allocation its *guard*, the CPU it was
+//!   allocated on): every change of a live allocation's word happens under its guard's
+//!   cache lock, so a free takes that lock, checks the word is unchanged and moves it out of
+//!   "allocated" — straight to "cached" on the fast path (freed on its own CPU), to "being
+//!   freed" on the slow one — and of two CPUs freeing the same block exactly one succeeds
+//!   (the loser gets [`FreeError::NotAllocated`]). Words of blocks that are no allocation
+//!   (cached, on the lists, being allocated) are written only by whoever holds the block.
+//!   All accesses are `Relaxed`: the word carries only itself, and the locks order the
+//!   rest. For the core, a block in a CPU cache is still allocated; only a drain gives it
+//!   back to the buddy lists.
 //! - **Flips**: caches are drained first (every CPU's: `drain_all`), then under the zone lock
 //!   the block is chosen and taken off the lists (no CPU can see or take it); the lock is
 //!   dropped around the stage-2 call (`unmap`, or `zero` then `map`), as the kernel series
@@ -49,7 +55,7 @@ use crate::stats::{unflatten, Snapshot};
 use crate::{Allocation, Pfn, MAX_ORDER};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// One CPU's caches and counters.
 struct CpuCache {
@@ -76,9 +82,10 @@ struct Backend<S> {
 pub struct Zone<S: Stage2> {
     core: SpinLock<BuddyAllocator<NullStage2>>,
     cpus: Box<[CpuSlot]>,
-    /// Per page offset: `state | ft << 8` of a block head as the zone sees it (`ST_ALLOC`
-    /// for a live allocation, `ST_CACHED` for a block in a CPU cache, `ST_NONE` otherwise).
-    heads: Box<[AtomicU16]>,
+    /// Per page offset: the ownership word `state | ft << 8 | guard << 16` of a block head
+    /// as the zone sees it (`ST_ALLOC` for a live allocation, whose `guard` is the CPU it
+    /// was allocated on; `ST_CACHED` for a block in a CPU cache; `ST_NONE` otherwise).
+    heads: Box<[AtomicU32]>,
     s2: SpinLock<Backend<S>>,
     cfg: Config,
     batch: u32,
@@ -104,10 +111,29 @@ fn counted<T, E>(failures: &AtomicU64, f: impl FnOnce() -> Result<T, E>) -> Resu
     r
 }
 
-/// A head word.
-const fn head(state: u8, ft: usize) -> u16 {
-    state as u16 | (ft as u16) << 8
+/// The ownership word of a block that is not allocated (`state` is not `ST_ALLOC`).
+const fn head(state: u8, ft: usize) -> u32 {
+    state as u32 | (ft as u32) << 8
 }
+
+/// The ownership word of a live allocation of `order` and freetype `ft` allocated on CPU
+/// `cpu`, whose lock guards every change of the word until the allocation is freed.
+const fn allocated(order: u8, ft: usize, cpu: usize) -> u32 {
+    head(ST_ALLOC | order, ft) | (cpu as u32) << 16
+}
+
+/// The freetype index in an ownership word.
+const fn word_ft(w: u32) -> usize {
+    (w >> 8) as u8 as usize
+}
+
+/// The guard CPU of a live allocation's ownership word.
+const fn word_guard(w: u32) -> usize {
+    (w >> 16) as usize
+}
+
+/// Most CPUs a zone can have (the guard field of an ownership word is 16 bits).
+pub const MAX_CPUS: usize = 1 << 16;
 
 impl<S: Stage2> Zone<S> {
     /// A zone over `[base_pfn, base_pfn + nr_pages)` with caches for CPUs `0..nr_cpus`
@@ -122,6 +148,9 @@ impl<S: Stage2> Zone<S> {
     ) -> Result<Self, InitError> {
         if nr_cpus == 0 {
             return Err(InitError::NoCpus);
+        }
+        if nr_cpus > MAX_CPUS {
+            return Err(InitError::TooManyCpus(nr_cpus));
         }
         let core_cfg = Config {
             init_on_free_unmapped: false,
@@ -141,7 +170,7 @@ impl<S: Stage2> Zone<S> {
         Ok(Zone {
             core: SpinLock::new(core),
             cpus,
-            heads: (0..nr_pages).map(|_| AtomicU16::new(0)).collect(),
+            heads: (0..nr_pages).map(|_| AtomicU32::new(0)).collect(),
             s2: SpinLock::new(Backend {
                 s2,
                 zero_calls: 0,
@@ -174,12 +203,18 @@ impl<S: Stage2> Zone<S> {
 
     /// Allocate `1 << order` pages on CPU `cpu` (same as
     /// `alloc_pages_special(cpu, BuddyContext::Default, gfp, order)`).
+    #[inline(always)]
     pub fn alloc_pages(&self, cpu: usize, gfp: Gfp, order: u8) -> Result<Allocation, AllocError> {
         self.alloc_pages_special(cpu, BuddyContext::Default, gfp, order)
     }
 
     /// Allocate `1 << order` pages on CPU `cpu` for a context plus flags (the rules of
     /// [`BuddyAllocator::alloc_pages_special`]).
+    ///
+    /// The fast path (a valid CPU, no zeroing, a clean block in the CPU's cache) is inlined:
+    /// one lock of the CPU's cache and one plain store of the ownership word; everything
+    /// else goes to the out-of-line slow path, which starts over.
+    #[inline(always)]
     pub fn alloc_pages_special(
         &self,
         cpu: usize,
@@ -187,6 +222,29 @@ impl<S: Stage2> Zone<S> {
         gfp: Gfp,
         order: u8,
     ) -> Result<Allocation, AllocError> {
+        if let (Some(slot), Ok(req)) = (self.cpus.get(cpu), AllocRequest::from_gfp(ctx, gfp)) {
+            if !req.zero && order <= PCP_MAX_ORDER {
+                let ft = req.freetype.index();
+                let mut c = slot.0.lock();
+                if let Some(off) = c.pcp.pop_clean(order, ft) {
+                    // Relaxed: see `free_pages`.
+                    self.heads[off as usize].store(allocated(order, ft, cpu), Ordering::Relaxed);
+                    c.allocs[order as usize * Freetype::COUNT + ft] += 1;
+                    return Ok(Allocation {
+                        pfn: self.base + off as u64,
+                        order,
+                        freetype: req.freetype,
+                    });
+                }
+            }
+        }
+        self.alloc_slow(cpu, ctx, gfp, order)
+    }
+
+    /// Everything but the inlined fast path: errors, zeroing, dirty blocks, refills, the
+    /// buddy lists, drains and flips.
+    #[inline(never)]
+    fn alloc_slow(&self, cpu: usize, ctx: BuddyContext, gfp: Gfp, order: u8) -> AllocResult {
         counted(&self.alloc_failures, || {
             self.alloc_inner(cpu, ctx, gfp, order)
         })
@@ -209,6 +267,8 @@ impl<S: Stage2> Zone<S> {
             }
         };
         let pfn = self.base + off as u64;
+        // The block is no allocation until it is zeroed: its ownership word still says
+        // "cached" or "none", so a free of its pfn meanwhile (from any CPU) is NotAllocated.
         if req.zero {
             let n = 1u64 << order;
             let mut b = self.s2.lock();
@@ -223,6 +283,7 @@ impl<S: Stage2> Zone<S> {
             b.zero_calls += 1;
             b.zeroed_on_alloc += n;
         }
+        self.heads[off as usize].store(allocated(order, ft, cpu), Ordering::Relaxed);
         Ok(Allocation {
             pfn,
             order,
@@ -231,8 +292,8 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// A block from `slot`'s cache, refilled from the buddy lists under one zone-lock
-    /// acquisition on a miss, marked allocated and counted (`count`: the flat counter
-    /// index) under the CPU's lock; None if the order is not cached or the lists have
+    /// acquisition on a miss, counted (`count`: the flat counter index) under the CPU's
+    /// lock, not yet marked allocated (the caller does that once it is ready to hand out); None if the order is not cached or the lists have
     /// nothing without a flip. Dirty blocks (freed unmapped, not zeroed yet) are zeroed,
     /// all of the list's in one batch, before the first of them is handed out.
     #[inline]
@@ -259,7 +320,6 @@ impl<S: Stage2> Zone<S> {
                 None => return Ok(None),
             },
         };
-        self.heads[off as usize].store(head(ST_ALLOC | order, ft), Ordering::Release);
         c.allocs[count] += 1;
         Ok(Some(off))
     }
@@ -334,16 +394,17 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// The slow path: the buddy lists (fallback included), then every cache drained and the
-    /// lists again, then a flip with stage 2 changed outside the zone lock.
+    /// lists again, then a flip with stage 2 changed outside the zone lock. The block is
+    /// allocated in the core, not yet marked allocated in its ownership word.
     fn alloc_uncached(&self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
         if let Some(off) = self.core.lock().take_allocated(req.freetype, order) {
-            return Ok(self.mark(off, order, req));
+            return Ok(off);
         }
         self.drain_all();
         let ticket = {
             let mut core = self.core.lock();
             if let Some(off) = core.take_allocated(req.freetype, order) {
-                return Ok(self.mark(off, order, req));
+                return Ok(off);
             }
             core.flip_begin(req, order)?
         };
@@ -351,25 +412,16 @@ impl<S: Stage2> Zone<S> {
         let mut core = self.core.lock();
         let off = core.flip_end(ticket, res, order)?;
         core.mark_allocated(off, order, req.freetype.index());
-        Ok(self.mark(off, order, req))
+        Ok(off)
     }
 
-    /// Mark `off` allocated at the zone level (a block the core just allocated to us).
-    fn mark(&self, off: u32, order: u8, req: AllocRequest) -> u32 {
-        self.heads[off as usize].store(
-            head(ST_ALLOC | order, req.freetype.index()),
-            Ordering::Release,
-        );
-        off
-    }
-
-    /// Return block `off` (zone state set to allocated by us, never handed out) to where
-    /// it came from.
+    /// Return block `off` (taken by an allocation that failed before marking it allocated)
+    /// to where it came from.
     fn give_back(&self, slot: &SpinLock<CpuCache>, off: u32, order: u8, ft: usize, cached: bool) {
         if cached {
             let mut c = slot.lock();
             if c.pcp.push_tracked(order, ft, off, false) {
-                self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Release);
+                self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Relaxed);
                 return;
             }
         }
@@ -384,7 +436,50 @@ impl<S: Stage2> Zone<S> {
     ///
     /// The errors and their order are those of [`BuddyAllocator::free_pages`], plus
     /// [`FreeError::BadCpu`]; on error nothing changes. Any CPU may free any allocation.
+    ///
+    /// Every change of a live allocation's ownership word happens under the lock of its
+    /// *guard*, the CPU it was allocated on (recorded in the word): a free takes that lock,
+    /// checks the word is unchanged and moves it out of "allocated" with a plain store, so of
+    /// two CPUs freeing the same block exactly one succeeds. Words of blocks that are not
+    /// allocations (cached, on the lists, being allocated) are written only by whoever
+    /// holds the block (under its cache's lock or the zone lock), never by a free.
+    ///
+    /// The fast path (a block of a cached order freed on the CPU it was allocated on, room
+    /// in that CPU's cache) is inlined: one lock of the CPU's cache, the check, a store of
+    /// "cached" and a push (dirty if it must be zeroed). Everything else goes to the
+    /// out-of-line slow path, which starts over.
+    ///
+    /// The ownership word's loads and stores are `Relaxed`: the word hands over nothing but
+    /// itself, and the guard's lock orders every change of a live allocation's word (and of
+    /// the cache it goes to) before the next holder's check.
+    #[inline(always)]
     pub fn free_pages(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
+        let off = pfn.wrapping_sub(self.base);
+        if let Some(slot) = self.cpus.get(cpu) {
+            if off < self.nr && order <= PCP_MAX_ORDER {
+                let h = &self.heads[off as usize];
+                let w = h.load(Ordering::Relaxed);
+                // Only a block head carries "allocated, this order", and a head of that
+                // order is naturally aligned, so this also proves the alignment.
+                if w & 0xff == (ST_ALLOC | order) as u32 && word_guard(w) == cpu {
+                    let ft = word_ft(w);
+                    let mut c = slot.0.lock();
+                    if c.pcp.has_room(order, ft) && h.load(Ordering::Relaxed) == w {
+                        h.store(head(ST_CACHED | order, ft), Ordering::Relaxed);
+                        let dirty = self.cfg.init_on_free_unmapped && is_unmapped_index(ft);
+                        c.pcp.push_tracked(order, ft, off as u32, dirty);
+                        c.frees[order as usize * Freetype::COUNT + ft] += 1;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.free_slow(cpu, pfn, order)
+    }
+
+    /// The fully checked free (errors, full caches, larger blocks, lost races).
+    #[inline(never)]
+    fn free_slow(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         counted(&self.free_failures, || self.free_inner(cpu, pfn, order))
     }
 
@@ -392,9 +487,12 @@ impl<S: Stage2> Zone<S> {
         let slot = self.slot(cpu).map_err(FreeError::BadCpu)?;
         let off = check_free_range(self.base, self.nr, pfn, order)?;
         let h = &self.heads[off as usize];
-        // Claim the allocation: only one free of it can move it out of "allocated".
-        let word = loop {
-            let w = h.load(Ordering::Acquire);
+        // Claim the allocation under its guard's lock: only one free of it can move it out
+        // of "allocated" (to "none" while it is being freed). Freed on its guard, the block
+        // keeps the lock for the rest of the free, unless it is zeroed through stage 2 on
+        // free (a large unmapped one), which a CPU's lock is not held around.
+        let (word, held) = loop {
+            let w = h.load(Ordering::Relaxed);
             let st = w as u8;
             if st & ST_ALLOC == 0 {
                 return Err(FreeError::NotAllocated);
@@ -404,30 +502,34 @@ impl<S: Stage2> Zone<S> {
                     allocated: st & ST_ORDER,
                 });
             }
-            if h.compare_exchange(w, 0, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-            {
-                break w;
+            let guard = word_guard(w);
+            let held = self.cpus[guard].0.lock();
+            if h.load(Ordering::Relaxed) == w {
+                h.store(0, Ordering::Relaxed);
+                let zeroed_now = order > PCP_MAX_ORDER
+                    && self.cfg.init_on_free_unmapped
+                    && is_unmapped_index(word_ft(w));
+                break (w, (guard == cpu && !zeroed_now).then_some(held));
             }
         };
-        let ft = (word >> 8) as usize;
+        let ft = word_ft(word);
         let dirty = self.cfg.init_on_free_unmapped && is_unmapped_index(ft);
         if dirty && order > PCP_MAX_ORDER {
             let n = 1u64 << order;
             let mut b = self.s2.lock();
             if let Err(e) = b.s2.zero(pfn, n) {
                 b.failures += 1;
-                h.store(word, Ordering::Release);
+                h.store(word, Ordering::Relaxed);
                 return Err(FreeError::Stage2(e));
             }
             b.zero_calls += 1;
             b.zeroed_on_free += n;
         }
-        let mut c = slot.lock();
+        let mut c = held.unwrap_or_else(|| slot.lock());
         if order <= PCP_MAX_ORDER {
             let pushed = c.pcp.push_tracked(order, ft, off, dirty);
             if pushed {
-                h.store(head(ST_CACHED | order, ft), Ordering::Release);
+                h.store(head(ST_CACHED | order, ft), Ordering::Relaxed);
                 c.frees[order as usize * Freetype::COUNT + ft] += 1;
                 return Ok(());
             }
@@ -435,7 +537,7 @@ impl<S: Stage2> Zone<S> {
             // batch of the cached ones go back under one zone-lock acquisition.
             if dirty {
                 if let Err(e) = self.zero_dirty_with(&mut c, order, ft, Some(off)) {
-                    h.store(word, Ordering::Release);
+                    h.store(word, Ordering::Relaxed);
                     return Err(FreeError::Stage2(e));
                 }
             }
@@ -556,7 +658,7 @@ impl<S: Stage2> Zone<S> {
         s.pages_zeroed_on_alloc = b.zeroed_on_alloc;
         s.pages_zeroed_on_free = b.zeroed_on_free;
         s.stage2_failures += b.failures;
-        s.metadata_bytes += (self.heads.len() * 2) as u64;
+        s.metadata_bytes += (self.heads.len() * 4) as u64;
         s
     }
 
@@ -573,9 +675,9 @@ impl<S: Stage2> Zone<S> {
     /// allocations).
     pub fn allocation_containing(&self, pfn: Pfn) -> Option<Allocation> {
         let a = self.core.lock().allocation_containing(pfn)?;
-        let w = self.heads[(a.pfn - self.base) as usize].load(Ordering::Acquire);
+        let w = self.heads[(a.pfn - self.base) as usize].load(Ordering::Relaxed);
         (w as u8 == ST_ALLOC | a.order).then(|| Allocation {
-            freetype: Freetype::ALL[(w >> 8) as usize],
+            freetype: Freetype::ALL[word_ft(w)],
             ..a
         })
     }
@@ -605,6 +707,11 @@ impl<S: Stage2> Zone<S> {
         f(&mut self.s2.lock().s2)
     }
 
+    /// The stage-2 backend, through exclusive access to the zone (no locking needed).
+    pub fn stage2_mut(&mut self) -> &mut S {
+        &mut self.s2.get_mut().s2
+    }
+
     /// Give up the zone and keep its stage-2 backend.
     pub fn into_stage2(self) -> S {
         self.s2.into_inner().s2
@@ -619,7 +726,7 @@ impl<S: Stage2> Zone<S> {
         core.check_invariants()?;
         let mut marked = 0u64;
         for (off, h) in self.heads.iter().enumerate() {
-            let w = h.load(Ordering::Acquire);
+            let w = h.load(Ordering::Relaxed);
             let st = w as u8;
             if st == ST_NONE {
                 continue;
@@ -632,6 +739,8 @@ impl<S: Stage2> Zone<S> {
                 marked += 1;
             } else if st & ST_ALLOC == 0 {
                 return Err("zone head with an unknown state");
+            } else if word_guard(w) >= self.cpus.len() {
+                return Err("allocation guarded by a CPU the zone does not have");
             }
         }
         let mut listed = 0u64;
@@ -640,7 +749,7 @@ impl<S: Stage2> Zone<S> {
                 for ft in 0..Freetype::COUNT {
                     for &off in c.pcp.blocks(order, ft) {
                         listed += 1;
-                        let w = self.heads[off as usize].load(Ordering::Acquire);
+                        let w = self.heads[off as usize].load(Ordering::Relaxed);
                         if w != head(ST_CACHED | order, ft) {
                             return Err(
                                 "cached block not marked cached with its order and freetype",
@@ -680,5 +789,49 @@ impl<S: Stage2> Zone<S> {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    /// A free of a live allocation from another CPU waits for the lock of the allocation's
+    /// guard and checks the word again under it: while the guard's lock is held it cannot
+    /// succeed, and a claim made meanwhile by the lock's holder makes it `NotAllocated`.
+    #[test]
+    fn a_free_claims_under_the_guards_lock() {
+        // From another CPU (the slow path) and from the guard itself (the fast path).
+        for cpu in [0, 2] {
+            let z = Zone::new(0, 1024, NullStage2, Config::default(), 3).unwrap();
+            let x = z.alloc_pages(2, Gfp::MOVABLE, 0).unwrap();
+            let off = (x.pfn - z.base_pfn()) as usize;
+            let w = z.heads[off].load(Ordering::Relaxed);
+            assert_eq!(word_guard(w), 2);
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let held = z.cpus[2].0.lock();
+                let t = s.spawn(|| {
+                    let r = z.free_pages(cpu, x.pfn, 0);
+                    done.store(true, Ordering::SeqCst);
+                    r
+                });
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(
+                    !done.load(Ordering::SeqCst),
+                    "cpu {cpu}: freed without the lock"
+                );
+                // Another free's claim, made under the guard's lock, wins.
+                z.heads[off].store(0, Ordering::Relaxed);
+                drop(held);
+                assert_eq!(t.join().unwrap(), Err(FreeError::NotAllocated), "cpu {cpu}");
+            });
+            // Put it back as the allocation it was, and free it for real from CPU 1.
+            z.heads[off].store(w, Ordering::Relaxed);
+            z.free_pages(1, x.pfn, 0).unwrap();
+            z.check_invariants().unwrap();
+        }
     }
 }

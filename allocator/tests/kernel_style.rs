@@ -1,4 +1,5 @@
-//! The kernel series' own test ideas (page_alloc_kunit.c), on a simulated stage 2.
+//! The kernel series' own test ideas (page_alloc_kunit.c), on a simulated stage 2, each run
+//! on `BuddyAllocator`, a one-CPU `Zone` and a four-CPU `Zone` (see `rules.rs`).
 
 mod common;
 
@@ -8,11 +9,17 @@ use common::*;
 
 const PB: u64 = PAGEBLOCK_PAGES;
 
+crate::on_every_allocator! {
+    more_than_half_unmapped_then_mapped_back_with_zeroing,
+    flush_amortisation,
+    no_flip_from_atomic_context,
+    order0_unmapped_fails_without_a_whole_free_pageblock,
+}
+
 /// Allocate more than half of memory as unmapped (forces flips), check every page's block
 /// is unmapped, free all, allocate the same amount mapped (forces flips back) and check that
 /// zeroing happened before any page became reachable.
-#[test]
-fn more_than_half_unmapped_then_mapped_back_with_zeroing() {
+fn more_than_half_unmapped_then_mapped_back_with_zeroing<A: Subject>() {
     for (cfg, order) in [
         (
             Config {
@@ -32,7 +39,7 @@ fn more_than_half_unmapped_then_mapped_back_with_zeroing() {
     ] {
         let n = 32 * PB; // 64 MiB
         let base = 64 * PB;
-        let mut a = sim(base, n, cfg);
+        let mut a = A::sim(base, n, cfg);
         let target = n * 5 / 8;
         let mut live = Vec::new();
         let mut pages = 0;
@@ -102,15 +109,14 @@ fn more_than_half_unmapped_then_mapped_back_with_zeroing() {
             a.free_pages(x.pfn, x.order).unwrap();
         }
         a.check_invariants().unwrap();
-        assert_stage2_agrees(&a);
+        assert_stage2_agrees(&mut a);
     }
 }
 
 /// N order-0 unmapped allocations cause at most ceil(N/512) unmap calls; frees cause none.
-#[test]
-fn flush_amortisation() {
+fn flush_amortisation<A: Subject>() {
     for n_alloc in [1u64, 511, 512, 513, 5000] {
-        let mut a = sim(0, 16 * PB, Config::default());
+        let mut a = A::sim(0, 16 * PB, Config::default());
         let xs: Vec<_> = (0..n_alloc)
             .map(|_| a.alloc_pages(Gfp::UNMAPPED, 0).unwrap())
             .collect();
@@ -139,9 +145,8 @@ fn flush_amortisation() {
 }
 
 /// A no-block (ATOMIC) context never flips, in either direction.
-#[test]
-fn no_flip_from_atomic_context() {
-    let mut a = sim(0, 2 * PB, Config::default());
+fn no_flip_from_atomic_context<A: Subject>() {
+    let mut a = A::sim(0, 2 * PB, Config::default());
     assert!(matches!(
         a.alloc_pages(Gfp::UNMAPPED | Gfp::ATOMIC, 0),
         Err(AllocError::WouldBlock { .. })
@@ -169,10 +174,9 @@ fn no_flip_from_atomic_context() {
 
 /// The case Linux reviewers worried about: plenty of memory free, none of it a whole free
 /// pageblock, and an order-0 unmapped request fails (with a typed error that says so).
-#[test]
-fn order0_unmapped_fails_without_a_whole_free_pageblock() {
+fn order0_unmapped_fails_without_a_whole_free_pageblock<A: Subject>() {
     let n = 8 * PB;
-    let mut a = sim(0, n, Config::default());
+    let mut a = A::sim(0, n, Config::default());
     // One order-0 allocation pinned in every pageblock, everything else free.
     let mut pins = Vec::new();
     let mut rest = Vec::new();

@@ -342,6 +342,10 @@ fn bad_cpu_ids_are_typed_errors_and_change_nothing() {
         Zone::new(0, 8, SimStage2::new(0, 8), Config::default(), 0),
         Err(InitError::NoCpus)
     ));
+    assert!(matches!(
+        Zone::new(0, 8, NullStage2, Config::default(), allocator::zone::MAX_CPUS + 1),
+        Err(InitError::TooManyCpus(n)) if n == allocator::zone::MAX_CPUS + 1
+    ));
     let a = z.alloc_pages(1, Gfp::empty(), 0).unwrap();
     let before = z.snapshot();
     let bad = BadCpu { cpu: 2, nr_cpus: 2 };
@@ -517,4 +521,107 @@ fn racing_double_frees_succeed_exactly_once() {
     let s = z.snapshot();
     assert_eq!(s.total_frees(), 20 * 400);
     assert_eq!(s.free_failures, 20 * 400);
+}
+
+/// A stage 2 whose `zero` hands the range to another thread and waits until that thread is
+/// done before failing: a window inside a `ZERO` allocation's zeroing.
+struct ZeroHook {
+    to_peer: std::sync::mpsc::Sender<Pfn>,
+    from_peer: std::sync::mpsc::Receiver<()>,
+}
+
+impl Stage2 for ZeroHook {
+    fn unmap(&mut self, _: Pfn, _: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+    fn map(&mut self, _: Pfn, _: u64) -> Result<(), Stage2Error> {
+        Ok(())
+    }
+    fn zero(&mut self, pfn: Pfn, _: u64) -> Result<(), Stage2Error> {
+        self.to_peer.send(pfn).unwrap();
+        self.from_peer.recv().unwrap();
+        Err(Stage2Error::Backend(-5))
+    }
+}
+
+/// A block being zeroed for a `ZERO` allocation is not an allocation yet: a free of its pfn
+/// from another CPU during the zeroing (a guest guessing pfns) is `NotAllocated`, and when
+/// the zeroing fails the block goes back exactly once — never into two places.
+#[test]
+fn a_block_being_zeroed_for_its_allocation_cannot_be_freed() {
+    for (order, cached) in [(0u8, true), (0, false), (5, false)] {
+        let (to_peer, peer_rx) = std::sync::mpsc::channel();
+        let (peer_tx, from_peer) = std::sync::mpsc::channel();
+        let cfg = Config {
+            pcp_capacity: if cached { 8 } else { 0 },
+            ..Config::default()
+        };
+        let z = Zone::new(0, 4 * PB, ZeroHook { to_peer, from_peer }, cfg, 2).unwrap();
+        // Warm CPU 0's cache so the ZERO request takes its block from there.
+        let warm = z.alloc_pages(0, Gfp::empty(), order).unwrap();
+        z.free_pages(0, warm.pfn, order).unwrap();
+        let free_before = z.free_pages_count();
+        std::thread::scope(|s| {
+            let z = &z;
+            s.spawn(move || {
+                let pfn = peer_rx.recv().unwrap();
+                assert_eq!(
+                    z.free_pages(1, pfn, order),
+                    Err(FreeError::NotAllocated),
+                    "order {order}: a block not handed out yet was freed"
+                );
+                peer_tx.send(()).unwrap();
+            });
+            assert_eq!(
+                z.alloc_pages(0, Gfp::ZERO, order),
+                Err(AllocError::Stage2(Stage2Error::Backend(-5)))
+            );
+        });
+        z.check_invariants().unwrap();
+        assert_eq!(z.free_pages_count(), free_before, "order {order}");
+        // Every page can still be handed out exactly once.
+        z.drain_all();
+        let mut seen = std::collections::HashSet::new();
+        while let Ok(x) = z.alloc_pages(0, Gfp::empty(), 0) {
+            assert!(seen.insert(x.pfn), "pfn {:#x} handed out twice", x.pfn);
+        }
+        assert_eq!(seen.len() as u64, free_before);
+    }
+}
+
+/// Two CPUs freeing the same blocks, none of them the CPU the blocks were allocated on (so
+/// both take the slow path and meet at the allocating CPU's lock, the blocks' guard):
+/// exactly one free of each block succeeds, and every page is handed out once afterwards.
+#[test]
+fn racing_frees_from_other_cpus_succeed_exactly_once() {
+    let n = 8 * PB;
+    let z = zone(0, n, Config::default(), 3);
+    let go = std::sync::Barrier::new(2);
+    for round in 0..300 {
+        let order = (round % 5) as u8; // 4: not cached, freed straight to the lists
+        let live: Vec<_> = (0..200)
+            .map(|_| z.alloc_pages(2, Gfp::MOVABLE, order).unwrap())
+            .collect();
+        let ok: Vec<usize> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (z, live, go) = (&z, &live, &go);
+                    s.spawn(move || {
+                        go.wait();
+                        live.iter()
+                            .filter(|a| match z.free_pages(cpu, a.pfn, a.order) {
+                                Ok(()) => true,
+                                Err(FreeError::NotAllocated) => false,
+                                Err(e) => panic!("{e:?}"),
+                            })
+                            .count()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(ok[0] + ok[1], live.len(), "round {round}: {ok:?}");
+        z.check_invariants().unwrap();
+        assert_eq!(z.free_pages_count(), n, "round {round}");
+    }
 }
