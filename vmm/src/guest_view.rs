@@ -6,8 +6,9 @@
 //! secrets, zeroing, dumps) uses the raw [`GuestRam`] on purpose: the two kinds of access are
 //! different types, so a `GuestRam` call in guest-serving code stands out in review.
 
+use crate::addr::Gpa;
 use crate::memory::GuestRam;
-use crate::stage2::{RangeState, SlotBackend, Stage2Engine};
+use crate::stage2::{RangeState, Stage2Backend, Stage2Engine};
 
 /// Where the stage-2 state of a page comes from (the engine's range map; a table in tests).
 pub trait PageStates {
@@ -15,9 +16,9 @@ pub trait PageStates {
     fn state_at(&self, gpa: u64) -> Option<RangeState>;
 }
 
-impl<B: SlotBackend> PageStates for Stage2Engine<B> {
+impl<B: Stage2Backend> PageStates for Stage2Engine<B> {
     fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        Stage2Engine::state_at(self, gpa)
+        Stage2Engine::state_at(self, Gpa(gpa))
     }
 }
 

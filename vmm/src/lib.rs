@@ -27,6 +27,7 @@
 //! One vCPU runs in the calling thread; a run owns its VM, RAM and allocator, so several runs
 //! may proceed in parallel threads of one process.
 
+pub mod addr;
 pub mod boot;
 pub mod caps;
 pub mod cli;

@@ -18,7 +18,7 @@ use replay::cli::{self, ReplayArgs};
 use replay::policy::{self, KvmCost, PolicyResult, RunOptions};
 
 use crate::memory::{GuestRam, MemSize};
-use crate::stage2::{KvmSlots, Stage2Engine};
+use crate::stage2::{KvmSlots, Slots, Stage2Engine};
 
 /// Run `veil replay`; returns the process exit code.
 pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
@@ -62,19 +62,18 @@ pub fn run_policy_on_kvm(
     max_slots: u64,
 ) -> anyhow::Result<PolicyResult> {
     let layout = cli::layout(args, kind, &l.trace)?;
-    // Declared first so it is dropped last: the RAM mapping must outlive the VM (KvmSlots).
-    let ram = GuestRam::new(MemSize::new(layout.ram_bytes())?)?;
+    let ram = Arc::new(GuestRam::new(MemSize::new(layout.ram_bytes())?)?);
+    let ram_size = ram.size();
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-    let mut slots = KvmSlots::new(
-        vm.clone(),
-        ram.host_base(),
-        ram.size(),
-        u32::try_from(max_slots).unwrap_or(u32::MAX),
-    );
+    let mut slots = KvmSlots::new(vm, ram, u32::try_from(max_slots).unwrap_or(u32::MAX));
     slots.keep_durations(true);
     slots.lock_unmapped(false);
-    let engine = Stage2Engine::new(slots, ram.size(), layout.base_pfn * 4096)
-        .context("creating the stage-2 engine")?;
+    let engine = Stage2Engine::new(
+        Slots::new(slots, ram_size),
+        ram_size,
+        layout.base_pfn * 4096,
+    )
+    .context("creating the stage-2 engine")?;
     let opts = RunOptions {
         max_slots,
         timed: true,
@@ -84,8 +83,8 @@ pub fn run_policy_on_kvm(
     let (mut r, engine) = policy::run(kind, &l.trace, layout, engine, &opts);
     let replay_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let c = engine.counters();
-    let ioctl = engine.backend().timing();
-    let mut durations = engine.backend().durations_ns().to_vec();
+    let ioctl = engine.backend().table().timing();
+    let mut durations = engine.backend().table().durations_ns().to_vec();
     durations.sort_unstable();
     let t = r.timing.unwrap_or_default();
     let updates = r.stage2.updates();
@@ -120,9 +119,8 @@ pub fn run_policy_on_kvm(
             r.peak_memslots
         );
     }
+    // The engine owns the VM and the RAM (the backend drops the VM first).
     drop(engine);
-    drop(vm);
-    drop(ram);
     Ok(r)
 }
 

@@ -18,14 +18,17 @@ use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
 use crate::signals;
-use crate::stage2::{EngineError, KvmSlots, Stage2Engine};
+use crate::stage2::{EngineError, KvmSlots, Slots, Stage2Backend, Stage2Engine};
 use crate::watchdog::{self, Watchdog};
 
 mod fault;
 mod stall;
 
 /// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
-pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
+pub type Allocator = allocator::BuddyAllocator<Stage2Engine<GuestBackend>>;
+
+/// The stage-2 backend a run uses (chosen at start; the session is not tied to one type).
+pub type GuestBackend = Box<dyn Stage2Backend>;
 
 /// What to do at a violation (`--on-violation`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
@@ -204,14 +207,15 @@ impl Vm {
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
-        let ram = GuestRam::with_core_dump(cfg.mem, cfg.core_dump)?;
+        let ram = Arc::new(GuestRam::with_core_dump(cfg.mem, cfg.core_dump)?);
         elf::load(&image, &cfg.guest, &ram)?;
         let cr3 = boot::write_boot_structures(&ram, &params)?;
         lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
-        let slots = KvmSlots::new(vm.clone(), ram.host_base(), ram_size, max_slots);
-        let engine = Stage2Engine::new(slots, ram_size, reserved_end)?;
+        let table = KvmSlots::new(vm.clone(), ram.clone(), max_slots);
+        let backend: GuestBackend = Box::new(Slots::new(table, ram_size));
+        let engine = Stage2Engine::new(backend, ram_size, reserved_end)?;
         lap("stage-2 engine (initial memslot)");
         let alloc = Allocator::new(
             reserved_end >> 12,

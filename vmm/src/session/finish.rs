@@ -17,7 +17,7 @@ impl Session {
         let mut wiped = 0;
         for r in self.alloc.stage2().ranges() {
             if r.state == RangeState::Unmapped {
-                match self.ram.wipe(r.start, r.end - r.start) {
+                match self.ram.wipe(r.start.0, r.end.0 - r.start.0) {
                     Ok(n) => wiped += n,
                     Err(e) => vmm_line(&format!(
                         "cannot wipe unmapped GPA {:#x}..{:#x}: {e}",

@@ -9,6 +9,7 @@
 use veil_abi::{Status, HOST_EXPECT_SECRET};
 
 use super::Session;
+use crate::addr::Gpa;
 use crate::secret::Secret;
 
 /// Most failed host assertions one test describes (the rest are only counted).
@@ -89,7 +90,7 @@ impl Session {
         let end = gpa.saturating_add(len);
         self.alloc
             .stage2()
-            .ranges_in(gpa, end)
+            .ranges_in(Gpa(gpa), Gpa(end))
             .iter()
             .all(|r| r.state.is_exposed())
     }

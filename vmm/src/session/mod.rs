@@ -16,12 +16,14 @@ mod test_calls;
 mod violations;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use veil_abi::{BootMode, Hc, Status, ABI_VERSION};
 
 pub use dumps::{DumpConfig, DumpTarget};
 
+use crate::addr::Gpa;
 use crate::console::Console;
 use crate::expect::{Expectation, Tally};
 use crate::guest_view::GuestView;
@@ -109,8 +111,8 @@ struct Current {
 pub struct SessionConfig {
     /// The VM (for KVM stats in dumps).
     pub vm: SharedVm,
-    /// Guest RAM.
-    pub ram: GuestRam,
+    /// Guest RAM (shared with the stage-2 backend, which keeps it alive as long as the VM).
+    pub ram: Arc<GuestRam>,
     /// The allocator over the managed range.
     pub alloc: Allocator,
     /// The UART.
@@ -176,7 +178,7 @@ pub struct Session {
     /// Exit counters (updated by the run loop).
     pub exits: ExitCounts,
     // Last: RAM must outlive the memslots that point into it.
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
 }
 fn vmm_line(msg: &str) {
     eprintln!("veil: {msg}");
@@ -243,7 +245,7 @@ impl Session {
 
     /// Stage-2 state of the page at `gpa` (None: not RAM).
     pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        self.alloc.stage2().state_at(gpa)
+        self.alloc.stage2().state_at(Gpa(gpa))
     }
 
     pub(crate) fn mark_run_start(&mut self, t: Instant) {

@@ -4,7 +4,6 @@
 use super::Session;
 use crate::expect;
 use crate::report::{AccessKind, ExitInfo, NotRamAccess, Violation, ViolationAction, MAX_RECORDS};
-use crate::stage2::RangeState;
 use crate::vm::{mmio_action, FetchOutcome, ViolationPolicy};
 
 impl Session {
@@ -78,8 +77,13 @@ impl Session {
         size: u32,
         rip: u64,
     ) -> (u8, Option<ExitInfo>) {
+        let view = self.alloc.stage2().view();
         match self.state_at(gpa) {
-            Some(RangeState::Unmapped) => {
+            // A load of a page the view makes unreachable, a store to one it makes unwritable.
+            Some(s)
+                if !view.perm(s).readable()
+                    || (access == AccessKind::Write && !view.perm(s).writable()) =>
+            {
                 let policy = self.policy_for(gpa, access);
                 let action = mmio_action(policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);

@@ -235,10 +235,5 @@ impl Vm {
 
 /// Report name of a stage-2 state (None: not RAM).
 fn state_name(s: Option<RangeState>) -> &'static str {
-    match s {
-        Some(RangeState::Reserved) => "reserved",
-        Some(RangeState::Mapped) => "mapped",
-        Some(RangeState::Unmapped) => "unmapped",
-        None => "not RAM",
-    }
+    s.map_or("not RAM", RangeState::name)
 }
