@@ -14,11 +14,14 @@ use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
+use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
 use crate::session::{DumpConfig, Session, SessionConfig};
 use crate::signals;
-use crate::stage2::{EngineError, KvmSlots, Slots, Stage2Backend, Stage2Engine};
+use crate::stage2::{
+    BackendKind, EngineError, KvmSlots, Mprotect, MprotectError, Slots, Stage2Backend, Stage2Engine,
+};
 use crate::watchdog::{self, Watchdog};
 
 mod fault;
@@ -72,6 +75,8 @@ pub struct VmConfig {
     /// cannot reach are allowed (on for the embedded suite; `veil run --test-harness` for a
     /// `--guest` ELF). Denied calls get `Status::HarnessOnly`.
     pub test_harness: bool,
+    /// The stage-2 backend (`--stage2`).
+    pub stage2: BackendKind,
 }
 
 impl VmConfig {
@@ -91,6 +96,7 @@ impl VmConfig {
             echo_logs: true,
             core_dump: CoreDump::Exclude,
             test_harness: true,
+            stage2: BackendKind::default(),
         }
     }
 }
@@ -131,6 +137,9 @@ pub enum VmError {
     /// The stage-2 engine refused the layout.
     #[error("the stage-2 engine refused the memory layout")]
     Engine(#[from] EngineError),
+    /// The stage-2 backend could not be set up.
+    #[error("stage-2 backend: {0}")]
+    Backend(#[from] MprotectError),
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -144,7 +153,10 @@ pub enum VmError {
 impl VmError {
     /// Whether this is a configuration/usage problem (exit code 2) rather than a host failure.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, VmError::Kvm { .. } | VmError::Io { .. })
+        !matches!(
+            self,
+            VmError::Kvm { .. } | VmError::Io { .. } | VmError::Backend(_)
+        )
     }
 }
 
@@ -207,14 +219,23 @@ impl Vm {
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
-        let ram = Arc::new(GuestRam::with_core_dump(cfg.mem, cfg.core_dump)?);
+        let backing = match cfg.stage2 {
+            BackendKind::Slots => Backing::Anonymous,
+            BackendKind::Mprotect => Backing::Memfd,
+        };
+        let ram = Arc::new(GuestRam::create(cfg.mem, cfg.core_dump, backing)?);
         elf::load(&image, &cfg.guest, &ram)?;
         let cr3 = boot::write_boot_structures(&ram, &params)?;
         lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
-        let table = KvmSlots::new(vm.clone(), ram.clone(), max_slots);
-        let backend: GuestBackend = Box::new(Slots::new(table, ram_size));
+        let backend: GuestBackend = match cfg.stage2 {
+            BackendKind::Slots => Box::new(Slots::new(
+                KvmSlots::new(vm.clone(), ram.clone(), max_slots),
+                ram_size,
+            )),
+            BackendKind::Mprotect => Box::new(Mprotect::new(vm.clone(), ram.clone())?),
+        };
         let engine = Stage2Engine::new(backend, ram_size, reserved_end)?;
         lap("stage-2 engine (initial memslot)");
         let alloc = Allocator::new(

@@ -120,6 +120,7 @@ impl Session {
             violations_outside_tests: self.violations_outside,
             not_ram: std::mem::take(&mut self.not_ram),
             not_ram_total: self.not_ram_total,
+            stage2_backend: self.alloc.stage2().backend().name().into(),
             stage2: self.alloc.stage2().counters(),
             memory_lock,
             wiped_bytes,

@@ -133,6 +133,9 @@ impl<B: Stage2Backend> Stage2Engine<B> {
             slots_deleted: u.slots_deleted,
             memslots_in_use: u.memslots_in_use,
             peak_memslots: u.peak_memslots,
+            mprotect_calls: u.mprotect_calls,
+            vmas_in_use: u.vmas_in_use,
+            peak_vmas: u.peak_vmas,
             ..self.counters
         }
     }

@@ -8,7 +8,7 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 
-use super::{MemslotTable, PAGE_SIZE};
+use super::MemslotTable;
 use crate::addr::{Gpa, HostAddr};
 use crate::memory::GuestRam;
 
@@ -147,34 +147,7 @@ impl MemslotTable for KvmSlots {
     }
 
     fn zero(&mut self, gpa: u64, len: u64) -> Result<(), Stage2Error> {
-        if !self.in_ram(gpa, len) {
-            return Err(Stage2Error::Backend(-libc::ERANGE));
-        }
-        let end = gpa + len;
-        let page_start = gpa.next_multiple_of(PAGE_SIZE).min(end);
-        let page_end = (end / PAGE_SIZE * PAGE_SIZE).max(page_start);
-        // Partial pages at the edges are written with zeroes; whole pages are discarded.
-        for (s, e) in [(gpa, page_start), (page_end, end)] {
-            if s < e {
-                // SAFETY: [s, e) lies inside RAM (checked above), the live writable mapping of
-                // `self.ram`; u8 has no alignment or validity requirements.
-                unsafe {
-                    std::ptr::write_bytes((self.host_base + s) as *mut u8, 0, (e - s) as usize)
-                };
-            }
-        }
-        if page_start < page_end {
-            // SAFETY: the range is page aligned (host_base is page aligned: it comes from mmap)
-            // and inside RAM, the private anonymous mapping of `self.ram`; for
-            // such memory MADV_DONTNEED drops the pages and later accesses (host or guest, via
-            // KVM's MMU notifier) see fresh zero pages. No Rust reference points into guest RAM.
-            // Locked (unmapped) pages are unlocked for the release and locked again.
-            unsafe {
-                crate::memory::release_pages(self.host_base + page_start, page_end - page_start)
-            }
-            .map_err(|e| Stage2Error::Backend(-e.raw_os_error().unwrap_or(libc::EIO)))?;
-        }
-        Ok(())
+        super::zero_ram(&self.ram, Gpa(gpa), len)
     }
 
     fn max_slots(&self) -> u32 {
@@ -189,24 +162,8 @@ impl MemslotTable for KvmSlots {
         if !self.lock_unmapped || !self.in_ram(gpa, len) || len == 0 {
             return;
         }
-        let p = (self.host_base + gpa) as *mut libc::c_void;
-        let n = len as usize;
-        if locked {
-            // SAFETY: [gpa, gpa + len) lies inside the RAM mapping (checked above); MLOCK_ONFAULT
-            // locks pages as they are faulted in and neither populates nor moves the mapping.
-            if unsafe { libc::mlock2(p, n, libc::MLOCK_ONFAULT) } == 0 {
-                self.lock.locked_bytes += len;
-                self.lock.peak_locked_bytes =
-                    self.lock.peak_locked_bytes.max(self.lock.locked_bytes);
-            } else {
-                self.lock.failed_bytes += len;
-                self.lock.errno = std::io::Error::last_os_error().raw_os_error();
-            }
-        } else {
-            // SAFETY: as above; munlock of a range that is not locked is a no-op.
-            unsafe { libc::munlock(p, n) };
-            self.lock.locked_bytes = self.lock.locked_bytes.saturating_sub(len);
-        }
+        // SAFETY: [gpa, gpa + len) lies inside the RAM mapping of `self.ram` (checked above).
+        unsafe { crate::memory::set_locked(self.host_base + gpa, len, locked, &mut self.lock) };
     }
 }
 

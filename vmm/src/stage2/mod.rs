@@ -19,17 +19,42 @@
 mod engine;
 mod kvm;
 mod model;
+mod mprotect;
 pub mod plan;
 mod slots;
 
 pub use engine::Stage2Engine;
 pub use kvm::{KvmSlots, LockStats, SlotTiming};
 pub use model::{ModelSlots, SlotCall};
+pub use mprotect::{Mprotect, MprotectError};
 pub use slots::Slots;
 
 use serde::Serialize;
 
 use crate::addr::Gpa;
+
+/// Which backend realises the guest's view (`veil run --stage2`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Minimal KVM memslots: unmapped pages are holes, read-only pages `KVM_MEM_READONLY`
+    /// slots ([`Slots`]).
+    #[default]
+    Slots,
+    /// One memslot over a second mapping of memfd-backed RAM whose 4 KiB pages are
+    /// `mprotect`ed ([`Mprotect`]).
+    Mprotect,
+}
+
+impl BackendKind {
+    /// The name `--stage2` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendKind::Slots => "slots",
+            BackendKind::Mprotect => "mprotect",
+        }
+    }
+}
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -215,6 +240,12 @@ pub struct Stage2Counters {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
+    /// `mprotect` calls on the guest view (the `mprotect` backend; 0 under `slots`).
+    pub mprotect_calls: u64,
+    /// Ranges of distinct protection on the guest view now, each one VMA (`mprotect` backend).
+    pub vmas_in_use: u64,
+    /// Most such ranges at once.
+    pub peak_vmas: u64,
     /// Updates refused (out of RAM, wrong state, out of slots, backend failure).
     pub rejected_updates: u64,
 }
@@ -295,6 +326,21 @@ impl EngineError {
     }
 }
 
+/// Zeroes guest RAM [gpa, gpa + len) through the VMM's mapping (partial pages written, whole
+/// pages released: `MADV_DONTNEED` or a memfd hole), as a stage-2 result.
+pub(crate) fn zero_ram(
+    ram: &crate::memory::GuestRam,
+    gpa: Gpa,
+    len: u64,
+) -> Result<(), allocator::Stage2Error> {
+    ram.zero(gpa.0, len).map_err(|e| match e {
+        vm_memory::GuestMemoryError::IOError(io) => {
+            allocator::Stage2Error::Backend(-io.raw_os_error().unwrap_or(libc::EIO))
+        }
+        _ => allocator::Stage2Error::Backend(-libc::ERANGE),
+    })
+}
+
 /// What a backend has in use (memslots, protected ranges) and the work it did.
 #[derive(Serialize, Clone, Copy, Default, Debug, PartialEq, Eq)]
 pub struct BackendUsage {
@@ -308,6 +354,12 @@ pub struct BackendUsage {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
+    /// `mprotect` calls on the guest view (the `mprotect` backend).
+    pub mprotect_calls: u64,
+    /// Ranges of distinct protection on the guest view now (each is one VMA).
+    pub vmas_in_use: u64,
+    /// Most such ranges at once.
+    pub peak_vmas: u64,
 }
 
 /// Realises a view: makes GPA ranges of guest RAM reachable with a permission.
