@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::addr::{Gpa, HostAddr};
-use crate::memory::{GuestRam, MemSize};
+use crate::memory::{Backing, GuestRam, MemSize};
 use allocator::{Stage2, Stage2Error};
 use proptest::prelude::*;
 use std::sync::Arc;
@@ -311,26 +311,83 @@ fn model_refuses_kvm_rule_breaks() {
 enum Op {
     Unmap(u64, u64),
     Map(u64, u64),
+    Protect(u64, u64),
     Zero(u64, u64),
 }
 
+impl Op {
+    fn range(self) -> (u64, u64) {
+        match self {
+            Op::Unmap(s, n) | Op::Map(s, n) | Op::Protect(s, n) | Op::Zero(s, n) => (s, n),
+        }
+    }
+
+    /// Applies the op to `e` (pages relative to `base`).
+    fn apply<B: Stage2Backend>(
+        self,
+        e: &mut Stage2Engine<B>,
+        base: u64,
+    ) -> Result<(), Stage2Error> {
+        let (s, n) = self.range();
+        match self {
+            Op::Unmap(..) => e.unmap(base + s, n),
+            Op::Map(..) => e.map(base + s, n),
+            Op::Protect(..) => e
+                .protect_range(Gpa((base + s) * P), n * P)
+                .map_err(|e| e.to_stage2()),
+            Op::Zero(..) => e.zero(base + s, n),
+        }
+    }
+
+    /// The per-page model after the op, if the op is valid on `model`.
+    fn next(self, model: &[RangeState]) -> Option<Vec<RangeState>> {
+        let (s, n) = self.range();
+        if s + n > model.len() as u64 {
+            return None;
+        }
+        let (from, to) = match self {
+            Op::Unmap(..) => (Some(RangeState::Mapped), RangeState::Unmapped),
+            Op::Map(..) => (Some(RangeState::Unmapped), RangeState::Mapped),
+            Op::Protect(..) => (Some(RangeState::Mapped), RangeState::ReadOnly),
+            Op::Zero(..) => (None, RangeState::Reserved),
+        };
+        let valid = (s..s + n).all(|p| match from {
+            Some(f) => model[p as usize] == f,
+            None => model[p as usize] != RangeState::Reserved,
+        });
+        let mut next = model.to_vec();
+        if from.is_some() {
+            for p in s..s + n {
+                next[p as usize] = to;
+            }
+        }
+        valid.then_some(next)
+    }
+}
+
 fn op_strategy(pages: u64) -> impl Strategy<Value = Op> {
-    (0..3u8, 0..pages + 2, 1..24u64).prop_map(|(k, s, n)| match k {
-        0 => Op::Unmap(s, n),
-        1 => Op::Map(s, n),
+    (0..7u8, 0..pages + 2, 1..24u64).prop_map(|(k, s, n)| match k {
+        0 | 1 => Op::Unmap(s, n),
+        2 | 3 => Op::Map(s, n),
+        4 => Op::Protect(s, n),
         _ => Op::Zero(s, n),
     })
 }
 
-fn exposed_runs_of(model: &[RangeState]) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
+/// The memslots the slots backend must hold for `model`: maximal runs of equal, non-none
+/// permission, as (first page, end page, readonly).
+fn slot_runs_of(model: &[RangeState]) -> Vec<(u64, u64, bool)> {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
     for (i, s) in model.iter().enumerate() {
         let i = i as u64;
-        if s.is_exposed() {
-            match runs.last_mut() {
-                Some(r) if r.1 == i => r.1 = i + 1,
-                _ => runs.push((i, i + 1)),
-            }
+        let perm = View::GUEST.perm(*s);
+        if perm == Perm::None {
+            continue;
+        }
+        let ro = perm == Perm::Read;
+        match runs.last_mut() {
+            Some(r) if r.1 == i && r.2 == ro => r.1 = i + 1,
+            _ => runs.push((i, i + 1, ro)),
         }
     }
     runs
@@ -339,7 +396,8 @@ fn exposed_runs_of(model: &[RangeState]) -> Vec<(u64, u64)> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
-    /// Random unmap/map/zero sequences against a per-page model.
+    /// Random unmap/map/protect/zero sequences against a per-page model, through the slots
+    /// backend over the model memslot table.
     #[test]
     fn engine_matches_per_page_model(
         reserved in 0..8u64,
@@ -353,58 +411,53 @@ proptest! {
             .collect();
         let (mut unmapped, mut mapped, mut zeroed, mut rejected) = (0u64, 0u64, 0u64, 0u64);
         for op in ops {
-            let (s, n) = match op { Op::Unmap(s, n) | Op::Map(s, n) | Op::Zero(s, n) => (s, n) };
-            let in_ram = s + n <= pages;
+            let (_, n) = op.range();
             let calls_before = e.backend().table().set_slot_calls();
-            let r = match op {
-                Op::Unmap(..) => e.unmap(s, n),
-                Op::Map(..) => e.map(s, n),
-                Op::Zero(..) => e.zero(s, n),
-            };
-            let (from, to) = match op {
-                Op::Unmap(..) => (Some(RangeState::Mapped), RangeState::Unmapped),
-                Op::Map(..) => (Some(RangeState::Unmapped), RangeState::Mapped),
-                Op::Zero(..) => (None, RangeState::Reserved),
-            };
-            let valid = in_ram && (s..s + n).all(|p| match from {
-                Some(f) => model[p as usize] == f,
-                None => model[p as usize] != RangeState::Reserved,
-            });
-            let mut next = model.clone();
-            if valid && from.is_some() {
-                for p in s..s + n { next[p as usize] = to; }
-            }
-            let fits = exposed_runs_of(&next).len() as u64 <= u64::from(max_slots);
-            match (valid, fits) {
-                (true, true) => {
+            let r = op.apply(&mut e, 0);
+            let next = op.next(&model);
+            let fits = next
+                .as_ref()
+                .is_none_or(|m| slot_runs_of(m).len() as u64 <= u64::from(max_slots));
+            match (next, fits) {
+                (Some(next), true) => {
                     prop_assert!(r.is_ok(), "{:?}: {:?}", op, r);
                     model = next;
                     match op {
                         Op::Unmap(..) => unmapped += n,
                         Op::Map(..) => mapped += n,
+                        Op::Protect(..) => {}
                         Op::Zero(..) => zeroed += n,
                     }
                 }
-                (true, false) => {
+                (Some(_), false) => {
                     prop_assert_eq!(r, Err(Stage2Error::OutOfSlots));
                     prop_assert_eq!(e.backend().table().set_slot_calls(), calls_before);
                     rejected += 1;
                 }
-                (false, _) => {
+                (None, _) => {
                     prop_assert!(matches!(r, Err(Stage2Error::Backend(_))), "{:?}: {:?}", op, r);
                     prop_assert_eq!(e.backend().table().set_slot_calls(), calls_before);
                     rejected += 1;
                 }
             }
-            // The engine's states equal the model's, page by page.
+            // The engine's states equal the model's, page by page, and the table realises the
+            // view: exposed exactly where readable, a read-only slot exactly where read-only.
             for p in 0..pages {
-                prop_assert_eq!(e.state_at(Gpa(p * P)), Some(model[p as usize]));
-                // The backend exposes exactly the exposed pages.
-                prop_assert_eq!(e.backend().table().is_exposed(p * P), model[p as usize].is_exposed());
+                let st = model[p as usize];
+                prop_assert_eq!(e.state_at(Gpa(p * P)), Some(st));
+                let perm = View::GUEST.perm(st);
+                prop_assert_eq!(e.backend().perm_at(Gpa(p * P)), Some(perm));
+                prop_assert_eq!(e.backend().table().is_exposed(p * P), perm.readable());
+                prop_assert_eq!(e.backend().table().is_readonly(p * P), perm == Perm::Read);
             }
-            // Minimal: one slot per maximal exposed run.
-            let runs = exposed_runs_of(&model);
-            prop_assert_eq!(slots(&e), runs);
+            // Minimal: one slot per maximal run of equal permission.
+            let runs = slot_runs_of(&model);
+            let got: Vec<(u64, u64, bool)> = e
+                .memslots()
+                .iter()
+                .map(|s| (s.gpa / P, s.end() / P, s.readonly))
+                .collect();
+            prop_assert_eq!(got, runs);
             prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
             prop_assert_eq!(e.backend().table().refused_calls(), 0);
         }
@@ -588,5 +641,159 @@ proptest! {
         prop_assert_eq!(s.stage2_map_calls, c.map_calls);
         prop_assert_eq!(s.stage2_pages_unmapped, c.pages_unmapped);
         prop_assert_eq!(s.pages_zeroed, c.pages_zeroed);
+    }
+}
+
+#[test]
+fn read_only_is_a_readonly_slot_and_has_no_way_back() {
+    let mut e = engine(1024, 512, 8);
+    e.protect_range(Gpa(600 * P), 10 * P).unwrap();
+    assert_eq!(e.state_at(Gpa(605 * P)), Some(RangeState::ReadOnly));
+    let got: Vec<(u64, u64, bool)> = e
+        .memslots()
+        .iter()
+        .map(|s| (s.gpa / P, s.end() / P, s.readonly))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(0, 600, false), (600, 610, true), (610, 1024, false)]
+    );
+    assert!(e.backend().table().is_readonly(600 * P) && !e.backend().table().is_readonly(610 * P));
+    // Locked pages can be neither unlocked (mapped), unmapped nor locked again.
+    for r in [
+        e.map_range(Gpa(600 * P), P),
+        e.unmap_range(Gpa(600 * P), P),
+        e.protect_range(Gpa(600 * P), P),
+        e.protect_range(Gpa(P), P),
+    ] {
+        assert!(matches!(r, Err(EngineError::WrongState { .. })), "{r:?}");
+    }
+    // An unmapped neighbour leaves the read-only slot alone.
+    e.unmap_range(Gpa(610 * P), 4 * P).unwrap();
+    assert_eq!(e.memslots().len(), 3);
+    let c = e.counters();
+    assert_eq!((c.protect_calls, c.pages_protected), (1, 10));
+    assert_consistent(&e);
+}
+
+/// The protection of every page of the mprotect backend's guest view, from /proc/self/maps.
+fn guest_view_perms(e: &Stage2Engine<Mprotect>, pages: u64) -> Vec<Perm> {
+    let base = e.backend().guest_view_addr(Gpa(0)).raw();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let mut out = vec![None; pages as usize];
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (range, prot) = (f.next().unwrap(), f.next().unwrap());
+        let (s, t) = range.split_once('-').unwrap();
+        let (s, t) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(t, 16).unwrap(),
+        );
+        let perm = match &prot[..2] {
+            "rw" => Perm::ReadWrite,
+            "r-" => Perm::Read,
+            _ => Perm::None,
+        };
+        for p in 0..pages {
+            let a = base + p * P;
+            if s <= a && a < t {
+                out[p as usize] = Some(perm);
+            }
+        }
+    }
+    out.into_iter()
+        .map(|p| p.expect("page in no VMA"))
+        .collect()
+}
+
+fn mprotect_engine(
+    kvm: &kvm_ioctls::Kvm,
+    ram: u64,
+    reserved: u64,
+) -> (Stage2Engine<Mprotect>, Arc<GuestRam>) {
+    let vm = Arc::new(kvm.create_vm().expect("create_vm"));
+    let mem = Arc::new(
+        GuestRam::create(
+            MemSize(ram),
+            crate::memory::CoreDump::Exclude,
+            Backing::Memfd,
+        )
+        .unwrap(),
+    );
+    let backend = Mprotect::new(vm, mem.clone()).expect("mprotect backend");
+    (Stage2Engine::new(backend, ram, reserved).unwrap(), mem)
+}
+
+#[test]
+fn mprotect_needs_memfd_ram_and_zeroes_through_the_vmm_view() {
+    let Some(kvm) = kvm_or_skip("mprotect_needs_memfd_ram_and_zeroes_through_the_vmm_view") else {
+        return;
+    };
+    let vm = Arc::new(kvm.create_vm().unwrap());
+    assert!(matches!(
+        Mprotect::new(vm, test_ram(8 << 20)),
+        Err(MprotectError::NotMemfd)
+    ));
+    let (mut e, mem) = mprotect_engine(&kvm, 8 << 20, 4 << 20);
+    assert_eq!(e.memslots().len(), 1);
+    let g = 1100 * P;
+    mem.fill(g, 3 * P, 0x5a).unwrap();
+    e.unmap_range(Gpa(g), 2 * P).unwrap();
+    assert_eq!(
+        guest_view_perms(&e, 1103)[1100..],
+        [Perm::None, Perm::None, Perm::ReadWrite]
+    );
+    // The VMM view stays readable and writable while the guest view is closed.
+    assert_eq!(read_byte(&mem, g + 5), 0x5a);
+    mem.fill(g, 1, 0x11).unwrap();
+    assert_eq!(read_byte(&mem, g), 0x11);
+    // Zeroing punches the memfd: both pages read zero, the neighbour keeps its data.
+    e.zero_range(Gpa(g), 2 * P).unwrap();
+    assert_eq!(read_byte(&mem, g), 0);
+    assert_eq!(read_byte(&mem, g + 2 * P - 1), 0);
+    assert_eq!(read_byte(&mem, g + 2 * P), 0x5a);
+    e.map_range(Gpa(g), 2 * P).unwrap();
+    assert_eq!(e.memslots().len(), 1);
+    e.check_invariants().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Random unmap/map/protect/zero sequences through the mprotect backend on real KVM: the
+    /// guest view's host protections (/proc/self/maps) are the view of the model's states,
+    /// page by page, and there is always exactly one memslot.
+    #[test]
+    fn mprotect_backend_matches_per_page_model(
+        ops in prop::collection::vec(op_strategy(64), 1..40),
+    ) {
+        let Some(kvm) = kvm_or_skip("mprotect_backend_matches_per_page_model") else {
+            return Ok(());
+        };
+        let (ram, reserved) = (8u64 << 20, 4u64 << 20);
+        let base = reserved / P;
+        let pages = (ram - reserved) / P;
+        let (mut e, _mem) = mprotect_engine(&kvm, ram, reserved);
+        let mut model = vec![RangeState::Mapped; pages as usize];
+        for op in ops {
+            let r = op.apply(&mut e, base);
+            match op.next(&model) {
+                Some(next) => {
+                    prop_assert!(r.is_ok(), "{:?}: {:?}", op, r);
+                    model = next;
+                }
+                None => prop_assert!(r.is_err(), "{:?} accepted", op),
+            }
+            let got = guest_view_perms(&e, base + pages);
+            for p in 0..pages {
+                let want = View::GUEST.perm(model[p as usize]);
+                prop_assert_eq!(got[(base + p) as usize], want, "page {}", p);
+                prop_assert_eq!(e.state_at(Gpa((base + p) * P)), Some(model[p as usize]));
+            }
+            prop_assert!(got[..base as usize].iter().all(|&p| p == Perm::ReadWrite));
+            prop_assert_eq!(e.memslots().len(), 1);
+            prop_assert_eq!(e.counters().memslots_in_use, 1);
+            prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
+        }
     }
 }
