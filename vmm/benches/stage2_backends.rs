@@ -8,7 +8,8 @@
 //! - 512 scattered 4 KiB unmaps (every other page of 4 MiB) and their remaps (total);
 //! - memslots and protection ranges (VMAs) in use after a fragmenting workload of
 //!   `VEIL_FRAGMENT` isolated 4 KiB holes (default 4096), or the refusal when a backend's limit
-//!   (memslots, `vm.max_map_count`) is reached first: a reported result, not a crash.
+//!   (memslots, `vm.max_map_count`) is reached first: a reported result, not a crash. RAM is
+//!   64 MiB, or just enough for the holes (`VEIL_FRAGMENT=40000` probes both limits).
 //!
 //! The guest is a 16-bit loop at GPA 0x1000 (`mov al, [0x8000]; out 0x10, al; jmp`): ring 0,
 //! so on a nested `kvm_pvm` host its accesses are emulated and a touch of a closed page is an
@@ -23,7 +24,6 @@ use vmm::memory::{Backing, CoreDump, GuestRam, MemSize};
 use vmm::stage2::{KvmSlots, Mprotect, Slots, Stage2Backend, Stage2Engine};
 
 const P: u64 = 4096;
-const RAM: u64 = 64 << 20;
 const TOUCHED: u64 = 0x8000;
 const ROUNDS: usize = 200;
 
@@ -80,6 +80,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn measure<B: Stage2Backend>(mut e: Stage2Engine<B>, mut v: VcpuFd, fragment: u64) -> Row {
+    let ram = e.ram_size();
     let page = Gpa(TOUCHED);
     assert_eq!(run_to_out(&mut v), 0, "the page starts mapped");
     let mut rt = Vec::with_capacity(ROUNDS);
@@ -117,7 +118,7 @@ fn measure<B: Stage2Backend>(mut e: Stage2Engine<B>, mut v: VcpuFd, fragment: u6
     let mut refusal = None;
     for i in 0..fragment {
         let g = (8 << 20) + 2 * i * P;
-        if g + P > RAM {
+        if g + P > ram {
             break;
         }
         match e.unmap_range(Gpa(g), P) {
@@ -165,6 +166,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4096u64);
     let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
+    let ram_size = (64u64 << 20).max(((8 << 20) + fragment * 2 * P).next_multiple_of(2 << 20));
     let mut rows = Vec::new();
     for name in ["slots", "mprotect"] {
         let vm = Arc::new(kvm.create_vm().unwrap());
@@ -173,28 +175,29 @@ fn main() {
         } else {
             Backing::Memfd
         };
-        let ram = Arc::new(GuestRam::create(MemSize(RAM), CoreDump::Exclude, backing).unwrap());
+        let ram =
+            Arc::new(GuestRam::create(MemSize(ram_size), CoreDump::Exclude, backing).unwrap());
         guest(&ram);
         let v = vcpu(&vm);
         let row = if name == "slots" {
             let mut t = KvmSlots::new(vm.clone(), ram.clone(), max_slots);
             t.lock_unmapped(false);
             measure(
-                Stage2Engine::new(Slots::new(t, RAM), RAM, 0).unwrap(),
+                Stage2Engine::new(Slots::new(t, ram_size), ram_size, 0).unwrap(),
                 v,
                 fragment,
             )
         } else {
             let mut b = Mprotect::new(vm.clone(), ram.clone()).unwrap();
             b.lock_unmapped(false);
-            measure(Stage2Engine::new(b, RAM, 0).unwrap(), v, fragment)
+            measure(Stage2Engine::new(b, ram_size, 0).unwrap(), v, fragment)
         };
         rows.push((name, row));
     }
     let base = &rows[0].1;
     println!(
         "stage-2 backend cost table (RAM {} MiB, {ROUNDS} rounds)",
-        RAM >> 20
+        ram_size >> 20
     );
     println!(
         "{:<9} {:>24} {:>24} {:>22} {:>24}  fragmenting workload",

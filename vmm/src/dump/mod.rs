@@ -53,10 +53,10 @@ pub const FORMAT_VERSION: u32 = 1;
 /// - `format_version` (1), `reason` (string), `stage2_backend` ("slots"), `ram_size`,
 ///   `reserved_end`, `page_size`, `pageblock_size` (bytes, numbers);
 /// - `managed`: `{ base_pfn, nr_pages, free_pages }` of the allocator;
-/// - `totals`: `{ reserved_pages, mapped_pages, read_only_pages, unmapped_pages, pageblocks,
+/// - `totals`: `{ reserved_pages, mapped_pages, locked_pages, unmapped_pages, pageblocks,
 ///   memslots }`;
 /// - `ranges[]`: `{ start, end, state, freetype, slot, host_addr, pages }`, in GPA order,
-///   covering RAM; `state` is "reserved" | "mapped" | "read_only" | "unmapped"; `freetype` is the pageblock's
+///   covering RAM; `state` is "reserved" | "mapped" | "read_only" | "no_access" | "unmapped"; `freetype` is the pageblock's
 ///   freetype name (e.g. "unmovable", "unmovable|unmapped"), "reserved" or "unmanaged"; ranges
 ///   split wherever state or freetype changes; `slot` is null for holes; `start`, `end`,
 ///   `host_addr` are numbers (bytes);
@@ -118,8 +118,8 @@ pub struct Totals {
     pub reserved_pages: u64,
     /// Pages in mapped ranges.
     pub mapped_pages: u64,
-    /// Pages in read-only ranges.
-    pub read_only_pages: u64,
+    /// Pages the guest locked (`Hc::Protect`: read-only or no-access ranges).
+    pub locked_pages: u64,
     /// Pages in unmapped ranges.
     pub unmapped_pages: u64,
     /// Pageblocks of RAM (the last one may be partial).
@@ -194,7 +194,7 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         match r.state {
             RangeState::Reserved => totals.reserved_pages += pages,
             RangeState::Mapped => totals.mapped_pages += pages,
-            RangeState::ReadOnly => totals.read_only_pages += pages,
+            RangeState::ReadOnly | RangeState::NoAccess => totals.locked_pages += pages,
             RangeState::Unmapped => totals.unmapped_pages += pages,
         }
         let (start, end) = (r.start.0, r.end.0);

@@ -47,11 +47,11 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     )?;
     writeln!(
         o,
-        "pages: {} reserved, {} mapped, {} read-only, {} unmapped; {} pageblocks; {} memslots \
+        "pages: {} reserved, {} mapped, {} locked, {} unmapped; {} pageblocks; {} memslots \
          (stage-2 backend: {})",
         t.reserved_pages,
         t.mapped_pages,
-        t.read_only_pages,
+        t.locked_pages,
         t.unmapped_pages,
         t.pageblocks,
         t.memslots,

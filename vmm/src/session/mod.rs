@@ -296,6 +296,7 @@ impl Session {
             },
             Hc::Stats => self.hc_stats(a[0]).into(),
             Hc::HostFill => self.hc_host_fill(a[0], a[1], a[2]).into(),
+            Hc::Protect => self.hc_protect(a[0], a[1], a[2]).into(),
             Hc::HostCount => self.hc_host_count(a[0], a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {

@@ -167,7 +167,13 @@ impl<B: Stage2Backend> Stage2Engine<B> {
 
     /// Removes [gpa, gpa+len) from stage 2. Every page must be Mapped.
     pub fn unmap_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
-        let r = self.update("unmap", gpa, len, RangeState::Mapped, RangeState::Unmapped);
+        let r = self.update(
+            "unmap",
+            gpa,
+            len,
+            &[RangeState::Mapped],
+            RangeState::Unmapped,
+        );
         if r.is_ok() {
             self.counters.unmap_calls += 1;
             self.counters.pages_unmapped += len >> PAGE_SHIFT;
@@ -177,7 +183,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
 
     /// Exposes [gpa, gpa+len) again. Every page must be Unmapped.
     pub fn map_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
-        let r = self.update("map", gpa, len, RangeState::Unmapped, RangeState::Mapped);
+        let r = self.update("map", gpa, len, &[RangeState::Unmapped], RangeState::Mapped);
         if r.is_ok() {
             self.counters.map_calls += 1;
             self.counters.pages_mapped += len >> PAGE_SHIFT;
@@ -185,16 +191,21 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.note(r)
     }
 
-    /// Makes [gpa, gpa+len) read-only for the guest. Every page must be Mapped; there is no way
-    /// back to Mapped (a lock for the rest of the run).
-    pub fn protect_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
-        let r = self.update(
-            "protect",
-            gpa,
-            len,
-            RangeState::Mapped,
-            RangeState::ReadOnly,
-        );
+    /// Locks [gpa, gpa+len) for the rest of the run: `to` is `ReadOnly` (every page must be
+    /// Mapped) or `NoAccess` (every page Mapped or ReadOnly). There is no way back: locks only
+    /// tighten.
+    pub fn lock_range(&mut self, gpa: Gpa, len: u64, to: RangeState) -> Result<(), EngineError> {
+        let r = match to {
+            RangeState::ReadOnly => self.update("lock", gpa, len, &[RangeState::Mapped], to),
+            RangeState::NoAccess => self.update(
+                "lock",
+                gpa,
+                len,
+                &[RangeState::Mapped, RangeState::ReadOnly],
+                to,
+            ),
+            _ => Err(EngineError::NotALock(to)),
+        };
         if r.is_ok() {
             self.counters.protect_calls += 1;
             self.counters.pages_protected += len >> PAGE_SHIFT;
@@ -257,18 +268,23 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.backend.zero(gpa, len).map_err(EngineError::Backend)
     }
 
-    /// Moves every page of [gpa, gpa+len) from `from` to `to` and has the backend realise the
-    /// new permission (when the view gives the two states different ones).
+    /// Moves every page of [gpa, gpa+len) from one of the states `from` to `to` and has the
+    /// backend realise the new permission, run by run (where the view gives them different
+    /// ones).
     fn update(
         &mut self,
         op: &'static str,
         gpa: Gpa,
         len: u64,
-        from: RangeState,
+        from: &[RangeState],
         to: RangeState,
     ) -> Result<(), EngineError> {
         let end = self.check_range(gpa, len)?;
-        if let Some(r) = self.map.overlapping(gpa.0, end).find(|r| r.state != from) {
+        if let Some(r) = self
+            .map
+            .overlapping(gpa.0, end)
+            .find(|r| !from.contains(&r.state))
+        {
             return Err(EngineError::WrongState {
                 op,
                 start: gpa,
@@ -278,7 +294,11 @@ impl<B: Stage2Backend> Stage2Engine<B> {
             });
         }
         let perm = self.view.perm(to);
-        if perm != self.view.perm(from) {
+        if self
+            .map
+            .overlapping(gpa.0, end)
+            .any(|r| self.view.perm(r.state) != perm)
+        {
             self.backend.set_perm(gpa, len, perm)?;
         }
         self.map.set(gpa.0, end, to);

@@ -70,13 +70,21 @@ pub enum RangeState {
     Reserved,
     /// Managed memory the guest's direct map can reach.
     Mapped,
-    /// Managed memory the guest may read but not write: a store is a violation.
+    /// Managed memory the guest may read but not write (locked by `Hc::Protect`, never back):
+    /// a store is a violation.
     ReadOnly,
+    /// Managed memory the guest locked against every access (`Hc::Protect`, never back).
+    NoAccess,
     /// Managed memory removed from stage 2: any access is a violation.
     Unmapped,
 }
 
 impl RangeState {
+    /// Whether the guest locked pages in this state for the rest of the run.
+    pub const fn is_locked(self) -> bool {
+        matches!(self, RangeState::ReadOnly | RangeState::NoAccess)
+    }
+
     /// Whether pages in this state are reachable by the guest at all (in the default view).
     pub const fn is_exposed(self) -> bool {
         !matches!(View::GUEST.perm(self), Perm::None)
@@ -88,6 +96,7 @@ impl RangeState {
             RangeState::Reserved => "reserved",
             RangeState::Mapped => "mapped",
             RangeState::ReadOnly => "read_only",
+            RangeState::NoAccess => "no_access",
             RangeState::Unmapped => "unmapped",
         }
     }
@@ -125,6 +134,7 @@ pub struct View {
     reserved: Perm,
     mapped: Perm,
     read_only: Perm,
+    no_access: Perm,
     unmapped: Perm,
 }
 
@@ -135,6 +145,7 @@ impl View {
         reserved: Perm::ReadWrite,
         mapped: Perm::ReadWrite,
         read_only: Perm::Read,
+        no_access: Perm::None,
         unmapped: Perm::None,
     };
 
@@ -144,6 +155,7 @@ impl View {
             RangeState::Reserved => self.reserved,
             RangeState::Mapped => self.mapped,
             RangeState::ReadOnly => self.read_only,
+            RangeState::NoAccess => self.no_access,
             RangeState::Unmapped => self.unmapped,
         }
     }
@@ -226,9 +238,9 @@ pub struct Stage2Counters {
     pub pages_mapped: u64,
     /// Pages zeroed.
     pub pages_zeroed: u64,
-    /// Successful read-only updates (mapped pages locked read-only).
+    /// Successful locks (mapped pages locked read-only or no-access, `Hc::Protect`).
     pub protect_calls: u64,
-    /// Pages made read-only.
+    /// Pages locked.
     pub pages_protected: u64,
     /// `set_slot` calls made (creates + deletes, including rollbacks after a backend failure).
     pub memslot_updates: u64,
@@ -288,7 +300,7 @@ pub enum EngineError {
     /// A page of the range is in a state the update does not accept.
     #[error("cannot {op} [{start:#x}, {end:#x}): page {gpa:#x} is {found}")]
     WrongState {
-        /// The update ("unmap", "map", "protect", "zero").
+        /// The update ("unmap", "map", "lock", "zero").
         op: &'static str,
         /// First GPA asked for.
         start: Gpa,
@@ -307,6 +319,9 @@ pub enum EngineError {
         /// Backend limit.
         max: u32,
     },
+    /// `lock_range` was asked for a state that is not a lock.
+    #[error("{0} is not a lock (read_only or no_access)")]
+    NotALock(RangeState),
     /// The backend failed (KVM errno as a negative number in `Stage2Error::Backend`).
     #[error("stage-2 backend failed: {0:?}")]
     Backend(allocator::Stage2Error),

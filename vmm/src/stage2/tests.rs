@@ -333,7 +333,7 @@ impl Op {
             Op::Unmap(..) => e.unmap(base + s, n),
             Op::Map(..) => e.map(base + s, n),
             Op::Protect(..) => e
-                .protect_range(Gpa((base + s) * P), n * P)
+                .lock_range(Gpa((base + s) * P), n * P, RangeState::ReadOnly)
                 .map_err(|e| e.to_stage2()),
             Op::Zero(..) => e.zero(base + s, n),
         }
@@ -647,7 +647,8 @@ proptest! {
 #[test]
 fn read_only_is_a_readonly_slot_and_has_no_way_back() {
     let mut e = engine(1024, 512, 8);
-    e.protect_range(Gpa(600 * P), 10 * P).unwrap();
+    e.lock_range(Gpa(600 * P), 10 * P, RangeState::ReadOnly)
+        .unwrap();
     assert_eq!(e.state_at(Gpa(605 * P)), Some(RangeState::ReadOnly));
     let got: Vec<(u64, u64, bool)> = e
         .memslots()
@@ -659,20 +660,36 @@ fn read_only_is_a_readonly_slot_and_has_no_way_back() {
         vec![(0, 600, false), (600, 610, true), (610, 1024, false)]
     );
     assert!(e.backend().table().is_readonly(600 * P) && !e.backend().table().is_readonly(610 * P));
-    // Locked pages can be neither unlocked (mapped), unmapped nor locked again.
+    // Locked pages can be neither unlocked (mapped), unmapped nor locked read-only again;
+    // reserved pages cannot be locked; a lock to a non-lock state is refused.
     for r in [
         e.map_range(Gpa(600 * P), P),
         e.unmap_range(Gpa(600 * P), P),
-        e.protect_range(Gpa(600 * P), P),
-        e.protect_range(Gpa(P), P),
+        e.lock_range(Gpa(600 * P), P, RangeState::ReadOnly),
+        e.lock_range(Gpa(P), P, RangeState::ReadOnly),
+        e.lock_range(Gpa(P), P, RangeState::NoAccess),
     ] {
         assert!(matches!(r, Err(EngineError::WrongState { .. })), "{r:?}");
     }
+    assert!(matches!(
+        e.lock_range(Gpa(700 * P), P, RangeState::Mapped),
+        Err(EngineError::NotALock(RangeState::Mapped))
+    ));
     // An unmapped neighbour leaves the read-only slot alone.
     e.unmap_range(Gpa(610 * P), 4 * P).unwrap();
     assert_eq!(e.memslots().len(), 3);
+    // Tightening to no access turns the read-only slot into a hole; nothing loosens it.
+    e.lock_range(Gpa(608 * P), 2 * P, RangeState::NoAccess)
+        .unwrap();
+    assert_eq!(e.state_at(Gpa(609 * P)), Some(RangeState::NoAccess));
+    assert!(!e.backend().table().is_exposed(609 * P));
+    assert!(e.backend().table().is_readonly(607 * P));
+    assert!(matches!(
+        e.lock_range(Gpa(609 * P), P, RangeState::ReadOnly),
+        Err(EngineError::WrongState { .. })
+    ));
     let c = e.counters();
-    assert_eq!((c.protect_calls, c.pages_protected), (1, 10));
+    assert_eq!((c.protect_calls, c.pages_protected), (2, 12));
     assert_consistent(&e);
 }
 

@@ -66,7 +66,7 @@ impl Vm {
             match self.s.view().read(gpa, &mut buf[..n]) {
                 Ok(()) => bytes.extend_from_slice(&buf[..n]),
                 Err(ViewError::Unmapped { gpa }) => return (bytes, Some(FetchStop::Hole(gpa))),
-                Err(ViewError::NotRam { .. }) => return (bytes, None),
+                Err(ViewError::NotRam { .. } | ViewError::ReadOnly { .. }) => return (bytes, None),
             }
             va = va.wrapping_add(n as u64);
         }
