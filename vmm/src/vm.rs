@@ -451,6 +451,11 @@ impl Vm {
                     }
                     continue;
                 }
+                Err(e) if e.errno() == libc::EFAULT => {
+                    if let Some(stop) = self.memory_fault(&e) {
+                        return stop;
+                    }
+                }
                 Err(e) => {
                     return ExitInfo::KvmError {
                         error: e.to_string(),

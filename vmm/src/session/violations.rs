@@ -69,6 +69,16 @@ impl Session {
         v
     }
 
+    /// Whether the guest's view refuses `access` to the RAM page at `gpa`: a load or fetch of a
+    /// page it makes unreachable, a store to one it makes unwritable.
+    pub fn blocks(&self, gpa: u64, access: AccessKind) -> bool {
+        let view = self.alloc.stage2().view();
+        self.state_at(gpa).is_some_and(|s| {
+            let p = view.perm(s);
+            !p.readable() || (access == AccessKind::Write && !p.writable())
+        })
+    }
+
     /// An MMIO exit at `gpa`: returns the byte a load gets and, if the VM must stop, why.
     pub fn mmio(
         &mut self,
@@ -77,13 +87,8 @@ impl Session {
         size: u32,
         rip: u64,
     ) -> (u8, Option<ExitInfo>) {
-        let view = self.alloc.stage2().view();
         match self.state_at(gpa) {
-            // A load of a page the view makes unreachable, a store to one it makes unwritable.
-            Some(s)
-                if !view.perm(s).readable()
-                    || (access == AccessKind::Write && !view.perm(s).writable()) =>
-            {
+            Some(_) if self.blocks(gpa, access) => {
                 let policy = self.policy_for(gpa, access);
                 let action = mmio_action(policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);

@@ -82,9 +82,7 @@ impl Vm {
         while left > 0 {
             let n = left.min(0x1000 - (va & 0xfff));
             match self.translate(cr3, va) {
-                Ok(g) if self.s.state_at(g) == Some(RangeState::Unmapped) => {
-                    hits.push((g, kind, n as u32))
-                }
+                Ok(g) if self.s.blocks(g, kind) => hits.push((g, kind, n as u32)),
                 Err(WalkError::TableInHole { entry_gpa }) => {
                     hits.push((entry_gpa, AccessKind::Read, 8))
                 }
@@ -132,7 +130,7 @@ impl Vm {
                 hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
                 for a in acc {
                     let state = a.gpa.map(|g| self.s.state_at(g));
-                    if let (Some(g), Some(Some(RangeState::Unmapped))) = (a.gpa, state) {
+                    if let Some(g) = a.gpa.filter(|&g| self.s.blocks(g, a.access)) {
                         hits.push((g, a.access, a.size));
                     }
                     seen.accesses.push(InsnAccess {
@@ -213,6 +211,31 @@ impl Vm {
             data,
             insn,
             regs: self.regs_dump(),
+        })
+    }
+
+    /// `KVM_RUN` failed with `EFAULT`: KVM could not resolve a guest access through the
+    /// backing it was given — under the `mprotect` backend, a guest ring-3 access to a page the
+    /// guest view closes (this host delivers no GPA and no `KVM_EXIT_MEMORY_FAULT`). Attributed
+    /// like an internal error and answered by the policy (recovery point or stop); an access
+    /// that cannot be attributed stops the VM with "stage-2 fault, address unknown" and the RIP.
+    pub(super) fn memory_fault(&mut self, e: &kvm_ioctls::Error) -> Option<ExitInfo> {
+        if let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            let (hits, _) = self.attribute_insn(&regs, &sregs);
+            if let Some((first, more)) = hits.split_first() {
+                // `answer` edits the synced registers: start from the vCPU's real ones.
+                self.vcpu.sync_regs_mut().regs = regs;
+                return self.answer(*first, more, regs.rip);
+            }
+            return Some(ExitInfo::KvmError {
+                error: format!(
+                    "{e}: a stage-2 fault, address unknown, at rip {:#x}",
+                    regs.rip
+                ),
+            });
+        }
+        Some(ExitInfo::KvmError {
+            error: e.to_string(),
         })
     }
 
