@@ -44,6 +44,7 @@ pub mod memory;
 pub mod page_walk;
 pub mod replay_kvm;
 pub mod report;
+pub mod run_types;
 pub mod secret;
 pub mod session;
 pub mod signals;

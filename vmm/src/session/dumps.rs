@@ -6,7 +6,7 @@ use veil_abi::Status;
 
 use super::{vmm_line, Session, MAX_GUEST_DUMPS};
 use crate::dump::{DumpFormat, DumpInput};
-use crate::vm::GuestBackend;
+use crate::run_types::GuestBackend;
 
 /// Where stage-2 dumps go.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,9 +32,9 @@ use crate::report::{
     Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
     Violation,
 };
+use crate::run_types::{Allocator, SharedVm, ViolationPolicy};
 use crate::secret::Secret;
 use crate::stage2::RangeState;
-use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 
 /// Longest text a Log / TestEnd message may carry.
 pub const MAX_TEXT: u64 = 4096;

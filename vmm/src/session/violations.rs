@@ -4,7 +4,7 @@
 use super::Session;
 use crate::expect;
 use crate::report::{AccessKind, ExitInfo, NotRamAccess, Violation, ViolationAction, MAX_RECORDS};
-use crate::vm::{mmio_action, FetchOutcome, ViolationPolicy};
+use crate::run_types::{mmio_action, FetchOutcome, ViolationPolicy};
 
 impl Session {
     /// The policy for a violation of `access` at `gpa`: `kill` only fires on violations no test

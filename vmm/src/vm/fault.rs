@@ -186,14 +186,7 @@ impl Vm {
     /// An internal-error exit: attributed to the blocked accesses of the instruction at RIP
     /// (or of the event frame KVM could not push), else reported as KVM's error.
     pub(super) fn internal_error(&mut self) -> Option<ExitInfo> {
-        let (suberror, data) = {
-            let run = self.vcpu.get_kvm_run();
-            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
-            // union member.
-            let ie = unsafe { run.__bindgen_anon_1.internal };
-            let n = (ie.ndata as usize).min(ie.data.len());
-            (ie.suberror, ie.data[..n].to_vec())
-        };
+        let (suberror, data) = super::kvm_run::internal_error(&mut self.vcpu);
         let regs = self.vcpu.sync_regs().regs;
         let mut insn = None;
         if let Ok(sregs) = self.vcpu.get_sregs() {
