@@ -420,6 +420,14 @@ fn help_teaches_options_and_exit_codes() {
         let out = veil(&["caps", "--json"]);
         let caps: Value = serde_json::from_slice(&out.stdout).expect("caps JSON");
         assert!(caps["nr_memslots"].as_u64().unwrap() > 0);
+        let b = &caps["stage2_backends"];
+        assert_eq!(
+            b["available"],
+            serde_json::json!(["slots", "mprotect"]),
+            "{b}"
+        );
+        assert_eq!(b["default"], "mprotect", "{b}");
+        assert!(b["max_map_count"].as_u64().unwrap() > 0, "{b}");
     }
 }
 
