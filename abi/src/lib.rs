@@ -183,6 +183,25 @@ pub enum Hc {
     /// unrecorded / leaked) from its own records and mapping, and returns only `Ok`. A cell
     /// other than "blocked and recorded" fails the test on the VMM side.
     RouteEnd = 24,
+    /// (gpa, pages, perm): lock `pages` pages from `gpa` (page aligned, pages the guest
+    /// allocated) for the rest of the run, as Heki locks kernel text: `perm` is
+    /// [`protect::READ_ONLY`] (stores become violations) or [`protect::NO_ACCESS`] (every access
+    /// does). Locks only tighten: [`protect::READ_WRITE`] (an unlock) and a read-only lock of a
+    /// no-access page are refused with [`Status::BadState`], as is freeing a locked page.
+    /// Errors: unknown `perm` or `pages` 0 or too many ([`Status::BadArgument`]), a misaligned
+    /// or reserved range ([`Status::BadAddress`]), pages not allocated to the guest
+    /// ([`Status::NotAllocated`]), unmapped pages ([`Status::BadState`]).
+    Protect = 25,
+}
+
+/// `perm` of [`Hc::Protect`].
+pub mod protect {
+    /// No access at all.
+    pub const NO_ACCESS: u64 = 0;
+    /// Loads and fetches only.
+    pub const READ_ONLY: u64 = 1;
+    /// Every access: an unlock, always refused.
+    pub const READ_WRITE: u64 = 2;
 }
 
 /// `what` of [`Hc::HostExpect`]: match against the secret planted by [`Hc::PlantSecret`].
@@ -217,6 +236,7 @@ impl Hc {
             22 => Hc::PlantSecret,
             23 => Hc::RouteBegin,
             24 => Hc::RouteEnd,
+            25 => Hc::Protect,
             _ => return None,
         })
     }

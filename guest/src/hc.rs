@@ -115,6 +115,12 @@ pub fn alloc_special(context: u64, gfp: u64, order: u8) -> Result<u64, Status> {
     call(Hc::AllocSpecial, context, gfp, order as u64, 0).map(|r| r.r0)
 }
 
+/// Locks `pages` pages from `gpa` for the rest of the run (`perm`: a [`veil_abi::protect`]
+/// value).
+pub fn protect(gpa: u64, pages: u64, perm: u64) -> Result<(), Status> {
+    call(Hc::Protect, gpa, pages, perm, 0).map(|_| ())
+}
+
 /// Gives back pages from [`alloc`].
 pub fn free(gpa: u64, order: u8) -> Result<(), Status> {
     call(Hc::Free, gpa, order as u64, 0, 0).map(|_| ())

@@ -37,6 +37,7 @@ pub static TESTS: &[Test] = &[
     Test::new("bad_hypercalls", tests::bad_hypercalls::bad_hypercalls),
     Test::new("hc_fuzz", tests::hc_fuzz::hc_fuzz),
     Test::new("oom", tests::oom::oom),
+    Test::new("protect_readonly", tests::protect::protect_readonly),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),
     Test::new("reachability", tests::reachability::reachability),
 ];

@@ -88,6 +88,13 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub kvm: bool,
 
+    /// With --kvm: the stage-2 backend the updates go through, as `veil run --stage2`:
+    /// `slots` (memslot holes, one ioctl per slot created or deleted) or `mprotect` (one memslot
+    /// over a second mapping of memfd RAM, one mprotect per update; its limit is
+    /// vm.max_map_count, not the memslot count).
+    #[arg(long, value_name = "slots|mprotect", value_parser = ["slots", "mprotect"], default_value = "slots", requires = "kvm", hide_possible_values = true)]
+    pub stage2: String,
+
     /// Memslot limit to compare layouts against (at least 1). With --kvm the VM enforces the
     /// lower of this and the host's KVM_CAP_NR_MEMSLOTS: updates beyond it fail (counted as
     /// stage-2 failures).

@@ -208,8 +208,9 @@ pub fn render_text(r: &Report) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<16} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10}",
+            "{:<16} {:>9} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10} {:>10}",
             "on KVM",
+            "backend",
             "s2 updates",
             "slot ioctls",
             "upd med us",
@@ -218,14 +219,16 @@ pub fn render_text(r: &Report) -> String {
             "ioctl avg",
             "s2 total ms",
             "max call us",
-            "peak slots"
+            "peak slots",
+            "peak VMAs"
         );
         for p in &r.policies {
             if let Some(k) = &p.kvm {
                 let _ = writeln!(
                     s,
-                    "{:<16} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10}",
+                    "{:<16} {:>9} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10} {:>10}",
                     p.policy.name(),
+                    k.backend,
                     p.stage2.updates(),
                     k.memslot_updates,
                     k.median_update_ns as f64 / 1e3,
@@ -234,13 +237,14 @@ pub fn render_text(r: &Report) -> String {
                     k.ns_per_memslot_ioctl / 1e3,
                     (k.update_ns + k.zero_ns) as f64 / 1e6,
                     k.max_call_ns as f64 / 1e3,
-                    k.peak_memslots
+                    k.peak_memslots,
+                    k.peak_vmas
                 );
             }
         }
         let _ = writeln!(
             s,
-            "upd: one unmap/map through the stage-2 engine (planning + KVM_SET_USER_MEMORY_REGION ioctls), median and mean;\nioctl: one memslot ioctl; s2 total: all updates + zeroing (madvise). KVM memslot limit on this host: {}",
+            "upd: one unmap/map through the stage-2 engine (planning + KVM_SET_USER_MEMORY_REGION ioctls under slots, one mprotect under mprotect), median and mean;\nioctl: one memslot ioctl; s2 total: all updates + zeroing (madvise or a memfd hole). KVM memslot limit on this host: {}",
             r.policies
                 .iter()
                 .find_map(|p| p.kvm.map(|k| k.max_memslots))

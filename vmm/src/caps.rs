@@ -49,6 +49,33 @@ pub struct Caps {
     /// (`RLIMIT_MEMLOCK` infinite, or `CAP_IPC_LOCK` lets this process lock beyond it), else the
     /// limit in bytes; unmapped pages beyond it are not locked (the run report says so).
     pub memlock_bytes: Option<u64>,
+    /// The stage-2 backends `veil run --stage2` offers, and the default.
+    pub stage2_backends: Stage2Backends,
+}
+
+/// The stage-2 backends and their host limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Stage2Backends {
+    /// Names `--stage2` takes.
+    pub available: Vec<&'static str>,
+    /// The backend `veil run` uses without `--stage2`.
+    pub default: &'static str,
+    /// `vm.max_map_count`: the `mprotect` backend's bound (each protected range is a VMA).
+    pub max_map_count: Option<u64>,
+}
+
+fn stage2_backends() -> Stage2Backends {
+    use clap::ValueEnum;
+    Stage2Backends {
+        available: crate::stage2::BackendKind::value_variants()
+            .iter()
+            .map(|k| k.name())
+            .collect(),
+        default: crate::stage2::BackendKind::default().name(),
+        max_map_count: std::fs::read_to_string("/proc/sys/vm/max_map_count")
+            .ok()
+            .and_then(|s| s.trim().parse().ok()),
+    }
 }
 
 /// Probes how much memory this process may lock: see [`Caps::memlock_bytes`].
@@ -157,6 +184,7 @@ pub fn probe(kvm: &Kvm) -> Caps {
         binary_stats: cap(kvm, KVM_CAP_BINARY_STATS_FD) > 0,
         host: probe_host(),
         memlock_bytes: probe_memlock(),
+        stage2_backends: stage2_backends(),
     }
 }
 
@@ -271,6 +299,22 @@ impl Caps {
                 "stage-2 hole budget",
             ),
             ("max vCPUs", self.max_vcpus.to_string(), ""),
+            (
+                "stage-2 backends (--stage2)",
+                format!(
+                    "{} (default {})",
+                    self.stage2_backends.available.join(", "),
+                    self.stage2_backends.default
+                ),
+                "same verdicts; see README",
+            ),
+            (
+                "vm.max_map_count",
+                self.stage2_backends
+                    .max_map_count
+                    .map_or("unknown".into(), |n| n.to_string()),
+                "mprotect backend: ~half as many protected ranges",
+            ),
             (
                 "memlock for unmapped pages",
                 match self.memlock_bytes {

@@ -13,6 +13,7 @@ use crate::dump::DumpFormat;
 use crate::memory::MemSize;
 use crate::report::{exit_code, RunReport};
 use crate::session::{DumpConfig, DumpTarget};
+use crate::stage2::BackendKind;
 use crate::vm::{self, ViolationPolicy, VmConfig, VmError};
 
 const ABOUT: &str =
@@ -208,6 +209,15 @@ pub struct RunArgs {
     /// report, exit 3; tests after it count as not run. Either way every violation is recorded.
     #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,
+
+    /// How stage 2 removes pages from the guest. `slots`: KVM memslots, an unmapped range is a
+    /// hole between slots and a read-only range a KVM_MEM_READONLY slot (every 4 KiB change
+    /// splits and merges slots; at most KVM_CAP_NR_MEMSLOTS pieces). `mprotect`: guest RAM is
+    /// a memfd mapped twice, KVM's one memslot on the guest's mapping whose 4 KiB pages are
+    /// mprotect()ed, the VMM working through its own mapping (at most vm.max_map_count
+    /// pieces). Both give the same verdicts; the report and dumps name the one used.
+    #[arg(long, value_enum, value_name = "slots|mprotect", default_value_t = BackendKind::default(), hide_possible_values = true)]
+    pub stage2: BackendKind,
 
     /// Write stage-2 ("EPT") dumps: every GPA range with state, freetype, memslot and host
     /// address, the memslot table, allocator and engine counters, KVM's binary stats. The
@@ -430,6 +440,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     let mut cfg = base_config(&args.guest, start)?;
     cfg.selection = selection;
     cfg.on_violation = args.on_violation;
+    cfg.stage2 = args.stage2;
     if args.dump_guest_core {
         cfg.core_dump = crate::memory::CoreDump::Include;
     }

@@ -6,8 +6,9 @@
 //! secrets, zeroing, dumps) uses the raw [`GuestRam`] on purpose: the two kinds of access are
 //! different types, so a `GuestRam` call in guest-serving code stands out in review.
 
+use crate::addr::Gpa;
 use crate::memory::GuestRam;
-use crate::stage2::{RangeState, SlotBackend, Stage2Engine};
+use crate::stage2::{RangeState, Stage2Backend, Stage2Engine};
 
 /// Where the stage-2 state of a page comes from (the engine's range map; a table in tests).
 pub trait PageStates {
@@ -15,9 +16,9 @@ pub trait PageStates {
     fn state_at(&self, gpa: u64) -> Option<RangeState>;
 }
 
-impl<B: SlotBackend> PageStates for Stage2Engine<B> {
+impl<B: Stage2Backend> PageStates for Stage2Engine<B> {
     fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        Stage2Engine::state_at(self, gpa)
+        Stage2Engine::state_at(self, Gpa(gpa))
     }
 }
 
@@ -31,6 +32,12 @@ pub enum ViewError {
         gpa: u64,
         /// Its length.
         len: u64,
+    },
+    /// A write touches a page the guest locked read-only; `gpa` is the first such byte.
+    #[error("GPA {gpa:#x} is locked read-only")]
+    ReadOnly {
+        /// First byte of the write inside a read-only page.
+        gpa: u64,
     },
     /// The access touches a page stage 2 does not expose; `gpa` is the first such byte.
     #[error("GPA {gpa:#x} is unmapped at stage 2")]
@@ -55,6 +62,12 @@ impl<'a> GuestView<'a> {
 
     /// Checks that every page of `[gpa, gpa + len)` is RAM the guest can reach.
     pub fn check(&self, gpa: u64, len: u64) -> Result<(), ViewError> {
+        self.check_access(gpa, len, false)
+    }
+
+    /// Checks that every page of `[gpa, gpa + len)` is RAM the guest can reach, and write when
+    /// `write`.
+    fn check_access(&self, gpa: u64, len: u64, write: bool) -> Result<(), ViewError> {
         if !self.ram.contains(gpa, len) {
             return Err(ViewError::NotRam { gpa, len });
         }
@@ -65,6 +78,13 @@ impl<'a> GuestView<'a> {
         let end = gpa + len;
         while page < end {
             match self.states.state_at(page) {
+                Some(s)
+                    if write
+                        && !crate::stage2::View::GUEST.perm(s).writable()
+                        && s.is_exposed() =>
+                {
+                    return Err(ViewError::ReadOnly { gpa: page.max(gpa) })
+                }
                 Some(s) if s.is_exposed() => {}
                 Some(_) => return Err(ViewError::Unmapped { gpa: page.max(gpa) }),
                 None => return Err(ViewError::NotRam { gpa, len }),
@@ -93,7 +113,7 @@ impl<'a> GuestView<'a> {
     /// Copies `buf` to `gpa` if the guest can reach all of `[gpa, gpa + buf.len())`.
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), ViewError> {
         let len = buf.len() as u64;
-        self.check(gpa, len)?;
+        self.check_access(gpa, len, true)?;
         self.ram
             .write(gpa, buf)
             .map_err(|_| ViewError::NotRam { gpa, len })

@@ -332,13 +332,16 @@ mod tests {
         };
         let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
         let ram = 8u64 << 20;
-        let mem = crate::stage2::tests::AnonMap::new(ram as usize);
-        let backend = crate::stage2::KvmSlots::new(vm.clone(), mem.addr, ram, 64);
+        let mem =
+            std::sync::Arc::new(crate::memory::GuestRam::new(crate::memory::MemSize(ram)).unwrap());
+        let table = crate::stage2::KvmSlots::new(vm.clone(), mem, 64);
+        let backend = crate::stage2::Slots::new(table, ram);
         let mut e = crate::stage2::Stage2Engine::new(backend, ram, 1 << 20).unwrap();
         let before = read_vm_stats(&vm).unwrap();
         for i in 0..10 {
-            e.unmap_range((2 << 20) + i * 4096, 4096).unwrap();
-            e.map_range((2 << 20) + i * 4096, 4096).unwrap();
+            let gpa = crate::addr::Gpa((2 << 20) + i * 4096);
+            e.unmap_range(gpa, 4096).unwrap();
+            e.map_range(gpa, 4096).unwrap();
         }
         let stats = read_vm_stats(&vm).unwrap();
         assert!(

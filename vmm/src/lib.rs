@@ -27,6 +27,7 @@
 //! One vCPU runs in the calling thread; a run owns its VM, RAM and allocator, so several runs
 //! may proceed in parallel threads of one process.
 
+pub mod addr;
 pub mod boot;
 pub mod caps;
 pub mod cli;
@@ -44,6 +45,7 @@ pub mod page_walk;
 pub mod pv_msrs;
 pub mod replay_kvm;
 pub mod report;
+pub mod run_types;
 pub mod secret;
 pub mod session;
 pub mod signals;

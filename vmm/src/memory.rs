@@ -1,11 +1,15 @@
-//! Guest RAM: one anonymous, lazily backed host mapping at GPA 0 (kept out of core dumps unless
-//! asked for), its zeroing and wiping without touching memory that is already zero, and the
-//! `--mem` size parser.
+//! Guest RAM: one lazily backed host mapping at GPA 0 (kept out of core dumps unless asked
+//! for) — private anonymous memory, or a memfd when a second mapping of the same pages is needed
+//! (the `mprotect` stage-2 backend) — its zeroing and wiping without touching memory that is
+//! already zero, and the `--mem` size parser.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::str::FromStr;
 
+use crate::stage2::LockStats;
 use veil_abi::{IMAGE_MIN_GPA, PAGEBLOCK_SIZE};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Largest RAM size Veil accepts (the direct map is built for at most this much).
 pub const MAX_RAM: u64 = 64 << 30;
@@ -128,13 +132,26 @@ pub enum CoreDump {
     Include,
 }
 
-/// Guest RAM: `[0, size)` backed by one anonymous `MAP_NORESERVE` mapping, touched lazily and
-/// excluded from core dumps (`MADV_DONTDUMP`) unless [`CoreDump::Include`].
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// A private anonymous mapping (zeroing: `MADV_DONTNEED`).
+    #[default]
+    Anonymous,
+    /// A memfd mapped shared, so the same pages can be mapped a second time (zeroing:
+    /// `fallocate(PUNCH_HOLE)`; `MADV_DONTNEED` does not zero shared memory).
+    Memfd,
+}
+
+/// Guest RAM: `[0, size)` backed by one `MAP_NORESERVE` mapping (the VMM's view of the pages),
+/// touched lazily and excluded from core dumps (`MADV_DONTDUMP`) unless [`CoreDump::Include`].
 pub struct GuestRam {
     mem: GuestMemoryMmap,
     size: u64,
     host_base: u64,
     core: CoreDump,
+    /// The memfd under a [`Backing::Memfd`] mapping.
+    memfd: Option<File>,
 }
 
 impl GuestRam {
@@ -145,14 +162,30 @@ impl GuestRam {
 
     /// Maps `size` bytes of guest RAM; `core` says whether it may appear in core dumps.
     pub fn with_core_dump(size: MemSize, core: CoreDump) -> Result<GuestRam, MemoryError> {
+        GuestRam::create(size, core, Backing::Anonymous)
+    }
+
+    /// Maps `size` bytes of guest RAM backed by `backing`; `core` says whether it may appear in
+    /// core dumps.
+    pub fn create(
+        size: MemSize,
+        core: CoreDump,
+        backing: Backing,
+    ) -> Result<GuestRam, MemoryError> {
         let len = usize::try_from(size.0).map_err(|_| MemoryError::TooLarge(size.0))?;
-        // from_ranges maps MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), len)]).map_err(|e| {
-            MemoryError::Map {
-                size: size.0,
-                msg: e.to_string(),
+        let map_err = |msg: String| MemoryError::Map { size: size.0, msg };
+        let (file, memfd) = match backing {
+            Backing::Anonymous => (None, None),
+            Backing::Memfd => {
+                let f = memfd(size.0).map_err(|e| map_err(format!("memfd: {e}")))?;
+                let dup = f.try_clone().map_err(|e| map_err(format!("memfd: {e}")))?;
+                (Some(FileOffset::new(dup, 0)), Some(f))
             }
-        })?;
+        };
+        // Without a file this maps MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE; with the memfd,
+        // MAP_SHARED | MAP_NORESERVE.
+        let mem = GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), len, file)])
+            .map_err(|e| map_err(e.to_string()))?;
         let host_base = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| MemoryError::Map {
@@ -179,7 +212,21 @@ impl GuestRam {
             size: size.0,
             host_base,
             core,
+            memfd,
         })
+    }
+
+    /// The memfd under this RAM ([`Backing::Memfd`]), for a second mapping of its pages.
+    pub fn memfd(&self) -> Option<&File> {
+        self.memfd.as_ref()
+    }
+
+    /// What backs this RAM.
+    pub fn backing(&self) -> Backing {
+        match self.memfd {
+            Some(_) => Backing::Memfd,
+            None => Backing::Anonymous,
+        }
     }
 
     /// Whether this RAM may appear in core dumps.
@@ -266,11 +313,16 @@ impl GuestRam {
             }
         }
         if page_start < page_end {
-            // SAFETY: [page_start, page_end) lies inside this private anonymous mapping (checked
-            // above) and is page aligned (host_base comes from mmap); no Rust reference points
-            // into guest RAM (vm-memory accesses it through volatile copies).
-            unsafe { release_pages(self.host_base + page_start, page_end - page_start) }
-                .map_err(vm_memory::GuestMemoryError::IOError)?;
+            let len = page_end - page_start;
+            let r = match &self.memfd {
+                Some(f) => punch_hole(f, page_start, len),
+                // SAFETY: [page_start, page_end) lies inside this private anonymous mapping
+                // (checked above) and is page aligned (host_base comes from mmap); no Rust
+                // reference points into guest RAM (vm-memory accesses it through volatile
+                // copies).
+                None => unsafe { release_pages(self.host_base + page_start, len) },
+            };
+            r.map_err(vm_memory::GuestMemoryError::IOError)?;
         }
         Ok(())
     }
@@ -312,6 +364,67 @@ impl GuestRam {
 }
 
 const PAGE: u64 = 4096;
+
+/// A sealed-size memfd of `size` bytes for guest RAM.
+fn memfd(size: u64) -> std::io::Result<File> {
+    // SAFETY: the name is a NUL-terminated static string; memfd_create returns a new fd or -1.
+    let fd = unsafe { libc::memfd_create(c"veil-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    f.set_len(size)?;
+    Ok(f)
+}
+
+/// Frees whole pages `[off, off + len)` of a memfd: later reads through any mapping see zeroes.
+fn punch_hole(f: &File, off: u64, len: u64) -> std::io::Result<()> {
+    let (o, l) = match (i64::try_from(off), i64::try_from(len)) {
+        (Ok(o), Ok(l)) => (o, l),
+        _ => return Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+    };
+    // SAFETY: fallocate on an fd this process owns; punching a hole frees page-cache pages and
+    // every mapping of them sees zero pages afterwards; no Rust reference points into them.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            o,
+            l,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Locks `[addr, addr + len)` against swap as it is faulted in (`mlock2(MLOCK_ONFAULT)`) or
+/// unlocks it, counting into `stats`. Best effort: a failed lock (over `RLIMIT_MEMLOCK`) is
+/// counted, not returned.
+///
+/// # Safety
+/// `[addr, addr + len)` must lie inside one live mapping of this process.
+pub unsafe fn set_locked(addr: u64, len: u64, locked: bool, stats: &mut LockStats) {
+    let p = addr as *mut libc::c_void;
+    let n = len as usize;
+    if locked {
+        // SAFETY: per this function's contract; MLOCK_ONFAULT neither populates nor moves the
+        // mapping.
+        if unsafe { libc::mlock2(p, n, libc::MLOCK_ONFAULT) } == 0 {
+            stats.locked_bytes += len;
+            stats.peak_locked_bytes = stats.peak_locked_bytes.max(stats.locked_bytes);
+        } else {
+            stats.failed_bytes += len;
+            stats.errno = std::io::Error::last_os_error().raw_os_error();
+        }
+    } else {
+        // SAFETY: as above; munlock of a range that is not locked is a no-op.
+        unsafe { libc::munlock(p, n) };
+        stats.locked_bytes = stats.locked_bytes.saturating_sub(len);
+    }
+}
 
 /// Releases whole pages of a private anonymous mapping (`MADV_DONTNEED`), unlocking them first
 /// if they are locked (`MADV_DONTNEED` fails with `EINVAL` on locked memory) and locking them

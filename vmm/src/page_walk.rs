@@ -37,7 +37,10 @@ pub fn walk(view: &GuestView<'_>, cr3: u64, gva: u64) -> Result<u64, WalkError> 
         let entry_gpa = table + index * 8;
         let e = view.read_u64(entry_gpa).map_err(|e| match e {
             ViewError::Unmapped { .. } => WalkError::TableInHole { entry_gpa },
-            ViewError::NotRam { .. } => WalkError::TableNotRam { entry_gpa },
+            // Reads are never refused as read-only.
+            ViewError::NotRam { .. } | ViewError::ReadOnly { .. } => {
+                WalkError::TableNotRam { entry_gpa }
+            }
         })?;
         if e & PTE_PRESENT == 0 {
             return Err(WalkError::NotPresent);

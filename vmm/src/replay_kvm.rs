@@ -3,8 +3,9 @@
 //! Without `--kvm` this is [`replay::cli::run`] (pure model). With `--kvm`, every policy gets a
 //! fresh VM whose RAM matches the policy's layout (2 MiB reserved + managed memory, mapped
 //! lazily: nothing is touched except what zeroing discards), and its stage-2 changes go through
-//! [`Stage2Engine`]`<`[`KvmSlots`]`>`: every unmap/map really deletes and re-creates memslots with
-//! `KVM_SET_USER_MEMORY_REGION`. No guest code runs: the point is the cost of the memslot
+//! [`Stage2Engine`] over the backend `--stage2` names: under `slots` every unmap/map really
+//! deletes and re-creates memslots with `KVM_SET_USER_MEMORY_REGION`; under `mprotect` it is one
+//! `mprotect` of the guest view of memfd RAM behind one memslot. No guest code runs: the point is the cost of the memslot
 //! updates themselves, measured per update and in total, and whether the host's memslot limit
 //! (`KVM_CAP_NR_MEMSLOTS`) holds the layout.
 
@@ -17,8 +18,8 @@ use kvm_ioctls::Kvm;
 use replay::cli::{self, ReplayArgs};
 use replay::policy::{self, KvmCost, PolicyResult, RunOptions};
 
-use crate::memory::{GuestRam, MemSize};
-use crate::stage2::{KvmSlots, Stage2Engine};
+use crate::memory::{Backing, CoreDump, GuestRam, MemSize};
+use crate::stage2::{KvmSlots, Mprotect, SlotTiming, Slots, Stage2Backend, Stage2Engine};
 
 /// Run `veil replay`; returns the process exit code.
 pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
@@ -62,35 +63,68 @@ pub fn run_policy_on_kvm(
     max_slots: u64,
 ) -> anyhow::Result<PolicyResult> {
     let layout = cli::layout(args, kind, &l.trace)?;
-    // Declared first so it is dropped last: the RAM mapping must outlive the VM (KvmSlots).
-    let ram = GuestRam::new(MemSize::new(layout.ram_bytes())?)?;
+    let mprotect = args.stage2 == "mprotect";
+    let backing = if mprotect {
+        Backing::Memfd
+    } else {
+        Backing::Anonymous
+    };
+    let ram = Arc::new(GuestRam::create(
+        MemSize::new(layout.ram_bytes())?,
+        CoreDump::Exclude,
+        backing,
+    )?);
+    let ram_size = ram.size();
+    let reserved = layout.base_pfn * 4096;
     let vm = Arc::new(kvm.create_vm().context("KVM_CREATE_VM")?);
-    let mut slots = KvmSlots::new(
-        vm.clone(),
-        ram.host_base(),
-        ram.size(),
-        u32::try_from(max_slots).unwrap_or(u32::MAX),
-    );
-    slots.keep_durations(true);
-    slots.lock_unmapped(false);
-    let engine = Stage2Engine::new(slots, ram.size(), layout.base_pfn * 4096)
-        .context("creating the stage-2 engine")?;
     let opts = RunOptions {
         max_slots,
         timed: true,
         ..cli::run_options(args)
     };
     let t0 = Instant::now();
-    let (mut r, engine) = policy::run(kind, &l.trace, layout, engine, &opts);
+    // (result, counters, memslot ioctl timing, sorted ioctl durations, backend name)
+    let (mut r, c, ioctl, durations, backend) = if mprotect {
+        let mut b = Mprotect::new(vm, ram).context("the mprotect backend")?;
+        b.lock_unmapped(false);
+        let engine =
+            Stage2Engine::new(b, ram_size, reserved).context("creating the stage-2 engine")?;
+        let (r, engine) = policy::run(kind, &l.trace, layout, engine, &opts);
+        let name = engine.backend().name();
+        (
+            r,
+            engine.counters(),
+            SlotTiming::default(),
+            Vec::new(),
+            name,
+        )
+    } else {
+        let mut slots = KvmSlots::new(vm, ram, u32::try_from(max_slots).unwrap_or(u32::MAX));
+        slots.keep_durations(true);
+        slots.lock_unmapped(false);
+        let engine = Stage2Engine::new(Slots::new(slots, ram_size), ram_size, reserved)
+            .context("creating the stage-2 engine")?;
+        let (r, engine) = policy::run(kind, &l.trace, layout, engine, &opts);
+        let mut d = engine.backend().table().durations_ns().to_vec();
+        d.sort_unstable();
+        let name = engine.backend().name();
+        (
+            r,
+            engine.counters(),
+            engine.backend().table().timing(),
+            d,
+            name,
+        )
+    };
+    // The engines (and with them the VMs and RAM) are gone here.
     let replay_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    let c = engine.counters();
-    let ioctl = engine.backend().timing();
-    let mut durations = engine.backend().durations_ns().to_vec();
-    durations.sort_unstable();
     let t = r.timing.unwrap_or_default();
     let updates = r.stage2.updates();
     let update_ns = t.unmap_ns + t.map_ns;
     r.kvm = Some(KvmCost {
+        backend,
+        mprotect_calls: c.mprotect_calls,
+        peak_vmas: c.peak_vmas,
         max_memslots: max_slots,
         memslot_updates: c.memslot_updates,
         peak_memslots: c.peak_memslots,
@@ -113,16 +147,13 @@ pub fn run_policy_on_kvm(
         max_call_ns: t.max_call_ns,
         replay_ns,
     });
-    if c.peak_memslots != r.peak_memslots && c.rejected_updates == 0 {
+    if backend == "slots" && c.peak_memslots != r.peak_memslots && c.rejected_updates == 0 {
         log::warn!(
             "{kind}: engine peak memslots {} differ from the model's {}",
             c.peak_memslots,
             r.peak_memslots
         );
     }
-    drop(engine);
-    drop(vm);
-    drop(ram);
     Ok(r)
 }
 
@@ -184,6 +215,29 @@ mod tests {
             ioctls[1],
             ioctls[0]
         );
+    }
+
+    /// The same trace through the mprotect backend: the same stage-2 work as the model, one
+    /// memslot throughout, one mprotect per update.
+    #[test]
+    fn shared_trace_through_mprotect_matches_the_model() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let max = u64::try_from(kvm.get_nr_memslots()).unwrap();
+        let a = args(&["--stage2", "mprotect"]);
+        let l = cli::load(&a).unwrap();
+        for kind in PolicyKind::ALL {
+            let r = run_policy_on_kvm(&kvm, &a, &l, kind, max).unwrap();
+            let lay = cli::layout(&a, kind, &l.trace).unwrap();
+            let (m, _) = policy::run(kind, &l.trace, lay, PureModel, &RunOptions::default());
+            assert_eq!(r.failures.total(), 0, "{kind}: {:?}", r.failures);
+            assert_eq!(r.stage2, m.stage2, "{kind}");
+            let k = r.kvm.unwrap();
+            assert_eq!(k.backend, "mprotect");
+            assert_eq!(k.peak_memslots, 1, "{kind}");
+            assert_eq!(k.memslot_updates, 1, "{kind}: only the initial slot");
+            assert!(k.mprotect_calls >= r.stage2.updates(), "{kind}");
+            assert!(k.peak_vmas >= 1, "{kind}");
+        }
     }
 
     /// Running out of real memslots is a result: refused updates, failed allocations, a flag.

@@ -7,38 +7,29 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE};
 
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
+use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
-use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport, ViolationAction};
+use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport};
 use crate::session::{DumpConfig, Session, SessionConfig};
 use crate::signals;
-use crate::stage2::{EngineError, KvmSlots, Stage2Engine};
+use crate::stage2::{
+    BackendKind, EngineError, KvmSlots, Mprotect, MprotectError, Slots, Stage2Engine,
+};
 use crate::watchdog::{self, Watchdog};
 
 mod fault;
+mod kvm_run;
 mod stall;
 
-/// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
-pub type Allocator = allocator::BuddyAllocator<Stage2Engine<KvmSlots>>;
-
-/// What to do at a violation (`--on-violation`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum ViolationPolicy {
-    /// Loads get poison bytes, stores are dropped, the guest runs on; a fetch or another access
-    /// the guest cannot run on past resumes at the test's recovery point (or stops the VM if
-    /// there is none).
-    #[default]
-    Report,
-    /// Stop the VM at the first violation, print the report, exit non-zero.
-    Kill,
-}
+pub(crate) use crate::run_types::FetchOutcome;
+pub use crate::run_types::{valid_test_name, Allocator, GuestBackend, ViolationPolicy};
 
 /// Everything needed to boot and run one guest.
 #[derive(Clone, Debug)]
@@ -69,6 +60,8 @@ pub struct VmConfig {
     /// cannot reach are allowed (on for the embedded suite; `veil run --test-harness` for a
     /// `--guest` ELF). Denied calls get `Status::HarnessOnly`.
     pub test_harness: bool,
+    /// The stage-2 backend (`--stage2`).
+    pub stage2: BackendKind,
 }
 
 impl VmConfig {
@@ -88,6 +81,7 @@ impl VmConfig {
             echo_logs: true,
             core_dump: CoreDump::Exclude,
             test_harness: true,
+            stage2: BackendKind::default(),
         }
     }
 }
@@ -128,6 +122,9 @@ pub enum VmError {
     /// The stage-2 engine refused the layout.
     #[error("the stage-2 engine refused the memory layout")]
     Engine(#[from] EngineError),
+    /// The stage-2 backend could not be set up.
+    #[error("stage-2 backend: {0}")]
+    Backend(#[from] MprotectError),
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -141,21 +138,15 @@ pub enum VmError {
 impl VmError {
     /// Whether this is a configuration/usage problem (exit code 2) rather than a host failure.
     pub fn is_usage(&self) -> bool {
-        !matches!(self, VmError::Kvm { .. } | VmError::Io { .. })
+        !matches!(
+            self,
+            VmError::Kvm { .. } | VmError::Io { .. } | VmError::Backend(_)
+        )
     }
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
-}
-
-/// Whether `name` is a valid test name.
-pub fn valid_test_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// A booted (not yet running) VM.
@@ -211,14 +202,24 @@ impl Vm {
                 log::warn!("PV MSR filter not installed ({e}): PV MSR writes go to KVM unseen")
             }
         }
-        let ram = GuestRam::with_core_dump(cfg.mem, cfg.core_dump)?;
+        let backing = match cfg.stage2 {
+            BackendKind::Slots => Backing::Anonymous,
+            BackendKind::Mprotect => Backing::Memfd,
+        };
+        let ram = Arc::new(GuestRam::create(cfg.mem, cfg.core_dump, backing)?);
         elf::load(&image, &cfg.guest, &ram)?;
         let cr3 = boot::write_boot_structures(&ram, &params)?;
         lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
-        let slots = KvmSlots::new(vm.clone(), ram.host_base(), ram_size, max_slots);
-        let engine = Stage2Engine::new(slots, ram_size, reserved_end)?;
+        let backend: GuestBackend = match cfg.stage2 {
+            BackendKind::Slots => Box::new(Slots::new(
+                KvmSlots::new(vm.clone(), ram.clone(), max_slots),
+                ram_size,
+            )),
+            BackendKind::Mprotect => Box::new(Mprotect::new(vm.clone(), ram.clone())?),
+        };
+        let engine = Stage2Engine::new(backend, ram_size, reserved_end)?;
         lap("stage-2 engine (initial memslot)");
         let alloc = Allocator::new(
             reserved_end >> 12,
@@ -310,8 +311,7 @@ impl Vm {
     }
 
     fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
-        let p = &mut self.vcpu.get_kvm_run().immediate_exit as *mut u8;
-        watchdog::publish_immediate_exit(p);
+        watchdog::publish_immediate_exit(kvm_run::immediate_exit_ptr(&mut self.vcpu));
         loop {
             if dog.fired() {
                 return self.timeout_exit();
@@ -386,7 +386,8 @@ impl Vm {
                         for chunk in bytes.chunks_mut(size) {
                             chunk[0] = self.s.console.read(port);
                         }
-                        self.pio_data_mut(len).copy_from_slice(&bytes);
+                        // SAFETY: handling this KVM_EXIT_IO exit; `len` is its data length.
+                        unsafe { self.pio_data_mut(len) }.copy_from_slice(&bytes);
                     }
                 }
                 Ok(VcpuExit::MmioRead(gpa, data)) => {
@@ -446,6 +447,11 @@ impl Vm {
                     }
                     continue;
                 }
+                Err(e) if e.errno() == libc::EFAULT => {
+                    if let Some(stop) = self.memory_fault(&e) {
+                        return stop;
+                    }
+                }
                 Err(e) => {
                     return ExitInfo::KvmError {
                         error: e.to_string(),
@@ -469,51 +475,26 @@ impl Vm {
 
     /// Element size of the port I/O exit being handled (1, 2 or 4).
     fn pio_size(&mut self) -> usize {
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: called only while handling a KVM_EXIT_IO exit: `io` is the active union member.
-        let io = unsafe { run.__bindgen_anon_1.io };
-        usize::from(io.size).clamp(1, 4)
+        kvm_run::io_size(&mut self.vcpu)
     }
 
     /// The data of the port I/O exit being handled (`len` = count * size bytes).
-    fn pio_data_mut(&mut self, len: usize) -> &mut [u8] {
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: called only while handling a KVM_EXIT_IO exit: `io` is the active union member.
-        let off = unsafe { run.__bindgen_anon_1.io }.data_offset as usize;
-        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
-        // SAFETY: KVM places the I/O data at `data_offset` inside the kvm_run mapping (which spans
-        // the vCPU mmap size, several pages), and `len` is the length of the slice kvm-ioctls
-        // built from the same offset for this exit.
-        unsafe { std::slice::from_raw_parts_mut(base.add(off), len) }
+    ///
+    /// # Safety
+    /// As [`kvm_run::io_data`]: while handling a `KVM_EXIT_IO` exit, with its data length.
+    unsafe fn pio_data_mut(&mut self, len: usize) -> &mut [u8] {
+        // SAFETY: forwarded contract.
+        unsafe { kvm_run::io_data(&mut self.vcpu, len) }
     }
 
     /// Sets the `error` byte of the `KVM_EXIT_X86_WRMSR` exit being handled (1 injects #GP).
     fn set_msr_error(&mut self, error: u8) {
-        // Called only while handling a KVM_EXIT_X86_WRMSR exit: `msr` is the active member.
-        self.vcpu.get_kvm_run().__bindgen_anon_1.msr.error = error;
+        kvm_run::set_msr_error(&mut self.vcpu, error)
     }
 
     fn mmio_data_mut(&mut self, len: usize) -> &mut [u8] {
-        let run = self.vcpu.get_kvm_run();
-        // SAFETY: called only right after a KVM_EXIT_MMIO exit, so `mmio` is the active union
-        // member; `len` came from that exit and is at most 8 (the size of `data`).
-        let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-        let n = len.min(mmio.data.len());
-        &mut mmio.data[..n]
+        kvm_run::mmio_data(&mut self.vcpu, len)
     }
-}
-
-/// What to do after a fetch violation.
-pub(crate) enum FetchOutcome {
-    /// Resume at the recovery point.
-    Resume {
-        /// New RIP.
-        rip: u64,
-        /// New RSP.
-        rsp: u64,
-    },
-    /// Stop the VM.
-    Stop(Box<ExitInfo>),
 }
 
 fn regs_from(r: &kvm_bindings::kvm_regs) -> RegsDump {
@@ -546,16 +527,6 @@ pub fn regs_dump(vcpu: &VcpuFd) -> RegsDump {
     d
 }
 
-/// The action taken for a load or store violation under `policy`.
-pub(crate) fn mmio_action(policy: ViolationPolicy, access: AccessKind) -> ViolationAction {
-    match (policy, access) {
-        (ViolationPolicy::Kill, _) => ViolationAction::Killed,
-        (_, AccessKind::Read) => ViolationAction::Poisoned,
-        (_, AccessKind::Write) => ViolationAction::Dropped,
-        (_, AccessKind::Fetch) => ViolationAction::Recovered,
-    }
-}
-
 /// The poison byte loads from unmapped RAM return.
 pub const POISON: u8 = POISON_BYTE;
 
@@ -563,6 +534,3 @@ pub const POISON: u8 = POISON_BYTE;
 pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
     Vm::new(cfg)?.run()
 }
-
-/// Borrow of the VM file descriptor (for dumps and stats).
-pub(crate) type SharedVm = Arc<VmFd>;

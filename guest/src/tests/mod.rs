@@ -5,6 +5,7 @@ pub mod flips;
 pub mod hc_fuzz;
 pub mod mapped;
 pub mod oom;
+pub mod protect;
 pub mod reachability;
 pub mod timing;
 pub mod unmapped;

@@ -222,6 +222,12 @@ impl From<Stage2Error> for Failure {
 /// Measured cost of the stage-2 work on a real VM (filled by `veil replay --kvm`).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct KvmCost {
+    /// The stage-2 backend the updates went through ("slots" or "mprotect").
+    pub backend: &'static str,
+    /// `mprotect` calls made (the `mprotect` backend).
+    pub mprotect_calls: u64,
+    /// Most protection ranges (VMAs) of the guest view at once (the `mprotect` backend).
+    pub peak_vmas: u64,
     /// KVM's memslot limit on this host.
     pub max_memslots: u64,
     /// `KVM_SET_USER_MEMORY_REGION` calls made.

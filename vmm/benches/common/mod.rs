@@ -8,7 +8,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use vmm::decode::CpuState;
 use vmm::guest_view::GuestView;
 use vmm::memory::{GuestRam, MemSize};
-use vmm::stage2::{ModelSlots, Stage2Engine};
+use vmm::stage2::{ModelSlots, Slots, Stage2Engine};
 
 /// RAM size.
 pub const RAM: u64 = 256 << 20;
@@ -23,7 +23,7 @@ pub struct Fixture {
     /// Guest RAM.
     pub ram: GuestRam,
     /// The engine whose range map the view consults.
-    pub engine: Stage2Engine<ModelSlots>,
+    pub engine: Stage2Engine<Slots<ModelSlots>>,
     regs: kvm_regs,
     sregs: kvm_sregs,
 }
@@ -32,7 +32,8 @@ impl Fixture {
     /// Builds the fixture.
     pub fn new() -> Fixture {
         let ram = GuestRam::new(MemSize(RAM)).unwrap();
-        let mut engine = Stage2Engine::new(ModelSlots::new(1024), RAM, 4 << 20).unwrap();
+        let mut engine =
+            Stage2Engine::new(Slots::new(ModelSlots::new(1024), RAM), RAM, 4 << 20).unwrap();
         for i in 0..256u64 {
             engine.unmap((8 << 20 >> 12) + i * 231, 1).unwrap();
         }

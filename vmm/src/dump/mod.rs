@@ -13,7 +13,9 @@ use allocator::{BuddyAllocator, Freetype, Snapshot, MAX_ORDER, PAGEBLOCK_PAGES};
 use serde::Serialize;
 
 use crate::kvm_stats::Stat;
-use crate::stage2::{RangeState, SlotBackend, Stage2Counters, Stage2Engine, PAGE_SHIFT, PAGE_SIZE};
+use crate::stage2::{
+    RangeState, Stage2Backend, Stage2Counters, Stage2Engine, PAGE_SHIFT, PAGE_SIZE,
+};
 
 /// Output format of a dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -28,7 +30,7 @@ pub enum DumpFormat {
 }
 
 /// Everything a dump shows, gathered at one moment.
-pub struct DumpInput<'a, B: SlotBackend> {
+pub struct DumpInput<'a, B: Stage2Backend> {
     /// The allocator (its stage-2 engine is `alloc.stage2()`).
     pub alloc: &'a BuddyAllocator<Stage2Engine<B>>,
     /// KVM's binary statistics of the VM, if available.
@@ -48,16 +50,17 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// A dump's content. Serialized as the JSON dump, with these stable field names:
 ///
-/// - `format_version` (1), `reason` (string), `ram_size`, `reserved_end`, `page_size`,
-///   `pageblock_size` (bytes, numbers);
+/// - `format_version` (1), `reason` (string), `stage2_backend` ("slots"), `ram_size`,
+///   `reserved_end`, `page_size`, `pageblock_size` (bytes, numbers);
 /// - `managed`: `{ base_pfn, nr_pages, free_pages }` of the allocator;
-/// - `totals`: `{ reserved_pages, mapped_pages, unmapped_pages, pageblocks, memslots }`;
+/// - `totals`: `{ reserved_pages, mapped_pages, locked_pages, unmapped_pages, pageblocks,
+///   memslots }`;
 /// - `ranges[]`: `{ start, end, state, freetype, slot, host_addr, pages }`, in GPA order,
-///   covering RAM; `state` is "reserved" | "mapped" | "unmapped"; `freetype` is the pageblock's
+///   covering RAM; `state` is "reserved" | "mapped" | "read_only" | "no_access" | "unmapped"; `freetype` is the pageblock's
 ///   freetype name (e.g. "unmovable", "unmovable|unmapped"), "reserved" or "unmanaged"; ranges
 ///   split wherever state or freetype changes; `slot` is null for holes; `start`, `end`,
 ///   `host_addr` are numbers (bytes);
-/// - `memslots[]`: `{ slot, gpa, len, host_addr }`, in GPA order;
+/// - `memslots[]`: `{ slot, gpa, len, readonly, host_addr }`, in GPA order;
 /// - `allocator`: the allocator's `Snapshot` (free_per_order counts free blocks,
 ///   `[order][freetype index]`);
 /// - `free_by_freetype[]`: `{ freetype, blocks_per_order[11], cached_pages, pages }`, one row per freetype index;
@@ -69,6 +72,8 @@ pub struct DumpData {
     pub format_version: u32,
     /// Why the dump was taken.
     pub reason: String,
+    /// The stage-2 backend in use (`veil run --stage2`).
+    pub stage2_backend: String,
     /// RAM size in bytes.
     pub ram_size: u64,
     /// End of reserved low memory.
@@ -113,6 +118,8 @@ pub struct Totals {
     pub reserved_pages: u64,
     /// Pages in mapped ranges.
     pub mapped_pages: u64,
+    /// Pages the guest locked (`Hc::Protect`: read-only or no-access ranges).
+    pub locked_pages: u64,
     /// Pages in unmapped ranges.
     pub unmapped_pages: u64,
     /// Pageblocks of RAM (the last one may be partial).
@@ -149,6 +156,8 @@ pub struct DumpSlot {
     pub gpa: u64,
     /// Length in bytes.
     pub len: u64,
+    /// Whether the slot is `KVM_MEM_READONLY`.
+    pub readonly: bool,
     /// Host address of `gpa`.
     pub host_addr: u64,
 }
@@ -174,7 +183,7 @@ fn freetype_label<S: allocator::Stage2>(alloc: &BuddyAllocator<S>, pfn: u64) -> 
 }
 
 /// Collects everything a dump shows.
-pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
+pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
     let alloc = input.alloc;
     let engine = alloc.stage2();
     let pb_size = PAGEBLOCK_PAGES * PAGE_SIZE;
@@ -185,14 +194,16 @@ pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
         match r.state {
             RangeState::Reserved => totals.reserved_pages += pages,
             RangeState::Mapped => totals.mapped_pages += pages,
-            _ => totals.unmapped_pages += pages,
+            RangeState::ReadOnly | RangeState::NoAccess => totals.locked_pages += pages,
+            RangeState::Unmapped => totals.unmapped_pages += pages,
         }
-        let mut cursor = r.start;
-        while cursor < r.end {
+        let (start, end) = (r.start.0, r.end.0);
+        let mut cursor = start;
+        while cursor < end {
             let piece_end = if r.state == RangeState::Reserved {
-                r.end
+                end
             } else {
-                ((cursor / pb_size + 1) * pb_size).min(r.end)
+                ((cursor / pb_size + 1) * pb_size).min(end)
             };
             let label = if r.state == RangeState::Reserved {
                 FREETYPE_RESERVED
@@ -226,6 +237,7 @@ pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
             slot: s.slot,
             gpa: s.gpa,
             len: s.len,
+            readonly: s.readonly,
             host_addr: (input.host_addr)(s.gpa),
         })
         .collect();
@@ -250,6 +262,7 @@ pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
     DumpData {
         format_version: FORMAT_VERSION,
         reason: input.reason.to_string(),
+        stage2_backend: engine.backend().name().to_string(),
         ram_size: engine.ram_size(),
         reserved_end: engine.reserved_end(),
         page_size: PAGE_SIZE,
@@ -270,7 +283,7 @@ pub fn gather<B: SlotBackend>(input: &DumpInput<'_, B>) -> DumpData {
 }
 
 /// Renders a dump in `format`.
-pub fn render<B: SlotBackend>(input: &DumpInput<'_, B>, format: DumpFormat) -> String {
+pub fn render<B: Stage2Backend>(input: &DumpInput<'_, B>, format: DumpFormat) -> String {
     let data = gather(input);
     match format {
         DumpFormat::Text => text::render(&data),
@@ -280,7 +293,7 @@ pub fn render<B: SlotBackend>(input: &DumpInput<'_, B>, format: DumpFormat) -> S
 }
 
 /// The JSON dump as a value (reused by `veil run --json`); schema: [`DumpData`].
-pub fn to_json_value<B: SlotBackend>(input: &DumpInput<'_, B>) -> serde_json::Value {
+pub fn to_json_value<B: Stage2Backend>(input: &DumpInput<'_, B>) -> serde_json::Value {
     json::to_value(&gather(input))
 }
 

@@ -1,9 +1,9 @@
-//! Tests of the dump renderers over an allocator on `Stage2Engine<ModelSlots>`.
+//! Tests of the dump renderers over an allocator on `Stage2Engine<Slots<ModelSlots>>`.
 
 use super::svg::{cells, CellClass};
 use super::*;
 use crate::kvm_stats::{StatKind, StatUnit};
-use crate::stage2::{ModelSlots, RangeState};
+use crate::stage2::{ModelSlots, RangeState, Slots};
 use allocator::{Allocation, BuddyAllocator, Config, Gfp};
 
 const MIB: u64 = 1 << 20;
@@ -15,8 +15,11 @@ fn host(gpa: u64) -> u64 {
 }
 
 /// An allocator over 60 MiB of managed memory with some unmapped allocations live.
-fn setup() -> (BuddyAllocator<Stage2Engine<ModelSlots>>, Vec<Allocation>) {
-    let engine = Stage2Engine::new(ModelSlots::new(64), RAM, RESERVED).unwrap();
+fn setup() -> (
+    BuddyAllocator<Stage2Engine<Slots<ModelSlots>>>,
+    Vec<Allocation>,
+) {
+    let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), RAM), RAM, RESERVED).unwrap();
     let mut a = BuddyAllocator::new(
         RESERVED / PAGE_SIZE,
         (RAM - RESERVED) / PAGE_SIZE,
@@ -226,7 +229,7 @@ fn svg_dump_is_xml_with_one_cell_per_pageblock() {
     assert_eq!(total as u64, RAM / (2 * MIB));
     let engine = a.stage2();
     let unmapped_blocks = (0..RAM / (2 * MIB))
-        .filter(|b| engine.state_at(b * 2 * MIB) == Some(RangeState::Unmapped))
+        .filter(|b| engine.state_at(crate::addr::Gpa(b * 2 * MIB)) == Some(RangeState::Unmapped))
         .count();
     assert!(
         unmapped_blocks >= 2,
@@ -255,6 +258,7 @@ fn cells_classify_partial_and_mixed_blocks() {
     let d = DumpData {
         format_version: 1,
         reason: "x".into(),
+        stage2_backend: "slots".into(),
         ram_size: 7 * MIB,
         reserved_end: 3 * MIB,
         page_size: PAGE_SIZE,

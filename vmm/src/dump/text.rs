@@ -47,8 +47,15 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     )?;
     writeln!(
         o,
-        "pages: {} reserved, {} mapped, {} unmapped; {} pageblocks; {} memslots",
-        t.reserved_pages, t.mapped_pages, t.unmapped_pages, t.pageblocks, t.memslots
+        "pages: {} reserved, {} mapped, {} locked, {} unmapped; {} pageblocks; {} memslots \
+         (stage-2 backend: {})",
+        t.reserved_pages,
+        t.mapped_pages,
+        t.locked_pages,
+        t.unmapped_pages,
+        t.pageblocks,
+        t.memslots,
+        d.stage2_backend
     )?;
 
     writeln!(o, "\nGPA ranges")?;

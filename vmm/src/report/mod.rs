@@ -158,6 +158,8 @@ pub struct RunReport {
     pub not_ram: Vec<NotRamAccess>,
     /// Not-RAM accesses recorded, including any not kept.
     pub not_ram_total: u64,
+    /// The stage-2 backend that realised the view ("slots" or "mprotect").
+    pub stage2_backend: String,
     /// Stage-2 engine counters.
     pub stage2: Stage2Counters,
     /// Whether the unmapped pages were locked against swap (`mlock`, within `RLIMIT_MEMLOCK`).
@@ -272,6 +274,7 @@ mod tests {
             violations_outside_tests: 0,
             not_ram: vec![],
             not_ram_total: 0,
+            stage2_backend: "slots".into(),
             stage2: Stage2Counters::default(),
             memory_lock: Default::default(),
             wiped_bytes: 0,

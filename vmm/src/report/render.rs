@@ -88,12 +88,16 @@ impl RunReport {
         let a = &self.allocator;
         let _ = writeln!(
             s,
-            "stage 2: {} unmaps, {} maps, {} memslot updates, {} memslots in use (peak {}); allocator: {} flips to unmapped, {} to mapped, {}/{} pages free",
+            "stage 2 ({} backend): {} unmaps, {} maps, {} memslot updates, {} memslots in use (peak {}), {} mprotect calls, {} protection ranges (peak {}); allocator: {} flips to unmapped, {} to mapped, {}/{} pages free",
+            self.stage2_backend,
             c.unmap_calls,
             c.map_calls,
             c.memslot_updates,
             c.memslots_in_use,
             c.peak_memslots,
+            c.mprotect_calls,
+            c.vmas_in_use,
+            c.peak_vmas,
             a.flips_to_unmapped,
             a.flips_to_mapped,
             a.free_pages,

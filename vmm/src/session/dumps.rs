@@ -6,7 +6,7 @@ use veil_abi::Status;
 
 use super::{vmm_line, Session, MAX_GUEST_DUMPS};
 use crate::dump::{DumpFormat, DumpInput};
-use crate::stage2::KvmSlots;
+use crate::run_types::GuestBackend;
 
 /// Where stage-2 dumps go.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +61,7 @@ impl DumpConfig {
 
 impl Session {
     /// Calls `f` with everything a dump is gathered from (KVM's stats are read now).
-    fn with_dump_input<T>(&self, reason: &str, f: impl FnOnce(&DumpInput<KvmSlots>) -> T) -> T {
+    fn with_dump_input<T>(&self, reason: &str, f: impl FnOnce(&DumpInput<GuestBackend>) -> T) -> T {
         let stats = crate::kvm_stats::read_vm_stats(&self.vm).ok();
         let base = self.ram.host_base();
         let host_addr = move |gpa: u64| base + gpa;

@@ -17,7 +17,7 @@ impl Session {
         let mut wiped = 0;
         for r in self.alloc.stage2().ranges() {
             if r.state == RangeState::Unmapped {
-                match self.ram.wipe(r.start, r.end - r.start) {
+                match self.ram.wipe(r.start.0, r.end.0 - r.start.0) {
                     Ok(n) => wiped += n,
                     Err(e) => vmm_line(&format!(
                         "cannot wipe unmapped GPA {:#x}..{:#x}: {e}",
@@ -120,6 +120,7 @@ impl Session {
             violations_outside_tests: self.violations_outside,
             not_ram: std::mem::take(&mut self.not_ram),
             not_ram_total: self.not_ram_total,
+            stage2_backend: self.alloc.stage2().backend().name().into(),
             stage2: self.alloc.stage2().counters(),
             memory_lock,
             wiped_bytes,

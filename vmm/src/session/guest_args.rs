@@ -50,7 +50,7 @@ impl Session {
         }
         let b = self.read_buf(ptr, len, 64)?;
         let s = String::from_utf8(b).map_err(|_| Status::BadArgument)?;
-        if crate::vm::valid_test_name(&s) {
+        if crate::run_types::valid_test_name(&s) {
             Ok(s)
         } else {
             Err(Status::BadArgument)

@@ -9,6 +9,7 @@
 use veil_abi::{Status, HOST_EXPECT_SECRET};
 
 use super::Session;
+use crate::addr::Gpa;
 use crate::secret::Secret;
 
 /// Most failed host assertions one test describes (the rest are only counted).
@@ -89,9 +90,19 @@ impl Session {
         let end = gpa.saturating_add(len);
         self.alloc
             .stage2()
-            .ranges_in(gpa, end)
+            .ranges_in(Gpa(gpa), Gpa(end))
             .iter()
             .all(|r| r.state.is_exposed())
+    }
+
+    /// Whether some page of `[gpa, gpa + len)` is locked by `Hc::Protect`.
+    fn locked(&self, gpa: u64, len: u64) -> bool {
+        let end = gpa.saturating_add(len);
+        self.alloc
+            .stage2()
+            .ranges_in(Gpa(gpa), Gpa(end))
+            .iter()
+            .any(|r| r.state.is_locked())
     }
 
     /// HostFill / HostCount arguments: a byte value and a range of pages the guest owns.
@@ -103,6 +114,10 @@ impl Session {
 
     pub(super) fn hc_host_fill(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
         let byte = self.host_range_args(gpa, len, byte)?;
+        if self.locked(gpa, len) {
+            // A lock holds against the VMM's writes on the guest's behalf too.
+            return Err(Status::BadState);
+        }
         if !self.test_harness && !self.reachable(gpa, len) {
             return Err(Status::HarnessOnly);
         }

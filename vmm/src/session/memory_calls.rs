@@ -1,10 +1,12 @@
 //! Hypercalls on the guest's memory: allocate, free and allocator statistics.
 
 use allocator::{AllocError, Allocation, BuddyContext, FreeError, Gfp, MAX_ORDER};
-use veil_abi::{AllocStats, Status, PAGE_SIZE};
+use veil_abi::{protect, AllocStats, Status, PAGE_SIZE};
 use vm_memory::ByteValued;
 
 use super::Session;
+use crate::addr::Gpa;
+use crate::stage2::{EngineError, RangeState};
 
 fn alloc_status(e: AllocError) -> Status {
     match e {
@@ -71,10 +73,45 @@ impl Session {
         if gpa < self.reserved_end || gpa >= self.ram.size() {
             return Err(Status::BadAddress);
         }
+        // Locked pages stay allocated for the rest of the run (a lock has no way back).
+        let end = gpa.saturating_add(PAGE_SIZE << order).min(self.ram.size());
+        if self
+            .alloc
+            .stage2()
+            .ranges_in(Gpa(gpa), Gpa(end))
+            .iter()
+            .any(|r| r.state.is_locked())
+        {
+            return Err(Status::BadState);
+        }
         self.alloc
             .free_pages(gpa >> 12, order)
             .map_err(free_status)?;
         Ok(0)
+    }
+
+    /// `Hc::Protect`: locks pages the guest owns read-only or no-access, for good.
+    pub(super) fn hc_protect(&mut self, gpa: u64, pages: u64, perm: u64) -> Result<u64, Status> {
+        let to = match perm {
+            protect::READ_ONLY => RangeState::ReadOnly,
+            protect::NO_ACCESS => RangeState::NoAccess,
+            protect::READ_WRITE => return Err(Status::BadState),
+            _ => return Err(Status::BadArgument),
+        };
+        let len = pages
+            .checked_mul(PAGE_SIZE)
+            .filter(|&l| l > 0)
+            .ok_or(Status::BadArgument)?;
+        if !gpa.is_multiple_of(PAGE_SIZE) {
+            return Err(Status::BadAddress);
+        }
+        self.check_owned(gpa, len)?;
+        match self.alloc.stage2_mut().lock_range(Gpa(gpa), len, to) {
+            Ok(()) => Ok(0),
+            Err(EngineError::WrongState { .. }) => Err(Status::BadState),
+            Err(EngineError::OutOfRam { .. }) => Err(Status::BadAddress),
+            Err(_) => Err(Status::Stage2Failed),
+        }
     }
 
     pub(super) fn hc_stats(&mut self, ptr: u64) -> Result<u64, Status> {

@@ -18,12 +18,14 @@ mod test_calls;
 mod violations;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use veil_abi::{BootMode, Hc, Status, ABI_VERSION};
 
 pub use dumps::{DumpConfig, DumpTarget};
 
+use crate::addr::Gpa;
 use crate::console::Console;
 use crate::expect::{Expectation, Tally};
 use crate::guest_view::GuestView;
@@ -32,9 +34,9 @@ use crate::report::{
     Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
     Violation,
 };
+use crate::run_types::{Allocator, SharedVm, ViolationPolicy};
 use crate::secret::Secret;
 use crate::stage2::RangeState;
-use crate::vm::{Allocator, SharedVm, ViolationPolicy};
 
 /// Longest text a Log / TestEnd message may carry.
 pub const MAX_TEXT: u64 = 4096;
@@ -111,8 +113,8 @@ struct Current {
 pub struct SessionConfig {
     /// The VM (for KVM stats in dumps).
     pub vm: SharedVm,
-    /// Guest RAM.
-    pub ram: GuestRam,
+    /// Guest RAM (shared with the stage-2 backend, which keeps it alive as long as the VM).
+    pub ram: Arc<GuestRam>,
     /// The allocator over the managed range.
     pub alloc: Allocator,
     /// The UART.
@@ -179,7 +181,7 @@ pub struct Session {
     /// Exit counters (updated by the run loop).
     pub exits: ExitCounts,
     // Last: RAM must outlive the memslots that point into it.
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
 }
 fn vmm_line(msg: &str) {
     eprintln!("veil: {msg}");
@@ -247,7 +249,7 @@ impl Session {
 
     /// Stage-2 state of the page at `gpa` (None: not RAM).
     pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        self.alloc.stage2().state_at(gpa)
+        self.alloc.stage2().state_at(Gpa(gpa))
     }
 
     pub(crate) fn mark_run_start(&mut self, t: Instant) {
@@ -304,6 +306,7 @@ impl Session {
             },
             Hc::Stats => self.hc_stats(a[0]).into(),
             Hc::HostFill => self.hc_host_fill(a[0], a[1], a[2]).into(),
+            Hc::Protect => self.hc_protect(a[0], a[1], a[2]).into(),
             Hc::HostCount => self.hc_host_count(a[0], a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {

@@ -4,8 +4,7 @@
 use super::Session;
 use crate::expect;
 use crate::report::{AccessKind, ExitInfo, NotRamAccess, Violation, ViolationAction, MAX_RECORDS};
-use crate::stage2::RangeState;
-use crate::vm::{mmio_action, FetchOutcome, ViolationPolicy};
+use crate::run_types::{mmio_action, FetchOutcome, ViolationPolicy};
 
 impl Session {
     /// The policy for a violation of `access` at `gpa`: `kill` only fires on violations no test
@@ -77,6 +76,16 @@ impl Session {
         v
     }
 
+    /// Whether the guest's view refuses `access` to the RAM page at `gpa`: a load or fetch of a
+    /// page it makes unreachable, a store to one it makes unwritable.
+    pub fn blocks(&self, gpa: u64, access: AccessKind) -> bool {
+        let view = self.alloc.stage2().view();
+        self.state_at(gpa).is_some_and(|s| {
+            let p = view.perm(s);
+            !p.readable() || (access == AccessKind::Write && !p.writable())
+        })
+    }
+
     /// An MMIO exit at `gpa`: returns the byte a load gets and, if the VM must stop, why.
     pub fn mmio(
         &mut self,
@@ -86,7 +95,7 @@ impl Session {
         rip: u64,
     ) -> (u8, Option<ExitInfo>) {
         match self.state_at(gpa) {
-            Some(RangeState::Unmapped) => {
+            Some(_) if self.blocks(gpa, access) => {
                 let policy = self.policy_for(gpa, access);
                 let action = mmio_action(policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);

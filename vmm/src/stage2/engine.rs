@@ -1,37 +1,32 @@
-//! [`Stage2Engine`]: page states of guest RAM realised as a minimal set of memslots.
-
-use std::collections::{BTreeMap, BTreeSet};
+//! [`Stage2Engine`]: the intended state of every page of guest RAM, realised through a view by
+//! a [`Stage2Backend`].
 
 use allocator::{Pfn, Stage2, Stage2Error};
 
-use super::plan::{self, RangeMap, Run};
+use super::plan::{RangeMap, Run};
 use super::{
-    EngineError, RangeInfo, RangeState, SlotBackend, SlotInfo, Stage2Counters, PAGE_SHIFT,
-    PAGE_SIZE,
+    EngineError, Perm, RangeInfo, RangeState, SlotInfo, Stage2Backend, Stage2Counters, View,
+    PAGE_SHIFT, PAGE_SIZE,
 };
+use crate::addr::Gpa;
 
-/// The stage-2 engine over a [`SlotBackend`].
+/// The stage-2 engine over a backend.
 ///
-/// Invariant (checked by [`Stage2Engine::check_invariants`]): the memslots are exactly the
-/// maximal runs of exposed pages, each in a distinct id below `backend.max_slots()`.
-pub struct Stage2Engine<B: SlotBackend> {
+/// Invariant (checked by [`Stage2Engine::check_invariants`]): the state map covers RAM in
+/// maximal runs, and the backend realises `view.perm(state)` for every page.
+pub struct Stage2Engine<B: Stage2Backend> {
     backend: B,
-    map: RangeMap,
-    /// gpa -> (end, slot id), mirrors the backend's slot table.
-    slots: BTreeMap<u64, (u64, u32)>,
-    /// Ids that were used and are free again (lowest reused first).
-    free_ids: BTreeSet<u32>,
-    /// Ids >= this were never used.
-    next_fresh_id: u32,
+    map: RangeMap<RangeState>,
+    view: View,
     counters: Stage2Counters,
     ram_size: u64,
     reserved_end: u64,
     last_error: Option<EngineError>,
 }
 
-impl<B: SlotBackend> Stage2Engine<B> {
-    /// RAM [0, ram_size); [0, reserved_end) is Reserved, the rest Mapped; realises the initial
-    /// memslots (one slot for everything: reserved and mapped coalesce).
+impl<B: Stage2Backend> Stage2Engine<B> {
+    /// RAM [0, ram_size); [0, reserved_end) is Reserved, the rest Mapped; realises the guest
+    /// view of that layout through `backend` (which starts with every page unreachable).
     pub fn new(backend: B, ram_size: u64, reserved_end: u64) -> Result<Self, EngineError> {
         if ram_size == 0 || !ram_size.is_multiple_of(PAGE_SIZE) {
             return Err(EngineError::BadRamSize(ram_size));
@@ -60,30 +55,41 @@ impl<B: SlotBackend> Stage2Engine<B> {
         let mut engine = Stage2Engine {
             backend,
             map,
-            slots: BTreeMap::new(),
-            free_ids: BTreeSet::new(),
-            next_fresh_id: 0,
+            view: View::GUEST,
             counters: Stage2Counters::default(),
             ram_size,
             reserved_end,
             last_error: None,
         };
-        let runs = plan::exposed_runs(&engine.map, 0, ram_size, 0, 0, RangeState::Unmapped);
-        let plan = plan::diff(&[], &runs);
-        let needed = plan.create.len() as u64;
-        if needed > u64::from(engine.backend.max_slots()) {
-            return Err(EngineError::OutOfSlots {
-                needed,
-                max: engine.backend.max_slots(),
-            });
+        // One backend call per run of equal permission (reserved and mapped coalesce).
+        let mut perm_runs: Vec<Run<Perm>> = Vec::new();
+        for r in engine.map.iter() {
+            let perm = engine.view.perm(r.state);
+            match perm_runs.last_mut() {
+                Some(last) if last.state == perm && last.end == r.start => last.end = r.end,
+                _ => perm_runs.push(Run {
+                    start: r.start,
+                    end: r.end,
+                    state: perm,
+                }),
+            }
         }
-        engine.execute(&plan).map_err(EngineError::Backend)?;
+        for r in perm_runs {
+            engine
+                .backend
+                .set_perm(Gpa(r.start), r.end - r.start, r.state)?;
+        }
         Ok(engine)
     }
 
     /// State of the page at gpa; None when gpa is not RAM.
-    pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        self.map.run_at(gpa).map(|r| r.state)
+    pub fn state_at(&self, gpa: Gpa) -> Option<RangeState> {
+        self.map.run_at(gpa.0).map(|r| r.state)
+    }
+
+    /// The view the guest runs in.
+    pub fn view(&self) -> View {
+        self.view
     }
 
     /// Every maximal range of equal state, in GPA order, with its memslot.
@@ -92,45 +98,46 @@ impl<B: SlotBackend> Stage2Engine<B> {
     }
 
     /// The ranges overlapping [start, end), clipped to it (O(log n + k)).
-    pub fn ranges_in(&self, start: u64, end: u64) -> Vec<RangeInfo> {
+    pub fn ranges_in(&self, start: Gpa, end: Gpa) -> Vec<RangeInfo> {
         self.map
-            .overlapping(start, end)
+            .overlapping(start.0, end.0)
             .map(|r| self.range_info(r))
             .collect()
     }
 
     /// A run with the memslot that exposes it (none for holes).
-    fn range_info(&self, r: Run) -> RangeInfo {
+    fn range_info(&self, r: Run<RangeState>) -> RangeInfo {
         RangeInfo {
-            start: r.start,
-            end: r.end,
+            start: Gpa(r.start),
+            end: Gpa(r.end),
             state: r.state,
-            slot: if r.state.is_exposed() {
-                self.slot_containing(r.start).map(|s| s.slot)
+            slot: if self.view.perm(r.state).readable() {
+                self.backend.slot_containing(Gpa(r.start)).map(|s| s.slot)
             } else {
                 None
             },
         }
     }
 
-    /// The memslot table as KVM holds it now, in GPA order.
+    /// The memslots in use now, in GPA order.
     pub fn memslots(&self) -> Vec<SlotInfo> {
-        SlotInfo::table(&self.slots)
+        self.backend.memslots()
     }
 
-    /// The memslot containing gpa, if any.
-    pub fn slot_containing(&self, gpa: u64) -> Option<SlotInfo> {
-        let (&s, &(end, slot)) = self.slots.range(..=gpa).next_back()?;
-        (gpa < end).then_some(SlotInfo {
-            slot,
-            gpa: s,
-            len: end - s,
-        })
-    }
-
-    /// Counters of stage-2 work.
+    /// Counters of stage-2 work (the engine's updates and the backend's memslot work).
     pub fn counters(&self) -> Stage2Counters {
-        self.counters
+        let u = self.backend.usage();
+        Stage2Counters {
+            memslot_updates: u.memslot_updates,
+            slots_created: u.slots_created,
+            slots_deleted: u.slots_deleted,
+            memslots_in_use: u.memslots_in_use,
+            peak_memslots: u.peak_memslots,
+            mprotect_calls: u.mprotect_calls,
+            vmas_in_use: u.vmas_in_use,
+            peak_vmas: u.peak_vmas,
+            ..self.counters
+        }
     }
 
     /// Size of guest RAM in bytes.
@@ -143,12 +150,12 @@ impl<B: SlotBackend> Stage2Engine<B> {
         self.reserved_end
     }
 
-    /// The slot backend.
+    /// The backend.
     pub fn backend(&self) -> &B {
         &self.backend
     }
 
-    /// The slot backend, mutably (do not change slots behind the engine's back).
+    /// The backend, mutably (do not change permissions behind the engine's back).
     pub fn backend_mut(&mut self) -> &mut B {
         &mut self.backend
     }
@@ -159,10 +166,15 @@ impl<B: SlotBackend> Stage2Engine<B> {
     }
 
     /// Removes [gpa, gpa+len) from stage 2. Every page must be Mapped.
-    pub fn unmap_range(&mut self, gpa: u64, len: u64) -> Result<(), EngineError> {
-        let r = self.update("unmap", gpa, len, RangeState::Mapped, RangeState::Unmapped);
+    pub fn unmap_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
+        let r = self.update(
+            "unmap",
+            gpa,
+            len,
+            &[RangeState::Mapped],
+            RangeState::Unmapped,
+        );
         if r.is_ok() {
-            self.backend.set_locked(gpa, len, true);
             self.counters.unmap_calls += 1;
             self.counters.pages_unmapped += len >> PAGE_SHIFT;
         }
@@ -170,18 +182,39 @@ impl<B: SlotBackend> Stage2Engine<B> {
     }
 
     /// Exposes [gpa, gpa+len) again. Every page must be Unmapped.
-    pub fn map_range(&mut self, gpa: u64, len: u64) -> Result<(), EngineError> {
-        let r = self.update("map", gpa, len, RangeState::Unmapped, RangeState::Mapped);
+    pub fn map_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
+        let r = self.update("map", gpa, len, &[RangeState::Unmapped], RangeState::Mapped);
         if r.is_ok() {
-            self.backend.set_locked(gpa, len, false);
             self.counters.map_calls += 1;
             self.counters.pages_mapped += len >> PAGE_SHIFT;
         }
         self.note(r)
     }
 
+    /// Locks [gpa, gpa+len) for the rest of the run: `to` is `ReadOnly` (every page must be
+    /// Mapped) or `NoAccess` (every page Mapped or ReadOnly). There is no way back: locks only
+    /// tighten.
+    pub fn lock_range(&mut self, gpa: Gpa, len: u64, to: RangeState) -> Result<(), EngineError> {
+        let r = match to {
+            RangeState::ReadOnly => self.update("lock", gpa, len, &[RangeState::Mapped], to),
+            RangeState::NoAccess => self.update(
+                "lock",
+                gpa,
+                len,
+                &[RangeState::Mapped, RangeState::ReadOnly],
+                to,
+            ),
+            _ => Err(EngineError::NotALock(to)),
+        };
+        if r.is_ok() {
+            self.counters.protect_calls += 1;
+            self.counters.pages_protected += len >> PAGE_SHIFT;
+        }
+        self.note(r)
+    }
+
     /// Zeroes [gpa, gpa+len) through the backend. Reserved memory is refused.
-    pub fn zero_range(&mut self, gpa: u64, len: u64) -> Result<(), EngineError> {
+    pub fn zero_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
         let r = self.zero_inner(gpa, len);
         if r.is_ok() {
             self.counters.zero_calls += 1;
@@ -198,196 +231,84 @@ impl<B: SlotBackend> Stage2Engine<B> {
         r
     }
 
-    fn check_range(&self, gpa: u64, len: u64) -> Result<u64, EngineError> {
-        let end = gpa.checked_add(len);
+    fn check_range(&self, gpa: Gpa, len: u64) -> Result<u64, EngineError> {
+        let end = gpa.0.checked_add(len);
         match end {
             Some(end)
                 if len > 0
                     && end <= self.ram_size
-                    && gpa.is_multiple_of(PAGE_SIZE)
+                    && gpa.is_page_aligned()
                     && len.is_multiple_of(PAGE_SIZE) =>
             {
                 Ok(end)
             }
             _ => Err(EngineError::OutOfRam {
                 start: gpa,
-                end: end.unwrap_or(u64::MAX),
+                end: Gpa(end.unwrap_or(u64::MAX)),
                 ram_size: self.ram_size,
             }),
         }
     }
 
-    fn zero_inner(&mut self, gpa: u64, len: u64) -> Result<(), EngineError> {
+    fn zero_inner(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
         let end = self.check_range(gpa, len)?;
         if let Some(r) = self
             .map
-            .overlapping(gpa, end)
+            .overlapping(gpa.0, end)
             .find(|r| r.state == RangeState::Reserved)
         {
             return Err(EngineError::WrongState {
                 op: "zero",
                 start: gpa,
-                end,
-                gpa: r.start,
+                end: Gpa(end),
+                gpa: Gpa(r.start),
                 found: r.state,
             });
         }
         self.backend.zero(gpa, len).map_err(EngineError::Backend)
     }
 
-    /// Moves every page of [gpa, gpa+len) from `from` to `to` and reshapes the memslots around it.
+    /// Moves every page of [gpa, gpa+len) from one of the states `from` to `to` and has the
+    /// backend realise the new permission, run by run (where the view gives them different
+    /// ones).
     fn update(
         &mut self,
         op: &'static str,
-        gpa: u64,
+        gpa: Gpa,
         len: u64,
-        from: RangeState,
+        from: &[RangeState],
         to: RangeState,
     ) -> Result<(), EngineError> {
         let end = self.check_range(gpa, len)?;
-        if let Some(r) = self.map.overlapping(gpa, end).find(|r| r.state != from) {
+        if let Some(r) = self
+            .map
+            .overlapping(gpa.0, end)
+            .find(|r| !from.contains(&r.state))
+        {
             return Err(EngineError::WrongState {
                 op,
                 start: gpa,
-                end,
-                gpa: r.start,
+                end: Gpa(end),
+                gpa: Gpa(r.start),
                 found: r.state,
             });
         }
-        // The window: the update plus the slots touching it. Its edges are holes or RAM ends,
-        // so the exposed runs computed inside it are maximal globally.
-        let mut ws = gpa;
-        let mut we = end;
-        for probe in [gpa.checked_sub(1), Some(gpa), Some(end - 1), Some(end)]
-            .into_iter()
-            .flatten()
+        let perm = self.view.perm(to);
+        if self
+            .map
+            .overlapping(gpa.0, end)
+            .any(|r| self.view.perm(r.state) != perm)
         {
-            if let Some(s) = self.slot_containing(probe) {
-                ws = ws.min(s.gpa);
-                we = we.max(s.end());
-            }
+            self.backend.set_perm(gpa, len, perm)?;
         }
-        let old: Vec<SlotInfo> = self
-            .slots
-            .range(ws..we)
-            .map(|(&g, &(e, slot))| SlotInfo {
-                slot,
-                gpa: g,
-                len: e - g,
-            })
-            .collect();
-        let new = plan::exposed_runs(&self.map, ws, we, gpa, end, to);
-        let plan = plan::diff(&old, &new);
-        let needed = self.slots.len() as u64 - plan.delete.len() as u64 + plan.create.len() as u64;
-        let max = self.backend.max_slots();
-        if needed > u64::from(max) {
-            return Err(EngineError::OutOfSlots { needed, max });
-        }
-        self.execute(&plan).map_err(EngineError::Backend)?;
-        self.map.set(gpa, end, to);
+        self.map.set(gpa.0, end, to);
         Ok(())
     }
 
-    fn take_fresh_id(&mut self) -> Option<u32> {
-        if let Some(id) = self.free_ids.pop_first() {
-            return Some(id);
-        }
-        (self.next_fresh_id < self.backend.max_slots()).then(|| {
-            self.next_fresh_id += 1;
-            self.next_fresh_id - 1
-        })
-    }
-
-    fn release_id(&mut self, id: u32) {
-        self.free_ids.insert(id);
-    }
-
-    fn call(&mut self, slot: u32, gpa: u64, len: u64) -> Result<(), Stage2Error> {
-        self.counters.memslot_updates += 1;
-        let r = self.backend.set_slot(slot, gpa, len);
-        if r.is_ok() {
-            if len == 0 {
-                self.counters.slots_deleted += 1;
-                self.slots.remove(&gpa);
-                self.release_id(slot);
-            } else {
-                self.counters.slots_created += 1;
-                self.slots.insert(gpa, (gpa + len, slot));
-            }
-            self.counters.memslots_in_use = self.slots.len() as u64;
-            self.counters.peak_memslots = self
-                .counters
-                .peak_memslots
-                .max(self.counters.memslots_in_use);
-        }
-        r
-    }
-
-    /// Runs a plan: deletes first, then creates in freed or fresh ids. On a backend failure it
-    /// undoes what it did (best effort) and returns the failure.
-    fn execute(&mut self, plan: &plan::SlotPlan) -> Result<(), Stage2Error> {
-        let mut deleted: Vec<SlotInfo> = Vec::with_capacity(plan.delete.len());
-        let mut created: Vec<SlotInfo> = Vec::with_capacity(plan.create.len());
-        let mut failure = None;
-        for d in &plan.delete {
-            match self.call(d.slot, d.gpa, 0) {
-                Ok(()) => deleted.push(*d),
-                Err(e) => {
-                    failure = Some(e);
-                    break;
-                }
-            }
-        }
-        if failure.is_none() {
-            for &(gpa, len) in &plan.create {
-                let Some(id) = self.take_fresh_id() else {
-                    failure = Some(Stage2Error::OutOfSlots);
-                    break;
-                };
-                match self.call(id, gpa, len) {
-                    Ok(()) => created.push(SlotInfo { slot: id, gpa, len }),
-                    Err(e) => {
-                        self.release_id(id);
-                        failure = Some(e);
-                        break;
-                    }
-                }
-            }
-        }
-        let Some(err) = failure else { return Ok(()) };
-        for c in created.iter().rev() {
-            let _ = self.call(c.slot, c.gpa, 0);
-        }
-        for d in deleted.iter().rev() {
-            if self.free_ids.remove(&d.slot) && self.call(d.slot, d.gpa, d.len).is_err() {
-                self.release_id(d.slot);
-            }
-        }
-        Err(err)
-    }
-
-    /// Checks that the memslots are exactly the maximal exposed runs, with distinct ids below the
-    /// backend's limit, and that the counters agree with the table.
+    /// Checks that the state map covers RAM in maximal runs, that the backend realises the
+    /// view of every run, and the backend's own invariants.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let runs = plan::exposed_runs(&self.map, 0, self.ram_size, 0, 0, RangeState::Unmapped);
-        let slots = self.memslots();
-        let got: Vec<(u64, u64)> = slots.iter().map(|s| (s.gpa, s.end())).collect();
-        if got != runs {
-            return Err(format!("memslots {got:x?} != exposed runs {runs:x?}"));
-        }
-        let mut ids = BTreeSet::new();
-        for s in &slots {
-            if s.slot >= self.backend.max_slots()
-                || !ids.insert(s.slot)
-                || self.free_ids.contains(&s.slot)
-            {
-                return Err(format!("bad or duplicate slot id {}", s.slot));
-            }
-        }
-        if self.counters.memslots_in_use != slots.len() as u64 {
-            return Err("memslots_in_use disagrees with the table".into());
-        }
-        let mut prev: Option<Run> = None;
+        let mut prev: Option<Run<RangeState>> = None;
         let mut covered = 0;
         for r in self.map.iter() {
             if r.start != covered || prev.is_some_and(|p| p.state == r.state) {
@@ -396,27 +317,33 @@ impl<B: SlotBackend> Stage2Engine<B> {
                     r.start
                 ));
             }
+            let want = self.view.perm(r.state);
+            for g in [r.start, r.end - PAGE_SIZE] {
+                let got = self.backend.perm_at(Gpa(g));
+                if got != Some(want) {
+                    return Err(format!(
+                        "page {g:#x} is {} but the backend gives {got:?}, not {want:?}",
+                        r.state
+                    ));
+                }
+            }
             covered = r.end;
             prev = Some(r);
         }
         if covered != self.ram_size {
             return Err("range map does not cover RAM".into());
         }
-        Ok(())
+        self.backend.check()
     }
 }
 
-impl<B: SlotBackend> Stage2Engine<B> {
-    /// Byte range of [pfn, pfn+count), or a counted OutOfRam refusal when it overflows.
-    fn pfn_range(&mut self, pfn: Pfn, count: u64) -> Result<(u64, u64), Stage2Error> {
-        match (pfn.checked_mul(PAGE_SIZE), count.checked_mul(PAGE_SIZE)) {
+impl<B: Stage2Backend> Stage2Engine<B> {
+    /// Byte range of [pfn, pfn+count), or a counted refusal when it overflows.
+    fn pfn_range(&mut self, pfn: Pfn, count: u64) -> Result<(Gpa, u64), Stage2Error> {
+        match (Gpa::from_pfn(pfn), count.checked_mul(PAGE_SIZE)) {
             (Some(gpa), Some(len)) => Ok((gpa, len)),
             _ => {
-                let e = EngineError::OutOfRam {
-                    start: pfn,
-                    end: u64::MAX,
-                    ram_size: self.ram_size,
-                };
+                let e = EngineError::PfnOverflow { pfn, count };
                 let s2 = e.to_stage2();
                 let _ = self.note(Err(e));
                 Err(s2)
@@ -425,7 +352,7 @@ impl<B: SlotBackend> Stage2Engine<B> {
     }
 }
 
-impl<B: SlotBackend> Stage2 for Stage2Engine<B> {
+impl<B: Stage2Backend> Stage2 for Stage2Engine<B> {
     fn unmap(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
         let (gpa, len) = self.pfn_range(pfn, count)?;
         self.unmap_range(gpa, len).map_err(|e| e.to_stage2())

@@ -4,11 +4,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use allocator::Stage2Error;
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 
-use super::{SlotBackend, PAGE_SIZE};
+use super::MemslotTable;
+use crate::addr::{Gpa, HostAddr};
+use crate::memory::GuestRam;
 
 /// Time spent in `set_slot` calls (KVM ioctls).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -21,14 +23,15 @@ pub struct SlotTiming {
     pub max_ns: u64,
 }
 
-/// Memslots of a KVM VM whose RAM is one host mapping: GPA x lives at `host_base + x`.
+/// Memslots of a KVM VM whose RAM is one [`GuestRam`] mapping: GPA x lives at `host_base + x`.
 ///
-/// Contract for the caller of [`KvmSlots::new`]: `[host_base, host_base + ram_size)` is a private
-/// anonymous mapping (`MAP_PRIVATE | MAP_ANONYMOUS`, as vm-memory creates) that outlives the VM
-/// and that no Rust reference aliases while the guest runs; zeroing relies on
-/// `MADV_DONTNEED` giving such memory back as zero pages.
+/// The table holds the RAM (an `Arc`) for as long as it holds the VM, so the mapping every
+/// memslot points into outlives the VM's slots; zeroing relies on `MADV_DONTNEED` giving that
+/// private anonymous memory back as zero pages.
 pub struct KvmSlots {
+    // Declared before `ram` so the VM (and its memslots) is dropped before the mapping.
     vm: Arc<VmFd>,
+    ram: Arc<GuestRam>,
     host_base: u64,
     ram_size: u64,
     max_slots: u32,
@@ -40,12 +43,14 @@ pub struct KvmSlots {
 }
 
 impl KvmSlots {
-    /// `host_base` is the host address of GPA 0; RAM is [0, ram_size).
-    pub fn new(vm: Arc<VmFd>, host_base: u64, ram_size: u64, max_slots: u32) -> Self {
+    /// The memslot table of `vm` over `ram` (GPA 0 at the start of the mapping), with slot
+    /// ids `0..max_slots`.
+    pub fn new(vm: Arc<VmFd>, ram: Arc<GuestRam>, max_slots: u32) -> Self {
         KvmSlots {
             vm,
-            host_base,
-            ram_size,
+            host_base: ram.host_base(),
+            ram_size: ram.size(),
+            ram,
             max_slots,
             timing: SlotTiming::default(),
             durations_ns: Vec::new(),
@@ -56,8 +61,13 @@ impl KvmSlots {
     }
 
     /// Host address of GPA (for dumps).
-    pub fn host_addr(&self, gpa: u64) -> u64 {
-        self.host_base + gpa
+    pub fn host_addr(&self, gpa: Gpa) -> HostAddr {
+        HostAddr(self.host_base + gpa.0)
+    }
+
+    /// The guest RAM the slots point into.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.ram
     }
 
     /// The VM.
@@ -81,11 +91,6 @@ impl KvmSlots {
         self.lock_unmapped = on;
     }
 
-    /// Whether the unmapped pages are locked against swap.
-    pub fn lock_stats(&self) -> LockStats {
-        self.lock
-    }
-
     /// Keeps every `set_slot` duration (for medians; see [`KvmSlots::durations_ns`]).
     pub fn keep_durations(&mut self, on: bool) {
         self.keep_durations = on;
@@ -105,22 +110,29 @@ fn errno_of(e: kvm_ioctls::Error) -> Stage2Error {
     Stage2Error::Backend(-e.errno())
 }
 
-impl SlotBackend for KvmSlots {
-    fn set_slot(&mut self, slot: u32, gpa: u64, len: u64) -> Result<(), Stage2Error> {
+impl MemslotTable for KvmSlots {
+    fn set_slot(
+        &mut self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        readonly: bool,
+    ) -> Result<(), Stage2Error> {
         if !self.in_ram(gpa, len) {
             return Err(Stage2Error::Backend(-libc::ERANGE));
         }
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if readonly { KVM_MEM_READONLY } else { 0 },
             guest_phys_addr: gpa,
             memory_size: len,
             userspace_addr: self.host_base + gpa,
         };
         let t0 = Instant::now();
-        // SAFETY: the region lies inside [host_base, host_base + ram_size) (checked above), which
-        // the caller of `KvmSlots::new` guarantees is a host mapping that outlives the VM and is
-        // not aliased by Rust references; the engine only creates slots in free ids and never
+        // SAFETY: the region lies inside [host_base, host_base + ram_size) (checked above), the
+        // mapping of `self.ram`, which this table keeps alive for as long as it keeps the VM
+        // (fields drop in order: `vm` first) and which Rust code only touches through
+        // vm-memory's volatile accessors; the backend only creates slots in free ids and never
         // overlapping another slot (KVM rejects overlaps itself with EEXIST).
         let r = unsafe { self.vm.set_user_memory_region(region) };
         let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -135,62 +147,23 @@ impl SlotBackend for KvmSlots {
     }
 
     fn zero(&mut self, gpa: u64, len: u64) -> Result<(), Stage2Error> {
-        if !self.in_ram(gpa, len) {
-            return Err(Stage2Error::Backend(-libc::ERANGE));
-        }
-        let end = gpa + len;
-        let page_start = gpa.next_multiple_of(PAGE_SIZE).min(end);
-        let page_end = (end / PAGE_SIZE * PAGE_SIZE).max(page_start);
-        // Partial pages at the edges are written with zeroes; whole pages are discarded.
-        for (s, e) in [(gpa, page_start), (page_end, end)] {
-            if s < e {
-                // SAFETY: [s, e) lies inside RAM (checked above), a live writable host mapping
-                // per the `KvmSlots::new` contract; u8 has no alignment or validity requirements.
-                unsafe {
-                    std::ptr::write_bytes((self.host_base + s) as *mut u8, 0, (e - s) as usize)
-                };
-            }
-        }
-        if page_start < page_end {
-            // SAFETY: the range is page aligned (host_base is page aligned: it comes from mmap)
-            // and inside RAM, a private anonymous mapping per the `KvmSlots::new` contract; for
-            // such memory MADV_DONTNEED drops the pages and later accesses (host or guest, via
-            // KVM's MMU notifier) see fresh zero pages. No Rust reference points into guest RAM.
-            // Locked (unmapped) pages are unlocked for the release and locked again.
-            unsafe {
-                crate::memory::release_pages(self.host_base + page_start, page_end - page_start)
-            }
-            .map_err(|e| Stage2Error::Backend(-e.raw_os_error().unwrap_or(libc::EIO)))?;
-        }
-        Ok(())
+        super::zero_ram(&self.ram, Gpa(gpa), len)
     }
 
     fn max_slots(&self) -> u32 {
         self.max_slots
     }
 
+    fn lock_stats(&self) -> LockStats {
+        self.lock
+    }
+
     fn set_locked(&mut self, gpa: u64, len: u64, locked: bool) {
         if !self.lock_unmapped || !self.in_ram(gpa, len) || len == 0 {
             return;
         }
-        let p = (self.host_base + gpa) as *mut libc::c_void;
-        let n = len as usize;
-        if locked {
-            // SAFETY: [gpa, gpa + len) lies inside the RAM mapping (checked above); MLOCK_ONFAULT
-            // locks pages as they are faulted in and neither populates nor moves the mapping.
-            if unsafe { libc::mlock2(p, n, libc::MLOCK_ONFAULT) } == 0 {
-                self.lock.locked_bytes += len;
-                self.lock.peak_locked_bytes =
-                    self.lock.peak_locked_bytes.max(self.lock.locked_bytes);
-            } else {
-                self.lock.failed_bytes += len;
-                self.lock.errno = std::io::Error::last_os_error().raw_os_error();
-            }
-        } else {
-            // SAFETY: as above; munlock of a range that is not locked is a no-op.
-            unsafe { libc::munlock(p, n) };
-            self.lock.locked_bytes = self.lock.locked_bytes.saturating_sub(len);
-        }
+        // SAFETY: [gpa, gpa + len) lies inside the RAM mapping of `self.ram` (checked above).
+        unsafe { crate::memory::set_locked(self.host_base + gpa, len, locked, &mut self.lock) };
     }
 }
 

@@ -1,30 +1,61 @@
 //! The stage-2 engine: the single source of truth for what the guest can reach.
 //!
-//! Every page of guest RAM `[0, ram_size)` has a [`RangeState`]. The engine keeps the states as
-//! maximal runs in a `BTreeMap` ([`plan::RangeMap`]) and realises them with KVM memslots through a
-//! [`SlotBackend`]: every maximal run of *exposed* pages (reserved or mapped) is exactly one
-//! memslot, and unmapped pages are holes. That is the minimal number of memslots for a layout.
+//! Three layers (docs/ARCHITECTURE.md, "Stage 2: states, views, backends"):
+//! - **states**: every page of guest RAM `[0, ram_size)` has an intended [`RangeState`], kept by
+//!   [`Stage2Engine`] as maximal runs in a `BTreeMap` ([`plan::RangeMap`]);
+//! - **a view** ([`View`]) maps each state to the [`Perm`] the guest gets (none, read,
+//!   read-write);
+//! - **a backend** ([`Stage2Backend`]) realises the view: the engine only tells it "make this
+//!   GPA range this permission".
 //!
-//! Updates arrive through [`allocator::Stage2`] (pfn based): an unmap inside a slot deletes the
-//! slot and re-creates the pieces that stay exposed (KVM cannot shrink a slot in place: the GPA
-//! and size of a slot only change by deleting it), a map merges the new range with its exposed
-//! neighbours into one slot. The planner ([`plan`]) computes the slots that must be deleted and
-//! created for an update from the slots around it, so an update costs O(log n + ranges touched).
+//! Updates arrive through [`allocator::Stage2`] (pfn based) or the engine's typed range calls.
 //!
-//! Backends: [`KvmSlots`] (real `KVM_SET_USER_MEMORY_REGION`, zeroing through
+//! Backends: [`Slots`], minimal KVM memslots over a [`MemslotTable`] — every maximal run of
+//! pages with equal permission is one memslot (`Read` runs as `KVM_MEM_READONLY` slots), `None`
+//! pages are holes. Tables: [`KvmSlots`] (real `KVM_SET_USER_MEMORY_REGION`, zeroing through
 //! `madvise(MADV_DONTNEED)`) and [`ModelSlots`] (a checked simulation of KVM's slot table for
 //! tests and models).
 
 mod engine;
 mod kvm;
 mod model;
+mod mprotect;
 pub mod plan;
+mod slots;
 
 pub use engine::Stage2Engine;
 pub use kvm::{KvmSlots, LockStats, SlotTiming};
 pub use model::{ModelSlots, SlotCall};
+pub use mprotect::{Mprotect, MprotectError};
+pub use slots::Slots;
 
 use serde::Serialize;
+
+use crate::addr::Gpa;
+
+/// Which backend realises the guest's view (`veil run --stage2`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// Minimal KVM memslots: unmapped pages are holes, read-only pages `KVM_MEM_READONLY`
+    /// slots ([`Slots`]).
+    Slots,
+    /// One memslot over a second mapping of memfd-backed RAM whose 4 KiB pages are
+    /// `mprotect`ed ([`Mprotect`]): the default, for its lower per-update cost and suite time
+    /// in the cost table (README).
+    #[default]
+    Mprotect,
+}
+
+impl BackendKind {
+    /// The name `--stage2` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BackendKind::Slots => "slots",
+            BackendKind::Mprotect => "mprotect",
+        }
+    }
+}
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -38,27 +69,95 @@ pub const PAGE_SHIFT: u32 = 12;
 pub enum RangeState {
     /// VMM-owned low memory (page tables, GDT, image, mailboxes): always exposed, never managed.
     Reserved,
-    /// Managed memory the guest's direct map can reach: exposed through a memslot.
+    /// Managed memory the guest's direct map can reach.
     Mapped,
-    /// Managed memory removed from stage 2: a memslot hole; any access is a violation.
+    /// Managed memory the guest may read but not write (locked by `Hc::Protect`, never back):
+    /// a store is a violation.
+    ReadOnly,
+    /// Managed memory the guest locked against every access (`Hc::Protect`, never back).
+    NoAccess,
+    /// Managed memory removed from stage 2: any access is a violation.
     Unmapped,
 }
 
 impl RangeState {
-    /// Whether pages in this state are backed by a memslot (reachable by the guest).
-    pub const fn is_exposed(self) -> bool {
-        match self {
-            RangeState::Reserved | RangeState::Mapped => true,
-            RangeState::Unmapped => false,
-        }
+    /// Whether the guest locked pages in this state for the rest of the run.
+    pub const fn is_locked(self) -> bool {
+        matches!(self, RangeState::ReadOnly | RangeState::NoAccess)
     }
 
-    /// Lower-case name used in dumps ("reserved", "mapped", "unmapped").
+    /// Whether pages in this state are reachable by the guest at all (in the default view).
+    pub const fn is_exposed(self) -> bool {
+        !matches!(View::GUEST.perm(self), Perm::None)
+    }
+
+    /// Lower-case name used in dumps ("reserved", "mapped", "read_only", "unmapped").
     pub const fn name(self) -> &'static str {
         match self {
             RangeState::Reserved => "reserved",
             RangeState::Mapped => "mapped",
+            RangeState::ReadOnly => "read_only",
+            RangeState::NoAccess => "no_access",
             RangeState::Unmapped => "unmapped",
+        }
+    }
+}
+
+/// What the guest may do with a page: the permission a backend realises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Perm {
+    /// No access: any load, store or fetch is a violation.
+    None,
+    /// Loads and fetches; a store is a violation.
+    Read,
+    /// Every access.
+    ReadWrite,
+}
+
+impl Perm {
+    /// Whether a store is allowed.
+    pub const fn writable(self) -> bool {
+        matches!(self, Perm::ReadWrite)
+    }
+
+    /// Whether a load or fetch is allowed.
+    pub const fn readable(self) -> bool {
+        !matches!(self, Perm::None)
+    }
+}
+
+/// A view: the permission every page state gets. The same state can have different
+/// permissions in different views (the ASI issue's sensitive pages); today the guest runs in
+/// one view, [`View::GUEST`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    reserved: Perm,
+    mapped: Perm,
+    read_only: Perm,
+    no_access: Perm,
+    unmapped: Perm,
+}
+
+impl View {
+    /// The guest's view: reserved and mapped pages read-write, read-only pages readable,
+    /// unmapped pages unreachable.
+    pub const GUEST: View = View {
+        reserved: Perm::ReadWrite,
+        mapped: Perm::ReadWrite,
+        read_only: Perm::Read,
+        no_access: Perm::None,
+        unmapped: Perm::None,
+    };
+
+    /// The permission of pages in `state`.
+    pub const fn perm(&self, state: RangeState) -> Perm {
+        match state {
+            RangeState::Reserved => self.reserved,
+            RangeState::Mapped => self.mapped,
+            RangeState::ReadOnly => self.read_only,
+            RangeState::NoAccess => self.no_access,
+            RangeState::Unmapped => self.unmapped,
         }
     }
 }
@@ -73,9 +172,9 @@ impl std::fmt::Display for RangeState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct RangeInfo {
     /// First GPA of the range.
-    pub start: u64,
+    pub start: Gpa,
     /// GPA one past the range.
-    pub end: u64,
+    pub end: Gpa,
     /// State of every page in the range.
     pub state: RangeState,
     /// Memslot that contains the range (None for holes).
@@ -85,7 +184,7 @@ pub struct RangeInfo {
 impl RangeInfo {
     /// Number of 4 KiB pages in the range.
     pub const fn pages(&self) -> u64 {
-        (self.end - self.start) >> PAGE_SHIFT
+        (self.end.0 - self.start.0) >> PAGE_SHIFT
     }
 }
 
@@ -98,17 +197,23 @@ pub struct SlotInfo {
     pub gpa: u64,
     /// Length of the slot in bytes.
     pub len: u64,
+    /// Whether the slot is `KVM_MEM_READONLY` (stores exit as MMIO).
+    pub readonly: bool,
 }
 
 impl SlotInfo {
-    /// The slots of a table keyed by start GPA with `(end, slot id)` values, in GPA order.
-    pub(crate) fn table(by_gpa: &std::collections::BTreeMap<u64, (u64, u32)>) -> Vec<SlotInfo> {
+    /// The slots of a table keyed by start GPA with `(end, slot id, readonly)` values, in GPA
+    /// order.
+    pub(crate) fn table(
+        by_gpa: &std::collections::BTreeMap<u64, (u64, u32, bool)>,
+    ) -> Vec<SlotInfo> {
         by_gpa
             .iter()
-            .map(|(&gpa, &(end, slot))| SlotInfo {
+            .map(|(&gpa, &(end, slot, readonly))| SlotInfo {
                 slot,
                 gpa,
                 len: end - gpa,
+                readonly,
             })
             .collect()
     }
@@ -134,6 +239,10 @@ pub struct Stage2Counters {
     pub pages_mapped: u64,
     /// Pages zeroed.
     pub pages_zeroed: u64,
+    /// Successful locks (mapped pages locked read-only or no-access, `Hc::Protect`).
+    pub protect_calls: u64,
+    /// Pages locked.
+    pub pages_protected: u64,
     /// `set_slot` calls made (creates + deletes, including rollbacks after a backend failure).
     pub memslot_updates: u64,
     /// Memslots created (`set_slot` with a length).
@@ -144,6 +253,12 @@ pub struct Stage2Counters {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
+    /// `mprotect` calls on the guest view (the `mprotect` backend; 0 under `slots`).
+    pub mprotect_calls: u64,
+    /// Ranges of distinct protection on the guest view now, each one VMA (`mprotect` backend).
+    pub vmas_in_use: u64,
+    /// Most such ranges at once.
+    pub peak_vmas: u64,
     /// Updates refused (out of RAM, wrong state, out of slots, backend failure).
     pub rejected_updates: u64,
 }
@@ -164,26 +279,36 @@ pub enum EngineError {
         ram_size: u64,
     },
     /// The range is empty, wraps or leaves RAM.
-    #[error("range [{start:#x}, {end:#x}) is empty or not inside RAM [0, {ram_size:#x})")]
+    #[error(
+        "range [{start:#x}, {end:#x}) is empty, unaligned or not inside RAM [0, {ram_size:#x})"
+    )]
     OutOfRam {
         /// First GPA asked for.
-        start: u64,
+        start: Gpa,
         /// End GPA asked for (saturated on overflow).
-        end: u64,
+        end: Gpa,
         /// RAM size.
         ram_size: u64,
+    },
+    /// A pfn range whose byte addresses do not fit 64 bits.
+    #[error("pfn range {pfn:#x} + {count:#x} pages overflows the address space")]
+    PfnOverflow {
+        /// First pfn asked for.
+        pfn: allocator::Pfn,
+        /// Pages asked for.
+        count: u64,
     },
     /// A page of the range is in a state the update does not accept.
     #[error("cannot {op} [{start:#x}, {end:#x}): page {gpa:#x} is {found}")]
     WrongState {
-        /// The update ("unmap", "map", "zero").
+        /// The update ("unmap", "map", "lock", "zero").
         op: &'static str,
         /// First GPA asked for.
-        start: u64,
+        start: Gpa,
         /// End GPA asked for.
-        end: u64,
+        end: Gpa,
         /// First page in the wrong state.
-        gpa: u64,
+        gpa: Gpa,
         /// Its state.
         found: RangeState,
     },
@@ -195,6 +320,9 @@ pub enum EngineError {
         /// Backend limit.
         max: u32,
     },
+    /// `lock_range` was asked for a state that is not a lock.
+    #[error("{0} is not a lock (read_only or no_access)")]
+    NotALock(RangeState),
     /// The backend failed (KVM errno as a negative number in `Stage2Error::Backend`).
     #[error("stage-2 backend failed: {0:?}")]
     Backend(allocator::Stage2Error),
@@ -206,29 +334,135 @@ impl EngineError {
         match self {
             EngineError::OutOfSlots { .. } => allocator::Stage2Error::OutOfSlots,
             EngineError::Backend(e) => *e,
-            EngineError::OutOfRam { .. } => allocator::Stage2Error::Backend(-libc::ERANGE),
+            EngineError::OutOfRam { .. } | EngineError::PfnOverflow { .. } => {
+                allocator::Stage2Error::Backend(-libc::ERANGE)
+            }
             _ => allocator::Stage2Error::Backend(-libc::EINVAL),
         }
     }
 }
 
-/// How memslots are realised.
-pub trait SlotBackend {
-    /// Create or replace memslot `slot` = [gpa, gpa+len) backed at host offset `gpa` of RAM
-    /// (RAM is one host mapping; GPA x lives at host_base + x). len == 0 deletes the slot.
+/// Zeroes guest RAM [gpa, gpa + len) through the VMM's mapping (partial pages written, whole
+/// pages released: `MADV_DONTNEED` or a memfd hole), as a stage-2 result.
+pub(crate) fn zero_ram(
+    ram: &crate::memory::GuestRam,
+    gpa: Gpa,
+    len: u64,
+) -> Result<(), allocator::Stage2Error> {
+    ram.zero(gpa.0, len).map_err(|e| match e {
+        vm_memory::GuestMemoryError::IOError(io) => {
+            allocator::Stage2Error::Backend(-io.raw_os_error().unwrap_or(libc::EIO))
+        }
+        _ => allocator::Stage2Error::Backend(-libc::ERANGE),
+    })
+}
+
+/// What a backend has in use (memslots, protected ranges) and the work it did.
+#[derive(Serialize, Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct BackendUsage {
+    /// Calls into the host mechanism (memslot ioctls, including rollbacks after a failure).
+    pub memslot_updates: u64,
+    /// Memslots created.
+    pub slots_created: u64,
+    /// Memslots deleted.
+    pub slots_deleted: u64,
+    /// Memslots that exist now.
+    pub memslots_in_use: u64,
+    /// Most memslots that existed at once.
+    pub peak_memslots: u64,
+    /// `mprotect` calls on the guest view (the `mprotect` backend).
+    pub mprotect_calls: u64,
+    /// Ranges of distinct protection on the guest view now (each is one VMA).
+    pub vmas_in_use: u64,
+    /// Most such ranges at once.
+    pub peak_vmas: u64,
+}
+
+/// Realises a view: makes GPA ranges of guest RAM reachable with a permission.
+///
+/// A backend starts with every page at [`Perm::None`]; the engine sets the permission of every
+/// page before the guest runs. Every call is all-or-nothing: on an error nothing changed.
+pub trait Stage2Backend {
+    /// The backend's name as `veil run --stage2` spells it ("slots").
+    fn name(&self) -> &'static str;
+    /// Makes every page of [gpa, gpa + len) (page aligned, inside RAM) reachable with `perm`.
+    fn set_perm(&mut self, gpa: Gpa, len: u64, perm: Perm) -> Result<(), EngineError>;
+    /// Zeroes guest RAM [gpa, gpa + len) without opening it to the guest.
+    fn zero(&mut self, gpa: Gpa, len: u64) -> Result<(), allocator::Stage2Error>;
+    /// The permission the backend realises at `gpa` now (None outside RAM).
+    fn perm_at(&self, gpa: Gpa) -> Option<Perm>;
+    /// The memslots in use, in GPA order.
+    fn memslots(&self) -> Vec<SlotInfo>;
+    /// The memslot that contains `gpa`, if any.
+    fn slot_containing(&self, gpa: Gpa) -> Option<SlotInfo>;
+    /// Counters of the backend's work.
+    fn usage(&self) -> BackendUsage;
+    /// Whether the unmapped pages are locked against swap.
+    fn lock_stats(&self) -> LockStats {
+        LockStats::default()
+    }
+    /// Checks the backend's own invariants (for tests).
+    fn check(&self) -> Result<(), String>;
+}
+
+impl<B: Stage2Backend + ?Sized> Stage2Backend for Box<B> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+    fn set_perm(&mut self, gpa: Gpa, len: u64, perm: Perm) -> Result<(), EngineError> {
+        (**self).set_perm(gpa, len, perm)
+    }
+    fn zero(&mut self, gpa: Gpa, len: u64) -> Result<(), allocator::Stage2Error> {
+        (**self).zero(gpa, len)
+    }
+    fn perm_at(&self, gpa: Gpa) -> Option<Perm> {
+        (**self).perm_at(gpa)
+    }
+    fn memslots(&self) -> Vec<SlotInfo> {
+        (**self).memslots()
+    }
+    fn slot_containing(&self, gpa: Gpa) -> Option<SlotInfo> {
+        (**self).slot_containing(gpa)
+    }
+    fn usage(&self) -> BackendUsage {
+        (**self).usage()
+    }
+    fn lock_stats(&self) -> LockStats {
+        (**self).lock_stats()
+    }
+    fn check(&self) -> Result<(), String> {
+        (**self).check()
+    }
+}
+
+/// A KVM memslot table (the host mechanism under [`Slots`]).
+pub trait MemslotTable {
+    /// Create memslot `slot` = [gpa, gpa+len) backed at host offset `gpa` of RAM (RAM is one
+    /// host mapping; GPA x lives at host_base + x), `KVM_MEM_READONLY` when `readonly`.
+    /// len == 0 deletes the slot.
     ///
-    /// The engine only creates slots in ids that are free and only deletes existing slots.
-    fn set_slot(&mut self, slot: u32, gpa: u64, len: u64) -> Result<(), allocator::Stage2Error>;
+    /// The caller only creates slots in ids that are free and only deletes existing slots.
+    fn set_slot(
+        &mut self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        readonly: bool,
+    ) -> Result<(), allocator::Stage2Error>;
     /// Zero guest RAM [gpa, gpa+len) through the host mapping (madvise(MADV_DONTNEED) for
-    /// whole pages on the KVM backend).
+    /// whole pages on the KVM table).
     fn zero(&mut self, gpa: u64, len: u64) -> Result<(), allocator::Stage2Error>;
-    /// Most memslots this backend offers (KVM_CAP_NR_MEMSLOTS for KVM); the engine uses slot
-    /// ids `0..max_slots()`.
+    /// Most memslots this table offers (KVM_CAP_NR_MEMSLOTS for KVM); slot ids are
+    /// `0..max_slots()`.
     fn max_slots(&self) -> u32;
-    /// Locks [gpa, gpa+len) against swap when it becomes unmapped (`locked`), unlocks it when it
-    /// is mapped again. Best effort: the KVM backend counts failures (memlock limit); the
-    /// default does nothing.
+    /// Locks [gpa, gpa+len) against swap when it becomes unreachable (`locked`), unlocks it
+    /// when it is reachable again. Best effort: the KVM table counts failures (memlock limit);
+    /// the default does nothing.
     fn set_locked(&mut self, _gpa: u64, _len: u64, _locked: bool) {}
+    /// Whether the unmapped pages are locked against swap.
+    fn lock_stats(&self) -> LockStats {
+        LockStats::default()
+    }
 }
 
 #[cfg(test)]

@@ -9,12 +9,12 @@ use std::collections::BTreeMap;
 
 use allocator::Stage2Error;
 
-use super::{SlotBackend, SlotInfo, PAGE_SIZE};
+use super::{MemslotTable, SlotInfo, PAGE_SIZE};
 
 /// One recorded backend call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotCall {
-    /// `set_slot(slot, gpa, len)`; `len == 0` is a delete.
+    /// `set_slot(slot, gpa, len, readonly)`; `len == 0` is a delete.
     SetSlot {
         /// Slot id.
         slot: u32,
@@ -22,6 +22,8 @@ pub enum SlotCall {
         gpa: u64,
         /// Length (0 = delete).
         len: u64,
+        /// `KVM_MEM_READONLY`.
+        readonly: bool,
     },
     /// `zero(gpa, len)`.
     Zero {
@@ -38,8 +40,8 @@ pub struct ModelSlots {
     max_slots: u32,
     /// id -> (gpa, len)
     by_id: BTreeMap<u32, (u64, u64)>,
-    /// gpa -> (end, id)
-    by_gpa: BTreeMap<u64, (u64, u32)>,
+    /// gpa -> (end, id, readonly)
+    by_gpa: BTreeMap<u64, (u64, u32, bool)>,
     record: bool,
     calls: Vec<SlotCall>,
     set_slot_calls: u64,
@@ -104,7 +106,7 @@ impl ModelSlots {
         self.by_gpa
             .range(..=gpa)
             .next_back()
-            .is_some_and(|(_, &(end, _))| gpa < end)
+            .is_some_and(|(_, &(end, _, _))| gpa < end)
     }
 
     /// `set_slot` calls made (including refused ones).
@@ -132,6 +134,14 @@ impl ModelSlots {
         self.bytes_zeroed
     }
 
+    /// Whether `gpa` is inside a `KVM_MEM_READONLY` slot.
+    pub fn is_readonly(&self, gpa: u64) -> bool {
+        self.by_gpa
+            .range(..=gpa)
+            .next_back()
+            .is_some_and(|(_, &(end, _, ro))| gpa < end && ro)
+    }
+
     /// Calls refused because they broke KVM's rules (an engine bug if non-zero).
     pub fn refused_calls(&self) -> u64 {
         self.refused_calls
@@ -143,11 +153,22 @@ impl ModelSlots {
     }
 }
 
-impl SlotBackend for ModelSlots {
-    fn set_slot(&mut self, slot: u32, gpa: u64, len: u64) -> Result<(), Stage2Error> {
+impl MemslotTable for ModelSlots {
+    fn set_slot(
+        &mut self,
+        slot: u32,
+        gpa: u64,
+        len: u64,
+        readonly: bool,
+    ) -> Result<(), Stage2Error> {
         self.set_slot_calls += 1;
         if self.record {
-            self.calls.push(SlotCall::SetSlot { slot, gpa, len });
+            self.calls.push(SlotCall::SetSlot {
+                slot,
+                gpa,
+                len,
+                readonly,
+            });
         }
         if let Some(n) = self.fail_after.as_mut() {
             if *n == 0 {
@@ -181,12 +202,12 @@ impl SlotBackend for ModelSlots {
             .by_gpa
             .range(..end)
             .next_back()
-            .is_some_and(|(_, &(e, _))| e > gpa);
+            .is_some_and(|(_, &(e, _, _))| e > gpa);
         if overlaps_prev {
             return self.refuse(libc::EEXIST);
         }
         self.by_id.insert(slot, (gpa, len));
-        self.by_gpa.insert(gpa, (end, slot));
+        self.by_gpa.insert(gpa, (end, slot, readonly));
         self.creates += 1;
         Ok(())
     }

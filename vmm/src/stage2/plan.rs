@@ -1,36 +1,37 @@
-//! Pure stage-2 bookkeeping: the range map of page states and the memslot planner.
+//! Pure stage-2 bookkeeping: range maps and the memslot planner.
 //!
-//! Nothing here talks to a backend. [`RangeMap`] holds maximal runs of equal state; the planner
-//! ([`exposed_runs`], [`diff`]) computes which memslots an update must delete and create so that
-//! the memslots are again exactly the maximal runs of exposed pages.
+//! Nothing here talks to a backend. [`RangeMap`] holds maximal runs of equal value (page states
+//! in the engine, permissions in the slots backend); the planner ([`slot_runs`], [`diff`])
+//! computes which memslots an update must delete and create so that the memslots are again
+//! exactly the maximal runs of pages with equal, non-`None` permission.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
-use super::{RangeState, SlotInfo};
+use super::{Perm, SlotInfo};
 
 /// One run of the range map: [start, end) in `state`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Run {
+pub struct Run<S> {
     /// First GPA.
     pub start: u64,
     /// GPA one past the run.
     pub end: u64,
     /// State of every page.
-    pub state: RangeState,
+    pub state: S,
 }
 
-/// Maximal runs of equal state covering [0, size): adjacent runs always differ in state.
+/// Maximal runs of equal value covering [0, size): adjacent runs always differ.
 #[derive(Clone, Debug)]
-pub struct RangeMap {
+pub struct RangeMap<S> {
     /// start -> (end, state)
-    runs: BTreeMap<u64, (u64, RangeState)>,
+    runs: BTreeMap<u64, (u64, S)>,
     size: u64,
 }
 
-impl RangeMap {
+impl<S: Copy + Eq> RangeMap<S> {
     /// A map of [0, size) where every run is given by `init` (must cover [0, size) in order).
-    pub fn new(size: u64, init: &[Run]) -> RangeMap {
+    pub fn new(size: u64, init: &[Run<S>]) -> RangeMap<S> {
         let mut m = RangeMap {
             runs: BTreeMap::new(),
             size,
@@ -43,9 +44,9 @@ impl RangeMap {
     }
 
     fn coalesce_all(&mut self) {
-        let runs: Vec<Run> = self.iter().collect();
+        let runs: Vec<Run<S>> = self.iter().collect();
         self.runs.clear();
-        let mut cur: Option<Run> = None;
+        let mut cur: Option<Run<S>> = None;
         for r in runs {
             match cur {
                 Some(ref mut c) if c.state == r.state && c.end == r.start => c.end = r.end,
@@ -77,20 +78,20 @@ impl RangeMap {
     }
 
     /// All runs in order.
-    pub fn iter(&self) -> impl Iterator<Item = Run> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = Run<S>> + '_ {
         self.runs
             .iter()
             .map(|(&start, &(end, state))| Run { start, end, state })
     }
 
     /// The run containing `addr`.
-    pub fn run_at(&self, addr: u64) -> Option<Run> {
+    pub fn run_at(&self, addr: u64) -> Option<Run<S>> {
         let (&start, &(end, state)) = self.runs.range(..=addr).next_back()?;
         (addr < end).then_some(Run { start, end, state })
     }
 
     /// The runs overlapping [start, end), clipped to it, in order. O(log n + k).
-    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = Run> + '_ {
+    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = Run<S>> + '_ {
         // An empty or inverted query yields nothing (BTreeMap::range would panic on start > end).
         let end = end.max(start);
         let first = self.run_at(start).map(|r| r.start).unwrap_or(start);
@@ -116,7 +117,7 @@ impl RangeMap {
 
     /// Sets [start, end) to `state`, keeping runs maximal. The range must lie inside [0, size).
     /// O(log n + runs replaced).
-    pub fn set(&mut self, start: u64, end: u64, state: RangeState) {
+    pub fn set(&mut self, start: u64, end: u64, state: S) {
         debug_assert!(start < end && end <= self.size);
         self.split_at(start);
         self.split_at(end);
@@ -142,37 +143,40 @@ impl RangeMap {
     }
 }
 
-/// The maximal runs of exposed pages inside the window [ws, we) of `map`, as if [start, end)
-/// (inside the window) had state `new_state`.
+/// The maximal runs of pages with equal, non-`None` permission inside the window [ws, we) of
+/// `map`, as if [start, end) (inside the window) had permission `new_perm`: the memslots of the
+/// window, as `(start, end, readonly)`.
 ///
-/// The window must be bounded by non-exposed pages (or the ends of RAM) on both sides, so the
+/// The window must be bounded by permission changes (or the ends of RAM) on both sides, so the
 /// runs returned are maximal in the whole map too.
-pub fn exposed_runs(
-    map: &RangeMap,
+pub fn slot_runs(
+    map: &RangeMap<Perm>,
     ws: u64,
     we: u64,
     start: u64,
     end: u64,
-    new_state: RangeState,
-) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let mut push = |s: u64, e: u64, exposed: bool| {
-        if s >= e || !exposed {
+    new_perm: Perm,
+) -> Vec<(u64, u64, bool)> {
+    let mut out: Vec<(u64, u64, Perm)> = Vec::new();
+    let mut push = |s: u64, e: u64, perm: Perm| {
+        if s >= e || perm == Perm::None {
             return;
         }
         match out.last_mut() {
-            Some(last) if last.1 == s => last.1 = e,
-            _ => out.push((s, e)),
+            Some(last) if last.1 == s && last.2 == perm => last.1 = e,
+            _ => out.push((s, e, perm)),
         }
     };
     for r in map.overlapping(ws, start) {
-        push(r.start, r.end, r.state.is_exposed());
+        push(r.start, r.end, r.state);
     }
-    push(start, end, new_state.is_exposed());
+    push(start, end, new_perm);
     for r in map.overlapping(end, we) {
-        push(r.start, r.end, r.state.is_exposed());
+        push(r.start, r.end, r.state);
     }
-    out
+    out.into_iter()
+        .map(|(s, e, p)| (s, e, p == Perm::Read))
+        .collect()
 }
 
 /// What an update does to the slot table.
@@ -180,23 +184,29 @@ pub fn exposed_runs(
 pub struct SlotPlan {
     /// Existing slots to delete (first).
     pub delete: Vec<SlotInfo>,
-    /// New slots to create, as (gpa, len) (after the deletes).
-    pub create: Vec<(u64, u64)>,
+    /// New slots to create, as (gpa, len, readonly) (after the deletes).
+    pub create: Vec<(u64, u64, bool)>,
 }
 
 /// The plan that turns the slots `old` of a window into the exposed runs `new` of that window:
 /// slots that already match a run stay untouched, every other old slot is deleted and every other
 /// run created.
-pub fn diff(old: &[SlotInfo], new: &[(u64, u64)]) -> SlotPlan {
+pub fn diff(old: &[SlotInfo], new: &[(u64, u64, bool)]) -> SlotPlan {
     let mut plan = SlotPlan::default();
     for s in old {
-        if !new.iter().any(|&(g, e)| g == s.gpa && e == s.end()) {
+        if !new
+            .iter()
+            .any(|&(g, e, ro)| g == s.gpa && e == s.end() && ro == s.readonly)
+        {
             plan.delete.push(*s);
         }
     }
-    for &(g, e) in new {
-        if !old.iter().any(|s| s.gpa == g && s.end() == e) {
-            plan.create.push((g, e - g));
+    for &(g, e, ro) in new {
+        if !old
+            .iter()
+            .any(|s| s.gpa == g && s.end() == e && s.readonly == ro)
+        {
+            plan.create.push((g, e - g, ro));
         }
     }
     plan
@@ -204,11 +214,11 @@ pub fn diff(old: &[SlotInfo], new: &[(u64, u64)]) -> SlotPlan {
 
 #[cfg(test)]
 mod tests {
+    use super::super::RangeState::{self, *};
     use super::*;
-    use RangeState::*;
 
     /// 100 pages: 10 reserved, then 90 mapped.
-    fn reserved_then_mapped() -> RangeMap {
+    fn reserved_then_mapped() -> RangeMap<RangeState> {
         RangeMap::new(
             100,
             &[
@@ -226,7 +236,7 @@ mod tests {
         )
     }
 
-    fn runs(m: &RangeMap) -> Vec<(u64, u64, RangeState)> {
+    fn runs(m: &RangeMap<RangeState>) -> Vec<(u64, u64, RangeState)> {
         m.iter().map(|r| (r.start, r.end, r.state)).collect()
     }
 
@@ -276,33 +286,49 @@ mod tests {
     }
 
     #[test]
-    fn exposed_runs_and_diff() {
-        let m = reserved_then_mapped();
-        let new = exposed_runs(&m, 0, 100, 40, 50, Unmapped);
-        assert_eq!(new, vec![(0, 40), (50, 100)]);
+    fn slot_runs_and_diff() {
+        let m = RangeMap::new(
+            100,
+            &[Run {
+                start: 0,
+                end: 100,
+                state: Perm::ReadWrite,
+            }],
+        );
+        let new = slot_runs(&m, 0, 100, 40, 50, Perm::None);
+        assert_eq!(new, vec![(0, 40, false), (50, 100, false)]);
         let old = [SlotInfo {
             slot: 0,
             gpa: 0,
             len: 100,
+            readonly: false,
         }];
         let p = diff(&old, &new);
         assert_eq!(p.delete, old.to_vec());
-        assert_eq!(p.create, vec![(0, 40), (50, 50)]);
-        // A slot that matches a new run is kept.
+        assert_eq!(p.create, vec![(0, 40, false), (50, 50, false)]);
+        // A read-only range is a slot of its own, even between read-write neighbours.
+        let new = slot_runs(&m, 0, 100, 40, 50, Perm::Read);
+        assert_eq!(new, vec![(0, 40, false), (40, 50, true), (50, 100, false)]);
+        // A slot that matches a new run is kept; one that differs only in its flag is not.
         let old = [
             SlotInfo {
                 slot: 3,
                 gpa: 0,
                 len: 40,
+                readonly: false,
             },
             SlotInfo {
                 slot: 4,
                 gpa: 50,
                 len: 50,
+                readonly: false,
             },
         ];
-        let p = diff(&old, &[(0, 40), (50, 60)]);
+        let p = diff(&old, &[(0, 40, false), (50, 60, false)]);
         assert_eq!(p.delete, vec![old[1]]);
-        assert_eq!(p.create, vec![(50, 10)]);
+        assert_eq!(p.create, vec![(50, 10, false)]);
+        let p = diff(&old, &[(0, 40, true), (50, 100, false)]);
+        assert_eq!(p.delete, vec![old[0]]);
+        assert_eq!(p.create, vec![(0, 40, true)]);
     }
 }

@@ -71,7 +71,7 @@ impl Vm {
             match self.s.view().read(gpa, &mut buf[..n]) {
                 Ok(()) => bytes.extend_from_slice(&buf[..n]),
                 Err(ViewError::Unmapped { gpa }) => return (bytes, Some(FetchStop::Hole(gpa))),
-                Err(ViewError::NotRam { .. }) => return (bytes, None),
+                Err(ViewError::NotRam { .. } | ViewError::ReadOnly { .. }) => return (bytes, None),
             }
             va = va.wrapping_add(n as u64);
         }
@@ -87,9 +87,7 @@ impl Vm {
         while left > 0 {
             let n = left.min(0x1000 - (va & 0xfff));
             match self.translate(cr3, va) {
-                Ok(g) if self.s.state_at(g) == Some(RangeState::Unmapped) => {
-                    hits.push((g, kind, n as u32))
-                }
+                Ok(g) if self.s.blocks(g, kind) => hits.push((g, kind, n as u32)),
                 Err(WalkError::TableInHole { entry_gpa }) => {
                     hits.push((entry_gpa, AccessKind::Read, 8))
                 }
@@ -137,7 +135,7 @@ impl Vm {
                 hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
                 for a in acc {
                     let state = a.gpa.map(|g| self.s.state_at(g));
-                    if let (Some(g), Some(Some(RangeState::Unmapped))) = (a.gpa, state) {
+                    if let Some(g) = a.gpa.filter(|&g| self.s.blocks(g, a.access)) {
                         hits.push((g, a.access, a.size));
                     }
                     seen.accesses.push(InsnAccess {
@@ -213,14 +211,7 @@ impl Vm {
     /// An internal-error exit: attributed to the blocked accesses of the instruction at RIP
     /// (or of the event frame KVM could not push), else reported as KVM's error.
     pub(super) fn internal_error(&mut self) -> Option<ExitInfo> {
-        let (suberror, data) = {
-            let run = self.vcpu.get_kvm_run();
-            // SAFETY: called right after a KVM_EXIT_INTERNAL_ERROR exit: `internal` is the active
-            // union member.
-            let ie = unsafe { run.__bindgen_anon_1.internal };
-            let n = (ie.ndata as usize).min(ie.data.len());
-            (ie.suberror, ie.data[..n].to_vec())
-        };
+        let (suberror, data) = super::kvm_run::internal_error(&mut self.vcpu);
         let regs = self.vcpu.sync_regs().regs;
         let mut insn = None;
         if let Ok(sregs) = self.vcpu.get_sregs() {
@@ -238,6 +229,31 @@ impl Vm {
             data,
             insn,
             regs: self.regs_dump(),
+        })
+    }
+
+    /// `KVM_RUN` failed with `EFAULT`: KVM could not resolve a guest access through the
+    /// backing it was given — under the `mprotect` backend, a guest ring-3 access to a page the
+    /// guest view closes (this host delivers no GPA and no `KVM_EXIT_MEMORY_FAULT`). Attributed
+    /// like an internal error and answered by the policy (recovery point or stop); an access
+    /// that cannot be attributed stops the VM with "stage-2 fault, address unknown" and the RIP.
+    pub(super) fn memory_fault(&mut self, e: &kvm_ioctls::Error) -> Option<ExitInfo> {
+        if let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            let (hits, _) = self.attribute_insn(&regs, &sregs);
+            if let Some((first, more)) = hits.split_first() {
+                // `answer` edits the synced registers: start from the vCPU's real ones.
+                self.vcpu.sync_regs_mut().regs = regs;
+                return self.answer(*first, more, regs.rip);
+            }
+            return Some(ExitInfo::KvmError {
+                error: format!(
+                    "{e}: a stage-2 fault, address unknown, at rip {:#x}",
+                    regs.rip
+                ),
+            });
+        }
+        Some(ExitInfo::KvmError {
+            error: e.to_string(),
         })
     }
 
@@ -260,10 +276,5 @@ impl Vm {
 
 /// Report name of a stage-2 state (None: not RAM).
 fn state_name(s: Option<RangeState>) -> &'static str {
-    match s {
-        Some(RangeState::Reserved) => "reserved",
-        Some(RangeState::Mapped) => "mapped",
-        Some(RangeState::Unmapped) => "unmapped",
-        None => "not RAM",
-    }
+    s.map_or("not RAM", RangeState::name)
 }
