@@ -130,15 +130,15 @@ impl Session {
             return Err(Status::BadState);
         }
         let test = self.current_name();
-        self.judge_open_route(test);
+        if let Some(cell) = self.judge_open_route(test) {
+            self.routes.matrix.push(cell);
+        }
         Ok(0)
     }
 
-    /// Judges the open route, if any, and adds its cell to the matrix.
-    fn judge_open_route(&mut self, test: Option<String>) {
-        let Some(r) = self.routes.open.take() else {
-            return;
-        };
+    /// Judges the open route, if any (closing it): its cell, for the caller to add to the matrix.
+    fn judge_open_route(&mut self, test: Option<String>) -> Option<RouteCell> {
+        let r = self.routes.open.take()?;
         let read = |gpa: u64, len: u64| {
             let mut b = vec![0u8; len as usize];
             self.ram.read(gpa, &mut b).ok().map(|()| b)
@@ -165,12 +165,12 @@ impl Session {
             refused_hypercalls: r.refused,
         };
         self.routes.scratch = scratch;
-        self.routes.matrix.push(RouteCell {
+        Some(RouteCell {
             route: r.name,
             test,
             result: judge(&evidence),
             evidence,
-        });
+        })
     }
 
     /// Every 8-byte window of the secret planted over `planted` (as little-endian u64), at
@@ -194,9 +194,21 @@ impl Session {
 
     /// The VMM's objection to the current test's routes, if any: a route left open (judged
     /// now) or a cell other than "blocked and recorded".
-    pub(super) fn route_verdict(&mut self, test: &str) -> Option<String> {
-        let open = self.routes.open.as_ref().map(|r| r.name.clone());
-        self.judge_open_route(Some(test.to_string()));
+    ///
+    /// When the run was `interrupted` from outside, a route still open was cut off, not
+    /// finished: it is judged for a leak only (a leak is a fact however the route ended) and
+    /// otherwise left out of the matrix, since "unrecorded" says nothing about a route that was
+    /// stopped before it could be recorded.
+    pub(super) fn route_verdict(&mut self, test: &str, interrupted: bool) -> Option<String> {
+        let mut open = self.routes.open.as_ref().map(|r| r.name.clone());
+        if let Some(cell) = self.judge_open_route(Some(test.to_string())) {
+            if interrupted {
+                open = None;
+            }
+            if !interrupted || cell.result == RouteResult::Leaked {
+                self.routes.matrix.push(cell);
+            }
+        }
         let mut problems: Vec<String> = self
             .routes
             .matrix
