@@ -16,16 +16,19 @@ pub enum CellClass {
     Mapped,
     /// Every page unmapped, one freetype.
     Unmapped,
+    /// Every page locked by the guest the same way (`Hc::Protect`: read-only, or no-access).
+    Locked,
     /// More than one state or freetype inside the block.
     Mixed,
 }
 
 impl CellClass {
     /// All classes, in legend order.
-    pub const ALL: [CellClass; 4] = [
+    pub const ALL: [CellClass; 5] = [
         CellClass::Reserved,
         CellClass::Mapped,
         CellClass::Unmapped,
+        CellClass::Locked,
         CellClass::Mixed,
     ];
 
@@ -35,6 +38,7 @@ impl CellClass {
             CellClass::Reserved => "reserved",
             CellClass::Mapped => "mapped",
             CellClass::Unmapped => "unmapped",
+            CellClass::Locked => "locked",
             CellClass::Mixed => "mixed",
         }
     }
@@ -45,6 +49,7 @@ impl CellClass {
             CellClass::Reserved => "#9e9e9e",
             CellClass::Mapped => "#4caf50",
             CellClass::Unmapped => "#d32f2f",
+            CellClass::Locked => "#1e88e5",
             CellClass::Mixed => "#ffb300",
         }
     }
@@ -85,6 +90,7 @@ pub fn cells(d: &DumpData) -> Vec<Cell> {
             [(RangeState::Reserved, ..)] => CellClass::Reserved,
             [(RangeState::Mapped, ..)] => CellClass::Mapped,
             [(RangeState::Unmapped, ..)] => CellClass::Unmapped,
+            [(RangeState::ReadOnly | RangeState::NoAccess, ..)] => CellClass::Locked,
             _ => CellClass::Mixed,
         };
         let detail = pieces
@@ -114,6 +120,8 @@ const COLS: u64 = 64;
 const MARGIN: u64 = 10;
 const TITLE_H: u64 = 44;
 const LEGEND_H: u64 = 30;
+/// Horizontal room of one legend entry.
+const LEGEND_STEP: u64 = 150;
 
 /// Renders the SVG dump.
 pub fn render(d: &DumpData) -> String {
@@ -122,14 +130,14 @@ pub fn render(d: &DumpData) -> String {
     let cols = n.clamp(1, COLS);
     let rows = n.div_ceil(cols).max(1);
     let grid_w = cols * (CELL + GAP);
-    let width = (2 * MARGIN + grid_w).max(640);
+    // Wide enough for the grid and for the legend (150 px per class).
+    let width = (2 * MARGIN + grid_w).max(2 * MARGIN + CellClass::ALL.len() as u64 * LEGEND_STEP);
     let height = TITLE_H + rows * (CELL + GAP) + LEGEND_H + 2 * MARGIN;
-    let mut counts = [0u64; 4];
+    let mut counts = [0u64; CellClass::ALL.len()];
     for c in &cells {
-        counts[CellClass::ALL
-            .iter()
-            .position(|k| *k == c.class)
-            .unwrap_or(3)] += 1;
+        if let Some(i) = CellClass::ALL.iter().position(|k| *k == c.class) {
+            counts[i] += 1;
+        }
     }
     let t = &d.totals;
     let mut o = String::new();
@@ -182,7 +190,7 @@ pub fn render(d: &DumpData) -> String {
         let ly = TITLE_H + rows * (CELL + GAP) + MARGIN;
         writeln!(o, r#"<g id="legend">"#)?;
         for (k, class) in CellClass::ALL.iter().enumerate() {
-            let x = MARGIN + k as u64 * 150;
+            let x = MARGIN + k as u64 * LEGEND_STEP;
             writeln!(
                 o,
                 r#"<rect x="{x}" y="{ly}" width="{CELL}" height="{CELL}" fill="{}" stroke="black" stroke-width="0.3"/><text x="{}" y="{}">{} ({})</text>"#,

@@ -259,24 +259,25 @@ fn cells_classify_partial_and_mixed_blocks() {
         format_version: 1,
         reason: "x".into(),
         stage2_backend: "slots".into(),
-        ram_size: 7 * MIB,
+        ram_size: 9 * MIB,
         reserved_end: 3 * MIB,
         page_size: PAGE_SIZE,
         pageblock_size: 2 * MIB,
         managed: Managed {
             base_pfn: 768,
-            nr_pages: 1024,
+            nr_pages: 1536,
             free_pages: 0,
         },
         totals: Totals {
-            pageblocks: 4,
+            pageblocks: 5,
             ..Totals::default()
         },
         ranges: vec![
             r(0, 3 * MIB, RangeState::Reserved, "reserved"),
             r(3 * MIB, 4 * MIB, RangeState::Mapped, "unmovable"),
             r(4 * MIB, 6 * MIB, RangeState::Unmapped, "unmovable|unmapped"),
-            r(6 * MIB, 7 * MIB, RangeState::Mapped, "movable"),
+            r(6 * MIB, 8 * MIB, RangeState::ReadOnly, "unmovable"),
+            r(8 * MIB, 9 * MIB, RangeState::Mapped, "movable"),
         ],
         memslots: vec![],
         allocator: Default::default(),
@@ -291,10 +292,12 @@ fn cells_classify_partial_and_mixed_blocks() {
             CellClass::Reserved,
             CellClass::Mixed,
             CellClass::Unmapped,
+            CellClass::Locked,
             CellClass::Mapped
         ]
     );
-    assert_eq!(cells(&d)[3].end, 7 * MIB);
+    assert_eq!(cells(&d)[4].end, 9 * MIB);
     let svg = svg::render(&d);
-    assert_eq!(count_cells(&svg).0, 4);
+    assert_eq!(count_cells(&svg).0, 5);
+    assert!(svg.contains("locked"), "the legend names the locked class");
 }
