@@ -505,10 +505,11 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
                 format!("{} exits, {} bytes", g.exits, g.bytes)
             };
             println!(
-                "  {:<5} {:<20} at GPA {:#011x}  rip {:#x}  {}  {}  test {}  -> {}",
+                "  {:<5} {:<20} at {:<15}  rip {:#x}  {}  {}  test {}  -> {}",
                 v.access.name(),
                 what,
-                v.gpa,
+                v.gpa
+                    .map_or("address unknown".into(), |g| format!("GPA {g:#011x}")),
                 v.rip,
                 v.freetype.as_deref().unwrap_or("-"),
                 v.owner,

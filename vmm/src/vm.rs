@@ -330,7 +330,13 @@ impl Vm {
             {
                 self.last_exit = Instant::now();
                 self.progress.store(self.s.exits.total, Ordering::Relaxed);
-                if !matches!(exit, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))) {
+                if !matches!(
+                    &exit,
+                    Ok(VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                        | VcpuExit::MemoryFault { .. })
+                ) && !matches!(&exit, Err(e) if e.errno() == libc::EFAULT)
+                {
                     self.faults.progress();
                 }
             }
@@ -411,6 +417,11 @@ impl Vm {
                 }
                 Ok(VcpuExit::InternalError) => {
                     if let Some(stop) = self.internal_error() {
+                        return stop;
+                    }
+                }
+                Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                    if let Some(stop) = self.memory_fault_exit(gpa, size) {
                         return stop;
                     }
                 }
