@@ -378,3 +378,6 @@ pub(super) fn memory_fault_kind(
 fn state_name(s: Option<RangeState>) -> &'static str {
     s.map_or("not RAM", RangeState::name)
 }
+
+#[cfg(test)]
+mod tests;
