@@ -250,3 +250,32 @@ fn kill_stops_at_an_undeclared_unknown_address_and_spares_a_declared_one() {
         FetchOutcome::Resume { rip: 0x1234, .. }
     ));
 }
+
+#[test]
+fn the_same_unlocated_fault_again_and_again_is_a_fault_loop_livelock() {
+    let Some(mut vm) = exit0_vm("unknown-address fault loop", ViolationPolicy::Report) else {
+        return;
+    };
+    let mut regs = vm.vcpu.get_regs().unwrap();
+    for _ in 1..crate::livelock::FAULT_REPEATS {
+        assert!(vm
+            .fault_repeats(ADDRESS_UNKNOWN, AccessKind::Read, &regs)
+            .is_none());
+    }
+    match vm.fault_repeats(ADDRESS_UNKNOWN, AccessKind::Read, &regs) {
+        Some(ExitInfo::Livelock {
+            gpa, access, shape, ..
+        }) => {
+            assert_eq!((gpa, access), (None, Some(AccessKind::Read)));
+            assert_eq!(shape, crate::report::LivelockShape::FaultLoop);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A guest that moves between faults (another register value) is not looping.
+    for i in 0..2 * u64::from(crate::livelock::FAULT_REPEATS) {
+        regs.rcx = i;
+        assert!(vm
+            .fault_repeats(ADDRESS_UNKNOWN, AccessKind::Read, &regs)
+            .is_none());
+    }
+}
