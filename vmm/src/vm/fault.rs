@@ -275,6 +275,8 @@ impl Vm {
     /// so the record's GPA and size come from KVM, not from decoding (which only tells the
     /// access kind, see [`memory_fault_kind`]). Answered as an `EFAULT` is; a range the guest
     /// view does not block is not a guest violation but a host failure (a KVM error stop).
+    /// `KVM_CAP_MEMORY_FAULT_INFO` needs no enabling: it only says KVM may annotate the
+    /// `EFAULT` this way (kvm-ioctls turns the annotated one into `VcpuExit::MemoryFault`).
     pub(super) fn memory_fault_exit(&mut self, gpa: u64, size: u64) -> Option<ExitInfo> {
         let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) else {
             return Some(ExitInfo::KvmError {
