@@ -522,6 +522,11 @@ fn ring3_load_under_mprotect_is_a_violation_at_its_gpa_and_resumes_at_the_recove
         BackendKind::Mprotect,
     );
     resumed_in_ring3(&r, RING3, LOAD_18);
+    assert_eq!(
+        (r.timing.exits.memory_faults, r.timing.exits.mmio),
+        (1, 0),
+        "one EFAULT, no MMIO exit"
+    );
     assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
     let v = &r.violations[0];
     on_hole(v, 0x18);
@@ -565,6 +570,7 @@ fn an_unattributable_ring3_efault_is_a_violation_at_an_unknown_address() {
         BackendKind::Mprotect,
     );
     resumed_in_ring3(&r, &setup, GATHER);
+    assert_eq!(r.timing.exits.memory_faults, 1);
     assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
     let v = &r.violations[0];
     assert_eq!(v.gpa, None, "{v:?}");

@@ -421,6 +421,7 @@ impl Vm {
                     }
                 }
                 Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                    self.s.exits.memory_faults += 1;
                     if let Some(stop) = self.memory_fault_exit(gpa, size) {
                         return stop;
                     }
@@ -459,6 +460,7 @@ impl Vm {
                     continue;
                 }
                 Err(e) if e.errno() == libc::EFAULT => {
+                    self.s.exits.memory_faults += 1;
                     if let Some(stop) = self.memory_fault(&e) {
                         return stop;
                     }
