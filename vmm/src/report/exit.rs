@@ -249,7 +249,7 @@ impl ExitInfo {
                 v.size,
                 match v.gpa {
                     Some(g) => format!("unmapped GPA {g:#x}"),
-                    None => "an unknown address (stage-2 fault, address unknown)".into(),
+                    None => "an unknown address (a stage-2 fault KVM and decoding did not locate)".into(),
                 },
                 v.rip
             ),
