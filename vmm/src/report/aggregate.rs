@@ -14,7 +14,7 @@ pub const MAX_AGGREGATES: usize = 100_000;
 /// Violations of one (test, page, kind, RIP) group beyond the full records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ViolationAggregate {
-    /// Page-aligned GPA.
+    /// Page-aligned GPA ([`Violation::page`]: `ADDRESS_UNKNOWN`'s page for unknown addresses).
     pub page: u64,
     /// Load, store or fetch.
     pub access: AccessKind,
