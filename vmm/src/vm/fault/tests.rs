@@ -173,6 +173,9 @@ fn an_unknown_address_record_is_declared_counted_and_judged_like_any_other() {
     let s = vm.session_mut();
     // Declared (ExpectViolation at ADDRESS_UNKNOWN), with a recovery point: resumes there.
     let t = begin(s, 0, "declared");
+    // Only the exact marker declares an unknown address; other GPAs past RAM stay refused.
+    let out = s.hypercall(Hc::ExpectViolation as u32, [ADDRESS_UNKNOWN - 1, 1, 1, 0]);
+    assert_eq!(out.status, Status::BadAddress);
     ok(s, Hc::ExpectViolation, [ADDRESS_UNKNOWN, 1, 1, 0]);
     ok(s, Hc::SetRecovery, [0x1234, 0x5678, 0, 0]);
     match s.unattributed(AccessKind::Read, 4, 0x20_0040) {
