@@ -132,7 +132,8 @@ pub enum Hc {
     /// (result, ptr, len): the current test ends with a [`TestResult`] and a message.
     TestEnd = 8,
     /// (gpa, access, count): the current test expects `count` violations of kind `access`
-    /// ([`Access`] as u64) on the page at `gpa`. Unexpected violations fail the test on the VMM side.
+    /// ([`Access`] as u64) on the page at `gpa` ([`ADDRESS_UNKNOWN`]: at an unknown address).
+    /// Unexpected violations fail the test on the VMM side.
     ExpectViolation = 9,
     /// (buf_ptr, max) -> r0 = violations in the current test; copies up to `max`
     /// [`ViolationRecord`]s (the most recent ones) to `buf_ptr`.
@@ -360,11 +361,16 @@ pub enum Access {
     Fetch = 3,
 }
 
+/// The GPA of a violation whose address is unknown (a stage-2 fault that names no GPA and
+/// whose instruction did not explain it): [`ViolationRecord::gpa`] holds it, and
+/// [`Hc::ExpectViolation`] declares such violations with it.
+pub const ADDRESS_UNKNOWN: u64 = u64::MAX;
+
 /// One violation as [`Hc::QueryViolations`] writes it into guest memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ViolationRecord {
-    /// Guest-physical address of the access.
+    /// Guest-physical address of the access ([`ADDRESS_UNKNOWN`] if unknown).
     pub gpa: u64,
     /// Guest RIP of the instruction.
     pub rip: u64,

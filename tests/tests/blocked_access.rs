@@ -9,6 +9,7 @@ use veil_abi::IMAGE_MIN_GPA;
 use veil_tests::kvm_available;
 use vmm::console::ConsoleSink;
 use vmm::report::{AccessKind, ExitInfo, RunReport, ViolationAction};
+use vmm::stage2::BackendKind;
 use vmm::{exit_code, run, ViolationPolicy, VmConfig};
 
 /// Exit code of the guest's recovery point.
@@ -41,6 +42,15 @@ fn exit(code: u8) -> Vec<u8> {
     ]
 }
 
+/// Bytes of the `SetRecovery` call in [`hole_guest`].
+const SET_RECOVERY_LEN: usize = 14;
+
+/// GPA of [`hole_guest`]'s recovery point (with `recovery`).
+fn recovery_point(setup: &[u8], insn: &[u8]) -> u64 {
+    let len = ALLOC_HOLE.len() + SET_RECOVERY_LEN + setup.len() + insn.len() + exit(1).len();
+    IMAGE_MIN_GPA + len as u64
+}
+
 /// A guest: allocate a hole, optionally `SetRecovery`, run `setup` then `insn`, exit 1 if the
 /// instruction completed; the recovery point (also every IDT vector) exits [`RECOVERED`].
 fn hole_guest(setup: &[u8], insn: &[u8], recovery: bool) -> Vec<u8> {
@@ -57,6 +67,7 @@ fn hole_guest(setup: &[u8], insn: &[u8], recovery: bool) -> Vec<u8> {
     let recover = IMAGE_MIN_GPA as u32 + code.len() as u32;
     code.extend_from_slice(&exit(RECOVERED as u8));
     if recovery {
+        debug_assert_eq!(u64::from(recover), recovery_point(setup, insn));
         code[set_recovery_at + 1..set_recovery_at + 5].copy_from_slice(&recover.to_le_bytes());
     }
     let mut image = code;
@@ -94,11 +105,16 @@ fn hole_guest(setup: &[u8], insn: &[u8], recovery: bool) -> Vec<u8> {
 }
 
 fn run_guest(image: Vec<u8>, policy: ViolationPolicy) -> RunReport {
+    run_on(image, policy, BackendKind::default())
+}
+
+fn run_on(image: Vec<u8>, policy: ViolationPolicy, stage2: BackendKind) -> RunReport {
     let mut c = VmConfig::new(image);
     c.console = ConsoleSink::Null;
     c.echo_logs = false;
     c.on_violation = policy;
     c.timeout = Some(Duration::from_secs(20));
+    c.stage2 = stage2;
     run(c).expect("boot")
 }
 
@@ -164,7 +180,7 @@ fn decoded(r: &RunReport, action: ViolationAction) -> Vec<&vmm::report::Violatio
 /// The violation is on the hole the guest allocated (an allocated page of an unmapped
 /// pageblock) at page offset `off`.
 fn on_hole(v: &vmm::report::Violation, off: u64) {
-    assert_eq!(v.gpa & 0xfff, off, "{v:?}");
+    assert_eq!(v.gpa.map(|g| g & 0xfff), Some(off), "{v:?}");
     assert_eq!(v.owner, "allocated", "{v:?}");
     assert!(
         v.freetype.as_deref().unwrap_or("").contains("unmapped"),
@@ -472,4 +488,137 @@ fn measure_attribution_per_exit() {
          {:.2} us per attributed exit more than a Nop hypercall",
         (hole_ms - base_ms) * 1000.0 / 1999.0
     );
+}
+
+/// The exit of a ring-3 guest resumed at its recovery point: still in ring 3 (this host keeps
+/// IOPL 0 for user code), the recovery code's hypercall `out` faults with no way to deliver
+/// it, so the vCPU shuts down at that `out`, 14 bytes into the recovery point.
+fn resumed_in_ring3(r: &RunReport, setup: &[u8], insn: &[u8]) {
+    match &r.exit {
+        ExitInfo::TripleFault { regs } => {
+            assert_eq!(regs.cs, 0x23, "{regs:?}");
+            assert_eq!(regs.rip, recovery_point(setup, insn) + 14, "{regs:?}");
+        }
+        e => panic!(
+            "expected the recovery point's shutdown, got {}",
+            e.summary()
+        ),
+    }
+}
+
+/// `mov rax, [rbx + 0x18]`: an 8-byte load 0x18 bytes into the hole.
+const LOAD_18: &[u8] = &[0x48, 0x8b, 0x43, 0x18];
+
+#[test]
+fn ring3_load_under_mprotect_is_a_violation_at_its_gpa_and_resumes_at_the_recovery_point() {
+    if !kvm_available() {
+        return;
+    }
+    // Under mprotect a ring-3 access to a closed page arrives as KVM_RUN failing with EFAULT
+    // (no GPA, no exit): the VMM decodes the load and locates it.
+    let r = run_on(
+        hole_guest(RING3, LOAD_18, true),
+        ViolationPolicy::Report,
+        BackendKind::Mprotect,
+    );
+    resumed_in_ring3(&r, RING3, LOAD_18);
+    assert_eq!(
+        (r.timing.exits.memory_faults, r.timing.exits.mmio),
+        (1, 0),
+        "one EFAULT, no MMIO exit"
+    );
+    assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+    let v = &r.violations[0];
+    on_hole(v, 0x18);
+    assert_eq!((v.access, v.size), (AccessKind::Read, 8), "{v:?}");
+    assert_eq!(v.action, ViolationAction::Recovered);
+    assert_eq!(v.rip, recovery_point(RING3, LOAD_18) - 17 - 4, "{v:?}");
+}
+
+/// Ring 0 turns on AVX (CR4.OSXSAVE, XCR0 = x87|SSE|AVX), then enters ring 3, which sets
+/// ymm2 = all ones (the gather mask) and ymm1 = 0 (the indices).
+const AVX_RING3: &[u8] = &[
+    0x0f, 0x20, 0xe0, // mov rax, cr4
+    0x48, 0x0d, 0x00, 0x00, 0x04, 0x00, // or rax, 0x40000 (OSXSAVE)
+    0x0f, 0x22, 0xe0, // mov cr4, rax
+    0x31, 0xc9, 0x31, 0xd2, // xor ecx, ecx; xor edx, edx
+    0xb8, 0x07, 0, 0, 0, // mov eax, 7
+    0x0f, 0x01, 0xd1, // xsetbv
+];
+/// After [`AVX_RING3`] and [`RING3`]: `vpcmpeqd ymm2, ymm2, ymm2; vpxor ymm1, ymm1, ymm1`.
+const GATHER_REGS: &[u8] = &[0xc5, 0xed, 0x76, 0xd2, 0xc5, 0xf5, 0xef, 0xc9];
+/// `vpgatherdd ymm0, [rbx + ymm1*4], ymm2`: eight 4-byte loads from the hole, addressed
+/// through a vector index the decoder does not read (an address it cannot compute).
+const GATHER: &[u8] = &[0xc4, 0xe2, 0x6d, 0x90, 0x04, 0x8b];
+
+fn gather_setup() -> Vec<u8> {
+    [AVX_RING3, RING3, GATHER_REGS].concat()
+}
+
+#[test]
+fn an_unattributable_ring3_efault_is_a_violation_at_an_unknown_address() {
+    if !kvm_available() {
+        return;
+    }
+    let setup = gather_setup();
+    let gather_rip = recovery_point(&setup, GATHER) - 17 - GATHER.len() as u64;
+    // With a recovery point: one record, no GPA, the kind and size decoding tells (a 4-byte
+    // element load), and the guest resumes there.
+    let r = run_on(
+        hole_guest(&setup, GATHER, true),
+        ViolationPolicy::Report,
+        BackendKind::Mprotect,
+    );
+    resumed_in_ring3(&r, &setup, GATHER);
+    assert_eq!(r.timing.exits.memory_faults, 1);
+    assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+    let v = &r.violations[0];
+    assert_eq!(v.gpa, None, "{v:?}");
+    assert_eq!((v.access, v.size, v.rip), (AccessKind::Read, 4, gather_rip));
+    assert_eq!((v.owner, v.freetype.as_deref()), ("unknown", None));
+    assert_eq!(v.action, ViolationAction::Recovered);
+    assert_eq!(r.violations_total, 1);
+    let j = serde_json::to_value(&r).unwrap();
+    assert!(
+        j["violations"][0]["gpa"].is_null(),
+        "{}",
+        j["violations"][0]
+    );
+
+    // Without one: a violation stop (not a KVM error) naming the unknown address.
+    let r = run_on(
+        hole_guest(&setup, GATHER, false),
+        ViolationPolicy::Report,
+        BackendKind::Mprotect,
+    );
+    match &r.exit {
+        ExitInfo::FetchWithoutRecovery { violation } => {
+            // No SetRecovery call before the gather this time.
+            let rip = gather_rip - SET_RECOVERY_LEN as u64;
+            assert_eq!((violation.gpa, violation.rip), (None, rip));
+            assert_eq!(violation.action, ViolationAction::Stopped);
+        }
+        e => panic!("expected a violation stop, got {e:?}"),
+    }
+    assert!(
+        r.exit.summary().contains("unknown address"),
+        "{}",
+        r.exit.summary()
+    );
+    assert_eq!(r.exit_code(), exit_code::CRASH);
+
+    // Under kill (undeclared): the kill, with the record.
+    let r = run_on(
+        hole_guest(&setup, GATHER, true),
+        ViolationPolicy::Kill,
+        BackendKind::Mprotect,
+    );
+    match &r.exit {
+        ExitInfo::ViolationKill { violation } => {
+            assert_eq!((violation.gpa, violation.access), (None, AccessKind::Read));
+            assert_eq!(violation.action, ViolationAction::Killed);
+        }
+        e => panic!("expected the kill, got {e:?}"),
+    }
+    assert_eq!(r.violations.len(), 1);
 }

@@ -70,8 +70,9 @@ fn default_suite_passes_and_violations_are_on_unmapped_pages() {
     // Each violation is on a managed page the exit-time dump shows as unmapped (frees never
     // re-map, and these tests allocate nothing mapped afterwards).
     for v in &r.violations {
-        assert!(v.gpa >= r.reserved_end && v.gpa < r.ram_size, "{v:?}");
-        assert_eq!(dump_state(&r, v.gpa).as_deref(), Some("unmapped"), "{v:?}");
+        let gpa = v.gpa.expect("a located violation");
+        assert!(gpa >= r.reserved_end && gpa < r.ram_size, "{v:?}");
+        assert_eq!(dump_state(&r, gpa).as_deref(), Some("unmapped"), "{v:?}");
         assert_eq!(v.freetype.as_deref(), Some("unmovable|unmapped"), "{v:?}");
     }
     assert_eq!(r.exit_code(), exit_code::OK);
@@ -147,10 +148,11 @@ fn unmapped_load_gets_poison_and_store_is_dropped() {
         (wr.access, wr.size, wr.action),
         (AccessKind::Write, 8, ViolationAction::Dropped)
     );
-    assert_eq!(wr.gpa, rd.gpa + 8);
-    assert_eq!(rd.gpa % 4096, 0);
+    let rd_gpa = rd.gpa.expect("a located violation");
+    assert_eq!(wr.gpa, Some(rd_gpa + 8));
+    assert_eq!(rd_gpa % 4096, 0);
     assert_eq!(rd.owner, "allocated");
-    assert_eq!(dump_state(&r, rd.gpa).as_deref(), Some("unmapped"));
+    assert_eq!(dump_state(&r, rd_gpa).as_deref(), Some("unmapped"));
     // Outside any test: the run is not a pass.
     assert_eq!(r.violations_outside_tests, 2);
     assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
@@ -315,8 +317,9 @@ fn fetch_without_recovery_point_stops_the_vm() {
     match &r.exit {
         ExitInfo::FetchWithoutRecovery { violation } => {
             assert_eq!(violation.access, AccessKind::Fetch);
-            assert_eq!(violation.gpa % 4096, 0);
-            assert_eq!(violation.rip, veil_abi::DIRECT_MAP_BASE + violation.gpa);
+            let gpa = violation.gpa.expect("a located violation");
+            assert_eq!(gpa % 4096, 0);
+            assert_eq!(violation.rip, veil_abi::DIRECT_MAP_BASE + gpa);
         }
         e => panic!("expected FetchWithoutRecovery, got {e:?}"),
     }
@@ -443,7 +446,7 @@ fn a_real_violation_storm_is_aggregated_past_the_record_cap() {
         (g.access, g.rip, g.count, g.bytes),
         (AccessKind::Read, STORM_LOAD_RIP, 50_000, 400_000)
     );
-    assert_eq!(g.page, r.violations[0].gpa & !0xfff);
+    assert_eq!(g.page, r.violations[0].page());
     assert_ne!(r.violations[0].gpa, r.violations[1].gpa);
     assert!(s
         .storm_line()

@@ -53,7 +53,7 @@ fn run_guest(payload: &[u8], recovery: bool, timeout: Duration) -> (RunReport, D
 fn first_unmapped_page(r: &RunReport) -> u64 {
     r.violations
         .first()
-        .map(|v| v.gpa & !0xfff)
+        .map(|v| v.page())
         .expect("a violation record")
 }
 
@@ -91,7 +91,7 @@ fn expect_livelock(name: &str, payload: &[u8], shape: LivelockShape, access: Opt
             assert!(
                 r.violations
                     .iter()
-                    .any(|v| v.rip == *rip && v.gpa & !0xfff == page),
+                    .any(|v| v.rip == *rip && v.page() == page),
                 "{name}: no violation record at the livelock's RIP"
             );
         }
@@ -137,7 +137,7 @@ fn every_livelock_kind_resumes_at_the_recovery_point_under_report() {
                 "{name}: the blocked access is recorded"
             );
             assert!(
-                r.violations.iter().all(|v| v.gpa >= r.reserved_end),
+                r.violations.iter().all(|v| v.gpa >= Some(r.reserved_end)),
                 "{name}"
             );
         }

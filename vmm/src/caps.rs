@@ -31,6 +31,9 @@ pub struct Caps {
     pub sync_regs: u32,
     /// `KVM_CAP_MEMORY_FAULT_INFO`: `KVM_EXIT_MEMORY_FAULT` details.
     pub memory_fault_info: bool,
+    /// What KVM delivered when a probe's guest ring 3 loaded from a page the `mprotect`
+    /// backend closed: whether `KVM_EXIT_MEMORY_FAULT` is *observed*, not only advertised.
+    pub memory_fault_exit: crate::fault_probe::FaultProbe,
     /// `KVM_CAP_GUEST_MEMFD`.
     pub guest_memfd: bool,
     /// `KVM_CAP_GUEST_MEMFD_FLAGS`: flags `KVM_CREATE_GUEST_MEMFD` accepts (0 if unknown).
@@ -176,6 +179,7 @@ pub fn probe(kvm: &Kvm) -> Caps {
         readonly_mem: cap(kvm, KVM_CAP_READONLY_MEM) > 0,
         sync_regs: cap_u(kvm, KVM_CAP_SYNC_REGS),
         memory_fault_info: cap(kvm, KVM_CAP_MEMORY_FAULT_INFO) > 0,
+        memory_fault_exit: crate::fault_probe::probe(kvm),
         guest_memfd: cap(kvm, KVM_CAP_GUEST_MEMFD) > 0,
         guest_memfd_flags: u64::try_from(gmem_flags).unwrap_or(0),
         memory_attributes: u64::try_from(cap(kvm, KVM_CAP_MEMORY_ATTRIBUTES)).unwrap_or(0),
@@ -335,9 +339,14 @@ impl Caps {
             ),
             ("sync regs", sync, "hypercall args without extra ioctls"),
             (
-                "memory fault info",
-                yes(self.memory_fault_info).into(),
-                "KVM_EXIT_MEMORY_FAULT details",
+                "memory fault exit",
+                format!(
+                    "advertised {}, observed {} ({})",
+                    yes(self.memory_fault_info),
+                    yes(self.memory_fault_exit.observed()),
+                    self.memory_fault_exit.describe()
+                ),
+                "ring-3 fault on an mprotect page",
             ),
             (
                 "guest_memfd",
@@ -432,6 +441,16 @@ mod tests {
         let j = serde_json::to_value(&c).unwrap();
         assert_eq!(j["api_version"], 12);
         assert!(j["host"]["hypervisor_bit"].is_boolean());
+        let outcomes = ["memory_fault_exit", "efault_no_exit", "mmio", "not_probed"];
+        let probed = j["memory_fault_exit"]["outcome"]
+            .as_str()
+            .unwrap_or("missing");
+        assert!(outcomes.contains(&probed), "{}", j["memory_fault_exit"]);
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("memory fault exit") && l.contains("advertised ")),
+            "{text}"
+        );
         eprintln!("{text}");
     }
 

@@ -45,8 +45,11 @@ const CAPS_ABOUT: &str = "\
 Print what this host's KVM offers that Veil cares about: API version, memslot limit
 (KVM_CAP_NR_MEMSLOTS, which bounds how fragmented stage 2 may get), read-only memslots, sync
 regs, memory fault info, guest_memfd flags, memory attributes, binary stats, and whether this
-host is itself a VM (nested KVM, where guest ring-0 code may be emulated and slow). Boots
-nothing.";
+host is itself a VM (nested KVM, where guest ring-0 code may be emulated and slow).
+The memory fault exit row says whether KVM_EXIT_MEMORY_FAULT is advertised and whether it is
+observed: a probe VM on the mprotect backend runs one ring-3 load from a page its guest view
+closes and reports what KVM delivered (the exit with its GPA, KVM_RUN failing with EFAULT and
+no exit, an MMIO exit, or why it could not probe). Boots no guest kernel; takes milliseconds.";
 
 const CAPS_AFTER: &str = "\
 Exit codes: 0 printed, 2 /dev/kvm cannot be opened.
@@ -505,10 +508,11 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
                 format!("{} exits, {} bytes", g.exits, g.bytes)
             };
             println!(
-                "  {:<5} {:<20} at GPA {:#011x}  rip {:#x}  {}  {}  test {}  -> {}",
+                "  {:<5} {:<20} at {:<15}  rip {:#x}  {}  {}  test {}  -> {}",
                 v.access.name(),
                 what,
-                v.gpa,
+                v.gpa
+                    .map_or("address unknown".into(), |g| format!("GPA {g:#011x}")),
                 v.rip,
                 v.freetype.as_deref().unwrap_or("-"),
                 v.owner,

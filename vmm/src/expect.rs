@@ -42,7 +42,7 @@ impl Tally {
 
     /// Adds one violation.
     pub fn count(&mut self, v: &Violation) {
-        let key = (v.gpa & !0xfff, v.access);
+        let key = (v.page(), v.access);
         if let Some(n) = self.pages.get_mut(&key) {
             *n += 1;
         } else if self.pages.len() < MAX_TALLY {
@@ -62,6 +62,15 @@ pub fn declared(expected: &[Expectation], got: &Tally, page: u64, access: Access
         .map(|e| e.count)
         .sum();
     want > got.pages.get(&(page, access)).copied().unwrap_or(0)
+}
+
+/// "on page 0x…", or "at an unknown address" for [`veil_abi::ADDRESS_UNKNOWN`]'s page.
+fn on_page(page: u64) -> String {
+    if page == veil_abi::ADDRESS_UNKNOWN & !0xfff {
+        "at an unknown address".into()
+    } else {
+        format!("on page {page:#x}")
+    }
 }
 
 /// Compares declared expectations with the violations a test produced (`got`). `Ok` if, for
@@ -87,16 +96,18 @@ pub fn check(expected: &[Expectation], got: &Tally) -> Result<(), String> {
         let g = got.pages.get(&(page, access)).copied().unwrap_or(0);
         if g != n {
             problem(format!(
-                "expected {n} {} violation(s) on page {page:#x}, recorded {g}",
-                access.name()
+                "expected {n} {} violation(s) {}, recorded {g}",
+                access.name(),
+                on_page(page)
             ));
         }
     }
     for (&(page, access), &g) in &got.pages {
         if !want.contains_key(&(page, access)) {
             problem(format!(
-                "{g} unexpected {} violation(s) on page {page:#x}",
-                access.name()
+                "{g} unexpected {} violation(s) {}",
+                access.name(),
+                on_page(page)
             ));
         }
     }

@@ -36,6 +36,7 @@ pub mod decode;
 pub mod dump;
 pub mod elf;
 pub mod expect;
+pub mod fault_probe;
 pub mod guest_image;
 pub mod guest_view;
 pub mod kvm_stats;

@@ -330,7 +330,13 @@ impl Vm {
             {
                 self.last_exit = Instant::now();
                 self.progress.store(self.s.exits.total, Ordering::Relaxed);
-                if !matches!(exit, Ok(VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..))) {
+                if !matches!(
+                    &exit,
+                    Ok(VcpuExit::MmioRead(..)
+                        | VcpuExit::MmioWrite(..)
+                        | VcpuExit::MemoryFault { .. })
+                ) && !matches!(&exit, Err(e) if e.errno() == libc::EFAULT)
+                {
                     self.faults.progress();
                 }
             }
@@ -414,6 +420,12 @@ impl Vm {
                         return stop;
                     }
                 }
+                Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
+                    self.s.exits.memory_faults += 1;
+                    if let Some(stop) = self.memory_fault_exit(gpa, size) {
+                        return stop;
+                    }
+                }
                 Ok(VcpuExit::Shutdown) => return self.shutdown(),
                 Ok(VcpuExit::Hlt) => {
                     return ExitInfo::Halted {
@@ -448,6 +460,7 @@ impl Vm {
                     continue;
                 }
                 Err(e) if e.errno() == libc::EFAULT => {
+                    self.s.exits.memory_faults += 1;
                     if let Some(stop) = self.memory_fault(&e) {
                         return stop;
                     }

@@ -436,6 +436,15 @@ fn help_teaches_options_and_exit_codes() {
     if kvm_available() {
         let out = veil(&["caps"]);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let table = text(&out.stdout);
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("memory fault exit"))
+            .unwrap_or_else(|| panic!("no memory fault exit row in\n{table}"));
+        assert!(
+            row.contains("advertised ") && row.contains(", observed "),
+            "{row}"
+        );
         let out = veil(&["caps", "--json"]);
         let caps: Value = serde_json::from_slice(&out.stdout).expect("caps JSON");
         assert!(caps["nr_memslots"].as_u64().unwrap() > 0);
@@ -447,6 +456,16 @@ fn help_teaches_options_and_exit_codes() {
         );
         assert_eq!(b["default"], "mprotect", "{b}");
         assert!(b["max_map_count"].as_u64().unwrap() > 0, "{b}");
+        // What the ring-3 fault probe saw: one of its outcomes, and the host really probed.
+        let p = &caps["memory_fault_exit"];
+        let outcome = p["outcome"].as_str().unwrap_or("missing");
+        assert!(
+            ["memory_fault_exit", "efault_no_exit", "mmio"].contains(&outcome),
+            "{p}"
+        );
+        if outcome == "memory_fault_exit" {
+            assert!(p["gpa"].is_u64(), "{p}");
+        }
     }
 }
 
@@ -775,10 +794,39 @@ fn reachability_matrix_is_all_blocked_and_recorded() {
     if !kvm_available() {
         return;
     }
-    let out = veil(&["run", "--tests", "reachability", "--json"]);
+    // The matrix itself on the other backend (the default's is checked in full below).
+    reachability_matrix_on(&["--stage2", "slots"]);
+    let n = reachability_matrix_on(&[]);
+
+    // The table prints the same matrix for people.
+    let out = veil(&["run", "--tests", "reachability"]);
+    let table = text(&out.stdout);
+    assert!(
+        table.contains(&format!(
+            "reachability: {n} routes: {n} blocked and recorded, 0 blocked but unrecorded, 0 leaked"
+        )),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("alias_2m_load ") && l.contains("blocked and recorded")),
+        "{table}"
+    );
+}
+
+/// Runs the reachability test with `extra` arguments and checks that every route is there and
+/// blocked and recorded, with no leak evidence; returns the number of routes.
+fn reachability_matrix_on(extra: &[&str]) -> u64 {
+    let mut args = vec!["run", "--tests", "reachability", "--json"];
+    args.extend_from_slice(extra);
+    let out = veil(&args);
     let stdout = text(&out.stdout);
     let doc: Value = serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{stdout}"));
+        .unwrap_or_else(|e| panic!("{extra:?}: stdout is not one JSON document ({e}):\n{stdout}"));
+    if let [_, backend] = extra {
+        assert_eq!(doc["stage2_backend"], *backend);
+    }
     let m = &doc["reachability"];
     let routes = m["routes"].as_array().expect("reachability.routes[]");
     for want in REACHABILITY_ROUTES {
@@ -816,22 +864,7 @@ fn reachability_matrix_is_all_blocked_and_recorded() {
     assert_eq!(test["name"], "reachability");
     assert_eq!(test["passed"], true, "{test}");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-
-    // The table prints the same matrix for people.
-    let out = veil(&["run", "--tests", "reachability"]);
-    let table = text(&out.stdout);
-    assert!(
-        table.contains(&format!(
-            "reachability: {n} routes: {n} blocked and recorded, 0 blocked but unrecorded, 0 leaked"
-        )),
-        "{table}"
-    );
-    assert!(
-        table
-            .lines()
-            .any(|l| l.starts_with("alias_2m_load ") && l.contains("blocked and recorded")),
-        "{table}"
-    );
+    n
 }
 
 /// A tiny guest that allocates an unmapped page, asks the VMM to plant its secret there

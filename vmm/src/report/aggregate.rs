@@ -14,7 +14,7 @@ pub const MAX_AGGREGATES: usize = 100_000;
 /// Violations of one (test, page, kind, RIP) group beyond the full records.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ViolationAggregate {
-    /// Page-aligned GPA.
+    /// Page-aligned GPA ([`Violation::page`]: `ADDRESS_UNKNOWN`'s page for unknown addresses).
     pub page: u64,
     /// Load, store or fetch.
     pub access: AccessKind,
@@ -75,7 +75,7 @@ pub struct Aggregator {
 impl Aggregator {
     /// Adds `v`, which ran during test number `test` (`u32::MAX`: outside any test).
     pub fn add(&mut self, test: u32, v: &Violation) {
-        let key = (test, v.gpa & !0xfff, v.access, v.rip);
+        let key = (test, v.page(), v.access, v.rip);
         let full = self.groups.len() >= MAX_AGGREGATES;
         match self.groups.get_mut(&key) {
             Some(g) => {

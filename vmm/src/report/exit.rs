@@ -233,21 +233,24 @@ impl ExitInfo {
         match self {
             ExitInfo::GuestExit { code } => format!("guest exited with code {code}"),
             ExitInfo::ViolationKill { violation: v } => format!(
-                "killed (--on-violation kill): {} of {} bytes at GPA {:#x}, rip {:#x}",
+                "killed (--on-violation kill): {} of {} bytes at {}, rip {:#x}",
                 v.access.name(),
                 v.size,
-                v.gpa,
+                v.location(),
                 v.rip
             ),
             ExitInfo::FetchWithoutRecovery { violation: v } => format!(
-                "stopped: {} of {} bytes at unmapped GPA {:#x} (rip {:#x}) and no recovery point",
+                "stopped: {} of {} bytes at {} (rip {:#x}) and no recovery point",
                 match v.access {
                     AccessKind::Fetch => "instruction fetch",
                     AccessKind::Read => "blocked read",
                     AccessKind::Write => "blocked write",
                 },
                 v.size,
-                v.gpa,
+                match v.gpa {
+                    Some(g) => format!("unmapped GPA {g:#x}"),
+                    None => "an unknown address (a stage-2 fault KVM and decoding did not locate)".into(),
+                },
                 v.rip
             ),
             ExitInfo::GuestException {

@@ -100,6 +100,9 @@ pub struct ExitCounts {
     pub pio: u64,
     /// MMIO exits (violations and not-RAM accesses).
     pub mmio: u64,
+    /// Stage-2 faults without an MMIO exit: `KVM_RUN` failing with `EFAULT` (a guest ring-3
+    /// access under `mprotect` here), or `KVM_EXIT_MEMORY_FAULT`.
+    pub memory_faults: u64,
 }
 
 /// Timing of the run.

@@ -64,13 +64,14 @@ impl RunReport {
         );
         let _ = writeln!(
             s,
-            ", guest run {:.1} ms, total {:.1} ms, {} exits ({} hypercalls, {} bare, {} mmio, {} pio)",
+            ", guest run {:.1} ms, total {:.1} ms, {} exits ({} hypercalls, {} bare, {} mmio, {} memory faults, {} pio)",
             t.run_ms,
             t.total_ms,
             t.exits.total,
             t.exits.hypercalls,
             t.exits.bare,
             t.exits.mmio,
+            t.exits.memory_faults,
             t.exits.pio
         );
         if let Some(rt) = &t.round_trip {

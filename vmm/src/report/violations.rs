@@ -95,7 +95,8 @@ pub fn group_violations(v: &[Violation]) -> Vec<ViolationRun> {
             if f.rip == x.rip
                 && f.access == x.access
                 && f.test == x.test
-                && f.gpa.checked_add(r.bytes) == Some(x.gpa)
+                && f.gpa.and_then(|g| g.checked_add(r.bytes)) == x.gpa
+                && x.gpa.is_some()
             {
                 r.exits += 1;
                 r.bytes += u64::from(x.size);
@@ -114,8 +115,9 @@ pub fn group_violations(v: &[Violation]) -> Vec<ViolationRun> {
 /// One access to RAM that stage 2 does not expose (one KVM exit).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// Guest-physical address of the access.
-    pub gpa: u64,
+    /// Guest-physical address of the access (null: address unknown, a stage-2 fault neither
+    /// KVM nor the decoded instruction located).
+    pub gpa: Option<u64>,
     /// Load, store or fetch.
     pub access: AccessKind,
     /// Bytes accessed by this exit.
@@ -131,7 +133,8 @@ pub struct Violation {
     pub freetype: Option<String>,
     /// Dense freetype index (0xff if none), as in [`veil_abi::ViolationRecord`].
     pub freetype_index: u8,
-    /// Whether the page was allocated to the guest at the time ("allocated") or free ("free").
+    /// Whether the page was allocated to the guest at the time ("allocated") or free ("free");
+    /// "unknown" when the address is.
     pub owner: &'static str,
     /// Test running at the time.
     pub test: Option<String>,
@@ -144,7 +147,7 @@ impl Violation {
     #[cfg(test)]
     pub(crate) fn sample(gpa: u64, access: AccessKind, size: u32, rip: u64) -> Violation {
         Violation {
-            gpa,
+            gpa: Some(gpa),
             access,
             size,
             rip,
@@ -157,10 +160,24 @@ impl Violation {
         }
     }
 
+    /// The GPA for text: hex, or "an unknown address".
+    pub fn location(&self) -> String {
+        match self.gpa {
+            Some(g) => format!("GPA {g:#x}"),
+            None => "an unknown address".into(),
+        }
+    }
+
+    /// The page its tally and aggregation count it under ([`veil_abi::ADDRESS_UNKNOWN`]'s page
+    /// if the address is unknown).
+    pub fn page(&self) -> u64 {
+        self.gpa.unwrap_or(veil_abi::ADDRESS_UNKNOWN) & !0xfff
+    }
+
     /// The record [`veil_abi::Hc::QueryViolations`] writes.
     pub fn record(&self) -> veil_abi::ViolationRecord {
         veil_abi::ViolationRecord {
-            gpa: self.gpa,
+            gpa: self.gpa.unwrap_or(veil_abi::ADDRESS_UNKNOWN),
             rip: self.rip,
             size: self.size,
             access: self.access.abi() as u8,

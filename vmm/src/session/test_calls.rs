@@ -162,7 +162,7 @@ impl Session {
 
     pub(super) fn hc_expect(&mut self, gpa: u64, access: u64, count: u64) -> Result<u64, Status> {
         let access = AccessKind::from_u64(access).ok_or(Status::BadArgument)?;
-        if gpa >= self.ram.size() {
+        if gpa >= self.ram.size() && gpa != veil_abi::ADDRESS_UNKNOWN {
             return Err(Status::BadAddress);
         }
         if count > 1 << 24 {

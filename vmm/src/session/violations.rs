@@ -34,12 +34,25 @@ impl Session {
         rip: u64,
         action: ViolationAction,
     ) -> Violation {
-        let pfn = gpa >> 12;
-        let ft = self.alloc.pageblock_freetype(pfn);
-        let owner = if self.alloc.allocation_containing(pfn).is_some() {
-            "allocated"
-        } else {
-            "free"
+        self.record(Some(gpa), access, size, rip, action)
+    }
+
+    /// Records one violation; `gpa` None: the address is unknown (no freetype, owner
+    /// "unknown", tallied under [`veil_abi::ADDRESS_UNKNOWN`]'s page).
+    fn record(
+        &mut self,
+        gpa: Option<u64>,
+        access: AccessKind,
+        size: u32,
+        rip: u64,
+        action: ViolationAction,
+    ) -> Violation {
+        let pfn = gpa.map(|g| g >> 12);
+        let ft = pfn.and_then(|p| self.alloc.pageblock_freetype(p));
+        let owner = match pfn {
+            Some(p) if self.alloc.allocation_containing(p).is_some() => "allocated",
+            Some(_) => "free",
+            None => "unknown",
         };
         let v = Violation {
             gpa,
@@ -167,15 +180,33 @@ impl Session {
         more: &[(u64, AccessKind, u32)],
         rip: u64,
     ) -> FetchOutcome {
-        let (action, resume) = match (self.policy_for(first.0, first.1), self.recovery.take()) {
+        let (action, resume) = self.unresumable_action(first.0, first.1);
+        let v = self.record_all(first, more, rip, action);
+        outcome(v, resume)
+    }
+
+    /// A stage-2 fault at an unknown address: neither KVM nor the decoded instruction at `rip`
+    /// located it; `access` and `size` are what decoding tells. One record with no GPA,
+    /// counted, tallied and declared (`ExpectViolation` at [`veil_abi::ADDRESS_UNKNOWN`]) like
+    /// any other, and answered as [`Session::unresumable`]: the recovery point if one is set,
+    /// else a violation stop; under `kill`, undeclared, a kill.
+    pub(crate) fn unattributed(&mut self, access: AccessKind, size: u32, rip: u64) -> FetchOutcome {
+        let (action, resume) = self.unresumable_action(veil_abi::ADDRESS_UNKNOWN, access);
+        let v = self.record(None, access, size, rip, action);
+        outcome(v, resume)
+    }
+
+    /// The action for an access the guest cannot run on past, and where it resumes: the
+    /// recovery point (used up) unless the policy kills.
+    fn unresumable_action(
+        &mut self,
+        gpa: u64,
+        access: AccessKind,
+    ) -> (ViolationAction, Option<(u64, u64)>) {
+        match (self.policy_for(gpa, access), self.recovery.take()) {
             (ViolationPolicy::Kill, _) => (ViolationAction::Killed, None),
             (_, Some(r)) => (ViolationAction::Recovered, Some(r)),
             (_, None) => (ViolationAction::Stopped, None),
-        };
-        let v = self.record_all(first, more, rip, action);
-        match resume {
-            Some((rip, rsp)) => FetchOutcome::Resume { rip, rsp },
-            None => FetchOutcome::Stop(Box::new(stop_exit(v))),
         }
     }
 
@@ -206,6 +237,14 @@ impl Session {
             self.record_violation(gpa, access, size, rip, action);
         }
         v
+    }
+}
+
+/// Resume at `resume` if set, else stop at `v`.
+fn outcome(v: Violation, resume: Option<(u64, u64)>) -> FetchOutcome {
+    match resume {
+        Some((rip, rsp)) => FetchOutcome::Resume { rip, rsp },
+        None => FetchOutcome::Stop(Box::new(stop_exit(v))),
     }
 }
 

@@ -10,7 +10,7 @@ use iced_x86::Mnemonic;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::SyncReg;
 
-use veil_abi::Hc;
+use veil_abi::{Hc, ADDRESS_UNKNOWN};
 
 use super::{FetchOutcome, Vm};
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
@@ -176,7 +176,13 @@ impl Vm {
 
     /// Records `first` and `more` at `rip` and applies the policy's answer.
     fn answer(&mut self, first: Hit, more: &[Hit], rip: u64) -> Option<ExitInfo> {
-        match self.s.unresumable(first, more, rip) {
+        let outcome = self.s.unresumable(first, more, rip);
+        self.resume_or_stop(outcome)
+    }
+
+    /// Applies the policy's answer to an access the guest cannot run on past.
+    fn resume_or_stop(&mut self, outcome: FetchOutcome) -> Option<ExitInfo> {
+        match outcome {
             FetchOutcome::Resume { rip, rsp } => {
                 let m = self.vcpu.sync_regs_mut();
                 m.regs.rip = rip;
@@ -232,29 +238,71 @@ impl Vm {
         })
     }
 
-    /// `KVM_RUN` failed with `EFAULT`: KVM could not resolve a guest access through the
-    /// backing it was given — under the `mprotect` backend, a guest ring-3 access to a page the
-    /// guest view closes (this host delivers no GPA and no `KVM_EXIT_MEMORY_FAULT`). Attributed
-    /// like an internal error and answered by the policy (recovery point or stop); an access
-    /// that cannot be attributed stops the VM with "stage-2 fault, address unknown" and the RIP.
+    /// `KVM_RUN` failed with `EFAULT` and no `KVM_EXIT_MEMORY_FAULT`: KVM could not resolve a
+    /// guest access through the backing it was given — under the `mprotect` backend, a guest
+    /// ring-3 access to a page the guest view closes (this host delivers no GPA). The
+    /// instruction at RIP is attributed as for an internal error; what [`efault_record`]
+    /// decides is recorded and answered by the policy (recovery point, else a violation stop),
+    /// an unlocated fault as a record at an unknown address. The same fault again and again
+    /// without progress stops as a fault-loop livelock.
     pub(super) fn memory_fault(&mut self, e: &kvm_ioctls::Error) -> Option<ExitInfo> {
-        if let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
-            let (hits, _) = self.attribute_insn(&regs, &sregs);
-            if let Some((first, more)) = hits.split_first() {
-                // `answer` edits the synced registers: start from the vCPU's real ones.
-                self.vcpu.sync_regs_mut().regs = regs;
-                return self.answer(*first, more, regs.rip);
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) else {
+            return Some(ExitInfo::KvmError {
+                error: format!("{e}, and the vCPU registers could not be read"),
+            });
+        };
+        let (hits, seen) = self.attribute_insn(&regs, &sregs);
+        let record = efault_record(hits, &seen);
+        let (key, access) = match &record {
+            EfaultRecord::Located(h) => (h[0].0, h[0].1),
+            EfaultRecord::Unknown { access, .. } => (ADDRESS_UNKNOWN, *access),
+        };
+        if let Some(stop) = self.fault_repeats(key, access, &regs) {
+            return Some(stop);
+        }
+        // `answer` edits the synced registers: start from the vCPU's real ones.
+        self.vcpu.sync_regs_mut().regs = regs;
+        match record {
+            EfaultRecord::Located(hits) => self.answer(hits[0], &hits[1..], regs.rip),
+            EfaultRecord::Unknown { access, size } => {
+                let outcome = self.s.unattributed(access, size, regs.rip);
+                self.resume_or_stop(outcome)
             }
+        }
+    }
+
+    /// `KVM_EXIT_MEMORY_FAULT`: KVM names the range `[gpa, gpa + size)` it could not resolve,
+    /// so the record's GPA and size come from KVM, not from decoding (which only tells the
+    /// access kind, see [`memory_fault_kind`]). Answered as an `EFAULT` is; a range the guest
+    /// view does not block is not a guest violation but a host failure (a KVM error stop).
+    /// `KVM_CAP_MEMORY_FAULT_INFO` needs no enabling: it only says KVM may annotate the
+    /// `EFAULT` this way (kvm-ioctls turns the annotated one into `VcpuExit::MemoryFault`).
+    pub(super) fn memory_fault_exit(&mut self, gpa: u64, size: u64) -> Option<ExitInfo> {
+        let (Ok(regs), Ok(sregs)) = (self.vcpu.get_regs(), self.vcpu.get_sregs()) else {
             return Some(ExitInfo::KvmError {
                 error: format!(
-                    "{e}: a stage-2 fault, address unknown, at rip {:#x}",
-                    regs.rip
+                    "KVM_EXIT_MEMORY_FAULT at GPA {gpa:#x}, and the vCPU registers could not be read"
+                ),
+            });
+        };
+        let (_, seen) = self.attribute_insn(&regs, &sregs);
+        let readable = !self.s.blocks(gpa, AccessKind::Read);
+        let access = memory_fault_kind(gpa, size, &seen.accesses, readable);
+        if !self.s.blocks(gpa, access) {
+            return Some(ExitInfo::KvmError {
+                error: format!(
+                    "KVM_EXIT_MEMORY_FAULT at GPA {gpa:#x} ({size} bytes, {}), which the guest \
+                     view does not block",
+                    state_name(self.s.state_at(gpa))
                 ),
             });
         }
-        Some(ExitInfo::KvmError {
-            error: e.to_string(),
-        })
+        if let Some(stop) = self.fault_repeats(gpa, access, &regs) {
+            return Some(stop);
+        }
+        self.vcpu.sync_regs_mut().regs = regs;
+        let size = u32::try_from(size).unwrap_or(u32::MAX);
+        self.answer((gpa, access, size), &[], regs.rip)
     }
 
     /// A shutdown (triple fault): the blocked accesses that explain it are recorded: the
@@ -274,7 +322,64 @@ impl Vm {
     }
 }
 
+/// What a stage-2 fault without an exit (`KVM_RUN` failing with `EFAULT`) is recorded as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum EfaultRecord {
+    /// The blocked accesses the decoded instruction makes (at least one).
+    Located(Vec<Hit>),
+    /// None found: one record at an unknown address, of the kind and size decoding tells.
+    Unknown {
+        /// Access kind.
+        access: AccessKind,
+        /// Bytes.
+        size: u32,
+    },
+}
+
+/// The decision for an `EFAULT`, from the instruction's attribution (`hits`, `seen` as
+/// [`Vm::attribute_insn`] returns them): the blocked accesses if any; else an unknown-address
+/// record of the first access whose address could not be computed or translated, else of
+/// the instruction's first access; an instruction with no memory access (or that did not
+/// decode) is charged as a fetch of the bytes read at RIP, the only guest memory it is known
+/// to touch.
+pub(super) fn efault_record(hits: Vec<Hit>, seen: &InsnAtRip) -> EfaultRecord {
+    if !hits.is_empty() {
+        return EfaultRecord::Located(hits);
+    }
+    let access = seen.accesses.iter().find(|a| a.gpa.is_none());
+    match access.or(seen.accesses.first()) {
+        Some(a) => EfaultRecord::Unknown {
+            access: a.access,
+            size: a.size,
+        },
+        None => EfaultRecord::Unknown {
+            access: AccessKind::Fetch,
+            size: seen.bytes.split_whitespace().count().max(1) as u32,
+        },
+    }
+}
+
+/// The access kind of a `KVM_EXIT_MEMORY_FAULT` on `[gpa, gpa + size)` (the exit does not
+/// say): that of the decoded access inside the range, else a store if the page is readable
+/// (`readable`: only a store can fault on it), else a load.
+pub(super) fn memory_fault_kind(
+    gpa: u64,
+    size: u64,
+    accesses: &[InsnAccess],
+    readable: bool,
+) -> AccessKind {
+    let inside = |a: &&InsnAccess| a.gpa.is_some_and(|g| g >= gpa && g - gpa < size.max(1));
+    match accesses.iter().find(inside) {
+        Some(a) => a.access,
+        None if readable => AccessKind::Write,
+        None => AccessKind::Read,
+    }
+}
+
 /// Report name of a stage-2 state (None: not RAM).
 fn state_name(s: Option<RangeState>) -> &'static str {
     s.map_or("not RAM", RangeState::name)
 }
+
+#[cfg(test)]
+mod tests;

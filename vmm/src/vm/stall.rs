@@ -66,6 +66,33 @@ impl Vm {
         })
     }
 
+    /// A stage-2 fault without an MMIO exit (`EFAULT`, `KVM_EXIT_MEMORY_FAULT`) on `gpa`
+    /// ([`veil_abi::ADDRESS_UNKNOWN`] if unknown) with registers `regs`: the
+    /// [`livelock::FAULT_REPEATS`]th identical one in a row stops the VM with the livelock.
+    /// (The policy's answer moves RIP to a recovery point that is used up, or stops, so a
+    /// repeat needs a guest that loops back without an exit; this bounds it all the same.)
+    pub(super) fn fault_repeats(
+        &mut self,
+        gpa: u64,
+        access: AccessKind,
+        regs: &kvm_bindings::kvm_regs,
+    ) -> Option<ExitInfo> {
+        let repeats = self
+            .faults
+            .fault(gpa, access as u8, livelock::fingerprint(regs))?;
+        self.faults.progress();
+        let regs = self.regs_dump();
+        Some(ExitInfo::Livelock {
+            rip: regs.rip,
+            gpa: (gpa != veil_abi::ADDRESS_UNKNOWN).then_some(gpa),
+            access: Some(access),
+            shape: LivelockShape::FaultLoop,
+            repeats: u64::from(repeats),
+            instruction: self.instruction_text(),
+            regs,
+        })
+    }
+
     /// A watchdog sample of a vCPU that made no exit for a whole sample period: a livelock if
     /// the registers did not move for [`livelock::STALL_SAMPLES`] samples and the instruction
     /// at RIP touches a hole (or never completes on this host).
