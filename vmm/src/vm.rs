@@ -30,6 +30,7 @@ mod stall;
 
 pub(crate) use crate::run_types::FetchOutcome;
 pub use crate::run_types::{valid_test_name, Allocator, GuestBackend, ViolationPolicy};
+use crate::run_types::{BOOT_VCPU, NR_VCPUS};
 
 /// Everything needed to boot and run one guest.
 #[derive(Clone, Debug)]
@@ -125,6 +126,9 @@ pub enum VmError {
     /// The stage-2 backend could not be set up.
     #[error("stage-2 backend: {0}")]
     Backend(#[from] MprotectError),
+    /// The allocator refused the managed range or the vCPU count.
+    #[error("allocator: {0}")]
+    Allocator(#[from] allocator::InitError),
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -226,11 +230,12 @@ impl Vm {
             (ram_size - reserved_end) >> 12,
             engine,
             allocator::Config::default(),
-        );
+            NR_VCPUS,
+        )?;
         lap("allocator");
 
         let mut vcpu = vm
-            .create_vcpu(0)
+            .create_vcpu(BOOT_VCPU as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -256,6 +261,7 @@ impl Vm {
             vm,
             ram,
             alloc,
+            vcpu: BOOT_VCPU,
             console,
             reserved_end,
             mode: cfg.mode,

@@ -88,21 +88,21 @@ impl Session {
     /// Whether every page of `[gpa, gpa + len)` is exposed at stage 2 (reachable by the guest).
     fn reachable(&self, gpa: u64, len: u64) -> bool {
         let end = gpa.saturating_add(len);
-        self.alloc
-            .stage2()
-            .ranges_in(Gpa(gpa), Gpa(end))
-            .iter()
-            .all(|r| r.state.is_exposed())
+        self.engine(|e| {
+            e.ranges_in(Gpa(gpa), Gpa(end))
+                .iter()
+                .all(|r| r.state.is_exposed())
+        })
     }
 
     /// Whether some page of `[gpa, gpa + len)` is locked by `Hc::Protect`.
     fn locked(&self, gpa: u64, len: u64) -> bool {
         let end = gpa.saturating_add(len);
-        self.alloc
-            .stage2()
-            .ranges_in(Gpa(gpa), Gpa(end))
-            .iter()
-            .any(|r| r.state.is_locked())
+        self.engine(|e| {
+            e.ranges_in(Gpa(gpa), Gpa(end))
+                .iter()
+                .any(|r| r.state.is_locked())
+        })
     }
 
     /// HostFill / HostCount arguments: a byte value and a range of pages the guest owns.

@@ -56,10 +56,10 @@ impl Session {
         let order = order_arg(order)?;
         let gfp = gfp_arg(gfp)?;
         let r: Result<Allocation, AllocError> = match ctx {
-            None => self.alloc.alloc_pages(gfp, order),
+            None => self.alloc.alloc_pages(self.vcpu, gfp, order),
             Some(c) => {
                 let ctx = BuddyContext::from_u64(c).ok_or(Status::BadFlags)?;
-                self.alloc.alloc_pages_special(ctx, gfp, order)
+                self.alloc.alloc_pages_special(self.vcpu, ctx, gfp, order)
             }
         };
         r.map(|a| a.pfn << 12).map_err(alloc_status)
@@ -75,17 +75,15 @@ impl Session {
         }
         // Locked pages stay allocated for the rest of the run (a lock has no way back).
         let end = gpa.saturating_add(PAGE_SIZE << order).min(self.ram.size());
-        if self
-            .alloc
-            .stage2()
-            .ranges_in(Gpa(gpa), Gpa(end))
-            .iter()
-            .any(|r| r.state.is_locked())
-        {
+        if self.engine(|e| {
+            e.ranges_in(Gpa(gpa), Gpa(end))
+                .iter()
+                .any(|r| r.state.is_locked())
+        }) {
             return Err(Status::BadState);
         }
         self.alloc
-            .free_pages(gpa >> 12, order)
+            .free_pages(self.vcpu, gpa >> 12, order)
             .map_err(free_status)?;
         Ok(0)
     }
@@ -106,7 +104,7 @@ impl Session {
             return Err(Status::BadAddress);
         }
         self.check_owned(gpa, len)?;
-        match self.alloc.stage2_mut().lock_range(Gpa(gpa), len, to) {
+        match self.alloc.with_stage2(|e| e.lock_range(Gpa(gpa), len, to)) {
             Ok(()) => Ok(0),
             Err(EngineError::WrongState { .. }) => Err(Status::BadState),
             Err(EngineError::OutOfRam { .. }) => Err(Status::BadAddress),
@@ -116,7 +114,7 @@ impl Session {
 
     pub(super) fn hc_stats(&mut self, ptr: u64) -> Result<u64, Status> {
         let snap = self.alloc.snapshot();
-        let c = self.alloc.stage2().counters();
+        let c = self.engine(|e| e.counters());
         let stats = AllocStats {
             free_pages: snap.free_pages,
             managed_pages: snap.managed_pages,

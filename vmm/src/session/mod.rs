@@ -34,9 +34,9 @@ use crate::report::{
     Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
     Violation,
 };
-use crate::run_types::{Allocator, SharedVm, ViolationPolicy};
+use crate::run_types::{Allocator, GuestBackend, SharedVm, VcpuIndex, ViolationPolicy};
 use crate::secret::Secret;
-use crate::stage2::RangeState;
+use crate::stage2::{RangeState, Stage2Engine};
 
 /// Longest text a Log / TestEnd message may carry.
 pub const MAX_TEXT: u64 = 4096;
@@ -117,6 +117,8 @@ pub struct SessionConfig {
     pub ram: Arc<GuestRam>,
     /// The allocator over the managed range.
     pub alloc: Allocator,
+    /// The vCPU whose exits this session handles: the CPU id of its allocator calls.
+    pub vcpu: VcpuIndex,
     /// The UART.
     pub console: Console,
     /// End of reserved memory.
@@ -143,6 +145,7 @@ pub struct SessionConfig {
 pub struct Session {
     vm: SharedVm,
     alloc: Allocator,
+    vcpu: VcpuIndex,
     pub(crate) console: Console,
     reserved_end: u64,
     mode: BootMode,
@@ -193,6 +196,7 @@ impl Session {
         Session {
             vm: c.vm,
             alloc: c.alloc,
+            vcpu: c.vcpu,
             console: c.console,
             reserved_end: c.reserved_end,
             mode: c.mode,
@@ -239,7 +243,13 @@ impl Session {
 
     /// RAM as the guest can reach it (stage-2 checked): for every access made for the guest.
     pub fn view(&self) -> GuestView<'_> {
-        GuestView::new(&self.ram, self.alloc.stage2())
+        GuestView::new(&self.ram, &self.alloc)
+    }
+
+    /// `f` on the stage-2 engine, under the allocator's stage-2 lock (so `f` must not call
+    /// the allocator).
+    fn engine<R>(&self, f: impl FnOnce(&Stage2Engine<GuestBackend>) -> R) -> R {
+        self.alloc.with_stage2(|e| f(e))
     }
 
     /// The allocator.
@@ -249,7 +259,7 @@ impl Session {
 
     /// Stage-2 state of the page at `gpa` (None: not RAM).
     pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        self.alloc.stage2().state_at(Gpa(gpa))
+        self.engine(|e| e.state_at(Gpa(gpa)))
     }
 
     pub(crate) fn mark_run_start(&mut self, t: Instant) {

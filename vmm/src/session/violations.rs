@@ -46,7 +46,7 @@ impl Session {
             access,
             size,
             rip,
-            vcpu: 0,
+            vcpu: self.vcpu as u32,
             freetype: ft.map(|f| f.name().to_string()),
             freetype_index: ft.map(|f| f.index() as u8).unwrap_or(0xff),
             owner,
@@ -79,7 +79,7 @@ impl Session {
     /// Whether the guest's view refuses `access` to the RAM page at `gpa`: a load or fetch of a
     /// page it makes unreachable, a store to one it makes unwritable.
     pub fn blocks(&self, gpa: u64, access: AccessKind) -> bool {
-        let view = self.alloc.stage2().view();
+        let view = self.engine(|e| e.view());
         self.state_at(gpa).is_some_and(|s| {
             let p = view.perm(s);
             !p.readable() || (access == AccessKind::Write && !p.writable())
@@ -116,7 +116,7 @@ impl Session {
                         access,
                         size,
                         rip,
-                        vcpu: 0,
+                        vcpu: self.vcpu as u32,
                         test: self.current_name(),
                     });
                 }

@@ -601,42 +601,61 @@ fn kvm_split_merge_and_zero() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Driven by the real allocator: after any alloc/free sequence, a managed pageblock is
-    /// unmapped at stage 2 exactly when its freetype is unmapped, and the slots stay minimal.
+    /// Driven by the VMM's allocator (a two-CPU zone): after any alloc/free sequence on either
+    /// CPU, a managed pageblock is unmapped at stage 2 exactly when its freetype is unmapped,
+    /// and the slots stay minimal.
     #[test]
     fn engine_tracks_allocator_flips(
-        ops in prop::collection::vec((any::<bool>(), any::<bool>(), 0..10u8, any::<u16>()), 1..300),
+        ops in prop::collection::vec(
+            (any::<bool>(), any::<bool>(), 0..10u8, any::<u16>(), 0..2usize),
+            1..300,
+        ),
     ) {
-        use allocator::{BuddyAllocator, Config, Gfp};
+        use allocator::{Config, Gfp, Zone};
         let ram = 32u64 << 20;
         let reserved = 2u64 << 20;
         let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), ram), ram, reserved).unwrap();
-        let mut a = BuddyAllocator::new(reserved / P, (ram - reserved) / P, engine, Config::default());
+        let a = Zone::new(reserved / P, (ram - reserved) / P, engine, Config::default(), 2).unwrap();
         let mut live = Vec::new();
-        for (alloc, unmapped, order, pick) in ops {
+        for (alloc, unmapped, order, pick, cpu) in ops {
             if alloc || live.is_empty() {
                 let gfp = if unmapped { Gfp::UNMAPPED } else { Gfp::empty() };
-                if let Ok(al) = a.alloc_pages(gfp, order) {
+                if let Ok(al) = a.alloc_pages(cpu, gfp, order) {
                     live.push(al);
                 }
             } else {
                 let al = live.swap_remove(usize::from(pick) % live.len());
-                a.free_pages(al.pfn, al.order).unwrap();
+                a.free_pages(cpu, al.pfn, al.order).unwrap();
             }
-            let e = a.stage2();
-            prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
-            prop_assert_eq!(e.backend().table().refused_calls(), 0);
-            prop_assert_eq!(e.counters().rejected_updates, 0);
-            for pb in (reserved..ram).step_by(2 << 20) {
-                let ft = a.pageblock_freetype(pb / P).unwrap();
-                for probe in [pb, pb + (2 << 20) - P] {
-                    let st = e.state_at(Gpa(probe)).unwrap();
-                    prop_assert_eq!(st == RangeState::Unmapped, ft.is_unmapped(), "block {:#x}", pb);
-                }
-            }
+            let blocks: Vec<(u64, bool)> = (reserved..ram)
+                .step_by(2 << 20)
+                .map(|pb| (pb, a.pageblock_freetype(pb / P).unwrap().is_unmapped()))
+                .collect();
+            let (inv, refused, rejected, wrong) = a.with_stage2(|e| {
+                let wrong: Vec<u64> = blocks
+                    .iter()
+                    .filter(|&&(pb, unmapped)| {
+                        [pb, pb + (2 << 20) - P].iter().any(|&probe| {
+                            (e.state_at(Gpa(probe)) == Some(RangeState::Unmapped)) != unmapped
+                        })
+                    })
+                    .map(|&(pb, _)| pb)
+                    .collect();
+                (
+                    e.check_invariants(),
+                    e.backend().table().refused_calls(),
+                    e.counters().rejected_updates,
+                    wrong,
+                )
+            });
+            prop_assert!(inv.is_ok(), "{:?}", inv);
+            prop_assert_eq!(refused, 0);
+            prop_assert_eq!(rejected, 0);
+            prop_assert!(wrong.is_empty(), "blocks {:x?}", wrong);
         }
+        a.check_invariants().unwrap();
         let s = a.snapshot();
-        let c = a.stage2().counters();
+        let c = a.with_stage2(|e| e.counters());
         prop_assert_eq!(s.stage2_unmap_calls, c.unmap_calls);
         prop_assert_eq!(s.stage2_map_calls, c.map_calls);
         prop_assert_eq!(s.stage2_pages_unmapped, c.pages_unmapped);
