@@ -192,3 +192,43 @@ fn result_buffers_never_land_on_vmm_built_structures() {
     let out = s.hypercall(Hc::Stats as u32, [veil_abi::PAGE_TABLES_GPA - 88, 0, 0, 0]);
     assert_eq!(out.status, Status::Ok);
 }
+
+/// The VMM's allocator zeroes a freed unmapped order-0 page when it leaves the vCPU's cache,
+/// not at the free: until then the page is nobody's, so no hypercall reaches its bytes, and
+/// the allocation that gets it back finds it zero.
+#[test]
+fn a_freed_secret_is_out_of_reach_until_it_comes_back_zeroed() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = vm(true);
+    let s = vm.session_mut();
+    let u = alloc(s, gfp::UNMAPPED);
+    assert_eq!(call(s, Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]), Status::Ok);
+    assert_eq!(call(s, Hc::Free, [u, 0, 0, 0]), Status::Ok);
+    assert!(
+        s.secret_intact(u, PAGE_SIZE),
+        "the page is expected to wait dirty in the cache (else this test proves nothing)"
+    );
+    begin(s, "freed");
+    for (hc, a) in [
+        (Hc::HostCount, [u, PAGE_SIZE, 0, 0]),
+        (Hc::HostCount, [u, PAGE_SIZE, 0x10, 0]),
+        (
+            Hc::HostExpect,
+            [u, PAGE_SIZE, HOST_EXPECT_SECRET, PAGE_SIZE],
+        ),
+        (Hc::HostExpect, [u, PAGE_SIZE, 0, 0]),
+        (Hc::HostFill, [u, PAGE_SIZE, 0, 0]),
+        (Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]),
+        (Hc::Protect, [u, 1, veil_abi::protect::NO_ACCESS, 0]),
+        (Hc::Free, [u, 0, 0, 0]),
+    ] {
+        assert_eq!(call(s, hc, a), Status::NotAllocated, "{hc:?} {a:x?}");
+    }
+    end_pass(s);
+    // The cache is LIFO: the next unmapped order-0 allocation is this page, zeroed first.
+    assert_eq!(alloc(s, gfp::UNMAPPED), u);
+    assert_eq!(s.secret_matches(u, PAGE_SIZE).unwrap(), 0);
+    assert_eq!(s.ram().count(u, PAGE_SIZE, 0).unwrap(), PAGE_SIZE);
+}
