@@ -4,6 +4,7 @@
 
 use veil_abi::{gfp, Hc, Status, HOST_EXPECT_SECRET, PAGE_SIZE};
 use veil_tests::*;
+use vmm::addr::Gpa;
 use vmm::report::TestOutcome;
 use vmm::session::Session;
 use vmm::vm::Vm;
@@ -58,11 +59,11 @@ fn host_count_is_no_oracle_and_host_expect_is_judged_by_the_vmm() {
     assert_eq!(call(s, Hc::HostExpect, expect), Status::BadState);
 
     assert_eq!(call(s, Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]), Status::Ok);
-    assert!(s.secret_intact(u, PAGE_SIZE));
+    assert!(s.secret_intact(Gpa(u), PAGE_SIZE));
     let mut page = vec![0u8; PAGE_SIZE as usize];
     s.ram().read(u, &mut page).unwrap();
     assert!(page.iter().all(|&b| Session::is_secret_byte(b)));
-    assert_eq!(page[17], s.secret_byte(u + 17));
+    assert_eq!(page[17], s.secret_byte(Gpa(u + 17)));
 
     // The old attack: count bytes equal to a guess over the unmapped page. Refused, for every
     // guess, so the answer says nothing about the contents.
@@ -207,7 +208,7 @@ fn a_freed_secret_is_out_of_reach_until_it_comes_back_zeroed() {
     assert_eq!(call(s, Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]), Status::Ok);
     assert_eq!(call(s, Hc::Free, [u, 0, 0, 0]), Status::Ok);
     assert!(
-        s.secret_intact(u, PAGE_SIZE),
+        s.secret_intact(Gpa(u), PAGE_SIZE),
         "the page is expected to wait dirty in the cache (else this test proves nothing)"
     );
     begin(s, "freed");
@@ -229,6 +230,6 @@ fn a_freed_secret_is_out_of_reach_until_it_comes_back_zeroed() {
     end_pass(s);
     // The cache is LIFO: the next unmapped order-0 allocation is this page, zeroed first.
     assert_eq!(alloc(s, gfp::UNMAPPED), u);
-    assert_eq!(s.secret_matches(u, PAGE_SIZE).unwrap(), 0);
+    assert_eq!(s.secret_matches(Gpa(u), PAGE_SIZE).unwrap(), 0);
     assert_eq!(s.ram().count(u, PAGE_SIZE, 0).unwrap(), PAGE_SIZE);
 }

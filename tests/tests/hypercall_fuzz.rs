@@ -144,7 +144,8 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                 );
                 assert!(
                     nr != Hc::HostCount as u32
-                        || s.state_at(page).is_some_and(|st| st.is_exposed()),
+                        || s.state_at(vmm::addr::Gpa(page))
+                            .is_some_and(|st| st.is_exposed()),
                     "HostCount answered over unreachable page {page:#x}"
                 );
                 page += 4096;

@@ -11,6 +11,7 @@ use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, Msrs, KVM_CAP_X86_USER_SPACE_M
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::addr::Gpa;
 use crate::report::{AccessKind, ExitInfo};
 use crate::session::Session;
 use crate::stage2::RangeState;
@@ -108,10 +109,10 @@ pub fn on_write(
         let last = gpa.saturating_add(size - 1) >> 12;
         let hole = (first..=last)
             .map(|pfn| (pfn << 12).max(gpa))
-            .find(|&g| s.state_at(g) == Some(RangeState::Unmapped));
+            .find(|&g| s.state_at(Gpa(g)) == Some(RangeState::Unmapped));
         if let Some(g) = hole {
             // Dropped: KVM never learns a GPA in a hole.
-            let (_, stop) = s.mmio(g, AccessKind::Write, size as u32, rip);
+            let (_, stop) = s.mmio(Gpa(g), AccessKind::Write, size as u32, rip);
             return (0, stop);
         }
     }

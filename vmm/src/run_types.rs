@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
+use crate::addr::Gpa;
 use crate::report::{AccessKind, ExitInfo, ViolationAction};
 use crate::stage2::{Stage2Backend, Stage2Engine};
 
@@ -70,6 +71,9 @@ pub(crate) fn mmio_action(policy: ViolationPolicy, access: AccessKind) -> Violat
         (_, AccessKind::Fetch) => ViolationAction::Recovered,
     }
 }
+
+/// A blocked access the VMM attributes: its GPA, kind and size in bytes.
+pub type BlockedAccess = (Gpa, AccessKind, u32);
 
 /// Borrow of the VM file descriptor (for dumps and stats).
 pub(crate) type SharedVm = Arc<VmFd>;

@@ -10,6 +10,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE};
 
+use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
@@ -223,7 +224,7 @@ impl Vm {
             )),
             BackendKind::Mprotect => Box::new(Mprotect::new(vm.clone(), ram.clone())?),
         };
-        let engine = Stage2Engine::new(backend, ram_size, reserved_end)?;
+        let engine = Stage2Engine::new(backend, ram_size, Gpa(reserved_end))?;
         lap("stage-2 engine (initial memslot)");
         let alloc = Allocator::new(
             reserved_end >> 12,
@@ -263,7 +264,7 @@ impl Vm {
             alloc,
             vcpu: BOOT_VCPU,
             console,
-            reserved_end,
+            reserved_end: Gpa(reserved_end),
             mode: cfg.mode,
             selection: cfg.selection,
             policy: cfg.on_violation,
@@ -400,7 +401,7 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    let (byte, stop) = self.s.mmio(gpa, AccessKind::Read, len as u32, rip);
+                    let (byte, stop) = self.s.mmio(Gpa(gpa), AccessKind::Read, len as u32, rip);
                     self.mmio_data_mut(len).fill(byte);
                     if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
                         return stop;
@@ -410,7 +411,7 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    let (_, stop) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip);
+                    let (_, stop) = self.s.mmio(Gpa(gpa), AccessKind::Write, len as u32, rip);
                     if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
                         return stop;
                     }

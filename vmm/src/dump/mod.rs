@@ -201,7 +201,7 @@ impl EngineView {
             memslots: e.memslots(),
             backend: e.backend().name(),
             ram_size: e.ram_size(),
-            reserved_end: e.reserved_end(),
+            reserved_end: e.reserved_end().raw(),
             counters: e.counters(),
         }
     }

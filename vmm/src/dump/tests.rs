@@ -17,7 +17,12 @@ fn host(gpa: u64) -> u64 {
 /// A two-CPU zone over 60 MiB of managed memory with some unmapped allocations live (made on
 /// CPU 0; the order-3 ones on CPU 1).
 fn setup() -> (Zone<Stage2Engine<Slots<ModelSlots>>>, Vec<Allocation>) {
-    let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), RAM), RAM, RESERVED).unwrap();
+    let engine = Stage2Engine::new(
+        Slots::new(ModelSlots::new(64), RAM),
+        RAM,
+        crate::addr::Gpa(RESERVED),
+    )
+    .unwrap();
     let a = Zone::new(
         RESERVED / PAGE_SIZE,
         (RAM - RESERVED) / PAGE_SIZE,

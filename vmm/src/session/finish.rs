@@ -130,7 +130,7 @@ impl Session {
             dumps: std::mem::take(&mut self.dumps),
             dump_errors: std::mem::take(&mut self.dump_errors),
             ram_size: self.ram.size(),
-            reserved_end: self.reserved_end,
+            reserved_end: self.reserved_end.raw(),
             stage2_dump,
             reachability: std::mem::take(&mut self.routes.matrix),
         };

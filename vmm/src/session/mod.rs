@@ -122,7 +122,7 @@ pub struct SessionConfig {
     /// The UART.
     pub console: Console,
     /// End of reserved memory.
-    pub reserved_end: u64,
+    pub reserved_end: Gpa,
     /// Run or list.
     pub mode: BootMode,
     /// Selected tests (empty = all).
@@ -147,7 +147,7 @@ pub struct Session {
     alloc: Allocator,
     vcpu: VcpuIndex,
     pub(crate) console: Console,
-    reserved_end: u64,
+    reserved_end: Gpa,
     mode: BootMode,
     selection: Vec<String>,
     policy: ViolationPolicy,
@@ -258,8 +258,8 @@ impl Session {
     }
 
     /// Stage-2 state of the page at `gpa` (None: not RAM).
-    pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        self.engine(|e| e.state_at(Gpa(gpa)))
+    pub fn state_at(&self, gpa: Gpa) -> Option<RangeState> {
+        self.engine(|e| e.state_at(gpa))
     }
 
     pub(crate) fn mark_run_start(&mut self, t: Instant) {
@@ -285,19 +285,22 @@ impl Session {
         out
     }
 
+    /// Decodes the registers of call `hc` (the ABI boundary: addresses become [`Gpa`]s here)
+    /// and runs its handler.
     fn dispatch(&mut self, hc: Hc, a: [u64; 4]) -> HcOut {
+        let gpa = |i: usize| Gpa(a[i]);
         match hc {
             Hc::Version => HcOut::ok(ABI_VERSION),
             Hc::Nop => HcOut::ok(0),
-            Hc::Log => self.hc_log(a[0], a[1]).into(),
+            Hc::Log => self.hc_log(gpa(0), a[1]).into(),
             Hc::Alloc => self.hc_alloc(None, a[1], a[0]).into(),
             Hc::AllocSpecial => self.hc_alloc(Some(a[0]), a[1], a[2]).into(),
-            Hc::Free => self.hc_free(a[0], a[1]).into(),
-            Hc::TestAnnounce => self.hc_announce(a[0], a[1]).into(),
-            Hc::TestBegin => self.hc_test_begin(a[0], a[1]),
-            Hc::TestEnd => self.hc_test_end(a[0], a[1], a[2]).into(),
-            Hc::ExpectViolation => self.hc_expect(a[0], a[1], a[2]).into(),
-            Hc::QueryViolations => self.hc_query(a[0], a[1]).into(),
+            Hc::Free => self.hc_free(gpa(0), a[1]).into(),
+            Hc::TestAnnounce => self.hc_announce(gpa(0), a[1]).into(),
+            Hc::TestBegin => self.hc_test_begin(gpa(0), a[1]),
+            Hc::TestEnd => self.hc_test_end(a[0], gpa(1), a[2]).into(),
+            Hc::ExpectViolation => self.hc_expect(gpa(0), a[1], a[2]).into(),
+            Hc::QueryViolations => self.hc_query(gpa(0), a[1]).into(),
             Hc::SetRecovery => {
                 self.recovery = Some((a[0], a[1]));
                 HcOut::ok(0)
@@ -314,10 +317,10 @@ impl Session {
                     HcOut::err(Status::InvariantBroken)
                 }
             },
-            Hc::Stats => self.hc_stats(a[0]).into(),
-            Hc::HostFill => self.hc_host_fill(a[0], a[1], a[2]).into(),
-            Hc::Protect => self.hc_protect(a[0], a[1], a[2]).into(),
-            Hc::HostCount => self.hc_host_count(a[0], a[1], a[2]).into(),
+            Hc::Stats => self.hc_stats(gpa(0)).into(),
+            Hc::HostFill => self.hc_host_fill(gpa(0), a[1], a[2]).into(),
+            Hc::Protect => self.hc_protect(gpa(0), a[1], a[2]).into(),
+            Hc::HostCount => self.hc_host_count(gpa(0), a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {
                     self.end_current(
@@ -340,9 +343,9 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
-            Hc::HostExpect => self.hc_host_expect(a[0], a[1], a[2], a[3]).into(),
-            Hc::PlantSecret => self.hc_plant_secret(a[0], a[1]).into(),
-            Hc::RouteBegin => self.hc_route_begin(a[0], a[1], a[2], a[3]).into(),
+            Hc::HostExpect => self.hc_host_expect(gpa(0), a[1], a[2], a[3]).into(),
+            Hc::PlantSecret => self.hc_plant_secret(gpa(0), a[1]).into(),
+            Hc::RouteBegin => self.hc_route_begin(gpa(0), a[1], gpa(2), a[3]).into(),
             Hc::RouteEnd => self.hc_route_end().into(),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {

@@ -2,22 +2,23 @@
 //! GPAs that are not RAM, recorded and answered according to the policy.
 
 use super::Session;
+use crate::addr::Gpa;
 use crate::expect;
 use crate::report::{AccessKind, ExitInfo, NotRamAccess, Violation, ViolationAction, MAX_RECORDS};
-use crate::run_types::{mmio_action, FetchOutcome, ViolationPolicy};
+use crate::run_types::{mmio_action, BlockedAccess, FetchOutcome, ViolationPolicy};
 
 impl Session {
     /// The policy for a violation of `access` at `gpa`: `kill` only fires on violations no test
     /// declared; one the running test still expects (`ExpectViolation`, not yet used up), or
     /// one inside an open reachability route (a route declares that it tries the access), is
     /// answered as under `report`.
-    fn policy_for(&self, gpa: u64, access: AccessKind) -> ViolationPolicy {
+    fn policy_for(&self, gpa: Gpa, access: AccessKind) -> ViolationPolicy {
         if self.policy == ViolationPolicy::Kill {
             if self.routes.is_open() {
                 return ViolationPolicy::Report;
             }
             if let Some(c) = &self.current {
-                let page = gpa & !0xfff;
+                let page = gpa.page_start().raw();
                 if expect::declared(&c.expectations, &c.tally, page, access) {
                     return ViolationPolicy::Report;
                 }
@@ -28,13 +29,13 @@ impl Session {
 
     pub(super) fn record_violation(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
         size: u32,
         rip: u64,
         action: ViolationAction,
     ) -> Violation {
-        let pfn = gpa >> 12;
+        let pfn = gpa.pfn().raw();
         let ft = self.alloc.pageblock_freetype(pfn);
         let owner = if self.alloc.allocation_containing(pfn).is_some() {
             "allocated"
@@ -42,7 +43,7 @@ impl Session {
             "free"
         };
         let v = Violation {
-            gpa,
+            gpa: gpa.raw(),
             access,
             size,
             rip,
@@ -78,7 +79,7 @@ impl Session {
 
     /// Whether the guest's view refuses `access` to the RAM page at `gpa`: a load or fetch of a
     /// page it makes unreachable, a store to one it makes unwritable.
-    pub fn blocks(&self, gpa: u64, access: AccessKind) -> bool {
+    pub fn blocks(&self, gpa: Gpa, access: AccessKind) -> bool {
         let view = self.engine(|e| e.view());
         self.state_at(gpa).is_some_and(|s| {
             let p = view.perm(s);
@@ -89,7 +90,7 @@ impl Session {
     /// An MMIO exit at `gpa`: returns the byte a load gets and, if the VM must stop, why.
     pub fn mmio(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
         size: u32,
         rip: u64,
@@ -112,7 +113,7 @@ impl Session {
                 self.not_ram_total += 1;
                 if self.not_ram.len() < MAX_RECORDS {
                     self.not_ram.push(NotRamAccess {
-                        gpa,
+                        gpa: gpa.raw(),
                         access,
                         size,
                         rip,
@@ -130,7 +131,7 @@ impl Session {
     /// as for a fetch; under `kill` otherwise, nowhere.
     pub(crate) fn livelock_recovery(
         &mut self,
-        hole: Option<(u64, AccessKind)>,
+        hole: Option<(Gpa, AccessKind)>,
     ) -> Option<(u64, u64)> {
         let policy = match hole {
             Some((gpa, access)) => self.policy_for(gpa, access),
@@ -147,7 +148,7 @@ impl Session {
     /// from the decoded instruction), with what happened next (`recovered` or `stopped`).
     pub(crate) fn livelock_violation(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
         size: u32,
         rip: u64,
@@ -163,8 +164,8 @@ impl Session {
     /// VM stops with the first record; under `kill` it stops.
     pub(crate) fn unresumable(
         &mut self,
-        first: (u64, AccessKind, u32),
-        more: &[(u64, AccessKind, u32)],
+        first: BlockedAccess,
+        more: &[BlockedAccess],
         rip: u64,
     ) -> FetchOutcome {
         let (action, resume) = match (self.policy_for(first.0, first.1), self.recovery.take()) {
@@ -183,8 +184,8 @@ impl Session {
     /// records the accesses and returns the stop.
     pub(crate) fn fatal(
         &mut self,
-        first: (u64, AccessKind, u32),
-        more: &[(u64, AccessKind, u32)],
+        first: BlockedAccess,
+        more: &[BlockedAccess],
         rip: u64,
     ) -> ExitInfo {
         let action = match self.policy {
@@ -196,8 +197,8 @@ impl Session {
 
     fn record_all(
         &mut self,
-        first: (u64, AccessKind, u32),
-        more: &[(u64, AccessKind, u32)],
+        first: BlockedAccess,
+        more: &[BlockedAccess],
         rip: u64,
         action: ViolationAction,
     ) -> Violation {

@@ -20,18 +20,18 @@ pub struct Stage2Engine<B: Stage2Backend> {
     view: View,
     counters: Stage2Counters,
     ram_size: u64,
-    reserved_end: u64,
+    reserved_end: Gpa,
     last_error: Option<EngineError>,
 }
 
 impl<B: Stage2Backend> Stage2Engine<B> {
     /// RAM [0, ram_size); [0, reserved_end) is Reserved, the rest Mapped; realises the guest
     /// view of that layout through `backend` (which starts with every page unreachable).
-    pub fn new(backend: B, ram_size: u64, reserved_end: u64) -> Result<Self, EngineError> {
+    pub fn new(backend: B, ram_size: u64, reserved_end: Gpa) -> Result<Self, EngineError> {
         if ram_size == 0 || !ram_size.is_multiple_of(PAGE_SIZE) {
             return Err(EngineError::BadRamSize(ram_size));
         }
-        if reserved_end > ram_size || !reserved_end.is_multiple_of(PAGE_SIZE) {
+        if reserved_end.raw() > ram_size || !reserved_end.is_page_aligned() {
             return Err(EngineError::BadReservedEnd {
                 reserved_end,
                 ram_size,
@@ -42,11 +42,11 @@ impl<B: Stage2Backend> Stage2Engine<B> {
             &[
                 Run {
                     start: 0,
-                    end: reserved_end,
+                    end: reserved_end.raw(),
                     state: RangeState::Reserved,
                 },
                 Run {
-                    start: reserved_end,
+                    start: reserved_end.raw(),
                     end: ram_size,
                     state: RangeState::Mapped,
                 },
@@ -146,7 +146,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
     }
 
     /// End of the reserved low memory.
-    pub fn reserved_end(&self) -> u64 {
+    pub fn reserved_end(&self) -> Gpa {
         self.reserved_end
     }
 

@@ -16,7 +16,7 @@ fn engine(pages: u64, reserved: u64, max: u32) -> ModelEngine {
     Stage2Engine::new(
         Slots::new(ModelSlots::recording(max), pages * P),
         pages * P,
-        reserved * P,
+        Gpa(reserved * P),
     )
     .unwrap()
 }
@@ -87,15 +87,15 @@ fn all_reserved_or_no_reserved() {
     let e = engine(16, 0, 1);
     assert_eq!(e.ranges()[0].state, RangeState::Mapped);
     assert!(matches!(
-        Stage2Engine::new(Slots::new(ModelSlots::new(1), 0), 0, 0),
+        Stage2Engine::new(Slots::new(ModelSlots::new(1), 0), 0, Gpa(0)),
         Err(EngineError::BadRamSize(0))
     ));
     assert!(matches!(
-        Stage2Engine::new(Slots::new(ModelSlots::new(1), 3 * P), 3 * P, 4 * P),
+        Stage2Engine::new(Slots::new(ModelSlots::new(1), 3 * P), 3 * P, Gpa(4 * P)),
         Err(EngineError::BadReservedEnd { .. })
     ));
     assert!(matches!(
-        Stage2Engine::new(Slots::new(ModelSlots::new(0), 4 * P), 4 * P, 0),
+        Stage2Engine::new(Slots::new(ModelSlots::new(0), 4 * P), 4 * P, Gpa(0)),
         Err(EngineError::OutOfSlots { .. })
     ));
 }
@@ -497,7 +497,8 @@ fn kvm_split_merge_and_zero() {
     assert!(max >= 4, "KVM offers {max} memslots");
     let mut table = KvmSlots::new(vm.clone(), mem.clone(), max);
     table.keep_durations(true);
-    let mut e = Stage2Engine::new(Slots::new(table, ram), ram, 2 << 20).expect("engine on KVM");
+    let mut e =
+        Stage2Engine::new(Slots::new(table, ram), ram, Gpa(2 << 20)).expect("engine on KVM");
     assert_eq!(
         e.backend().table().host_addr(Gpa(0x1000)),
         HostAddr(mem.host_base() + 0x1000)
@@ -614,7 +615,7 @@ proptest! {
         use allocator::{Config, Gfp, Zone};
         let ram = 32u64 << 20;
         let reserved = 2u64 << 20;
-        let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), ram), ram, reserved).unwrap();
+        let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), ram), ram, Gpa(reserved)).unwrap();
         let a = Zone::new(reserved / P, (ram - reserved) / P, engine, Config::default(), 2).unwrap();
         let mut live = Vec::new();
         for (alloc, unmapped, order, pick, cpu) in ops {
@@ -757,7 +758,7 @@ fn mprotect_engine(
         .unwrap(),
     );
     let backend = Mprotect::new(vm, mem.clone()).expect("mprotect backend");
-    (Stage2Engine::new(backend, ram, reserved).unwrap(), mem)
+    (Stage2Engine::new(backend, ram, Gpa(reserved)).unwrap(), mem)
 }
 
 #[test]
