@@ -233,3 +233,69 @@ fn a_freed_secret_is_out_of_reach_until_it_comes_back_zeroed() {
     assert_eq!(s.secret_matches(Gpa(u), PAGE_SIZE).unwrap(), 0);
     assert_eq!(s.ram().count(u, PAGE_SIZE, 0).unwrap(), PAGE_SIZE);
 }
+
+/// `Hc::Protect` locks the guest's own image pages (here the tiny guest's one page of code,
+/// read-only: it still runs from it) and refuses every other reserved page (the VMM's
+/// structures, the mailbox, the stack, the padding after the image), on both backends.
+#[test]
+fn protect_locks_the_image_and_refuses_other_reserved_pages() {
+    use veil_abi::protect::{NO_ACCESS, READ_ONLY, READ_WRITE};
+    use vmm::stage2::{BackendKind, RangeState};
+    if !kvm_available() {
+        return;
+    }
+    for backend in [BackendKind::Slots, BackendKind::Mprotect] {
+        let mut c = quiet_config(EXIT0, 32 << 20);
+        c.stage2 = backend;
+        let mut vm = Vm::new(c).expect("boot");
+        let s = vm.session_mut();
+        let image = veil_abi::IMAGE_MIN_GPA;
+        for (gpa, pages, perm) in [
+            (0, 1, READ_ONLY),
+            (veil_abi::GDT_GPA, 1, READ_ONLY),
+            (veil_abi::BOOT_INFO_GPA, 1, NO_ACCESS),
+            (0x3000, 1, READ_ONLY),
+            (veil_abi::MAILBOX_GPA, 1, READ_ONLY),
+            (veil_abi::STACK_TOP_GPA - PAGE_SIZE, 1, READ_ONLY),
+            (veil_abi::PAGE_TABLES_GPA, 1, READ_ONLY),
+            (image - PAGE_SIZE, 2, READ_ONLY),
+            // The image is one page: the next is padding, as is a range running into it.
+            (image + PAGE_SIZE, 1, READ_ONLY),
+            (image, 2, READ_ONLY),
+        ] {
+            let st = call(s, Hc::Protect, [gpa, pages, perm, 0]);
+            assert_eq!(st, Status::BadAddress, "{backend:?} {gpa:#x} +{pages}");
+            assert_eq!(s.state_at(Gpa(gpa)), Some(RangeState::Reserved));
+        }
+        assert_eq!(call(s, Hc::Protect, [image, 1, 7, 0]), Status::BadArgument);
+        assert_eq!(
+            call(s, Hc::Protect, [image, 1, READ_WRITE, 0]),
+            Status::BadState
+        );
+        assert_eq!(call(s, Hc::Protect, [image, 1, READ_ONLY, 0]), Status::Ok);
+        assert_eq!(s.state_at(Gpa(image)), Some(RangeState::ReadOnly));
+        for (perm, want) in [
+            (READ_WRITE, Status::BadState),
+            (READ_ONLY, Status::BadState),
+        ] {
+            assert_eq!(
+                call(s, Hc::Protect, [image, 1, perm, 0]),
+                want,
+                "{backend:?}"
+            );
+        }
+        // A result buffer over the locked page is refused; so is a free of it (not managed).
+        let out = s.hypercall(Hc::Stats as u32, [image, 0, 0, 0]);
+        assert_eq!(out.status, Status::BadAddress);
+        assert_eq!(call(s, Hc::Free, [image, 0, 0, 0]), Status::BadAddress);
+        // The guest runs from its read-only code page and exits.
+        let r = vm.run().expect("run");
+        assert_eq!(
+            r.exit,
+            vmm::report::ExitInfo::GuestExit { code: 0 },
+            "{backend:?}"
+        );
+        assert_eq!(r.violations_total, 0, "{backend:?}");
+        assert_eq!(r.stage2.protect_calls, 1, "{backend:?}");
+    }
+}

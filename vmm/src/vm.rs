@@ -265,6 +265,7 @@ impl Vm {
             vcpu: BOOT_VCPU,
             console,
             reserved_end: Gpa(reserved_end),
+            image: image.pages(),
             mode: cfg.mode,
             selection: cfg.selection,
             policy: cfg.on_violation,

@@ -225,12 +225,14 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         let (start, end) = (r.start.0, r.end.0);
         let mut cursor = start;
         while cursor < end {
-            let piece_end = if r.state == RangeState::Reserved {
+            // Reserved memory keeps its label when the guest locked part of its image.
+            let reserved = cursor < engine.reserved_end;
+            let piece_end = if reserved {
                 end
             } else {
                 ((cursor / pb_size + 1) * pb_size).min(end)
             };
-            let label = if r.state == RangeState::Reserved {
+            let label = if reserved {
                 FREETYPE_RESERVED
             } else {
                 freetype_label(alloc, cursor >> PAGE_SHIFT)

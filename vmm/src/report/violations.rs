@@ -131,7 +131,8 @@ pub struct Violation {
     pub freetype: Option<String>,
     /// Dense freetype index (0xff if none), as in [`veil_abi::ViolationRecord`].
     pub freetype_index: u8,
-    /// Whether the page was allocated to the guest at the time ("allocated") or free ("free").
+    /// Whether the page was allocated to the guest at the time ("allocated"), free ("free"),
+    /// or reserved memory (a locked page of the guest's image: "reserved").
     pub owner: &'static str,
     /// Test running at the time.
     pub test: Option<String>,

@@ -9,7 +9,8 @@ use crate::addr::{Gpa, Pfn};
 
 /// Reserved memory the VMM built and relies on, which no hypercall writes into on the guest's
 /// behalf: the TSS, GDT and BootInfo pages, and the page-table area. (The guest's own image,
-/// stack and mailbox are the guest's business.)
+/// stack and mailbox are the guest's business; of those, `Hc::Protect` may lock only the
+/// image: see [`Session::check_image`].)
 pub const VMM_STRUCTURES: [(Gpa, Gpa); 2] = [
     (Gpa(0), Gpa(BOOT_INFO_GPA + PAGE_SIZE)),
     (Gpa(PAGE_TABLES_GPA), Gpa(IMAGE_MIN_GPA)),
@@ -75,6 +76,23 @@ impl Session {
         self.view()
             .write(ptr.raw(), bytes)
             .map_err(|_| Status::BadAddress)
+    }
+
+    /// Checks that every page of `[gpa, gpa + len)` is the guest's own image: a page its ELF
+    /// segments were loaded into (page-rounded, bss included, all in `[IMAGE_MIN_GPA,
+    /// reserved_end)`). Every other reserved page is refused with `BadAddress`: the VMM's
+    /// structures (TSS, GDT, BootInfo, page tables), the mailbox and stack (which the VMM and
+    /// the exception path write), the free low pages and the padding after the image.
+    pub(super) fn check_image(&self, gpa: Gpa, len: u64) -> Result<(), Status> {
+        let end = gpa
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(Status::BadAddress)?;
+        if self.image.iter().any(|&(s, e)| s <= gpa && end <= e) {
+            Ok(())
+        } else {
+            Err(Status::BadAddress)
+        }
     }
 
     /// Checks that every page of `[gpa, gpa + len)` is allocated to the guest.

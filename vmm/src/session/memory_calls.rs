@@ -89,7 +89,8 @@ impl Session {
         Ok(0)
     }
 
-    /// `Hc::Protect`: locks pages the guest owns read-only or no-access, for good.
+    /// `Hc::Protect`: locks pages the guest owns, or pages of its own image, read-only or
+    /// no-access, for good (a range is wholly one or the other).
     pub(super) fn hc_protect(&mut self, gpa: Gpa, pages: u64, perm: u64) -> Result<u64, Status> {
         let to = match perm {
             protect::READ_ONLY => RangeState::ReadOnly,
@@ -104,7 +105,11 @@ impl Session {
         if !gpa.is_page_aligned() {
             return Err(Status::BadAddress);
         }
-        self.check_owned(gpa, len)?;
+        if gpa < self.reserved_end {
+            self.check_image(gpa, len)?;
+        } else {
+            self.check_owned(gpa, len)?;
+        }
         match self.alloc.with_stage2(|e| e.lock_range(gpa, len, to)) {
             Ok(()) => Ok(0),
             Err(EngineError::WrongState { .. }) => Err(Status::BadState),

@@ -123,6 +123,9 @@ pub struct SessionConfig {
     pub console: Console,
     /// End of reserved memory.
     pub reserved_end: Gpa,
+    /// The guest's image in reserved memory ([`crate::elf::ElfImage::pages`]): the only
+    /// reserved pages `Hc::Protect` may lock.
+    pub image: Vec<(Gpa, Gpa)>,
     /// Run or list.
     pub mode: BootMode,
     /// Selected tests (empty = all).
@@ -148,6 +151,7 @@ pub struct Session {
     vcpu: VcpuIndex,
     pub(crate) console: Console,
     reserved_end: Gpa,
+    image: Vec<(Gpa, Gpa)>,
     mode: BootMode,
     selection: Vec<String>,
     policy: ViolationPolicy,
@@ -199,6 +203,7 @@ impl Session {
             vcpu: c.vcpu,
             console: c.console,
             reserved_end: c.reserved_end,
+            image: c.image,
             mode: c.mode,
             selection: c.selection,
             policy: c.policy,

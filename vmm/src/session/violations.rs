@@ -37,7 +37,9 @@ impl Session {
     ) -> Violation {
         let pfn = gpa.pfn().raw();
         let ft = self.alloc.pageblock_freetype(pfn);
-        let owner = if self.alloc.allocation_containing(pfn).is_some() {
+        let owner = if gpa < self.reserved_end {
+            "reserved"
+        } else if self.alloc.allocation_containing(pfn).is_some() {
             "allocated"
         } else {
             "free"

@@ -339,24 +339,26 @@ impl Op {
         }
     }
 
-    /// The per-page model after the op, if the op is valid on `model`.
-    fn next(self, model: &[RangeState]) -> Option<Vec<RangeState>> {
+    /// The per-page model after the op, if the op is valid on `model` (whose first
+    /// `reserved` pages are reserved memory, locked or not).
+    fn next(self, model: &[RangeState], reserved: u64) -> Option<Vec<RangeState>> {
+        use RangeState::{Mapped, ReadOnly, Reserved, Unmapped};
         let (s, n) = self.range();
         if s + n > model.len() as u64 {
             return None;
         }
-        let (from, to) = match self {
-            Op::Unmap(..) => (Some(RangeState::Mapped), RangeState::Unmapped),
-            Op::Map(..) => (Some(RangeState::Unmapped), RangeState::Mapped),
-            Op::Protect(..) => (Some(RangeState::Mapped), RangeState::ReadOnly),
-            Op::Zero(..) => (None, RangeState::Reserved),
+        let (from, to): (&[RangeState], RangeState) = match self {
+            Op::Unmap(..) => (&[Mapped], Unmapped),
+            Op::Map(..) => (&[Unmapped], Mapped),
+            Op::Protect(..) => (&[Mapped, Reserved], ReadOnly),
+            Op::Zero(..) => (&[], Reserved),
         };
         let valid = (s..s + n).all(|p| match from {
-            Some(f) => model[p as usize] == f,
-            None => model[p as usize] != RangeState::Reserved,
+            [] => p >= reserved,
+            f => f.contains(&model[p as usize]),
         });
         let mut next = model.to_vec();
-        if from.is_some() {
+        if !from.is_empty() {
             for p in s..s + n {
                 next[p as usize] = to;
             }
@@ -414,7 +416,7 @@ proptest! {
             let (_, n) = op.range();
             let calls_before = e.backend().table().set_slot_calls();
             let r = op.apply(&mut e, 0);
-            let next = op.next(&model);
+            let next = op.next(&model, reserved);
             let fits = next
                 .as_ref()
                 .is_none_or(|m| slot_runs_of(m).len() as u64 <= u64::from(max_slots));
@@ -680,14 +682,12 @@ fn read_only_is_a_readonly_slot_and_has_no_way_back() {
         vec![(0, 600, false), (600, 610, true), (610, 1024, false)]
     );
     assert!(e.backend().table().is_readonly(600 * P) && !e.backend().table().is_readonly(610 * P));
-    // Locked pages can be neither unlocked (mapped), unmapped nor locked read-only again;
-    // reserved pages cannot be locked; a lock to a non-lock state is refused.
+    // Locked pages can be neither unlocked (mapped), unmapped nor locked read-only again; a
+    // lock to a non-lock state is refused.
     for r in [
         e.map_range(Gpa(600 * P), P),
         e.unmap_range(Gpa(600 * P), P),
         e.lock_range(Gpa(600 * P), P, RangeState::ReadOnly),
-        e.lock_range(Gpa(P), P, RangeState::ReadOnly),
-        e.lock_range(Gpa(P), P, RangeState::NoAccess),
     ] {
         assert!(matches!(r, Err(EngineError::WrongState { .. })), "{r:?}");
     }
@@ -708,8 +708,25 @@ fn read_only_is_a_readonly_slot_and_has_no_way_back() {
         e.lock_range(Gpa(609 * P), P, RangeState::ReadOnly),
         Err(EngineError::WrongState { .. })
     ));
+    // Reserved pages can be locked (which ones is the session's rule: the guest's image), and
+    // stay reserved memory: never zeroed, never unlocked.
+    e.lock_range(Gpa(P), P, RangeState::ReadOnly).unwrap();
+    e.lock_range(Gpa(2 * P), P, RangeState::NoAccess).unwrap();
+    assert_eq!(e.state_at(Gpa(P)), Some(RangeState::ReadOnly));
+    assert!(e.backend().table().is_readonly(P) && !e.backend().table().is_exposed(2 * P));
+    for r in [
+        e.zero_range(Gpa(P), P),
+        e.zero_range(Gpa(2 * P), P),
+        e.map_range(Gpa(P), P),
+        e.lock_range(Gpa(P), P, RangeState::ReadOnly),
+    ] {
+        assert!(matches!(r, Err(EngineError::WrongState { .. })), "{r:?}");
+    }
+    e.lock_range(Gpa(P), P, RangeState::NoAccess).unwrap();
+    e.lock_range(Gpa(P), 2 * P, RangeState::NoAccess)
+        .unwrap_err();
     let c = e.counters();
-    assert_eq!((c.protect_calls, c.pages_protected), (2, 12));
+    assert_eq!((c.protect_calls, c.pages_protected), (5, 15));
     assert_consistent(&e);
 }
 
@@ -814,7 +831,7 @@ proptest! {
         let mut model = vec![RangeState::Mapped; pages as usize];
         for op in ops {
             let r = op.apply(&mut e, base);
-            match op.next(&model) {
+            match op.next(&model, 0) {
                 Some(next) => {
                     prop_assert!(r.is_ok(), "{:?}: {:?}", op, r);
                     model = next;
