@@ -73,16 +73,7 @@ pub fn protect_readonly() -> Outcome {
     // SAFETY: an expected store to a read-only page: the VMM drops it.
     unsafe { dm::store64(dm::va(target), u64::from_ne_bytes([STORED; 8])) };
     // Unlocking, locking again, freeing and a host fill are all refused.
-    expect_status(
-        hc::protect(gpa, 1, protect::READ_WRITE),
-        Status::BadState,
-        "unlock",
-    )?;
-    expect_status(
-        hc::protect(gpa, 1, protect::READ_ONLY),
-        Status::BadState,
-        "lock again",
-    )?;
+    expect_locked(gpa)?;
     expect_status(hc::free(gpa, 0), Status::BadState, "free of a locked page")?;
     expect_status(
         hc::host_fill(gpa, PAGE_SIZE, 0),
@@ -92,7 +83,29 @@ pub fn protect_readonly() -> Outcome {
     // SAFETY: as above: the lock survived the refused unlock.
     unsafe { dm::store64(dm::va(target), u64::from_ne_bytes([STORED; 8])) };
     expect_bytes(gpa, PAGE_SIZE, BYTE, PAGE_SIZE)?;
-    // Tighten to no access: a load is now a violation and reads poison.
+    tighten_to_no_access(gpa, target)?;
+    expect_records(target, &[Access::Write, Access::Write, Access::Read])?;
+    expect_bytes(gpa, PAGE_SIZE, STORED, 0)?;
+    Ok(())
+}
+
+/// The read-only locked page at `gpa` can be neither unlocked nor locked read-only again.
+fn expect_locked(gpa: u64) -> Outcome {
+    expect_status(
+        hc::protect(gpa, 1, protect::READ_WRITE),
+        Status::BadState,
+        "unlock",
+    )?;
+    expect_status(
+        hc::protect(gpa, 1, protect::READ_ONLY),
+        Status::BadState,
+        "lock again",
+    )
+}
+
+/// Tightens the read-only locked page at `gpa` to no access: loosening it back is refused,
+/// and a load at `target` is a declared read violation that reads poison.
+fn tighten_to_no_access(gpa: u64, target: u64) -> Outcome {
     hc::protect(gpa, 1, protect::NO_ACCESS).ctx("Protect NO_ACCESS")?;
     expect_status(
         hc::protect(gpa, 1, protect::READ_ONLY),
@@ -106,22 +119,26 @@ pub fn protect_readonly() -> Outcome {
         v == POISON64,
         "no-access page reads {v:#x}, expected poison"
     );
+    Ok(())
+}
+
+/// The test's violations are exactly `kinds`, in order, all at `target`.
+fn expect_records(target: u64, kinds: &[Access]) -> Outcome {
     let mut buf = [ViolationRecord::default(); MAX_RECORDS];
     let (total, recs) = violations(&mut buf)?;
     ensure!(
-        total == 3,
-        "{total} violations, expected 2 stores and 1 load"
+        total == kinds.len() as u64 && recs.len() == kinds.len(),
+        "{total} violations, expected {}",
+        kinds.len()
     );
-    let kinds = [recs[0].access, recs[1].access, recs[2].access];
-    ensure!(
-        kinds == [Access::Write as u8, Access::Write as u8, Access::Read as u8],
-        "violation kinds {kinds:?}"
-    );
-    ensure!(
-        recs.iter().all(|r| r.gpa == target),
-        "violations not at {target:#x}"
-    );
-    expect_bytes(gpa, PAGE_SIZE, STORED, 0)?;
+    for (r, &k) in recs.iter().zip(kinds) {
+        ensure!(
+            r.access == k as u8 && r.gpa == target,
+            "violation {:?} at {:#x}, expected {k:?} at {target:#x}",
+            r.access,
+            r.gpa
+        );
+    }
     Ok(())
 }
 
@@ -252,40 +269,7 @@ pub fn protect_image() -> Outcome {
         Status::BadAddress,
         "Stats into the locked page",
     )?;
-    expect_status(
-        hc::protect(gpa, 1, protect::READ_WRITE),
-        Status::BadState,
-        "unlock after the lock",
-    )?;
-    expect_status(
-        hc::protect(gpa, 1, protect::READ_ONLY),
-        Status::BadState,
-        "lock again",
-    )?;
-    hc::protect(gpa, 1, protect::NO_ACCESS).ctx("Protect NO_ACCESS on the image")?;
-    expect_status(
-        hc::protect(gpa, 1, protect::READ_ONLY),
-        Status::BadState,
-        "loosen",
-    )?;
-    hc::expect_violation(gpa, Access::Read, 1).ctx("ExpectViolation read")?;
-    // SAFETY: an expected load of a no-access page: the VMM answers it with poison.
-    let (v, _) = unsafe { dm::load64(dm::va(target)) };
-    ensure!(v == POISON64, "no-access image page reads {v:#x}");
-    let mut buf = [ViolationRecord::default(); MAX_RECORDS];
-    let (total, recs) = violations(&mut buf)?;
-    ensure!(
-        total == 2,
-        "{total} violations, expected 1 store and 1 load"
-    );
-    let kinds = [recs[0].access, recs[1].access];
-    ensure!(
-        kinds == [Access::Write as u8, Access::Read as u8],
-        "violation kinds {kinds:?}"
-    );
-    ensure!(
-        recs.iter().all(|r| r.gpa == target),
-        "violations not at {target:#x}"
-    );
-    Ok(())
+    expect_locked(gpa)?;
+    tighten_to_no_access(gpa, target)?;
+    expect_records(target, &[Access::Write, Access::Read])
 }
