@@ -37,7 +37,8 @@ impl Session {
     ) -> Violation {
         let pfn = gpa.pfn().raw();
         let ft = self.alloc.pageblock_freetype(pfn);
-        let owner = if gpa < self.reserved_end {
+        let reserved = gpa < self.reserved_end;
+        let owner = if reserved {
             "reserved"
         } else if self.alloc.allocation_containing(pfn).is_some() {
             "allocated"
@@ -50,7 +51,11 @@ impl Session {
             size,
             rip,
             vcpu: self.vcpu as u32,
-            freetype: ft.map(|f| f.name().to_string()),
+            freetype: match ft {
+                Some(f) => Some(f.name().to_string()),
+                None if reserved => Some(crate::dump::FREETYPE_RESERVED.to_string()),
+                None => None,
+            },
             freetype_index: ft.map(|f| f.index() as u8).unwrap_or(0xff),
             owner,
             test: self.current_name(),
