@@ -160,8 +160,8 @@ extern "C" {
 }
 
 /// `protect_image`: the guest locks a page of its own `.rodata` (Heki's locked kernel data):
-/// it stays readable, a store to it is a declared violation and is dropped, a hypercall
-/// result written there is refused, unlocking and loosening are refused, a no-access lock on
+/// it stays readable, a store to it is a declared violation and is dropped, as is a PV MSR
+/// that would have KVM write there, a hypercall result written there is refused, unlocking and loosening are refused, a no-access lock on
 /// top makes loads violations. Reserved pages that are not the image (the VMM's structures,
 /// the mailbox, the stack, the free low pages, the padding after the image) and ranges that
 /// run out of the image are refused, as are unknown permissions.
@@ -255,10 +255,17 @@ pub fn protect_image() -> Outcome {
     // SAFETY: a load of our own image page, readable under the lock.
     let (v, _) = unsafe { dm::load64(dm::va(target)) };
     ensure!(v == want, "locked image page reads {v:#x}");
-    hc::expect_violation(gpa, Access::Write, 1).ctx("ExpectViolation write")?;
+    hc::expect_violation(gpa, Access::Write, 2).ctx("ExpectViolation write")?;
     // SAFETY: an expected store to a page stage 2 makes read-only: the VMM drops it, so the
     // static's bytes never change.
     unsafe { dm::store64(dm::va(target), u64::from_ne_bytes([STORED; 8])) };
+    // Nor can KVM be made to write there for the guest: the wall-clock MSR names the page,
+    // the VMM records the write and drops it (KVM never learns the GPA).
+    // SAFETY: a `wrmsr` of a PV MSR the VMM filters; no #GP (the VMM answers it).
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") MSR_KVM_WALL_CLOCK_NEW, in("eax") target as u32,
+                         in("edx") (target >> 32) as u32, options(nostack));
+    }
     // SAFETY: as above.
     let (v, _) = unsafe { dm::load64(dm::va(target)) };
     ensure!(v == want, "the dropped store changed the page: {v:#x}");
@@ -272,5 +279,8 @@ pub fn protect_image() -> Outcome {
     )?;
     expect_locked(gpa)?;
     tighten_to_no_access(gpa, target)?;
-    expect_records(target, &[Access::Write, Access::Read])
+    expect_records(target, &[Access::Write, Access::Write, Access::Read])
 }
+
+/// KVM's wall-clock MSR (new numbering): KVM writes the wall clock at the GPA written to it.
+const MSR_KVM_WALL_CLOCK_NEW: u32 = 0x4b56_4d00;
