@@ -184,13 +184,16 @@ pub enum Hc {
     /// unrecorded / leaked) from its own records and mapping, and returns only `Ok`. A cell
     /// other than "blocked and recorded" fails the test on the VMM side.
     RouteEnd = 24,
-    /// (gpa, pages, perm): lock `pages` pages from `gpa` (page aligned, pages the guest
-    /// allocated) for the rest of the run, as Heki locks kernel text: `perm` is
+    /// (gpa, pages, perm): lock `pages` pages from `gpa` (page aligned; pages the guest
+    /// allocated, or pages of its own loaded ELF image in reserved memory) for the rest of the
+    /// run, as Heki locks kernel text and rodata: `perm` is
     /// [`protect::READ_ONLY`] (stores become violations) or [`protect::NO_ACCESS`] (every access
     /// does). Locks only tighten: [`protect::READ_WRITE`] (an unlock) and a read-only lock of a
     /// no-access page are refused with [`Status::BadState`], as is freeing a locked page.
     /// Errors: unknown `perm` or `pages` 0 or too many ([`Status::BadArgument`]), a misaligned
-    /// or reserved range ([`Status::BadAddress`]), pages not allocated to the guest
+    /// range or a reserved one that is not wholly the image (the VMM's structures, mailbox,
+    /// stack, free low pages, padding after the image: [`Status::BadAddress`]), managed pages
+    /// not allocated to the guest
     /// ([`Status::NotAllocated`]), unmapped pages ([`Status::BadState`]).
     Protect = 25,
 }

@@ -38,6 +38,7 @@ pub static TESTS: &[Test] = &[
     Test::new("hc_fuzz", tests::hc_fuzz::hc_fuzz),
     Test::new("oom", tests::oom::oom),
     Test::new("protect_readonly", tests::protect::protect_readonly),
+    Test::new("protect_image", tests::protect::protect_image),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),
     Test::new("reachability", tests::reachability::reachability),
 ];

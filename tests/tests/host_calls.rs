@@ -4,6 +4,7 @@
 
 use veil_abi::{gfp, Hc, Status, HOST_EXPECT_SECRET, PAGE_SIZE};
 use veil_tests::*;
+use vmm::addr::Gpa;
 use vmm::report::TestOutcome;
 use vmm::session::Session;
 use vmm::vm::Vm;
@@ -58,11 +59,11 @@ fn host_count_is_no_oracle_and_host_expect_is_judged_by_the_vmm() {
     assert_eq!(call(s, Hc::HostExpect, expect), Status::BadState);
 
     assert_eq!(call(s, Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]), Status::Ok);
-    assert!(s.secret_intact(u, PAGE_SIZE));
+    assert!(s.secret_intact(Gpa(u), PAGE_SIZE));
     let mut page = vec![0u8; PAGE_SIZE as usize];
     s.ram().read(u, &mut page).unwrap();
     assert!(page.iter().all(|&b| Session::is_secret_byte(b)));
-    assert_eq!(page[17], s.secret_byte(u + 17));
+    assert_eq!(page[17], s.secret_byte(Gpa(u + 17)));
 
     // The old attack: count bytes equal to a guess over the unmapped page. Refused, for every
     // guess, so the answer says nothing about the contents.
@@ -191,4 +192,110 @@ fn result_buffers_never_land_on_vmm_built_structures() {
     assert_eq!(out.status, Status::Ok);
     let out = s.hypercall(Hc::Stats as u32, [veil_abi::PAGE_TABLES_GPA - 88, 0, 0, 0]);
     assert_eq!(out.status, Status::Ok);
+}
+
+/// The VMM's allocator zeroes a freed unmapped order-0 page when it leaves the vCPU's cache,
+/// not at the free: until then the page is nobody's, so no hypercall reaches its bytes, and
+/// the allocation that gets it back finds it zero.
+#[test]
+fn a_freed_secret_is_out_of_reach_until_it_comes_back_zeroed() {
+    if !kvm_available() {
+        return;
+    }
+    let mut vm = vm(true);
+    let s = vm.session_mut();
+    let u = alloc(s, gfp::UNMAPPED);
+    assert_eq!(call(s, Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]), Status::Ok);
+    assert_eq!(call(s, Hc::Free, [u, 0, 0, 0]), Status::Ok);
+    assert!(
+        s.secret_intact(Gpa(u), PAGE_SIZE),
+        "the page is expected to wait dirty in the cache (else this test proves nothing)"
+    );
+    begin(s, "freed");
+    for (hc, a) in [
+        (Hc::HostCount, [u, PAGE_SIZE, 0, 0]),
+        (Hc::HostCount, [u, PAGE_SIZE, 0x10, 0]),
+        (
+            Hc::HostExpect,
+            [u, PAGE_SIZE, HOST_EXPECT_SECRET, PAGE_SIZE],
+        ),
+        (Hc::HostExpect, [u, PAGE_SIZE, 0, 0]),
+        (Hc::HostFill, [u, PAGE_SIZE, 0, 0]),
+        (Hc::PlantSecret, [u, PAGE_SIZE, 0, 0]),
+        (Hc::Protect, [u, 1, veil_abi::protect::NO_ACCESS, 0]),
+        (Hc::Free, [u, 0, 0, 0]),
+    ] {
+        assert_eq!(call(s, hc, a), Status::NotAllocated, "{hc:?} {a:x?}");
+    }
+    end_pass(s);
+    // The cache is LIFO: the next unmapped order-0 allocation is this page, zeroed first.
+    assert_eq!(alloc(s, gfp::UNMAPPED), u);
+    assert_eq!(s.secret_matches(Gpa(u), PAGE_SIZE).unwrap(), 0);
+    assert_eq!(s.ram().count(u, PAGE_SIZE, 0).unwrap(), PAGE_SIZE);
+}
+
+/// `Hc::Protect` locks the guest's own image pages (here the tiny guest's one page of code,
+/// read-only: it still runs from it) and refuses every other reserved page (the VMM's
+/// structures, the mailbox, the stack, the padding after the image), on both backends.
+#[test]
+fn protect_locks_the_image_and_refuses_other_reserved_pages() {
+    use veil_abi::protect::{NO_ACCESS, READ_ONLY, READ_WRITE};
+    use vmm::stage2::{BackendKind, RangeState};
+    if !kvm_available() {
+        return;
+    }
+    for backend in [BackendKind::Slots, BackendKind::Mprotect] {
+        let mut c = quiet_config(EXIT0, 32 << 20);
+        c.stage2 = backend;
+        let mut vm = Vm::new(c).expect("boot");
+        let s = vm.session_mut();
+        let image = veil_abi::IMAGE_MIN_GPA;
+        for (gpa, pages, perm) in [
+            (0, 1, READ_ONLY),
+            (veil_abi::GDT_GPA, 1, READ_ONLY),
+            (veil_abi::BOOT_INFO_GPA, 1, NO_ACCESS),
+            (0x3000, 1, READ_ONLY),
+            (veil_abi::MAILBOX_GPA, 1, READ_ONLY),
+            (veil_abi::STACK_TOP_GPA - PAGE_SIZE, 1, READ_ONLY),
+            (veil_abi::PAGE_TABLES_GPA, 1, READ_ONLY),
+            (image - PAGE_SIZE, 2, READ_ONLY),
+            // The image is one page: the next is padding, as is a range running into it.
+            (image + PAGE_SIZE, 1, READ_ONLY),
+            (image, 2, READ_ONLY),
+        ] {
+            let st = call(s, Hc::Protect, [gpa, pages, perm, 0]);
+            assert_eq!(st, Status::BadAddress, "{backend:?} {gpa:#x} +{pages}");
+            assert_eq!(s.state_at(Gpa(gpa)), Some(RangeState::Reserved));
+        }
+        assert_eq!(call(s, Hc::Protect, [image, 1, 7, 0]), Status::BadArgument);
+        assert_eq!(
+            call(s, Hc::Protect, [image, 1, READ_WRITE, 0]),
+            Status::BadState
+        );
+        assert_eq!(call(s, Hc::Protect, [image, 1, READ_ONLY, 0]), Status::Ok);
+        assert_eq!(s.state_at(Gpa(image)), Some(RangeState::ReadOnly));
+        for (perm, want) in [
+            (READ_WRITE, Status::BadState),
+            (READ_ONLY, Status::BadState),
+        ] {
+            assert_eq!(
+                call(s, Hc::Protect, [image, 1, perm, 0]),
+                want,
+                "{backend:?}"
+            );
+        }
+        // A result buffer over the locked page is refused; so is a free of it (not managed).
+        let out = s.hypercall(Hc::Stats as u32, [image, 0, 0, 0]);
+        assert_eq!(out.status, Status::BadAddress);
+        assert_eq!(call(s, Hc::Free, [image, 0, 0, 0]), Status::BadAddress);
+        // The guest runs from its read-only code page and exits.
+        let r = vm.run().expect("run");
+        assert_eq!(
+            r.exit,
+            vmm::report::ExitInfo::GuestExit { code: 0 },
+            "{backend:?}"
+        );
+        assert_eq!(r.violations_total, 0, "{backend:?}");
+        assert_eq!(r.stage2.protect_calls, 1, "{backend:?}");
+    }
 }

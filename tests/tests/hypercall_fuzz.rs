@@ -1,7 +1,8 @@
 //! Hostile hypercalls: random numbers and arguments, biased towards edge values and addresses
 //! that matter, straight into a real VM's hypercall handler. The VMM must answer every call with
-//! a status and never panic, the guest may never free or reach memory it does not own, and the
-//! allocator's invariants must hold throughout.
+//! a status and never panic, the guest may never free, reach or lock memory it does not own
+//! (locks: its allocations and its own image only), and the allocator's invariants must hold
+//! throughout.
 
 use veil_abi::{Hc, Status};
 use veil_tests::*;
@@ -28,14 +29,17 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     let mut statuses = std::collections::BTreeMap::new();
     let mut host_ok = 0u32;
     let mut unreachable = 0u32;
+    // Pages `Protect` locked (for good: never freed again).
+    let mut locked: std::collections::BTreeSet<u64> = Default::default();
+    let image = veil_abi::IMAGE_MIN_GPA..veil_abi::IMAGE_MIN_GPA + 4096;
     for i in 0..20_000u32 {
         let nr = match rng.below(10) {
             0 => rng.next_u64() as u32,
             1..=3 => Hc::Alloc as u32,
             4 => Hc::AllocSpecial as u32,
             5 | 6 => Hc::Free as u32,
-            // Every call this ABI defines up to PlantSecret, plus a few unknown numbers.
-            _ => rng.below(Hc::PlantSecret as u64 + 3) as u32,
+            // Every call this ABI defines up to Protect, plus a few unknown numbers.
+            _ => rng.below(Hc::Protect as u64 + 3) as u32,
         };
         if nr == Hc::Exit as u32 || nr == Hc::Exception as u32 {
             continue; // these stop the VM; covered elsewhere
@@ -76,6 +80,14 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                     a[2] = rng.below(0x102);
                     a[3] = rng.below(a[1] + 2);
                 }
+                Some(Hc::Protect) => {
+                    a[0] = match live.get(rng.below(live.len() as u64 + 1) as usize) {
+                        Some(&(g, _)) => g,
+                        None => image.start,
+                    };
+                    a[1] = rng.below(3);
+                    a[2] = rng.below(4);
+                }
                 _ => {}
             }
         }
@@ -115,6 +127,19 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                 (0, 0),
                 "HostExpect returned something besides its status"
             ),
+            Some(Hc::Protect) if out.status == Status::Ok => {
+                // Only pages of live allocations or of the image may be locked.
+                for page in (0..a[1]).map(|i| a[0] + i * 4096) {
+                    assert!(
+                        image.contains(&page)
+                            || live
+                                .iter()
+                                .any(|&(g, o)| g <= page && page < g + (4096 << o)),
+                        "Protect locked {page:#x}, which is not the guest's"
+                    );
+                    locked.insert(page);
+                }
+            }
             Some(Hc::Stats) if out.status == Status::Ok => {
                 assert!(!over_vmm_structures(a[0], 88), "Stats wrote at {:#x}", a[0]);
             }
@@ -144,7 +169,8 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                 );
                 assert!(
                     nr != Hc::HostCount as u32
-                        || s.state_at(page).is_some_and(|st| st.is_exposed()),
+                        || s.state_at(vmm::addr::Gpa(page))
+                            .is_some_and(|st| st.is_exposed()),
                     "HostCount answered over unreachable page {page:#x}"
                 );
                 page += 4096;
@@ -159,14 +185,29 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
         }
     }
     s.allocator().check_invariants().expect("invariants");
-    // Give everything back: the free count returns to its start.
+    // Give everything back but what is locked (a lock is for the run): the free count
+    // returns to its start less the locked allocations.
+    let mut kept = 0u64;
     for (gpa, order) in live.drain(..) {
+        let pages = 1u64 << order;
+        let is_locked = (0..pages).any(|i| locked.contains(&(gpa + i * 4096)));
+        let want = if is_locked {
+            kept += pages;
+            Status::BadState
+        } else {
+            Status::Ok
+        };
         assert_eq!(
             s.hypercall(Hc::Free as u32, [gpa, order, 0, 0]).status,
-            Status::Ok
+            want,
+            "free of {gpa:#x} order {order}"
         );
     }
-    assert_eq!(s.allocator().free_pages_count(), free0);
+    assert!(
+        !locked.is_empty(),
+        "no Protect succeeded: the lock rules went untested"
+    );
+    assert_eq!(s.allocator().free_pages_count(), free0 - kept);
     assert!(free0 <= managed_pages);
     assert!(
         host_ok > 0,

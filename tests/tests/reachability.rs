@@ -54,7 +54,7 @@ fn each_outcome_is_judged_by_the_vmm_and_fails_the_test() {
     ok(s, Hc::TestBegin, [p, l, 0, 0]);
 
     route(s, 2, "sink_leak", |s, page| {
-        let b = s.secret_byte(page + 5);
+        let b = s.secret_byte(vmm::addr::Gpa(page + 5));
         assert!(Session::is_secret_byte(b));
         s.ram().write(SINK + 3, &[b]).unwrap();
     });
@@ -68,7 +68,12 @@ fn each_outcome_is_judged_by_the_vmm_and_fails_the_test() {
     });
     route(s, 6, "poisoned_load", |s, page| {
         let rip = 0x20_0000;
-        let (byte, stop) = s.mmio(page + 8, vmm::report::AccessKind::Read, 8, rip);
+        let (byte, stop) = s.mmio(
+            vmm::addr::Gpa(page + 8),
+            vmm::report::AccessKind::Read,
+            8,
+            rip,
+        );
         assert!(stop.is_none() && !Session::is_secret_byte(byte));
         s.ram().write(SINK, &[byte; 8]).unwrap();
     });

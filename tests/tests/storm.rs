@@ -63,7 +63,7 @@ fn a_million_violations_keep_memory_and_report_bounded() {
         if gpa & !(PAGE_SIZE - 1) == declared && access == AccessKind::Read {
             on_declared += 1;
         }
-        let (byte, stop) = s.mmio(gpa, access, 8, rip);
+        let (byte, stop) = s.mmio(vmm::addr::Gpa(gpa), access, 8, rip);
         assert_eq!(byte, veil_abi::POISON_BYTE);
         assert!(stop.is_none());
     }

@@ -183,14 +183,14 @@ fn main() {
             let mut t = KvmSlots::new(vm.clone(), ram.clone(), max_slots);
             t.lock_unmapped(false);
             measure(
-                Stage2Engine::new(Slots::new(t, ram_size), ram_size, 0).unwrap(),
+                Stage2Engine::new(Slots::new(t, ram_size), ram_size, Gpa(0)).unwrap(),
                 v,
                 fragment,
             )
         } else {
             let mut b = Mprotect::new(vm.clone(), ram.clone()).unwrap();
             b.lock_unmapped(false);
-            measure(Stage2Engine::new(b, ram_size, 0).unwrap(), v, fragment)
+            measure(Stage2Engine::new(b, ram_size, Gpa(0)).unwrap(), v, fragment)
         };
         rows.push((name, row));
     }

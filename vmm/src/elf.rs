@@ -7,7 +7,9 @@
 //! the file and `p_vaddr == p_paddr` (the image runs identity-mapped), and whose entry point lies in an executable loaded segment. Every failure is an
 //! [`ElfError`]; nothing here panics on any input.
 
-use veil_abi::IMAGE_MIN_GPA;
+use veil_abi::{IMAGE_MIN_GPA, PAGE_SIZE};
+
+use crate::addr::Gpa;
 
 use crate::memory::GuestRam;
 
@@ -152,6 +154,22 @@ impl ElfImage {
             .map(|s| s.gpa + s.memsz)
             .max()
             .unwrap_or(IMAGE_MIN_GPA)
+    }
+
+    /// The guest's own pages: every page a loaded segment touches (bss included), as sorted,
+    /// disjoint, page-aligned `[start, end)` ranges (adjacent ones merged).
+    pub fn pages(&self) -> Vec<(Gpa, Gpa)> {
+        let mut out: Vec<(Gpa, Gpa)> = Vec::new();
+        for s in &self.segments {
+            // `parse` bounds every segment inside RAM, so neither end overflows.
+            let start = Gpa(s.gpa).page_start();
+            let end = Gpa((s.gpa + s.memsz).div_ceil(PAGE_SIZE) * PAGE_SIZE);
+            match out.last_mut() {
+                Some(last) if last.1 >= start => last.1 = last.1.max(end),
+                _ => out.push((start, end)),
+            }
+        }
+        out
     }
 }
 
@@ -392,6 +410,40 @@ mod tests {
         assert_eq!(img.entry, IMAGE_MIN_GPA);
         assert_eq!(img.segments.len(), 1);
         assert_eq!(img.end(), IMAGE_MIN_GPA + 2 + 0x3000);
+        assert_eq!(
+            img.pages(),
+            vec![(Gpa(IMAGE_MIN_GPA), Gpa(IMAGE_MIN_GPA + 0x4000))]
+        );
+    }
+
+    #[test]
+    fn pages_round_out_and_merge_segments() {
+        let img = |segs: &[(u64, u64)]| ElfImage {
+            entry: IMAGE_MIN_GPA,
+            segments: segs
+                .iter()
+                .map(|&(gpa, memsz)| Segment {
+                    gpa,
+                    memsz,
+                    offset: 0,
+                    filesz: 0,
+                    exec: false,
+                })
+                .collect(),
+        };
+        let b = IMAGE_MIN_GPA;
+        // Two segments sharing a page merge; a gap of a whole page keeps them apart.
+        assert_eq!(
+            img(&[(b, 0x1001), (b + 0x1800, 0x10), (b + 0x3000, 0x800)]).pages(),
+            vec![
+                (Gpa(b), Gpa(b + 0x2000)),
+                (Gpa(b + 0x3000), Gpa(b + 0x4000))
+            ]
+        );
+        assert_eq!(
+            img(&[(b + 0x10, 0x1000), (b + 0x2000, 0x1000)]).pages(),
+            vec![(Gpa(b), Gpa(b + 0x3000))]
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! secrets, zeroing, dumps) uses the raw [`GuestRam`] on purpose: the two kinds of access are
 //! different types, so a `GuestRam` call in guest-serving code stands out in review.
 
+use allocator::Zone;
+
 use crate::addr::Gpa;
 use crate::memory::GuestRam;
 use crate::stage2::{RangeState, Stage2Backend, Stage2Engine};
@@ -19,6 +21,13 @@ pub trait PageStates {
 impl<B: Stage2Backend> PageStates for Stage2Engine<B> {
     fn state_at(&self, gpa: u64) -> Option<RangeState> {
         Stage2Engine::state_at(self, Gpa(gpa))
+    }
+}
+
+/// The states of the engine a [`Zone`] allocates through (read under its stage-2 lock).
+impl<B: Stage2Backend> PageStates for Zone<Stage2Engine<B>> {
+    fn state_at(&self, gpa: u64) -> Option<RangeState> {
+        self.with_stage2(|e| e.state_at(Gpa(gpa)))
     }
 }
 

@@ -336,7 +336,8 @@ mod tests {
             std::sync::Arc::new(crate::memory::GuestRam::new(crate::memory::MemSize(ram)).unwrap());
         let table = crate::stage2::KvmSlots::new(vm.clone(), mem, 64);
         let backend = crate::stage2::Slots::new(table, ram);
-        let mut e = crate::stage2::Stage2Engine::new(backend, ram, 1 << 20).unwrap();
+        let mut e =
+            crate::stage2::Stage2Engine::new(backend, ram, crate::addr::Gpa(1 << 20)).unwrap();
         let before = read_vm_stats(&vm).unwrap();
         for i in 0..10 {
             let gpa = crate::addr::Gpa((2 << 20) + i * 4096);

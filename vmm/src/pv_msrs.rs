@@ -2,7 +2,9 @@
 //! steal time, async PF, PV EOI). A guest may aim them at a page removed from stage 2; KVM
 //! would then write there (or fail silently) without the VMM ever knowing. So their writes are
 //! filtered to user space (`KVM_X86_SET_MSR_FILTER` + `KVM_CAP_X86_USER_SPACE_MSR`): the VMM
-//! records a write violation when the named range touches an unmapped page and drops the write
+//! records a write violation when the named range touches a page the guest's view does not let
+//! it write (unmapped, or locked by `Hc::Protect`: KVM's write would otherwise get round the
+//! lock) and drops the write
 //! (KVM never learns the GPA); otherwise it hands the value to KVM with `KVM_SET_MSRS`, which
 //! the filter does not apply to.
 
@@ -11,9 +13,9 @@ use kvm_bindings::{kvm_enable_cap, kvm_msr_entry, Msrs, KVM_CAP_X86_USER_SPACE_M
 use kvm_ioctls::{Cap, Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags};
 use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::addr::Gpa;
 use crate::report::{AccessKind, ExitInfo};
 use crate::session::Session;
-use crate::stage2::RangeState;
 
 /// One paravirtual MSR whose value carries a GPA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,10 +109,10 @@ pub fn on_write(
         let first = gpa >> 12;
         let last = gpa.saturating_add(size - 1) >> 12;
         let hole = (first..=last)
-            .map(|pfn| (pfn << 12).max(gpa))
-            .find(|&g| s.state_at(g) == Some(RangeState::Unmapped));
+            .map(|pfn| Gpa((pfn << 12).max(gpa)))
+            .find(|&g| s.blocks(g, AccessKind::Write));
         if let Some(g) = hole {
-            // Dropped: KVM never learns a GPA in a hole.
+            // Dropped: KVM never learns a GPA in a hole or a locked page.
             let (_, stop) = s.mmio(g, AccessKind::Write, size as u32, rip);
             return (0, stop);
         }

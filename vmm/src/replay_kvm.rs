@@ -87,8 +87,8 @@ pub fn run_policy_on_kvm(
     let (mut r, c, ioctl, durations, backend) = if mprotect {
         let mut b = Mprotect::new(vm, ram).context("the mprotect backend")?;
         b.lock_unmapped(false);
-        let engine =
-            Stage2Engine::new(b, ram_size, reserved).context("creating the stage-2 engine")?;
+        let engine = Stage2Engine::new(b, ram_size, crate::addr::Gpa(reserved))
+            .context("creating the stage-2 engine")?;
         let (r, engine) = policy::run(kind, &l.trace, layout, engine, &opts);
         let name = engine.backend().name();
         (
@@ -102,8 +102,12 @@ pub fn run_policy_on_kvm(
         let mut slots = KvmSlots::new(vm, ram, u32::try_from(max_slots).unwrap_or(u32::MAX));
         slots.keep_durations(true);
         slots.lock_unmapped(false);
-        let engine = Stage2Engine::new(Slots::new(slots, ram_size), ram_size, reserved)
-            .context("creating the stage-2 engine")?;
+        let engine = Stage2Engine::new(
+            Slots::new(slots, ram_size),
+            ram_size,
+            crate::addr::Gpa(reserved),
+        )
+        .context("creating the stage-2 engine")?;
         let (r, engine) = policy::run(kind, &l.trace, layout, engine, &opts);
         let mut d = engine.backend().table().durations_ns().to_vec();
         d.sort_unstable();

@@ -6,11 +6,23 @@ use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
 
+use crate::addr::Gpa;
 use crate::report::{AccessKind, ExitInfo, ViolationAction};
 use crate::stage2::{Stage2Backend, Stage2Engine};
 
-/// The allocator type the VMM runs: the buddy allocator over the KVM-backed stage-2 engine.
-pub type Allocator = allocator::BuddyAllocator<Stage2Engine<GuestBackend>>;
+/// The allocator type the VMM runs: a [`allocator::Zone`] (buddy lists under the zone lock,
+/// per-CPU caches indexed by vCPU) over the KVM-backed stage-2 engine.
+pub type Allocator = allocator::Zone<Stage2Engine<GuestBackend>>;
+
+/// The index of a vCPU (`KVM_CREATE_VCPU`'s id): the CPU id the allocator's caches are
+/// indexed by.
+pub type VcpuIndex = usize;
+
+/// vCPUs a VM runs (one today): the CPU count of the VM's [`Allocator`].
+pub const NR_VCPUS: usize = 1;
+
+/// The vCPU that boots and runs the guest (the only one today).
+pub const BOOT_VCPU: VcpuIndex = 0;
 
 /// The stage-2 backend a run uses (chosen at start; the session is not tied to one type).
 pub type GuestBackend = Box<dyn Stage2Backend>;
@@ -59,6 +71,9 @@ pub(crate) fn mmio_action(policy: ViolationPolicy, access: AccessKind) -> Violat
         (_, AccessKind::Fetch) => ViolationAction::Recovered,
     }
 }
+
+/// A blocked access the VMM attributes: its GPA, kind and size in bytes.
+pub type BlockedAccess = (Gpa, AccessKind, u32);
 
 /// Borrow of the VM file descriptor (for dumps and stats).
 pub(crate) type SharedVm = Arc<VmFd>;

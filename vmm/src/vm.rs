@@ -10,6 +10,7 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
 use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE};
 
+use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::elf::{self, ElfError};
@@ -30,6 +31,7 @@ mod stall;
 
 pub(crate) use crate::run_types::FetchOutcome;
 pub use crate::run_types::{valid_test_name, Allocator, GuestBackend, ViolationPolicy};
+use crate::run_types::{BOOT_VCPU, NR_VCPUS};
 
 /// Everything needed to boot and run one guest.
 #[derive(Clone, Debug)]
@@ -125,6 +127,9 @@ pub enum VmError {
     /// The stage-2 backend could not be set up.
     #[error("stage-2 backend: {0}")]
     Backend(#[from] MprotectError),
+    /// The allocator refused the managed range or the vCPU count.
+    #[error("allocator: {0}")]
+    Allocator(#[from] allocator::InitError),
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -219,18 +224,19 @@ impl Vm {
             )),
             BackendKind::Mprotect => Box::new(Mprotect::new(vm.clone(), ram.clone())?),
         };
-        let engine = Stage2Engine::new(backend, ram_size, reserved_end)?;
+        let engine = Stage2Engine::new(backend, ram_size, Gpa(reserved_end))?;
         lap("stage-2 engine (initial memslot)");
         let alloc = Allocator::new(
             reserved_end >> 12,
             (ram_size - reserved_end) >> 12,
             engine,
             allocator::Config::default(),
-        );
+            NR_VCPUS,
+        )?;
         lap("allocator");
 
         let mut vcpu = vm
-            .create_vcpu(0)
+            .create_vcpu(BOOT_VCPU as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -256,8 +262,10 @@ impl Vm {
             vm,
             ram,
             alloc,
+            vcpu: BOOT_VCPU,
             console,
-            reserved_end,
+            reserved_end: Gpa(reserved_end),
+            image: image.pages(),
             mode: cfg.mode,
             selection: cfg.selection,
             policy: cfg.on_violation,
@@ -400,7 +408,7 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    let (byte, stop) = self.s.mmio(gpa, AccessKind::Read, len as u32, rip);
+                    let (byte, stop) = self.s.mmio(Gpa(gpa), AccessKind::Read, len as u32, rip);
                     self.mmio_data_mut(len).fill(byte);
                     if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
                         return stop;
@@ -410,7 +418,7 @@ impl Vm {
                     let len = data.len();
                     self.s.exits.mmio += 1;
                     let rip = self.sync_rip();
-                    let (_, stop) = self.s.mmio(gpa, AccessKind::Write, len as u32, rip);
+                    let (_, stop) = self.s.mmio(Gpa(gpa), AccessKind::Write, len as u32, rip);
                     if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
                         return stop;
                     }

@@ -5,6 +5,7 @@
 
 use allocator::Stage2;
 use kvm_bindings::{kvm_regs, kvm_sregs};
+use vmm::addr::Gpa;
 use vmm::decode::CpuState;
 use vmm::guest_view::GuestView;
 use vmm::memory::{GuestRam, MemSize};
@@ -33,7 +34,7 @@ impl Fixture {
     pub fn new() -> Fixture {
         let ram = GuestRam::new(MemSize(RAM)).unwrap();
         let mut engine =
-            Stage2Engine::new(Slots::new(ModelSlots::new(1024), RAM), RAM, 4 << 20).unwrap();
+            Stage2Engine::new(Slots::new(ModelSlots::new(1024), RAM), RAM, Gpa(4 << 20)).unwrap();
         for i in 0..256u64 {
             engine.unmap((8 << 20 >> 12) + i * 231, 1).unwrap();
         }

@@ -9,12 +9,13 @@ pub mod json;
 pub mod svg;
 pub mod text;
 
-use allocator::{BuddyAllocator, Freetype, Snapshot, MAX_ORDER, PAGEBLOCK_PAGES};
+use allocator::{Freetype, Snapshot, Zone, MAX_ORDER, PAGEBLOCK_PAGES};
 use serde::Serialize;
 
 use crate::kvm_stats::Stat;
 use crate::stage2::{
-    RangeState, Stage2Backend, Stage2Counters, Stage2Engine, PAGE_SHIFT, PAGE_SIZE,
+    RangeInfo, RangeState, SlotInfo, Stage2Backend, Stage2Counters, Stage2Engine, PAGE_SHIFT,
+    PAGE_SIZE,
 };
 
 /// Output format of a dump.
@@ -31,8 +32,8 @@ pub enum DumpFormat {
 
 /// Everything a dump shows, gathered at one moment.
 pub struct DumpInput<'a, B: Stage2Backend> {
-    /// The allocator (its stage-2 engine is `alloc.stage2()`).
-    pub alloc: &'a BuddyAllocator<Stage2Engine<B>>,
+    /// The allocator (its stage-2 engine is reached through `alloc.with_stage2`).
+    pub alloc: &'a Zone<Stage2Engine<B>>,
     /// KVM's binary statistics of the VM, if available.
     pub kvm_stats: Option<&'a [Stat]>,
     /// Why the dump is taken ("exit", "guest request", ...).
@@ -176,20 +177,44 @@ pub struct FreeRow {
 }
 
 /// Freetype label of the page at `pfn`.
-fn freetype_label<S: allocator::Stage2>(alloc: &BuddyAllocator<S>, pfn: u64) -> &'static str {
+fn freetype_label<S: allocator::Stage2>(alloc: &Zone<S>, pfn: u64) -> &'static str {
     alloc
         .pageblock_freetype(pfn)
         .map_or(FREETYPE_UNMANAGED, Freetype::name)
 }
 
+/// What a dump takes from the stage-2 engine, read in one go under the allocator's stage-2
+/// lock (the allocator's own queries take its other locks, so they run after).
+struct EngineView {
+    ranges: Vec<RangeInfo>,
+    memslots: Vec<SlotInfo>,
+    backend: &'static str,
+    ram_size: u64,
+    reserved_end: u64,
+    counters: Stage2Counters,
+}
+
+impl EngineView {
+    fn of<B: Stage2Backend>(e: &Stage2Engine<B>) -> EngineView {
+        EngineView {
+            ranges: e.ranges(),
+            memslots: e.memslots(),
+            backend: e.backend().name(),
+            ram_size: e.ram_size(),
+            reserved_end: e.reserved_end().raw(),
+            counters: e.counters(),
+        }
+    }
+}
+
 /// Collects everything a dump shows.
 pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
     let alloc = input.alloc;
-    let engine = alloc.stage2();
+    let engine = alloc.with_stage2(|e| EngineView::of(e));
     let pb_size = PAGEBLOCK_PAGES * PAGE_SIZE;
     let mut ranges: Vec<DumpRange> = Vec::new();
     let mut totals = Totals::default();
-    for r in engine.ranges() {
+    for r in &engine.ranges {
         let pages = r.pages();
         match r.state {
             RangeState::Reserved => totals.reserved_pages += pages,
@@ -200,12 +225,14 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         let (start, end) = (r.start.0, r.end.0);
         let mut cursor = start;
         while cursor < end {
-            let piece_end = if r.state == RangeState::Reserved {
+            // Reserved memory keeps its label when the guest locked part of its image.
+            let reserved = cursor < engine.reserved_end;
+            let piece_end = if reserved {
                 end
             } else {
                 ((cursor / pb_size + 1) * pb_size).min(end)
             };
-            let label = if r.state == RangeState::Reserved {
+            let label = if reserved {
                 FREETYPE_RESERVED
             } else {
                 freetype_label(alloc, cursor >> PAGE_SHIFT)
@@ -231,7 +258,7 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         }
     }
     let memslots: Vec<DumpSlot> = engine
-        .memslots()
+        .memslots
         .iter()
         .map(|s| DumpSlot {
             slot: s.slot,
@@ -241,7 +268,7 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
             host_addr: (input.host_addr)(s.gpa),
         })
         .collect();
-    totals.pageblocks = engine.ram_size().div_ceil(pb_size);
+    totals.pageblocks = engine.ram_size.div_ceil(pb_size);
     totals.memslots = memslots.len() as u64;
     let snap = alloc.snapshot();
     let free_by_freetype = (0..Freetype::COUNT)
@@ -262,9 +289,9 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
     DumpData {
         format_version: FORMAT_VERSION,
         reason: input.reason.to_string(),
-        stage2_backend: engine.backend().name().to_string(),
-        ram_size: engine.ram_size(),
-        reserved_end: engine.reserved_end(),
+        stage2_backend: engine.backend.to_string(),
+        ram_size: engine.ram_size,
+        reserved_end: engine.reserved_end,
         page_size: PAGE_SIZE,
         pageblock_size: pb_size,
         managed: Managed {
@@ -277,7 +304,7 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         memslots,
         allocator: snap,
         free_by_freetype,
-        stage2: engine.counters(),
+        stage2: engine.counters,
         kvm_stats: input.kvm_stats.map(<[Stat]>::to_vec),
     }
 }

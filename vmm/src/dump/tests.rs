@@ -4,7 +4,7 @@ use super::svg::{cells, CellClass};
 use super::*;
 use crate::kvm_stats::{StatKind, StatUnit};
 use crate::stage2::{ModelSlots, RangeState, Slots};
-use allocator::{Allocation, BuddyAllocator, Config, Gfp};
+use allocator::{Allocation, Config, Gfp, Zone};
 
 const MIB: u64 = 1 << 20;
 const RAM: u64 = 64 * MIB;
@@ -14,26 +14,31 @@ fn host(gpa: u64) -> u64 {
     0x7f00_0000_0000 + gpa
 }
 
-/// An allocator over 60 MiB of managed memory with some unmapped allocations live.
-fn setup() -> (
-    BuddyAllocator<Stage2Engine<Slots<ModelSlots>>>,
-    Vec<Allocation>,
-) {
-    let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), RAM), RAM, RESERVED).unwrap();
-    let mut a = BuddyAllocator::new(
+/// A two-CPU zone over 60 MiB of managed memory with some unmapped allocations live (made on
+/// CPU 0; the order-3 ones on CPU 1).
+fn setup() -> (Zone<Stage2Engine<Slots<ModelSlots>>>, Vec<Allocation>) {
+    let engine = Stage2Engine::new(
+        Slots::new(ModelSlots::new(64), RAM),
+        RAM,
+        crate::addr::Gpa(RESERVED),
+    )
+    .unwrap();
+    let a = Zone::new(
         RESERVED / PAGE_SIZE,
         (RAM - RESERVED) / PAGE_SIZE,
         engine,
         Config::default(),
-    );
+        2,
+    )
+    .unwrap();
     let mut live = Vec::new();
     for _ in 0..10 {
-        live.push(a.alloc_pages(Gfp::UNMAPPED, 0).unwrap());
+        live.push(a.alloc_pages(0, Gfp::UNMAPPED, 0).unwrap());
     }
     for _ in 0..5 {
-        live.push(a.alloc_pages(Gfp::empty(), 3).unwrap());
+        live.push(a.alloc_pages(1, Gfp::empty(), 3).unwrap());
     }
-    live.push(a.alloc_pages(Gfp::UNMAPPED, 9).unwrap());
+    live.push(a.alloc_pages(0, Gfp::UNMAPPED, 9).unwrap());
     (a, live)
 }
 
@@ -51,10 +56,10 @@ fn stats() -> Vec<Stat> {
 
 #[test]
 fn json_dump_covers_ram_and_matches_the_engine() {
-    let (mut a, mut live) = setup();
+    let (a, mut live) = setup();
     // Two order-0 frees park their pages in a cache, not on the buddy lists.
     for al in live.drain(..2) {
-        a.free_pages(al.pfn, al.order).unwrap();
+        a.free_pages(0, al.pfn, al.order).unwrap();
     }
     let st = stats();
     let input = DumpInput {
@@ -110,9 +115,9 @@ fn json_dump_covers_ram_and_matches_the_engine() {
         unmapped_seen += 1;
     }
     assert_eq!(unmapped_seen, 9); // 8 order-0 and the order-9 block still live
-    let engine = a.stage2();
+    let (memslots, counters) = a.with_stage2(|e| (e.memslots(), e.counters()));
     let slots = v["memslots"].as_array().unwrap();
-    assert_eq!(slots.len(), engine.memslots().len());
+    assert_eq!(slots.len(), memslots.len());
     assert_eq!(
         v["totals"]["memslots"].as_u64().unwrap(),
         slots.len() as u64
@@ -120,9 +125,9 @@ fn json_dump_covers_ram_and_matches_the_engine() {
     assert_eq!(v["totals"]["pageblocks"].as_u64().unwrap(), RAM / (2 * MIB));
     assert_eq!(
         v["stage2"]["unmap_calls"].as_u64().unwrap(),
-        engine.counters().unmap_calls
+        counters.unmap_calls
     );
-    assert!(engine.counters().unmap_calls >= 1);
+    assert!(counters.unmap_calls >= 1);
     assert_eq!(
         v["allocator"]["managed_pages"].as_u64().unwrap(),
         (RAM - RESERVED) / PAGE_SIZE
@@ -227,9 +232,11 @@ fn svg_dump_is_xml_with_one_cell_per_pageblock() {
     let svg = render(&input, DumpFormat::Svg);
     let (total, by_class) = count_cells(&svg);
     assert_eq!(total as u64, RAM / (2 * MIB));
-    let engine = a.stage2();
     let unmapped_blocks = (0..RAM / (2 * MIB))
-        .filter(|b| engine.state_at(crate::addr::Gpa(b * 2 * MIB)) == Some(RangeState::Unmapped))
+        .filter(|b| {
+            a.with_stage2(|e| e.state_at(crate::addr::Gpa(b * 2 * MIB)))
+                == Some(RangeState::Unmapped)
+        })
         .count();
     assert!(
         unmapped_blocks >= 2,

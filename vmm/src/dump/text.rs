@@ -68,14 +68,14 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
         .max(8);
     writeln!(
         o,
-        "  {:<18}  {:<18}  {:<8}  {:<ftw$}  {:>5}  {:<18}  {:>9}",
+        "  {:<18}  {:<18}  {:<9}  {:<ftw$}  {:>5}  {:<18}  {:>9}",
         "start", "end", "state", "freetype", "slot", "host address", "pages"
     )?;
     for r in &d.ranges {
         let slot = r.slot.map_or("-".to_string(), |s| s.to_string());
         writeln!(
             o,
-            "  {:#018x}  {:#018x}  {:<8}  {:<ftw$}  {:>5}  {:#018x}  {:>9}",
+            "  {:#018x}  {:#018x}  {:<9}  {:<ftw$}  {:>5}  {:#018x}  {:>9}",
             r.start, r.end, r.state, r.freetype, slot, r.host_addr, r.pages
         )?;
     }

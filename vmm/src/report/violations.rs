@@ -129,12 +129,14 @@ pub struct Violation {
     pub rip: u64,
     /// vCPU index.
     pub vcpu: u32,
-    /// Name of the page's pageblock freetype ("unmovable|unmapped"...), if the page is managed.
+    /// Name of the page's pageblock freetype ("unmovable|unmapped"...) if the page is managed,
+    /// "reserved" for reserved memory (a locked page of the guest's image).
     pub freetype: Option<String>,
     /// Dense freetype index (0xff if none), as in [`veil_abi::ViolationRecord`].
     pub freetype_index: u8,
-    /// Whether the page was allocated to the guest at the time ("allocated") or free ("free");
-    /// "unknown" when the address is.
+    /// Whether the page was allocated to the guest at the time ("allocated"), free ("free"),
+    /// reserved memory (a locked page of the guest's image: "reserved"), or "unknown" when the
+    /// address is.
     pub owner: &'static str,
     /// Test running at the time.
     pub test: Option<String>,

@@ -15,7 +15,7 @@ impl Session {
     /// overwritten. The stage-2 layout is left as it is (the guest no longer runs).
     pub fn wipe_unmapped(&mut self) -> u64 {
         let mut wiped = 0;
-        for r in self.alloc.stage2().ranges() {
+        for r in self.engine(|e| e.ranges()) {
             if r.state == RangeState::Unmapped {
                 match self.ram.wipe(r.start.0, r.end.0 - r.start.0) {
                     Ok(n) => wiped += n,
@@ -103,7 +103,7 @@ impl Session {
             exits: self.exits.clone(),
         };
         let stage2_dump = self.dump_json();
-        let memory_lock = self.alloc.stage2().backend().lock_stats();
+        let memory_lock = self.engine(|e| e.backend().lock_stats());
         let wiped_bytes = self.wipe_unmapped();
         let kept = self.violations.len() as u64;
         let (violations_aggregated, violations_summary) =
@@ -120,8 +120,8 @@ impl Session {
             violations_outside_tests: self.violations_outside,
             not_ram: std::mem::take(&mut self.not_ram),
             not_ram_total: self.not_ram_total,
-            stage2_backend: self.alloc.stage2().backend().name().into(),
-            stage2: self.alloc.stage2().counters(),
+            stage2_backend: self.engine(|e| e.backend().name().into()),
+            stage2: self.engine(|e| e.counters()),
             memory_lock,
             wiped_bytes,
             allocator: self.alloc.snapshot(),
@@ -130,7 +130,7 @@ impl Session {
             dumps: std::mem::take(&mut self.dumps),
             dump_errors: std::mem::take(&mut self.dump_errors),
             ram_size: self.ram.size(),
-            reserved_end: self.reserved_end,
+            reserved_end: self.reserved_end.raw(),
             stage2_dump,
             reachability: std::mem::take(&mut self.routes.matrix),
         };

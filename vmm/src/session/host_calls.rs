@@ -19,7 +19,7 @@ pub const MAX_HOST_FAILURES: usize = 16;
 /// call costs the same whether it held or not, up to a tiny copy).
 #[derive(Clone, Copy, Debug)]
 struct HostFailure {
-    gpa: u64,
+    gpa: Gpa,
     len: u64,
     what: u64,
     count: u64,
@@ -32,7 +32,7 @@ impl std::fmt::Display for HostFailure {
             f,
             "[{:#x}, {:#x}): expected {} byte(s) ",
             self.gpa,
-            self.gpa + self.len,
+            self.gpa.raw() + self.len,
             self.count
         )?;
         if self.what == HOST_EXPECT_SECRET {
@@ -86,33 +86,25 @@ impl HostVerdict {
 
 impl Session {
     /// Whether every page of `[gpa, gpa + len)` is exposed at stage 2 (reachable by the guest).
-    fn reachable(&self, gpa: u64, len: u64) -> bool {
-        let end = gpa.saturating_add(len);
-        self.alloc
-            .stage2()
-            .ranges_in(Gpa(gpa), Gpa(end))
-            .iter()
-            .all(|r| r.state.is_exposed())
+    fn reachable(&self, gpa: Gpa, len: u64) -> bool {
+        let end = Gpa(gpa.raw().saturating_add(len));
+        self.engine(|e| e.ranges_in(gpa, end).iter().all(|r| r.state.is_exposed()))
     }
 
     /// Whether some page of `[gpa, gpa + len)` is locked by `Hc::Protect`.
-    fn locked(&self, gpa: u64, len: u64) -> bool {
-        let end = gpa.saturating_add(len);
-        self.alloc
-            .stage2()
-            .ranges_in(Gpa(gpa), Gpa(end))
-            .iter()
-            .any(|r| r.state.is_locked())
+    fn locked(&self, gpa: Gpa, len: u64) -> bool {
+        let end = Gpa(gpa.raw().saturating_add(len));
+        self.engine(|e| e.ranges_in(gpa, end).iter().any(|r| r.state.is_locked()))
     }
 
     /// HostFill / HostCount arguments: a byte value and a range of pages the guest owns.
-    fn host_range_args(&self, gpa: u64, len: u64, byte: u64) -> Result<u8, Status> {
+    fn host_range_args(&self, gpa: Gpa, len: u64, byte: u64) -> Result<u8, Status> {
         let byte = u8::try_from(byte).map_err(|_| Status::BadArgument)?;
         self.check_owned(gpa, len)?;
         Ok(byte)
     }
 
-    pub(super) fn hc_host_fill(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
+    pub(super) fn hc_host_fill(&mut self, gpa: Gpa, len: u64, byte: u64) -> Result<u64, Status> {
         let byte = self.host_range_args(gpa, len, byte)?;
         if self.locked(gpa, len) {
             // A lock holds against the VMM's writes on the guest's behalf too.
@@ -122,22 +114,22 @@ impl Session {
             return Err(Status::HarnessOnly);
         }
         self.ram
-            .fill(gpa, len, byte)
+            .fill(gpa.raw(), len, byte)
             .map_err(|_| Status::BadAddress)?;
         Ok(0)
     }
 
-    pub(super) fn hc_host_count(&mut self, gpa: u64, len: u64, byte: u64) -> Result<u64, Status> {
+    pub(super) fn hc_host_count(&mut self, gpa: Gpa, len: u64, byte: u64) -> Result<u64, Status> {
         let byte = self.host_range_args(gpa, len, byte)?;
         if !self.reachable(gpa, len) {
             return Err(Status::Unreachable);
         }
         self.ram
-            .count(gpa, len, byte)
+            .count(gpa.raw(), len, byte)
             .map_err(|_| Status::BadAddress)
     }
 
-    pub(super) fn hc_plant_secret(&mut self, gpa: u64, len: u64) -> Result<u64, Status> {
+    pub(super) fn hc_plant_secret(&mut self, gpa: Gpa, len: u64) -> Result<u64, Status> {
         if !self.test_harness {
             return Err(Status::HarnessOnly);
         }
@@ -146,9 +138,9 @@ impl Session {
         let mut off = 0;
         while off < len {
             let n = (len - off).min(buf.len() as u64) as usize;
-            self.secret.fill(gpa + off, &mut buf[..n]);
+            self.secret.fill(gpa.raw() + off, &mut buf[..n]);
             self.ram
-                .write(gpa + off, &buf[..n])
+                .write(gpa.raw() + off, &buf[..n])
                 .map_err(|_| Status::BadAddress)?;
             off += n as u64;
         }
@@ -158,7 +150,7 @@ impl Session {
 
     pub(super) fn hc_host_expect(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         len: u64,
         what: u64,
         count: u64,
@@ -173,7 +165,7 @@ impl Session {
         let found = if what == HOST_EXPECT_SECRET {
             self.secret_matches(gpa, len)
         } else {
-            self.ram.count(gpa, len, what as u8)
+            self.ram.count(gpa.raw(), len, what as u8)
         }
         .map_err(|_| Status::BadAddress)?;
         if let Some(c) = self.current.as_mut() {
@@ -191,8 +183,8 @@ impl Session {
     // ----- the planted secret, for other parts of the VMM -----
 
     /// The secret byte [`veil_abi::Hc::PlantSecret`] writes at `gpa` in this run.
-    pub fn secret_byte(&self, gpa: u64) -> u8 {
-        self.secret.byte(gpa)
+    pub fn secret_byte(&self, gpa: Gpa) -> u8 {
+        self.secret.byte(gpa.raw())
     }
 
     /// Whether `b` is a value a secret byte can take (0x10..=0x9f).
@@ -202,15 +194,15 @@ impl Session {
 
     /// How many bytes of `[gpa, gpa + len)` still hold the planted secret (read through the
     /// VMM's own mapping, whatever the stage-2 state).
-    pub fn secret_matches(&self, gpa: u64, len: u64) -> Result<u64, vm_memory::GuestMemoryError> {
+    pub fn secret_matches(&self, gpa: Gpa, len: u64) -> Result<u64, vm_memory::GuestMemoryError> {
         let mut got = [0u8; 4096];
         let mut want = [0u8; 4096];
         let mut off = 0;
         let mut n_eq = 0u64;
         while off < len {
             let n = (len - off).min(got.len() as u64) as usize;
-            self.ram.read(gpa + off, &mut got[..n])?;
-            self.secret.fill(gpa + off, &mut want[..n]);
+            self.ram.read(gpa.raw() + off, &mut got[..n])?;
+            self.secret.fill(gpa.raw() + off, &mut want[..n]);
             n_eq += got[..n]
                 .iter()
                 .zip(&want[..n])
@@ -222,7 +214,7 @@ impl Session {
     }
 
     /// Whether every byte of `[gpa, gpa + len)` still holds the planted secret.
-    pub fn secret_intact(&self, gpa: u64, len: u64) -> bool {
+    pub fn secret_intact(&self, gpa: Gpa, len: u64) -> bool {
         self.secret_matches(gpa, len).is_ok_and(|n| n == len)
     }
 }

@@ -5,7 +5,7 @@ use veil_abi::{protect, AllocStats, Status, PAGE_SIZE};
 use vm_memory::ByteValued;
 
 use super::Session;
-use crate::addr::Gpa;
+use crate::addr::{Gpa, Pfn};
 use crate::stage2::{EngineError, RangeState};
 
 fn alloc_status(e: AllocError) -> Status {
@@ -56,42 +56,42 @@ impl Session {
         let order = order_arg(order)?;
         let gfp = gfp_arg(gfp)?;
         let r: Result<Allocation, AllocError> = match ctx {
-            None => self.alloc.alloc_pages(gfp, order),
+            None => self.alloc.alloc_pages(self.vcpu, gfp, order),
             Some(c) => {
                 let ctx = BuddyContext::from_u64(c).ok_or(Status::BadFlags)?;
-                self.alloc.alloc_pages_special(ctx, gfp, order)
+                self.alloc.alloc_pages_special(self.vcpu, ctx, gfp, order)
             }
         };
-        r.map(|a| a.pfn << 12).map_err(alloc_status)
+        let a = r.map_err(alloc_status)?;
+        // The ABI answers a raw GPA; managed frames always have one.
+        Ok(Pfn::new(a.pfn).ok_or(Status::BadAddress)?.gpa().raw())
     }
 
-    pub(super) fn hc_free(&mut self, gpa: u64, order: u64) -> Result<u64, Status> {
+    pub(super) fn hc_free(&mut self, gpa: Gpa, order: u64) -> Result<u64, Status> {
         let order = order_arg(order)?;
-        if !gpa.is_multiple_of(PAGE_SIZE) {
+        if !gpa.is_page_aligned() {
             return Err(Status::Misaligned);
         }
-        if gpa < self.reserved_end || gpa >= self.ram.size() {
+        if gpa < self.reserved_end || gpa.raw() >= self.ram.size() {
             return Err(Status::BadAddress);
         }
         // Locked pages stay allocated for the rest of the run (a lock has no way back).
-        let end = gpa.saturating_add(PAGE_SIZE << order).min(self.ram.size());
-        if self
-            .alloc
-            .stage2()
-            .ranges_in(Gpa(gpa), Gpa(end))
-            .iter()
-            .any(|r| r.state.is_locked())
-        {
+        let end = Gpa(gpa
+            .raw()
+            .saturating_add(PAGE_SIZE << order)
+            .min(self.ram.size()));
+        if self.engine(|e| e.ranges_in(gpa, end).iter().any(|r| r.state.is_locked())) {
             return Err(Status::BadState);
         }
         self.alloc
-            .free_pages(gpa >> 12, order)
+            .free_pages(self.vcpu, gpa.pfn().raw(), order)
             .map_err(free_status)?;
         Ok(0)
     }
 
-    /// `Hc::Protect`: locks pages the guest owns read-only or no-access, for good.
-    pub(super) fn hc_protect(&mut self, gpa: u64, pages: u64, perm: u64) -> Result<u64, Status> {
+    /// `Hc::Protect`: locks pages the guest owns, or pages of its own image, read-only or
+    /// no-access, for good (a range is wholly one or the other).
+    pub(super) fn hc_protect(&mut self, gpa: Gpa, pages: u64, perm: u64) -> Result<u64, Status> {
         let to = match perm {
             protect::READ_ONLY => RangeState::ReadOnly,
             protect::NO_ACCESS => RangeState::NoAccess,
@@ -102,11 +102,15 @@ impl Session {
             .checked_mul(PAGE_SIZE)
             .filter(|&l| l > 0)
             .ok_or(Status::BadArgument)?;
-        if !gpa.is_multiple_of(PAGE_SIZE) {
+        if !gpa.is_page_aligned() {
             return Err(Status::BadAddress);
         }
-        self.check_owned(gpa, len)?;
-        match self.alloc.stage2_mut().lock_range(Gpa(gpa), len, to) {
+        if gpa < self.reserved_end {
+            self.check_image(gpa, len)?;
+        } else {
+            self.check_owned(gpa, len)?;
+        }
+        match self.alloc.with_stage2(|e| e.lock_range(gpa, len, to)) {
             Ok(()) => Ok(0),
             Err(EngineError::WrongState { .. }) => Err(Status::BadState),
             Err(EngineError::OutOfRam { .. }) => Err(Status::BadAddress),
@@ -114,9 +118,9 @@ impl Session {
         }
     }
 
-    pub(super) fn hc_stats(&mut self, ptr: u64) -> Result<u64, Status> {
+    pub(super) fn hc_stats(&mut self, ptr: Gpa) -> Result<u64, Status> {
         let snap = self.alloc.snapshot();
-        let c = self.alloc.stage2().counters();
+        let c = self.engine(|e| e.counters());
         let stats = AllocStats {
             free_pages: snap.free_pages,
             managed_pages: snap.managed_pages,

@@ -34,9 +34,9 @@ use crate::report::{
     Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
     Violation,
 };
-use crate::run_types::{Allocator, SharedVm, ViolationPolicy};
+use crate::run_types::{Allocator, GuestBackend, SharedVm, VcpuIndex, ViolationPolicy};
 use crate::secret::Secret;
-use crate::stage2::RangeState;
+use crate::stage2::{RangeState, Stage2Engine};
 
 /// Longest text a Log / TestEnd message may carry.
 pub const MAX_TEXT: u64 = 4096;
@@ -117,10 +117,15 @@ pub struct SessionConfig {
     pub ram: Arc<GuestRam>,
     /// The allocator over the managed range.
     pub alloc: Allocator,
+    /// The vCPU whose exits this session handles: the CPU id of its allocator calls.
+    pub vcpu: VcpuIndex,
     /// The UART.
     pub console: Console,
     /// End of reserved memory.
-    pub reserved_end: u64,
+    pub reserved_end: Gpa,
+    /// The guest's image in reserved memory ([`crate::elf::ElfImage::pages`]): the only
+    /// reserved pages `Hc::Protect` may lock.
+    pub image: Vec<(Gpa, Gpa)>,
     /// Run or list.
     pub mode: BootMode,
     /// Selected tests (empty = all).
@@ -143,8 +148,10 @@ pub struct SessionConfig {
 pub struct Session {
     vm: SharedVm,
     alloc: Allocator,
+    vcpu: VcpuIndex,
     pub(crate) console: Console,
-    reserved_end: u64,
+    reserved_end: Gpa,
+    image: Vec<(Gpa, Gpa)>,
     mode: BootMode,
     selection: Vec<String>,
     policy: ViolationPolicy,
@@ -193,8 +200,10 @@ impl Session {
         Session {
             vm: c.vm,
             alloc: c.alloc,
+            vcpu: c.vcpu,
             console: c.console,
             reserved_end: c.reserved_end,
+            image: c.image,
             mode: c.mode,
             selection: c.selection,
             policy: c.policy,
@@ -239,7 +248,13 @@ impl Session {
 
     /// RAM as the guest can reach it (stage-2 checked): for every access made for the guest.
     pub fn view(&self) -> GuestView<'_> {
-        GuestView::new(&self.ram, self.alloc.stage2())
+        GuestView::new(&self.ram, &self.alloc)
+    }
+
+    /// `f` on the stage-2 engine, under the allocator's stage-2 lock (so `f` must not call
+    /// the allocator).
+    fn engine<R>(&self, f: impl FnOnce(&Stage2Engine<GuestBackend>) -> R) -> R {
+        self.alloc.with_stage2(|e| f(e))
     }
 
     /// The allocator.
@@ -248,8 +263,8 @@ impl Session {
     }
 
     /// Stage-2 state of the page at `gpa` (None: not RAM).
-    pub fn state_at(&self, gpa: u64) -> Option<RangeState> {
-        self.alloc.stage2().state_at(Gpa(gpa))
+    pub fn state_at(&self, gpa: Gpa) -> Option<RangeState> {
+        self.engine(|e| e.state_at(gpa))
     }
 
     pub(crate) fn mark_run_start(&mut self, t: Instant) {
@@ -275,19 +290,22 @@ impl Session {
         out
     }
 
+    /// Decodes the registers of call `hc` (the ABI boundary: addresses become [`Gpa`]s here)
+    /// and runs its handler.
     fn dispatch(&mut self, hc: Hc, a: [u64; 4]) -> HcOut {
+        let gpa = |i: usize| Gpa(a[i]);
         match hc {
             Hc::Version => HcOut::ok(ABI_VERSION),
             Hc::Nop => HcOut::ok(0),
-            Hc::Log => self.hc_log(a[0], a[1]).into(),
+            Hc::Log => self.hc_log(gpa(0), a[1]).into(),
             Hc::Alloc => self.hc_alloc(None, a[1], a[0]).into(),
             Hc::AllocSpecial => self.hc_alloc(Some(a[0]), a[1], a[2]).into(),
-            Hc::Free => self.hc_free(a[0], a[1]).into(),
-            Hc::TestAnnounce => self.hc_announce(a[0], a[1]).into(),
-            Hc::TestBegin => self.hc_test_begin(a[0], a[1]),
-            Hc::TestEnd => self.hc_test_end(a[0], a[1], a[2]).into(),
-            Hc::ExpectViolation => self.hc_expect(a[0], a[1], a[2]).into(),
-            Hc::QueryViolations => self.hc_query(a[0], a[1]).into(),
+            Hc::Free => self.hc_free(gpa(0), a[1]).into(),
+            Hc::TestAnnounce => self.hc_announce(gpa(0), a[1]).into(),
+            Hc::TestBegin => self.hc_test_begin(gpa(0), a[1]),
+            Hc::TestEnd => self.hc_test_end(a[0], gpa(1), a[2]).into(),
+            Hc::ExpectViolation => self.hc_expect(gpa(0), a[1], a[2]).into(),
+            Hc::QueryViolations => self.hc_query(gpa(0), a[1]).into(),
             Hc::SetRecovery => {
                 self.recovery = Some((a[0], a[1]));
                 HcOut::ok(0)
@@ -304,10 +322,10 @@ impl Session {
                     HcOut::err(Status::InvariantBroken)
                 }
             },
-            Hc::Stats => self.hc_stats(a[0]).into(),
-            Hc::HostFill => self.hc_host_fill(a[0], a[1], a[2]).into(),
-            Hc::Protect => self.hc_protect(a[0], a[1], a[2]).into(),
-            Hc::HostCount => self.hc_host_count(a[0], a[1], a[2]).into(),
+            Hc::Stats => self.hc_stats(gpa(0)).into(),
+            Hc::HostFill => self.hc_host_fill(gpa(0), a[1], a[2]).into(),
+            Hc::Protect => self.hc_protect(gpa(0), a[1], a[2]).into(),
+            Hc::HostCount => self.hc_host_count(gpa(0), a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {
                     self.end_current(
@@ -330,9 +348,9 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
-            Hc::HostExpect => self.hc_host_expect(a[0], a[1], a[2], a[3]).into(),
-            Hc::PlantSecret => self.hc_plant_secret(a[0], a[1]).into(),
-            Hc::RouteBegin => self.hc_route_begin(a[0], a[1], a[2], a[3]).into(),
+            Hc::HostExpect => self.hc_host_expect(gpa(0), a[1], a[2], a[3]).into(),
+            Hc::PlantSecret => self.hc_plant_secret(gpa(0), a[1]).into(),
+            Hc::RouteBegin => self.hc_route_begin(gpa(0), a[1], gpa(2), a[3]).into(),
             Hc::RouteEnd => self.hc_route_end().into(),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {

@@ -16,6 +16,7 @@ use std::collections::HashSet;
 use veil_abi::{Hc, Status};
 
 use super::{HcOut, Session};
+use crate::addr::Gpa;
 use crate::report::matrix::{judge, Matrix, RouteCell, RouteEvidence, RouteResult};
 use crate::report::{AccessKind, ViolationAction};
 
@@ -31,8 +32,8 @@ pub const MAX_ROUTES: usize = 4096;
 /// The open route.
 struct OpenRoute {
     name: String,
-    sink: (u64, u64),
-    planted: Vec<(u64, u64)>,
+    sink: (Gpa, u64),
+    planted: Vec<(Gpa, u64)>,
     violations_at_begin: u64,
     refused: u64,
 }
@@ -41,7 +42,7 @@ struct OpenRoute {
 #[derive(Default)]
 pub(super) struct Routes {
     open: Option<OpenRoute>,
-    planted: Vec<(u64, u64)>,
+    planted: Vec<(Gpa, u64)>,
     /// Every judged route.
     pub(super) matrix: Matrix,
     /// Buffer for the reserved-memory scan.
@@ -65,7 +66,7 @@ impl Session {
     /// Records the read of a page-table entry in a hole that KVM's own walk made for the
     /// route's access at `rip` (the guest took #PF; no exit carried it), answered by the
     /// guest's route frame.
-    pub(crate) fn route_fault_violation(&mut self, entry_gpa: u64, rip: u64) {
+    pub(crate) fn route_fault_violation(&mut self, entry_gpa: Gpa, rip: u64) {
         self.record_violation(
             entry_gpa,
             AccessKind::Read,
@@ -75,7 +76,7 @@ impl Session {
         );
     }
 
-    pub(super) fn note_planted(&mut self, gpa: u64, len: u64) {
+    pub(super) fn note_planted(&mut self, gpa: Gpa, len: u64) {
         if self.routes.planted.len() >= MAX_PLANTED {
             self.routes.planted.remove(0);
         }
@@ -99,9 +100,9 @@ impl Session {
 
     pub(super) fn hc_route_begin(
         &mut self,
-        name_ptr: u64,
+        name_ptr: Gpa,
         name_len: u64,
-        sink: u64,
+        sink: Gpa,
         sink_len: u64,
     ) -> Result<u64, Status> {
         if self.current.is_none() || self.routes.open.is_some() {
@@ -139,15 +140,15 @@ impl Session {
     /// Judges the open route, if any (closing it): its cell, for the caller to add to the matrix.
     fn judge_open_route(&mut self, test: Option<String>) -> Option<RouteCell> {
         let r = self.routes.open.take()?;
-        let read = |gpa: u64, len: u64| {
+        let read = |gpa: Gpa, len: u64| {
             let mut b = vec![0u8; len as usize];
-            self.ram.read(gpa, &mut b).ok().map(|()| b)
+            self.ram.read(gpa.raw(), &mut b).ok().map(|()| b)
         };
         let sink = read(r.sink.0, r.sink.1);
         // The reserved memory goes through one buffer kept across routes: a fresh 4 MiB
         // allocation per route costs more in page faults than the scan.
         let mut scratch = std::mem::take(&mut self.routes.scratch);
-        scratch.resize(self.reserved_end as usize, 0);
+        scratch.resize(self.reserved_end.raw() as usize, 0);
         let reserved = self.ram.read(0, &mut scratch).ok().map(|()| &scratch);
         let windows = self.secret_windows(&r.planted);
         let evidence = RouteEvidence {
@@ -175,13 +176,13 @@ impl Session {
 
     /// Every 8-byte window of the secret planted over `planted` (as little-endian u64), at
     /// most [`MAX_WINDOWS`]: what an 8-byte or wider load of a planted page would copy out.
-    fn secret_windows(&self, planted: &[(u64, u64)]) -> HashSet<u64> {
+    fn secret_windows(&self, planted: &[(Gpa, u64)]) -> HashSet<u64> {
         let mut set = HashSet::new();
         for &(gpa, len) in planted {
             let len = len.min(MAX_WINDOWS as u64 - set.len().min(MAX_WINDOWS) as u64);
             let mut b = vec![0u8; len as usize + 7];
             for (i, x) in b.iter_mut().enumerate() {
-                *x = self.secret_byte(gpa + i as u64);
+                *x = self.secret_byte(Gpa(gpa.raw() + i as u64));
             }
             set.extend(
                 b.windows(8)

@@ -3,15 +3,16 @@
 
 use std::time::Instant;
 
-use veil_abi::{BootMode, Status, TestResult, ViolationRecord, PAGE_SIZE};
+use veil_abi::{BootMode, Status, TestResult, ViolationRecord};
 use vm_memory::ByteValued;
 
 use super::{vmm_line, Current, HcOut, Session, MAX_LOGS, MAX_QUERY};
+use crate::addr::Gpa;
 use crate::expect::{self, Expectation, Tally, MAX_EXPECTATIONS};
 use crate::report::{AccessKind, ExitInfo, RoundTrip, TestOutcome, TestReport};
 
 impl Session {
-    pub(super) fn hc_log(&mut self, ptr: u64, len: u64) -> Result<u64, Status> {
+    pub(super) fn hc_log(&mut self, ptr: Gpa, len: u64) -> Result<u64, Status> {
         let text = self.read_text(ptr, len)?;
         if self.echo_logs {
             vmm_line(&format!("guest: {text}"));
@@ -22,7 +23,7 @@ impl Session {
         Ok(0)
     }
 
-    pub(super) fn hc_announce(&mut self, ptr: u64, len: u64) -> Result<u64, Status> {
+    pub(super) fn hc_announce(&mut self, ptr: Gpa, len: u64) -> Result<u64, Status> {
         let name = self.read_name(ptr, len)?;
         if self.announced.contains(&name) || self.announced.len() >= 4096 {
             return Err(Status::BadArgument);
@@ -53,7 +54,7 @@ impl Session {
         }
     }
 
-    pub(super) fn hc_test_begin(&mut self, ptr: u64, len: u64) -> HcOut {
+    pub(super) fn hc_test_begin(&mut self, ptr: Gpa, len: u64) -> HcOut {
         if let Some(stop) = self.check_selection() {
             return HcOut::stop(stop);
         }
@@ -83,7 +84,7 @@ impl Session {
         HcOut::ok(0)
     }
 
-    pub(super) fn hc_test_end(&mut self, result: u64, ptr: u64, len: u64) -> Result<u64, Status> {
+    pub(super) fn hc_test_end(&mut self, result: u64, ptr: Gpa, len: u64) -> Result<u64, Status> {
         let guest = match result {
             0 => TestResult::Pass,
             1 => TestResult::Fail,
@@ -160,9 +161,9 @@ impl Session {
         );
     }
 
-    pub(super) fn hc_expect(&mut self, gpa: u64, access: u64, count: u64) -> Result<u64, Status> {
+    pub(super) fn hc_expect(&mut self, gpa: Gpa, access: u64, count: u64) -> Result<u64, Status> {
         let access = AccessKind::from_u64(access).ok_or(Status::BadArgument)?;
-        if gpa >= self.ram.size() && gpa != veil_abi::ADDRESS_UNKNOWN {
+        if gpa.raw() >= self.ram.size() && gpa.raw() != veil_abi::ADDRESS_UNKNOWN {
             return Err(Status::BadAddress);
         }
         if count > 1 << 24 {
@@ -173,14 +174,14 @@ impl Session {
             return Err(Status::BadArgument);
         }
         c.expectations.push(Expectation {
-            page: gpa & !(PAGE_SIZE - 1),
+            page: gpa.page_start().raw(),
             access,
             count,
         });
         Ok(0)
     }
 
-    pub(super) fn hc_query(&mut self, ptr: u64, max: u64) -> Result<u64, Status> {
+    pub(super) fn hc_query(&mut self, ptr: Gpa, max: u64) -> Result<u64, Status> {
         if max > MAX_QUERY {
             return Err(Status::BadArgument);
         }

@@ -2,22 +2,23 @@
 //! GPAs that are not RAM, recorded and answered according to the policy.
 
 use super::Session;
+use crate::addr::Gpa;
 use crate::expect;
 use crate::report::{AccessKind, ExitInfo, NotRamAccess, Violation, ViolationAction, MAX_RECORDS};
-use crate::run_types::{mmio_action, FetchOutcome, ViolationPolicy};
+use crate::run_types::{mmio_action, BlockedAccess, FetchOutcome, ViolationPolicy};
 
 impl Session {
     /// The policy for a violation of `access` at `gpa`: `kill` only fires on violations no test
     /// declared; one the running test still expects (`ExpectViolation`, not yet used up), or
     /// one inside an open reachability route (a route declares that it tries the access), is
     /// answered as under `report`.
-    fn policy_for(&self, gpa: u64, access: AccessKind) -> ViolationPolicy {
+    fn policy_for(&self, gpa: Gpa, access: AccessKind) -> ViolationPolicy {
         if self.policy == ViolationPolicy::Kill {
             if self.routes.is_open() {
                 return ViolationPolicy::Report;
             }
             if let Some(c) = &self.current {
-                let page = gpa & !0xfff;
+                let page = gpa.page_start().raw();
                 if expect::declared(&c.expectations, &c.tally, page, access) {
                     return ViolationPolicy::Report;
                 }
@@ -28,7 +29,7 @@ impl Session {
 
     pub(super) fn record_violation(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
         size: u32,
         rip: u64,
@@ -41,26 +42,32 @@ impl Session {
     /// "unknown", tallied under [`veil_abi::ADDRESS_UNKNOWN`]'s page).
     fn record(
         &mut self,
-        gpa: Option<u64>,
+        gpa: Option<Gpa>,
         access: AccessKind,
         size: u32,
         rip: u64,
         action: ViolationAction,
     ) -> Violation {
-        let pfn = gpa.map(|g| g >> 12);
+        let pfn = gpa.map(|g| g.pfn().raw());
         let ft = pfn.and_then(|p| self.alloc.pageblock_freetype(p));
+        let reserved = gpa.is_some_and(|g| g < self.reserved_end);
         let owner = match pfn {
+            Some(_) if reserved => "reserved",
             Some(p) if self.alloc.allocation_containing(p).is_some() => "allocated",
             Some(_) => "free",
             None => "unknown",
         };
         let v = Violation {
-            gpa,
+            gpa: gpa.map(Gpa::raw),
             access,
             size,
             rip,
-            vcpu: 0,
-            freetype: ft.map(|f| f.name().to_string()),
+            vcpu: self.vcpu as u32,
+            freetype: match ft {
+                Some(f) => Some(f.name().to_string()),
+                None if reserved => Some(crate::dump::FREETYPE_RESERVED.to_string()),
+                None => None,
+            },
             freetype_index: ft.map(|f| f.index() as u8).unwrap_or(0xff),
             owner,
             test: self.current_name(),
@@ -91,8 +98,8 @@ impl Session {
 
     /// Whether the guest's view refuses `access` to the RAM page at `gpa`: a load or fetch of a
     /// page it makes unreachable, a store to one it makes unwritable.
-    pub fn blocks(&self, gpa: u64, access: AccessKind) -> bool {
-        let view = self.alloc.stage2().view();
+    pub fn blocks(&self, gpa: Gpa, access: AccessKind) -> bool {
+        let view = self.engine(|e| e.view());
         self.state_at(gpa).is_some_and(|s| {
             let p = view.perm(s);
             !p.readable() || (access == AccessKind::Write && !p.writable())
@@ -102,7 +109,7 @@ impl Session {
     /// An MMIO exit at `gpa`: returns the byte a load gets and, if the VM must stop, why.
     pub fn mmio(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
         size: u32,
         rip: u64,
@@ -125,11 +132,11 @@ impl Session {
                 self.not_ram_total += 1;
                 if self.not_ram.len() < MAX_RECORDS {
                     self.not_ram.push(NotRamAccess {
-                        gpa,
+                        gpa: gpa.raw(),
                         access,
                         size,
                         rip,
-                        vcpu: 0,
+                        vcpu: self.vcpu as u32,
                         test: self.current_name(),
                     });
                 }
@@ -143,7 +150,7 @@ impl Session {
     /// as for a fetch; under `kill` otherwise, nowhere.
     pub(crate) fn livelock_recovery(
         &mut self,
-        hole: Option<(u64, AccessKind)>,
+        hole: Option<(Gpa, AccessKind)>,
     ) -> Option<(u64, u64)> {
         let policy = match hole {
             Some((gpa, access)) => self.policy_for(gpa, access),
@@ -160,7 +167,7 @@ impl Session {
     /// from the decoded instruction), with what happened next (`recovered` or `stopped`).
     pub(crate) fn livelock_violation(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
         size: u32,
         rip: u64,
@@ -176,8 +183,8 @@ impl Session {
     /// VM stops with the first record; under `kill` it stops.
     pub(crate) fn unresumable(
         &mut self,
-        first: (u64, AccessKind, u32),
-        more: &[(u64, AccessKind, u32)],
+        first: BlockedAccess,
+        more: &[BlockedAccess],
         rip: u64,
     ) -> FetchOutcome {
         let (action, resume) = self.unresumable_action(first.0, first.1);
@@ -191,7 +198,7 @@ impl Session {
     /// any other, and answered as [`Session::unresumable`]: the recovery point if one is set,
     /// else a violation stop; under `kill`, undeclared, a kill.
     pub(crate) fn unattributed(&mut self, access: AccessKind, size: u32, rip: u64) -> FetchOutcome {
-        let (action, resume) = self.unresumable_action(veil_abi::ADDRESS_UNKNOWN, access);
+        let (action, resume) = self.unresumable_action(Gpa(veil_abi::ADDRESS_UNKNOWN), access);
         let v = self.record(None, access, size, rip, action);
         outcome(v, resume)
     }
@@ -200,7 +207,7 @@ impl Session {
     /// recovery point (used up) unless the policy kills.
     fn unresumable_action(
         &mut self,
-        gpa: u64,
+        gpa: Gpa,
         access: AccessKind,
     ) -> (ViolationAction, Option<(u64, u64)>) {
         match (self.policy_for(gpa, access), self.recovery.take()) {
@@ -214,8 +221,8 @@ impl Session {
     /// records the accesses and returns the stop.
     pub(crate) fn fatal(
         &mut self,
-        first: (u64, AccessKind, u32),
-        more: &[(u64, AccessKind, u32)],
+        first: BlockedAccess,
+        more: &[BlockedAccess],
         rip: u64,
     ) -> ExitInfo {
         let action = match self.policy {
@@ -227,8 +234,8 @@ impl Session {
 
     fn record_all(
         &mut self,
-        first: (u64, AccessKind, u32),
-        more: &[(u64, AccessKind, u32)],
+        first: BlockedAccess,
+        more: &[BlockedAccess],
         rip: u64,
         action: ViolationAction,
     ) -> Violation {

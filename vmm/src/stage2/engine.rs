@@ -20,18 +20,18 @@ pub struct Stage2Engine<B: Stage2Backend> {
     view: View,
     counters: Stage2Counters,
     ram_size: u64,
-    reserved_end: u64,
+    reserved_end: Gpa,
     last_error: Option<EngineError>,
 }
 
 impl<B: Stage2Backend> Stage2Engine<B> {
     /// RAM [0, ram_size); [0, reserved_end) is Reserved, the rest Mapped; realises the guest
     /// view of that layout through `backend` (which starts with every page unreachable).
-    pub fn new(backend: B, ram_size: u64, reserved_end: u64) -> Result<Self, EngineError> {
+    pub fn new(backend: B, ram_size: u64, reserved_end: Gpa) -> Result<Self, EngineError> {
         if ram_size == 0 || !ram_size.is_multiple_of(PAGE_SIZE) {
             return Err(EngineError::BadRamSize(ram_size));
         }
-        if reserved_end > ram_size || !reserved_end.is_multiple_of(PAGE_SIZE) {
+        if reserved_end.raw() > ram_size || !reserved_end.is_page_aligned() {
             return Err(EngineError::BadReservedEnd {
                 reserved_end,
                 ram_size,
@@ -42,11 +42,11 @@ impl<B: Stage2Backend> Stage2Engine<B> {
             &[
                 Run {
                     start: 0,
-                    end: reserved_end,
+                    end: reserved_end.raw(),
                     state: RangeState::Reserved,
                 },
                 Run {
-                    start: reserved_end,
+                    start: reserved_end.raw(),
                     end: ram_size,
                     state: RangeState::Mapped,
                 },
@@ -146,7 +146,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
     }
 
     /// End of the reserved low memory.
-    pub fn reserved_end(&self) -> u64 {
+    pub fn reserved_end(&self) -> Gpa {
         self.reserved_end
     }
 
@@ -192,18 +192,16 @@ impl<B: Stage2Backend> Stage2Engine<B> {
     }
 
     /// Locks [gpa, gpa+len) for the rest of the run: `to` is `ReadOnly` (every page must be
-    /// Mapped) or `NoAccess` (every page Mapped or ReadOnly). There is no way back: locks only
-    /// tighten.
+    /// Mapped or Reserved) or `NoAccess` (every page Mapped, Reserved or ReadOnly). There is
+    /// no way back: locks only tighten. Which pages a guest may lock is the caller's rule
+    /// (the session: pages it owns and its own image; never the VMM's structures).
     pub fn lock_range(&mut self, gpa: Gpa, len: u64, to: RangeState) -> Result<(), EngineError> {
+        use RangeState::{Mapped, ReadOnly, Reserved};
         let r = match to {
-            RangeState::ReadOnly => self.update("lock", gpa, len, &[RangeState::Mapped], to),
-            RangeState::NoAccess => self.update(
-                "lock",
-                gpa,
-                len,
-                &[RangeState::Mapped, RangeState::ReadOnly],
-                to,
-            ),
+            RangeState::ReadOnly => self.update("lock", gpa, len, &[Mapped, Reserved], to),
+            RangeState::NoAccess => {
+                self.update("lock", gpa, len, &[Mapped, Reserved, ReadOnly], to)
+            }
             _ => Err(EngineError::NotALock(to)),
         };
         if r.is_ok() {
@@ -213,7 +211,8 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.note(r)
     }
 
-    /// Zeroes [gpa, gpa+len) through the backend. Reserved memory is refused.
+    /// Zeroes [gpa, gpa+len) through the backend. Reserved memory (below the reserved end,
+    /// whatever its state: a locked image page stays refused) is refused.
     pub fn zero_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
         let r = self.zero_inner(gpa, len);
         if r.is_ok() {
@@ -255,7 +254,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         if let Some(r) = self
             .map
             .overlapping(gpa.0, end)
-            .find(|r| r.state == RangeState::Reserved)
+            .find(|r| r.start < self.reserved_end.raw())
         {
             return Err(EngineError::WrongState {
                 op: "zero",

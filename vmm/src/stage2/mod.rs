@@ -274,7 +274,7 @@ pub enum EngineError {
     #[error("reserved end {reserved_end:#x} must be page aligned and at most the RAM size {ram_size:#x}")]
     BadReservedEnd {
         /// Requested end of reserved memory.
-        reserved_end: u64,
+        reserved_end: Gpa,
         /// RAM size.
         ram_size: u64,
     },

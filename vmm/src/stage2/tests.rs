@@ -16,7 +16,7 @@ fn engine(pages: u64, reserved: u64, max: u32) -> ModelEngine {
     Stage2Engine::new(
         Slots::new(ModelSlots::recording(max), pages * P),
         pages * P,
-        reserved * P,
+        Gpa(reserved * P),
     )
     .unwrap()
 }
@@ -87,15 +87,15 @@ fn all_reserved_or_no_reserved() {
     let e = engine(16, 0, 1);
     assert_eq!(e.ranges()[0].state, RangeState::Mapped);
     assert!(matches!(
-        Stage2Engine::new(Slots::new(ModelSlots::new(1), 0), 0, 0),
+        Stage2Engine::new(Slots::new(ModelSlots::new(1), 0), 0, Gpa(0)),
         Err(EngineError::BadRamSize(0))
     ));
     assert!(matches!(
-        Stage2Engine::new(Slots::new(ModelSlots::new(1), 3 * P), 3 * P, 4 * P),
+        Stage2Engine::new(Slots::new(ModelSlots::new(1), 3 * P), 3 * P, Gpa(4 * P)),
         Err(EngineError::BadReservedEnd { .. })
     ));
     assert!(matches!(
-        Stage2Engine::new(Slots::new(ModelSlots::new(0), 4 * P), 4 * P, 0),
+        Stage2Engine::new(Slots::new(ModelSlots::new(0), 4 * P), 4 * P, Gpa(0)),
         Err(EngineError::OutOfSlots { .. })
     ));
 }
@@ -339,24 +339,26 @@ impl Op {
         }
     }
 
-    /// The per-page model after the op, if the op is valid on `model`.
-    fn next(self, model: &[RangeState]) -> Option<Vec<RangeState>> {
+    /// The per-page model after the op, if the op is valid on `model` (whose first
+    /// `reserved` pages are reserved memory, locked or not).
+    fn next(self, model: &[RangeState], reserved: u64) -> Option<Vec<RangeState>> {
+        use RangeState::{Mapped, ReadOnly, Reserved, Unmapped};
         let (s, n) = self.range();
         if s + n > model.len() as u64 {
             return None;
         }
-        let (from, to) = match self {
-            Op::Unmap(..) => (Some(RangeState::Mapped), RangeState::Unmapped),
-            Op::Map(..) => (Some(RangeState::Unmapped), RangeState::Mapped),
-            Op::Protect(..) => (Some(RangeState::Mapped), RangeState::ReadOnly),
-            Op::Zero(..) => (None, RangeState::Reserved),
+        let (from, to): (&[RangeState], RangeState) = match self {
+            Op::Unmap(..) => (&[Mapped], Unmapped),
+            Op::Map(..) => (&[Unmapped], Mapped),
+            Op::Protect(..) => (&[Mapped, Reserved], ReadOnly),
+            Op::Zero(..) => (&[], Reserved),
         };
         let valid = (s..s + n).all(|p| match from {
-            Some(f) => model[p as usize] == f,
-            None => model[p as usize] != RangeState::Reserved,
+            [] => p >= reserved,
+            f => f.contains(&model[p as usize]),
         });
         let mut next = model.to_vec();
-        if from.is_some() {
+        if !from.is_empty() {
             for p in s..s + n {
                 next[p as usize] = to;
             }
@@ -414,7 +416,7 @@ proptest! {
             let (_, n) = op.range();
             let calls_before = e.backend().table().set_slot_calls();
             let r = op.apply(&mut e, 0);
-            let next = op.next(&model);
+            let next = op.next(&model, reserved);
             let fits = next
                 .as_ref()
                 .is_none_or(|m| slot_runs_of(m).len() as u64 <= u64::from(max_slots));
@@ -497,7 +499,8 @@ fn kvm_split_merge_and_zero() {
     assert!(max >= 4, "KVM offers {max} memslots");
     let mut table = KvmSlots::new(vm.clone(), mem.clone(), max);
     table.keep_durations(true);
-    let mut e = Stage2Engine::new(Slots::new(table, ram), ram, 2 << 20).expect("engine on KVM");
+    let mut e =
+        Stage2Engine::new(Slots::new(table, ram), ram, Gpa(2 << 20)).expect("engine on KVM");
     assert_eq!(
         e.backend().table().host_addr(Gpa(0x1000)),
         HostAddr(mem.host_base() + 0x1000)
@@ -601,42 +604,61 @@ fn kvm_split_merge_and_zero() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
 
-    /// Driven by the real allocator: after any alloc/free sequence, a managed pageblock is
-    /// unmapped at stage 2 exactly when its freetype is unmapped, and the slots stay minimal.
+    /// Driven by the VMM's allocator (a two-CPU zone): after any alloc/free sequence on either
+    /// CPU, a managed pageblock is unmapped at stage 2 exactly when its freetype is unmapped,
+    /// and the slots stay minimal.
     #[test]
     fn engine_tracks_allocator_flips(
-        ops in prop::collection::vec((any::<bool>(), any::<bool>(), 0..10u8, any::<u16>()), 1..300),
+        ops in prop::collection::vec(
+            (any::<bool>(), any::<bool>(), 0..10u8, any::<u16>(), 0..2usize),
+            1..300,
+        ),
     ) {
-        use allocator::{BuddyAllocator, Config, Gfp};
+        use allocator::{Config, Gfp, Zone};
         let ram = 32u64 << 20;
         let reserved = 2u64 << 20;
-        let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), ram), ram, reserved).unwrap();
-        let mut a = BuddyAllocator::new(reserved / P, (ram - reserved) / P, engine, Config::default());
+        let engine = Stage2Engine::new(Slots::new(ModelSlots::new(64), ram), ram, Gpa(reserved)).unwrap();
+        let a = Zone::new(reserved / P, (ram - reserved) / P, engine, Config::default(), 2).unwrap();
         let mut live = Vec::new();
-        for (alloc, unmapped, order, pick) in ops {
+        for (alloc, unmapped, order, pick, cpu) in ops {
             if alloc || live.is_empty() {
                 let gfp = if unmapped { Gfp::UNMAPPED } else { Gfp::empty() };
-                if let Ok(al) = a.alloc_pages(gfp, order) {
+                if let Ok(al) = a.alloc_pages(cpu, gfp, order) {
                     live.push(al);
                 }
             } else {
                 let al = live.swap_remove(usize::from(pick) % live.len());
-                a.free_pages(al.pfn, al.order).unwrap();
+                a.free_pages(cpu, al.pfn, al.order).unwrap();
             }
-            let e = a.stage2();
-            prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
-            prop_assert_eq!(e.backend().table().refused_calls(), 0);
-            prop_assert_eq!(e.counters().rejected_updates, 0);
-            for pb in (reserved..ram).step_by(2 << 20) {
-                let ft = a.pageblock_freetype(pb / P).unwrap();
-                for probe in [pb, pb + (2 << 20) - P] {
-                    let st = e.state_at(Gpa(probe)).unwrap();
-                    prop_assert_eq!(st == RangeState::Unmapped, ft.is_unmapped(), "block {:#x}", pb);
-                }
-            }
+            let blocks: Vec<(u64, bool)> = (reserved..ram)
+                .step_by(2 << 20)
+                .map(|pb| (pb, a.pageblock_freetype(pb / P).unwrap().is_unmapped()))
+                .collect();
+            let (inv, refused, rejected, wrong) = a.with_stage2(|e| {
+                let wrong: Vec<u64> = blocks
+                    .iter()
+                    .filter(|&&(pb, unmapped)| {
+                        [pb, pb + (2 << 20) - P].iter().any(|&probe| {
+                            (e.state_at(Gpa(probe)) == Some(RangeState::Unmapped)) != unmapped
+                        })
+                    })
+                    .map(|&(pb, _)| pb)
+                    .collect();
+                (
+                    e.check_invariants(),
+                    e.backend().table().refused_calls(),
+                    e.counters().rejected_updates,
+                    wrong,
+                )
+            });
+            prop_assert!(inv.is_ok(), "{:?}", inv);
+            prop_assert_eq!(refused, 0);
+            prop_assert_eq!(rejected, 0);
+            prop_assert!(wrong.is_empty(), "blocks {:x?}", wrong);
         }
+        a.check_invariants().unwrap();
         let s = a.snapshot();
-        let c = a.stage2().counters();
+        let c = a.with_stage2(|e| e.counters());
         prop_assert_eq!(s.stage2_unmap_calls, c.unmap_calls);
         prop_assert_eq!(s.stage2_map_calls, c.map_calls);
         prop_assert_eq!(s.stage2_pages_unmapped, c.pages_unmapped);
@@ -660,14 +682,12 @@ fn read_only_is_a_readonly_slot_and_has_no_way_back() {
         vec![(0, 600, false), (600, 610, true), (610, 1024, false)]
     );
     assert!(e.backend().table().is_readonly(600 * P) && !e.backend().table().is_readonly(610 * P));
-    // Locked pages can be neither unlocked (mapped), unmapped nor locked read-only again;
-    // reserved pages cannot be locked; a lock to a non-lock state is refused.
+    // Locked pages can be neither unlocked (mapped), unmapped nor locked read-only again; a
+    // lock to a non-lock state is refused.
     for r in [
         e.map_range(Gpa(600 * P), P),
         e.unmap_range(Gpa(600 * P), P),
         e.lock_range(Gpa(600 * P), P, RangeState::ReadOnly),
-        e.lock_range(Gpa(P), P, RangeState::ReadOnly),
-        e.lock_range(Gpa(P), P, RangeState::NoAccess),
     ] {
         assert!(matches!(r, Err(EngineError::WrongState { .. })), "{r:?}");
     }
@@ -688,8 +708,25 @@ fn read_only_is_a_readonly_slot_and_has_no_way_back() {
         e.lock_range(Gpa(609 * P), P, RangeState::ReadOnly),
         Err(EngineError::WrongState { .. })
     ));
+    // Reserved pages can be locked (which ones is the session's rule: the guest's image), and
+    // stay reserved memory: never zeroed, never unlocked.
+    e.lock_range(Gpa(P), P, RangeState::ReadOnly).unwrap();
+    e.lock_range(Gpa(2 * P), P, RangeState::NoAccess).unwrap();
+    assert_eq!(e.state_at(Gpa(P)), Some(RangeState::ReadOnly));
+    assert!(e.backend().table().is_readonly(P) && !e.backend().table().is_exposed(2 * P));
+    for r in [
+        e.zero_range(Gpa(P), P),
+        e.zero_range(Gpa(2 * P), P),
+        e.map_range(Gpa(P), P),
+        e.lock_range(Gpa(P), P, RangeState::ReadOnly),
+    ] {
+        assert!(matches!(r, Err(EngineError::WrongState { .. })), "{r:?}");
+    }
+    e.lock_range(Gpa(P), P, RangeState::NoAccess).unwrap();
+    e.lock_range(Gpa(P), 2 * P, RangeState::NoAccess)
+        .unwrap_err();
     let c = e.counters();
-    assert_eq!((c.protect_calls, c.pages_protected), (2, 12));
+    assert_eq!((c.protect_calls, c.pages_protected), (5, 15));
     assert_consistent(&e);
 }
 
@@ -738,7 +775,7 @@ fn mprotect_engine(
         .unwrap(),
     );
     let backend = Mprotect::new(vm, mem.clone()).expect("mprotect backend");
-    (Stage2Engine::new(backend, ram, reserved).unwrap(), mem)
+    (Stage2Engine::new(backend, ram, Gpa(reserved)).unwrap(), mem)
 }
 
 #[test]
@@ -794,7 +831,7 @@ proptest! {
         let mut model = vec![RangeState::Mapped; pages as usize];
         for op in ops {
             let r = op.apply(&mut e, base);
-            match op.next(&model) {
+            match op.next(&model, 0) {
                 Some(next) => {
                     prop_assert!(r.is_ok(), "{:?}: {:?}", op, r);
                     model = next;

@@ -13,10 +13,12 @@ use kvm_ioctls::SyncReg;
 use veil_abi::{Hc, ADDRESS_UNKNOWN};
 
 use super::{FetchOutcome, Vm};
+use crate::addr::Gpa;
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
 use crate::guest_view::ViewError;
 use crate::page_walk::{self, WalkError};
 use crate::report::{AccessKind, ExitInfo, InsnAccess, InsnAtRip};
+use crate::run_types::BlockedAccess;
 use crate::session::HcOut;
 use crate::stage2::RangeState;
 
@@ -31,7 +33,7 @@ pub const INTERRUPT_FRAME: u64 = 40;
 pub const EXCEPTION_FRAME: u64 = 48;
 
 /// One blocked access: GPA, kind, bytes.
-pub(super) type Hit = (u64, AccessKind, u32);
+pub(super) type Hit = BlockedAccess;
 
 /// Where reading the instruction bytes at RIP stopped early.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,9 +89,9 @@ impl Vm {
         while left > 0 {
             let n = left.min(0x1000 - (va & 0xfff));
             match self.translate(cr3, va) {
-                Ok(g) if self.s.blocks(g, kind) => hits.push((g, kind, n as u32)),
+                Ok(g) if self.s.blocks(Gpa(g), kind) => hits.push((Gpa(g), kind, n as u32)),
                 Err(WalkError::TableInHole { entry_gpa }) => {
-                    hits.push((entry_gpa, AccessKind::Read, 8))
+                    hits.push((Gpa(entry_gpa), AccessKind::Read, 8))
                 }
                 _ => {}
             }
@@ -132,10 +134,10 @@ impl Vm {
                     }
                     Err(_) => None,
                 });
-                hits.extend(tables.into_iter().map(|e| (e, AccessKind::Read, 8)));
+                hits.extend(tables.into_iter().map(|e| (Gpa(e), AccessKind::Read, 8)));
                 for a in acc {
-                    let state = a.gpa.map(|g| self.s.state_at(g));
-                    if let Some(g) = a.gpa.filter(|&g| self.s.blocks(g, a.access)) {
+                    let state = a.gpa.map(|g| self.s.state_at(Gpa(g)));
+                    if let Some(g) = a.gpa.map(Gpa).filter(|&g| self.s.blocks(g, a.access)) {
                         hits.push((g, a.access, a.size));
                     }
                     seen.accesses.push(InsnAccess {
@@ -157,8 +159,8 @@ impl Vm {
             Err(DecodeError::Truncated { got }) => {
                 seen.decoded = if got == 0 { "unreadable" } else { "truncated" }.into();
                 match stop {
-                    Some(FetchStop::Hole(g)) => hits.push((g, AccessKind::Fetch, 1)),
-                    Some(FetchStop::TableHole(e)) => hits.push((e, AccessKind::Read, 8)),
+                    Some(FetchStop::Hole(g)) => hits.push((Gpa(g), AccessKind::Fetch, 1)),
+                    Some(FetchStop::TableHole(e)) => hits.push((Gpa(e), AccessKind::Read, 8)),
                     None => {}
                 }
             }
@@ -207,7 +209,7 @@ impl Vm {
         if vector == PAGE_FAULT {
             if let Ok(sregs) = self.vcpu.get_sregs() {
                 if let Err(WalkError::TableInHole { entry_gpa }) = self.translate(sregs.cr3, cr2) {
-                    self.s.route_fault_violation(entry_gpa, rip);
+                    self.s.route_fault_violation(Gpa(entry_gpa), rip);
                 }
             }
         }
@@ -254,7 +256,7 @@ impl Vm {
         let (hits, seen) = self.attribute_insn(&regs, &sregs);
         let record = efault_record(hits, &seen);
         let (key, access) = match &record {
-            EfaultRecord::Located(h) => (h[0].0, h[0].1),
+            EfaultRecord::Located(h) => (h[0].0.raw(), h[0].1),
             EfaultRecord::Unknown { access, .. } => (ADDRESS_UNKNOWN, *access),
         };
         if let Some(stop) = self.fault_repeats(key, access, &regs) {
@@ -286,14 +288,15 @@ impl Vm {
             });
         };
         let (_, seen) = self.attribute_insn(&regs, &sregs);
-        let readable = !self.s.blocks(gpa, AccessKind::Read);
+        let at = Gpa(gpa);
+        let readable = !self.s.blocks(at, AccessKind::Read);
         let access = memory_fault_kind(gpa, size, &seen.accesses, readable);
-        if !self.s.blocks(gpa, access) {
+        if !self.s.blocks(at, access) {
             return Some(ExitInfo::KvmError {
                 error: format!(
                     "KVM_EXIT_MEMORY_FAULT at GPA {gpa:#x} ({size} bytes, {}), which the guest \
                      view does not block",
-                    state_name(self.s.state_at(gpa))
+                    state_name(self.s.state_at(at))
                 ),
             });
         }
@@ -302,7 +305,7 @@ impl Vm {
         }
         self.vcpu.sync_regs_mut().regs = regs;
         let size = u32::try_from(size).unwrap_or(u32::MAX);
-        self.answer((gpa, access, size), &[], regs.rip)
+        self.answer((at, access, size), &[], regs.rip)
     }
 
     /// A shutdown (triple fault): the blocked accesses that explain it are recorded: the

@@ -10,15 +10,17 @@ use kvm_ioctls::{SyncReg, VcpuExit};
 use veil_abi::POISON_BYTE;
 
 use super::Vm;
+use crate::addr::Gpa;
 use crate::decode;
 use crate::livelock;
 use crate::report::{AccessKind, ExitInfo, LivelockShape, ViolationAction};
+use crate::run_types::BlockedAccess;
 use crate::stage2::RangeState;
 
 /// What a stalled vCPU's instruction is judged to be (see [`Vm::stall_sample`]).
 struct StallVerdict {
     /// The first page piece it touches in a hole: GPA, access, bytes.
-    hole: Option<(u64, AccessKind, u32)>,
+    hole: Option<BlockedAccess>,
     /// The instruction in Intel syntax.
     text: String,
 }
@@ -39,14 +41,14 @@ impl Vm {
     /// in a row (same RIP, GPA, access, registers), the guest resumes at its recovery point
     /// (under `report`, if it set one) or the VM stops with the livelock.
     pub(super) fn fault_loop(&mut self, gpa: u64, access: AccessKind) -> Option<ExitInfo> {
-        if self.s.state_at(gpa) != Some(RangeState::Unmapped) {
+        if self.s.state_at(Gpa(gpa)) != Some(RangeState::Unmapped) {
             self.faults.progress();
             return None;
         }
         let regs = livelock::fingerprint(&self.vcpu.sync_regs().regs);
         let repeats = self.faults.fault(gpa, access as u8, regs)?;
         self.faults.progress();
-        if let Some((rip, rsp)) = self.s.livelock_recovery(Some((gpa, access))) {
+        if let Some((rip, rsp)) = self.s.livelock_recovery(Some((Gpa(gpa), access))) {
             // KVM holds the half-done instruction: let it finish this MMIO (the data is
             // already poison) before RIP moves under it.
             if self.settle_pending_mmio() {
@@ -118,7 +120,7 @@ impl Vm {
         let regs = self.regs_dump();
         Some(ExitInfo::Livelock {
             rip: regs.rip,
-            gpa: verdict.hole.map(|h| h.0),
+            gpa: verdict.hole.map(|h| h.0.raw()),
             access: verdict.hole.map(|h| h.1),
             shape: LivelockShape::SilentSpin,
             repeats: u64::from(samples),

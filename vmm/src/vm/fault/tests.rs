@@ -31,8 +31,8 @@ fn seen(bytes: &str, accesses: Vec<InsnAccess>) -> InsnAtRip {
 #[test]
 fn located_accesses_are_recorded_as_they_are() {
     let hits = vec![
-        (0x40_0018, AccessKind::Read, 8),
-        (0x40_1000, AccessKind::Write, 4),
+        (Gpa(0x40_0018), AccessKind::Read, 8),
+        (Gpa(0x40_1000), AccessKind::Write, 4),
     ];
     let s = seen(
         "48 8b 43 18",
