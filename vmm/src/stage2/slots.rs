@@ -14,7 +14,8 @@ use allocator::Stage2Error;
 
 use super::plan::{self, RangeMap, Run};
 use super::{
-    BackendUsage, EngineError, LockStats, MemslotTable, Perm, SlotInfo, Stage2Backend, PAGE_SIZE,
+    BackendUsage, EngineError, HostBacking, LockStats, MemslotTable, Perm, Realised, SlotInfo,
+    Stage2Backend, PAGE_SIZE,
 };
 use crate::addr::Gpa;
 
@@ -269,5 +270,47 @@ impl<T: MemslotTable> Stage2Backend for Slots<T> {
             return Err("memslots_in_use disagrees with the table".into());
         }
         Ok(())
+    }
+
+    /// From the record of KVM's slot table (every slot created and not deleted), not from the
+    /// permission map: a page in a slot is readable, writable unless the slot is read-only;
+    /// a page in no slot is a hole.
+    fn realised(&self) -> Result<Vec<Realised>, String> {
+        let mut runs = Vec::new();
+        let mut at = 0;
+        let mut push = |start: u64, end: u64, perm: Perm| {
+            super::verify::push_run(
+                &mut runs,
+                Realised {
+                    start: Gpa(start),
+                    end: Gpa(end),
+                    perm,
+                    backing: HostBacking::Memory,
+                },
+            )
+        };
+        for (&gpa, &(end, _, readonly)) in &self.slots {
+            if gpa < at {
+                return Err(format!("memslots overlap at {gpa:#x}"));
+            }
+            if gpa > at {
+                push(at, gpa, Perm::None);
+            }
+            push(
+                gpa,
+                end,
+                if readonly {
+                    Perm::Read
+                } else {
+                    Perm::ReadWrite
+                },
+            );
+            at = end;
+        }
+        let size = self.perms.size();
+        if at < size {
+            push(at, size, Perm::None);
+        }
+        Ok(runs)
     }
 }
