@@ -14,6 +14,7 @@ mod guest_args;
 mod host_calls;
 mod memory_calls;
 mod routes;
+mod stage2_checks;
 mod test_calls;
 mod violations;
 
@@ -137,6 +138,8 @@ pub struct SessionConfig {
     pub tsc_khz: Option<u32>,
     /// The test-harness capability ([`Hc::PlantSecret`], host writes into unreachable pages).
     pub test_harness: bool,
+    /// Reconcile stage 2 after every hypercall that changed it (`--verify-stage2`).
+    pub verify_stage2: bool,
 }
 
 /// One guest run's state.
@@ -176,6 +179,7 @@ pub struct Session {
     guest_dumps: u32,
     numbered_refused: bool,
     routes: routes::Routes,
+    checks: stage2_checks::Checks,
     /// Guest Log lines.
     pub logs: Vec<String>,
     /// Exit counters (updated by the run loop).
@@ -190,6 +194,7 @@ fn vmm_line(msg: &str) {
 impl Session {
     /// A fresh session.
     pub fn new(c: SessionConfig) -> Session {
+        let secret = c.alloc.stage2().backend().secret_unmapped();
         Session {
             vm: c.vm,
             alloc: c.alloc,
@@ -226,6 +231,7 @@ impl Session {
             guest_dumps: 0,
             numbered_refused: false,
             routes: routes::Routes::default(),
+            checks: stage2_checks::Checks::new(c.verify_stage2, secret),
             logs: Vec::new(),
             exits: ExitCounts::default(),
             ram: c.ram,
@@ -272,6 +278,7 @@ impl Session {
         };
         let out = self.dispatch(hc, a);
         self.note_refusal(hc, &out);
+        self.after_hypercall();
         out
     }
 
@@ -307,6 +314,9 @@ impl Session {
             Hc::Stats => self.hc_stats(a[0]).into(),
             Hc::HostFill => self.hc_host_fill(a[0], a[1], a[2]).into(),
             Hc::Protect => self.hc_protect(a[0], a[1], a[2]).into(),
+            Hc::VerifyStage2 => self.hc_verify_stage2().into(),
+            Hc::Sweep => self.hc_sweep(a[0], a[1]).into(),
+            Hc::Stage2Tamper => self.hc_stage2_tamper(a[0]).into(),
             Hc::HostCount => self.hc_host_count(a[0], a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {

@@ -33,6 +33,8 @@ pub struct Slots<T: MemslotTable> {
     /// Ids >= this were never used.
     next_fresh_id: u32,
     usage: BackendUsage,
+    /// The slot (gpa, end, readonly) a tamper split around one page, until it is undone.
+    tampered: Option<(u64, u64, bool)>,
 }
 
 impl<T: MemslotTable> Slots<T> {
@@ -52,6 +54,7 @@ impl<T: MemslotTable> Slots<T> {
             free_ids: BTreeSet::new(),
             next_fresh_id: 0,
             usage: BackendUsage::default(),
+            tampered: None,
         }
     }
 
@@ -270,6 +273,47 @@ impl<T: MemslotTable> Stage2Backend for Slots<T> {
             return Err("memslots_in_use disagrees with the table".into());
         }
         Ok(())
+    }
+
+    /// Punches a hole for the page into the slot that holds it (a real KVM change, recorded in
+    /// the slot table's record, not in the permission map).
+    fn tamper(&mut self, gpa: Gpa) -> Result<Perm, String> {
+        let page = gpa.0 & !(PAGE_SIZE - 1);
+        let slot = self
+            .slot_containing(Gpa(page))
+            .filter(|_| self.tampered.is_none())
+            .ok_or("no slot holds the page (or a tamper is pending)")?;
+        let create = [(slot.gpa, page), (page + PAGE_SIZE, slot.end())]
+            .into_iter()
+            .filter(|(a, b)| a < b)
+            .map(|(a, b)| (a, b - a, slot.readonly))
+            .collect();
+        self.execute(&plan::SlotPlan {
+            delete: vec![slot],
+            create,
+        })
+        .map_err(|e| e.to_string())?;
+        self.tampered = Some((slot.gpa, slot.end(), slot.readonly));
+        Ok(Perm::None)
+    }
+
+    fn untamper(&mut self, _gpa: Gpa) -> Result<(), String> {
+        let (start, end, readonly) = self.tampered.take().ok_or("no tamper pending")?;
+        let delete = self
+            .slots
+            .range(start..end)
+            .map(|(&gpa, &(e, slot, ro))| SlotInfo {
+                slot,
+                gpa,
+                len: e - gpa,
+                readonly: ro,
+            })
+            .collect();
+        self.execute(&plan::SlotPlan {
+            delete,
+            create: vec![(start, end - start, readonly)],
+        })
+        .map_err(|e| e.to_string())
     }
 
     /// From the record of KVM's slot table (every slot created and not deleted), not from the

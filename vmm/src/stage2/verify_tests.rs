@@ -156,5 +156,20 @@ fn slots_reconcile_from_the_slot_table_record() {
         perm: Perm::Read,
         backing: HostBacking::Memory,
     }));
-    assert!(e.backend_mut().tamper(Gpa(8 << 20)).is_err());
+    // The tamper hook punches a real hole into KVM's table behind the engine: caught, undone.
+    assert!(
+        e.backend_mut().tamper(Gpa(8 << 20)).is_err(),
+        "a hole already"
+    );
+    let page = Gpa((10 << 20) + 7 * P);
+    assert_eq!(e.backend_mut().tamper(page).unwrap(), Perm::None);
+    let m = verify::reconcile(&e).unwrap();
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(
+        (m[0].start, m[0].end, m[0].intended_perm, m[0].realised_perm),
+        (page, Gpa(page.0 + P), Perm::ReadWrite, Perm::None)
+    );
+    e.backend_mut().untamper(page).unwrap();
+    assert_eq!(verify::reconcile(&e).unwrap(), vec![]);
+    e.check_invariants().unwrap();
 }
