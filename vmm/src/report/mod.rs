@@ -293,6 +293,10 @@ mod tests {
             stage2_checks: Default::default(),
         };
         assert_eq!(r.exit_code(), exit_code::OK);
+        // A stage-2 reconciliation mismatch fails the run even when every test passed.
+        r.stage2_checks.mismatches_total = 1;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.stage2_checks.mismatches_total = 0;
         r.tests.push(TestReport {
             name: "a".into(),
             passed: false,

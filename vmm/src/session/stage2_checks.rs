@@ -310,3 +310,49 @@ impl Session {
         std::mem::take(&mut self.checks.report)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::console::ConsoleSink;
+    use crate::memory::MemSize;
+    use crate::stage2::{BackendKind, HostBacking};
+    use crate::vm::{Vm, VmConfig};
+
+    /// A page changed behind the engine with no `Hc::Stage2Tamper` to expect it: reconciliation
+    /// reports the range and both states, and the run's checks fail, on both backends.
+    #[test]
+    fn an_unexpected_mismatch_is_reported_with_both_states_and_fails_the_run() {
+        if crate::stage2::tests::kvm_or_skip("an_unexpected_mismatch_is_reported").is_none() {
+            return;
+        }
+        for kind in [BackendKind::Slots, BackendKind::Mprotect] {
+            let mut cfg = VmConfig::new(crate::guest_image::DEFAULT_GUEST.to_vec());
+            cfg.mem = MemSize(32 << 20);
+            cfg.console = ConsoleSink::Null;
+            cfg.echo_logs = false;
+            cfg.stage2 = kind;
+            let mut vm = Vm::new(cfg).expect("boot");
+            let s = vm.session_mut();
+            assert!(s.reconcile_now(), "{kind:?}: a fresh VM reconciles");
+            let page = Gpa(s.reserved_end + 16 * PAGE_SIZE);
+            let now = s.alloc.stage2_mut().backend_mut().tamper(page).unwrap();
+            assert_eq!(now, Perm::None);
+            assert!(!s.reconcile_now(), "{kind:?}: the closed page is found");
+            // Found again later: one mismatch, not one per reconciliation.
+            assert!(!s.reconcile_now());
+            let c = s.stage2_finish();
+            assert!(c.failed());
+            assert_eq!(c.mismatches_total, 1);
+            let m = &c.mismatches[0];
+            assert_eq!((m.start, m.end.0), (page, page.0 + PAGE_SIZE), "{kind:?}");
+            assert_eq!(m.state, RangeState::Mapped);
+            assert_eq!(
+                (m.intended_perm, m.realised_perm),
+                (Perm::ReadWrite, Perm::None)
+            );
+            assert_eq!(m.intended_backing, HostBacking::Memory);
+            assert!(c.tampers_caught.is_empty());
+        }
+    }
+}
