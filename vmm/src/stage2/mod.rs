@@ -256,9 +256,12 @@ pub struct Stage2Counters {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
-    /// `mprotect` calls on the guest view (the `mprotect` backend; 0 under `slots`).
+    /// `mprotect` calls on the guest view (the `mprotect` backend; 0 under `slots`), plus the
+    /// `mmap`s of `--host-secretmem` (two per move to or from secret memory).
     pub mprotect_calls: u64,
-    /// Ranges of distinct protection on the guest view now, each one VMA (`mprotect` backend).
+    /// Ranges of distinct protection on the guest view now, each one VMA (`mprotect` backend);
+    /// under `--host-secretmem` plus one per secret range (its VMA in the VMM view): a lower
+    /// bound, as secret ranges unmapped apart stay apart.
     pub vmas_in_use: u64,
     /// Most such ranges at once.
     pub peak_vmas: u64,
@@ -387,9 +390,11 @@ pub struct BackendUsage {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
-    /// `mprotect` calls on the guest view (the `mprotect` backend).
+    /// `mprotect` calls on the guest view (the `mprotect` backend), plus the `mmap`s of
+    /// `--host-secretmem`.
     pub mprotect_calls: u64,
-    /// Ranges of distinct protection on the guest view now (each is one VMA).
+    /// Ranges of distinct protection on the guest view now (each is one VMA), plus one per
+    /// secret range under `--host-secretmem`.
     pub vmas_in_use: u64,
     /// Most such ranges at once.
     pub peak_vmas: u64,

@@ -267,7 +267,12 @@ impl Stage2Backend for Mprotect {
         for r in runs {
             let n = r.end - r.start;
             if r.state {
-                // Secret memory cannot be hole-punched: overwrite what is resident.
+                // Secret memory cannot be hole-punched: a fresh secret file over the range
+                // drops the old pages at once; where that cannot be mapped (the memlock
+                // limit), overwrite what is resident.
+                if self.fresh_secret(r.start, r.end).is_ok() {
+                    continue;
+                }
                 self.ram.zero_resident(r.start, n).map_err(|e| match e {
                     vm_memory::GuestMemoryError::IOError(io) => {
                         Stage2Error::Backend(-io.raw_os_error().unwrap_or(libc::EIO))
@@ -517,6 +522,17 @@ impl Mprotect {
         }
         self.note_vmas();
         Ok(())
+    }
+
+    /// Replaces the secret memory of [start, end) (all secret) by a fresh, zero secret file in
+    /// both views; on failure the old one stays.
+    fn fresh_secret(&mut self, start: u64, end: u64) -> std::io::Result<()> {
+        let fd = secretmem::create(end - start)?;
+        self.usage.mprotect_calls += 2;
+        // Guest view first: if the VMM view then fails, the guest view (PROT_NONE either way)
+        // holds the fresh file and the VMM view the old one: put the old contents out of use by
+        // overwriting them through the VMM view instead (the caller's fallback).
+        self.map_both(start, end, fd.as_raw_fd(), 0)
     }
 
     /// Puts the memfd back over [start, end) (all secret) in both views, still `PROT_NONE` in
