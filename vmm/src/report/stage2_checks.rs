@@ -10,7 +10,7 @@ use crate::stage2::verify::Mismatch;
 pub const MAX_KEPT: usize = 64;
 
 /// The stage-2 checks of one run.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Stage2Checks {
     /// Unmapped ranges were backed by `memfd_secret` memory (`--host-secretmem`).
     pub host_secretmem: bool,
@@ -19,6 +19,8 @@ pub struct Stage2Checks {
     /// Reconciliations done (after updates, at every test's end, at the end of the run, and
     /// on `Hc::VerifyStage2`).
     pub reconciliations: u64,
+    /// Wall time spent reconciling, in milliseconds.
+    pub reconcile_ms: f64,
     /// Ranges where the realised state differed from the engine's (first [`MAX_KEPT`]): each
     /// fails the run.
     pub mismatches: Vec<Mismatch>,
@@ -53,13 +55,14 @@ impl Stage2Checks {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "stage-2 checks: {} reconciliations ({}), {} mismatches, {} tampered pages caught; unmapped pages {}; {} stage-2 updates refused",
+            "stage-2 checks: {} reconciliations ({}, {:.1} ms), {} mismatches, {} tampered pages caught; unmapped pages {}; {} stage-2 updates refused",
             self.reconciliations,
             if self.verify_stage2 {
                 "after every update, --verify-stage2"
             } else {
                 "at test ends and on request"
             },
+            self.reconcile_ms,
             self.mismatches_total,
             self.tampers_caught.len(),
             if self.host_secretmem {

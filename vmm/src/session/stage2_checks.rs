@@ -111,7 +111,10 @@ impl Session {
     /// page that is caught is put back and does not count against it).
     pub(super) fn reconcile_now(&mut self) -> bool {
         self.checks.report.reconciliations += 1;
-        let found = match verify::reconcile(self.alloc.stage2()) {
+        let t = std::time::Instant::now();
+        let result = verify::reconcile(self.alloc.stage2());
+        self.checks.report.reconcile_ms += t.elapsed().as_secs_f64() * 1e3;
+        let found = match result {
             Ok(m) => m,
             Err(e) => {
                 let why = format!("stage-2 reconciliation could not run: {e}");

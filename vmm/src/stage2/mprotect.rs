@@ -267,10 +267,16 @@ impl Stage2Backend for Mprotect {
         for r in runs {
             let n = r.end - r.start;
             if r.state {
-                // Secret memory cannot be hole-punched: a fresh secret file over the range
-                // drops the old pages at once; where that cannot be mapped (the memlock
-                // limit), overwrite what is resident.
-                if self.fresh_secret(r.start, r.end).is_ok() {
+                // Secret memory cannot be hole-punched. Whole pageblocks (the zero before a
+                // flip back) get a fresh secret file, which drops the old pages at once and
+                // keeps the VMA count; smaller ranges (init_on_free of a page), and a fresh
+                // file that cannot be mapped (the memlock limit), are overwritten where
+                // resident.
+                let block = veil_abi::PAGEBLOCK_SIZE;
+                if r.start.is_multiple_of(block)
+                    && n.is_multiple_of(block)
+                    && self.fresh_secret(r.start, r.end).is_ok()
+                {
                     continue;
                 }
                 self.ram.zero_resident(r.start, n).map_err(|e| match e {
