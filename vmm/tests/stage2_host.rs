@@ -2,13 +2,15 @@
 //! flips refused past the memlock limit with a typed error, never a crash), `--verify-stage2`
 //! and the guest's `stage2_verify` and `sweep` tests on both stage-2 backends.
 
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
 #[path = "../../tests/src/kvm_gate.rs"]
 mod kvm_gate;
+
+#[path = "../../tests/src/memlock.rs"]
+mod memlock;
 
 use kvm_gate::kvm_available;
 
@@ -29,24 +31,9 @@ fn veil(args: &[&str]) -> Output {
 
 /// `veil` under an 8 MiB `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK` (which would ignore it).
 fn limited(args: &[&str]) -> Output {
-    let mut cmd = Command::new(VEIL);
-    cmd.args(args);
-    // SAFETY: setrlimit and prctl are async-signal safe and touch no parent state.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 8 << 20,
-                rlim_max: 8 << 20,
-            };
-            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // Fails harmlessly without CAP_SETPCAP, where the process lacks CAP_IPC_LOCK anyway.
-            libc::prctl(libc::PR_CAPBSET_DROP, 14 /* CAP_IPC_LOCK */, 0, 0, 0);
-            Ok(())
-        });
-    }
-    cmd.output().unwrap()
+    memlock::limit_memlock(Command::new(VEIL).args(args), 8 << 20)
+        .output()
+        .unwrap()
 }
 
 fn test_result<'a>(doc: &'a Value, name: &str) -> &'a Value {
