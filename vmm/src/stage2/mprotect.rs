@@ -324,8 +324,20 @@ impl Stage2Backend for Mprotect {
                 self.usage.memslots_in_use
             ));
         }
-        if self.usage.vmas_in_use != self.perms.len() as u64 {
+        if self.usage.vmas_in_use != self.vmas() {
             return Err("vmas_in_use disagrees with the protection map".into());
+        }
+        if let Some(m) = &self.secret {
+            // Secret exactly where the protection is none (never under a readable page).
+            if let Some(r) = m.iter().find(|r| {
+                r.state
+                    && self
+                        .perms
+                        .overlapping(r.start, r.end)
+                        .any(|p| p.state != Perm::None)
+            }) {
+                return Err(format!("secret range {:#x} is reachable", r.start));
+            }
         }
         Ok(())
     }
@@ -461,13 +473,17 @@ impl Mprotect {
         Ok(())
     }
 
-    fn note_vmas(&mut self) {
+    /// Protection runs, plus one per secret range (its VMA in the VMM view).
+    fn vmas(&self) -> u64 {
         let secret_runs = self
             .secret
             .as_ref()
             .map_or(0, |m| m.iter().filter(|r| r.state).count() as u64);
-        // Each secret range is its own VMA (another file) even next to a PROT_NONE memfd run.
-        self.usage.vmas_in_use = self.perms.len() as u64 + secret_runs;
+        self.perms.len() as u64 + secret_runs
+    }
+
+    fn note_vmas(&mut self) {
+        self.usage.vmas_in_use = self.vmas();
         self.usage.peak_vmas = self.usage.peak_vmas.max(self.usage.vmas_in_use);
     }
 

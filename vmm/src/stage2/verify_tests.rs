@@ -55,6 +55,7 @@ fn a_block_is_secretmem_backed_exactly_while_unmapped_and_reads_zero_back() {
         backing: HostBacking::Secret,
     }));
     assert_eq!(verify::reconcile(&e).unwrap(), vec![]);
+    e.check_invariants().unwrap();
     // Fresh secret memory: the old contents are gone; the neighbour keeps its data. The VMM
     // view still writes (fills, planted secrets) and zeroes it.
     assert_eq!(ram.count(g, BLOCK, 0).unwrap(), BLOCK);
