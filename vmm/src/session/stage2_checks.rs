@@ -358,4 +358,45 @@ mod tests {
             assert!(c.tampers_caught.is_empty());
         }
     }
+
+    /// The sweep's judge: an unreachable block nobody loaded is "missing", a violation on a
+    /// reachable page "extra", and only the exact set passes.
+    #[test]
+    fn the_sweep_judge_names_missing_and_extra_pages() {
+        if crate::stage2::tests::kvm_or_skip("the_sweep_judge_names_missing_and_extra_pages")
+            .is_none()
+        {
+            return;
+        }
+        let mut cfg = VmConfig::new(crate::guest_image::DEFAULT_GUEST.to_vec());
+        cfg.mem = MemSize(32 << 20);
+        cfg.console = ConsoleSink::Null;
+        cfg.echo_logs = false;
+        let mut vm = Vm::new(cfg).expect("boot");
+        let s = vm.session_mut();
+        let managed = (s.ram.size() - s.reserved_end) / PAGE_SIZE;
+        let block = Gpa(s.reserved_end + (2 << 20));
+        s.alloc.stage2_mut().unmap_range(block, 2 << 20).unwrap();
+        let all: BTreeSet<u64> = (0..512).map(|i| block.0 + i * PAGE_SIZE).collect();
+        let exact = s.judge_sweep("t".into(), managed, &all);
+        assert_eq!((exact.unreachable_pages, exact.violation_pages), (512, 512));
+        assert_eq!(exact.problem(), None);
+
+        let mut wrong = all.clone();
+        wrong.remove(&(block.0 + 7 * PAGE_SIZE));
+        wrong.insert(s.reserved_end);
+        let w = s.judge_sweep("t".into(), managed, &wrong);
+        assert_eq!((w.missing_total, w.extra_total), (1, 1));
+        assert_eq!(w.missing, vec![Gpa(block.0 + 7 * PAGE_SIZE)]);
+        assert_eq!(w.extra, vec![Gpa(s.reserved_end)]);
+        assert!(w
+            .problem()
+            .unwrap()
+            .contains("1 unreachable pages without a violation"));
+        // A sweep that did not cover every managed page fails too.
+        assert!(s
+            .judge_sweep("t".into(), managed - 1, &all)
+            .problem()
+            .is_some());
+    }
 }
