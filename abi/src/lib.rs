@@ -207,9 +207,10 @@ pub enum Hc {
     Sweep = 27,
     /// (gpa): test-harness only. Closes the page at `gpa` (a mapped page the guest allocated)
     /// in the stage-2 backend behind the engine's back, so that reconciliation must catch it;
-    /// the VMM fails the test if it has not by the test's end. [`Status::BadState`] where the
-    /// backend has no such hook (`slots`), a page is already tampered with, or the page is not
-    /// mapped.
+    /// the VMM fails the test if it has not by the test's end (`mprotect`: the page's
+    /// protection; `slots`: a hole punched into its memslot). [`Status::BadState`] outside a
+    /// test, while a tampered page is not caught yet, for a page that is not mapped, or where a
+    /// backend has no such hook; [`Status::HarnessOnly`] without the test-harness capability.
     Stage2Tamper = 28,
 }
 

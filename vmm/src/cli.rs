@@ -85,8 +85,8 @@ Examples:
 const EXIT_CODES: &str = "\
 Exit codes:
   0  every selected test passed (skipped tests do not fail a run); list-tests/caps succeeded
-  1  a test failed or did not run, a violation happened outside any test, or the guest exited
-     with a non-zero code
+  1  a test failed or did not run, a violation happened outside any test, the guest exited
+     with a non-zero code, or stage-2 reconciliation found a mismatch
   2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown or
      empty test name in --tests, unwritable --dump-ept or --console path (a FIFO without a
      reader or a socket included: writing would block; checked before the guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
