@@ -8,7 +8,7 @@ use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
 use crate::{boot, dm, ensure, println};
-use veil_abi::{gfp, Status, PAGE_SIZE};
+use veil_abi::{gfp, Hc, Status, PAGE_SIZE};
 
 /// Reconciliation agrees after ordinary updates, catches a tampered page (and puts it back),
 /// and the tamper hook refuses what it must.
@@ -86,7 +86,16 @@ pub fn sweep() -> Outcome {
     }
     let info = boot::info();
     let n = (info.managed_end - info.managed_start) / PAGE_SIZE;
+    let e = hc::sweep_end(n);
+    ensure!(
+        e == Err(Status::BadState),
+        "Sweep end with none open: {e:?}"
+    );
+    let e = hc::aimed(Hc::Sweep, 2, 0, 0, 0);
+    ensure!(e == Err(Status::BadArgument), "Sweep op 2: {e:?}");
     hc::sweep_begin().ctx("Sweep begin")?;
+    let e = hc::sweep_begin();
+    ensure!(e == Err(Status::BadState), "a second Sweep begin: {e:?}");
     load_every_page(info.managed_start, n);
     hc::sweep_end(n).ctx("Sweep end")?;
     println!("veil-guest: swept {n} managed pages");
