@@ -196,6 +196,31 @@ pub enum Hc {
     /// not allocated to the guest
     /// ([`Status::NotAllocated`]), unmapped pages ([`Status::BadState`]).
     Protect = 25,
+    /// (): reconcile stage 2 now: the VMM compares what the host realises (the kernel's
+    /// mappings, KVM's slot table) with its engine's intended state. `Ok`: they agree (a page
+    /// changed by [`Hc::Stage2Tamper`] is caught and put back); [`Status::InvariantBroken`]:
+    /// they do not, which the report records and which fails the run.
+    VerifyStage2 = 26,
+    /// (op, pages): the stage-2 sweep inside the current test. `op` 0 begins it: from then on
+    /// the test's loads of blocked pages are judged by the sweep, not by `ExpectViolation`.
+    /// `op` 1 ends it, the guest saying it loaded one byte of each of `pages` managed pages:
+    /// the VMM compares the pages whose loads were violations with the pages its engine makes
+    /// unreachable and fails the test on any difference. Returns only `Ok` ("recorded").
+    /// Errors: no test running, a sweep already open (begin) or none (end)
+    /// ([`Status::BadState`]), another `op` ([`Status::BadArgument`]).
+    Sweep = 27,
+    /// (gpa): test-harness only. Closes the page at `gpa` (a mapped page the guest allocated)
+    /// in the stage-2 backend behind the engine's back, so that reconciliation must catch it;
+    /// the VMM fails the test if it has not by the test's end (`mprotect`: the page's
+    /// protection; `slots`: a hole punched into its memslot). [`Status::BadState`] outside a
+    /// test, while a tampered page is not caught yet, for a page that is not mapped, or where a
+    /// backend has no such hook; [`Status::HarnessOnly`] without the test-harness capability.
+    Stage2Tamper = 28,
+}
+
+impl Hc {
+    /// The lowest hypercall number with no call (everything from here up is unknown).
+    pub const FIRST_UNUSED: u32 = 29;
 }
 
 /// `perm` of [`Hc::Protect`].
@@ -241,6 +266,9 @@ impl Hc {
             23 => Hc::RouteBegin,
             24 => Hc::RouteEnd,
             25 => Hc::Protect,
+            26 => Hc::VerifyStage2,
+            27 => Hc::Sweep,
+            28 => Hc::Stage2Tamper,
             _ => return None,
         })
     }

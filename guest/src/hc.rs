@@ -121,6 +121,26 @@ pub fn protect(gpa: u64, pages: u64, perm: u64) -> Result<(), Status> {
     call(Hc::Protect, gpa, pages, perm, 0).map(|_| ())
 }
 
+/// Asks the VMM to reconcile stage 2 now (`Ok`: the host realises what its engine intends).
+pub fn verify_stage2() -> Result<(), Status> {
+    call(Hc::VerifyStage2, 0, 0, 0, 0).map(|_| ())
+}
+
+/// Opens a stage-2 sweep in the current test.
+pub fn sweep_begin() -> Result<(), Status> {
+    call(Hc::Sweep, 0, 0, 0, 0).map(|_| ())
+}
+
+/// Ends the sweep: the guest loaded one byte of each of `pages` managed pages.
+pub fn sweep_end(pages: u64) -> Result<(), Status> {
+    call(Hc::Sweep, 1, pages, 0, 0).map(|_| ())
+}
+
+/// Test harness: closes the mapped page `gpa` (ours) behind the VMM's engine.
+pub fn stage2_tamper(gpa: u64) -> Result<(), Status> {
+    call(Hc::Stage2Tamper, gpa, 0, 0, 0).map(|_| ())
+}
+
 /// Gives back pages from [`alloc`].
 pub fn free(gpa: u64, order: u8) -> Result<(), Status> {
     call(Hc::Free, gpa, order as u64, 0, 0).map(|_| ())

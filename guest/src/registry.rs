@@ -41,4 +41,6 @@ pub static TESTS: &[Test] = &[
     Test::new("protect_image", tests::protect::protect_image),
     Test::new("hypercall_timing", tests::timing::hypercall_timing),
     Test::new("reachability", tests::reachability::reachability),
+    Test::new("stage2_verify", tests::stage2_checks::stage2_verify),
+    Test::new("sweep", tests::stage2_checks::sweep),
 ];

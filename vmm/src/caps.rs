@@ -54,6 +54,8 @@ pub struct Caps {
     pub memlock_bytes: Option<u64>,
     /// The stage-2 backends `veil run --stage2` offers, and the default.
     pub stage2_backends: Stage2Backends,
+    /// Host direct-map removal for unmapped pages (`veil run --host-secretmem`).
+    pub direct_map_removal: crate::stage2::secretmem::DirectMapRemoval,
 }
 
 /// The stage-2 backends and their host limits.
@@ -189,6 +191,10 @@ pub fn probe(kvm: &Kvm) -> Caps {
         host: probe_host(),
         memlock_bytes: probe_memlock(),
         stage2_backends: stage2_backends(),
+        direct_map_removal: crate::stage2::secretmem::probe(
+            u64::try_from(gmem_flags).unwrap_or(0),
+            probe_memlock(),
+        ),
     }
 }
 
@@ -326,6 +332,30 @@ impl Caps {
                     Some(b) => format!("{} KiB (RLIMIT_MEMLOCK)", b >> 10),
                 },
                 "unmapped pages beyond it are not locked against swap",
+            ),
+            (
+                "host direct-map removal",
+                format!(
+                    "{}; guest_memfd NO_DIRECT_MAP {}",
+                    match &self.direct_map_removal.memfd_secret_error {
+                        None => "memfd_secret".to_string(),
+                        Some(e) => format!("none (memfd_secret: {e})"),
+                    },
+                    if self.direct_map_removal.guest_memfd_no_direct_map {
+                        "offered (not used yet)"
+                    } else {
+                        "not offered"
+                    }
+                ),
+                "veil run --host-secretmem",
+            ),
+            (
+                "secret memory the memlock limit allows",
+                match self.direct_map_removal.secret_bytes_allowed {
+                    None => "unlimited".into(),
+                    Some(b) => format!("{} MiB of unmapped RAM", b >> 20),
+                },
+                "each unmapped byte locks two (guest and VMM mapping)",
             ),
             (
                 "KVM_SET_USER_MEMORY_REGION2",

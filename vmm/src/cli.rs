@@ -88,8 +88,8 @@ Examples:
 const EXIT_CODES: &str = "\
 Exit codes:
   0  every selected test passed (skipped tests do not fail a run); list-tests/caps succeeded
-  1  a test failed or did not run, a violation happened outside any test, or the guest exited
-     with a non-zero code
+  1  a test failed or did not run, a violation happened outside any test, the guest exited
+     with a non-zero code, or stage-2 reconciliation found a mismatch
   2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown or
      empty test name in --tests, unwritable --dump-ept or --console path (a FIFO without a
      reader or a socket included: writing would block; checked before the guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
@@ -221,6 +221,26 @@ pub struct RunArgs {
     /// pieces). Both give the same verdicts; the report and dumps name the one used.
     #[arg(long, value_enum, value_name = "slots|mprotect", default_value_t = BackendKind::default(), hide_possible_values = true)]
     pub stage2: BackendKind,
+
+    /// Keep unmapped guest pages out of the host kernel's direct map too (mprotect backend
+    /// only: with --stage2 slots this is a usage error). While a pageblock is unmapped, both
+    /// mappings of it (the guest's, kept PROT_NONE, and the VMM's) are memfd_secret(2) memory;
+    /// mapping it again puts the ordinary memfd back with a hole punched (it reads zero).
+    /// Secret memory counts twice against RLIMIT_MEMLOCK (one per mapping) unless veil has
+    /// CAP_IPC_LOCK: past the limit a flip fails, the guest sees an allocation failure
+    /// (Stage2Failed) and the report lists the refused update. `veil caps` shows what the host
+    /// offers and how much the limit allows.
+    #[arg(long)]
+    pub host_secretmem: bool,
+
+    /// Reconcile stage 2 after every hypercall that changed it: compare what the host has in
+    /// force (mprotect: the guest mapping's protections and, with --host-secretmem, which
+    /// blocks are secret memory, both read from /proc/self/maps; slots: the record of KVM's
+    /// slot table) with the engine's intended state. Without the flag it still runs at the end
+    /// of every test and of the run, and when the guest asks (Hc::VerifyStage2). A mismatch is
+    /// reported with its range and both states and fails the run (exit code 1).
+    #[arg(long)]
+    pub verify_stage2: bool,
 
     /// Write stage-2 ("EPT") dumps: every GPA range with state, freetype, memslot and host
     /// address, the memslot table, allocator and engine counters, KVM's binary stats. The
@@ -444,6 +464,11 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     cfg.selection = selection;
     cfg.on_violation = args.on_violation;
     cfg.stage2 = args.stage2;
+    if args.host_secretmem && args.stage2 != BackendKind::Mprotect {
+        return Err(anyhow::Error::new(crate::vm::VmError::SecretMemNeedsMprotect).into());
+    }
+    cfg.host_secretmem = args.host_secretmem;
+    cfg.verify_stage2 = args.verify_stage2;
     if args.dump_guest_core {
         cfg.core_dump = crate::memory::CoreDump::Include;
     }

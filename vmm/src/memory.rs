@@ -331,6 +331,16 @@ impl GuestRam {
     /// (so the secret does not linger in a freed host page) and then released. Returns the
     /// bytes that were resident and overwritten.
     pub fn wipe(&self, gpa: u64, len: u64) -> Result<u64, vm_memory::GuestMemoryError> {
+        let wiped = self.zero_resident(gpa, len)?;
+        self.zero(gpa, len)?;
+        Ok(wiped)
+    }
+
+    /// Overwrites every resident page of `[gpa, gpa + len)` (page aligned) with zeroes through
+    /// this mapping and releases nothing: the zeroing for memory that cannot be released by a
+    /// hole (`memfd_secret` pages, `--host-secretmem`). Pages that are not resident read zero
+    /// already. Returns the bytes overwritten.
+    pub fn zero_resident(&self, gpa: u64, len: u64) -> Result<u64, vm_memory::GuestMemoryError> {
         if !self.contains(gpa, len) || !gpa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
             return Err(vm_memory::GuestMemoryError::InvalidGuestAddress(
                 GuestAddress(gpa),
@@ -358,7 +368,6 @@ impl GuestRam {
                 wiped += PAGE;
             }
         }
-        self.zero(gpa, len)?;
         Ok(wiped)
     }
 }

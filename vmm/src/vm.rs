@@ -64,6 +64,10 @@ pub struct VmConfig {
     pub test_harness: bool,
     /// The stage-2 backend (`--stage2`).
     pub stage2: BackendKind,
+    /// Back unmapped pageblocks with `memfd_secret` memory (`--host-secretmem`; `mprotect` only).
+    pub host_secretmem: bool,
+    /// Reconcile stage 2 after every hypercall that changed it (`--verify-stage2`).
+    pub verify_stage2: bool,
 }
 
 impl VmConfig {
@@ -84,6 +88,8 @@ impl VmConfig {
             core_dump: CoreDump::Exclude,
             test_harness: true,
             stage2: BackendKind::default(),
+            host_secretmem: false,
+            verify_stage2: false,
         }
     }
 }
@@ -130,6 +136,9 @@ pub enum VmError {
     /// The allocator refused the managed range or the vCPU count.
     #[error("allocator: {0}")]
     Allocator(#[from] allocator::InitError),
+    /// `--host-secretmem` with a backend that cannot back pages with secret memory.
+    #[error("--host-secretmem needs --stage2 mprotect: the slots backend removes pages as memslot holes and has no second mapping to back with memfd_secret memory")]
+    SecretMemNeedsMprotect,
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -207,6 +216,9 @@ impl Vm {
                 log::warn!("PV MSR filter not installed ({e}): PV MSR writes go to KVM unseen")
             }
         }
+        if cfg.host_secretmem && cfg.stage2 != BackendKind::Mprotect {
+            return Err(VmError::SecretMemNeedsMprotect);
+        }
         let backing = match cfg.stage2 {
             BackendKind::Slots => Backing::Anonymous,
             BackendKind::Mprotect => Backing::Memfd,
@@ -222,7 +234,13 @@ impl Vm {
                 KvmSlots::new(vm.clone(), ram.clone(), max_slots),
                 ram_size,
             )),
-            BackendKind::Mprotect => Box::new(Mprotect::new(vm.clone(), ram.clone())?),
+            BackendKind::Mprotect => {
+                let mut b = Mprotect::new(vm.clone(), ram.clone())?;
+                if cfg.host_secretmem {
+                    b.use_secretmem()?;
+                }
+                Box::new(b)
+            }
         };
         let engine = Stage2Engine::new(backend, ram_size, Gpa(reserved_end))?;
         lap("stage-2 engine (initial memslot)");
@@ -274,6 +292,7 @@ impl Vm {
             echo_logs: cfg.echo_logs,
             tsc_khz,
             test_harness: cfg.test_harness,
+            verify_stage2: cfg.verify_stage2,
         });
         Ok(Vm {
             vcpu,

@@ -16,6 +16,9 @@ use serde_json::Value;
 #[allow(dead_code, unused_imports)]
 mod guests;
 
+#[path = "../../tests/src/memlock.rs"]
+mod memlock;
+
 use guests::kvm_available;
 
 const VEIL: &str = env!("CARGO_BIN_EXE_veil");
@@ -583,25 +586,9 @@ fn unmapped_pages_are_locked_within_the_memlock_limit_and_the_report_says_so() {
         return;
     }
     let limited = |args: &[&str]| {
-        let mut cmd = Command::new(VEIL);
-        cmd.args(args);
-        // SAFETY: setrlimit and prctl are async-signal safe and touch no parent state.
-        unsafe {
-            cmd.pre_exec(|| {
-                let lim = libc::rlimit {
-                    rlim_cur: 8 << 20,
-                    rlim_max: 8 << 20,
-                };
-                if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // As root, CAP_IPC_LOCK would ignore the limit: drop it across exec (fails
-                // harmlessly without CAP_SETPCAP, where the process lacks CAP_IPC_LOCK anyway).
-                libc::prctl(libc::PR_CAPBSET_DROP, 14 /* CAP_IPC_LOCK */, 0, 0, 0);
-                Ok(())
-            });
-        }
-        cmd.output().unwrap()
+        memlock::limit_memlock(Command::new(VEIL).args(args), 8 << 20)
+            .output()
+            .unwrap()
     };
     let caps: Value = serde_json::from_slice(&limited(&["caps", "--json"]).stdout).unwrap();
     assert_eq!(caps["memlock_bytes"], 8 << 20);

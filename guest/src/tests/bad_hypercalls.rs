@@ -84,7 +84,7 @@ pub fn bad_hypercalls() -> Outcome {
     let end = Hc::TestEnd as u32;
     #[rustfmt::skip]
     let cases = [
-        case("unknown call 26", 26, [0; 4], &[UnknownCall]),
+        case("first unknown call", Hc::FIRST_UNUSED, [0; 4], &[UnknownCall]),
         case("unknown call 0xffffffff", u32::MAX, [0; 4], &[UnknownCall]),
         case("alloc order 11", alloc, [11, 0, 0, 0], &[BadOrder]),
         case("alloc order 255", alloc, [255, 0, 0, 0], &[BadOrder]),

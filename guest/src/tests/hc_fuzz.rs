@@ -208,7 +208,7 @@ pub fn hc_fuzz() -> Outcome {
         let unknown = rng.below(40) == 0;
         let hc_nr = rng.pick(CALLS);
         let nr = if unknown {
-            26 + rng.below(u64::from(u32::MAX - 26)) as u32
+            Hc::FIRST_UNUSED + rng.below(u64::from(u32::MAX - Hc::FIRST_UNUSED)) as u32
         } else {
             hc_nr as u32
         };

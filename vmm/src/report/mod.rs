@@ -5,6 +5,7 @@ mod aggregate;
 mod exit;
 pub mod matrix;
 mod render;
+pub mod stage2_checks;
 mod violations;
 
 pub use aggregate::{Aggregator, ViolationAggregate, ViolationSummary, MAX_AGGREGATES};
@@ -190,6 +191,8 @@ pub struct RunReport {
     pub stage2_dump: serde_json::Value,
     /// The reachability matrix: one cell per route the guest ran (empty if none).
     pub reachability: matrix::Matrix,
+    /// Secret memory, reconciliation, sweeps and refused stage-2 updates.
+    pub stage2_checks: stage2_checks::Stage2Checks,
 }
 
 /// Most violations / not-RAM records kept in memory.
@@ -248,7 +251,7 @@ impl RunReport {
             exit_code::USAGE
         } else if self.exit.is_crash() {
             exit_code::CRASH
-        } else if !self.all_passed() {
+        } else if !self.all_passed() || self.stage2_checks.failed() {
             exit_code::TEST_FAILURE
         } else if !self.dump_errors.is_empty() {
             exit_code::USAGE
@@ -290,8 +293,13 @@ mod tests {
             reserved_end: 0,
             stage2_dump: serde_json::Value::Null,
             reachability: matrix::Matrix::default(),
+            stage2_checks: Default::default(),
         };
         assert_eq!(r.exit_code(), exit_code::OK);
+        // A stage-2 reconciliation mismatch fails the run even when every test passed.
+        r.stage2_checks.mismatches_total = 1;
+        assert_eq!(r.exit_code(), exit_code::TEST_FAILURE);
+        r.stage2_checks.mismatches_total = 0;
         r.tests.push(TestReport {
             name: "a".into(),
             passed: false,

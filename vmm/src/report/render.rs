@@ -118,6 +118,7 @@ impl RunReport {
             self.wiped_bytes >> 10,
             if self.guest_core_dump { "in" } else { "kept out of" }
         );
+        s.push_str(&self.stage2_checks.lines());
         let _ = writeln!(s, "exit: {}", self.exit.summary());
         if let Some(r) = self.exit.regs() {
             let _ = writeln!(s, "{r}");

@@ -102,6 +102,7 @@ impl Session {
             round_trip: self.round_trip.clone(),
             exits: self.exits.clone(),
         };
+        let stage2_checks = self.stage2_finish();
         let stage2_dump = self.dump_json();
         let memory_lock = self.engine(|e| e.backend().lock_stats());
         let wiped_bytes = self.wipe_unmapped();
@@ -133,6 +134,7 @@ impl Session {
             reserved_end: self.reserved_end.raw(),
             stage2_dump,
             reachability: std::mem::take(&mut self.routes.matrix),
+            stage2_checks,
         };
         report.counts = report.counts();
         report

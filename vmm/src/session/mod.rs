@@ -14,6 +14,7 @@ mod guest_args;
 mod host_calls;
 mod memory_calls;
 mod routes;
+mod stage2_checks;
 mod test_calls;
 mod violations;
 
@@ -142,6 +143,8 @@ pub struct SessionConfig {
     pub tsc_khz: Option<u32>,
     /// The test-harness capability ([`Hc::PlantSecret`], host writes into unreachable pages).
     pub test_harness: bool,
+    /// Reconcile stage 2 after every hypercall that changed it (`--verify-stage2`).
+    pub verify_stage2: bool,
 }
 
 /// One guest run's state.
@@ -183,6 +186,7 @@ pub struct Session {
     guest_dumps: u32,
     numbered_refused: bool,
     routes: routes::Routes,
+    checks: stage2_checks::Checks,
     /// Guest Log lines.
     pub logs: Vec<String>,
     /// Exit counters (updated by the run loop).
@@ -197,6 +201,7 @@ fn vmm_line(msg: &str) {
 impl Session {
     /// A fresh session.
     pub fn new(c: SessionConfig) -> Session {
+        let secret = c.alloc.with_stage2(|e| e.backend().secret_unmapped());
         Session {
             vm: c.vm,
             alloc: c.alloc,
@@ -235,6 +240,7 @@ impl Session {
             guest_dumps: 0,
             numbered_refused: false,
             routes: routes::Routes::default(),
+            checks: stage2_checks::Checks::new(c.verify_stage2, secret),
             logs: Vec::new(),
             exits: ExitCounts::default(),
             ram: c.ram,
@@ -287,6 +293,7 @@ impl Session {
         };
         let out = self.dispatch(hc, a);
         self.note_refusal(hc, &out);
+        self.after_hypercall();
         out
     }
 
@@ -325,6 +332,9 @@ impl Session {
             Hc::Stats => self.hc_stats(gpa(0)).into(),
             Hc::HostFill => self.hc_host_fill(gpa(0), a[1], a[2]).into(),
             Hc::Protect => self.hc_protect(gpa(0), a[1], a[2]).into(),
+            Hc::VerifyStage2 => self.hc_verify_stage2().into(),
+            Hc::Sweep => self.hc_sweep(a[0], a[1]).into(),
+            Hc::Stage2Tamper => self.hc_stage2_tamper(gpa(0)).into(),
             Hc::HostCount => self.hc_host_count(gpa(0), a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {

@@ -111,6 +111,10 @@ impl Session {
         guest: Option<&'static str>,
         msg: String,
     ) {
+        if self.current.is_none() {
+            return;
+        }
+        let stage2 = self.stage2_test_end();
         let Some(c) = self.current.take() else {
             return;
         };
@@ -123,6 +127,7 @@ impl Session {
             let problems: Vec<String> = [expect::check(&c.expectations, &c.tally), c.host.check()]
                 .into_iter()
                 .filter_map(Result::err)
+                .chain(stage2)
                 .collect();
             if !problems.is_empty() {
                 let why = problems.join("; ");

@@ -14,7 +14,7 @@ impl Session {
     /// answered as under `report`.
     fn policy_for(&self, gpa: Gpa, access: AccessKind) -> ViolationPolicy {
         if self.policy == ViolationPolicy::Kill {
-            if self.routes.is_open() {
+            if self.routes.is_open() || self.checks.sweep_open() {
                 return ViolationPolicy::Report;
             }
             if let Some(c) = &self.current {
@@ -77,8 +77,10 @@ impl Session {
         match &mut self.current {
             Some(c) => {
                 c.violations += 1;
-                // Inside an open route the route's judgement covers it, not ExpectViolation.
-                if !self.routes.is_open() {
+                // Inside an open route (or sweep) its judgement covers it, not ExpectViolation.
+                if !self.routes.is_open()
+                    && !gpa.is_some_and(|g| self.checks.sweep_note(g.raw(), access))
+                {
                     c.tally.count(&v);
                 }
             }

@@ -298,7 +298,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
             .overlapping(gpa.0, end)
             .any(|r| self.view.perm(r.state) != perm)
         {
-            self.backend.set_perm(gpa, len, perm)?;
+            self.backend.set_state(gpa, len, perm, to)?;
         }
         self.map.set(gpa.0, end, to);
         Ok(())

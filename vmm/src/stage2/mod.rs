@@ -17,11 +17,14 @@
 //! tests and models).
 
 mod engine;
+pub mod host_maps;
 mod kvm;
 mod model;
 mod mprotect;
 pub mod plan;
+pub mod secretmem;
 mod slots;
+pub mod verify;
 
 pub use engine::Stage2Engine;
 pub use kvm::{KvmSlots, LockStats, SlotTiming};
@@ -253,9 +256,12 @@ pub struct Stage2Counters {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
-    /// `mprotect` calls on the guest view (the `mprotect` backend; 0 under `slots`).
+    /// `mprotect` calls on the guest view (the `mprotect` backend; 0 under `slots`), plus the
+    /// `mmap`s of `--host-secretmem` (two per move to or from secret memory).
     pub mprotect_calls: u64,
-    /// Ranges of distinct protection on the guest view now, each one VMA (`mprotect` backend).
+    /// Ranges of distinct protection on the guest view now, each one VMA (`mprotect` backend);
+    /// under `--host-secretmem` plus one per secret range (its VMA in the VMM view): a lower
+    /// bound, as secret ranges unmapped apart stay apart.
     pub vmas_in_use: u64,
     /// Most such ranges at once.
     pub peak_vmas: u64,
@@ -326,6 +332,19 @@ pub enum EngineError {
     /// The backend failed (KVM errno as a negative number in `Stage2Error::Backend`).
     #[error("stage-2 backend failed: {0:?}")]
     Backend(allocator::Stage2Error),
+    /// `--host-secretmem`: the range could not be moved to or from secret memory; nothing
+    /// changed. `EAGAIN` from `mmap` is the memlock limit (each view counts).
+    #[error("cannot {op} [{start:#x}, {end:#x}): {}", std::io::Error::from_raw_os_error(*errno))]
+    SecretMemory {
+        /// What failed ("back with memfd_secret", "return to the memfd").
+        op: &'static str,
+        /// First GPA of the range.
+        start: Gpa,
+        /// End GPA of the range.
+        end: Gpa,
+        /// The host's errno.
+        errno: i32,
+    },
 }
 
 impl EngineError {
@@ -334,6 +353,7 @@ impl EngineError {
         match self {
             EngineError::OutOfSlots { .. } => allocator::Stage2Error::OutOfSlots,
             EngineError::Backend(e) => *e,
+            EngineError::SecretMemory { errno, .. } => allocator::Stage2Error::Backend(-errno),
             EngineError::OutOfRam { .. } | EngineError::PfnOverflow { .. } => {
                 allocator::Stage2Error::Backend(-libc::ERANGE)
             }
@@ -370,9 +390,11 @@ pub struct BackendUsage {
     pub memslots_in_use: u64,
     /// Most memslots that existed at once.
     pub peak_memslots: u64,
-    /// `mprotect` calls on the guest view (the `mprotect` backend).
+    /// `mprotect` calls on the guest view (the `mprotect` backend), plus the `mmap`s of
+    /// `--host-secretmem`.
     pub mprotect_calls: u64,
-    /// Ranges of distinct protection on the guest view now (each is one VMA).
+    /// Ranges of distinct protection on the guest view now (each is one VMA), plus one per
+    /// secret range under `--host-secretmem`.
     pub vmas_in_use: u64,
     /// Most such ranges at once.
     pub peak_vmas: u64,
@@ -403,6 +425,65 @@ pub trait Stage2Backend {
     }
     /// Checks the backend's own invariants (for tests).
     fn check(&self) -> Result<(), String>;
+    /// Like [`Stage2Backend::set_perm`] for a range whose pages all move to state `to`. The
+    /// default ignores `to`; the `mprotect` backend under `--host-secretmem` backs `Unmapped`
+    /// ranges with secret memory (their old contents are released: they read zero).
+    fn set_state(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        perm: Perm,
+        to: RangeState,
+    ) -> Result<(), EngineError> {
+        let _ = to;
+        self.set_perm(gpa, len, perm)
+    }
+    /// What is in force now over all of RAM, in GPA order, read from the host mechanism (the
+    /// kernel's mappings, the record of KVM's slot table), not from the backend's own record of
+    /// the permissions it asked for: what reconciliation (`--verify-stage2`) checks.
+    fn realised(&self) -> Result<Vec<Realised>, String>;
+    /// Whether `Unmapped` pages are backed by secret memory (`--host-secretmem`).
+    fn secret_unmapped(&self) -> bool {
+        false
+    }
+    /// Test hook (`Hc::Stage2Tamper`, test harness only): changes the realised permission of
+    /// the page at `gpa` behind the engine's back (none becomes read, anything else none) and
+    /// returns the permission now in force; [`Stage2Backend::untamper`] puts it back.
+    fn tamper(&mut self, gpa: Gpa) -> Result<Perm, String> {
+        let _ = gpa;
+        Err(format!("the {} backend has no tamper hook", self.name()))
+    }
+    /// Undoes [`Stage2Backend::tamper`] for the page at `gpa`.
+    fn untamper(&mut self, gpa: Gpa) -> Result<(), String> {
+        let _ = gpa;
+        Err(format!("the {} backend has no tamper hook", self.name()))
+    }
+}
+
+/// What backs a realised range on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostBacking {
+    /// Ordinary memory (the memfd or anonymous RAM) in every view.
+    Memory,
+    /// `memfd_secret` memory in both views: out of the host kernel's direct map.
+    Secret,
+    /// The guest view and the VMM view disagree (one secret, one not), or the VMM view is not
+    /// read-write.
+    Split,
+}
+
+/// One range as the host realises it ([`Stage2Backend::realised`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Realised {
+    /// First GPA.
+    pub start: Gpa,
+    /// GPA one past the range.
+    pub end: Gpa,
+    /// The permission the guest gets.
+    pub perm: Perm,
+    /// What backs it.
+    pub backing: HostBacking,
 }
 
 impl<B: Stage2Backend + ?Sized> Stage2Backend for Box<B> {
@@ -432,6 +513,27 @@ impl<B: Stage2Backend + ?Sized> Stage2Backend for Box<B> {
     }
     fn check(&self) -> Result<(), String> {
         (**self).check()
+    }
+    fn set_state(
+        &mut self,
+        gpa: Gpa,
+        len: u64,
+        perm: Perm,
+        to: RangeState,
+    ) -> Result<(), EngineError> {
+        (**self).set_state(gpa, len, perm, to)
+    }
+    fn realised(&self) -> Result<Vec<Realised>, String> {
+        (**self).realised()
+    }
+    fn secret_unmapped(&self) -> bool {
+        (**self).secret_unmapped()
+    }
+    fn tamper(&mut self, gpa: Gpa) -> Result<Perm, String> {
+        (**self).tamper(gpa)
+    }
+    fn untamper(&mut self, gpa: Gpa) -> Result<(), String> {
+        (**self).untamper(gpa)
     }
 }
 
@@ -467,3 +569,5 @@ pub trait MemslotTable {
 
 #[cfg(test)]
 pub(crate) mod tests;
+#[cfg(test)]
+mod verify_tests;

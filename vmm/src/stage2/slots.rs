@@ -14,7 +14,8 @@ use allocator::Stage2Error;
 
 use super::plan::{self, RangeMap, Run};
 use super::{
-    BackendUsage, EngineError, LockStats, MemslotTable, Perm, SlotInfo, Stage2Backend, PAGE_SIZE,
+    BackendUsage, EngineError, HostBacking, LockStats, MemslotTable, Perm, Realised, SlotInfo,
+    Stage2Backend, PAGE_SIZE,
 };
 use crate::addr::Gpa;
 
@@ -32,6 +33,8 @@ pub struct Slots<T: MemslotTable> {
     /// Ids >= this were never used.
     next_fresh_id: u32,
     usage: BackendUsage,
+    /// The slot (gpa, end, readonly) a tamper split around one page, until it is undone.
+    tampered: Option<(u64, u64, bool)>,
 }
 
 impl<T: MemslotTable> Slots<T> {
@@ -51,6 +54,7 @@ impl<T: MemslotTable> Slots<T> {
             free_ids: BTreeSet::new(),
             next_fresh_id: 0,
             usage: BackendUsage::default(),
+            tampered: None,
         }
     }
 
@@ -269,5 +273,88 @@ impl<T: MemslotTable> Stage2Backend for Slots<T> {
             return Err("memslots_in_use disagrees with the table".into());
         }
         Ok(())
+    }
+
+    /// Punches a hole for the page into the slot that holds it (a real KVM change, recorded in
+    /// the slot table's record, not in the permission map).
+    fn tamper(&mut self, gpa: Gpa) -> Result<Perm, String> {
+        let page = gpa.0 & !(PAGE_SIZE - 1);
+        let slot = self
+            .slot_containing(Gpa(page))
+            .filter(|_| self.tampered.is_none())
+            .ok_or("no slot holds the page (or a tamper is pending)")?;
+        let create = [(slot.gpa, page), (page + PAGE_SIZE, slot.end())]
+            .into_iter()
+            .filter(|(a, b)| a < b)
+            .map(|(a, b)| (a, b - a, slot.readonly))
+            .collect();
+        self.execute(&plan::SlotPlan {
+            delete: vec![slot],
+            create,
+        })
+        .map_err(|e| e.to_string())?;
+        self.tampered = Some((slot.gpa, slot.end(), slot.readonly));
+        Ok(Perm::None)
+    }
+
+    fn untamper(&mut self, _gpa: Gpa) -> Result<(), String> {
+        let (start, end, readonly) = self.tampered.take().ok_or("no tamper pending")?;
+        let delete = self
+            .slots
+            .range(start..end)
+            .map(|(&gpa, &(e, slot, ro))| SlotInfo {
+                slot,
+                gpa,
+                len: e - gpa,
+                readonly: ro,
+            })
+            .collect();
+        self.execute(&plan::SlotPlan {
+            delete,
+            create: vec![(start, end - start, readonly)],
+        })
+        .map_err(|e| e.to_string())
+    }
+
+    /// From the record of KVM's slot table (every slot created and not deleted), not from the
+    /// permission map: a page in a slot is readable, writable unless the slot is read-only;
+    /// a page in no slot is a hole.
+    fn realised(&self) -> Result<Vec<Realised>, String> {
+        let mut runs = Vec::new();
+        let mut at = 0;
+        let mut push = |start: u64, end: u64, perm: Perm| {
+            super::verify::push_run(
+                &mut runs,
+                Realised {
+                    start: Gpa(start),
+                    end: Gpa(end),
+                    perm,
+                    backing: HostBacking::Memory,
+                },
+            )
+        };
+        for (&gpa, &(end, _, readonly)) in &self.slots {
+            if gpa < at {
+                return Err(format!("memslots overlap at {gpa:#x}"));
+            }
+            if gpa > at {
+                push(at, gpa, Perm::None);
+            }
+            push(
+                gpa,
+                end,
+                if readonly {
+                    Perm::Read
+                } else {
+                    Perm::ReadWrite
+                },
+            );
+            at = end;
+        }
+        let size = self.perms.size();
+        if at < size {
+            push(at, size, Perm::None);
+        }
+        Ok(runs)
     }
 }
