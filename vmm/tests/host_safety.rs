@@ -273,7 +273,9 @@ fn interrupted_run(sig: i32, json: bool) -> (Option<i32>, String, PathBuf) {
     });
     let st = child.wait().unwrap();
     let other = reader.join().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
+    // Every line up to EOF: the reader thread may still be reading after the child exited
+    // (`try_iter` here raced it and sometimes saw nothing past "R").
+    let rest: Vec<String> = rx.iter().collect();
     let main = if json {
         other
     } else {
