@@ -5,7 +5,7 @@ use crate::freelist::FreeLists;
 use crate::freetype::Freetype;
 use crate::gfp::{AllocRequest, BuddyContext, Gfp};
 use crate::meta::{Links, PageMeta, NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
-use crate::pcp::{Pcp, PCP_MAX_ORDER};
+use crate::pcp::{is_cached_order, Pcp, CACHED_ORDERS};
 use crate::stage2::Stage2;
 use crate::stats::Counters;
 use crate::{Pfn, MAX_ORDER, PAGEBLOCK_ORDER};
@@ -354,13 +354,13 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Give back pages `[off, off + 2^order)`.
     ///
-    /// A block of order `<= PCP_MAX_ORDER` goes to its pageblock's cache unless that cache
-    /// is full; everything else goes straight to the buddy lists with merging.
+    /// A block of a cached order goes to its pageblock's cache unless that cache is full;
+    /// everything else goes straight to the buddy lists with merging.
     #[inline]
     fn release(&mut self, off: u32, order: u8) {
         let bft = self.pb[self.pb_index(off)] as usize;
         self.free += 1 << order;
-        if order <= PCP_MAX_ORDER && self.pcp.push(order, bft, off) {
+        if is_cached_order(order) && self.pcp.push(order, bft, off) {
             let m = &mut self.meta[off as usize];
             m.state = ST_CACHED | order;
             m.ft = bft as u8;
@@ -440,7 +440,7 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Return every cached block to the buddy lists (Linux's `drain_all_pages`).
     pub fn drain_pcp(&mut self) {
-        for order in 0..=PCP_MAX_ORDER {
+        for order in CACHED_ORDERS {
             for ft in 0..Freetype::COUNT {
                 let n = self.pcp.len(order, ft);
                 if n != 0 {
@@ -453,7 +453,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Take a cached block of (order, ft), if the order is cached at all.
     #[inline(always)]
     fn pcp_pop(&mut self, order: u8, ft: usize) -> Option<u32> {
-        if order <= PCP_MAX_ORDER {
+        if is_cached_order(order) {
             self.pcp.pop(order, ft)
         } else {
             None
@@ -497,7 +497,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 let off = off as u32;
                 self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
                 let bft = self.pb[self.pb_index(off)];
-                if order <= PCP_MAX_ORDER && self.pcp.push(order, bft as usize, off) {
+                if is_cached_order(order) && self.pcp.push(order, bft as usize, off) {
                     let e = &mut self.meta[off as usize];
                     e.state = ST_CACHED | order;
                     e.ft = bft;

@@ -1,7 +1,10 @@
-//! Per-(order, freetype) caches of small free blocks, like Linux's per-CPU page lists
-//! (which cache orders up to `PAGE_ALLOC_COSTLY_ORDER` = 3).
+//! Per-(order, freetype) caches of small free blocks and pageblocks, like Linux's per-CPU
+//! page lists (which cache orders up to `PAGE_ALLOC_COSTLY_ORDER` = 3 and, since 5.13,
+//! `pageblock_order`).
 //!
-//! A freed block of order `<= PCP_MAX_ORDER` is parked here instead of being merged, and the
+//! A freed block of a cached order ([`is_cached_order`]: `<= PCP_MAX_ORDER`, or
+//! [`PAGEBLOCK_ORDER`] for [`crate::BuddyAllocator`]; [`crate::Zone`] caches only the small
+//! orders) is parked here instead of being merged, and the
 //! next request of the same order and freetype takes it back without touching the buddy
 //! lists: the hot alloc+free pair costs about a hundred instructions instead of a split and a
 //! merge per order. When a cache is full, the freed block goes straight to the buddy lists
@@ -12,17 +15,34 @@
 //! (`allocation_containing` says None, freeing one again is `NotAllocated`).
 
 use crate::freetype::Freetype;
+use crate::PAGEBLOCK_ORDER;
 use alloc::vec::Vec;
 
-/// Highest order the caches hold (Linux's `PAGE_ALLOC_COSTLY_ORDER`).
+/// Highest small order the caches hold (Linux's `PAGE_ALLOC_COSTLY_ORDER`).
 pub const PCP_MAX_ORDER: u8 = 3;
+/// Every order a cache exists for: the small ones and the pageblock order.
+pub const CACHED_ORDERS: [u8; PCP_ORDERS] = [0, 1, 2, 3, PAGEBLOCK_ORDER];
+/// Number of cached orders.
+const PCP_ORDERS: usize = PCP_MAX_ORDER as usize + 2;
 /// Number of caches.
-const NR_PCP: usize = (PCP_MAX_ORDER as usize + 1) * Freetype::COUNT;
+const NR_PCP: usize = PCP_ORDERS * Freetype::COUNT;
 
-/// Index of the cache for (order, ft).
+/// Whether `order` has caches (`<= PCP_MAX_ORDER` or [`PAGEBLOCK_ORDER`]).
+#[inline(always)]
+pub const fn is_cached_order(order: u8) -> bool {
+    order <= PCP_MAX_ORDER || order == PAGEBLOCK_ORDER
+}
+
+/// Index of the cache for (order, ft), `order` a cached order (the pageblock order's
+/// caches come after the small orders').
 #[inline(always)]
 const fn ci(order: u8, ft: usize) -> usize {
-    order as usize * Freetype::COUNT + ft
+    let o = if order <= PCP_MAX_ORDER {
+        order
+    } else {
+        PCP_MAX_ORDER + 1
+    };
+    o as usize * Freetype::COUNT + ft
 }
 
 /// The caches: one LIFO stack of block offsets per (order, freetype).
@@ -55,8 +75,9 @@ impl Pcp {
 
     /// Pages in all caches of `ft`.
     pub fn pages_of(&self, ft: usize) -> u64 {
-        (0..=PCP_MAX_ORDER)
-            .map(|o| (self.len(o, ft) as u64) << o)
+        CACHED_ORDERS
+            .iter()
+            .map(|&o| (self.len(o, ft) as u64) << o)
             .sum()
     }
 
