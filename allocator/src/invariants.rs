@@ -166,7 +166,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 }
             }
         }
-        if free_pages != self.free {
+        if free_pages != self.free_pages_count() {
             return Err("free page counter differs from the free blocks");
         }
         for o in 0..NR_ORDERS {

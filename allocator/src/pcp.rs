@@ -81,6 +81,11 @@ impl Pcp {
             .sum()
     }
 
+    /// Pages in all caches.
+    pub fn pages(&self) -> u64 {
+        (0..Freetype::COUNT).map(|ft| self.pages_of(ft)).sum()
+    }
+
     /// Whether any cache holds a block.
     pub fn is_empty(&self) -> bool {
         self.len.iter().all(|&l| l == 0)
