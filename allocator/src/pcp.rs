@@ -14,9 +14,22 @@
 //! (`free_pages_count`, `Snapshot::pcp_pages`) and are *not* allocations
 //! (`allocation_containing` says None, freeing one again is `NotAllocated`).
 
+use crate::error::Stage2Error;
 use crate::freetype::Freetype;
+use crate::stage2::Stage2;
 use crate::PAGEBLOCK_ORDER;
 use alloc::vec::Vec;
+
+/// Most ranges passed to one [`Stage2::zero_batch`] call.
+pub(crate) const ZERO_BATCH: usize = 64;
+
+/// What [`Pcp::zero_dirty`] did: successful calls, the pages they zeroed, and the result
+/// (on error the list stays dirty; calls before the failing one may have succeeded).
+pub(crate) struct Zeroed {
+    pub calls: u64,
+    pub pages: u64,
+    pub result: Result<(), Stage2Error>,
+}
 
 /// Highest small order the caches hold (Linux's `PAGE_ALLOC_COSTLY_ORDER`).
 pub const PCP_MAX_ORDER: u8 = 3;
@@ -174,6 +187,52 @@ impl Pcp {
     pub fn mark_clean(&mut self, order: u8, ft: usize) {
         let c = ci(order, ft);
         self.clean[c] = self.len[c];
+    }
+
+    /// Zero every dirty block of (order, ft), and `extra` with them, with one
+    /// [`Stage2::zero_batch`] call per up to [`ZERO_BATCH`] blocks (`base`: the pfn of page
+    /// offset 0), then mark the list clean; on error it stays dirty. [`crate::Zone`]'s
+    /// zeroing of freed unmapped blocks, kept with the clean watermark it maintains
+    /// ([`crate::BuddyAllocator`] still zeroes such blocks on free).
+    pub(crate) fn zero_dirty<S: Stage2>(
+        &mut self,
+        order: u8,
+        ft: usize,
+        extra: Option<u32>,
+        base: u64,
+        s2: &mut S,
+    ) -> Zeroed {
+        let n = 1u64 << order;
+        let mut z = Zeroed {
+            calls: 0,
+            pages: 0,
+            result: Ok(()),
+        };
+        let mut ranges = [(0u64, 0u64); ZERO_BATCH];
+        let mut k = 0;
+        let mut flush = |ranges: &[(u64, u64)], z: &mut Zeroed| {
+            z.result = s2.zero_batch(ranges);
+            if z.result.is_ok() {
+                z.calls += 1;
+                z.pages += n * ranges.len() as u64;
+            }
+            z.result.is_ok()
+        };
+        for &off in self.dirty(order, ft).iter().chain(extra.as_ref()) {
+            ranges[k] = (base + off as u64, n);
+            k += 1;
+            if k == ZERO_BATCH {
+                if !flush(&ranges, &mut z) {
+                    return z;
+                }
+                k = 0;
+            }
+        }
+        if k != 0 && !flush(&ranges[..k], &mut z) {
+            return z;
+        }
+        self.mark_clean(order, ft);
+        z
     }
 
     /// The cached blocks of (order, ft), oldest first.
