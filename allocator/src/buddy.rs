@@ -1,6 +1,6 @@
 //! The buddy allocator: construction, the allocation and free paths, and queries.
 
-use crate::error::{AllocError, FreeError, InitError};
+use crate::error::{AllocError, FreeError, InitError, Stage2Error};
 use crate::freelist::FreeLists;
 use crate::freetype::Freetype;
 use crate::gfp::{AllocRequest, BuddyContext, Gfp};
@@ -512,9 +512,17 @@ impl<S: Stage2> BuddyAllocator<S> {
             let m = self.meta[off as usize];
             // A head with exactly this order is naturally aligned, so this one comparison
             // also proves the alignment; anything else takes the checked slow path.
-            if m.state == ST_ALLOC | order
-                && !(self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize))
-            {
+            if m.state == ST_ALLOC | order {
+                if self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize) {
+                    // init_on_free: zeroed before it is free, with one stage-2 call (the
+                    // call itself is out of line in any real backend); only a failure
+                    // leaves the fast path.
+                    let n = 1u64 << order;
+                    if let Err(e) = self.s2.zero(pfn, n) {
+                        return self.free_zero_failed(e);
+                    }
+                    self.count_zeroed_on_free(n);
+                }
                 let off = off as u32;
                 self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
                 let bft = self.pb[self.pb_index(off)];
@@ -539,6 +547,23 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.free += 1 << order;
         self.meta[off as usize].state = ST_NONE;
         self.free_to_buddy(off, order, bft);
+    }
+
+    /// The fast path's init_on_free zeroing failed: the pages stay allocated.
+    #[cold]
+    #[inline(never)]
+    fn free_zero_failed(&mut self, e: Stage2Error) -> Result<(), FreeError> {
+        self.ctr.stage2_failures += 1;
+        self.ctr.free_failures += 1;
+        Err(FreeError::Stage2(e))
+    }
+
+    /// Count one successful init_on_free zeroing of `n` pages.
+    #[inline(always)]
+    fn count_zeroed_on_free(&mut self, n: u64) {
+        self.ctr.stage2_zero_calls += 1;
+        self.ctr.pages_zeroed += n;
+        self.ctr.pages_zeroed_on_free += n;
     }
 
     /// The fully checked free (errors, init_on_free).
@@ -568,9 +593,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 self.ctr.stage2_failures += 1;
                 return Err(FreeError::Stage2(e));
             }
-            self.ctr.stage2_zero_calls += 1;
-            self.ctr.pages_zeroed += n;
-            self.ctr.pages_zeroed_on_free += n;
+            self.count_zeroed_on_free(n);
         }
         self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
         self.release(off, order);
