@@ -448,11 +448,6 @@ fn fair_pass(inp: &Inputs) -> Vec<(&'static str, Vec<f64>)> {
                 t[who].push(cs[who].sample(w, inp));
             }
         }
-        let stat: fn(&mut [f64]) -> f64 = if std::env::var_os("PEERS_MIN").is_some() {
-            minimum
-        } else {
-            median
-        };
         out.push((*name, t.iter_mut().map(|s| stat(s)).collect()));
     }
     out
@@ -489,6 +484,15 @@ fn ir_mode(inp: &Inputs) -> bool {
         cs[c].name()
     );
     true
+}
+
+/// The statistic reported: the median, or with `PEERS_MIN=1` the minimum.
+fn stat(v: &mut [f64]) -> f64 {
+    if std::env::var_os("PEERS_MIN").is_some() {
+        minimum(v)
+    } else {
+        median(v)
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -735,7 +739,7 @@ fn threads_pass(perm: &[usize]) {
             m.push(f(false, perm));
             u.push(f(true, perm));
         }
-        let (m, u) = (median(&mut m), median(&mut u));
+        let (m, u) = (stat(&mut m), stat(&mut u));
         println!(
             "{name:<15} random-order free of {BATCH} pages: unmapped (init_on_free) {u:.1} ns vs \
              mapped {m:.1} ns per page: {:.2}x (goal <= 1.1)",

@@ -1,11 +1,11 @@
 //! The buddy allocator: construction, the allocation and free paths, and queries.
 
-use crate::error::{AllocError, FreeError, InitError};
+use crate::error::{AllocError, FreeError, InitError, Stage2Error};
 use crate::freelist::FreeLists;
 use crate::freetype::Freetype;
 use crate::gfp::{AllocRequest, BuddyContext, Gfp};
 use crate::meta::{Links, PageMeta, NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
-use crate::pcp::{Pcp, PCP_MAX_ORDER};
+use crate::pcp::{is_cached_order, Pcp, CACHED_ORDERS};
 use crate::stage2::Stage2;
 use crate::stats::Counters;
 use crate::{Pfn, MAX_ORDER, PAGEBLOCK_ORDER};
@@ -103,7 +103,7 @@ pub struct BuddyAllocator<S: Stage2> {
     pub(crate) pb: Vec<u8>,
     pub(crate) lists: FreeLists,
     pub(crate) pcp: Pcp,
-    /// Free pages (buddy lists plus caches).
+    /// Free pages on the buddy lists (not in caches: a cache hit or push leaves it alone).
     pub(crate) free: u64,
     pub(crate) ctr: Counters,
 }
@@ -185,6 +185,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             if !req.zero {
                 let ft = req.freetype.index();
                 if order <= MAX_ORDER {
+                    // `free` counts listed pages only: a cache hit leaves it alone.
                     let hit = match self.pcp_pop(order, ft) {
                         Some(off) => Some(off),
                         None => self.rmqueue_smallest_outlined(ft, order),
@@ -193,7 +194,6 @@ impl<S: Stage2> BuddyAllocator<S> {
                         let m = &mut self.meta[off as usize];
                         m.state = ST_ALLOC | order;
                         m.ft = ft as u8;
-                        self.free -= 1 << order;
                         self.ctr.allocs[order as usize * Freetype::COUNT + ft] += 1;
                         return Ok(Allocation {
                             pfn: self.base + off as u64,
@@ -237,7 +237,9 @@ impl<S: Stage2> BuddyAllocator<S> {
         let m = &mut self.meta[off as usize];
         m.state = ST_ALLOC | order;
         m.ft = ft as u8;
-        self.free -= 1 << order;
+        if !cached {
+            self.free -= 1 << order;
+        }
         let pfn = self.base + off as u64;
         if req.zero {
             let n = 1u64 << order;
@@ -245,13 +247,13 @@ impl<S: Stage2> BuddyAllocator<S> {
                 self.ctr.stage2_failures += 1;
                 // Put the block back where it came from (no init_on_free: the pages were
                 // never handed out), so the allocator is as before the call.
-                self.free += n;
                 let bft = self.pb[self.pb_index(off)] as usize;
                 if cached && self.pcp.push(order, ft, off) {
                     let m = &mut self.meta[off as usize];
                     m.state = ST_CACHED | order;
                     m.ft = ft as u8;
                 } else {
+                    self.free += n;
                     self.meta[off as usize].state = ST_NONE;
                     self.free_to_buddy(off, order, bft);
                 }
@@ -327,10 +329,13 @@ impl<S: Stage2> BuddyAllocator<S> {
         Some(off)
     }
 
-    /// [`Self::rmqueue_smallest`], kept out of line for the inlined fast path.
+    /// [`Self::rmqueue_smallest`] for the inlined fast path (kept out of line), counting
+    /// the pages it takes off the lists.
     #[inline(never)]
     fn rmqueue_smallest_outlined(&mut self, ft: usize, order: u8) -> Option<u32> {
-        self.rmqueue_smallest(ft, order)
+        let off = self.rmqueue_smallest(ft, order)?;
+        self.free -= 1 << order;
+        Some(off)
     }
 
     /// Split block `off` of order `high` down to `low`, freeing the upper halves onto `ft`.
@@ -354,18 +359,18 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Give back pages `[off, off + 2^order)`.
     ///
-    /// A block of order `<= PCP_MAX_ORDER` goes to its pageblock's cache unless that cache
-    /// is full; everything else goes straight to the buddy lists with merging.
+    /// A block of a cached order goes to its pageblock's cache unless that cache is full;
+    /// everything else goes straight to the buddy lists with merging.
     #[inline]
     fn release(&mut self, off: u32, order: u8) {
         let bft = self.pb[self.pb_index(off)] as usize;
-        self.free += 1 << order;
-        if order <= PCP_MAX_ORDER && self.pcp.push(order, bft, off) {
+        if is_cached_order(order) && self.pcp.push(order, bft, off) {
             let m = &mut self.meta[off as usize];
             m.state = ST_CACHED | order;
             m.ft = bft as u8;
             return;
         }
+        self.free += 1 << order;
         self.meta[off as usize].state = ST_NONE;
         self.free_to_buddy(off, order, bft);
     }
@@ -440,7 +445,7 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Return every cached block to the buddy lists (Linux's `drain_all_pages`).
     pub fn drain_pcp(&mut self) {
-        for order in 0..=PCP_MAX_ORDER {
+        for order in CACHED_ORDERS {
             for ft in 0..Freetype::COUNT {
                 let n = self.pcp.len(order, ft);
                 if n != 0 {
@@ -453,10 +458,25 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Take a cached block of (order, ft), if the order is cached at all.
     #[inline(always)]
     fn pcp_pop(&mut self, order: u8, ft: usize) -> Option<u32> {
-        if order <= PCP_MAX_ORDER {
+        if is_cached_order(order) {
             self.pcp.pop(order, ft)
         } else {
             None
+        }
+    }
+
+    /// [`Pcp::push`] with one branch per freetype, so the cache's address depends on a
+    /// predicted branch rather than on the load that gave `ft`: otherwise the next pop of
+    /// the same cache waits for that load (the pageblock table) through store forwarding,
+    /// which made the hot pair one long chain of dependent loads.
+    #[inline(always)]
+    fn pcp_push_branchy(&mut self, order: u8, ft: usize, off: u32) -> bool {
+        match ft {
+            0 => self.pcp.push(order, 0, off),
+            1 => self.pcp.push(order, 1, off),
+            2 => self.pcp.push(order, 2, off),
+            3 => self.pcp.push(order, 3, off),
+            _ => self.pcp.push(order, ft, off),
         }
     }
 
@@ -468,6 +488,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 break;
             };
             self.meta[off as usize].state = ST_NONE;
+            self.free += 1 << order;
             // The block's freetype may have been re-claimed since; its mapped-ness cannot
             // have changed (a flip needs a whole free pageblock, a cached block prevents it).
             let bft = self.pb[self.pb_index(off)] as usize;
@@ -491,17 +512,24 @@ impl<S: Stage2> BuddyAllocator<S> {
             let m = self.meta[off as usize];
             // A head with exactly this order is naturally aligned, so this one comparison
             // also proves the alignment; anything else takes the checked slow path.
-            if m.state == ST_ALLOC | order
-                && !(self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize))
-            {
+            if m.state == ST_ALLOC | order {
+                if self.cfg.init_on_free_unmapped && is_unmapped_index(m.ft as usize) {
+                    // init_on_free: zeroed before it is free, with one stage-2 call (the
+                    // call itself is out of line in any real backend); only a failure
+                    // leaves the fast path.
+                    let n = 1u64 << order;
+                    if let Err(e) = self.s2.zero(pfn, n) {
+                        return self.free_zero_failed(e);
+                    }
+                    self.count_zeroed_on_free(n);
+                }
                 let off = off as u32;
                 self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
                 let bft = self.pb[self.pb_index(off)];
-                if order <= PCP_MAX_ORDER && self.pcp.push(order, bft as usize, off) {
+                if is_cached_order(order) && self.pcp_push_branchy(order, bft as usize, off) {
                     let e = &mut self.meta[off as usize];
                     e.state = ST_CACHED | order;
                     e.ft = bft;
-                    self.free += 1 << order;
                     return Ok(());
                 }
                 self.free_block_to_buddy(off, order, bft as usize);
@@ -519,6 +547,23 @@ impl<S: Stage2> BuddyAllocator<S> {
         self.free += 1 << order;
         self.meta[off as usize].state = ST_NONE;
         self.free_to_buddy(off, order, bft);
+    }
+
+    /// The fast path's init_on_free zeroing failed: the pages stay allocated.
+    #[cold]
+    #[inline(never)]
+    fn free_zero_failed(&mut self, e: Stage2Error) -> Result<(), FreeError> {
+        self.ctr.stage2_failures += 1;
+        self.ctr.free_failures += 1;
+        Err(FreeError::Stage2(e))
+    }
+
+    /// Count one successful init_on_free zeroing of `n` pages.
+    #[inline(always)]
+    fn count_zeroed_on_free(&mut self, n: u64) {
+        self.ctr.stage2_zero_calls += 1;
+        self.ctr.pages_zeroed += n;
+        self.ctr.pages_zeroed_on_free += n;
     }
 
     /// The fully checked free (errors, init_on_free).
@@ -548,9 +593,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 self.ctr.stage2_failures += 1;
                 return Err(FreeError::Stage2(e));
             }
-            self.ctr.stage2_zero_calls += 1;
-            self.ctr.pages_zeroed += n;
-            self.ctr.pages_zeroed_on_free += n;
+            self.count_zeroed_on_free(n);
         }
         self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
         self.release(off, order);
@@ -607,7 +650,7 @@ impl<S: Stage2> BuddyAllocator<S> {
 
     /// Free pages (buddy lists plus caches).
     pub fn free_pages_count(&self) -> u64 {
-        self.free
+        self.free + self.pcp.pages()
     }
 
     /// The configuration.

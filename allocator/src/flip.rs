@@ -46,7 +46,7 @@ impl<S: Stage2> BuddyAllocator<S> {
         let target = req.freetype;
         let flip_order = order.max(PAGEBLOCK_ORDER);
         let Some((cur, src)) = self.flip_candidate(target, flip_order) else {
-            return Err(if self.free == 0 {
+            return Err(if self.free_pages_count() == 0 {
                 AllocError::OutOfMemory {
                     order,
                     freetype: target,
@@ -55,7 +55,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 AllocError::NoFreePageblock {
                     order,
                     freetype: target,
-                    free_pages: self.free,
+                    free_pages: self.free_pages_count(),
                 }
             });
         };

@@ -7,7 +7,7 @@ use crate::buddy::BuddyAllocator;
 use crate::freelist::NR_ORDERS;
 use crate::freetype::Freetype;
 use crate::meta::{NIL, ST_ALLOC, ST_CACHED, ST_FREE, ST_NONE, ST_ORDER};
-use crate::pcp::PCP_MAX_ORDER;
+use crate::pcp::{is_cached_order, CACHED_ORDERS};
 use crate::stage2::Stage2;
 use crate::MAX_ORDER;
 use alloc::vec;
@@ -29,15 +29,15 @@ impl<S: Stage2> BuddyAllocator<S> {
         }
         let mut free_blocks = [[0u64; Freetype::COUNT]; NR_ORDERS];
         let mut live = [[0u64; Freetype::COUNT]; NR_ORDERS];
-        let mut cached = [[0u64; Freetype::COUNT]; PCP_MAX_ORDER as usize + 1];
+        let mut cached = [[0u64; Freetype::COUNT]; NR_ORDERS];
         let mut free_pages = 0u64;
         let mut off = 0u64;
         while off < self.nr {
             let m = self.meta[off as usize];
             let pfn = self.base + off;
             let o = if m.state & ST_CACHED != 0 {
-                if m.state & (ST_FREE | ST_ALLOC) != 0 || m.state & ST_ORDER > PCP_MAX_ORDER {
-                    return Err("cached block with extra state bits or a large order");
+                if m.state & (ST_FREE | ST_ALLOC) != 0 || !is_cached_order(m.state & ST_ORDER) {
+                    return Err("cached block with extra state bits or an uncached order");
                 }
                 m.state & ST_ORDER
             } else if m.state & (ST_FREE | ST_ALLOC) != 0 {
@@ -147,9 +147,8 @@ impl<S: Stage2> BuddyAllocator<S> {
                 self.nr as usize
             }
         ];
-        for (o, row) in cached.iter().enumerate() {
-            for (ft, &want) in row.iter().enumerate() {
-                let o = o as u8;
+        for o in CACHED_ORDERS {
+            for (ft, &want) in cached[o as usize].iter().enumerate() {
                 if self.pcp.len(o, ft) as u64 != want {
                     return Err("cache length differs from the cached blocks");
                 }
@@ -167,7 +166,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                 }
             }
         }
-        if free_pages != self.free {
+        if free_pages != self.free_pages_count() {
             return Err("free page counter differs from the free blocks");
         }
         for o in 0..NR_ORDERS {

@@ -13,7 +13,7 @@
 //! - **Fallback** ([`fallback`]): Linux's claim/steal rules within one mapped-ness.
 //! - **Flips** ([`flip`]): a whole free pageblock of the other mapped-ness changes sides with
 //!   one stage-2 call (zero, then map, on the way back); never for `ATOMIC` requests.
-//! - **Small-block caches** ([`pcp`]): Linux's per-CPU lists, one per (order <= 3, freetype).
+//! - **Small-block caches** ([`pcp`]): Linux's per-CPU lists, one per (order <= 3 or 9, freetype).
 //! - **Several CPUs** ([`zone`]): [`Zone`] puts the buddy lists under one lock (the zone
 //!   lock) and gives every CPU its own caches; flips change stage 2 outside the lock.
 //! - **Two API shapes, one translation** ([`gfp`]): [`Gfp`] flags and
@@ -67,7 +67,7 @@ pub const PAGEBLOCK_PAGES: u64 = 1 << PAGEBLOCK_ORDER;
 pub const METADATA_BYTES_PER_PAGE: usize = meta::PAGE_META_BYTES;
 /// Bytes of metadata kept for every pageblock (its freetype index): 1, i.e. 1/512 byte per
 /// page. Total per page: 10 + 1/512 ≈ 10.002 bytes, plus a fixed part per allocator
-/// (4,096 bytes of small-block caches at the default capacity and 360 bytes of list heads);
-/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 659,944
-/// bytes (10.07 per page) for 65,536 pages.
+/// (5,120 bytes of caches at the default capacity and 360 bytes of list heads);
+/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 660,968
+/// bytes (10.09 per page) for 65,536 pages.
 pub const METADATA_BYTES_PER_PAGEBLOCK: usize = 1;

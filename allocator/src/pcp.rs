@@ -1,7 +1,10 @@
-//! Per-(order, freetype) caches of small free blocks, like Linux's per-CPU page lists
-//! (which cache orders up to `PAGE_ALLOC_COSTLY_ORDER` = 3).
+//! Per-(order, freetype) caches of small free blocks and pageblocks, like Linux's per-CPU
+//! page lists (which cache orders up to `PAGE_ALLOC_COSTLY_ORDER` = 3 and, since 5.13,
+//! `pageblock_order`).
 //!
-//! A freed block of order `<= PCP_MAX_ORDER` is parked here instead of being merged, and the
+//! A freed block of a cached order ([`is_cached_order`]: `<= PCP_MAX_ORDER`, or
+//! [`PAGEBLOCK_ORDER`] for [`crate::BuddyAllocator`]; [`crate::Zone`] caches only the small
+//! orders) is parked here instead of being merged, and the
 //! next request of the same order and freetype takes it back without touching the buddy
 //! lists: the hot alloc+free pair costs about a hundred instructions instead of a split and a
 //! merge per order. When a cache is full, the freed block goes straight to the buddy lists
@@ -11,18 +14,48 @@
 //! (`free_pages_count`, `Snapshot::pcp_pages`) and are *not* allocations
 //! (`allocation_containing` says None, freeing one again is `NotAllocated`).
 
+use crate::error::Stage2Error;
 use crate::freetype::Freetype;
+use crate::stage2::Stage2;
+use crate::PAGEBLOCK_ORDER;
 use alloc::vec::Vec;
 
-/// Highest order the caches hold (Linux's `PAGE_ALLOC_COSTLY_ORDER`).
-pub const PCP_MAX_ORDER: u8 = 3;
-/// Number of caches.
-const NR_PCP: usize = (PCP_MAX_ORDER as usize + 1) * Freetype::COUNT;
+/// Most ranges passed to one [`Stage2::zero_batch`] call.
+pub(crate) const ZERO_BATCH: usize = 64;
 
-/// Index of the cache for (order, ft).
+/// What [`Pcp::zero_dirty`] did: successful calls, the pages they zeroed, and the result
+/// (on error the list stays dirty; calls before the failing one may have succeeded).
+pub(crate) struct Zeroed {
+    pub calls: u64,
+    pub pages: u64,
+    pub result: Result<(), Stage2Error>,
+}
+
+/// Highest small order the caches hold (Linux's `PAGE_ALLOC_COSTLY_ORDER`).
+pub const PCP_MAX_ORDER: u8 = 3;
+/// Every order a cache exists for: the small ones and the pageblock order.
+pub const CACHED_ORDERS: [u8; PCP_ORDERS] = [0, 1, 2, 3, PAGEBLOCK_ORDER];
+/// Number of cached orders.
+const PCP_ORDERS: usize = PCP_MAX_ORDER as usize + 2;
+/// Number of caches.
+const NR_PCP: usize = PCP_ORDERS * Freetype::COUNT;
+
+/// Whether `order` has caches (`<= PCP_MAX_ORDER` or [`PAGEBLOCK_ORDER`]).
+#[inline(always)]
+pub const fn is_cached_order(order: u8) -> bool {
+    order <= PCP_MAX_ORDER || order == PAGEBLOCK_ORDER
+}
+
+/// Index of the cache for (order, ft), `order` a cached order (the pageblock order's
+/// caches come after the small orders').
 #[inline(always)]
 const fn ci(order: u8, ft: usize) -> usize {
-    order as usize * Freetype::COUNT + ft
+    let o = if order <= PCP_MAX_ORDER {
+        order
+    } else {
+        PCP_MAX_ORDER + 1
+    };
+    o as usize * Freetype::COUNT + ft
 }
 
 /// The caches: one LIFO stack of block offsets per (order, freetype).
@@ -55,9 +88,15 @@ impl Pcp {
 
     /// Pages in all caches of `ft`.
     pub fn pages_of(&self, ft: usize) -> u64 {
-        (0..=PCP_MAX_ORDER)
-            .map(|o| (self.len(o, ft) as u64) << o)
+        CACHED_ORDERS
+            .iter()
+            .map(|&o| (self.len(o, ft) as u64) << o)
             .sum()
+    }
+
+    /// Pages in all caches.
+    pub fn pages(&self) -> u64 {
+        (0..Freetype::COUNT).map(|ft| self.pages_of(ft)).sum()
     }
 
     /// Whether any cache holds a block.
@@ -148,6 +187,52 @@ impl Pcp {
     pub fn mark_clean(&mut self, order: u8, ft: usize) {
         let c = ci(order, ft);
         self.clean[c] = self.len[c];
+    }
+
+    /// Zero every dirty block of (order, ft), and `extra` with them, with one
+    /// [`Stage2::zero_batch`] call per up to [`ZERO_BATCH`] blocks (`base`: the pfn of page
+    /// offset 0), then mark the list clean; on error it stays dirty. [`crate::Zone`]'s
+    /// zeroing of freed unmapped blocks, kept with the clean watermark it maintains
+    /// ([`crate::BuddyAllocator`] still zeroes such blocks on free).
+    pub(crate) fn zero_dirty<S: Stage2>(
+        &mut self,
+        order: u8,
+        ft: usize,
+        extra: Option<u32>,
+        base: u64,
+        s2: &mut S,
+    ) -> Zeroed {
+        let n = 1u64 << order;
+        let mut z = Zeroed {
+            calls: 0,
+            pages: 0,
+            result: Ok(()),
+        };
+        let mut ranges = [(0u64, 0u64); ZERO_BATCH];
+        let mut k = 0;
+        let mut flush = |ranges: &[(u64, u64)], z: &mut Zeroed| {
+            z.result = s2.zero_batch(ranges);
+            if z.result.is_ok() {
+                z.calls += 1;
+                z.pages += n * ranges.len() as u64;
+            }
+            z.result.is_ok()
+        };
+        for &off in self.dirty(order, ft).iter().chain(extra.as_ref()) {
+            ranges[k] = (base + off as u64, n);
+            k += 1;
+            if k == ZERO_BATCH {
+                if !flush(&ranges, &mut z) {
+                    return z;
+                }
+                k = 0;
+            }
+        }
+        if k != 0 && !flush(&ranges[..k], &mut z) {
+            return z;
+        }
+        self.mark_clean(order, ft);
+        z
     }
 
     /// The cached blocks of (order, ft), oldest first.

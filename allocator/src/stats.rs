@@ -172,7 +172,7 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
         let c = &self.ctr;
         let mut s = Snapshot {
             managed_pages: self.nr,
-            free_pages: self.free,
+            free_pages: self.free_pages_count(),
             flips_to_unmapped: c.flips_to_unmapped,
             flips_to_mapped: c.flips_to_mapped,
             stage2_unmap_calls: c.stage2_unmap_calls,

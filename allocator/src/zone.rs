@@ -95,9 +95,6 @@ pub struct Zone<S: Stage2> {
     free_failures: AtomicU64,
 }
 
-/// Most ranges passed to one [`Stage2::zero_batch`] call.
-const ZERO_BATCH: usize = 64;
-
 /// What an allocation gives.
 type AllocResult = Result<Allocation, AllocError>;
 
@@ -325,7 +322,7 @@ impl<S: Stage2> Zone<S> {
     }
 
     /// Zero every dirty block of (order, ft) in `c` with one [`Stage2::zero_batch`] call
-    /// per up to [`ZERO_BATCH`] blocks, then mark them clean (under the CPU's lock, never
+    /// per up to 64 blocks ([`Pcp::zero_dirty`]), then mark them clean (under the CPU's lock, never
     /// the zone lock). `extra` is zeroed in the same call.
     #[cold]
     #[inline(never)]
@@ -336,36 +333,14 @@ impl<S: Stage2> Zone<S> {
         ft: usize,
         extra: Option<u32>,
     ) -> Result<(), Stage2Error> {
-        let n = 1u64 << order;
         let mut b = self.s2.lock();
-        let blocks = c.pcp.dirty(order, ft).iter().chain(extra.as_ref());
-        let mut ranges = [(0u64, 0u64); ZERO_BATCH];
-        let mut k = 0;
-        let flush = |ranges: &[(u64, u64)], b: &mut Backend<S>| {
-            let r = b.s2.zero_batch(ranges);
-            match r {
-                Ok(()) => {
-                    b.zero_calls += 1;
-                    b.zeroed_on_free += n * ranges.len() as u64;
-                }
-                Err(_) => b.failures += 1,
-            }
-            r
-        };
-        for &off in blocks {
-            ranges[k] = (self.base + off as u64, n);
-            k += 1;
-            if k == ZERO_BATCH {
-                flush(&ranges, &mut b)?;
-                k = 0;
-            }
+        let z = c.pcp.zero_dirty(order, ft, extra, self.base, &mut b.s2);
+        b.zero_calls += z.calls;
+        b.zeroed_on_free += z.pages;
+        if z.result.is_err() {
+            b.failures += 1;
         }
-        if k != 0 {
-            flush(&ranges[..k], &mut b)?;
-        }
-        drop(b);
-        c.pcp.mark_clean(order, ft);
-        Ok(())
+        z.result
     }
 
     fn zero_dirty(&self, c: &mut CpuCache, order: u8, ft: usize) -> Result<(), Stage2Error> {

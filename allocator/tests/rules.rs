@@ -770,6 +770,45 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand<A: Subject>() {
 fn metadata_bytes_exact_figure_for_65536_pages() {
     let a = BuddyAllocator::new(0, 65_536, NullStage2, Config::default());
     // 10 bytes/page (2-byte head record + 8 bytes of links) + 1 byte/pageblock + 64 slots x
-    // 16 caches x 4 bytes + 44 list heads x 8 bytes + 4 non-empty masks x 2 bytes.
-    assert_eq!(a.metadata_bytes(), 65_536 * 10 + 128 + 4096 + 44 * 8 + 8);
+    // 20 caches (orders 0-3 and 9, 4 freetypes) x 4 bytes + 44 list heads x 8 bytes + 4
+    // non-empty masks x 2 bytes.
+    assert_eq!(
+        a.metadata_bytes(),
+        65_536 * 10 + 128 + 20 * 64 * 4 + 44 * 8 + 8
+    );
+}
+
+/// `BuddyAllocator` caches pageblocks (order 9) too, as Linux's pcp lists do since 5.13: a
+/// freed pageblock comes back to the next order-9 request of its freetype without a merge,
+/// counts as free, and is drained before a flip, so it never hides a whole free pageblock.
+#[test]
+fn a_freed_pageblock_is_cached_and_drained_before_a_flip() {
+    let mut a = BuddyAllocator::new(0, 2 * PB, SimStage2::new(0, 2 * PB), Config::default());
+    let x = a.alloc_pages(Gfp::MOVABLE, 9).unwrap();
+    let y = a.alloc_pages(Gfp::MOVABLE, 9).unwrap();
+    a.free_pages(x.pfn, 9).unwrap();
+    let s = a.snapshot();
+    assert_eq!(s.pcp_pages[Freetype::MOVABLE.index()], PB);
+    assert_eq!(
+        s.free_per_order[9].iter().sum::<u64>(),
+        0,
+        "cached, not listed"
+    );
+    assert_eq!(a.free_pages_count(), PB);
+    assert_eq!(a.allocation_containing(x.pfn + 7), None);
+    assert_eq!(a.free_pages(x.pfn, 9), Err(FreeError::NotAllocated));
+    a.check_invariants().unwrap();
+    assert_eq!(a.alloc_pages(Gfp::MOVABLE, 9).unwrap().pfn, x.pfn);
+    a.free_pages(x.pfn, 9).unwrap();
+    // The only free pageblock is cached: an unmapped request must drain it and flip it.
+    let u = a.alloc_pages(Gfp::UNMAPPED, 0).unwrap();
+    assert_eq!(u.pfn / PB, x.pfn / PB);
+    assert_eq!(a.snapshot().pcp_pages, [0; 4]);
+    assert_eq!(a.snapshot().flips_to_unmapped, 1);
+    a.check_invariants().unwrap();
+    a.free_pages(u.pfn, 0).unwrap();
+    a.free_pages(y.pfn, 9).unwrap();
+    a.drain_pcp();
+    a.check_invariants().unwrap();
+    assert_eq!(a.snapshot().free_per_order[9].iter().sum::<u64>(), 2);
 }
