@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
-use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE};
+use kvm_ioctls::{Kvm, SyncReg, VcpuFd};
+use veil_abi::{BootMode, PAGEBLOCK_SIZE, POISON_BYTE};
 
 use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
@@ -24,7 +24,9 @@ use crate::stage2::{
     BackendKind, EngineError, KvmSlots, Mprotect, MprotectError, Slots, Stage2Engine,
 };
 use crate::watchdog::{self, Watchdog};
+use dispatch::{dispatch, Action, Progress};
 
+mod dispatch;
 mod fault;
 mod kvm_run;
 mod stall;
@@ -350,154 +352,91 @@ impl Vm {
                     regs: self.regs_dump(),
                 };
             }
-            let exit = self.vcpu.run();
-            self.s.exits.total += 1;
-            if !matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
-                && !matches!(exit, Ok(VcpuExit::Intr))
-            {
+            let (action, progress) = dispatch(self.vcpu.run(), &mut self.s.exits);
+            if progress != Progress::None {
                 self.last_exit = Instant::now();
                 self.progress.store(self.s.exits.total, Ordering::Relaxed);
-                if !matches!(
-                    &exit,
-                    Ok(VcpuExit::MmioRead(..)
-                        | VcpuExit::MmioWrite(..)
-                        | VcpuExit::MemoryFault { .. })
-                ) && !matches!(&exit, Err(e) if e.errno() == libc::EFAULT)
-                {
+                if progress == Progress::Exit {
                     self.faults.progress();
                 }
             }
-            match exit {
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let value = data.first().copied().unwrap_or(0);
-                    match port {
-                        HYPERCALL_PORT => {
-                            self.s.exits.hypercalls += 1;
-                            let r = self.vcpu.sync_regs_mut().regs;
-                            let args = [r.rdi, r.rsi, r.rcx, r.r8];
-                            let out = match self.route_exception(r.rax as u32, args) {
-                                Some(out) => out,
-                                None => self.s.hypercall(r.rax as u32, args),
-                            };
-                            let m = self.vcpu.sync_regs_mut();
-                            m.regs.rax = out.status as u64;
-                            m.regs.rdi = out.r0;
-                            m.regs.rsi = out.r1;
-                            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                            if let Some(stop) = out.stop {
-                                return self.fill_regs(stop);
-                            }
-                        }
-                        BARE_PORT => self.s.exits.bare += 1,
-                        p if Console::owns(p) => {
-                            self.s.exits.pio += 1;
-                            if data.len() <= 1 {
-                                self.s.console.write(p, value);
-                            } else {
-                                // String or wide I/O: one UART write per element (low byte).
-                                let bytes = data.to_vec();
-                                let size = self.pio_size();
-                                for chunk in bytes.chunks(size) {
-                                    self.s.console.write(p, chunk[0]);
-                                }
-                            }
-                        }
-                        _ => self.s.exits.pio += 1,
-                    }
+            if let Some(stop) = self.act(action, dog) {
+                return stop;
+            }
+        }
+    }
+
+    /// Carries out one [`Action`] of [`dispatch`]; `Some` stops the VM.
+    fn act(&mut self, action: Action, dog: &Watchdog) -> Option<ExitInfo> {
+        match action {
+            Action::Resume => None,
+            Action::Hypercall => {
+                let r = self.vcpu.sync_regs_mut().regs;
+                let args = [r.rdi, r.rsi, r.rcx, r.r8];
+                let out = match self.route_exception(r.rax as u32, args) {
+                    Some(out) => out,
+                    None => self.s.hypercall(r.rax as u32, args),
+                };
+                let m = self.vcpu.sync_regs_mut();
+                m.regs.rax = out.status as u64;
+                m.regs.rdi = out.r0;
+                m.regs.rsi = out.r1;
+                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                out.stop.map(|stop| self.fill_regs(stop))
+            }
+            Action::ConsoleOut { port, data } => {
+                // String or wide I/O: one UART write per element (its low byte).
+                let size = if data.len() <= 1 { 1 } else { self.pio_size() };
+                for chunk in data.chunks(size) {
+                    self.s.console.write(port, chunk[0]);
                 }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.s.exits.pio += 1;
-                    if !Console::owns(port) {
-                        data.fill(0xff);
-                    } else if data.len() == 1 {
-                        data[0] = self.s.console.read(port);
-                    } else {
-                        // String or wide I/O: one UART read per element, zero-extended.
-                        let len = data.len();
-                        let size = self.pio_size();
-                        let mut bytes = vec![0u8; len];
-                        for chunk in bytes.chunks_mut(size) {
-                            chunk[0] = self.s.console.read(port);
-                        }
-                        // SAFETY: handling this KVM_EXIT_IO exit; `len` is its data length.
-                        unsafe { self.pio_data_mut(len) }.copy_from_slice(&bytes);
-                    }
+                None
+            }
+            Action::ConsoleIn { port, len } => {
+                // String or wide I/O: one UART read per element, zero-extended.
+                let size = if len <= 1 { 1 } else { self.pio_size() };
+                let mut bytes = vec![0u8; len];
+                for chunk in bytes.chunks_mut(size) {
+                    chunk[0] = self.s.console.read(port);
                 }
-                Ok(VcpuExit::MmioRead(gpa, data)) => {
-                    let len = data.len();
-                    self.s.exits.mmio += 1;
-                    let rip = self.sync_rip();
-                    let (byte, stop) = self.s.mmio(Gpa(gpa), AccessKind::Read, len as u32, rip);
+                // SAFETY: handling this KVM_EXIT_IO exit; `len` is its data length.
+                unsafe { self.pio_data_mut(len) }.copy_from_slice(&bytes);
+                None
+            }
+            Action::Mmio { gpa, access, len } => {
+                let rip = self.sync_rip();
+                let (byte, stop) = self.s.mmio(Gpa(gpa), access, len as u32, rip);
+                if access == AccessKind::Read {
                     self.mmio_data_mut(len).fill(byte);
-                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
-                        return stop;
-                    }
                 }
-                Ok(VcpuExit::MmioWrite(gpa, data)) => {
-                    let len = data.len();
-                    self.s.exits.mmio += 1;
-                    let rip = self.sync_rip();
-                    let (_, stop) = self.s.mmio(Gpa(gpa), AccessKind::Write, len as u32, rip);
-                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
-                        return stop;
-                    }
-                }
-                Ok(VcpuExit::InternalError) => {
-                    if let Some(stop) = self.internal_error() {
-                        return stop;
-                    }
-                }
-                Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
-                    self.s.exits.memory_faults += 1;
-                    if let Some(stop) = self.memory_fault_exit(gpa, size) {
-                        return stop;
-                    }
-                }
-                Ok(VcpuExit::Shutdown) => return self.shutdown(),
-                Ok(VcpuExit::Hlt) => {
-                    return ExitInfo::Halted {
-                        regs: self.regs_dump(),
-                    }
-                }
-                Ok(VcpuExit::Intr) => continue,
-                Ok(VcpuExit::X86Wrmsr(w)) => {
-                    let (index, value) = (w.index, w.data);
-                    let rip = self.vcpu.sync_regs_mut().regs.rip;
-                    let (error, stop) =
-                        crate::pv_msrs::on_write(&mut self.s, &self.vcpu, index, value, rip);
-                    self.set_msr_error(error);
-                    if let Some(stop) = stop {
-                        return stop;
-                    }
-                }
-                Ok(other) => {
-                    let what = format!("{other:?}");
-                    return ExitInfo::UnexpectedExit {
-                        what,
-                        regs: self.regs_dump(),
-                    };
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.vcpu.set_kvm_immediate_exit(0);
-                    if dog.take_sample() {
-                        if let Some(stop) = self.stall_sample() {
-                            return stop;
-                        }
-                    }
-                    continue;
-                }
-                Err(e) if e.errno() == libc::EFAULT => {
-                    self.s.exits.memory_faults += 1;
-                    if let Some(stop) = self.memory_fault(&e) {
-                        return stop;
-                    }
-                }
-                Err(e) => {
-                    return ExitInfo::KvmError {
-                        error: e.to_string(),
-                    }
+                stop.or_else(|| self.fault_loop(gpa, access))
+            }
+            Action::InternalError => self.internal_error(),
+            Action::MemoryFault { gpa, size } => self.memory_fault_exit(gpa, size),
+            Action::Efault(e) => self.memory_fault(&e),
+            Action::Shutdown => Some(self.shutdown()),
+            Action::Halted => Some(ExitInfo::Halted {
+                regs: self.regs_dump(),
+            }),
+            Action::Wrmsr { index, value } => {
+                let rip = self.vcpu.sync_regs_mut().regs.rip;
+                let (error, stop) =
+                    crate::pv_msrs::on_write(&mut self.s, &self.vcpu, index, value, rip);
+                self.set_msr_error(error);
+                stop
+            }
+            Action::Unexpected(what) => Some(ExitInfo::UnexpectedExit {
+                what,
+                regs: self.regs_dump(),
+            }),
+            Action::Kicked => {
+                self.vcpu.set_kvm_immediate_exit(0);
+                match dog.take_sample() {
+                    true => self.stall_sample(),
+                    false => None,
                 }
             }
+            Action::KvmError(error) => Some(ExitInfo::KvmError { error }),
         }
     }
 
