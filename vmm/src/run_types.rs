@@ -25,7 +25,7 @@ pub const NR_VCPUS: usize = 1;
 pub const BOOT_VCPU: VcpuIndex = 0;
 
 /// The stage-2 backend a run uses (chosen at start; the session is not tied to one type).
-pub type GuestBackend = Box<dyn Stage2Backend>;
+pub type GuestBackend = Box<dyn Stage2Backend + Send>;
 
 /// What to do at a violation (`--on-violation`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]

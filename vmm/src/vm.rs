@@ -3,7 +3,7 @@
 //! (violations, not-RAM accesses) and everything else.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
@@ -17,8 +17,8 @@ use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
-use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport};
-use crate::session::{DumpConfig, Session, SessionConfig};
+use crate::report::{AccessKind, ExitCounts, ExitInfo, RegsDump, RunReport};
+use crate::session::{DumpConfig, Session, SessionConfig, VcpuState};
 use crate::signals;
 use crate::stage2::{
     BackendKind, EngineError, KvmSlots, Mprotect, MprotectError, Slots, Stage2Engine,
@@ -167,8 +167,18 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// A booted (not yet running) VM.
 pub struct Vm {
-    vcpu: VcpuFd,
     s: Session,
+    vcpu: VcpuFd,
+    timeout: Option<Duration>,
+}
+
+/// One vCPU's run loop: its KVM fd, the state it owns ([`VcpuState`], exit counters, the
+/// livelock detectors' memory) and the VM-wide [`Session`] it shares with the other vCPUs.
+struct Vcpu {
+    vcpu: VcpuFd,
+    cpu: VcpuState,
+    exits: ExitCounts,
+    s: Arc<Mutex<Session>>,
     timeout: Option<Duration>,
     /// Exits that were not watchdog kicks, published for the watchdog's stall check.
     progress: Arc<AtomicU64>,
@@ -176,6 +186,37 @@ pub struct Vm {
     last_exit: Instant,
     faults: FaultRepeat,
     stalls: StallSampler,
+}
+
+/// The session locked for one vCPU, with that vCPU's [`VcpuState`] lent to it until dropped.
+struct Lent<'a> {
+    guard: MutexGuard<'a, Session>,
+    cpu: &'a mut VcpuState,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.guard.lend(self.cpu);
+    }
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.guard
+    }
+}
+
+/// Locks `s`, whether or not a panicking vCPU thread poisoned it (the session's state stays
+/// consistent between its calls; the report says what the panicking thread's exit was).
+fn lock(s: &Mutex<Session>) -> MutexGuard<'_, Session> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Vm {
@@ -282,7 +323,6 @@ impl Vm {
             vm,
             ram,
             alloc,
-            vcpu: BOOT_VCPU,
             console,
             reserved_end: Gpa(reserved_end),
             image: image.pages(),
@@ -297,13 +337,9 @@ impl Vm {
             verify_stage2: cfg.verify_stage2,
         });
         Ok(Vm {
-            vcpu,
             s,
+            vcpu,
             timeout: cfg.timeout,
-            progress: Arc::new(AtomicU64::new(0)),
-            last_exit: Instant::now(),
-            faults: FaultRepeat::default(),
-            stalls: StallSampler::default(),
         })
     }
 
@@ -314,7 +350,58 @@ impl Vm {
     }
 
     /// Runs the guest until it exits, crashes, is killed or times out.
-    pub fn run(mut self) -> Result<RunReport, VmError> {
+    pub fn run(self) -> Result<RunReport, VmError> {
+        let (s, mut cpu) = self.into_parts();
+        let run_start = Instant::now();
+        lock(&s).mark_run_start(run_start);
+        let stop = cpu.run()?;
+        let exits = cpu.exits.clone();
+        drop(cpu);
+        let s = match Arc::try_unwrap(s) {
+            Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+            Err(_) => unreachable!("every vCPU's handle on the session is dropped"),
+        };
+        Ok(s.finish(stop, run_start.elapsed(), exits))
+    }
+
+    /// The session behind its lock, and the boot vCPU's run loop sharing it.
+    fn into_parts(self) -> (Arc<Mutex<Session>>, Vcpu) {
+        let s = Arc::new(Mutex::new(self.s));
+        let cpu = Vcpu {
+            vcpu: self.vcpu,
+            cpu: VcpuState::new(BOOT_VCPU),
+            exits: ExitCounts::default(),
+            s: s.clone(),
+            timeout: self.timeout,
+            progress: Arc::new(AtomicU64::new(0)),
+            last_exit: Instant::now(),
+            faults: FaultRepeat::default(),
+            stalls: StallSampler::default(),
+        };
+        (s, cpu)
+    }
+}
+
+impl Vcpu {
+    /// The session, locked, with this vCPU's state lent to it. Borrows `self` whole, so the
+    /// compiler rejects a second lock while one is held.
+    fn s(&mut self) -> Lent<'_> {
+        let mut guard = lock(&self.s);
+        guard.lend(&mut self.cpu);
+        Lent {
+            guard,
+            cpu: &mut self.cpu,
+        }
+    }
+
+    /// The VM-wide session state, locked, for read-only questions that need no vCPU state
+    /// (stage-2 state, the checked view). Do not call it while holding [`Vcpu::s`].
+    fn vm(&self) -> MutexGuard<'_, Session> {
+        lock(&self.s)
+    }
+
+    /// Runs this vCPU on the calling thread until the VM stops, under a watchdog.
+    fn run(&mut self) -> Result<ExitInfo, VmError> {
         let dog =
             Watchdog::start(self.timeout, self.progress.clone()).map_err(|source| VmError::Io {
                 what: "cannot start the watchdog",
@@ -325,14 +412,12 @@ impl Vm {
             source,
         })?;
         let kick_me = signals::VcpuRegistration::new();
-        let run_start = Instant::now();
-        self.s.mark_run_start(run_start);
-        self.last_exit = run_start;
+        self.last_exit = Instant::now();
         let stop = self.run_loop(&dog);
         drop(kick_me);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
-        Ok(self.s.finish(stop, run_start.elapsed()))
+        Ok(stop)
     }
 
     fn regs_dump(&self) -> RegsDump {
@@ -352,10 +437,10 @@ impl Vm {
                     regs: self.regs_dump(),
                 };
             }
-            let (action, progress) = dispatch(self.vcpu.run(), &mut self.s.exits);
+            let (action, progress) = dispatch(self.vcpu.run(), &mut self.exits);
             if progress != Progress::None {
                 self.last_exit = Instant::now();
-                self.progress.store(self.s.exits.total, Ordering::Relaxed);
+                self.progress.store(self.exits.total, Ordering::Relaxed);
                 if progress == Progress::Exit {
                     self.faults.progress();
                 }
@@ -375,7 +460,7 @@ impl Vm {
                 let args = [r.rdi, r.rsi, r.rcx, r.r8];
                 let out = match self.route_exception(r.rax as u32, args) {
                     Some(out) => out,
-                    None => self.s.hypercall(r.rax as u32, args),
+                    None => self.s().hypercall(r.rax as u32, args),
                 };
                 let m = self.vcpu.sync_regs_mut();
                 m.regs.rax = out.status as u64;
@@ -387,8 +472,9 @@ impl Vm {
             Action::ConsoleOut { port, data } => {
                 // String or wide I/O: one UART write per element (its low byte).
                 let size = if data.len() <= 1 { 1 } else { self.pio_size() };
+                let mut s = self.s();
                 for chunk in data.chunks(size) {
-                    self.s.console.write(port, chunk[0]);
+                    s.console.write(port, chunk[0]);
                 }
                 None
             }
@@ -396,16 +482,18 @@ impl Vm {
                 // String or wide I/O: one UART read per element, zero-extended.
                 let size = if len <= 1 { 1 } else { self.pio_size() };
                 let mut bytes = vec![0u8; len];
+                let mut s = self.s();
                 for chunk in bytes.chunks_mut(size) {
-                    chunk[0] = self.s.console.read(port);
+                    chunk[0] = s.console.read(port);
                 }
+                drop(s);
                 // SAFETY: handling this KVM_EXIT_IO exit; `len` is its data length.
                 unsafe { self.pio_data_mut(len) }.copy_from_slice(&bytes);
                 None
             }
             Action::Mmio { gpa, access, len } => {
                 let rip = self.sync_rip();
-                let (byte, stop) = self.s.mmio(Gpa(gpa), access, len as u32, rip);
+                let (byte, stop) = self.s().mmio(Gpa(gpa), access, len as u32, rip);
                 if access == AccessKind::Read {
                     self.mmio_data_mut(len).fill(byte);
                 }
@@ -420,8 +508,11 @@ impl Vm {
             }),
             Action::Wrmsr { index, value } => {
                 let rip = self.vcpu.sync_regs_mut().regs.rip;
-                let (error, stop) =
-                    crate::pv_msrs::on_write(&mut self.s, &self.vcpu, index, value, rip);
+                let mut s = lock(&self.s);
+                s.lend(&mut self.cpu);
+                let (error, stop) = crate::pv_msrs::on_write(&mut s, &self.vcpu, index, value, rip);
+                s.lend(&mut self.cpu);
+                drop(s);
                 self.set_msr_error(error);
                 stop
             }
