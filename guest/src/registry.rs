@@ -43,4 +43,6 @@ pub static TESTS: &[Test] = &[
     Test::new("reachability", tests::reachability::reachability),
     Test::new("stage2_verify", tests::stage2_checks::stage2_verify),
     Test::new("sweep", tests::stage2_checks::sweep),
+    Test::new("cross_vcpu_isolation", tests::smp::cross_vcpu_isolation),
+    Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
 ];

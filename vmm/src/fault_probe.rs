@@ -116,7 +116,7 @@ fn run(kvm: &Kvm) -> Result<FaultProbe, String> {
         s.selector |= 3;
     }
     vcpu.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot::entry_regs(CODE_GPA, CODE_GPA + PAGE_SIZE / 2))
+    vcpu.set_regs(&boot::entry_regs(CODE_GPA, CODE_GPA + PAGE_SIZE / 2, 0))
         .map_err(err("KVM_SET_REGS"))?;
 
     watchdog::install_handler().map_err(|e| format!("kick handler: {e}"))?;

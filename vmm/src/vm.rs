@@ -2,7 +2,7 @@
 //! the vCPU run loop that dispatches port I/O (hypercalls, bare exits, the UART), MMIO exits
 //! (violations, not-RAM accesses) and everything else.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,8 @@ mod kvm_run;
 mod stall;
 
 pub(crate) use crate::run_types::FetchOutcome;
+use crate::run_types::BOOT_VCPU;
 pub use crate::run_types::{valid_test_name, Allocator, GuestBackend, ViolationPolicy};
-use crate::run_types::{BOOT_VCPU, NR_VCPUS};
 
 /// Everything needed to boot and run one guest.
 #[derive(Clone, Debug)]
@@ -70,6 +70,8 @@ pub struct VmConfig {
     pub host_secretmem: bool,
     /// Reconcile stage 2 after every hypercall that changed it (`--verify-stage2`).
     pub verify_stage2: bool,
+    /// vCPUs (`--vcpus`): one thread each; vCPU 0 runs the suite.
+    pub vcpus: u32,
 }
 
 impl VmConfig {
@@ -92,6 +94,7 @@ impl VmConfig {
             stage2: BackendKind::default(),
             host_secretmem: false,
             verify_stage2: false,
+            vcpus: 1,
         }
     }
 }
@@ -141,6 +144,14 @@ pub enum VmError {
     /// `--host-secretmem` with a backend that cannot back pages with secret memory.
     #[error("--host-secretmem needs --stage2 mprotect: the slots backend removes pages as memslot holes and has no second mapping to back with memfd_secret memory")]
     SecretMemNeedsMprotect,
+    /// `--vcpus` outside 1..=the limit.
+    #[error("--vcpus {asked}: this host and guest ABI run 1 to {max} vCPUs (KVM's maximum, at most veil_abi::MAX_VCPUS)")]
+    BadVcpus {
+        /// The count asked for.
+        asked: u32,
+        /// The largest count allowed here.
+        max: u32,
+    },
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -165,10 +176,42 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// vCPU `index`, ready to enter the guest at `entry` in 64-bit mode on its own stack, with its
+/// own APIC ids in CPUID.
+fn new_vcpu(
+    vm: &kvm_ioctls::VmFd,
+    cpuid: &kvm_bindings::CpuId,
+    index: u32,
+    cr3: u64,
+    entry: u64,
+) -> Result<VcpuFd, VmError> {
+    let mut vcpu = vm
+        .create_vcpu(u64::from(index))
+        .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
+    vcpu.set_cpuid2(&boot::vcpu_cpuid(cpuid, index))
+        .map_err(kvm_err("KVM_SET_CPUID2 failed"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS failed"))?;
+    vcpu.set_sregs(&boot::long_mode_sregs(sregs, cr3))
+        .map_err(kvm_err("KVM_SET_SREGS failed"))?;
+    vcpu.set_fpu(&boot::entry_fpu())
+        .map_err(kvm_err("KVM_SET_FPU failed"))?;
+    vcpu.set_regs(&boot::entry_regs(
+        entry,
+        veil_abi::ap_stack_top(index),
+        index,
+    ))
+    .map_err(kvm_err("KVM_SET_REGS failed"))?;
+    vcpu.set_sync_valid_reg(SyncReg::Register);
+    Ok(vcpu)
+}
+
+/// How long a vCPU other than vCPU 0 sleeps at a `hlt` before it runs again.
+const AP_IDLE: Duration = Duration::from_micros(200);
+
 /// A booted (not yet running) VM.
 pub struct Vm {
     s: Session,
-    vcpu: VcpuFd,
+    vcpus: Vec<VcpuFd>,
     timeout: Option<Duration>,
 }
 
@@ -179,6 +222,7 @@ struct Vcpu {
     cpu: VcpuState,
     exits: ExitCounts,
     s: Arc<Mutex<Session>>,
+    stop: Arc<RunStop>,
     timeout: Option<Duration>,
     /// Exits that were not watchdog kicks, published for the watchdog's stall check.
     progress: Arc<AtomicU64>,
@@ -243,6 +287,7 @@ impl Vm {
             selection: cfg.selection.join(","),
             ram_size,
             reserved_end,
+            vcpus: cfg.vcpus,
         };
         boot::boot_info(&params)?;
 
@@ -251,6 +296,15 @@ impl Vm {
         let kvm = Kvm::new().map_err(kvm_err(
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
+        let max = u32::try_from(kvm.get_max_vcpus())
+            .unwrap_or(1)
+            .clamp(1, veil_abi::MAX_VCPUS);
+        if cfg.vcpus == 0 || cfg.vcpus > max {
+            return Err(VmError::BadVcpus {
+                asked: cfg.vcpus,
+                max,
+            });
+        }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
         match crate::pv_msrs::install(&kvm, &vm) {
             Ok(true) => {}
@@ -292,27 +346,18 @@ impl Vm {
             (ram_size - reserved_end) >> 12,
             engine,
             allocator::Config::default(),
-            NR_VCPUS,
+            cfg.vcpus as usize,
         )?;
         lap("allocator");
 
-        let mut vcpu = vm
-            .create_vcpu(BOOT_VCPU as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID failed"))?;
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2 failed"))?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS failed"))?;
-        vcpu.set_sregs(&boot::long_mode_sregs(sregs, cr3))
-            .map_err(kvm_err("KVM_SET_SREGS failed"))?;
-        vcpu.set_fpu(&boot::entry_fpu())
-            .map_err(kvm_err("KVM_SET_FPU failed"))?;
-        vcpu.set_regs(&boot::entry_regs(image.entry, veil_abi::STACK_TOP_GPA))
-            .map_err(kvm_err("KVM_SET_REGS failed"))?;
-        vcpu.set_sync_valid_reg(SyncReg::Register);
-        let tsc_khz = vcpu.get_tsc_khz().ok();
+        let mut vcpus = Vec::new();
+        for index in 0..cfg.vcpus {
+            vcpus.push(new_vcpu(&vm, &cpuid, index, cr3, image.entry)?);
+        }
+        let tsc_khz = vcpus[0].get_tsc_khz().ok();
         lap("vCPU");
 
         let console = Console::new(&cfg.console).map_err(|source| VmError::Io {
@@ -338,7 +383,7 @@ impl Vm {
         });
         Ok(Vm {
             s,
-            vcpu,
+            vcpus,
             timeout: cfg.timeout,
         })
     }
@@ -349,36 +394,132 @@ impl Vm {
         &mut self.s
     }
 
-    /// Runs the guest until it exits, crashes, is killed or times out.
+    /// Runs the guest until it exits, crashes, is killed or times out: vCPU 0 on the calling
+    /// thread, every other vCPU on a thread of its own; the first vCPU to stop stops them all.
     pub fn run(self) -> Result<RunReport, VmError> {
-        let (s, mut cpu) = self.into_parts();
+        let (s, stop, cpus) = self.into_parts();
         let run_start = Instant::now();
         lock(&s).mark_run_start(run_start);
-        let stop = cpu.run()?;
-        let exits = cpu.exits.clone();
-        drop(cpu);
+        let mut cpus = cpus.into_iter();
+        let Some(mut boot) = cpus.next() else {
+            unreachable!("Vm::new creates at least one vCPU");
+        };
+        let mut exits = std::thread::scope(|scope| {
+            let aps: Vec<_> = cpus
+                .map(|mut cpu| {
+                    scope.spawn(move || {
+                        let end = cpu.run();
+                        cpu.stop.stop(end);
+                        cpu.exits
+                    })
+                })
+                .collect();
+            let end = boot.run();
+            boot.stop.stop(end);
+            let mut exits = Vec::new();
+            for ap in aps {
+                // A vCPU thread that panicked has stopped the VM by unwinding: its counts are lost.
+                exits.extend(ap.join().ok());
+            }
+            exits
+        });
+        exits.push(boot.exits.clone());
+        drop(boot);
+        let end = stop.take().unwrap_or(ExitInfo::KvmError {
+            error: "no vCPU reported why it stopped".into(),
+        });
         let s = match Arc::try_unwrap(s) {
             Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
             Err(_) => unreachable!("every vCPU's handle on the session is dropped"),
         };
-        Ok(s.finish(stop, run_start.elapsed(), exits))
+        Ok(s.finish(end, run_start.elapsed(), sum(&exits)))
     }
 
-    /// The session behind its lock, and the boot vCPU's run loop sharing it.
-    fn into_parts(self) -> (Arc<Mutex<Session>>, Vcpu) {
+    /// The session behind its lock, the run's stop, and one run loop per vCPU sharing them.
+    fn into_parts(self) -> (Arc<Mutex<Session>>, Arc<RunStop>, Vec<Vcpu>) {
         let s = Arc::new(Mutex::new(self.s));
-        let cpu = Vcpu {
-            vcpu: self.vcpu,
-            cpu: VcpuState::new(BOOT_VCPU),
-            exits: ExitCounts::default(),
-            s: s.clone(),
-            timeout: self.timeout,
-            progress: Arc::new(AtomicU64::new(0)),
-            last_exit: Instant::now(),
-            faults: FaultRepeat::default(),
-            stalls: StallSampler::default(),
-        };
-        (s, cpu)
+        let stop = Arc::new(RunStop::default());
+        let cpus = self
+            .vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, vcpu)| Vcpu {
+                vcpu,
+                cpu: VcpuState::new(index),
+                exits: ExitCounts::default(),
+                s: s.clone(),
+                stop: stop.clone(),
+                timeout: self.timeout,
+                progress: Arc::new(AtomicU64::new(0)),
+                last_exit: Instant::now(),
+                faults: FaultRepeat::default(),
+                stalls: StallSampler::default(),
+            })
+            .collect();
+        (s, stop, cpus)
+    }
+}
+
+/// The exit counters of all vCPUs added up.
+fn sum(all: &[ExitCounts]) -> ExitCounts {
+    let mut t = ExitCounts::default();
+    for c in all {
+        t.total += c.total;
+        t.hypercalls += c.hypercalls;
+        t.bare += c.bare;
+        t.pio += c.pio;
+        t.mmio += c.mmio;
+        t.memory_faults += c.memory_faults;
+    }
+    t
+}
+
+/// How the vCPU threads of one run stop together: the first stop is kept, a flag every run
+/// loop checks before `KVM_RUN` is raised, and every registered vCPU thread is kicked (the
+/// watchdog's kick signal, which sets that thread's `immediate_exit`).
+#[derive(Default)]
+struct RunStop {
+    stopping: AtomicBool,
+    first: Mutex<Option<ExitInfo>>,
+    /// `pthread_t` of the vCPU threads in their run loops (removed before they leave it).
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+impl RunStop {
+    /// Records `end` if it is the first stop, and stops every vCPU.
+    fn stop(&self, end: Result<ExitInfo, VmError>) {
+        let end = end.unwrap_or_else(|e| ExitInfo::KvmError {
+            error: e.to_string(),
+        });
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(end);
+        drop(first);
+        self.stopping.store(true, Ordering::SeqCst);
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for &t in threads.iter() {
+            // SAFETY: `t` is a live thread: vCPU threads leave the list (under this lock)
+            // before they return from their run loop.
+            unsafe { libc::pthread_kill(t, watchdog::kick_signal()) };
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn take(&self) -> Option<ExitInfo> {
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Adds (or with `false` removes) the calling thread to the threads a stop kicks.
+    fn register(&self, on: bool) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|&t| t != me);
+        if on {
+            threads.push(me);
+        }
     }
 }
 
@@ -412,8 +553,10 @@ impl Vcpu {
             source,
         })?;
         let kick_me = signals::VcpuRegistration::new();
+        self.stop.register(true);
         self.last_exit = Instant::now();
         let stop = self.run_loop(&dog);
+        self.stop.register(false);
         drop(kick_me);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
@@ -427,6 +570,12 @@ impl Vcpu {
     fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
         watchdog::publish_immediate_exit(kvm_run::immediate_exit_ptr(&mut self.vcpu));
         loop {
+            if self.stop.stopping() {
+                // Another vCPU stopped the VM: its stop is the one reported.
+                return ExitInfo::Halted {
+                    regs: self.regs_dump(),
+                };
+            }
             if dog.fired() {
                 return self.timeout_exit();
             }
@@ -503,6 +652,12 @@ impl Vcpu {
             Action::MemoryFault { gpa, size } => self.memory_fault_exit(gpa, size),
             Action::Efault(e) => self.memory_fault(&e),
             Action::Shutdown => Some(self.shutdown()),
+            Action::Halted if self.cpu.index() != BOOT_VCPU => {
+                // A parked vCPU idles in `hlt` (there is no interrupt to wake it): let it
+                // look at its mailbox again a little later.
+                std::thread::sleep(AP_IDLE);
+                None
+            }
             Action::Halted => Some(ExitInfo::Halted {
                 regs: self.regs_dump(),
             }),

@@ -7,6 +7,7 @@ pub mod mapped;
 pub mod oom;
 pub mod protect;
 pub mod reachability;
+pub mod smp;
 pub mod stage2_checks;
 pub mod timing;
 pub mod unmapped;
