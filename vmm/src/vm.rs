@@ -17,8 +17,9 @@ use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
-use crate::report::{AccessKind, ExitCounts, ExitInfo, RegsDump, RunReport};
+use crate::report::{AccessKind, ExitCounts, ExitInfo, RegsDump, RunReport, VcpuSummary};
 use crate::session::{DumpConfig, Session, SessionConfig, VcpuState};
+use crate::shootdown::Vcpus;
 use crate::signals;
 use crate::stage2::{
     BackendKind, EngineError, KvmSlots, Mprotect, MprotectError, Slots, Stage2Engine,
@@ -212,6 +213,7 @@ const AP_IDLE: Duration = Duration::from_micros(200);
 pub struct Vm {
     s: Session,
     vcpus: Vec<VcpuFd>,
+    threads: Arc<Vcpus>,
     timeout: Option<Duration>,
 }
 
@@ -326,11 +328,13 @@ impl Vm {
         lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
+        let threads = Arc::new(Vcpus::default());
         let backend: GuestBackend = match cfg.stage2 {
-            BackendKind::Slots => Box::new(Slots::new(
-                KvmSlots::new(vm.clone(), ram.clone(), max_slots),
-                ram_size,
-            )),
+            BackendKind::Slots => {
+                let mut b = Slots::new(KvmSlots::new(vm.clone(), ram.clone(), max_slots), ram_size);
+                b.park_vcpus(threads.clone());
+                Box::new(b)
+            }
             BackendKind::Mprotect => {
                 let mut b = Mprotect::new(vm.clone(), ram.clone())?;
                 if cfg.host_secretmem {
@@ -384,6 +388,7 @@ impl Vm {
         Ok(Vm {
             s,
             vcpus,
+            threads,
             timeout: cfg.timeout,
         })
     }
@@ -397,6 +402,7 @@ impl Vm {
     /// Runs the guest until it exits, crashes, is killed or times out: vCPU 0 on the calling
     /// thread, every other vCPU on a thread of its own; the first vCPU to stop stops them all.
     pub fn run(self) -> Result<RunReport, VmError> {
+        let count = self.vcpus.len() as u32;
         let (s, stop, cpus) = self.into_parts();
         let run_start = Instant::now();
         lock(&s).mark_run_start(run_start);
@@ -432,13 +438,21 @@ impl Vm {
             Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
             Err(_) => unreachable!("every vCPU's handle on the session is dropped"),
         };
-        Ok(s.finish(end, run_start.elapsed(), sum(&exits)))
+        let vcpus = VcpuSummary {
+            count,
+            parks: stop.threads.counts(),
+        };
+        Ok(s.finish(end, run_start.elapsed(), sum(&exits), vcpus))
     }
 
     /// The session behind its lock, the run's stop, and one run loop per vCPU sharing them.
     fn into_parts(self) -> (Arc<Mutex<Session>>, Arc<RunStop>, Vec<Vcpu>) {
         let s = Arc::new(Mutex::new(self.s));
-        let stop = Arc::new(RunStop::default());
+        let stop = Arc::new(RunStop {
+            stopping: AtomicBool::new(false),
+            first: Mutex::new(None),
+            threads: self.threads.clone(),
+        });
         let cpus = self
             .vcpus
             .into_iter()
@@ -475,14 +489,12 @@ fn sum(all: &[ExitCounts]) -> ExitCounts {
 }
 
 /// How the vCPU threads of one run stop together: the first stop is kept, a flag every run
-/// loop checks before `KVM_RUN` is raised, and every registered vCPU thread is kicked (the
-/// watchdog's kick signal, which sets that thread's `immediate_exit`).
-#[derive(Default)]
+/// loop checks before `KVM_RUN` is raised, and every other vCPU thread is kicked
+/// ([`crate::shootdown`] has the kick scheme).
 struct RunStop {
     stopping: AtomicBool,
     first: Mutex<Option<ExitInfo>>,
-    /// `pthread_t` of the vCPU threads in their run loops (removed before they leave it).
-    threads: Mutex<Vec<libc::pthread_t>>,
+    threads: Arc<Vcpus>,
 }
 
 impl RunStop {
@@ -495,12 +507,7 @@ impl RunStop {
         first.get_or_insert(end);
         drop(first);
         self.stopping.store(true, Ordering::SeqCst);
-        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        for &t in threads.iter() {
-            // SAFETY: `t` is a live thread: vCPU threads leave the list (under this lock)
-            // before they return from their run loop.
-            unsafe { libc::pthread_kill(t, watchdog::kick_signal()) };
-        }
+        self.threads.kick_others();
     }
 
     fn stopping(&self) -> bool {
@@ -509,17 +516,6 @@ impl RunStop {
 
     fn take(&self) -> Option<ExitInfo> {
         self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
-    /// Adds (or with `false` removes) the calling thread to the threads a stop kicks.
-    fn register(&self, on: bool) {
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        threads.retain(|&t| t != me);
-        if on {
-            threads.push(me);
-        }
     }
 }
 
@@ -553,10 +549,10 @@ impl Vcpu {
             source,
         })?;
         let kick_me = signals::VcpuRegistration::new();
-        self.stop.register(true);
+        self.stop.threads.register(true);
         self.last_exit = Instant::now();
         let stop = self.run_loop(&dog);
-        self.stop.register(false);
+        self.stop.threads.register(false);
         drop(kick_me);
         watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
@@ -586,7 +582,10 @@ impl Vcpu {
                     regs: self.regs_dump(),
                 };
             }
-            let (action, progress) = dispatch(self.vcpu.run(), &mut self.exits);
+            let (action, progress) = {
+                let _in_guest = self.stop.threads.enter();
+                dispatch(self.vcpu.run(), &mut self.exits)
+            };
             if progress != Progress::None {
                 self.last_exit = Instant::now();
                 self.progress.store(self.exits.total, Ordering::Relaxed);

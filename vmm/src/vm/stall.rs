@@ -136,6 +136,8 @@ impl Vcpu {
     /// are still asked for on the way get poison. False if the instruction will not settle.
     fn settle_pending_mmio(&mut self) -> bool {
         let mut settled = false;
+        let threads = self.stop.threads.clone();
+        let _in_guest = threads.enter();
         for _ in 0..8 {
             self.vcpu.set_kvm_immediate_exit(1);
             match self.vcpu.run() {
