@@ -45,4 +45,5 @@ pub static TESTS: &[Test] = &[
     Test::new("sweep", tests::stage2_checks::sweep),
     Test::new("cross_vcpu_isolation", tests::smp::cross_vcpu_isolation),
     Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
+    Test::new("revocation_latency", tests::revocation::revocation_latency),
 ];

@@ -86,7 +86,9 @@ fn json_run_of_the_whole_suite() {
         "round trip reported: {rt}"
     );
     assert_eq!(doc["exit"]["kind"], "guest_exit");
-    let all_passed = tests.iter().all(|t| t["passed"] == true);
+    // With one vCPU (the default) the cross-vCPU tests skip; a skip does not fail the run.
+    let ok = |t: &Value| t["passed"] == true || t["result"] == "skip";
+    let all_passed = tests.iter().all(ok);
     let code = out.status.code();
     assert_eq!(
         code,
@@ -97,10 +99,20 @@ fn json_run_of_the_whole_suite() {
     assert!(
         all_passed,
         "failing tests: {:?}",
-        tests
-            .iter()
-            .filter(|t| t["passed"] != true)
-            .collect::<Vec<_>>()
+        tests.iter().filter(|t| !ok(t)).collect::<Vec<_>>()
+    );
+    let skipped: Vec<&str> = tests
+        .iter()
+        .filter(|t| t["result"] == "skip")
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            "cross_vcpu_isolation",
+            "concurrent_alloc",
+            "revocation_latency"
+        ]
     );
 }
 

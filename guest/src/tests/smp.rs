@@ -4,14 +4,14 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::{expect_secret, violations, MAX_RECORDS, POISON64};
+use super::{expect_secret, the_only_violation, POISON64};
 use crate::dm;
 use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
 use crate::smp::{self, Barrier};
 use crate::{ensure, fail, skip};
-use veil_abi::{gfp, Access, ViolationRecord, MAX_VCPUS, PAGE_SIZE};
+use veil_abi::{gfp, Access, MAX_VCPUS, PAGE_SIZE};
 
 /// Offset of the stray load inside the page.
 const OFFSET: u64 = 0x80;
@@ -40,13 +40,7 @@ pub fn cross_vcpu_isolation() -> Outcome {
         Err(e) => fail!("vCPU 1 did not run the load: {e:?}"),
     };
     ensure!(v == POISON64, "vCPU 1 loaded {v:#x}, expected poison");
-    let mut buf = [ViolationRecord::default(); MAX_RECORDS];
-    let (total, recs) = violations(&mut buf)?;
-    ensure!(
-        total == 1,
-        "{total} violations recorded, expected exactly 1"
-    );
-    let r = recs[0];
+    let r = the_only_violation()?;
     ensure!(
         r.gpa == gpa + OFFSET && r.vcpu == 1,
         "violation at {:#x} by vCPU {}, expected {:#x} by vCPU 1",

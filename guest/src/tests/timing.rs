@@ -15,7 +15,7 @@ const ROUNDS: usize = 20;
 const PER_ROUND: u64 = ITERATIONS / ROUNDS as u64;
 
 /// Reads the time-stamp counter.
-fn rdtsc() -> u64 {
+pub(crate) fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc only reads the TSC.
     unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
