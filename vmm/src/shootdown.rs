@@ -1,11 +1,11 @@
 //! Stage-2 updates as shootdowns, and the one way Veil kicks a vCPU thread out of `KVM_RUN`.
 //!
-//! **Kicking.** A vCPU thread registers itself here for the time it is in its run loop. A kick
-//! is the watchdog's real-time signal sent to that thread ([`crate::watchdog::kick_signal`]);
-//! its handler sets the thread's own `kvm_run.immediate_exit` (published by the thread in a
-//! thread-local), so a kick that lands just before `KVM_RUN` is not lost: `KVM_RUN` returns
-//! `EINTR` at once and the run loop clears the byte. The timeout, `SIGINT`/`SIGTERM`, the stop
-//! of one vCPU by another ([`Vcpus::kick_others`]) and a park all kick this way.
+//! **Kicking.** A vCPU thread registers its [`Kick`] here for the time it is in its run loop.
+//! A kick sets the vCPU's `kvm_run.immediate_exit` and then signals its thread (the handler
+//! does nothing; see [`crate::watchdog`]), so a kick just before `KVM_RUN` is not lost. The
+//! timeout and stall samples (the watchdog), the stop of one vCPU by another
+//! ([`Vcpus::kick_others`]) and a park all kick this way; `SIGINT`/`SIGTERM` handlers only
+//! signal the registered threads (`signals.rs`), the watchdog then kicks properly.
 //!
 //! **Parking.** Each run loop enters the guest only through [`Vcpus::enter`], which holds the
 //! read side of a gate for the `KVM_RUN` call. A backend whose update is not atomic for a
@@ -25,13 +25,15 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
+use crate::watchdog::Kick;
+
 /// How long a vCPU waits before it looks again whether a park is over.
 const PARK_POLL: Duration = Duration::from_micros(20);
 
 /// The vCPU threads of one VM: who to kick, and the gate a park closes.
 #[derive(Default)]
 pub struct Vcpus {
-    threads: Mutex<Vec<libc::pthread_t>>,
+    threads: Mutex<Vec<Kick>>,
     gate: RwLock<()>,
     pending: AtomicU32,
     parks: AtomicU64,
@@ -60,16 +62,15 @@ pub struct ParkCounts {
 }
 
 impl Vcpus {
-    /// Adds (or with `false` removes) the calling thread to the vCPU threads kicks reach. A
-    /// thread removes itself before it leaves its run loop.
-    pub fn register(&self, on: bool) {
+    /// Adds the calling thread's vCPU (`Some`, its kick) to those kicks reach, or removes it
+    /// (`None`). A thread removes itself before it leaves its run loop, so every kick in the
+    /// list is usable (the [`Kick::new`] contract).
+    pub fn register(&self, kick: Option<Kick>) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         let mut threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
-        threads.retain(|&t| t != me);
-        if on {
-            threads.push(me);
-        }
+        threads.retain(|k| k.thread() != me);
+        threads.extend(kick);
     }
 
     /// Kicks every registered vCPU thread but the caller; returns how many.
@@ -78,10 +79,8 @@ impl Vcpus {
         let me = unsafe { libc::pthread_self() };
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
-        for &t in threads.iter().filter(|&&t| t != me) {
-            // SAFETY: `t` is a live thread: vCPU threads leave the list (under this lock)
-            // before they leave their run loop.
-            unsafe { libc::pthread_kill(t, crate::watchdog::kick_signal()) };
+        for k in threads.iter().filter(|k| k.thread() != me) {
+            k.kick();
             n += 1;
         }
         n

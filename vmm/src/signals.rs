@@ -1,8 +1,9 @@
 //! SIGINT, SIGTERM and SIGHUP: ask the run to stop cleanly instead of ending the process.
 //!
 //! [`install`] (done by the `veil` binary) replaces the default actions. The first signal is
-//! recorded ([`pending`]) and every registered vCPU thread is kicked out of `KVM_RUN` the way the
-//! watchdog does it (its kick signal sets `kvm_run.immediate_exit`); the run loop then stops
+//! recorded ([`pending`]) and every registered vCPU thread is sent the kick signal (which
+//! interrupts `KVM_RUN`; the handler touches no `kvm_run`, and the watchdog kicks with
+//! `immediate_exit` at its next tick for a vCPU that was about to enter it); the run loop then stops
 //! the guest, the report and dumps are written, guest RAM is wiped, and `veil` exits with
 //! 128 + the signal number (130, 143, 129). A second signal while that happens restores the
 //! default action and re-raises it: the process dies at once.

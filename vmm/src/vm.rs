@@ -539,22 +539,25 @@ impl Vcpu {
 
     /// Runs this vCPU on the calling thread until the VM stops, under a watchdog.
     fn run(&mut self) -> Result<ExitInfo, VmError> {
-        let dog =
-            Watchdog::start(self.timeout, self.progress.clone()).map_err(|source| VmError::Io {
-                what: "cannot start the watchdog",
-                source,
-            })?;
         watchdog::install_handler().map_err(|source| VmError::Io {
             what: "cannot install the vCPU kick handler",
             source,
         })?;
+        // SAFETY: this thread runs `self.vcpu`; the watchdog is dropped and the kick
+        // unregistered below, before this function returns and the VcpuFd can go.
+        let kick = unsafe { watchdog::Kick::new(&mut self.vcpu) };
+        let dog = Watchdog::start(self.timeout, self.progress.clone(), kick).map_err(|source| {
+            VmError::Io {
+                what: "cannot start the watchdog",
+                source,
+            }
+        })?;
         let kick_me = signals::VcpuRegistration::new();
-        self.stop.threads.register(true);
+        self.stop.threads.register(Some(kick));
         self.last_exit = Instant::now();
         let stop = self.run_loop(&dog);
-        self.stop.threads.register(false);
+        self.stop.threads.register(None);
         drop(kick_me);
-        watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
         Ok(stop)
     }
@@ -564,7 +567,6 @@ impl Vcpu {
     }
 
     fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
-        watchdog::publish_immediate_exit(kvm_run::immediate_exit_ptr(&mut self.vcpu));
         loop {
             if self.stop.stopping() {
                 // Another vCPU stopped the VM: its stop is the one reported.
@@ -675,7 +677,7 @@ impl Vcpu {
                 regs: self.regs_dump(),
             }),
             Action::Kicked => {
-                self.vcpu.set_kvm_immediate_exit(0);
+                watchdog::set_immediate_exit(&mut self.vcpu, 0);
                 match dog.take_sample() {
                     true => self.stall_sample(),
                     false => None,

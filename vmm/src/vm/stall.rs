@@ -139,7 +139,7 @@ impl Vcpu {
         let threads = self.stop.threads.clone();
         let _in_guest = threads.enter();
         for _ in 0..8 {
-            self.vcpu.set_kvm_immediate_exit(1);
+            crate::watchdog::set_immediate_exit(&mut self.vcpu, 1);
             match self.vcpu.run() {
                 Err(e) if e.errno() == libc::EINTR => {
                     settled = true;
@@ -150,7 +150,7 @@ impl Vcpu {
                 _ => break,
             }
         }
-        self.vcpu.set_kvm_immediate_exit(0);
+        crate::watchdog::set_immediate_exit(&mut self.vcpu, 0);
         settled
     }
 
