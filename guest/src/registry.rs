@@ -45,5 +45,6 @@ pub static TESTS: &[Test] = &[
     Test::new("sweep", tests::stage2_checks::sweep),
     Test::new("cross_vcpu_isolation", tests::smp::cross_vcpu_isolation),
     Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
+    Test::new("flip_under_reader", tests::smp::flip_under_reader),
     Test::new("revocation_latency", tests::revocation::revocation_latency),
 ];
