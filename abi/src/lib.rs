@@ -22,8 +22,24 @@
 
 /// Byte pattern a load from unmapped memory returns under `--on-violation report`.
 pub const POISON_BYTE: u8 = 0xa5;
-/// Top of the boot stack of vCPU 0 (GPA, identity-mapped); the stack grows down towards 0x20000.
+/// Top of the boot stack of vCPU 0 (GPA, identity-mapped); the stack grows down towards
+/// [`ap_stack_top`]`(1)`.
 pub const STACK_TOP_GPA: u64 = 0x10_0000;
+/// Most vCPUs a Veil guest can be started with (stacks and mailboxes are sized for them).
+pub const MAX_VCPUS: u32 = 16;
+/// Bytes of stack vCPU 0 gets below [`STACK_TOP_GPA`].
+pub const BSP_STACK_SIZE: u64 = 0x6_0000;
+/// Bytes of stack each other vCPU gets, below vCPU 0's.
+pub const AP_STACK_SIZE: u64 = 0x8000;
+
+/// Top of vCPU `vcpu`'s boot stack (GPA, 16-byte aligned): vCPU 0 at [`STACK_TOP_GPA`], the
+/// others packed below its [`BSP_STACK_SIZE`] bytes (all above 0x20000).
+pub const fn ap_stack_top(vcpu: u32) -> u64 {
+    match vcpu {
+        0 => STACK_TOP_GPA,
+        n => STACK_TOP_GPA - BSP_STACK_SIZE - (n as u64 - 1) * AP_STACK_SIZE,
+    }
+}
 
 /// Version of this ABI; [`Hc::Version`] returns it.
 pub const ABI_VERSION: u64 = 1;
@@ -103,8 +119,10 @@ pub struct BootInfo {
     pub stack_top: u64,
     /// Number of valid bytes in `selection`.
     pub selection_len: u32,
-    /// Reserved, zero.
-    pub _pad: u32,
+    /// vCPUs the VM runs (`veil run --vcpus`; 1..=[`MAX_VCPUS`]). vCPU 0 enters with `rsi` = 0
+    /// and runs the suite; vCPU n enters at the same entry point with `rsi` = n and
+    /// `rsp` = [`ap_stack_top`]`(n)`.
+    pub vcpus: u32,
     /// Comma-separated names of the tests to run; empty means all.
     pub selection: [u8; SELECTION_MAX],
 }

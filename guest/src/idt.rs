@@ -106,9 +106,9 @@ const EMPTY: Gate = Gate {
 
 static mut IDT: [Gate; 32] = [EMPTY; 32];
 
-/// Fills the IDT with the exception stubs and loads it.
+/// Fills the IDT with the exception stubs and loads it (vCPU 0, at boot).
 pub fn init() {
-    // SAFETY: runs once at boot on the only vCPU with interrupts off, before anything else
+    // SAFETY: runs once at boot on vCPU 0 with interrupts off, before anything else
     // touches IDT; the table and the stubs are static, so the IDTR stays valid forever.
     unsafe {
         let idt = &mut *addr_of_mut!(IDT);
@@ -124,10 +124,18 @@ pub fn init() {
                 zero: 0,
             };
         }
-        let idtr = Idtr {
-            limit: (core::mem::size_of::<[Gate; 32]>() - 1) as u16,
-            base: idt.as_ptr() as u64,
-        };
-        asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags));
     }
+    load();
+}
+
+/// Loads the IDT on the calling vCPU (vCPU 0 fills it in [`init`]; the others only load it:
+/// an exception before vCPU 0 filled it would be a triple fault, and they take none while
+/// parked).
+pub fn load() {
+    let idtr = Idtr {
+        limit: (core::mem::size_of::<[Gate; 32]>() - 1) as u16,
+        base: core::ptr::addr_of!(IDT) as u64,
+    };
+    // SAFETY: the IDT is static, so the IDTR stays valid forever; lidt only reads `idtr`.
+    unsafe { asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags)) };
 }

@@ -21,13 +21,19 @@ mod registry;
 mod ring3;
 mod route;
 mod serial;
+mod smp;
 mod tests;
 
 use veil_abi::{BootMode, TestResult, ABI_VERSION};
 
-/// Rust entry point, called by `_start` with the boot-info pointer the VMM passed in `rdi`.
+/// Rust entry point, called by `_start` with the boot-info pointer and the vCPU index the VMM
+/// passed in `rdi` and `rsi`. vCPUs other than 0 load the IDT vCPU 0 fills and park.
 #[no_mangle]
-extern "C" fn kmain(boot_info: u64) -> ! {
+extern "C" fn kmain(boot_info: u64, cpu: u64) -> ! {
+    if cpu != 0 {
+        idt::load();
+        smp::park(cpu.min(u64::from(veil_abi::MAX_VCPUS) - 1) as u32);
+    }
     idt::init();
     serial::init();
     // The first hypercall comes before any console output: the VMM times process start to it.

@@ -43,4 +43,8 @@ pub static TESTS: &[Test] = &[
     Test::new("reachability", tests::reachability::reachability),
     Test::new("stage2_verify", tests::stage2_checks::stage2_verify),
     Test::new("sweep", tests::stage2_checks::sweep),
+    Test::new("cross_vcpu_isolation", tests::smp::cross_vcpu_isolation),
+    Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
+    Test::new("flip_under_reader", tests::smp::flip_under_reader),
+    Test::new("revocation_latency", tests::revocation::revocation_latency),
 ];

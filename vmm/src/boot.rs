@@ -182,13 +182,15 @@ pub fn long_mode_sregs(mut base: kvm_sregs, cr3: u64) -> kvm_sregs {
     base
 }
 
-/// General registers at entry: `rip = entry`, `rsp = stack_top`, `rdi = boot info`.
-pub fn entry_regs(entry: u64, stack_top: u64) -> kvm_regs {
+/// General registers at entry of vCPU `vcpu`: `rip = entry`, `rsp = stack_top`, `rdi` = the
+/// boot info, `rsi` = its index.
+pub fn entry_regs(entry: u64, stack_top: u64, vcpu: u32) -> kvm_regs {
     kvm_regs {
         rip: entry,
         rsp: stack_top,
         rbp: 0,
         rdi: BOOT_INFO_GPA,
+        rsi: u64::from(vcpu),
         rflags: 2,
         ..Default::default()
     }
@@ -214,6 +216,8 @@ pub struct BootParams {
     pub ram_size: u64,
     /// End of the reserved low memory.
     pub reserved_end: u64,
+    /// vCPUs the VM runs.
+    pub vcpus: u32,
 }
 
 /// Builds the boot block for vCPU 0.
@@ -238,7 +242,7 @@ pub fn boot_info(p: &BootParams) -> Result<BootInfo, BootError> {
         mailbox_gpa: veil_abi::MAILBOX_GPA,
         stack_top: STACK_TOP_GPA,
         selection_len: sel.len() as u32,
-        _pad: 0,
+        vcpus: p.vcpus,
         selection,
     })
 }
@@ -250,6 +254,20 @@ pub fn write_boot_structures(ram: &GuestRam, p: &BootParams) -> Result<u64, Boot
     let info = boot_info(p)?;
     ram.write(BOOT_INFO_GPA, BootInfoBytes(info).as_slice())?;
     Ok(pt.pml4)
+}
+
+/// `cpuid` as vCPU `vcpu` sees it: the host's supported leaves with its initial APIC id
+/// (leaf 1 EBX[31:24]) and x2APIC id (leaves 0xB and 0x1F, EDX) set to `vcpu`.
+pub fn vcpu_cpuid(supported: &kvm_bindings::CpuId, vcpu: u32) -> kvm_bindings::CpuId {
+    let mut c = supported.clone();
+    for e in c.as_mut_slice() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((vcpu & 0xff) << 24),
+            0xb | 0x1f => e.edx = vcpu,
+            _ => {}
+        }
+    }
+    c
 }
 
 #[cfg(test)]
@@ -310,11 +328,31 @@ mod tests {
     #[test]
     fn boot_info_rejects_long_selection() {
         let p = BootParams {
+            vcpus: 1,
             mode: BootMode::Run,
             selection: "a".repeat(SELECTION_MAX + 1),
             ram_size: 256 << 20,
             reserved_end: 4 << 20,
         };
         assert!(matches!(boot_info(&p), Err(BootError::SelectionTooLong(_))));
+    }
+
+    #[test]
+    fn each_vcpu_sees_its_own_apic_ids() {
+        let mut entries = [kvm_bindings::kvm_cpuid_entry2::default(); 3];
+        entries[0].function = 1;
+        entries[0].ebx = 0x0012_3456 | (7 << 24);
+        entries[1].function = 0xb;
+        entries[2].function = 0x1f;
+        let supported = kvm_bindings::CpuId::from_entries(&entries).unwrap();
+        let c = vcpu_cpuid(&supported, 3);
+        let e = c.as_slice();
+        assert_eq!(e[0].ebx, 0x0312_3456, "leaf 1: APIC id 3, the rest kept");
+        assert_eq!((e[1].edx, e[2].edx), (3, 3), "x2APIC ids");
+        assert_eq!(
+            supported.as_slice()[0].ebx >> 24,
+            7,
+            "the host's list is not changed"
+        );
     }
 }

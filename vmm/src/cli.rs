@@ -242,6 +242,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub verify_stage2: bool,
 
+    /// vCPUs to run, one host thread each (1 up to KVM's maximum, at most 16; 0 or more is a
+    /// usage error). Veil's own guest enters every vCPU in 64-bit mode on its own stack; vCPU 0
+    /// runs the suite, the others park in the guest's SMP runtime until a test hands them
+    /// work (the cross-vCPU tests skip with one vCPU). A violation record names the vCPU that
+    /// made it.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: u32,
+
     /// Write stage-2 ("EPT") dumps: every GPA range with state, freetype, memslot and host
     /// address, the memslot table, allocator and engine counters, KVM's binary stats. The
     /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg by format; "-" =
@@ -469,6 +477,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     }
     cfg.host_secretmem = args.host_secretmem;
     cfg.verify_stage2 = args.verify_stage2;
+    cfg.vcpus = args.vcpus;
     if args.dump_guest_core {
         cfg.core_dump = crate::memory::CoreDump::Include;
     }

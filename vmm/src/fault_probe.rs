@@ -116,13 +116,15 @@ fn run(kvm: &Kvm) -> Result<FaultProbe, String> {
         s.selector |= 3;
     }
     vcpu.set_sregs(&sregs).map_err(err("KVM_SET_SREGS"))?;
-    vcpu.set_regs(&boot::entry_regs(CODE_GPA, CODE_GPA + PAGE_SIZE / 2))
+    vcpu.set_regs(&boot::entry_regs(CODE_GPA, CODE_GPA + PAGE_SIZE / 2, 0))
         .map_err(err("KVM_SET_REGS"))?;
 
     watchdog::install_handler().map_err(|e| format!("kick handler: {e}"))?;
-    let dog = Watchdog::start(Some(PROBE_TIMEOUT), Arc::new(AtomicU64::new(0)))
+    // SAFETY: this thread runs `vcpu`; the watchdog (the kick's only user) is dropped below,
+    // before `vcpu`.
+    let kick = unsafe { watchdog::Kick::new(&mut vcpu) };
+    let dog = Watchdog::start(Some(PROBE_TIMEOUT), Arc::new(AtomicU64::new(0)), kick)
         .map_err(|e| format!("watchdog: {e}"))?;
-    watchdog::publish_immediate_exit(&mut vcpu.get_kvm_run().immediate_exit as *mut u8);
     let outcome = loop {
         break match vcpu.run() {
             Ok(VcpuExit::MemoryFault { flags, gpa, size }) => {
@@ -133,7 +135,7 @@ fn run(kvm: &Kvm) -> Result<FaultProbe, String> {
             Err(e) if e.errno() == libc::EFAULT => Ok(FaultProbe::EfaultNoExit),
             // A watchdog kick: a stall sample (run on) or the timeout.
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
+                watchdog::set_immediate_exit(&mut vcpu, 0);
                 if !dog.fired() {
                     continue;
                 }
@@ -142,7 +144,6 @@ fn run(kvm: &Kvm) -> Result<FaultProbe, String> {
             Err(e) => Err(format!("KVM_RUN: {e}")),
         };
     };
-    watchdog::publish_immediate_exit(std::ptr::null_mut());
     drop(dog);
     outcome
 }

@@ -49,6 +49,7 @@ pub mod report;
 pub mod run_types;
 pub mod secret;
 pub mod session;
+pub mod shootdown;
 pub mod signals;
 pub mod stage2;
 pub mod vm;

@@ -18,14 +18,12 @@ pub type Allocator = allocator::Zone<Stage2Engine<GuestBackend>>;
 /// indexed by.
 pub type VcpuIndex = usize;
 
-/// vCPUs a VM runs (one today): the CPU count of the VM's [`Allocator`].
-pub const NR_VCPUS: usize = 1;
-
-/// The vCPU that boots and runs the guest (the only one today).
+/// The vCPU that boots the guest and runs its suite; the others park in the guest's SMP
+/// runtime until a test hands them work.
 pub const BOOT_VCPU: VcpuIndex = 0;
 
 /// The stage-2 backend a run uses (chosen at start; the session is not tied to one type).
-pub type GuestBackend = Box<dyn Stage2Backend>;
+pub type GuestBackend = Box<dyn Stage2Backend + Send>;
 
 /// What to do at a violation (`--on-violation`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]

@@ -1,8 +1,9 @@
 //! SIGINT, SIGTERM and SIGHUP: ask the run to stop cleanly instead of ending the process.
 //!
 //! [`install`] (done by the `veil` binary) replaces the default actions. The first signal is
-//! recorded ([`pending`]) and the registered vCPU thread is kicked out of `KVM_RUN` the way the
-//! watchdog does it (its kick signal sets `kvm_run.immediate_exit`); the run loop then stops
+//! recorded ([`pending`]) and every registered vCPU thread is sent the kick signal (which
+//! interrupts `KVM_RUN`; the handler touches no `kvm_run`, and the watchdog kicks with
+//! `immediate_exit` at its next tick for a vCPU that was about to enter it); the run loop then stops
 //! the guest, the report and dumps are written, guest RAM is wiped, and `veil` exits with
 //! 128 + the signal number (130, 143, 129). A second signal while that happens restores the
 //! default action and re-raises it: the process dies at once.
@@ -16,8 +17,9 @@ pub const SIGNALS: [c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 /// The first signal received (0: none).
 static PENDING: AtomicI32 = AtomicI32::new(0);
-/// `pthread_t` of the vCPU thread to kick (0: none registered).
-static VCPU: AtomicU64 = AtomicU64::new(0);
+/// `pthread_t`s of the vCPU threads to kick (0: a free slot).
+static VCPUS: [AtomicU64; veil_abi::MAX_VCPUS as usize] =
+    [const { AtomicU64::new(0) }; veil_abi::MAX_VCPUS as usize];
 
 extern "C" fn on_signal(sig: c_int) {
     if PENDING
@@ -32,11 +34,13 @@ extern "C" fn on_signal(sig: c_int) {
         }
         return;
     }
-    let t = VCPU.load(Ordering::SeqCst);
-    if t != 0 {
-        // SAFETY: pthread_kill is async-signal safe; `t` was registered by a live vCPU thread
-        // that unregisters itself before it ends (`VcpuRegistration::drop`).
-        unsafe { libc::pthread_kill(t as libc::pthread_t, crate::watchdog::kick_signal()) };
+    for slot in &VCPUS {
+        let t = slot.load(Ordering::SeqCst);
+        if t != 0 {
+            // SAFETY: pthread_kill is async-signal safe; `t` was registered by a live vCPU
+            // thread that unregisters itself before it ends (`VcpuRegistration::drop`).
+            unsafe { libc::pthread_kill(t as libc::pthread_t, crate::watchdog::kick_signal()) };
+        }
     }
 }
 
@@ -82,15 +86,20 @@ pub fn name(sig: c_int) -> &'static str {
     }
 }
 
-/// Makes the calling thread the one a signal kicks out of `KVM_RUN`, until dropped.
-pub struct VcpuRegistration(());
+/// Makes the calling thread one of those a signal kicks out of `KVM_RUN`, until dropped.
+pub struct VcpuRegistration(Option<usize>);
 
 impl VcpuRegistration {
-    /// Registers the calling thread.
+    /// Registers the calling thread (in a free slot; with none free, a vCPU of an embedder
+    /// running more than [`veil_abi::MAX_VCPUS`] at once, it is not kicked by signals but still
+    /// stops at the next exit that checks [`pending`]).
     pub fn new() -> VcpuRegistration {
         // SAFETY: pthread_self has no preconditions.
-        VCPU.store(unsafe { libc::pthread_self() } as u64, Ordering::SeqCst);
-        VcpuRegistration(())
+        let me = unsafe { libc::pthread_self() } as u64;
+        VcpuRegistration(VCPUS.iter().position(|slot| {
+            slot.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        }))
     }
 }
 
@@ -102,7 +111,9 @@ impl Default for VcpuRegistration {
 
 impl Drop for VcpuRegistration {
     fn drop(&mut self) {
-        VCPU.store(0, Ordering::SeqCst);
+        if let Some(i) = self.0 {
+            VCPUS[i].store(0, Ordering::SeqCst);
+        }
     }
 }
 

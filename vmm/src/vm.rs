@@ -2,13 +2,13 @@
 //! the vCPU run loop that dispatches port I/O (hypercalls, bare exits, the UART), MMIO exits
 //! (violations, not-RAM accesses) and everything else.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd};
-use veil_abi::{BootMode, BARE_PORT, HYPERCALL_PORT, PAGEBLOCK_SIZE, POISON_BYTE};
+use kvm_ioctls::{Kvm, SyncReg, VcpuFd};
+use veil_abi::{BootMode, PAGEBLOCK_SIZE, POISON_BYTE};
 
 use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
@@ -17,21 +17,24 @@ use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
-use crate::report::{AccessKind, ExitInfo, RegsDump, RunReport};
-use crate::session::{DumpConfig, Session, SessionConfig};
+use crate::report::{AccessKind, ExitCounts, ExitInfo, RegsDump, RunReport, VcpuSummary};
+use crate::session::{DumpConfig, Session, SessionConfig, VcpuState};
+use crate::shootdown::Vcpus;
 use crate::signals;
 use crate::stage2::{
     BackendKind, EngineError, KvmSlots, Mprotect, MprotectError, Slots, Stage2Engine,
 };
 use crate::watchdog::{self, Watchdog};
+use dispatch::{dispatch, Action, Progress};
 
+mod dispatch;
 mod fault;
 mod kvm_run;
 mod stall;
 
 pub(crate) use crate::run_types::FetchOutcome;
+use crate::run_types::BOOT_VCPU;
 pub use crate::run_types::{valid_test_name, Allocator, GuestBackend, ViolationPolicy};
-use crate::run_types::{BOOT_VCPU, NR_VCPUS};
 
 /// Everything needed to boot and run one guest.
 #[derive(Clone, Debug)]
@@ -68,6 +71,8 @@ pub struct VmConfig {
     pub host_secretmem: bool,
     /// Reconcile stage 2 after every hypercall that changed it (`--verify-stage2`).
     pub verify_stage2: bool,
+    /// vCPUs (`--vcpus`): one thread each; vCPU 0 runs the suite.
+    pub vcpus: u32,
 }
 
 impl VmConfig {
@@ -90,6 +95,7 @@ impl VmConfig {
             stage2: BackendKind::default(),
             host_secretmem: false,
             verify_stage2: false,
+            vcpus: 1,
         }
     }
 }
@@ -139,6 +145,14 @@ pub enum VmError {
     /// `--host-secretmem` with a backend that cannot back pages with secret memory.
     #[error("--host-secretmem needs --stage2 mprotect: the slots backend removes pages as memslot holes and has no second mapping to back with memfd_secret memory")]
     SecretMemNeedsMprotect,
+    /// `--vcpus` outside 1..=the limit.
+    #[error("--vcpus {asked}: this host and guest ABI run 1 to {max} vCPUs (KVM's maximum, at most veil_abi::MAX_VCPUS)")]
+    BadVcpus {
+        /// The count asked for.
+        asked: u32,
+        /// The largest count allowed here.
+        max: u32,
+    },
     /// Console or watchdog setup failed.
     #[error("{what}")]
     Io {
@@ -163,10 +177,54 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
+/// vCPU `index`, ready to enter the guest at `entry` in 64-bit mode on its own stack, with its
+/// own APIC ids in CPUID.
+fn new_vcpu(
+    vm: &kvm_ioctls::VmFd,
+    cpuid: &kvm_bindings::CpuId,
+    index: u32,
+    cr3: u64,
+    entry: u64,
+) -> Result<VcpuFd, VmError> {
+    let mut vcpu = vm
+        .create_vcpu(u64::from(index))
+        .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
+    vcpu.set_cpuid2(&boot::vcpu_cpuid(cpuid, index))
+        .map_err(kvm_err("KVM_SET_CPUID2 failed"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS failed"))?;
+    vcpu.set_sregs(&boot::long_mode_sregs(sregs, cr3))
+        .map_err(kvm_err("KVM_SET_SREGS failed"))?;
+    vcpu.set_fpu(&boot::entry_fpu())
+        .map_err(kvm_err("KVM_SET_FPU failed"))?;
+    vcpu.set_regs(&boot::entry_regs(
+        entry,
+        veil_abi::ap_stack_top(index),
+        index,
+    ))
+    .map_err(kvm_err("KVM_SET_REGS failed"))?;
+    vcpu.set_sync_valid_reg(SyncReg::Register);
+    Ok(vcpu)
+}
+
+/// How long a vCPU other than vCPU 0 sleeps at a `hlt` before it runs again.
+const AP_IDLE: Duration = Duration::from_micros(200);
+
 /// A booted (not yet running) VM.
 pub struct Vm {
-    vcpu: VcpuFd,
     s: Session,
+    vcpus: Vec<VcpuFd>,
+    threads: Arc<Vcpus>,
+    timeout: Option<Duration>,
+}
+
+/// One vCPU's run loop: its KVM fd, the state it owns ([`VcpuState`], exit counters, the
+/// livelock detectors' memory) and the VM-wide [`Session`] it shares with the other vCPUs.
+struct Vcpu {
+    vcpu: VcpuFd,
+    cpu: VcpuState,
+    exits: ExitCounts,
+    s: Arc<Mutex<Session>>,
+    stop: Arc<RunStop>,
     timeout: Option<Duration>,
     /// Exits that were not watchdog kicks, published for the watchdog's stall check.
     progress: Arc<AtomicU64>,
@@ -174,6 +232,37 @@ pub struct Vm {
     last_exit: Instant,
     faults: FaultRepeat,
     stalls: StallSampler,
+}
+
+/// The session locked for one vCPU, with that vCPU's [`VcpuState`] lent to it until dropped.
+struct Lent<'a> {
+    guard: MutexGuard<'a, Session>,
+    cpu: &'a mut VcpuState,
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        self.guard.lend(self.cpu);
+    }
+}
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut Session {
+        &mut self.guard
+    }
+}
+
+/// Locks `s`, whether or not a panicking vCPU thread poisoned it (the session's state stays
+/// consistent between its calls; the report says what the panicking thread's exit was).
+fn lock(s: &Mutex<Session>) -> MutexGuard<'_, Session> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Vm {
@@ -200,6 +289,7 @@ impl Vm {
             selection: cfg.selection.join(","),
             ram_size,
             reserved_end,
+            vcpus: cfg.vcpus,
         };
         boot::boot_info(&params)?;
 
@@ -208,6 +298,15 @@ impl Vm {
         let kvm = Kvm::new().map_err(kvm_err(
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
+        let max = u32::try_from(kvm.get_max_vcpus())
+            .unwrap_or(1)
+            .clamp(1, veil_abi::MAX_VCPUS);
+        if cfg.vcpus == 0 || cfg.vcpus > max {
+            return Err(VmError::BadVcpus {
+                asked: cfg.vcpus,
+                max,
+            });
+        }
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM failed"))?);
         match crate::pv_msrs::install(&kvm, &vm) {
             Ok(true) => {}
@@ -229,11 +328,13 @@ impl Vm {
         lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
+        let threads = Arc::new(Vcpus::default());
         let backend: GuestBackend = match cfg.stage2 {
-            BackendKind::Slots => Box::new(Slots::new(
-                KvmSlots::new(vm.clone(), ram.clone(), max_slots),
-                ram_size,
-            )),
+            BackendKind::Slots => {
+                let mut b = Slots::new(KvmSlots::new(vm.clone(), ram.clone(), max_slots), ram_size);
+                b.park_vcpus(threads.clone());
+                Box::new(b)
+            }
             BackendKind::Mprotect => {
                 let mut b = Mprotect::new(vm.clone(), ram.clone())?;
                 if cfg.host_secretmem {
@@ -249,27 +350,18 @@ impl Vm {
             (ram_size - reserved_end) >> 12,
             engine,
             allocator::Config::default(),
-            NR_VCPUS,
+            cfg.vcpus as usize,
         )?;
         lap("allocator");
 
-        let mut vcpu = vm
-            .create_vcpu(BOOT_VCPU as u64)
-            .map_err(kvm_err("KVM_CREATE_VCPU failed"))?;
         let cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID failed"))?;
-        vcpu.set_cpuid2(&cpuid)
-            .map_err(kvm_err("KVM_SET_CPUID2 failed"))?;
-        let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS failed"))?;
-        vcpu.set_sregs(&boot::long_mode_sregs(sregs, cr3))
-            .map_err(kvm_err("KVM_SET_SREGS failed"))?;
-        vcpu.set_fpu(&boot::entry_fpu())
-            .map_err(kvm_err("KVM_SET_FPU failed"))?;
-        vcpu.set_regs(&boot::entry_regs(image.entry, veil_abi::STACK_TOP_GPA))
-            .map_err(kvm_err("KVM_SET_REGS failed"))?;
-        vcpu.set_sync_valid_reg(SyncReg::Register);
-        let tsc_khz = vcpu.get_tsc_khz().ok();
+        let mut vcpus = Vec::new();
+        for index in 0..cfg.vcpus {
+            vcpus.push(new_vcpu(&vm, &cpuid, index, cr3, image.entry)?);
+        }
+        let tsc_khz = vcpus[0].get_tsc_khz().ok();
         lap("vCPU");
 
         let console = Console::new(&cfg.console).map_err(|source| VmError::Io {
@@ -280,7 +372,6 @@ impl Vm {
             vm,
             ram,
             alloc,
-            vcpu: BOOT_VCPU,
             console,
             reserved_end: Gpa(reserved_end),
             image: image.pages(),
@@ -295,13 +386,10 @@ impl Vm {
             verify_stage2: cfg.verify_stage2,
         });
         Ok(Vm {
-            vcpu,
             s,
+            vcpus,
+            threads,
             timeout: cfg.timeout,
-            progress: Arc::new(AtomicU64::new(0)),
-            last_exit: Instant::now(),
-            faults: FaultRepeat::default(),
-            stalls: StallSampler::default(),
         })
     }
 
@@ -311,26 +399,167 @@ impl Vm {
         &mut self.s
     }
 
-    /// Runs the guest until it exits, crashes, is killed or times out.
-    pub fn run(mut self) -> Result<RunReport, VmError> {
-        let dog =
-            Watchdog::start(self.timeout, self.progress.clone()).map_err(|source| VmError::Io {
-                what: "cannot start the watchdog",
-                source,
-            })?;
+    /// Runs the guest until it exits, crashes, is killed or times out: vCPU 0 on the calling
+    /// thread, every other vCPU on a thread of its own; the first vCPU to stop stops them all.
+    pub fn run(self) -> Result<RunReport, VmError> {
+        let count = self.vcpus.len() as u32;
+        let (s, stop, cpus) = self.into_parts();
+        let run_start = Instant::now();
+        lock(&s).mark_run_start(run_start);
+        let mut cpus = cpus.into_iter();
+        let Some(mut boot) = cpus.next() else {
+            unreachable!("Vm::new creates at least one vCPU");
+        };
+        let mut exits = std::thread::scope(|scope| {
+            let aps: Vec<_> = cpus
+                .map(|mut cpu| {
+                    scope.spawn(move || {
+                        let end = cpu.run();
+                        cpu.stop.stop(end);
+                        cpu.exits
+                    })
+                })
+                .collect();
+            let end = boot.run();
+            boot.stop.stop(end);
+            let mut exits = Vec::new();
+            for ap in aps {
+                // A vCPU thread that panicked has stopped the VM by unwinding: its counts are lost.
+                exits.extend(ap.join().ok());
+            }
+            exits
+        });
+        exits.push(boot.exits.clone());
+        drop(boot);
+        let end = stop.take().unwrap_or(ExitInfo::KvmError {
+            error: "no vCPU reported why it stopped".into(),
+        });
+        let s = match Arc::try_unwrap(s) {
+            Ok(m) => m.into_inner().unwrap_or_else(|e| e.into_inner()),
+            Err(_) => unreachable!("every vCPU's handle on the session is dropped"),
+        };
+        let vcpus = VcpuSummary {
+            count,
+            parks: stop.threads.counts(),
+        };
+        Ok(s.finish(end, run_start.elapsed(), sum(&exits), vcpus))
+    }
+
+    /// The session behind its lock, the run's stop, and one run loop per vCPU sharing them.
+    fn into_parts(self) -> (Arc<Mutex<Session>>, Arc<RunStop>, Vec<Vcpu>) {
+        let s = Arc::new(Mutex::new(self.s));
+        let stop = Arc::new(RunStop {
+            stopping: AtomicBool::new(false),
+            first: Mutex::new(None),
+            threads: self.threads.clone(),
+        });
+        let cpus = self
+            .vcpus
+            .into_iter()
+            .enumerate()
+            .map(|(index, vcpu)| Vcpu {
+                vcpu,
+                cpu: VcpuState::new(index),
+                exits: ExitCounts::default(),
+                s: s.clone(),
+                stop: stop.clone(),
+                timeout: self.timeout,
+                progress: Arc::new(AtomicU64::new(0)),
+                last_exit: Instant::now(),
+                faults: FaultRepeat::default(),
+                stalls: StallSampler::default(),
+            })
+            .collect();
+        (s, stop, cpus)
+    }
+}
+
+/// The exit counters of all vCPUs added up.
+fn sum(all: &[ExitCounts]) -> ExitCounts {
+    let mut t = ExitCounts::default();
+    for c in all {
+        t.total += c.total;
+        t.hypercalls += c.hypercalls;
+        t.bare += c.bare;
+        t.pio += c.pio;
+        t.mmio += c.mmio;
+        t.memory_faults += c.memory_faults;
+    }
+    t
+}
+
+/// How the vCPU threads of one run stop together: the first stop is kept, a flag every run
+/// loop checks before `KVM_RUN` is raised, and every other vCPU thread is kicked
+/// ([`crate::shootdown`] has the kick scheme).
+struct RunStop {
+    stopping: AtomicBool,
+    first: Mutex<Option<ExitInfo>>,
+    threads: Arc<Vcpus>,
+}
+
+impl RunStop {
+    /// Records `end` if it is the first stop, and stops every vCPU.
+    fn stop(&self, end: Result<ExitInfo, VmError>) {
+        let end = end.unwrap_or_else(|e| ExitInfo::KvmError {
+            error: e.to_string(),
+        });
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(end);
+        drop(first);
+        self.stopping.store(true, Ordering::SeqCst);
+        self.threads.kick_others();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    fn take(&self) -> Option<ExitInfo> {
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl Vcpu {
+    /// The session, locked, with this vCPU's state lent to it. Borrows `self` whole, so the
+    /// compiler rejects a second lock while one is held.
+    fn s(&mut self) -> Lent<'_> {
+        let mut guard = lock(&self.s);
+        guard.lend(&mut self.cpu);
+        Lent {
+            guard,
+            cpu: &mut self.cpu,
+        }
+    }
+
+    /// The VM-wide session state, locked, for read-only questions that need no vCPU state
+    /// (stage-2 state, the checked view). Do not call it while holding [`Vcpu::s`].
+    fn vm(&self) -> MutexGuard<'_, Session> {
+        lock(&self.s)
+    }
+
+    /// Runs this vCPU on the calling thread until the VM stops, under a watchdog.
+    fn run(&mut self) -> Result<ExitInfo, VmError> {
         watchdog::install_handler().map_err(|source| VmError::Io {
             what: "cannot install the vCPU kick handler",
             source,
         })?;
+        // SAFETY: this thread runs `self.vcpu`; the watchdog is dropped and the kick
+        // unregistered below, before this function returns and the VcpuFd can go.
+        let kick = unsafe { watchdog::Kick::new(&mut self.vcpu) };
+        let dog = Watchdog::start(self.timeout, self.progress.clone(), kick).map_err(|source| {
+            VmError::Io {
+                what: "cannot start the watchdog",
+                source,
+            }
+        })?;
         let kick_me = signals::VcpuRegistration::new();
-        let run_start = Instant::now();
-        self.s.mark_run_start(run_start);
-        self.last_exit = run_start;
+        self.stop.threads.register(Some(kick));
+        self.last_exit = Instant::now();
         let stop = self.run_loop(&dog);
+        self.stop.threads.register(None);
         drop(kick_me);
-        watchdog::publish_immediate_exit(std::ptr::null_mut());
         drop(dog);
-        Ok(self.s.finish(stop, run_start.elapsed()))
+        Ok(stop)
     }
 
     fn regs_dump(&self) -> RegsDump {
@@ -338,8 +567,13 @@ impl Vm {
     }
 
     fn run_loop(&mut self, dog: &Watchdog) -> ExitInfo {
-        watchdog::publish_immediate_exit(kvm_run::immediate_exit_ptr(&mut self.vcpu));
         loop {
+            if self.stop.stopping() {
+                // Another vCPU stopped the VM: its stop is the one reported.
+                return ExitInfo::Halted {
+                    regs: self.regs_dump(),
+                };
+            }
             if dog.fired() {
                 return self.timeout_exit();
             }
@@ -350,154 +584,106 @@ impl Vm {
                     regs: self.regs_dump(),
                 };
             }
-            let exit = self.vcpu.run();
-            self.s.exits.total += 1;
-            if !matches!(&exit, Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN)
-                && !matches!(exit, Ok(VcpuExit::Intr))
-            {
+            let (action, progress) = {
+                let _in_guest = self.stop.threads.enter();
+                dispatch(self.vcpu.run(), &mut self.exits)
+            };
+            if progress != Progress::None {
                 self.last_exit = Instant::now();
-                self.progress.store(self.s.exits.total, Ordering::Relaxed);
-                if !matches!(
-                    &exit,
-                    Ok(VcpuExit::MmioRead(..)
-                        | VcpuExit::MmioWrite(..)
-                        | VcpuExit::MemoryFault { .. })
-                ) && !matches!(&exit, Err(e) if e.errno() == libc::EFAULT)
-                {
+                self.progress.store(self.exits.total, Ordering::Relaxed);
+                if progress == Progress::Exit {
                     self.faults.progress();
                 }
             }
-            match exit {
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    let value = data.first().copied().unwrap_or(0);
-                    match port {
-                        HYPERCALL_PORT => {
-                            self.s.exits.hypercalls += 1;
-                            let r = self.vcpu.sync_regs_mut().regs;
-                            let args = [r.rdi, r.rsi, r.rcx, r.r8];
-                            let out = match self.route_exception(r.rax as u32, args) {
-                                Some(out) => out,
-                                None => self.s.hypercall(r.rax as u32, args),
-                            };
-                            let m = self.vcpu.sync_regs_mut();
-                            m.regs.rax = out.status as u64;
-                            m.regs.rdi = out.r0;
-                            m.regs.rsi = out.r1;
-                            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
-                            if let Some(stop) = out.stop {
-                                return self.fill_regs(stop);
-                            }
-                        }
-                        BARE_PORT => self.s.exits.bare += 1,
-                        p if Console::owns(p) => {
-                            self.s.exits.pio += 1;
-                            if data.len() <= 1 {
-                                self.s.console.write(p, value);
-                            } else {
-                                // String or wide I/O: one UART write per element (low byte).
-                                let bytes = data.to_vec();
-                                let size = self.pio_size();
-                                for chunk in bytes.chunks(size) {
-                                    self.s.console.write(p, chunk[0]);
-                                }
-                            }
-                        }
-                        _ => self.s.exits.pio += 1,
-                    }
+            if let Some(stop) = self.act(action, dog) {
+                return stop;
+            }
+        }
+    }
+
+    /// Carries out one [`Action`] of [`dispatch`]; `Some` stops the VM.
+    fn act(&mut self, action: Action, dog: &Watchdog) -> Option<ExitInfo> {
+        match action {
+            Action::Resume => None,
+            Action::Hypercall => {
+                let r = self.vcpu.sync_regs_mut().regs;
+                let args = [r.rdi, r.rsi, r.rcx, r.r8];
+                let out = match self.route_exception(r.rax as u32, args) {
+                    Some(out) => out,
+                    None => self.s().hypercall(r.rax as u32, args),
+                };
+                let m = self.vcpu.sync_regs_mut();
+                m.regs.rax = out.status as u64;
+                m.regs.rdi = out.r0;
+                m.regs.rsi = out.r1;
+                self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                out.stop.map(|stop| self.fill_regs(stop))
+            }
+            Action::ConsoleOut { port, data } => {
+                // String or wide I/O: one UART write per element (its low byte).
+                let size = if data.len() <= 1 { 1 } else { self.pio_size() };
+                let mut s = self.s();
+                for chunk in data.chunks(size) {
+                    s.console.write(port, chunk[0]);
                 }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    self.s.exits.pio += 1;
-                    if !Console::owns(port) {
-                        data.fill(0xff);
-                    } else if data.len() == 1 {
-                        data[0] = self.s.console.read(port);
-                    } else {
-                        // String or wide I/O: one UART read per element, zero-extended.
-                        let len = data.len();
-                        let size = self.pio_size();
-                        let mut bytes = vec![0u8; len];
-                        for chunk in bytes.chunks_mut(size) {
-                            chunk[0] = self.s.console.read(port);
-                        }
-                        // SAFETY: handling this KVM_EXIT_IO exit; `len` is its data length.
-                        unsafe { self.pio_data_mut(len) }.copy_from_slice(&bytes);
-                    }
+                None
+            }
+            Action::ConsoleIn { port, len } => {
+                // String or wide I/O: one UART read per element, zero-extended.
+                let size = if len <= 1 { 1 } else { self.pio_size() };
+                let mut bytes = vec![0u8; len];
+                let mut s = self.s();
+                for chunk in bytes.chunks_mut(size) {
+                    chunk[0] = s.console.read(port);
                 }
-                Ok(VcpuExit::MmioRead(gpa, data)) => {
-                    let len = data.len();
-                    self.s.exits.mmio += 1;
-                    let rip = self.sync_rip();
-                    let (byte, stop) = self.s.mmio(Gpa(gpa), AccessKind::Read, len as u32, rip);
+                drop(s);
+                // SAFETY: handling this KVM_EXIT_IO exit; `len` is its data length.
+                unsafe { self.pio_data_mut(len) }.copy_from_slice(&bytes);
+                None
+            }
+            Action::Mmio { gpa, access, len } => {
+                let rip = self.sync_rip();
+                let (byte, stop) = self.s().mmio(Gpa(gpa), access, len as u32, rip);
+                if access == AccessKind::Read {
                     self.mmio_data_mut(len).fill(byte);
-                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Read)) {
-                        return stop;
-                    }
                 }
-                Ok(VcpuExit::MmioWrite(gpa, data)) => {
-                    let len = data.len();
-                    self.s.exits.mmio += 1;
-                    let rip = self.sync_rip();
-                    let (_, stop) = self.s.mmio(Gpa(gpa), AccessKind::Write, len as u32, rip);
-                    if let Some(stop) = stop.or_else(|| self.fault_loop(gpa, AccessKind::Write)) {
-                        return stop;
-                    }
-                }
-                Ok(VcpuExit::InternalError) => {
-                    if let Some(stop) = self.internal_error() {
-                        return stop;
-                    }
-                }
-                Ok(VcpuExit::MemoryFault { gpa, size, .. }) => {
-                    self.s.exits.memory_faults += 1;
-                    if let Some(stop) = self.memory_fault_exit(gpa, size) {
-                        return stop;
-                    }
-                }
-                Ok(VcpuExit::Shutdown) => return self.shutdown(),
-                Ok(VcpuExit::Hlt) => {
-                    return ExitInfo::Halted {
-                        regs: self.regs_dump(),
-                    }
-                }
-                Ok(VcpuExit::Intr) => continue,
-                Ok(VcpuExit::X86Wrmsr(w)) => {
-                    let (index, value) = (w.index, w.data);
-                    let rip = self.vcpu.sync_regs_mut().regs.rip;
-                    let (error, stop) =
-                        crate::pv_msrs::on_write(&mut self.s, &self.vcpu, index, value, rip);
-                    self.set_msr_error(error);
-                    if let Some(stop) = stop {
-                        return stop;
-                    }
-                }
-                Ok(other) => {
-                    let what = format!("{other:?}");
-                    return ExitInfo::UnexpectedExit {
-                        what,
-                        regs: self.regs_dump(),
-                    };
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.vcpu.set_kvm_immediate_exit(0);
-                    if dog.take_sample() {
-                        if let Some(stop) = self.stall_sample() {
-                            return stop;
-                        }
-                    }
-                    continue;
-                }
-                Err(e) if e.errno() == libc::EFAULT => {
-                    self.s.exits.memory_faults += 1;
-                    if let Some(stop) = self.memory_fault(&e) {
-                        return stop;
-                    }
-                }
-                Err(e) => {
-                    return ExitInfo::KvmError {
-                        error: e.to_string(),
-                    }
+                stop.or_else(|| self.fault_loop(gpa, access))
+            }
+            Action::InternalError => self.internal_error(),
+            Action::MemoryFault { gpa, size } => self.memory_fault_exit(gpa, size),
+            Action::Efault(e) => self.memory_fault(&e),
+            Action::Shutdown => Some(self.shutdown()),
+            Action::Halted if self.cpu.index() != BOOT_VCPU => {
+                // A parked vCPU idles in `hlt` (there is no interrupt to wake it): let it
+                // look at its mailbox again a little later.
+                std::thread::sleep(AP_IDLE);
+                None
+            }
+            Action::Halted => Some(ExitInfo::Halted {
+                regs: self.regs_dump(),
+            }),
+            Action::Wrmsr { index, value } => {
+                let rip = self.vcpu.sync_regs_mut().regs.rip;
+                let mut s = lock(&self.s);
+                s.lend(&mut self.cpu);
+                let (error, stop) = crate::pv_msrs::on_write(&mut s, &self.vcpu, index, value, rip);
+                s.lend(&mut self.cpu);
+                drop(s);
+                self.set_msr_error(error);
+                stop
+            }
+            Action::Unexpected(what) => Some(ExitInfo::UnexpectedExit {
+                what,
+                regs: self.regs_dump(),
+            }),
+            Action::Kicked => {
+                watchdog::set_immediate_exit(&mut self.vcpu, 0);
+                match dog.take_sample() {
+                    true => self.stall_sample(),
+                    false => None,
                 }
             }
+            Action::KvmError(error) => Some(ExitInfo::KvmError { error }),
         }
     }
 

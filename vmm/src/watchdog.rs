@@ -1,45 +1,38 @@
 //! The watchdog: a thread that kicks a runaway vCPU out of `KVM_RUN` at `--timeout`, and
 //! samples a vCPU that has made no exit for a while (the livelock detector's silent-spin check).
 //!
-//! The vCPU thread publishes the address of its `kvm_run.immediate_exit` byte in a thread-local;
-//! the watchdog sends it a real-time signal whose handler sets that byte, so a kick that lands
-//! just before `KVM_RUN` is not lost, and keeps kicking every few milliseconds until the run
-//! loop notices the timeout. Every [`STALL_SAMPLE`] it compares the run loop's exit counter with
-//! the last tick's; only when no exit happened in between does it kick for a sample, so a guest
-//! that exits on its own pays nothing.
+//! It also holds Veil's one way to kick a vCPU ([`Kick`]): the kicking thread sets the vCPU's
+//! `kvm_run.immediate_exit` (atomically), then sends the vCPU thread a real-time signal whose
+//! handler does nothing. A vCPU inside `KVM_RUN` leaves it with `EINTR` because of the signal;
+//! one about to enter it returns at once because of `immediate_exit`, so no kick is lost; the
+//! run loop clears the byte after the `EINTR`. No signal handler touches `kvm_run`. The
+//! watchdog kicks every few milliseconds until the run loop notices the timeout, and every
+//! [`STALL_SAMPLE`] compares the run loop's exit counter with the last tick's; only when no exit
+//! happened in between does it kick for a sample, so a guest that exits on its own pays
+//! nothing. It also kicks at each tick while a `SIGINT`/`SIGTERM`/`SIGHUP` is pending (the
+//! handlers of those only signal the vCPU threads, which a vCPU between its check and
+//! `KVM_RUN` can miss).
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
+
 use crate::livelock::STALL_SAMPLE;
 
 use libc::{c_int, c_void, siginfo_t};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
-
-thread_local! {
-    /// Address of the current thread's `kvm_run.immediate_exit`, or null.
-    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
-}
+use vmm_sys_util::signal::register_signal_handler;
 
 /// The signal used to kick vCPU threads.
 pub fn kick_signal() -> c_int {
-    SIGRTMIN()
+    vmm_sys_util::signal::SIGRTMIN()
 }
 
-extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
-    // A const-initialised thread-local without destructor is a plain TLS access: async-signal
-    // safe in practice.
-    let p = IMMEDIATE_EXIT.with(|c| c.get());
-    if !p.is_null() {
-        // SAFETY: `p` was published by this thread from its live kvm_run mapping and is cleared
-        // (set to null) before that mapping goes away; a volatile byte store is signal safe.
-        unsafe { std::ptr::write_volatile(p, 1) };
-    }
-}
+/// The kick signal's handler: nothing to do, its delivery interrupts `KVM_RUN`.
+extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {}
 
 /// Installs the kick signal handler (once per process).
 pub fn install_handler() -> Result<(), std::io::Error> {
@@ -52,17 +45,56 @@ pub fn install_handler() -> Result<(), std::io::Error> {
     result
 }
 
-/// Publishes (or clears, with null) this thread's `immediate_exit` byte for the kick handler.
-pub fn publish_immediate_exit(p: *mut u8) {
-    IMMEDIATE_EXIT.with(|c| c.set(p));
+/// `vcpu`'s `kvm_run.immediate_exit` byte, as an atomic (KVM only reads it, at `KVM_RUN`).
+fn immediate_exit(vcpu: &mut VcpuFd) -> *const AtomicU8 {
+    let p: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    p as *const AtomicU8
 }
 
-struct Thread(libc::pthread_t);
-// SAFETY: the handle comes from pthread_self() of a thread that outlives the watchdog (the
-// watchdog is stopped and joined before the vCPU thread returns from its run loop).
-unsafe impl Killable for Thread {
-    fn pthread_handle(&self) -> libc::pthread_t {
-        self.0
+/// Sets `vcpu`'s `immediate_exit` (from the vCPU's own thread: 0 after a kick's `EINTR`).
+pub fn set_immediate_exit(vcpu: &mut VcpuFd, value: u8) {
+    // SAFETY: the byte lives in `vcpu`'s kvm_run mapping, alive while `vcpu` is; every write
+    // to it from Veil is atomic like this one.
+    unsafe { &*immediate_exit(vcpu) }.store(value, Ordering::SeqCst);
+}
+
+/// A way to kick one vCPU thread out of `KVM_RUN` (see the module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct Kick {
+    thread: libc::pthread_t,
+    immediate_exit: *const AtomicU8,
+}
+
+// SAFETY: a Kick is a thread id and the address of an atomic byte; `Kick::new`'s contract keeps
+// the byte alive for as long as any copy is used, from any thread.
+unsafe impl Send for Kick {}
+
+impl Kick {
+    /// The kick of `vcpu`, run by the calling thread.
+    ///
+    /// # Safety
+    /// The calling thread must be the one that runs `vcpu`, and every copy of the `Kick` must
+    /// be dropped, or no longer used, before `vcpu` is dropped or that thread ends.
+    pub unsafe fn new(vcpu: &mut VcpuFd) -> Kick {
+        Kick {
+            // SAFETY: pthread_self has no preconditions.
+            thread: unsafe { libc::pthread_self() },
+            immediate_exit: immediate_exit(vcpu),
+        }
+    }
+
+    /// The thread the kick signals.
+    pub fn thread(&self) -> libc::pthread_t {
+        self.thread
+    }
+
+    /// Kicks: `immediate_exit`, then the signal.
+    pub fn kick(&self) {
+        // SAFETY: per `Kick::new`'s contract the byte and the thread are still alive.
+        unsafe {
+            (*self.immediate_exit).store(1, Ordering::SeqCst);
+            libc::pthread_kill(self.thread, kick_signal());
+        }
     }
 }
 
@@ -75,16 +107,15 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts a watchdog for the calling thread: it kicks the thread for good after `timeout`
-    /// (if any), and for a sample whenever `exits` (the run loop's exit counter) has not moved
-    /// for a whole [`STALL_SAMPLE`].
+    /// Starts a watchdog for the vCPU `target` kicks: it kicks it for good after `timeout` (if
+    /// any), and for a sample whenever `exits` (the run loop's exit counter) has not moved for
+    /// a whole [`STALL_SAMPLE`]. It must be dropped before `target`'s vCPU is.
     pub fn start(
         timeout: Option<Duration>,
         exits: Arc<AtomicU64>,
+        target: Kick,
     ) -> Result<Watchdog, std::io::Error> {
         install_handler()?;
-        // SAFETY: pthread_self has no preconditions.
-        let target = Thread(unsafe { libc::pthread_self() });
         let fired = Arc::new(AtomicBool::new(false));
         let sample = Arc::new(AtomicBool::new(false));
         let (fired2, sample2) = (fired.clone(), sample.clone());
@@ -106,16 +137,19 @@ impl Watchdog {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
+                    if crate::signals::pending().is_some() {
+                        target.kick();
+                    }
                     let now = exits.load(Ordering::Relaxed);
                     if now == seen {
                         sample2.store(true, Ordering::SeqCst);
-                        let _ = target.kill(kick_signal());
+                        target.kick();
                     }
                     seen = now;
                 }
                 fired2.store(true, Ordering::SeqCst);
                 loop {
-                    let _ = target.kill(kick_signal());
+                    target.kick();
                     match rx.recv_timeout(Duration::from_millis(5)) {
                         Err(RecvTimeoutError::Timeout) => continue,
                         _ => return,

@@ -315,6 +315,30 @@ fn an_interrupted_route_is_not_judged_unrecorded() {
     assert!(m["blocked_and_recorded"].as_u64().unwrap() < 80, "{m}");
 }
 
+/// SIGINT kicks every vCPU thread: with four vCPUs (vCPU 0 busy in a 100,000-call `hc_fuzz`,
+/// the others parked) the run still stops cleanly with the complete report.
+#[test]
+fn a_signal_stops_every_vcpu() {
+    if !kvm_available() {
+        return;
+    }
+    let mut child = Command::new(VEIL)
+        .args(["run", "--vcpus", "4", "--tests", "hc_fuzz", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let rx = lines_of(child.stderr.take().unwrap());
+    wait_for(&rx, "veil: guest: veil-guest: kernel up, announcing tests");
+    std::thread::sleep(Duration::from_millis(300));
+    let (rc, out) = signal_and_collect(child, libc::SIGINT);
+    assert_eq!(rc, Some(130), "{out}");
+    let doc: Value = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(doc["exit"]["kind"], "interrupted");
+    assert_eq!(doc["vcpus"]["count"], 4);
+    assert_eq!(doc["tests"][0]["result"], "not_run", "{}", doc["tests"][0]);
+}
+
 #[test]
 fn signals_during_run_keep_the_complete_report_and_dumps() {
     if !kvm_available() {

@@ -7,6 +7,8 @@ pub mod mapped;
 pub mod oom;
 pub mod protect;
 pub mod reachability;
+pub mod revocation;
+pub mod smp;
 pub mod stage2_checks;
 pub mod timing;
 pub mod unmapped;
@@ -33,6 +35,16 @@ pub const POISON64: u64 = u64::from_ne_bytes([POISON_BYTE; 8]);
 
 /// Room for the violations one test reads back.
 pub const MAX_RECORDS: usize = 64;
+
+/// The one violation of the current test (a failure if there were none or more).
+pub fn the_only_violation() -> Result<ViolationRecord, Fail> {
+    let mut buf = [ViolationRecord::default(); MAX_RECORDS];
+    let (total, recs) = violations(&mut buf)?;
+    if total != 1 {
+        crate::fail!("{total} violations recorded, expected exactly 1");
+    }
+    Ok(recs[0])
+}
 
 /// The violations of the current test: (total count, the records copied back).
 pub fn violations(

@@ -2,14 +2,14 @@
 //! the guest's direct map to a page removed from stage 2 is exactly one violation of the right
 //! kind at the right GPA; no secret byte reaches the guest and no store lands.
 
-use super::{expect_bytes, expect_secret, violations, MAX_RECORDS, POISON64};
+use super::{expect_bytes, expect_secret, the_only_violation, POISON64};
 use crate::dm::{self, Site};
 use crate::ensure;
 use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
 use core::arch::asm;
-use veil_abi::{context, gfp, Access, Hc, ViolationRecord, HYPERCALL_PORT, PAGE_SIZE};
+use veil_abi::{context, gfp, Access, Hc, HYPERCALL_PORT, PAGE_SIZE};
 
 /// Offset inside the page of the stray load/store.
 const OFFSET: u64 = 0x80;
@@ -31,13 +31,7 @@ fn secret_page(pages: &mut PageList, special: bool) -> Result<u64, crate::outcom
 /// Checks that the test saw exactly one violation: `access` at `gpa`, `size` bytes (if given),
 /// from the instruction at `site`, with a freetype recorded.
 fn expect_one(gpa: u64, access: Access, size: Option<u32>, site: Site) -> Outcome {
-    let mut buf = [ViolationRecord::default(); MAX_RECORDS];
-    let (total, recs) = violations(&mut buf)?;
-    ensure!(
-        total == 1,
-        "{total} violations recorded, expected exactly 1"
-    );
-    let r = recs[0];
+    let r = the_only_violation()?;
     ensure!(r.gpa == gpa, "violation at {:#x}, expected {gpa:#x}", r.gpa);
     ensure!(
         r.access == access as u8,

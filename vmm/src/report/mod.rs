@@ -193,6 +193,18 @@ pub struct RunReport {
     pub reachability: matrix::Matrix,
     /// Secret memory, reconciliation, sweeps and refused stage-2 updates.
     pub stage2_checks: stage2_checks::Stage2Checks,
+    /// The vCPUs and the parks of their stage-2 updates.
+    pub vcpus: VcpuSummary,
+}
+
+/// How many vCPUs ran and what parking them for stage-2 updates cost.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VcpuSummary {
+    /// vCPUs (`--vcpus`).
+    pub count: u32,
+    /// Parks and kicks of stage-2 updates ([`crate::shootdown`]).
+    #[serde(flatten)]
+    pub parks: crate::shootdown::ParkCounts,
 }
 
 /// Most violations / not-RAM records kept in memory.
@@ -269,6 +281,7 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_outcome() {
         let mut r = RunReport {
+            vcpus: VcpuSummary::default(),
             tests: vec![],
             counts: TestCounts::default(),
             guest_core_dump: false,

@@ -85,6 +85,17 @@ impl RunReport {
                 rt.hypercall_cycles_per_call, rt.bare_cycles_per_exit, rt.iterations, rt.ratio
             );
         }
+        if self.vcpus.count > 1 {
+            let v = &self.vcpus;
+            let _ = writeln!(
+                s,
+                "vCPUs: {}; stage-2 updates parked the others {} times with {} kicks ({:.2} kicks per park; the mprotect backend never parks)",
+                v.count,
+                v.parks.parks,
+                v.parks.kicks,
+                v.parks.kicks as f64 / v.parks.parks.max(1) as f64
+            );
+        }
         let c = &self.stage2;
         let a = &self.allocator;
         let _ = writeln!(

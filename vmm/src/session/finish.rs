@@ -6,7 +6,9 @@ use veil_abi::BootMode;
 
 use super::{vmm_line, DumpTarget, Session};
 use crate::memory::CoreDump;
-use crate::report::{ExitInfo, RunReport, TestOutcome, TestReport, Timing, MAX_RECORDS};
+use crate::report::{
+    ExitCounts, ExitInfo, RunReport, TestOutcome, TestReport, Timing, VcpuSummary, MAX_RECORDS,
+};
 use crate::stage2::RangeState;
 
 impl Session {
@@ -30,7 +32,13 @@ impl Session {
     }
 
     /// Builds the report after the VM stopped with `exit`.
-    pub fn finish(mut self, exit: ExitInfo, run_time: Duration) -> RunReport {
+    pub fn finish(
+        mut self,
+        exit: ExitInfo,
+        run_time: Duration,
+        exits: ExitCounts,
+        vcpus: VcpuSummary,
+    ) -> RunReport {
         self.console.flush();
         if self.current.is_some() {
             let why = format!("test did not end: {}", exit.summary());
@@ -100,7 +108,7 @@ impl Session {
             run_ms: ms(run_time),
             total_ms: ms(end.saturating_duration_since(self.start)),
             round_trip: self.round_trip.clone(),
-            exits: self.exits.clone(),
+            exits,
         };
         let stage2_checks = self.stage2_finish();
         let stage2_dump = self.dump_json();
@@ -110,6 +118,7 @@ impl Session {
         let (violations_aggregated, violations_summary) =
             std::mem::take(&mut self.aggregated).finish(&self.ran_order, kept, MAX_RECORDS);
         let mut report = RunReport {
+            vcpus,
             tests,
             counts: Default::default(),
             guest_core_dump: self.ram.core_dump() == CoreDump::Include,

@@ -56,10 +56,11 @@ impl Session {
         let order = order_arg(order)?;
         let gfp = gfp_arg(gfp)?;
         let r: Result<Allocation, AllocError> = match ctx {
-            None => self.alloc.alloc_pages(self.vcpu, gfp, order),
+            None => self.alloc.alloc_pages(self.cpu.index, gfp, order),
             Some(c) => {
                 let ctx = BuddyContext::from_u64(c).ok_or(Status::BadFlags)?;
-                self.alloc.alloc_pages_special(self.vcpu, ctx, gfp, order)
+                self.alloc
+                    .alloc_pages_special(self.cpu.index, ctx, gfp, order)
             }
         };
         let a = r.map_err(alloc_status)?;
@@ -84,7 +85,7 @@ impl Session {
             return Err(Status::BadState);
         }
         self.alloc
-            .free_pages(self.vcpu, gpa.pfn().raw(), order)
+            .free_pages(self.cpu.index, gpa.pfn().raw(), order)
             .map_err(free_status)?;
         Ok(0)
     }

@@ -32,10 +32,9 @@ use crate::expect::{Expectation, Tally};
 use crate::guest_view::GuestView;
 use crate::memory::GuestRam;
 use crate::report::{
-    Aggregator, ExitCounts, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport,
-    Violation,
+    Aggregator, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport, Violation,
 };
-use crate::run_types::{Allocator, GuestBackend, SharedVm, VcpuIndex, ViolationPolicy};
+use crate::run_types::{Allocator, GuestBackend, SharedVm, VcpuIndex, ViolationPolicy, BOOT_VCPU};
 use crate::secret::Secret;
 use crate::stage2::{RangeState, Stage2Engine};
 
@@ -118,8 +117,6 @@ pub struct SessionConfig {
     pub ram: Arc<GuestRam>,
     /// The allocator over the managed range.
     pub alloc: Allocator,
-    /// The vCPU whose exits this session handles: the CPU id of its allocator calls.
-    pub vcpu: VcpuIndex,
     /// The UART.
     pub console: Console,
     /// End of reserved memory.
@@ -147,11 +144,38 @@ pub struct SessionConfig {
     pub verify_stage2: bool,
 }
 
-/// One guest run's state.
+/// The state one vCPU owns: its index (the CPU id of its allocator calls and the `vcpu` of
+/// its violation records) and its recovery point. Its thread lends it to the [`Session`] for
+/// each exit it hands over ([`Session::lend`]); its exit counters stay with the run loop.
+#[derive(Debug)]
+pub struct VcpuState {
+    index: VcpuIndex,
+    recovery: Option<(u64, u64)>,
+}
+
+impl VcpuState {
+    /// The state of vCPU `index` before it runs.
+    pub fn new(index: VcpuIndex) -> VcpuState {
+        VcpuState {
+            index,
+            recovery: None,
+        }
+    }
+
+    /// The vCPU's index.
+    pub fn index(&self) -> VcpuIndex {
+        self.index
+    }
+}
+
+/// One guest run's VM-wide state (shared by its vCPUs under one lock, see
+/// `docs/ARCHITECTURE.md`), and the state of the vCPU whose exit is being handled.
 pub struct Session {
     vm: SharedVm,
     alloc: Allocator,
-    vcpu: VcpuIndex,
+    /// The vCPU whose exit is being handled (lent by its thread; [`BOOT_VCPU`]'s when the
+    /// session is driven directly).
+    cpu: VcpuState,
     pub(crate) console: Console,
     reserved_end: Gpa,
     image: Vec<(Gpa, Gpa)>,
@@ -175,7 +199,6 @@ pub struct Session {
     violations_outside: u64,
     not_ram: Vec<NotRamAccess>,
     not_ram_total: u64,
-    recovery: Option<(u64, u64)>,
     first_hypercall: Option<Duration>,
     run_start: Option<Instant>,
     suite_start: Option<Instant>,
@@ -189,8 +212,6 @@ pub struct Session {
     checks: stage2_checks::Checks,
     /// Guest Log lines.
     pub logs: Vec<String>,
-    /// Exit counters (updated by the run loop).
-    pub exits: ExitCounts,
     // Last: RAM must outlive the memslots that point into it.
     ram: Arc<GuestRam>,
 }
@@ -205,7 +226,7 @@ impl Session {
         Session {
             vm: c.vm,
             alloc: c.alloc,
-            vcpu: c.vcpu,
+            cpu: VcpuState::new(BOOT_VCPU),
             console: c.console,
             reserved_end: c.reserved_end,
             image: c.image,
@@ -229,7 +250,6 @@ impl Session {
             violations_outside: 0,
             not_ram: Vec::new(),
             not_ram_total: 0,
-            recovery: None,
             first_hypercall: None,
             run_start: None,
             suite_start: None,
@@ -242,7 +262,6 @@ impl Session {
             routes: routes::Routes::default(),
             checks: stage2_checks::Checks::new(c.verify_stage2, secret),
             logs: Vec::new(),
-            exits: ExitCounts::default(),
             ram: c.ram,
         }
     }
@@ -271,6 +290,12 @@ impl Session {
     /// Stage-2 state of the page at `gpa` (None: not RAM).
     pub fn state_at(&self, gpa: Gpa) -> Option<RangeState> {
         self.engine(|e| e.state_at(gpa))
+    }
+
+    /// Swaps `cpu` with the session's vCPU state: a vCPU thread lends its state for the exit
+    /// it hands over and takes it back after (the same call again).
+    pub fn lend(&mut self, cpu: &mut VcpuState) {
+        std::mem::swap(&mut self.cpu, cpu);
     }
 
     pub(crate) fn mark_run_start(&mut self, t: Instant) {
@@ -314,11 +339,11 @@ impl Session {
             Hc::ExpectViolation => self.hc_expect(gpa(0), a[1], a[2]).into(),
             Hc::QueryViolations => self.hc_query(gpa(0), a[1]).into(),
             Hc::SetRecovery => {
-                self.recovery = Some((a[0], a[1]));
+                self.cpu.recovery = Some((a[0], a[1]));
                 HcOut::ok(0)
             }
             Hc::ClearRecovery => {
-                self.recovery = None;
+                self.cpu.recovery = None;
                 HcOut::ok(0)
             }
             Hc::Dump => self.guest_dump().into(),

@@ -70,7 +70,7 @@ impl Session {
         }
         let now = Instant::now();
         self.suite_start.get_or_insert(now);
-        self.recovery = None;
+        self.cpu.recovery = None;
         self.ran_order.push(name.clone());
         self.current = Some(Current {
             name,
@@ -120,7 +120,7 @@ impl Session {
         };
         let now = Instant::now();
         self.suite_end = Some(now);
-        self.recovery = None;
+        self.cpu.recovery = None;
         let mut outcome = outcome;
         let mut message = msg;
         if outcome != TestOutcome::Skip {

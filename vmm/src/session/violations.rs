@@ -62,7 +62,7 @@ impl Session {
             access,
             size,
             rip,
-            vcpu: self.vcpu as u32,
+            vcpu: self.cpu.index as u32,
             freetype: match ft {
                 Some(f) => Some(f.name().to_string()),
                 None if reserved => Some(crate::dump::FREETYPE_RESERVED.to_string()),
@@ -138,7 +138,7 @@ impl Session {
                         access,
                         size,
                         rip,
-                        vcpu: self.vcpu as u32,
+                        vcpu: self.cpu.index as u32,
                         test: self.current_name(),
                     });
                 }
@@ -161,7 +161,7 @@ impl Session {
         };
         match policy {
             ViolationPolicy::Kill => None,
-            ViolationPolicy::Report => self.recovery.take(),
+            ViolationPolicy::Report => self.cpu.recovery.take(),
         }
     }
 
@@ -212,7 +212,7 @@ impl Session {
         gpa: Gpa,
         access: AccessKind,
     ) -> (ViolationAction, Option<(u64, u64)>) {
-        match (self.policy_for(gpa, access), self.recovery.take()) {
+        match (self.policy_for(gpa, access), self.cpu.recovery.take()) {
             (ViolationPolicy::Kill, _) => (ViolationAction::Killed, None),
             (_, Some(r)) => (ViolationAction::Recovered, Some(r)),
             (_, None) => (ViolationAction::Stopped, None),

@@ -9,6 +9,7 @@
 //! O(log n + ranges touched).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use allocator::Stage2Error;
 
@@ -18,6 +19,7 @@ use super::{
     Stage2Backend, PAGE_SIZE,
 };
 use crate::addr::Gpa;
+use crate::shootdown::Vcpus;
 
 /// The `slots` backend over a memslot table `T` (real KVM or the model).
 ///
@@ -35,6 +37,9 @@ pub struct Slots<T: MemslotTable> {
     usage: BackendUsage,
     /// The slot (gpa, end, readonly) a tamper split around one page, until it is undone.
     tampered: Option<(u64, u64, bool)>,
+    /// The VM's vCPUs, parked around every memslot update (a sibling running through one
+    /// would see pages that stay mapped vanish between the deletes and the creates).
+    park: Option<Arc<Vcpus>>,
 }
 
 impl<T: MemslotTable> Slots<T> {
@@ -55,6 +60,7 @@ impl<T: MemslotTable> Slots<T> {
             next_fresh_id: 0,
             usage: BackendUsage::default(),
             tampered: None,
+            park: None,
         }
     }
 
@@ -100,9 +106,19 @@ impl<T: MemslotTable> Slots<T> {
         r
     }
 
-    /// Runs a plan: deletes first, then creates in freed or fresh ids. On a table failure it
-    /// undoes what it did (best effort) and returns the failure.
+    /// Parks every other vCPU of `vcpus` around each memslot update from now on.
+    pub fn park_vcpus(&mut self, vcpus: Arc<Vcpus>) {
+        self.park = Some(vcpus);
+    }
+
+    /// Runs a plan: deletes first, then creates in freed or fresh ids, with the other vCPUs
+    /// parked. On a table failure it undoes what it did (best effort) and returns the failure.
     fn execute(&mut self, plan: &plan::SlotPlan) -> Result<(), Stage2Error> {
+        let park = self.park.clone();
+        let _parked = park
+            .as_ref()
+            .filter(|_| !plan.delete.is_empty() || !plan.create.is_empty())
+            .map(|v| v.park_others());
         let mut deleted: Vec<SlotInfo> = Vec::with_capacity(plan.delete.len());
         let mut created: Vec<SlotInfo> = Vec::with_capacity(plan.create.len());
         let mut failure = None;

@@ -12,7 +12,7 @@ use kvm_ioctls::SyncReg;
 
 use veil_abi::{Hc, ADDRESS_UNKNOWN};
 
-use super::{FetchOutcome, Vm};
+use super::{FetchOutcome, Vcpu};
 use crate::addr::Gpa;
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
 use crate::guest_view::ViewError;
@@ -44,7 +44,7 @@ pub(super) enum FetchStop {
     TableHole(u64),
 }
 
-impl Vm {
+impl Vcpu {
     /// GPA of guest-virtual `gva`: KVM_TRANSLATE (which walks through memslots only), else the
     /// VMM's checked walker.
     pub(super) fn translate(&self, cr3: u64, gva: u64) -> Result<u64, WalkError> {
@@ -53,7 +53,7 @@ impl Vm {
                 return Ok(t.physical_address);
             }
         }
-        page_walk::walk(&self.s.view(), cr3, gva)
+        page_walk::walk(&self.vm().view(), cr3, gva)
     }
 
     /// Up to 15 instruction bytes at `rip`, read through the checked view.
@@ -70,7 +70,7 @@ impl Vm {
                 Err(_) => return (bytes, None),
             };
             let mut buf = [0u8; MAX_INSN_LEN];
-            match self.s.view().read(gpa, &mut buf[..n]) {
+            match self.vm().view().read(gpa, &mut buf[..n]) {
                 Ok(()) => bytes.extend_from_slice(&buf[..n]),
                 Err(ViewError::Unmapped { gpa }) => return (bytes, Some(FetchStop::Hole(gpa))),
                 Err(ViewError::NotRam { .. } | ViewError::ReadOnly { .. }) => return (bytes, None),
@@ -89,7 +89,7 @@ impl Vm {
         while left > 0 {
             let n = left.min(0x1000 - (va & 0xfff));
             match self.translate(cr3, va) {
-                Ok(g) if self.s.blocks(Gpa(g), kind) => hits.push((Gpa(g), kind, n as u32)),
+                Ok(g) if self.vm().blocks(Gpa(g), kind) => hits.push((Gpa(g), kind, n as u32)),
                 Err(WalkError::TableInHole { entry_gpa }) => {
                     hits.push((Gpa(entry_gpa), AccessKind::Read, 8))
                 }
@@ -136,8 +136,8 @@ impl Vm {
                 });
                 hits.extend(tables.into_iter().map(|e| (Gpa(e), AccessKind::Read, 8)));
                 for a in acc {
-                    let state = a.gpa.map(|g| self.s.state_at(Gpa(g)));
-                    if let Some(g) = a.gpa.map(Gpa).filter(|&g| self.s.blocks(g, a.access)) {
+                    let state = a.gpa.map(|g| self.vm().state_at(Gpa(g)));
+                    if let Some(g) = a.gpa.map(Gpa).filter(|&g| self.vm().blocks(g, a.access)) {
                         hits.push((g, a.access, a.size));
                     }
                     seen.accesses.push(InsnAccess {
@@ -178,7 +178,7 @@ impl Vm {
 
     /// Records `first` and `more` at `rip` and applies the policy's answer.
     fn answer(&mut self, first: Hit, more: &[Hit], rip: u64) -> Option<ExitInfo> {
-        let outcome = self.s.unresumable(first, more, rip);
+        let outcome = self.s().unresumable(first, more, rip);
         self.resume_or_stop(outcome)
     }
 
@@ -202,14 +202,14 @@ impl Vm {
     /// access KVM's own walk made without an exit: recorded as an 8-byte read of that entry at
     /// the faulting RIP. Any other call (or no open route) goes to the session as usual.
     pub(super) fn route_exception(&mut self, nr: u32, a: [u64; 4]) -> Option<HcOut> {
-        if nr != Hc::Exception as u32 || !self.s.route_is_open() {
+        if nr != Hc::Exception as u32 || !self.vm().route_is_open() {
             return None;
         }
         let [vector, _error_code, rip, cr2] = a;
         if vector == PAGE_FAULT {
             if let Ok(sregs) = self.vcpu.get_sregs() {
                 if let Err(WalkError::TableInHole { entry_gpa }) = self.translate(sregs.cr3, cr2) {
-                    self.s.route_fault_violation(Gpa(entry_gpa), rip);
+                    self.s().route_fault_violation(Gpa(entry_gpa), rip);
                 }
             }
         }
@@ -267,7 +267,7 @@ impl Vm {
         match record {
             EfaultRecord::Located(hits) => self.answer(hits[0], &hits[1..], regs.rip),
             EfaultRecord::Unknown { access, size } => {
-                let outcome = self.s.unattributed(access, size, regs.rip);
+                let outcome = self.s().unattributed(access, size, regs.rip);
                 self.resume_or_stop(outcome)
             }
         }
@@ -289,14 +289,14 @@ impl Vm {
         };
         let (_, seen) = self.attribute_insn(&regs, &sregs);
         let at = Gpa(gpa);
-        let readable = !self.s.blocks(at, AccessKind::Read);
+        let readable = !self.vm().blocks(at, AccessKind::Read);
         let access = memory_fault_kind(gpa, size, &seen.accesses, readable);
-        if !self.s.blocks(at, access) {
+        if !self.vm().blocks(at, access) {
             return Some(ExitInfo::KvmError {
                 error: format!(
                     "KVM_EXIT_MEMORY_FAULT at GPA {gpa:#x} ({size} bytes, {}), which the guest \
                      view does not block",
-                    state_name(self.s.state_at(at))
+                    state_name(self.vm().state_at(at))
                 ),
             });
         }
@@ -318,7 +318,7 @@ impl Vm {
             let (mut hits, _) = self.attribute_insn(&r, &s);
             hits.extend(self.frame_holes(&r, &s, EXCEPTION_FRAME));
             if let Some((first, more)) = hits.split_first() {
-                return self.s.fatal(*first, more, r.rip);
+                return self.s().fatal(*first, more, r.rip);
             }
         }
         ExitInfo::TripleFault { regs }

@@ -1,6 +1,6 @@
 //! Every access to the vCPU's shared `kvm_run` page, in one audited place: the union member of
-//! the exit being handled (port I/O, MMIO, internal error) and the address of the
-//! `immediate_exit` byte the watchdog's kick sets. The run loop calls these right after the
+//! the exit being handled (port I/O, MMIO, internal error, MSR write); the `immediate_exit`
+//! byte a kick sets is `watchdog.rs`'. The run loop calls these right after the
 //! `KVM_RUN` that produced the exit, before the next one.
 
 use kvm_ioctls::VcpuFd;
@@ -50,14 +50,9 @@ pub(super) fn internal_error(vcpu: &mut VcpuFd) -> (u32, Vec<u64>) {
     (ie.suberror, ie.data[..n].to_vec())
 }
 
-/// Address of `kvm_run.immediate_exit`, for the watchdog's signal handler to set.
 /// Sets the `error` byte of the `KVM_EXIT_X86_WRMSR` exit being handled (1: KVM injects #GP).
 /// Call only while handling that exit (`msr` is then the active member of the union; writing a
 /// union field is safe, and any other member would merely be overwritten).
 pub(super) fn set_msr_error(vcpu: &mut VcpuFd, error: u8) {
     vcpu.get_kvm_run().__bindgen_anon_1.msr.error = error;
-}
-
-pub(super) fn immediate_exit_ptr(vcpu: &mut VcpuFd) -> *mut u8 {
-    &mut vcpu.get_kvm_run().immediate_exit as *mut u8
 }

@@ -9,7 +9,7 @@ use iced_x86::Mnemonic;
 use kvm_ioctls::{SyncReg, VcpuExit};
 use veil_abi::POISON_BYTE;
 
-use super::Vm;
+use super::Vcpu;
 use crate::addr::Gpa;
 use crate::decode;
 use crate::livelock;
@@ -25,7 +25,7 @@ struct StallVerdict {
     text: String,
 }
 
-impl Vm {
+impl Vcpu {
     /// The `--timeout` stop, with how long the vCPU had gone without an exit.
     pub(super) fn timeout_exit(&mut self) -> ExitInfo {
         let regs = self.regs_dump();
@@ -41,14 +41,15 @@ impl Vm {
     /// in a row (same RIP, GPA, access, registers), the guest resumes at its recovery point
     /// (under `report`, if it set one) or the VM stops with the livelock.
     pub(super) fn fault_loop(&mut self, gpa: u64, access: AccessKind) -> Option<ExitInfo> {
-        if self.s.state_at(Gpa(gpa)) != Some(RangeState::Unmapped) {
+        if self.vm().state_at(Gpa(gpa)) != Some(RangeState::Unmapped) {
             self.faults.progress();
             return None;
         }
         let regs = livelock::fingerprint(&self.vcpu.sync_regs().regs);
         let repeats = self.faults.fault(gpa, access as u8, regs)?;
         self.faults.progress();
-        if let Some((rip, rsp)) = self.s.livelock_recovery(Some((Gpa(gpa), access))) {
+        let recovery = self.s().livelock_recovery(Some((Gpa(gpa), access)));
+        if let Some((rip, rsp)) = recovery {
             // KVM holds the half-done instruction: let it finish this MMIO (the data is
             // already poison) before RIP moves under it.
             if self.settle_pending_mmio() {
@@ -104,13 +105,14 @@ impl Vm {
         let samples = self.stalls.sample(progress, livelock::fingerprint(&r))?;
         self.stalls.reset();
         let verdict = self.stalled_instruction(&r)?;
-        let resume = self.s.livelock_recovery(verdict.hole.map(|h| (h.0, h.1)));
+        let resume = self.s().livelock_recovery(verdict.hole.map(|h| (h.0, h.1)));
         let action = match resume {
             Some(_) => ViolationAction::Recovered,
             None => ViolationAction::Stopped,
         };
         if let Some((gpa, access, size)) = verdict.hole {
-            self.s.livelock_violation(gpa, access, size, r.rip, action);
+            self.s()
+                .livelock_violation(gpa, access, size, r.rip, action);
         }
         if let Some((rip, rsp)) = resume {
             // Out of KVM_RUN by a signal: nothing is pending, RIP may move.
@@ -134,8 +136,10 @@ impl Vm {
     /// are still asked for on the way get poison. False if the instruction will not settle.
     fn settle_pending_mmio(&mut self) -> bool {
         let mut settled = false;
+        let threads = self.stop.threads.clone();
+        let _in_guest = threads.enter();
         for _ in 0..8 {
-            self.vcpu.set_kvm_immediate_exit(1);
+            crate::watchdog::set_immediate_exit(&mut self.vcpu, 1);
             match self.vcpu.run() {
                 Err(e) if e.errno() == libc::EINTR => {
                     settled = true;
@@ -146,7 +150,7 @@ impl Vm {
                 _ => break,
             }
         }
-        self.vcpu.set_kvm_immediate_exit(0);
+        crate::watchdog::set_immediate_exit(&mut self.vcpu, 0);
         settled
     }
 

@@ -8,7 +8,7 @@ use crate::console::ConsoleSink;
 use crate::memory::MemSize;
 use crate::report::{TestOutcome, ViolationAction};
 use crate::session::Session;
-use crate::vm::{ViolationPolicy, VmConfig};
+use crate::vm::{ViolationPolicy, Vm, VmConfig};
 
 fn access(gpa: Option<u64>, access: AccessKind, size: u32) -> InsnAccess {
     InsnAccess {
@@ -256,9 +256,11 @@ fn kill_stops_at_an_undeclared_unknown_address_and_spares_a_declared_one() {
 
 #[test]
 fn the_same_unlocated_fault_again_and_again_is_a_fault_loop_livelock() {
-    let Some(mut vm) = exit0_vm("unknown-address fault loop", ViolationPolicy::Report) else {
+    let Some(vm) = exit0_vm("unknown-address fault loop", ViolationPolicy::Report) else {
         return;
     };
+    let (_session, _stop, mut cpus) = vm.into_parts();
+    let vm = &mut cpus[0];
     let mut regs = vm.vcpu.get_regs().unwrap();
     for _ in 1..crate::livelock::FAULT_REPEATS {
         assert!(vm
@@ -281,4 +283,31 @@ fn the_same_unlocated_fault_again_and_again_is_a_fault_loop_livelock() {
             .fault_repeats(ADDRESS_UNKNOWN, AccessKind::Read, &regs)
             .is_none());
     }
+}
+
+#[test]
+fn recovery_points_and_records_belong_to_the_vcpu_whose_state_is_lent() {
+    let Some(mut vm) = exit0_vm("per-vCPU session state", ViolationPolicy::Report) else {
+        return;
+    };
+    let s = vm.session_mut();
+    let t = begin(s, 0, "lent");
+    // vCPU 0 (the session's own state) sets a recovery point; vCPU 1 has none.
+    ok(s, Hc::SetRecovery, [0x1234, 0x5678, 0, 0]);
+    let mut other = crate::session::VcpuState::new(1);
+    s.lend(&mut other);
+    match stop_of(s.unattributed(AccessKind::Read, 4, 0x20_0040)) {
+        ExitInfo::FetchWithoutRecovery { violation } => assert_eq!(violation.vcpu, 1),
+        e => panic!("vCPU 1 resumed at vCPU 0's recovery point: {e:?}"),
+    }
+    s.lend(&mut other);
+    assert_eq!(other.index(), 1, "vCPU 1's state is back with its thread");
+    match s.unattributed(AccessKind::Read, 4, 0x20_0080) {
+        FetchOutcome::Resume { rip, rsp } => assert_eq!((rip, rsp), (0x1234, 0x5678)),
+        FetchOutcome::Stop(e) => panic!("vCPU 0 lost its recovery point: {}", e.summary()),
+    }
+    end_pass(s, t);
+    let r = vm.run().expect("run");
+    let vcpus: Vec<u32> = r.violations.iter().map(|v| v.vcpu).collect();
+    assert_eq!(vcpus, [1, 0]);
 }
