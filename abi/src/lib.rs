@@ -234,11 +234,16 @@ pub enum Hc {
     /// test, while a tampered page is not caught yet, for a page that is not mapped, or where a
     /// backend has no such hook; [`Status::HarnessOnly`] without the test-harness capability.
     Stage2Tamper = 28,
+    /// (revoke_cycles, first_violation_cycles, reads, stale_reads): the revocation meter's
+    /// figures (guest TSC cycles from the revoke call: until it returned, until the reading
+    /// vCPU's first violation; the reader's successful reads, and those after it saw the revoke
+    /// return). The VMM puts them in the report; `stale_reads > reads` is `BadArgument`.
+    ReportRevocation = 29,
 }
 
 impl Hc {
     /// The lowest hypercall number with no call (everything from here up is unknown).
-    pub const FIRST_UNUSED: u32 = 29;
+    pub const FIRST_UNUSED: u32 = 30;
 }
 
 /// `perm` of [`Hc::Protect`].
@@ -287,6 +292,7 @@ impl Hc {
             26 => Hc::VerifyStage2,
             27 => Hc::Sweep,
             28 => Hc::Stage2Tamper,
+            29 => Hc::ReportRevocation,
             _ => return None,
         })
     }

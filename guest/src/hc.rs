@@ -325,6 +325,23 @@ pub fn report_timing(bare_cycles: u64, hc_cycles: u64, iterations: u64) -> Resul
     call(Hc::ReportTiming, bare_cycles, hc_cycles, iterations, 0).map(|_| ())
 }
 
+/// Reports the revocation meter's figures ([`Hc::ReportRevocation`]).
+pub fn report_revocation(
+    revoke_cycles: u64,
+    first_violation_cycles: u64,
+    reads: u64,
+    stale_reads: u64,
+) -> Result<(), Status> {
+    call(
+        Hc::ReportRevocation,
+        revoke_cycles,
+        first_violation_cycles,
+        reads,
+        stale_reads,
+    )
+    .map(|_| ())
+}
+
 /// Stops the VM with `code`.
 pub fn exit(code: u64) -> ! {
     let _ = call(Hc::Exit, code, 0, 0, 0);

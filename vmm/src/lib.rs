@@ -19,13 +19,16 @@
 //! - [`secret`]: the per-run secret `Hc::PlantSecret` writes, computable for any GPA.
 //! - [`report`]: results, the table and the JSON document, exit codes.
 //! - [`console`]: the 16550 UART and where its output goes.
-//! - [`watchdog`]: `--timeout`, kicking the vCPU out of `KVM_RUN` with a signal.
+//! - [`watchdog`]: `--timeout` and the per-vCPU kick (`immediate_exit` plus a signal).
 //! - [`signals`]: SIGINT/SIGTERM/SIGHUP stop the run cleanly (report kept, exit 128 + signal).
 //! - [`stage2`], [`dump`], [`kvm_stats`], [`caps`]: the stage-2 engine, dumps, KVM binary
 //!   statistics and host capabilities; [`replay_kvm`]: `veil replay --kvm`.
 //!
-//! One vCPU runs in the calling thread; a run owns its VM, RAM and allocator, so several runs
-//! may proceed in parallel threads of one process.
+//! - [`shootdown`]: the `KVM_RUN` gate that parks the other vCPUs around a slots-backend update.
+//!
+//! vCPU 0 runs in the calling thread, the others (`--vcpus`) in scoped threads of their own; a
+//! run owns its VM, RAM and allocator, so several runs may proceed in parallel threads of one
+//! process.
 
 pub mod addr;
 pub mod boot;

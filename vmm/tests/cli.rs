@@ -111,6 +111,7 @@ fn json_run_of_the_whole_suite() {
         [
             "cross_vcpu_isolation",
             "concurrent_alloc",
+            "flip_under_reader",
             "revocation_latency"
         ]
     );
@@ -197,6 +198,22 @@ fn suite_on(backend: &str, vcpus: &str) -> (Vec<Verdict>, Vec<PageAccess>, Value
     let d: Value = serde_json::from_slice(&std::fs::read(&dump).expect("dump written")).unwrap();
     assert_eq!(d["stage2_backend"], backend);
     let _ = std::fs::remove_dir_all(&dir);
+    // The revocation meter reports with two vCPUs or more: no read succeeded after the revoke
+    // returned, and the reader read before it faulted.
+    let rev = &doc["timing"]["revocation"];
+    if vcpus == "1" {
+        assert!(
+            rev.is_null(),
+            "{backend}: a revocation figure with one vCPU"
+        );
+    } else {
+        assert_eq!(rev["stale_reads"], 0, "{backend}: {rev}");
+        assert!(rev["reads"].as_u64().unwrap() > 0, "{backend}: {rev}");
+        assert!(
+            rev["first_violation_cycles"].as_u64().unwrap() > 0,
+            "{backend}: {rev}"
+        );
+    }
     let tests = doc["tests"]
         .as_array()
         .expect("tests[]")

@@ -76,6 +76,7 @@ pub fn bad_hypercalls() -> Outcome {
     let (log, stats, query) = (Hc::Log as u32, Hc::Stats as u32, Hc::QueryViolations as u32);
     let (fill, count) = (Hc::HostFill as u32, Hc::HostCount as u32);
     let (hexpect, plant) = (Hc::HostExpect as u32, Hc::PlantSecret as u32);
+    let revocation = Hc::ReportRevocation as u32;
     let (gdt, pt) = (veil_abi::GDT_GPA, veil_abi::PAGE_TABLES_GPA);
     let secret = veil_abi::HOST_EXPECT_SECRET;
     let addr_or_len: &[Status] = &[BadAddress, BadArgument];
@@ -135,6 +136,7 @@ pub fn bad_hypercalls() -> Outcome {
         case("host_expect what 0x101", hexpect, [u, 16, secret + 1, 0], &[BadArgument]),
         case("host_expect count > len", hexpect, [u, 16, 0, 17], &[BadArgument]),
         case("host_expect length 0", hexpect, [u, 0, 0, 0], &[BadArgument]),
+        case("revocation stale > reads", revocation, [1, 1, 1, 2], &[BadArgument]),
         case("plant_secret not ours", plant, [not_ours, 16, 0, 0], &[NotAllocated]),
         case("plant_secret reserved", plant, [0x2000, 16, 0, 0], &[BadAddress]),
         case("plant_secret huge", plant, [p, huge, 0, 0], addr_or_len),

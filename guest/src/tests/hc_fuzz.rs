@@ -7,7 +7,7 @@
 //! 1,000 calls when the whole suite runs; 100,000 when named (`veil run --tests hc_fuzz`).
 //! Calls that would end the run or the test (`Exit`, `Exception`, `TestBegin`, `TestEnd`,
 //! `TestAnnounce`), print (`Log`), write files (`Dump`, under `--dump-ept`), change the
-//! report's timing (`ReportTiming`) or belong to the reachability routes (`RouteBegin`,
+//! report's timing (`ReportTiming`, `ReportRevocation`) or belong to the reachability routes (`RouteBegin`,
 //! `RouteEnd`) are left out; `ExpectViolation` is sent with count 0 and `HostExpect` only true
 //! or malformed, so that the VMM's verdict stays predictable. Pointers the VMM writes through are the fuzz's scratch buffer or addresses
 //! it must refuse.

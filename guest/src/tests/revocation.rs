@@ -97,6 +97,8 @@ pub fn revocation_latency() -> Outcome {
         reads,
         stale
     ));
+    hc::report_revocation(t1.wrapping_sub(t0), fault.wrapping_sub(t0), reads, stale)
+        .ctx("ReportRevocation")?;
     ensure!(
         stale == 0,
         "{stale} reads succeeded after the revoke returned"

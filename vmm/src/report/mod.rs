@@ -88,6 +88,24 @@ pub struct RoundTrip {
     pub ratio: f64,
 }
 
+/// The revocation meter's figures ([`veil_abi::Hc::ReportRevocation`]): one revoke of a page
+/// another vCPU is reading.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Revocation {
+    /// Guest TSC cycles from the revoke call until it returned.
+    pub revoke_cycles: u64,
+    /// Guest TSC cycles from the revoke call until the reader's first violation was answered.
+    pub first_violation_cycles: u64,
+    /// The reader's successful reads.
+    pub reads: u64,
+    /// Successful reads after the reader saw the revoke return (the stale window: must be 0).
+    pub stale_reads: u64,
+    /// Microseconds from the call until it returned (if the TSC frequency is known).
+    pub revoke_us: Option<f64>,
+    /// Microseconds from the call until the reader's first violation (if known).
+    pub first_violation_us: Option<f64>,
+}
+
 /// Exit counts by kind.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ExitCounts {
@@ -121,6 +139,8 @@ pub struct Timing {
     pub total_ms: f64,
     /// The guest's hypercall vs bare exit measurement, if it reported one.
     pub round_trip: Option<RoundTrip>,
+    /// The guest's revocation meter, if it reported one (it needs two vCPUs).
+    pub revocation: Option<Revocation>,
     /// Exit counts.
     pub exits: ExitCounts,
 }

@@ -85,6 +85,21 @@ impl RunReport {
                 rt.hypercall_cycles_per_call, rt.bare_cycles_per_exit, rt.iterations, rt.ratio
             );
         }
+        if let Some(r) = &t.revocation {
+            let us = |v: Option<f64>, c: u64| match v {
+                Some(us) => format!("{us:.1} µs"),
+                None => format!("{c} cycles"),
+            };
+            let _ = writeln!(
+                s,
+                "revocation ({} backend): the revoke took {}, the reading vCPU's first violation came {} after the call; {} reads before, {} stale after the revoke returned (must be 0)",
+                self.stage2_backend,
+                us(r.revoke_us, r.revoke_cycles),
+                us(r.first_violation_us, r.first_violation_cycles),
+                r.reads,
+                r.stale_reads
+            );
+        }
         if self.vcpus.count > 1 {
             let v = &self.vcpus;
             let _ = writeln!(

@@ -108,6 +108,7 @@ impl Session {
             run_ms: ms(run_time),
             total_ms: ms(end.saturating_duration_since(self.start)),
             round_trip: self.round_trip.clone(),
+            revocation: self.revocation.clone(),
             exits,
         };
         let stage2_checks = self.stage2_finish();

@@ -32,7 +32,8 @@ use crate::expect::{Expectation, Tally};
 use crate::guest_view::GuestView;
 use crate::memory::GuestRam;
 use crate::report::{
-    Aggregator, ExitInfo, NotRamAccess, RegsDump, RoundTrip, TestOutcome, TestReport, Violation,
+    Aggregator, ExitInfo, NotRamAccess, RegsDump, Revocation, RoundTrip, TestOutcome, TestReport,
+    Violation,
 };
 use crate::run_types::{Allocator, GuestBackend, SharedVm, VcpuIndex, ViolationPolicy, BOOT_VCPU};
 use crate::secret::Secret;
@@ -204,6 +205,8 @@ pub struct Session {
     suite_start: Option<Instant>,
     suite_end: Option<Instant>,
     round_trip: Option<RoundTrip>,
+    /// The guest's revocation meter (`Hc::ReportRevocation`).
+    revocation: Option<Revocation>,
     dumps: Vec<String>,
     dump_errors: Vec<String>,
     guest_dumps: u32,
@@ -255,6 +258,7 @@ impl Session {
             suite_start: None,
             suite_end: None,
             round_trip: None,
+            revocation: None,
             dumps: Vec::new(),
             dump_errors: Vec::new(),
             guest_dumps: 0,
@@ -383,6 +387,7 @@ impl Session {
                 })
             }
             Hc::ReportTiming => self.hc_timing(a[0], a[1], a[2]).into(),
+            Hc::ReportRevocation => self.hc_revocation(a[0], a[1], a[2], a[3]).into(),
             Hc::HostExpect => self.hc_host_expect(gpa(0), a[1], a[2], a[3]).into(),
             Hc::PlantSecret => self.hc_plant_secret(gpa(0), a[1]).into(),
             Hc::RouteBegin => self.hc_route_begin(gpa(0), a[1], gpa(2), a[3]).into(),

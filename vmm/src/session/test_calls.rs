@@ -9,7 +9,7 @@ use vm_memory::ByteValued;
 use super::{vmm_line, Current, HcOut, Session, MAX_LOGS, MAX_QUERY};
 use crate::addr::Gpa;
 use crate::expect::{self, Expectation, Tally, MAX_EXPECTATIONS};
-use crate::report::{AccessKind, ExitInfo, RoundTrip, TestOutcome, TestReport};
+use crate::report::{AccessKind, ExitInfo, Revocation, RoundTrip, TestOutcome, TestReport};
 
 impl Session {
     pub(super) fn hc_log(&mut self, ptr: Gpa, len: u64) -> Result<u64, Status> {
@@ -223,6 +223,29 @@ impl Session {
             bare_ns: ns(per_bare),
             hypercall_ns: ns(per_hc),
             ratio: hc as f64 / bare as f64,
+        });
+        Ok(0)
+    }
+
+    /// `Hc::ReportRevocation`: keeps the revocation meter's figures for the report.
+    pub(super) fn hc_revocation(
+        &mut self,
+        revoke: u64,
+        first_violation: u64,
+        reads: u64,
+        stale: u64,
+    ) -> Result<u64, Status> {
+        if stale > reads {
+            return Err(Status::BadArgument);
+        }
+        let us = |c: u64| self.tsc_khz.map(|k| c as f64 * 1e3 / f64::from(k.max(1)));
+        self.revocation = Some(Revocation {
+            revoke_cycles: revoke,
+            first_violation_cycles: first_violation,
+            reads,
+            stale_reads: stale,
+            revoke_us: us(revoke),
+            first_violation_us: us(first_violation),
         });
         Ok(0)
     }
