@@ -257,7 +257,7 @@ pub fn write_boot_structures(ram: &GuestRam, p: &BootParams) -> Result<u64, Boot
 }
 
 /// `cpuid` as vCPU `vcpu` sees it: the host's supported leaves with its initial APIC id
-/// (leaf 1 EBX[31:24]) and x2APIC id (leaves 0xB and 0x1F, EDX) set to `vcpu`.
+/// (leaf 1 EBX bits 31..24) and x2APIC id (leaves 0xB and 0x1F, EDX) set to `vcpu`.
 pub fn vcpu_cpuid(supported: &kvm_bindings::CpuId, vcpu: u32) -> kvm_bindings::CpuId {
     let mut c = supported.clone();
     for e in c.as_mut_slice() {
