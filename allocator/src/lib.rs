@@ -43,7 +43,7 @@ pub mod stage2;
 pub mod stats;
 pub mod zone;
 
-pub use buddy::{Allocation, BuddyAllocator, Config, INITIAL_FREETYPE};
+pub use buddy::{Allocation, BuddyAllocator, Config, INITIAL_FREETYPE, SENSITIVE_INITIAL_FREETYPE};
 pub use error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
 pub use freetype::{Freetype, Migratetype, Visibility, FT_FLAG_SENSITIVE, FT_FLAG_UNMAPPED};
 pub use gfp::{AllocRequest, BuddyContext, Gfp};

@@ -374,8 +374,8 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
     Ok(())
 }
 
-/// One case: a range (unaligned bases and partial blocks included), a configuration and
-/// the operations.
+/// One case: a range (unaligned bases and partial blocks included), a configuration (every
+/// pageblock sensitive at the start in a quarter of the cases) and the operations.
 fn case() -> impl Strategy<Value = (Pfn, u64, Config, Vec<Op>)> {
     (
         1u64..64,
@@ -384,13 +384,15 @@ fn case() -> impl Strategy<Value = (Pfn, u64, Config, Vec<Op>)> {
         prop_oneof![2 => Just(0u64), 1 => 0u64..512],
         prop_oneof![Just(0u32), Just(4), Just(64)],
         any::<bool>(),
+        prop_oneof![3 => Just(false), 1 => Just(true)],
         proptest::collection::vec(op(), OPS_PER_CASE),
     )
         .prop_map(
-            |(base_pb, base_skew, blocks, tail, pcp, init_on_free, ops)| {
+            |(base_pb, base_skew, blocks, tail, pcp, init_on_free, sensitive, ops)| {
                 let cfg = Config {
                     init_on_free_unmapped: init_on_free,
                     pcp_capacity: pcp,
+                    sensitive_by_default: sensitive,
                 };
                 (base_pb * PB + base_skew, blocks * PB + tail, cfg, ops)
             },

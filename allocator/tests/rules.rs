@@ -394,6 +394,7 @@ fn flip_back_zeroes_before_mapping<A: Subject>() {
     let cfg = Config {
         init_on_free_unmapped: false,
         pcp_capacity: 0,
+        ..Config::default()
     };
     let mut a = A::sim(0, 2 * PB, cfg);
     // Everything unmapped, with a secret in every page.
@@ -520,6 +521,7 @@ fn failed_zero_or_map_on_flip_back_rolls_back_and_never_maps_unzeroed<A: Subject
         let cfg = Config {
             init_on_free_unmapped: false,
             pcp_capacity: 0,
+            ..Config::default()
         };
         let mut a = A::sim(0, PB, cfg);
         let x = a.alloc_pages(Gfp::UNMAPPED, 9).unwrap();

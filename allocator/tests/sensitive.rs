@@ -121,6 +121,7 @@ fn unmapped_to_sensitive_zeroes_first<A: Subject>() {
     let cfg = Config {
         init_on_free_unmapped: false,
         pcp_capacity: 0,
+        ..Config::default()
     };
     let mut a = A::sim(0, PB, cfg);
     let x = a.alloc_pages(Gfp::UNMAPPED, 9).unwrap();
@@ -231,6 +232,7 @@ fn failed_make_sensitive_rolls_back<A: Subject>() {
         let cfg = Config {
             init_on_free_unmapped: false,
             pcp_capacity: 0,
+            ..Config::default()
         };
         let mut a = A::sim(0, PB, cfg);
         if from_unmapped {
@@ -414,4 +416,53 @@ fn zone_caches_have_a_sensitive_bank() {
     assert_eq!(w.pfn / PB, x.pfn / PB);
     assert_eq!(z.snapshot().flips_to_sensitive, 1);
     z.check_invariants().unwrap();
+}
+
+/// `sensitive_by_default` (ASI's inverted `PB_nonsensitive`: sensitive unless marked): every
+/// pageblock starts movable|sensitive, made so with one call; sensitive requests need no
+/// flip, nonsensitive ones flip with zeroing; a backend without views fails construction.
+#[test]
+fn sensitive_by_default_starts_every_pageblock_sensitive() {
+    let n = 4 * PB;
+    let cfg = Config {
+        sensitive_by_default: true,
+        ..no_pcp()
+    };
+    let mut a = sim(0, n, cfg);
+    assert_eq!(a.stage2().count(CallKind::MakeSensitive), 1);
+    assert!((0..n).all(|p| a.stage2().visibility(p) == Some(Visibility::Sensitive)));
+    assert_eq!(a.pageblock_freetype(0), Some(SENSITIVE_INITIAL_FREETYPE));
+    let s = a.snapshot();
+    assert_eq!(s.free_pageblocks_sensitive, 4);
+    assert_eq!(s.stage2_pages_sensitive, n);
+    a.stage2_mut().clear_calls();
+    let u = a.alloc_pages(Gfp::HIGHUSER_MOVABLE, 0).unwrap();
+    assert!(a.stage2().calls().is_empty(), "already sensitive");
+    a.stage2_mut().guest_write(u.pfn + 1, USER_DATA);
+    let k = a.alloc_pages(Gfp::KERNEL, 0).unwrap();
+    let kinds: Vec<_> = a.stage2().calls().iter().map(|c| c.kind).collect();
+    assert_eq!(kinds, [CallKind::Zero, CallKind::Map]);
+    assert_eq!(a.stage2().guest_read_restricted(k.pfn), Some(0));
+    assert_eq!(a.snapshot().flip_matrix[1][0], 1);
+    a.check_invariants().unwrap();
+    assert_stage2_agrees(&mut a);
+
+    let z = Zone::new(0, n, allocator::sim::SimStage2::new(0, n), cfg, 2).unwrap();
+    assert_eq!(z.with_stage2(|s| s.count(CallKind::MakeSensitive)), 1);
+    assert_eq!(z.pageblock_freetype(PB), Some(SENSITIVE_INITIAL_FREETYPE));
+    z.alloc_pages(1, Gfp::USER, 0).unwrap();
+    assert_eq!(z.snapshot().flips_to_sensitive, 0);
+    z.check_invariants().unwrap();
+
+    assert_eq!(
+        BuddyAllocator::try_new(0, n, one_view(n), cfg).err(),
+        Some(InitError::Stage2(Stage2Error::Unsupported))
+    );
+    assert_eq!(
+        Zone::new(0, n, one_view(n), cfg, 1).err(),
+        Some(InitError::Stage2(Stage2Error::Unsupported))
+    );
+    // A zero-size range makes no call.
+    let e = sim(0, 0, cfg);
+    assert_eq!(e.stage2().count(CallKind::MakeSensitive), 0);
 }
