@@ -200,8 +200,6 @@ pub struct Loaded {
     pub trace: Trace,
     /// Which allocations are unmapped.
     pub classification: Classification,
-    /// With `--sensitive`: the view-switch figures per policy.
-    pub sensitive: Option<crate::sensitive::SensitiveReport>,
 }
 
 fn progress(a: &ReplayArgs, msg: std::fmt::Arguments<'_>) {
@@ -378,20 +376,21 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
             t0.elapsed().as_secs_f64()
         ),
     );
-    let sensitive = match &a.sensitive {
-        Some(names) => Some(sensitive_report(a, &trace, names)?),
-        None => None,
-    };
+    if let Some(names) = &a.sensitive {
+        // Unknown names are an error now, before any replay; [`report`] runs the analysis.
+        crate::sensitive::classify(&trace, names)?;
+    }
     Ok(Loaded {
         trace,
         classification,
-        sensitive,
     })
 }
 
-/// The `--sensitive` analysis: classify, then replay each selected policy that has a
-/// sensitive counterpart on the pure two-view model.
-fn sensitive_report(
+/// The `--sensitive` analysis (see [`crate::sensitive`]): classify, then replay each selected
+/// policy that has a sensitive counterpart on the pure two-view model. [`load`] has checked
+/// the rule; a policy whose memory is too large to model is skipped (the main replay reports
+/// that error).
+pub fn sensitive_report(
     a: &ReplayArgs,
     trace: &Trace,
     names: &[String],
@@ -402,7 +401,9 @@ fn sensitive_report(
         if crate::stop::requested().is_some() {
             break;
         }
-        let lay = layout(a, kind, trace)?;
+        let Ok(lay) = layout(a, kind, trace) else {
+            continue;
+        };
         if let Some(r) = crate::sensitive::run_policy(
             kind,
             trace,
@@ -535,7 +536,10 @@ pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool
         kvm,
         policies,
         interrupted: crate::stop::requested(),
-        sensitive: l.sensitive.clone(),
+        sensitive: a
+            .sensitive
+            .as_ref()
+            .and_then(|names| sensitive_report(a, &l.trace, names).ok()),
     }
 }
 

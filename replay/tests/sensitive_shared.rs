@@ -38,8 +38,6 @@ fn sensitive_is_opt_in_and_defaults_to_gfp_user() {
             "__GFP_ZERO".to_string()
         ])
     );
-    let l = cli::load(&args(&[])).unwrap();
-    assert!(l.sensitive.is_none());
     let e = cli::load(&args(&["--sensitive", "GFP_USR"])).unwrap_err();
     assert!(e.to_string().contains("GFP_USR"), "{e}");
 }
@@ -48,7 +46,8 @@ fn sensitive_is_opt_in_and_defaults_to_gfp_user() {
 fn view_switch_ranges_on_the_shared_trace() {
     let a = args(&["--sensitive"]);
     let l = cli::load(&a).unwrap();
-    let s = l.sensitive.as_ref().unwrap();
+    let r = cli::report(&a, &l, Vec::new(), false);
+    let s = r.sensitive.as_ref().unwrap();
     let c = &s.classification;
     // GFP_USER's bits are in every user-page allocation (GFP_HIGHUSER_MOVABLE): 77,293, the
     // README's user-page count; 26 also carry GFP_KERNEL_ACCOUNT's bits and stay unmapped.
@@ -95,7 +94,6 @@ fn view_switch_ranges_on_the_shared_trace() {
     // The price of grouping: whole pageblocks stay sensitive.
     assert!(f.sensitive_pages_end >= p.sensitive_pages_end);
     // And the report carries it: the text table and the JSON key.
-    let r = cli::report(&a, &l, Vec::new(), false);
     let text = replay::report::render_text(&r);
     assert!(text.contains("ASI view switches"), "{text}");
     let json = serde_json::to_value(&r).unwrap();
