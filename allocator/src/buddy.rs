@@ -14,6 +14,8 @@ use alloc::vec::Vec;
 
 /// Freetype every pageblock starts with (Linux marks all pageblocks movable at boot).
 pub const INITIAL_FREETYPE: Freetype = Freetype::MOVABLE;
+/// Freetype every pageblock starts with under [`Config::sensitive_by_default`].
+pub const SENSITIVE_INITIAL_FREETYPE: Freetype = Freetype::MOVABLE_SENSITIVE;
 
 /// Bit `i` set iff the freetype with index `i` is unmapped.
 const UNMAPPED_INDEX_MASK: u32 = {
@@ -32,6 +34,24 @@ const UNMAPPED_INDEX_MASK: u32 = {
 #[inline]
 pub(crate) const fn is_unmapped_index(i: usize) -> bool {
     (UNMAPPED_INDEX_MASK >> i) & 1 != 0
+}
+
+/// Visibility index ([`crate::Visibility::index`]) of the freetype with dense index `i`:
+/// two bits per freetype in one constant (one shift, no table lookup).
+const VISIBILITY_BITS: u32 = {
+    let mut m = 0u32;
+    let mut i = 0;
+    while i < Freetype::COUNT {
+        m |= (Freetype::ALL[i].visibility().index() as u32) << (2 * i);
+        i += 1;
+    }
+    m
+};
+
+/// The visibility (as its index) of the freetype with dense index `i`.
+#[inline]
+pub(crate) const fn visibility_index(i: usize) -> u32 {
+    (VISIBILITY_BITS >> (2 * i)) & 3
 }
 
 /// The first checks of a free, in their order: `pfn` in `[base, base + nr)`, `order` valid,
@@ -60,6 +80,12 @@ pub struct Config {
     /// Blocks in each per-(order, freetype) cache of small free blocks ([`crate::pcp`],
     /// orders 0..=3); 0 disables the caches. Default: 64.
     pub pcp_capacity: u32,
+    /// Start every pageblock sensitive ([`SENSITIVE_INITIAL_FREETYPE`], ASI's default: its
+    /// `PB_nonsensitive` bit is clear) instead of [`INITIAL_FREETYPE`]: construction makes
+    /// the whole range sensitive with one [`Stage2::make_sensitive`] call, and every
+    /// nonsensitive pageblock is then a flip (zeroed first). Default: off (the VMM boots its
+    /// guest with all memory visible in both views).
+    pub sensitive_by_default: bool,
 }
 
 impl Default for Config {
@@ -67,6 +93,7 @@ impl Default for Config {
         Config {
             init_on_free_unmapped: true,
             pcp_capacity: 64,
+            sensitive_by_default: false,
         }
     }
 }
@@ -109,7 +136,8 @@ pub struct BuddyAllocator<S: Stage2> {
 }
 
 impl<S: Stage2> BuddyAllocator<S> {
-    /// All pages start free and mapped (freetype [`INITIAL_FREETYPE`]).
+    /// All pages start free and mapped (freetype [`INITIAL_FREETYPE`]), or free and sensitive
+    /// with [`Config::sensitive_by_default`].
     ///
     /// A zero-size range gives an allocator with nothing free. Panics only if the range
     /// overflows or holds `u32::MAX` pages or more (16 TiB); [`Self::try_new`] reports that.
@@ -120,7 +148,9 @@ impl<S: Stage2> BuddyAllocator<S> {
         }
     }
 
-    /// As [`Self::new`], but returns an error for ranges the metadata cannot index.
+    /// As [`Self::new`], but returns an error for ranges the metadata cannot index, and
+    /// [`InitError::Stage2`] if [`Config::sensitive_by_default`] is set and the backend
+    /// refuses to make the range sensitive.
     pub fn try_new(base_pfn: Pfn, nr_pages: u64, s2: S, cfg: Config) -> Result<Self, InitError> {
         if nr_pages >= NIL as u64 {
             return Err(InitError::TooManyPages(nr_pages));
@@ -131,6 +161,19 @@ impl<S: Stage2> BuddyAllocator<S> {
         } else {
             ((end - 1) >> PAGEBLOCK_ORDER) - (base_pfn >> PAGEBLOCK_ORDER) + 1
         };
+        let initial = if cfg.sensitive_by_default {
+            SENSITIVE_INITIAL_FREETYPE
+        } else {
+            INITIAL_FREETYPE
+        };
+        let mut s2 = s2;
+        let mut ctr = Counters::default();
+        if cfg.sensitive_by_default && nr_pages > 0 {
+            s2.make_sensitive(base_pfn, nr_pages)
+                .map_err(InitError::Stage2)?;
+            ctr.stage2_sensitive_calls = 1;
+            ctr.stage2_pages_sensitive = nr_pages;
+        }
         let mut a = BuddyAllocator {
             s2,
             cfg,
@@ -139,13 +182,13 @@ impl<S: Stage2> BuddyAllocator<S> {
             pb_base: base_pfn >> PAGEBLOCK_ORDER,
             meta: vec![PageMeta::EMPTY; nr_pages as usize],
             links: vec![Links::EMPTY; nr_pages as usize],
-            pb: vec![INITIAL_FREETYPE.index() as u8; nr_pb as usize],
+            pb: vec![initial.index() as u8; nr_pb as usize],
             lists: FreeLists::new(),
             pcp: Pcp::new(cfg.pcp_capacity),
             free: 0,
-            ctr: Counters::default(),
+            ctr,
         };
-        let ft = INITIAL_FREETYPE.index();
+        let ft = initial.index();
         let mut pfn = base_pfn;
         while pfn < end {
             let mut o = (pfn.trailing_zeros() as u8).min(MAX_ORDER);
@@ -378,9 +421,9 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Put `[off, off + 2^order)` on the buddy lists of `ft`, merging with free buddies.
     ///
     /// Below pageblock order a buddy lies in the same pageblock, so it has the same freetype.
-    /// At pageblock order and above, buddies of the same mapped-ness merge and the buddy's
+    /// At pageblock order and above, buddies of the same visibility merge and the buddy's
     /// pageblocks take `ft` (as Linux's `__free_one_page` does for mergeable migratetypes);
-    /// buddies of different mapped-ness never merge. The caller has cleared `off`'s state.
+    /// buddies of different visibility (nonsensitive, sensitive, unmapped) never merge. The caller has cleared `off`'s state.
     #[inline(always)]
     pub(crate) fn free_to_buddy(&mut self, off: u32, mut order: u8, ft: usize) {
         let base = self.base;
@@ -414,13 +457,14 @@ impl<S: Stage2> BuddyAllocator<S> {
     }
 
     /// The rare merge step of [`Self::free_to_buddy`] with a free buddy `boff` of another
-    /// freetype (only at pageblock order and above): refuse across mapped-ness, otherwise
-    /// retype the buddy's pageblocks to `ft` and clear its head state.
+    /// freetype (only at pageblock order and above): refuse across visibility (nonsensitive,
+    /// sensitive, unmapped never merge), otherwise retype the buddy's pageblocks to `ft` and
+    /// clear its head state.
     #[cold]
     #[inline(never)]
     fn merge_across_pageblocks(&mut self, boff: u32, order: u8, bft: usize, ft: usize) -> bool {
         debug_assert!(order >= PAGEBLOCK_ORDER);
-        if is_unmapped_index(bft) != is_unmapped_index(ft) {
+        if visibility_index(bft) != visibility_index(ft) {
             return false;
         }
         self.set_pageblocks(boff, order, ft);
@@ -476,6 +520,9 @@ impl<S: Stage2> BuddyAllocator<S> {
             1 => self.pcp.push(order, 1, off),
             2 => self.pcp.push(order, 2, off),
             3 => self.pcp.push(order, 3, off),
+            4 => self.pcp.push(order, 4, off),
+            5 => self.pcp.push(order, 5, off),
+            6 => self.pcp.push(order, 6, off),
             _ => self.pcp.push(order, ft, off),
         }
     }
@@ -489,7 +536,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             };
             self.meta[off as usize].state = ST_NONE;
             self.free += 1 << order;
-            // The block's freetype may have been re-claimed since; its mapped-ness cannot
+            // The block's freetype may have been re-claimed since; its visibility cannot
             // have changed (a flip needs a whole free pageblock, a cached block prevents it).
             let bft = self.pb[self.pb_index(off)] as usize;
             self.free_to_buddy(off, order, bft);

@@ -11,6 +11,10 @@ pub enum Stage2Error {
     OutOfSlots,
     /// The backend failed with this (errno-style) code.
     Backend(i32),
+    /// The backend has no such operation (a backend without two views refuses
+    /// [`crate::Stage2::make_sensitive`] this way, so sensitive pages are never silently
+    /// treated as nonsensitive).
+    Unsupported,
 }
 
 impl fmt::Display for Stage2Error {
@@ -18,6 +22,9 @@ impl fmt::Display for Stage2Error {
         match self {
             Stage2Error::OutOfSlots => f.write_str("stage 2: out of memslots"),
             Stage2Error::Backend(c) => write!(f, "stage 2: backend error {c}"),
+            Stage2Error::Unsupported => {
+                f.write_str("stage 2: operation not supported by the backend")
+            }
         }
     }
 }
@@ -153,6 +160,9 @@ pub enum InitError {
     NoCpus,
     /// More CPUs than a [`crate::Zone`] can have ([`crate::zone::MAX_CPUS`]).
     TooManyCpus(usize),
+    /// [`crate::Config::sensitive_by_default`]: the backend refused to make the range
+    /// sensitive (e.g. [`Stage2Error::Unsupported`]: it has no views).
+    Stage2(Stage2Error),
 }
 
 impl fmt::Display for InitError {
@@ -162,6 +172,7 @@ impl fmt::Display for InitError {
             InitError::Overflow => f.write_str("pfn range overflows"),
             InitError::NoCpus => f.write_str("a zone needs at least one CPU"),
             InitError::TooManyCpus(n) => write!(f, "{n} CPUs: a zone has at most 65536"),
+            InitError::Stage2(e) => write!(f, "cannot make the range sensitive: {e}"),
         }
     }
 }
