@@ -394,8 +394,18 @@ pub mod gfp {
     pub const RECLAIMABLE: u64 = 1 << 3;
     /// May not block: never flips a pageblock.
     pub const ATOMIC: u64 = 1 << 4;
+    /// Sensitive pages (ASI's `__GFP_SENSITIVE`): mapped in the full view only.
+    pub const SENSITIVE: u64 = 1 << 5;
     /// Every bit defined so far.
-    pub const ALL: u64 = ZERO | UNMAPPED | MOVABLE | RECLAIMABLE | ATOMIC;
+    pub const ALL: u64 = ZERO | UNMAPPED | MOVABLE | RECLAIMABLE | ATOMIC | SENSITIVE;
+    /// `GFP_KERNEL`: ordinary kernel memory (nonsensitive).
+    pub const KERNEL: u64 = 0;
+    /// `GFP_USER`: user memory, sensitive as ASI makes it.
+    pub const USER: u64 = SENSITIVE;
+    /// `GFP_HIGHUSER`: equal to [`USER`] (no highmem).
+    pub const HIGHUSER: u64 = USER;
+    /// `GFP_HIGHUSER_MOVABLE`: user pages (movable, sensitive).
+    pub const HIGHUSER_MOVABLE: u64 = HIGHUSER | MOVABLE;
 }
 
 /// Values of the `context` argument of [`Hc::AllocSpecial`]; same order as
@@ -405,6 +415,10 @@ pub mod context {
     pub const DEFAULT: u64 = 0;
     /// Pages removed from the direct map.
     pub const UNMAPPED: u64 = 1;
+    /// Sensitive pages (full view only).
+    pub const SENSITIVE: u64 = 2;
+    /// The lowest value with no context (everything from here up is unknown).
+    pub const FIRST_UNUSED: u64 = 3;
 }
 
 /// Result of a test, the first argument of [`Hc::TestEnd`].

@@ -34,6 +34,24 @@ pub(crate) const fn is_unmapped_index(i: usize) -> bool {
     (UNMAPPED_INDEX_MASK >> i) & 1 != 0
 }
 
+/// Visibility index ([`crate::Visibility::index`]) of the freetype with dense index `i`:
+/// two bits per freetype in one constant (one shift, no table lookup).
+const VISIBILITY_BITS: u32 = {
+    let mut m = 0u32;
+    let mut i = 0;
+    while i < Freetype::COUNT {
+        m |= (Freetype::ALL[i].visibility().index() as u32) << (2 * i);
+        i += 1;
+    }
+    m
+};
+
+/// The visibility (as its index) of the freetype with dense index `i`.
+#[inline]
+pub(crate) const fn visibility_index(i: usize) -> u32 {
+    (VISIBILITY_BITS >> (2 * i)) & 3
+}
+
 /// The first checks of a free, in their order: `pfn` in `[base, base + nr)`, `order` valid,
 /// `pfn` aligned to it. Gives the page offset.
 #[inline]
@@ -378,9 +396,9 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Put `[off, off + 2^order)` on the buddy lists of `ft`, merging with free buddies.
     ///
     /// Below pageblock order a buddy lies in the same pageblock, so it has the same freetype.
-    /// At pageblock order and above, buddies of the same mapped-ness merge and the buddy's
+    /// At pageblock order and above, buddies of the same visibility merge and the buddy's
     /// pageblocks take `ft` (as Linux's `__free_one_page` does for mergeable migratetypes);
-    /// buddies of different mapped-ness never merge. The caller has cleared `off`'s state.
+    /// buddies of different visibility (nonsensitive, sensitive, unmapped) never merge. The caller has cleared `off`'s state.
     #[inline(always)]
     pub(crate) fn free_to_buddy(&mut self, off: u32, mut order: u8, ft: usize) {
         let base = self.base;
@@ -414,13 +432,14 @@ impl<S: Stage2> BuddyAllocator<S> {
     }
 
     /// The rare merge step of [`Self::free_to_buddy`] with a free buddy `boff` of another
-    /// freetype (only at pageblock order and above): refuse across mapped-ness, otherwise
-    /// retype the buddy's pageblocks to `ft` and clear its head state.
+    /// freetype (only at pageblock order and above): refuse across visibility (nonsensitive,
+    /// sensitive, unmapped never merge), otherwise retype the buddy's pageblocks to `ft` and
+    /// clear its head state.
     #[cold]
     #[inline(never)]
     fn merge_across_pageblocks(&mut self, boff: u32, order: u8, bft: usize, ft: usize) -> bool {
         debug_assert!(order >= PAGEBLOCK_ORDER);
-        if is_unmapped_index(bft) != is_unmapped_index(ft) {
+        if visibility_index(bft) != visibility_index(ft) {
             return false;
         }
         self.set_pageblocks(boff, order, ft);
@@ -476,6 +495,9 @@ impl<S: Stage2> BuddyAllocator<S> {
             1 => self.pcp.push(order, 1, off),
             2 => self.pcp.push(order, 2, off),
             3 => self.pcp.push(order, 3, off),
+            4 => self.pcp.push(order, 4, off),
+            5 => self.pcp.push(order, 5, off),
+            6 => self.pcp.push(order, 6, off),
             _ => self.pcp.push(order, ft, off),
         }
     }
@@ -489,7 +511,7 @@ impl<S: Stage2> BuddyAllocator<S> {
             };
             self.meta[off as usize].state = ST_NONE;
             self.free += 1 << order;
-            // The block's freetype may have been re-claimed since; its mapped-ness cannot
+            // The block's freetype may have been re-claimed since; its visibility cannot
             // have changed (a flip needs a whole free pageblock, a cached block prevents it).
             let bft = self.pb[self.pb_index(off)] as usize;
             self.free_to_buddy(off, order, bft);

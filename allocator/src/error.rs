@@ -11,6 +11,10 @@ pub enum Stage2Error {
     OutOfSlots,
     /// The backend failed with this (errno-style) code.
     Backend(i32),
+    /// The backend has no such operation (a backend without two views refuses
+    /// [`crate::Stage2::make_sensitive`] this way, so sensitive pages are never silently
+    /// treated as nonsensitive).
+    Unsupported,
 }
 
 impl fmt::Display for Stage2Error {
@@ -18,6 +22,9 @@ impl fmt::Display for Stage2Error {
         match self {
             Stage2Error::OutOfSlots => f.write_str("stage 2: out of memslots"),
             Stage2Error::Backend(c) => write!(f, "stage 2: backend error {c}"),
+            Stage2Error::Unsupported => {
+                f.write_str("stage 2: operation not supported by the backend")
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Linux's migratetype fallback within one mapped-ness: claim a whole pageblock when the
+//! Linux's migratetype fallback within one visibility (nonsensitive, sensitive, unmapped): claim a whole pageblock when the
 //! request is large or the block is mostly free/compatible, otherwise steal the smallest
 //! block (`__rmqueue_claim` / `__rmqueue_steal` in mm/page_alloc.c).
 
@@ -17,12 +17,13 @@ pub(crate) const fn should_try_claim(order: u8, start: Migratetype) -> bool {
 }
 
 impl<S: Stage2> BuddyAllocator<S> {
-    /// The fallback freetypes of `ft` with the same flags, in Linux's order.
+    /// The fallback freetypes of `ft` with the same visibility, in Linux's order.
     fn fallback_types(ft: Freetype) -> [Option<Freetype>; 2] {
         let [a, b] = ft.migratetype().fallbacks();
+        let v = ft.visibility();
         [
-            Freetype::new(a, ft.is_unmapped()),
-            Freetype::new(b, ft.is_unmapped()),
+            Freetype::with_visibility(a, v),
+            Freetype::with_visibility(b, v),
         ]
     }
 

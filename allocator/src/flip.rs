@@ -1,33 +1,49 @@
-//! Flips: turning a whole free pageblock (or a larger free block) of one mapped-ness into the
-//! other, with one stage-2 call per contiguous range.
+//! Flips: turning a whole free pageblock (or a larger free block) of one visibility
+//! (nonsensitive, sensitive, unmapped) into another, with one stage-2 call per contiguous
+//! range (two when it must be zeroed first).
 //!
-//! To unmapped: `Stage2::unmap` once for the range. To mapped: `Stage2::zero` then
-//! `Stage2::map`, so a block never becomes reachable before it has been zeroed. If the
-//! stage-2 call fails the block goes back, merged, onto the lists it came from and the
-//! request fails with [`AllocError::Stage2`]. Requests that may not block never flip.
+//! | from → to | stage-2 calls |
+//! |---|---|
+//! | nonsensitive → unmapped, sensitive → unmapped | `unmap` |
+//! | nonsensitive → sensitive | `make_sensitive` (leaves the restricted view; no zeroing) |
+//! | unmapped → sensitive | `zero`, `make_sensitive` |
+//! | sensitive → nonsensitive, unmapped → nonsensitive | `zero`, `map` |
+//!
+//! So a block never becomes visible anywhere it was not before it has been zeroed
+//! ([`crate::Visibility::gains_visibility`]): a sensitive block may hold user data, an
+//! unmapped one secrets. If a stage-2 call fails the block goes back, merged, onto the lists
+//! it came from and the request fails with [`AllocError::Stage2`]. Requests that may not
+//! block never flip.
+//!
+//! The source is the smallest free block of order `>= max(order, pageblock order)` of another
+//! visibility; at equal order the preferred sources are, for a nonsensitive target, unmapped
+//! then sensitive blocks; for a sensitive target, nonsensitive (no zeroing) then unmapped;
+//! for an unmapped target, nonsensitive then sensitive.
 
 use crate::buddy::BuddyAllocator;
 use crate::error::{AllocError, Stage2Error};
-use crate::freetype::Freetype;
+use crate::freetype::{Freetype, Visibility};
 use crate::gfp::AllocRequest;
 use crate::stage2::Stage2;
 use crate::{MAX_ORDER, PAGEBLOCK_ORDER};
 
 impl<S: Stage2> BuddyAllocator<S> {
     /// The smallest free block of order `>= min_order` on the lists of a freetype whose
-    /// mapped-ness differs from `target`'s: `(order, freetype index)`.
+    /// visibility differs from `target`'s, preferred sources first at equal order (see the
+    /// module docs): `(order, freetype index)`.
     pub(crate) fn flip_candidate(&self, target: Freetype, min_order: u8) -> Option<(u8, usize)> {
+        let sources = flip_sources(target.visibility());
         (min_order..=MAX_ORDER).find_map(|o| {
-            Freetype::ALL
+            sources
                 .iter()
-                .filter(|f| f.is_unmapped() != target.is_unmapped())
+                .flat_map(|&v| Freetype::ALL.iter().filter(move |f| f.visibility() == v))
                 .map(|f| f.index())
                 .find(|&f| self.lists.nonempty[f] & (1 << o) != 0)
                 .map(|f| (o, f))
         })
     }
 
-    /// Flip a whole free pageblock (or order-10 block) to the request's mapped-ness and
+    /// Flip a whole free pageblock (or order-10 block) to the request's visibility and
     /// allocate `order` from it.
     pub(crate) fn flip_alloc(&mut self, req: AllocRequest, order: u8) -> Result<u32, AllocError> {
         let t = self.flip_begin(req, order)?;
@@ -105,21 +121,34 @@ impl<S: Stage2> BuddyAllocator<S> {
             self.ctr.stage2_map_calls += 1;
             self.ctr.stage2_pages_mapped += n;
         }
+        if res.made_sensitive {
+            self.ctr.stage2_sensitive_calls += 1;
+            self.ctr.stage2_pages_sensitive += n;
+        }
         if let Err(e) = res.result {
             self.ctr.stage2_failures += 1;
-            // Roll back: the block is still of the source mapped-ness; merge it back.
+            // Roll back: the block is still of the source visibility; merge it back.
             self.free_to_buddy(t.off, t.flip_order, t.src);
             return Err(AllocError::Stage2(e));
         }
         let ft = t.target.index();
         self.set_pageblocks(t.off, t.flip_order, ft);
         let blocks = n >> PAGEBLOCK_ORDER;
-        if t.target.is_unmapped() {
-            self.ctr.flips_to_unmapped += blocks;
-            self.ctr.flip_calls_to_unmapped += 1;
-        } else {
-            self.ctr.flips_to_mapped += blocks;
-            self.ctr.flip_calls_to_mapped += 1;
+        let from = Freetype::ALL[t.src].visibility();
+        self.ctr.flip_matrix[from.index()][t.target.visibility().index()] += blocks;
+        match t.target.visibility() {
+            Visibility::Unmapped => {
+                self.ctr.flips_to_unmapped += blocks;
+                self.ctr.flip_calls_to_unmapped += 1;
+            }
+            Visibility::Nonsensitive => {
+                self.ctr.flips_to_mapped += blocks;
+                self.ctr.flip_calls_to_mapped += 1;
+            }
+            Visibility::Sensitive => {
+                self.ctr.flips_to_sensitive += blocks;
+                self.ctr.flip_calls_to_sensitive += 1;
+            }
         }
         self.expand(t.off, order, t.flip_order, ft);
         Ok(t.off)
@@ -145,34 +174,51 @@ impl FlipTicket {
     }
 }
 
+/// The source visibilities a flip to `target` may take a block from, preferred first.
+const fn flip_sources(target: Visibility) -> [Visibility; 2] {
+    match target {
+        Visibility::Nonsensitive => [Visibility::Unmapped, Visibility::Sensitive],
+        Visibility::Sensitive => [Visibility::Nonsensitive, Visibility::Unmapped],
+        Visibility::Unmapped => [Visibility::Nonsensitive, Visibility::Sensitive],
+    }
+}
+
 /// What the stage-2 half of a flip did.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct FlipResult {
     unmapped: bool,
     zeroed: bool,
     mapped: bool,
+    made_sensitive: bool,
     result: Result<(), Stage2Error>,
 }
 
 /// The stage-2 half of a flip (no allocator state touched, so it may run outside the zone
-/// lock): `unmap` the range, or `zero` then `map` it, one call each.
+/// lock): the calls of the module docs' table, zeroing first exactly when the block gains
+/// visibility.
 pub(crate) fn flip_stage2<S: Stage2>(s2: &mut S, t: &FlipTicket) -> FlipResult {
     let n = t.pages();
     let mut r = FlipResult {
         unmapped: false,
         zeroed: false,
         mapped: false,
+        made_sensitive: false,
         result: Ok(()),
     };
-    r.result = if t.target.is_unmapped() {
-        s2.unmap(t.pfn, n).map(|()| r.unmapped = true)
-    } else {
-        s2.zero(t.pfn, n)
-            .and_then(|()| {
-                r.zeroed = true;
-                s2.map(t.pfn, n)
-            })
-            .map(|()| r.mapped = true)
-    };
+    let from = Freetype::ALL[t.src].visibility();
+    let to = t.target.visibility();
+    r.result = (|| {
+        if from.gains_visibility(to) {
+            s2.zero(t.pfn, n)?;
+            r.zeroed = true;
+        }
+        match to {
+            Visibility::Unmapped => s2.unmap(t.pfn, n).map(|()| r.unmapped = true),
+            Visibility::Nonsensitive => s2.map(t.pfn, n).map(|()| r.mapped = true),
+            Visibility::Sensitive => s2
+                .make_sensitive(t.pfn, n)
+                .map(|()| r.made_sensitive = true),
+        }
+    })();
     r
 }

@@ -17,10 +17,33 @@
 //! (with [`Gfp::UNMAPPED`]), [`crate::BuddyAllocator::alloc_pages_special`] takes a
 //! [`BuddyContext`] plus [`Gfp`], and both go through [`AllocRequest::from_gfp`], the one
 //! documented translation, so they cannot drift apart. `BuddyContext::Unmapped` with empty GFP
-//! bits is exactly `Gfp::UNMAPPED`.
+//! bits is exactly `Gfp::UNMAPPED`, `BuddyContext::Sensitive` exactly `Gfp::SENSITIVE`.
+//!
+//! # Sensitive memory and the user composites
+//!
+//! ASI adds `__GFP_SENSITIVE` and makes `GFP_USER` imply it: user (and guest) data is absent
+//! from the restricted address space. The kernel's `GFP_*` composites are built from
+//! `__GFP_*` bits; Veil builds the same composites from its bits ([`Gfp::KERNEL`],
+//! [`Gfp::USER`], [`Gfp::HIGHUSER`], [`Gfp::HIGHUSER_MOVABLE`]; the reclaim, I/O, FS and
+//! hardwall bits have no meaning here, and there is no highmem). Which requests are sensitive:
+//!
+//! | request | freetype | sensitive |
+//! |---|---|---|
+//! | `KERNEL` (empty), `MOVABLE`, `RECLAIMABLE`, `ZERO`, `ATOMIC` | nonsensitive | no |
+//! | `USER` = `HIGHUSER` = `SENSITIVE` | unmovable\|sensitive | yes |
+//! | `HIGHUSER_MOVABLE` = `SENSITIVE \| MOVABLE` | movable\|sensitive | yes |
+//! | `SENSITIVE \| RECLAIMABLE` | reclaimable\|sensitive | yes |
+//! | any of the above `\| ZERO` / `\| ATOMIC` | the same | the same (`ATOMIC`: never flips) |
+//! | `UNMAPPED`, `USER \| UNMAPPED` (secretmem-like) | unmovable\|unmapped | no: absent from both views |
+//! | `HIGHUSER_MOVABLE \| UNMAPPED`, `UNMAPPED \| RECLAIMABLE` | — | [`AllocError::InvalidFlags`] |
+//! | `MOVABLE \| RECLAIMABLE` (with anything) | — | [`AllocError::InvalidFlags`] |
+//!
+//! `UNMAPPED` wins over `SENSITIVE`: an unmapped page is already out of the restricted view,
+//! and out of the full one as well. The contexts add their bit: `(Sensitive, gfp)` ≡
+//! `(Default, gfp | SENSITIVE)`.
 
 use crate::error::AllocError;
-use crate::freetype::{Freetype, Migratetype};
+use crate::freetype::{Freetype, Migratetype, Visibility};
 
 /// GFP-style allocation flags (bit values equal `veil_abi::gfp`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
@@ -37,8 +60,20 @@ impl Gfp {
     pub const RECLAIMABLE: Gfp = Gfp(1 << 3);
     /// May not block: never flips a pageblock (fails with [`AllocError::WouldBlock`] instead).
     pub const ATOMIC: Gfp = Gfp(1 << 4);
+    /// Sensitive pages (ASI's `__GFP_SENSITIVE`): mapped in the full view only, absent from
+    /// the restricted view.
+    pub const SENSITIVE: Gfp = Gfp(1 << 5);
     /// Every defined bit.
-    pub const ALL: Gfp = Gfp(0x1f);
+    pub const ALL: Gfp = Gfp(0x3f);
+
+    /// `GFP_KERNEL`: ordinary kernel memory (unmovable, nonsensitive, may flip).
+    pub const KERNEL: Gfp = Gfp(0);
+    /// `GFP_USER`: memory for user space, sensitive as ASI makes it (`__GFP_SENSITIVE`).
+    pub const USER: Gfp = Gfp(Gfp::SENSITIVE.0);
+    /// `GFP_HIGHUSER` = `GFP_USER | __GFP_HIGHMEM`; no highmem here, so equal to [`Gfp::USER`].
+    pub const HIGHUSER: Gfp = Gfp(Gfp::USER.0);
+    /// `GFP_HIGHUSER_MOVABLE` = `GFP_HIGHUSER | __GFP_MOVABLE`: user pages (movable, sensitive).
+    pub const HIGHUSER_MOVABLE: Gfp = Gfp(Gfp::HIGHUSER.0 | Gfp::MOVABLE.0);
 
     /// No flags: an unmovable, mapped, non-zeroed request that may flip.
     pub const fn empty() -> Gfp {
@@ -100,6 +135,8 @@ pub enum BuddyContext {
     Default,
     /// Pages removed from the direct map (`veil_abi::context::UNMAPPED` = 1).
     Unmapped,
+    /// Sensitive pages, full view only (`veil_abi::context::SENSITIVE` = 2).
+    Sensitive,
 }
 
 impl BuddyContext {
@@ -108,6 +145,7 @@ impl BuddyContext {
         match v {
             0 => Some(BuddyContext::Default),
             1 => Some(BuddyContext::Unmapped),
+            2 => Some(BuddyContext::Sensitive),
             _ => None,
         }
     }
@@ -117,6 +155,7 @@ impl BuddyContext {
         match self {
             BuddyContext::Default => 0,
             BuddyContext::Unmapped => 1,
+            BuddyContext::Sensitive => 2,
         }
     }
 
@@ -125,6 +164,7 @@ impl BuddyContext {
         match self {
             BuddyContext::Default => "default",
             BuddyContext::Unmapped => "unmapped",
+            BuddyContext::Sensitive => "sensitive",
         }
     }
 }
@@ -145,16 +185,19 @@ impl AllocRequest {
     ///
     /// Rules:
     /// - the context contributes flags: `Default` none, `Unmapped` the `UNMAPPED` bit (so
-    ///   `(Unmapped, gfp)` ≡ `(Default, gfp | UNMAPPED)`); a new context adds one arm here;
+    ///   `(Unmapped, gfp)` ≡ `(Default, gfp | UNMAPPED)`), `Sensitive` the `SENSITIVE` bit;
+    ///   a new context adds one arm here;
     /// - migratetype: `MOVABLE` → movable, `RECLAIMABLE` → reclaimable, neither → unmovable,
     ///   both → [`AllocError::InvalidFlags`] (Linux gives that combination no ordinary meaning);
     /// - `UNMAPPED` selects the unmapped freetype; only `unmovable|unmapped` exists, so
     ///   `UNMAPPED` with `MOVABLE` or `RECLAIMABLE` is [`AllocError::InvalidFlags`] (rejected,
     ///   not silently rewritten: unmapped pages cannot be migrated or reclaimed);
+    /// - `SENSITIVE` (without `UNMAPPED`) selects the sensitive freetype of the migratetype;
+    ///   with `UNMAPPED`, `UNMAPPED` wins (absent from both views is stricter);
     /// - `ZERO` → zero through stage 2 (works for every freetype);
     /// - `ATOMIC` → may not block, hence may not flip a pageblock.
     ///
-    /// The rules are evaluated once, at compile time, into a 64-entry table (one byte per
+    /// The rules are evaluated once, at compile time, into a 192-entry table (one byte per
     /// (context, gfp) pair), so the hot path pays one load for the translation.
     #[inline]
     pub const fn from_gfp(ctx: BuddyContext, gfp: Gfp) -> Result<AllocRequest, AllocError> {
@@ -171,9 +214,17 @@ impl AllocRequest {
 
     /// The rules of [`AllocRequest::from_gfp`], evaluated directly (builds the table).
     pub const fn translate_rules(ctx: BuddyContext, gfp: Gfp) -> Result<AllocRequest, AllocError> {
-        let unmapped = match ctx {
-            BuddyContext::Default => gfp.contains(Gfp::UNMAPPED),
-            BuddyContext::Unmapped => true,
+        let gfp = match ctx {
+            BuddyContext::Default => gfp,
+            BuddyContext::Unmapped => Gfp(gfp.0 | Gfp::UNMAPPED.0),
+            BuddyContext::Sensitive => Gfp(gfp.0 | Gfp::SENSITIVE.0),
+        };
+        let vis = if gfp.contains(Gfp::UNMAPPED) {
+            Visibility::Unmapped
+        } else if gfp.contains(Gfp::SENSITIVE) {
+            Visibility::Sensitive
+        } else {
+            Visibility::Nonsensitive
         };
         let mt = match (gfp.contains(Gfp::MOVABLE), gfp.contains(Gfp::RECLAIMABLE)) {
             (false, false) => Migratetype::Unmovable,
@@ -181,7 +232,7 @@ impl AllocRequest {
             (false, true) => Migratetype::Reclaimable,
             (true, true) => return Err(AllocError::InvalidFlags),
         };
-        let freetype = match Freetype::new(mt, unmapped) {
+        let freetype = match Freetype::with_visibility(mt, vis) {
             Some(ft) => ft,
             None => return Err(AllocError::InvalidFlags),
         };
@@ -196,7 +247,11 @@ impl AllocRequest {
 /// Number of GFP bit patterns.
 const NR_GFP: usize = Gfp::ALL.0 as usize + 1;
 /// Contexts known to the table.
-const CONTEXTS: [BuddyContext; 2] = [BuddyContext::Default, BuddyContext::Unmapped];
+const CONTEXTS: [BuddyContext; 3] = [
+    BuddyContext::Default,
+    BuddyContext::Unmapped,
+    BuddyContext::Sensitive,
+];
 /// Table encoding: freetype index bits.
 const ENC_FT: u8 = 0x0f;
 /// Table encoding: zero the pages.
@@ -241,22 +296,28 @@ mod tests {
         assert_eq!(Gfp::MOVABLE.bits(), 1 << 2);
         assert_eq!(Gfp::RECLAIMABLE.bits(), 1 << 3);
         assert_eq!(Gfp::ATOMIC.bits(), 1 << 4);
-        assert_eq!(Gfp::ALL.bits(), 0x1f);
+        assert_eq!(Gfp::SENSITIVE.bits(), 1 << 5);
+        assert_eq!(Gfp::ALL.bits(), 0x3f);
+        assert_eq!(Gfp::KERNEL.bits(), 0);
+        assert_eq!(Gfp::USER.bits(), 1 << 5);
+        assert_eq!(Gfp::HIGHUSER.bits(), 1 << 5);
+        assert_eq!(Gfp::HIGHUSER_MOVABLE.bits(), (1 << 5) | (1 << 2));
         assert_eq!(BuddyContext::from_u64(0), Some(BuddyContext::Default));
         assert_eq!(BuddyContext::from_u64(1), Some(BuddyContext::Unmapped));
-        assert_eq!(BuddyContext::from_u64(2), None);
+        assert_eq!(BuddyContext::from_u64(2), Some(BuddyContext::Sensitive));
+        assert_eq!(BuddyContext::from_u64(3), None);
         assert_eq!(BuddyContext::from_u64(u64::MAX), None);
-        for c in [BuddyContext::Default, BuddyContext::Unmapped] {
+        for c in CONTEXTS {
             assert_eq!(BuddyContext::from_u64(c.as_u64()), Some(c));
         }
     }
 
     #[test]
     fn from_bits_rejects_unknown() {
-        for b in 0..32u32 {
+        for b in 0..64u32 {
             assert_eq!(Gfp::from_bits(b).map(|g| g.bits()), Some(b));
         }
-        assert_eq!(Gfp::from_bits(1 << 5), None);
+        assert_eq!(Gfp::from_bits(1 << 6), None);
         assert_eq!(Gfp::from_bits(u32::MAX), None);
         assert_eq!(Gfp::from_u64(1 << 40), None);
         assert_eq!(Gfp::from_u64(3), Some(Gfp::ZERO | Gfp::UNMAPPED));
@@ -321,11 +382,141 @@ mod tests {
                 AllocRequest::from_gfp(BuddyContext::Unmapped, g),
                 AllocRequest::from_gfp(BuddyContext::Default, g | Gfp::UNMAPPED)
             );
+            assert_eq!(
+                AllocRequest::from_gfp(BuddyContext::Sensitive, g),
+                AllocRequest::from_gfp(BuddyContext::Default, g | Gfp::SENSITIVE)
+            );
             if let Ok(r) = AllocRequest::from_gfp(BuddyContext::Default, g) {
                 assert_eq!(r.freetype.is_unmapped(), g.contains(Gfp::UNMAPPED));
+                assert_eq!(
+                    r.freetype.is_sensitive(),
+                    g.contains(Gfp::SENSITIVE) && !g.contains(Gfp::UNMAPPED)
+                );
                 assert_eq!(r.zero, g.contains(Gfp::ZERO));
                 assert_eq!(r.may_flip, !g.contains(Gfp::ATOMIC));
             }
         }
+    }
+
+    /// The documented table of composites (module docs): which requests are sensitive.
+    #[test]
+    fn composites_table() {
+        use Visibility::*;
+        let z = Gfp::ZERO;
+        let at = Gfp::ATOMIC;
+        // (request, expected freetype or None for InvalidFlags)
+        let rows: &[(&str, Gfp, Option<Freetype>)] = &[
+            ("KERNEL", Gfp::KERNEL, Some(Freetype::UNMOVABLE)),
+            ("KERNEL|ZERO", Gfp::KERNEL | z, Some(Freetype::UNMOVABLE)),
+            ("MOVABLE", Gfp::MOVABLE, Some(Freetype::MOVABLE)),
+            ("RECLAIMABLE", Gfp::RECLAIMABLE, Some(Freetype::RECLAIMABLE)),
+            ("ATOMIC", at, Some(Freetype::UNMOVABLE)),
+            ("USER", Gfp::USER, Some(Freetype::UNMOVABLE_SENSITIVE)),
+            (
+                "USER|ZERO",
+                Gfp::USER | z,
+                Some(Freetype::UNMOVABLE_SENSITIVE),
+            ),
+            (
+                "USER|ATOMIC",
+                Gfp::USER | at,
+                Some(Freetype::UNMOVABLE_SENSITIVE),
+            ),
+            (
+                "HIGHUSER",
+                Gfp::HIGHUSER,
+                Some(Freetype::UNMOVABLE_SENSITIVE),
+            ),
+            (
+                "HIGHUSER_MOVABLE",
+                Gfp::HIGHUSER_MOVABLE,
+                Some(Freetype::MOVABLE_SENSITIVE),
+            ),
+            (
+                "HIGHUSER_MOVABLE|ZERO",
+                Gfp::HIGHUSER_MOVABLE | z,
+                Some(Freetype::MOVABLE_SENSITIVE),
+            ),
+            (
+                "SENSITIVE|RECLAIMABLE",
+                Gfp::SENSITIVE | Gfp::RECLAIMABLE,
+                Some(Freetype::RECLAIMABLE_SENSITIVE),
+            ),
+            (
+                "UNMAPPED",
+                Gfp::UNMAPPED,
+                Some(Freetype::UNMOVABLE_UNMAPPED),
+            ),
+            (
+                "USER|UNMAPPED",
+                Gfp::USER | Gfp::UNMAPPED,
+                Some(Freetype::UNMOVABLE_UNMAPPED),
+            ),
+            (
+                "HIGHUSER_MOVABLE|UNMAPPED",
+                Gfp::HIGHUSER_MOVABLE | Gfp::UNMAPPED,
+                None,
+            ),
+            (
+                "SENSITIVE|UNMAPPED|RECLAIMABLE",
+                Gfp::SENSITIVE | Gfp::UNMAPPED | Gfp::RECLAIMABLE,
+                None,
+            ),
+            (
+                "HIGHUSER_MOVABLE|RECLAIMABLE",
+                Gfp::HIGHUSER_MOVABLE | Gfp::RECLAIMABLE,
+                None,
+            ),
+        ];
+        for &(name, g, want) in rows {
+            let got = AllocRequest::from_gfp(BuddyContext::Default, g);
+            match want {
+                Some(ft) => {
+                    let r = got.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                    assert_eq!(r.freetype, ft, "{name}");
+                    assert_eq!(r.zero, g.contains(z), "{name}");
+                    assert_eq!(r.may_flip, !g.contains(at), "{name}");
+                }
+                None => assert_eq!(got, Err(AllocError::InvalidFlags), "{name}"),
+            }
+        }
+        let sensitive: alloc::vec::Vec<&str> = rows
+            .iter()
+            .filter(|r| r.2.is_some_and(|f| f.visibility() == Sensitive))
+            .map(|r| r.0)
+            .collect();
+        assert_eq!(
+            sensitive,
+            [
+                "USER",
+                "USER|ZERO",
+                "USER|ATOMIC",
+                "HIGHUSER",
+                "HIGHUSER_MOVABLE",
+                "HIGHUSER_MOVABLE|ZERO",
+                "SENSITIVE|RECLAIMABLE"
+            ]
+        );
+        // The context shape gives the same freetypes.
+        assert_eq!(
+            AllocRequest::from_gfp(BuddyContext::Sensitive, Gfp::MOVABLE)
+                .unwrap()
+                .freetype,
+            Freetype::MOVABLE_SENSITIVE
+        );
+        assert_eq!(
+            AllocRequest::from_gfp(BuddyContext::Sensitive, Gfp::UNMAPPED)
+                .unwrap()
+                .freetype,
+            Freetype::UNMOVABLE_UNMAPPED
+        );
+        assert_eq!(
+            AllocRequest::from_gfp(BuddyContext::Unmapped, Gfp::USER)
+                .unwrap()
+                .freetype,
+            Freetype::UNMOVABLE_UNMAPPED
+        );
+        assert_eq!(Nonsensitive, Freetype::UNMOVABLE.visibility());
+        assert_eq!(Unmapped, Freetype::UNMOVABLE_UNMAPPED.visibility());
     }
 }

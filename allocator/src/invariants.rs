@@ -18,7 +18,7 @@ impl<S: Stage2> BuddyAllocator<S> {
     /// Checks: every page belongs to exactly one naturally aligned block (free, cached or
     /// allocated) inside the range and only heads carry a state; free blocks have their
     /// pageblocks' freetype and are fully merged (no free buddy of the same order and
-    /// mapped-ness); allocations and cached pages have their pageblocks' mapped-ness; every
+    /// visibility); allocations and cached pages have their pageblocks' visibility; every
     /// free list is a well-formed doubly linked list of exactly the free heads of its
     /// (order, freetype) with the right count and non-empty bit; the caches hold exactly the
     /// cached pages; the free page count matches; allocs − frees equals the live allocations
@@ -73,12 +73,12 @@ impl<S: Stage2> BuddyAllocator<S> {
             if blocks.iter().any(|&b| b as usize >= Freetype::COUNT) {
                 return Err("pageblock freetype index out of range");
             }
-            let unmapped = Freetype::ALL[ft].is_unmapped();
+            let vis = Freetype::ALL[ft].visibility();
             if blocks
                 .iter()
-                .any(|&b| Freetype::ALL[b as usize].is_unmapped() != unmapped)
+                .any(|&b| Freetype::ALL[b as usize].visibility() != vis)
             {
-                return Err("block mapped-ness differs from its pageblock's");
+                return Err("block visibility differs from its pageblock's");
             }
             if m.state & ST_FREE != 0 {
                 if blocks.iter().any(|&b| b as usize != ft) {
@@ -93,7 +93,7 @@ impl<S: Stage2> BuddyAllocator<S> {
                         if bm.state == ST_FREE | o
                             && Freetype::ALL[bm.ft as usize].flags() == Freetype::ALL[ft].flags()
                         {
-                            return Err("two free buddies of the same mapped-ness not merged");
+                            return Err("two free buddies of the same visibility not merged");
                         }
                     }
                 }

@@ -10,7 +10,7 @@
 //!   blocks, O(1) intrusive doubly linked free lists per (order, freetype) with 32-bit links.
 //! - **Freetypes** ([`freetype`]): migratetype + `UNMAPPED` flag, dense index over the four
 //!   combinations that have lists; each pageblock records its freetype.
-//! - **Fallback** ([`fallback`]): Linux's claim/steal rules within one mapped-ness.
+//! - **Fallback** ([`fallback`]): Linux's claim/steal rules within one visibility.
 //! - **Flips** ([`flip`]): a whole free pageblock of the other mapped-ness changes sides with
 //!   one stage-2 call (zero, then map, on the way back); never for `ATOMIC` requests.
 //! - **Small-block caches** ([`pcp`]): Linux's per-CPU lists, one per (order <= 3 or 9, freetype).
@@ -45,7 +45,7 @@ pub mod zone;
 
 pub use buddy::{Allocation, BuddyAllocator, Config, INITIAL_FREETYPE};
 pub use error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
-pub use freetype::{Freetype, Migratetype, FT_FLAG_SENSITIVE_RESERVED, FT_FLAG_UNMAPPED};
+pub use freetype::{Freetype, Migratetype, Visibility, FT_FLAG_SENSITIVE, FT_FLAG_UNMAPPED};
 pub use gfp::{AllocRequest, BuddyContext, Gfp};
 pub use sim::SimStage2;
 pub use stage2::{NullStage2, Stage2};

@@ -1,11 +1,15 @@
 //! A simulating, recording [`Stage2`] backend for tests and host-only replays.
 //!
-//! It models each managed page as a mapped/unmapped bit plus a 64-bit content word standing
-//! for the page's 4 KiB (0 = all zero), records every call, can fail a chosen call, and flags
-//! protocol violations: mapping a page that is not zero (a secret would leak), unmapping an
-//! unmapped page, mapping a mapped page, and ranges outside the memory.
+//! It models each managed page as one of the three states of [`Stage2`] (mapped in both
+//! views, sensitive = full view only, unmapped) plus a 64-bit content word standing for the
+//! page's 4 KiB (0 = all zero), records every call, can fail a chosen call, and flags
+//! protocol violations: making a page visible where it was not while it is not zero (a
+//! secret or user data would leak: unmapped → mapped/sensitive, sensitive → mapped),
+//! unmapping an unmapped page, mapping a mapped page, making a sensitive page sensitive, and
+//! ranges outside the memory.
 
 use crate::error::Stage2Error;
+use crate::freetype::Visibility;
 use crate::stage2::Stage2;
 use crate::Pfn;
 use alloc::vec;
@@ -20,6 +24,8 @@ pub enum CallKind {
     Map,
     /// `Stage2::zero`.
     Zero,
+    /// `Stage2::make_sensitive`.
+    MakeSensitive,
 }
 
 /// One recorded stage-2 call.
@@ -48,11 +54,11 @@ pub struct SimViolation {
 #[derive(Clone, Debug)]
 pub struct SimStage2 {
     base: Pfn,
-    mapped: Vec<bool>,
+    state: Vec<Visibility>,
     content: Vec<u64>,
     calls: Vec<Call>,
     record: bool,
-    counts: [u64; 3],
+    counts: [u64; 4],
     fail: Option<(CallKind, u64, Stage2Error)>,
     violations: Vec<SimViolation>,
 }
@@ -62,11 +68,11 @@ impl SimStage2 {
     pub fn new(base: Pfn, nr: u64) -> SimStage2 {
         SimStage2 {
             base,
-            mapped: vec![true; nr as usize],
+            state: vec![Visibility::Nonsensitive; nr as usize],
             content: vec![0; nr as usize],
             calls: Vec::new(),
             record: true,
-            counts: [0; 3],
+            counts: [0; 4],
             fail: None,
             violations: Vec::new(),
         }
@@ -104,12 +110,25 @@ impl SimStage2 {
 
     fn idx(&self, pfn: Pfn) -> Option<usize> {
         let i = pfn.checked_sub(self.base)?;
-        (i < self.mapped.len() as u64).then_some(i as usize)
+        (i < self.state.len() as u64).then_some(i as usize)
     }
 
-    /// Whether `pfn` is reachable by the guest (None outside the memory).
+    /// Whether `pfn` is reachable by the guest in the full view, i.e. not unmapped (None
+    /// outside the memory).
     pub fn is_mapped(&self, pfn: Pfn) -> Option<bool> {
-        self.idx(pfn).map(|i| self.mapped[i])
+        self.idx(pfn).map(|i| self.state[i] != Visibility::Unmapped)
+    }
+
+    /// The state of `pfn`: nonsensitive (both views), sensitive (full view only) or unmapped
+    /// (None outside the memory).
+    pub fn visibility(&self, pfn: Pfn) -> Option<Visibility> {
+        self.idx(pfn).map(|i| self.state[i])
+    }
+
+    /// The guest reads `pfn` in the restricted view: None if sensitive, unmapped or outside.
+    pub fn guest_read_restricted(&self, pfn: Pfn) -> Option<u64> {
+        let i = self.idx(pfn)?;
+        (self.state[i] == Visibility::Nonsensitive).then_some(self.content[i])
     }
 
     /// The content word of `pfn` as the host sees it (None outside the memory).
@@ -128,16 +147,18 @@ impl SimStage2 {
         }
     }
 
-    /// The guest reads `pfn` through the direct map: None if unmapped or outside.
+    /// The guest reads `pfn` through the direct map in the full view: None if unmapped or
+    /// outside.
     pub fn guest_read(&self, pfn: Pfn) -> Option<u64> {
         let i = self.idx(pfn)?;
-        self.mapped[i].then_some(self.content[i])
+        (self.state[i] != Visibility::Unmapped).then_some(self.content[i])
     }
 
-    /// The guest writes `pfn` through the direct map: false if unmapped or outside.
+    /// The guest writes `pfn` through the direct map in the full view: false if unmapped or
+    /// outside.
     pub fn guest_write(&mut self, pfn: Pfn, v: u64) -> bool {
         match self.idx(pfn) {
-            Some(i) if self.mapped[i] => {
+            Some(i) if self.state[i] != Visibility::Unmapped => {
                 self.content[i] = v;
                 true
             }
@@ -186,40 +207,51 @@ impl SimStage2 {
     }
 }
 
-impl Stage2 for SimStage2 {
-    fn unmap(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
-        let (a, b) = self.enter(CallKind::Unmap, pfn, count)?;
-        if self.mapped[a..b].iter().any(|&m| !m) {
+impl SimStage2 {
+    /// Move `[a, b)` to state `to`, flagging a page that gains visibility while not zero and
+    /// a page already in `to` (`same`: the violation's text).
+    fn set_state(&mut self, pfn: Pfn, a: usize, b: usize, to: Visibility, same: &'static str) {
+        if self.state[a..b].iter().any(|&v| v == to) {
+            self.violations.push(SimViolation { what: same, pfn });
+        }
+        if (a..b).any(|i| self.state[i].gains_visibility(to) && self.content[i] != 0) {
             self.violations.push(SimViolation {
-                what: "unmap of an unmapped page",
+                what: "page made visible before it was zeroed",
                 pfn,
             });
         }
-        self.mapped[a..b].fill(false);
+        self.state[a..b].fill(to);
+    }
+}
+
+impl Stage2 for SimStage2 {
+    fn unmap(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let (a, b) = self.enter(CallKind::Unmap, pfn, count)?;
+        self.set_state(pfn, a, b, Visibility::Unmapped, "unmap of an unmapped page");
         Ok(())
     }
 
     fn map(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
         let (a, b) = self.enter(CallKind::Map, pfn, count)?;
-        if self.mapped[a..b].iter().any(|&m| m) {
-            self.violations.push(SimViolation {
-                what: "map of a mapped page",
-                pfn,
-            });
-        }
-        if self.content[a..b].iter().any(|&c| c != 0) {
-            self.violations.push(SimViolation {
-                what: "page mapped before it was zeroed",
-                pfn,
-            });
-        }
-        self.mapped[a..b].fill(true);
+        self.set_state(pfn, a, b, Visibility::Nonsensitive, "map of a mapped page");
         Ok(())
     }
 
     fn zero(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
         let (a, b) = self.enter(CallKind::Zero, pfn, count)?;
         self.content[a..b].fill(0);
+        Ok(())
+    }
+
+    fn make_sensitive(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let (a, b) = self.enter(CallKind::MakeSensitive, pfn, count)?;
+        self.set_state(
+            pfn,
+            a,
+            b,
+            Visibility::Sensitive,
+            "make_sensitive of a sensitive page",
+        );
         Ok(())
     }
 }
@@ -248,5 +280,38 @@ mod tests {
         assert!(s.unmap(107, 2).is_err());
         assert_eq!(s.count(CallKind::Unmap), 4);
         assert_eq!(s.calls().len(), 7);
+    }
+
+    #[test]
+    fn three_states_and_the_zeroing_rule() {
+        let mut s = SimStage2::new(0, 8);
+        assert!(s.guest_write(1, 9));
+        // mapped -> sensitive: no zeroing needed, gone from the restricted view only.
+        s.make_sensitive(0, 4).unwrap();
+        assert!(s.violations().is_empty());
+        assert_eq!(s.visibility(1), Some(Visibility::Sensitive));
+        assert_eq!(s.guest_read_restricted(1), None);
+        assert_eq!(s.guest_read(1), Some(9));
+        // sensitive -> mapped with data inside: a leak.
+        s.map(0, 4).unwrap();
+        assert_eq!(
+            s.violations()[0].what,
+            "page made visible before it was zeroed"
+        );
+        s.make_sensitive(0, 4).unwrap();
+        s.make_sensitive(0, 1).unwrap();
+        assert_eq!(s.violations()[1].what, "make_sensitive of a sensitive page");
+        // sensitive -> unmapped -> (zero) -> sensitive: clean.
+        s.unmap(0, 4).unwrap();
+        assert_eq!(s.guest_read(1), None);
+        s.zero(0, 4).unwrap();
+        s.make_sensitive(0, 4).unwrap();
+        assert_eq!(s.violations().len(), 2);
+        // unmapped -> sensitive with a secret inside: a leak.
+        s.host_write(5, 3);
+        s.unmap(4, 4).unwrap();
+        s.make_sensitive(4, 4).unwrap();
+        assert_eq!(s.violations().len(), 3);
+        assert_eq!(s.count(CallKind::MakeSensitive), 5);
     }
 }

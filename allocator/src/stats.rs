@@ -30,6 +30,12 @@ pub(crate) struct Counters {
     pub alloc_failures: u64,
     pub free_failures: u64,
     pub pcp_drains: u64,
+    pub flips_to_sensitive: u64,
+    pub flip_calls_to_sensitive: u64,
+    pub stage2_sensitive_calls: u64,
+    pub stage2_pages_sensitive: u64,
+    /// Pageblocks flipped, `[from][to]` by [`crate::Visibility::index`].
+    pub flip_matrix: [[u64; 3]; 3],
 }
 
 impl Default for Counters {
@@ -56,6 +62,11 @@ impl Default for Counters {
             alloc_failures: 0,
             free_failures: 0,
             pcp_drains: 0,
+            flips_to_sensitive: 0,
+            flip_calls_to_sensitive: 0,
+            stage2_sensitive_calls: 0,
+            stage2_pages_sensitive: 0,
+            flip_matrix: [[0; 3]; 3],
         }
     }
 }
@@ -84,8 +95,15 @@ pub struct Snapshot {
     pub free_pages: u64,
     /// Pageblocks flipped from mapped to unmapped.
     pub flips_to_unmapped: u64,
-    /// Pageblocks flipped from unmapped back to mapped (zeroed first).
+    /// Pageblocks flipped to nonsensitive (mapped in both views) from unmapped or sensitive
+    /// (zeroed first).
     pub flips_to_mapped: u64,
+    /// Pageblocks flipped to sensitive (full view only) from nonsensitive (not zeroed) or
+    /// unmapped (zeroed first).
+    pub flips_to_sensitive: u64,
+    /// Pageblocks flipped, `[from][to]` by [`crate::Visibility::index`] (nonsensitive,
+    /// sensitive, unmapped); the diagonal stays 0.
+    pub flip_matrix: [[u64; 3]; 3],
     /// `Stage2::unmap` calls.
     pub stage2_unmap_calls: u64,
     /// `Stage2::map` calls.
@@ -96,6 +114,10 @@ pub struct Snapshot {
     pub stage2_pages_unmapped: u64,
     /// Pages passed to `Stage2::map`.
     pub stage2_pages_mapped: u64,
+    /// `Stage2::make_sensitive` calls.
+    pub stage2_sensitive_calls: u64,
+    /// Pages passed to `Stage2::make_sensitive`.
+    pub stage2_pages_sensitive: u64,
     /// Pages zeroed through `Stage2::zero` (all reasons).
     pub pages_zeroed: u64,
     /// Free blocks on the buddy lists: `[order][freetype index]`.
@@ -104,10 +126,12 @@ pub struct Snapshot {
     pub allocs: [[u64; Freetype::COUNT]; MAX_ORDER as usize + 1],
     /// Successful frees, by the allocation's order and freetype.
     pub frees: [[u64; Freetype::COUNT]; MAX_ORDER as usize + 1],
-    /// Wholly free pageblocks whose freetype is mapped.
+    /// Wholly free pageblocks whose freetype is nonsensitive (mapped in both views).
     pub free_pageblocks_mapped: u64,
     /// Wholly free pageblocks whose freetype is unmapped.
     pub free_pageblocks_unmapped: u64,
+    /// Wholly free pageblocks whose freetype is sensitive.
+    pub free_pageblocks_sensitive: u64,
     /// Pageblocks holding a live allocation whose migratetype differs from the block's.
     pub mixed_pageblocks: u64,
     /// Fallbacks that claimed a whole pageblock for the requested migratetype.
@@ -124,6 +148,8 @@ pub struct Snapshot {
     pub flip_calls_to_unmapped: u64,
     /// Zero+map call pairs made by flips to mapped.
     pub flip_calls_to_mapped: u64,
+    /// Flips to sensitive (one `make_sensitive` call each, after a `zero` from unmapped).
+    pub flip_calls_to_sensitive: u64,
     /// Pages zeroed for `Gfp::ZERO`.
     pub pages_zeroed_on_alloc: u64,
     /// Pages zeroed by init_on_free.
@@ -180,6 +206,11 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
             stage2_zero_calls: c.stage2_zero_calls,
             stage2_pages_unmapped: c.stage2_pages_unmapped,
             stage2_pages_mapped: c.stage2_pages_mapped,
+            stage2_sensitive_calls: c.stage2_sensitive_calls,
+            stage2_pages_sensitive: c.stage2_pages_sensitive,
+            flips_to_sensitive: c.flips_to_sensitive,
+            flip_calls_to_sensitive: c.flip_calls_to_sensitive,
+            flip_matrix: c.flip_matrix,
             pages_zeroed: c.pages_zeroed,
             free_per_order: self.lists.counts(),
             allocs: unflatten(&c.allocs),
@@ -207,10 +238,10 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
             let whole: u64 = (PAGEBLOCK_ORDER as usize..NR_ORDERS)
                 .map(|o| self.lists.count(o, ft) << (o - PAGEBLOCK_ORDER as usize))
                 .sum();
-            if Freetype::ALL[ft].is_unmapped() {
-                s.free_pageblocks_unmapped += whole;
-            } else {
-                s.free_pageblocks_mapped += whole;
+            match Freetype::ALL[ft].visibility() {
+                crate::Visibility::Unmapped => s.free_pageblocks_unmapped += whole,
+                crate::Visibility::Sensitive => s.free_pageblocks_sensitive += whole,
+                crate::Visibility::Nonsensitive => s.free_pageblocks_mapped += whole,
             }
         }
         for &t in &self.pb {

@@ -41,7 +41,7 @@
 //!   zeroing fails the allocation (or the free that found the cache full) with
 //!   `Stage2`, and the blocks stay cached and dirty.
 
-use crate::buddy::{check_free_range, is_unmapped_index, BuddyAllocator, Config};
+use crate::buddy::{check_free_range, is_unmapped_index, visibility_index, BuddyAllocator, Config};
 use crate::error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
 use crate::flip::flip_stage2;
 use crate::freelist::NR_LISTS;
@@ -730,10 +730,10 @@ impl<S: Stage2> Zone<S> {
                                 "cached block not marked cached with its order and freetype",
                             );
                         }
-                        if is_unmapped_index(ft)
-                            != is_unmapped_index(core.pb[core.pb_index(off)] as usize)
+                        if visibility_index(ft)
+                            != visibility_index(core.pb[core.pb_index(off)] as usize)
                         {
-                            return Err("cached block's mapped-ness differs from its pageblock's");
+                            return Err("cached block's visibility differs from its pageblock's");
                         }
                     }
                 }

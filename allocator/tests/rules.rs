@@ -98,7 +98,9 @@ fn arbitrary_ranges_hand_out_every_page_once<A: Subject>() {
         a.check_invariants().unwrap();
         assert_eq!(a.free_pages_count(), n);
         let after = a.snapshot().free_per_order;
-        let sum = |f: [[u64; 4]; 11]| -> Vec<u64> { f.iter().map(|r| r.iter().sum()).collect() };
+        let sum = |f: [[u64; Freetype::COUNT]; 11]| -> Vec<u64> {
+            f.iter().map(|r| r.iter().sum()).collect()
+        };
         assert_eq!(sum(before), sum(after), "range {base:#x}+{n}");
     }
 }
@@ -469,7 +471,7 @@ fn no_whole_free_pageblock_fails_with_the_free_count<A: Subject>() {
         let mut t = s.free_per_order;
         // The caches were drained into the buddy lists; the pages are the same.
         let tot: u64 = t[0].iter().sum::<u64>() + s.pcp_pages.iter().sum::<u64>();
-        t[0] = [0; 4];
+        t[0] = [0; Freetype::COUNT];
         t[0][Freetype::UNMOVABLE.index()] = tot;
         t
     });
@@ -725,7 +727,7 @@ fn counters_count_allocs_and_frees_per_order_and_freetype<A: Subject>() {
     let s = a.snapshot();
     // A zone zeroes freed unmapped pages when they leave its caches.
     assert_eq!(s.pages_zeroed_on_free, 2);
-    assert_eq!(s.pcp_pages, [0; 4]);
+    assert_eq!(s.pcp_pages, [0; Freetype::COUNT]);
     assert_eq!(s.free_pageblocks_unmapped + s.free_pageblocks_mapped, 8);
     assert_eq!(s.pageblocks, 8);
     assert_eq!(s.pageblocks_per_freetype.iter().sum::<u64>(), 8);
@@ -761,7 +763,7 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand<A: Subject>() {
     }
     // An order-10 request can only be met after the caches are drained.
     let big = a.alloc_pages(Gfp::empty(), 10).unwrap();
-    assert_eq!(a.snapshot().pcp_pages, [0; 4]);
+    assert_eq!(a.snapshot().pcp_pages, [0; Freetype::COUNT]);
     a.free_pages(big.pfn, 10).unwrap();
     a.check_invariants().unwrap();
 }
@@ -803,7 +805,7 @@ fn a_freed_pageblock_is_cached_and_drained_before_a_flip() {
     // The only free pageblock is cached: an unmapped request must drain it and flip it.
     let u = a.alloc_pages(Gfp::UNMAPPED, 0).unwrap();
     assert_eq!(u.pfn / PB, x.pfn / PB);
-    assert_eq!(a.snapshot().pcp_pages, [0; 4]);
+    assert_eq!(a.snapshot().pcp_pages, [0; Freetype::COUNT]);
     assert_eq!(a.snapshot().flips_to_unmapped, 1);
     a.check_invariants().unwrap();
     a.free_pages(u.pfn, 0).unwrap();

@@ -202,7 +202,7 @@ fn threaded(base: Pfn, n: u64, cpus: usize, threads: usize, seeds: &[u64], ops: 
     assert_eq!(snap.total_allocs(), snap.total_frees());
     z.drain_all();
     z.check_invariants().unwrap();
-    assert_eq!(z.snapshot().pcp_pages, [0; 4]);
+    assert_eq!(z.snapshot().pcp_pages, [0; Freetype::COUNT]);
     assert_eq!(z.free_pages_count(), n);
     // No secret survives: every page that ever held one was zeroed on free.
     z.with_stage2(|s| {

@@ -230,13 +230,13 @@ pub fn snap_no_failures<A: Subject>(a: &A) -> Snapshot {
 /// A snapshot without what per-CPU caches change: where free pages sit (caches or lists,
 /// hence the free lists and counts of free pageblocks) and the drain count.
 pub fn mask_caches(mut s: Snapshot) -> Snapshot {
-    s.free_per_order = [[0; 4]; 11];
-    s.pcp_pages = [0; 4];
+    s.free_per_order = [[0; Freetype::COUNT]; 11];
+    s.pcp_pages = [0; Freetype::COUNT];
     s.pcp_drains = 0;
     s.free_pageblocks_mapped = 0;
     s.free_pageblocks_unmapped = 0;
-    s.free_pages_per_freetype = [0; 4];
-    s.pageblocks_per_freetype = [0; 4]; // merging at order 9 re-tags migratetypes
+    s.free_pages_per_freetype = [0; Freetype::COUNT];
+    s.pageblocks_per_freetype = [0; Freetype::COUNT]; // merging at order 9 re-tags migratetypes
     s
 }
 
