@@ -400,4 +400,10 @@ impl<B: Stage2Backend> Stage2 for Stage2Engine<B> {
         let (gpa, len) = self.pfn_range(pfn, count)?;
         self.zero_range(gpa, len).map_err(|e| e.to_stage2())
     }
+
+    fn make_sensitive(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let (gpa, len) = self.pfn_range(pfn, count)?;
+        self.make_sensitive_range(gpa, len)
+            .map_err(|e| e.to_stage2())
+    }
 }
