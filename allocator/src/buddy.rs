@@ -14,6 +14,8 @@ use alloc::vec::Vec;
 
 /// Freetype every pageblock starts with (Linux marks all pageblocks movable at boot).
 pub const INITIAL_FREETYPE: Freetype = Freetype::MOVABLE;
+/// Freetype every pageblock starts with under [`Config::sensitive_by_default`].
+pub const SENSITIVE_INITIAL_FREETYPE: Freetype = Freetype::MOVABLE_SENSITIVE;
 
 /// Bit `i` set iff the freetype with index `i` is unmapped.
 const UNMAPPED_INDEX_MASK: u32 = {
@@ -78,6 +80,12 @@ pub struct Config {
     /// Blocks in each per-(order, freetype) cache of small free blocks ([`crate::pcp`],
     /// orders 0..=3); 0 disables the caches. Default: 64.
     pub pcp_capacity: u32,
+    /// Start every pageblock sensitive ([`SENSITIVE_INITIAL_FREETYPE`], ASI's default: its
+    /// `PB_nonsensitive` bit is clear) instead of [`INITIAL_FREETYPE`]: construction makes
+    /// the whole range sensitive with one [`Stage2::make_sensitive`] call, and every
+    /// nonsensitive pageblock is then a flip (zeroed first). Default: off (the VMM boots its
+    /// guest with all memory visible in both views).
+    pub sensitive_by_default: bool,
 }
 
 impl Default for Config {
@@ -85,6 +93,7 @@ impl Default for Config {
         Config {
             init_on_free_unmapped: true,
             pcp_capacity: 64,
+            sensitive_by_default: false,
         }
     }
 }
@@ -127,7 +136,8 @@ pub struct BuddyAllocator<S: Stage2> {
 }
 
 impl<S: Stage2> BuddyAllocator<S> {
-    /// All pages start free and mapped (freetype [`INITIAL_FREETYPE`]).
+    /// All pages start free and mapped (freetype [`INITIAL_FREETYPE`]), or free and sensitive
+    /// with [`Config::sensitive_by_default`].
     ///
     /// A zero-size range gives an allocator with nothing free. Panics only if the range
     /// overflows or holds `u32::MAX` pages or more (16 TiB); [`Self::try_new`] reports that.
@@ -138,7 +148,9 @@ impl<S: Stage2> BuddyAllocator<S> {
         }
     }
 
-    /// As [`Self::new`], but returns an error for ranges the metadata cannot index.
+    /// As [`Self::new`], but returns an error for ranges the metadata cannot index, and
+    /// [`InitError::Stage2`] if [`Config::sensitive_by_default`] is set and the backend
+    /// refuses to make the range sensitive.
     pub fn try_new(base_pfn: Pfn, nr_pages: u64, s2: S, cfg: Config) -> Result<Self, InitError> {
         if nr_pages >= NIL as u64 {
             return Err(InitError::TooManyPages(nr_pages));
@@ -149,6 +161,19 @@ impl<S: Stage2> BuddyAllocator<S> {
         } else {
             ((end - 1) >> PAGEBLOCK_ORDER) - (base_pfn >> PAGEBLOCK_ORDER) + 1
         };
+        let initial = if cfg.sensitive_by_default {
+            SENSITIVE_INITIAL_FREETYPE
+        } else {
+            INITIAL_FREETYPE
+        };
+        let mut s2 = s2;
+        let mut ctr = Counters::default();
+        if cfg.sensitive_by_default && nr_pages > 0 {
+            s2.make_sensitive(base_pfn, nr_pages)
+                .map_err(InitError::Stage2)?;
+            ctr.stage2_sensitive_calls = 1;
+            ctr.stage2_pages_sensitive = nr_pages;
+        }
         let mut a = BuddyAllocator {
             s2,
             cfg,
@@ -157,13 +182,13 @@ impl<S: Stage2> BuddyAllocator<S> {
             pb_base: base_pfn >> PAGEBLOCK_ORDER,
             meta: vec![PageMeta::EMPTY; nr_pages as usize],
             links: vec![Links::EMPTY; nr_pages as usize],
-            pb: vec![INITIAL_FREETYPE.index() as u8; nr_pb as usize],
+            pb: vec![initial.index() as u8; nr_pb as usize],
             lists: FreeLists::new(),
             pcp: Pcp::new(cfg.pcp_capacity),
             free: 0,
-            ctr: Counters::default(),
+            ctr,
         };
-        let ft = INITIAL_FREETYPE.index();
+        let ft = initial.index();
         let mut pfn = base_pfn;
         while pfn < end {
             let mut o = (pfn.trailing_zeros() as u8).min(MAX_ORDER);

@@ -160,6 +160,9 @@ pub enum InitError {
     NoCpus,
     /// More CPUs than a [`crate::Zone`] can have ([`crate::zone::MAX_CPUS`]).
     TooManyCpus(usize),
+    /// [`crate::Config::sensitive_by_default`]: the backend refused to make the range
+    /// sensitive (e.g. [`Stage2Error::Unsupported`]: it has no views).
+    Stage2(Stage2Error),
 }
 
 impl fmt::Display for InitError {
@@ -169,6 +172,7 @@ impl fmt::Display for InitError {
             InitError::Overflow => f.write_str("pfn range overflows"),
             InitError::NoCpus => f.write_str("a zone needs at least one CPU"),
             InitError::TooManyCpus(n) => write!(f, "{n} CPUs: a zone has at most 65536"),
+            InitError::Stage2(e) => write!(f, "cannot make the range sensitive: {e}"),
         }
     }
 }

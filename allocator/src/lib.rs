@@ -1,5 +1,6 @@
 //! A freetype-aware buddy page allocator with pageblock flips, modelled on the Linux page
-//! allocator with the `__GFP_UNMAPPED` / `ALLOC_UNMAPPED` series applied.
+//! allocator with the `__GFP_UNMAPPED` / `ALLOC_UNMAPPED` series applied, and ASI's sensitive
+//! memory (`__GFP_SENSITIVE`: mapped in the full view only) as a third kind.
 //!
 //! It manages a range of 4 KiB page frames ([`BuddyAllocator`]) and never touches them: all
 //! metadata lives in its own arrays ([`METADATA_BYTES_PER_PAGE`] bytes per page plus
@@ -8,11 +9,13 @@
 //!
 //! - **Buddy core** ([`buddy`], [`freelist`]): orders `0..=MAX_ORDER`, naturally aligned
 //!   blocks, O(1) intrusive doubly linked free lists per (order, freetype) with 32-bit links.
-//! - **Freetypes** ([`freetype`]): migratetype + `UNMAPPED` flag, dense index over the four
-//!   combinations that have lists; each pageblock records its freetype.
+//! - **Freetypes** ([`freetype`]): migratetype + `UNMAPPED` / `SENSITIVE` flags, dense index
+//!   over the seven combinations that have lists, three kinds ([`Visibility`]: nonsensitive,
+//!   sensitive, unmapped); each pageblock records its freetype.
 //! - **Fallback** ([`fallback`]): Linux's claim/steal rules within one visibility.
-//! - **Flips** ([`flip`]): a whole free pageblock of the other mapped-ness changes sides with
-//!   one stage-2 call (zero, then map, on the way back); never for `ATOMIC` requests.
+//! - **Flips** ([`flip`]): a whole free pageblock of another visibility changes kind with one
+//!   stage-2 call (`unmap`, `make_sensitive` or `map`), zeroed first whenever a view gains
+//!   it; never for `ATOMIC` requests.
 //! - **Small-block caches** ([`pcp`]): Linux's per-CPU lists, one per (order <= 3 or 9, freetype).
 //! - **Several CPUs** ([`zone`]): [`Zone`] puts the buddy lists under one lock (the zone
 //!   lock) and gives every CPU its own caches; flips change stage 2 outside the lock.
@@ -43,7 +46,7 @@ pub mod stage2;
 pub mod stats;
 pub mod zone;
 
-pub use buddy::{Allocation, BuddyAllocator, Config, INITIAL_FREETYPE};
+pub use buddy::{Allocation, BuddyAllocator, Config, INITIAL_FREETYPE, SENSITIVE_INITIAL_FREETYPE};
 pub use error::{AllocError, BadCpu, FreeError, InitError, Stage2Error};
 pub use freetype::{Freetype, Migratetype, Visibility, FT_FLAG_SENSITIVE, FT_FLAG_UNMAPPED};
 pub use gfp::{AllocRequest, BuddyContext, Gfp};
@@ -67,7 +70,7 @@ pub const PAGEBLOCK_PAGES: u64 = 1 << PAGEBLOCK_ORDER;
 pub const METADATA_BYTES_PER_PAGE: usize = meta::PAGE_META_BYTES;
 /// Bytes of metadata kept for every pageblock (its freetype index): 1, i.e. 1/512 byte per
 /// page. Total per page: 10 + 1/512 ≈ 10.002 bytes, plus a fixed part per allocator
-/// (5,120 bytes of caches at the default capacity and 360 bytes of list heads);
-/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 660,968
-/// bytes (10.09 per page) for 65,536 pages.
+/// (8,960 bytes of caches at the default capacity and 632 bytes of list heads and masks);
+/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 665,080
+/// bytes (10.15 per page) for 65,536 pages.
 pub const METADATA_BYTES_PER_PAGEBLOCK: usize = 1;

@@ -211,7 +211,7 @@ impl SimStage2 {
     /// Move `[a, b)` to state `to`, flagging a page that gains visibility while not zero and
     /// a page already in `to` (`same`: the violation's text).
     fn set_state(&mut self, pfn: Pfn, a: usize, b: usize, to: Visibility, same: &'static str) {
-        if self.state[a..b].iter().any(|&v| v == to) {
+        if self.state[a..b].contains(&to) {
             self.violations.push(SimViolation { what: same, pfn });
         }
         if (a..b).any(|i| self.state[i].gains_visibility(to) && self.content[i] != 0) {

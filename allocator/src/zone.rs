@@ -135,7 +135,7 @@ pub const MAX_CPUS: usize = 1 << 16;
 impl<S: Stage2> Zone<S> {
     /// A zone over `[base_pfn, base_pfn + nr_pages)` with caches for CPUs `0..nr_cpus`
     /// (`cfg.pcp_capacity` blocks per CPU, order and freetype). All pages start free and
-    /// mapped, as for [`BuddyAllocator::try_new`].
+    /// mapped (or sensitive), as for [`BuddyAllocator::try_new`].
     pub fn new(
         base_pfn: Pfn,
         nr_pages: u64,
@@ -152,8 +152,15 @@ impl<S: Stage2> Zone<S> {
         let core_cfg = Config {
             init_on_free_unmapped: false,
             pcp_capacity: 0,
+            sensitive_by_default: cfg.sensitive_by_default,
         };
+        // The core counts the initial make_sensitive call; the zone's backend makes it.
         let core = BuddyAllocator::try_new(base_pfn, nr_pages, NullStage2, core_cfg)?;
+        let mut s2 = s2;
+        if cfg.sensitive_by_default && nr_pages > 0 {
+            s2.make_sensitive(base_pfn, nr_pages)
+                .map_err(InitError::Stage2)?;
+        }
         let cpus = (0..nr_cpus)
             .map(|_| {
                 CpuSlot(SpinLock::new(CpuCache {

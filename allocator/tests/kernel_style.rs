@@ -25,6 +25,7 @@ fn more_than_half_unmapped_then_mapped_back_with_zeroing<A: Subject>() {
             Config {
                 init_on_free_unmapped: false,
                 pcp_capacity: 64,
+                ..Config::default()
             },
             0u8,
         ),
@@ -32,6 +33,7 @@ fn more_than_half_unmapped_then_mapped_back_with_zeroing<A: Subject>() {
             Config {
                 init_on_free_unmapped: false,
                 pcp_capacity: 0,
+                ..Config::default()
             },
             2,
         ),

@@ -1,5 +1,6 @@
-//! Property tests: random alloc/free sequences over all orders, flags and contexts against a
-//! simple model, on `BuddyAllocator`, a one-CPU `Zone` and a four-CPU `Zone` with the
+//! Property tests: random alloc/free sequences over all orders, flags and contexts (so all
+//! three kinds of memory, nonsensitive, sensitive and unmapped, together) against a simple
+//! model, on `BuddyAllocator`, a one-CPU `Zone` and a four-CPU `Zone` with the
 //! operations spread over the CPUs (`common::Subject`). About 10^6 operations per
 //! configuration per `cargo test` run (PROP_CASES x OPS_PER_CASE).
 
@@ -31,18 +32,18 @@ enum Op {
         order: u8,
     },
     Drain,
-    /// Make the next stage-2 call of this kind (0 unmap, 1 map, 2 zero) fail.
+    /// Make the next stage-2 call of this kind (0 unmap, 1 map, 2 zero, 3 make_sensitive) fail.
     FailNext(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let order = prop_oneof![8 => 0u8..=3, 2 => 4u8..=10, 1 => Just(11u8)];
     prop_oneof![
-        10 => (0u64..3, 0u32..32, order).prop_map(|(ctx, gfp, order)| Op::Alloc { ctx, gfp, order }),
+        10 => (0u64..4, 0u32..64, order).prop_map(|(ctx, gfp, order)| Op::Alloc { ctx, gfp, order }),
         9 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         1 => (any::<u64>(), 0u8..12).prop_map(|(pfn_off, order)| Op::BadFree { pfn_off, order }),
         1 => Just(Op::Drain),
-        1 => (0u8..3).prop_map(Op::FailNext),
+        1 => (0u8..4).prop_map(Op::FailNext),
     ]
 }
 
@@ -51,10 +52,20 @@ fn expected(ctx: u64, gfp: u32, order: u8) -> Result<(Freetype, bool, bool), &'s
     if order > MAX_ORDER {
         return Err("order");
     }
-    let unmapped = match ctx {
-        0 => gfp & 2 != 0,
-        1 => true,
+    // Context 1 adds UNMAPPED (bit 1), context 2 SENSITIVE (bit 5).
+    let gfp = match ctx {
+        0 => gfp,
+        1 => gfp | 2,
+        2 => gfp | 32,
         _ => return Err("ctx"),
+    };
+    let unmapped = gfp & 2 != 0;
+    let vis = if unmapped {
+        Visibility::Unmapped
+    } else if gfp & 32 != 0 {
+        Visibility::Sensitive
+    } else {
+        Visibility::Nonsensitive
     };
     let mt = match (gfp & 4 != 0, gfp & 8 != 0) {
         (false, false) => Migratetype::Unmovable,
@@ -65,14 +76,14 @@ fn expected(ctx: u64, gfp: u32, order: u8) -> Result<(Freetype, bool, bool), &'s
     if unmapped && mt != Migratetype::Unmovable {
         return Err("flags");
     }
-    let ft = Freetype::new(mt, unmapped).unwrap();
+    let ft = Freetype::with_visibility(mt, vis).unwrap();
     Ok((ft, gfp & 1 != 0, gfp & 16 != 0))
 }
 
 /// The unique fully merged decomposition of a wholly free range, given each pageblock's
-/// mapped-ness: free blocks per `[order][unmapped as usize]`.
-fn canonical(base: Pfn, n: u64, unmapped: impl Fn(Pfn) -> bool) -> [[u64; 2]; 11] {
-    let mut c = [[0u64; 2]; 11];
+/// visibility (as its index): free blocks per `[order][visibility]`.
+fn canonical(base: Pfn, n: u64, vis: impl Fn(Pfn) -> usize) -> [[u64; 3]; 11] {
+    let mut c = [[0u64; 3]; 11];
     let end = base + n;
     let mut pfn = base;
     while pfn < end {
@@ -84,14 +95,14 @@ fn canonical(base: Pfn, n: u64, unmapped: impl Fn(Pfn) -> bool) -> [[u64; 2]; 11
                 o <= PAGEBLOCK_ORDER
                     || (pfn..pfn + len)
                         .step_by(PB as usize)
-                        .all(|p| unmapped(p) == unmapped(pfn))
+                        .all(|p| vis(p) == vis(pfn))
             };
             if fits && uniform() {
                 break;
             }
             o -= 1;
         }
-        c[o as usize][unmapped(pfn) as usize] += 1;
+        c[o as usize][vis(pfn)] += 1;
         pfn += 1 << o;
     }
     c
@@ -103,6 +114,9 @@ struct Model {
     /// Per page: its last owner was an unmapped allocation freed with init_on_free, so the
     /// page must read zero before anyone else is handed it.
     must_be_zero: Vec<bool>,
+    /// Per page: the visibility of the last owner that wrote into it; a later owner of a
+    /// visibility it gains must find it zero (sensitive -> nonsensitive, unmapped -> any).
+    written_as: Vec<Option<Visibility>>,
     base: Pfn,
 }
 
@@ -112,6 +126,7 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
         live: Vec::new(),
         owner: vec![false; n as usize],
         must_be_zero: vec![false; n as usize],
+        written_as: vec![None; n as usize],
         base,
     };
     let mut tag = 1u64;
@@ -126,7 +141,7 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
                 let r = match BuddyContext::from_u64(ctx) {
                     Some(c) => a.alloc_pages_special(c, g, order),
                     None => {
-                        prop_assert_eq!(ctx, 2);
+                        prop_assert_eq!(ctx, 3);
                         continue;
                     }
                 };
@@ -140,18 +155,22 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
                             let i = (p - m.base) as usize;
                             prop_assert!(!m.owner[i], "page {:#x} allocated twice", p);
                             m.owner[i] = true;
-                            if zero || m.must_be_zero[i] {
+                            let gains = m.written_as[i]
+                                .is_some_and(|w| w.gains_visibility(ft.visibility()));
+                            if zero || m.must_be_zero[i] || gains {
                                 prop_assert_eq!(a.stage2().content(p), Some(0));
                             }
                             m.must_be_zero[i] = false;
+                            m.written_as[i] = Some(ft.visibility());
                             prop_assert_eq!(a.stage2().is_mapped(p), Some(!ft.is_unmapped()));
+                            prop_assert_eq!(a.stage2().visibility(p), Some(ft.visibility()));
                             // The owner writes a secret into every page it gets.
                             a.stage2_mut().host_write(p, tag);
                             tag += 1;
                         }
                         prop_assert_eq!(
-                            a.pageblock_freetype(x.pfn).unwrap().is_unmapped(),
-                            ft.is_unmapped()
+                            a.pageblock_freetype(x.pfn).unwrap().visibility(),
+                            ft.visibility()
                         );
                         prop_assert_eq!(a.allocation_containing(x.pfn + (1 << order) - 1), Some(x));
                         m.live.push(x);
@@ -204,6 +223,11 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
                                 s.flips_to_mapped = 0;
                                 s.flip_calls_to_unmapped = 0;
                                 s.flip_calls_to_mapped = 0;
+                                s.flips_to_sensitive = 0;
+                                s.flip_calls_to_sensitive = 0;
+                                s.flip_matrix = [[0; 3]; 3];
+                                s.stage2_sensitive_calls = 0;
+                                s.stage2_pages_sensitive = 0;
                                 s.stage2_unmap_calls = 0;
                                 s.stage2_map_calls = 0;
                                 s.stage2_pages_unmapped = 0;
@@ -282,7 +306,12 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
             }
             Op::Drain => a.drain_pcp(),
             Op::FailNext(k) => {
-                let kind = [CallKind::Unmap, CallKind::Map, CallKind::Zero][k as usize];
+                let kind = [
+                    CallKind::Unmap,
+                    CallKind::Map,
+                    CallKind::Zero,
+                    CallKind::MakeSensitive,
+                ][k as usize];
                 a.stage2_mut().fail_nth(kind, 0, Stage2Error::Backend(-5));
                 armed = true;
             }
@@ -316,16 +345,24 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
     let s = a.snapshot();
     prop_assert_eq!(s.free_pages, n);
     prop_assert_eq!(s.allocs, s.frees);
-    let canon = canonical(base, n, |p| a.pageblock_freetype(p).unwrap().is_unmapped());
+    let canon = canonical(base, n, |p| {
+        a.pageblock_freetype(p).unwrap().visibility().index()
+    });
     for o in 0..=MAX_ORDER as usize {
-        let mut got = [0u64; 2];
+        let mut got = [0u64; 3];
         for ft in Freetype::ALL {
-            got[ft.is_unmapped() as usize] += s.free_per_order[o][ft.index()];
+            got[ft.visibility().index()] += s.free_per_order[o][ft.index()];
         }
         prop_assert_eq!(got, canon[o], "order {}", o);
     }
+    // Every flip is counted once in the matrix and once by its target.
+    let col = |t: usize| (0..3).map(|f| s.flip_matrix[f][t]).sum::<u64>();
+    prop_assert_eq!(col(0), s.flips_to_mapped);
+    prop_assert_eq!(col(1), s.flips_to_sensitive);
+    prop_assert_eq!(col(2), s.flips_to_unmapped);
+    prop_assert_eq!((0..3).map(|d| s.flip_matrix[d][d]).sum::<u64>(), 0);
     prop_assert_eq!(
-        s.free_pageblocks_mapped + s.free_pageblocks_unmapped,
+        s.free_pageblocks_mapped + s.free_pageblocks_unmapped + s.free_pageblocks_sensitive,
         (0..s.pageblocks)
             .filter(|&i| {
                 let first = (base / PB + i) * PB;
@@ -337,8 +374,8 @@ fn run<A: Subject>(base: Pfn, n: u64, cfg: Config, ops: &[Op]) -> Result<(), Tes
     Ok(())
 }
 
-/// One case: a range (unaligned bases and partial blocks included), a configuration and
-/// the operations.
+/// One case: a range (unaligned bases and partial blocks included), a configuration (every
+/// pageblock sensitive at the start in a quarter of the cases) and the operations.
 fn case() -> impl Strategy<Value = (Pfn, u64, Config, Vec<Op>)> {
     (
         1u64..64,
@@ -347,13 +384,15 @@ fn case() -> impl Strategy<Value = (Pfn, u64, Config, Vec<Op>)> {
         prop_oneof![2 => Just(0u64), 1 => 0u64..512],
         prop_oneof![Just(0u32), Just(4), Just(64)],
         any::<bool>(),
+        prop_oneof![3 => Just(false), 1 => Just(true)],
         proptest::collection::vec(op(), OPS_PER_CASE),
     )
         .prop_map(
-            |(base_pb, base_skew, blocks, tail, pcp, init_on_free, ops)| {
+            |(base_pb, base_skew, blocks, tail, pcp, init_on_free, sensitive, ops)| {
                 let cfg = Config {
                     init_on_free_unmapped: init_on_free,
                     pcp_capacity: pcp,
+                    sensitive_by_default: sensitive,
                 };
                 (base_pb * PB + base_skew, blocks * PB + tail, cfg, ops)
             },
@@ -384,7 +423,7 @@ fn canonical_of_a_fresh_allocator_matches() {
     for (base, n) in [(0, 4 * PB), (PB, 4 * PB + 7), (3, 1000)] {
         let a = sim(base, n, Config::default());
         let s = a.snapshot();
-        let c = canonical(base, n, |_| false);
+        let c = canonical(base, n, |_| 0);
         for o in 0..=MAX_ORDER as usize {
             assert_eq!(s.free_per_order[o].iter().sum::<u64>(), c[o][0]);
         }

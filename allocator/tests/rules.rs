@@ -394,6 +394,7 @@ fn flip_back_zeroes_before_mapping<A: Subject>() {
     let cfg = Config {
         init_on_free_unmapped: false,
         pcp_capacity: 0,
+        ..Config::default()
     };
     let mut a = A::sim(0, 2 * PB, cfg);
     // Everything unmapped, with a secret in every page.
@@ -520,6 +521,7 @@ fn failed_zero_or_map_on_flip_back_rolls_back_and_never_maps_unzeroed<A: Subject
         let cfg = Config {
             init_on_free_unmapped: false,
             pcp_capacity: 0,
+            ..Config::default()
         };
         let mut a = A::sim(0, PB, cfg);
         let x = a.alloc_pages(Gfp::UNMAPPED, 9).unwrap();
@@ -772,11 +774,11 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand<A: Subject>() {
 fn metadata_bytes_exact_figure_for_65536_pages() {
     let a = BuddyAllocator::new(0, 65_536, NullStage2, Config::default());
     // 10 bytes/page (2-byte head record + 8 bytes of links) + 1 byte/pageblock + 64 slots x
-    // 20 caches (orders 0-3 and 9, 4 freetypes) x 4 bytes + 44 list heads x 8 bytes + 4
-    // non-empty masks x 2 bytes.
+    // 35 caches (orders 0-3 and 9, 7 freetypes) x 4 bytes + 77 list heads x 8 bytes + 7
+    // non-empty masks x 2 bytes + 2 bytes of padding.
     assert_eq!(
         a.metadata_bytes(),
-        65_536 * 10 + 128 + 20 * 64 * 4 + 44 * 8 + 8
+        65_536 * 10 + 128 + 35 * 64 * 4 + 77 * 8 + 14 + 2
     );
 }
 

@@ -13,22 +13,26 @@ use std::sync::atomic::{AtomicU8, Ordering};
 const PB: u64 = PAGEBLOCK_PAGES;
 /// Content bit of a page written by the owner of an unmapped allocation (a secret).
 const SECRET: u64 = 1 << 63;
+/// Content bit of a page written by the owner of a sensitive allocation (user data): it may
+/// reach the next sensitive or unmapped owner (no view gains it), never a nonsensitive one
+/// (the flip to nonsensitive zeroes).
+const USER_DATA: u64 = 1 << 62;
 
 fn zone(base: Pfn, n: u64, cfg: Config, cpus: usize) -> Zone<SimStage2> {
     Zone::new(base, n, SimStage2::new(base, n), cfg, cpus).unwrap()
 }
 
-/// Every pageblock's mapped-ness agrees with the simulated stage 2, page by page.
+/// Every pageblock's visibility agrees with the simulated stage 2, page by page.
 fn assert_zone_stage2_agrees(z: &Zone<SimStage2>) {
     let (base, n) = (z.base_pfn(), z.nr_pages());
-    let types: Vec<bool> = (base..base + n)
-        .map(|p| z.pageblock_freetype(p).unwrap().is_unmapped())
+    let types: Vec<Visibility> = (base..base + n)
+        .map(|p| z.pageblock_freetype(p).unwrap().visibility())
         .collect();
     z.with_stage2(|s| {
         for (i, &u) in types.iter().enumerate() {
             assert_eq!(
-                s.is_mapped(base + i as u64),
-                Some(!u),
+                s.visibility(base + i as u64),
+                Some(u),
                 "pfn {:#x}",
                 base + i as u64
             );
@@ -53,8 +57,8 @@ impl Rng {
 
 /// One thread's random work on `z`: allocations of every order and flag combination on a
 /// random CPU (bad ids included), frees of its own allocations (sometimes on another CPU),
-/// wrong-order frees, drains, and phases that push the unmapped share up and down so
-/// pageblocks flip both ways. `owner` is the shared double-allocation detector.
+/// wrong-order frees, drains, and phases that push the nonsensitive, unmapped and sensitive
+/// shares up and down in turn so pageblocks flip between all three kinds. `owner` is the shared double-allocation detector.
 fn worker(
     z: &Zone<SimStage2>,
     owner: &[AtomicU8],
@@ -71,7 +75,7 @@ fn worker(
         if check_each {
             z.check_invariants().unwrap();
         }
-        let unmapped_phase = (i / 500) % 2 == 1;
+        let phase = (i / 500) % 3;
         let cpu = if r.below(50) == 0 {
             nr_cpus + r.below(3) as usize
         } else {
@@ -84,12 +88,13 @@ fn worker(
                     7 | 8 => 4 + r.below(7) as u8,
                     _ => 11,
                 };
-                let mut gfp = Gfp::from_bits(r.below(32) as u32).unwrap();
+                let mut gfp = Gfp::from_bits(r.below(64) as u32).unwrap();
                 if r.below(2) == 0 {
-                    gfp = if unmapped_phase {
-                        Gfp::UNMAPPED
-                    } else {
-                        Gfp::MOVABLE
+                    gfp = match phase {
+                        0 => Gfp::MOVABLE,
+                        1 => Gfp::UNMAPPED,
+                        _ if r.below(2) == 0 => Gfp::USER,
+                        _ => Gfp::HIGHUSER_MOVABLE,
                     };
                 }
                 match z.alloc_pages(cpu, gfp, order) {
@@ -111,14 +116,24 @@ fn worker(
                             for p in a.pfn..a.pfn + (1 << order) {
                                 let c = s.content(p).unwrap();
                                 assert_eq!(c & SECRET, 0, "page {p:#x} handed out with a secret");
+                                // (Sensitive -> unmapped does not zero: neither view gains.)
+                                if a.freetype.visibility() == Visibility::Nonsensitive {
+                                    assert_eq!(
+                                        c & USER_DATA,
+                                        0,
+                                        "page {p:#x} handed to {} with user data",
+                                        a.freetype
+                                    );
+                                }
                                 if gfp.contains(Gfp::ZERO) {
                                     assert_eq!(c, 0);
                                 }
                                 assert_eq!(s.is_mapped(p), Some(!a.freetype.is_unmapped()));
-                                let v = if a.freetype.is_unmapped() {
-                                    SECRET | p
-                                } else {
-                                    p
+                                assert_eq!(s.visibility(p), Some(a.freetype.visibility()));
+                                let v = match a.freetype.visibility() {
+                                    Visibility::Unmapped => SECRET | p,
+                                    Visibility::Sensitive => USER_DATA | p,
+                                    Visibility::Nonsensitive => p,
                                 };
                                 s.host_write(p, v);
                             }
@@ -204,16 +219,23 @@ fn threaded(base: Pfn, n: u64, cpus: usize, threads: usize, seeds: &[u64], ops: 
     z.check_invariants().unwrap();
     assert_eq!(z.snapshot().pcp_pages, [0; Freetype::COUNT]);
     assert_eq!(z.free_pages_count(), n);
-    // No secret survives: every page that ever held one was zeroed on free.
+    // No secret survives: every page that ever held one was zeroed on free. No user data
+    // is left in a nonsensitive pageblock: flips from sensitive zeroed it.
+    let vis: Vec<Visibility> = (base..base + n)
+        .map(|p| z.pageblock_freetype(p).unwrap().visibility())
+        .collect();
     z.with_stage2(|s| {
         for p in base..base + n {
-            assert_eq!(
-                s.content(p).unwrap() & SECRET,
-                0,
-                "page {p:#x} keeps a secret"
-            );
+            let c = s.content(p).unwrap();
+            assert_eq!(c & SECRET, 0, "page {p:#x} keeps a secret");
+            if vis[(p - base) as usize] == Visibility::Nonsensitive {
+                assert_eq!(c & USER_DATA, 0, "nonsensitive page {p:#x} keeps user data");
+            }
         }
     });
+    // All three kinds were exercised: flips reached sensitive and left it again.
+    let snap = z.snapshot();
+    assert!(snap.flips_to_sensitive > 0, "{:?}", snap.flip_matrix);
 }
 
 proptest! {
@@ -259,7 +281,7 @@ fn differential(base: Pfn, n: u64, cpus: usize, seed: u64, ops: usize) {
             } else {
                 r.below(4) as u8
             };
-            let gfp = Gfp::from_bits(r.below(32) as u32).unwrap();
+            let gfp = Gfp::from_bits(r.below(64) as u32).unwrap();
             let (x, y) = (z.alloc_pages(cpu, gfp, order), a.alloc_pages(gfp, order));
             assert_eq!(x, y, "op {i}");
             if let Ok(x) = x {
@@ -293,7 +315,7 @@ fn differential(base: Pfn, n: u64, cpus: usize, seed: u64, ops: usize) {
 fn z_check(zs: &SimStage2, a: &BuddyAllocator<SimStage2>) {
     for p in a.base_pfn()..a.base_pfn() + a.nr_pages() {
         assert_eq!(zs.content(p), a.stage2().content(p));
-        assert_eq!(zs.is_mapped(p), a.stage2().is_mapped(p));
+        assert_eq!(zs.visibility(p), a.stage2().visibility(p));
     }
 }
 

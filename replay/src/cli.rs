@@ -37,6 +37,16 @@ pub struct ReplayArgs {
     #[arg(long, value_delimiter = ',', value_name = "GFPNAME[,..]")]
     pub unmapped: Vec<String>,
 
+    /// Also report what ASI view switches would cost: an allocation is sensitive (mapped in
+    /// the full view only) if its gfp flags contain ALL these names, compared by bits like
+    /// --unmapped; given without a value: GFP_USER, which ASI makes imply __GFP_SENSITIVE
+    /// (so GFP_HIGHUSER_MOVABLE user pages too). Allocations --unmapped selects stay unmapped.
+    /// Prints, per policy, the ranges (maximal runs of sensitive pages) one switch between
+    /// the restricted and the full view would toggle: at the end, at worst and the mean over
+    /// the replay (pure model, also with --kvm; unmapped-cache has no sensitive counterpart).
+    #[arg(long, value_delimiter = ',', value_name = "GFPNAME[,..]", num_args = 0..=1, default_missing_value = crate::sensitive::DEFAULT_SENSITIVE)]
+    pub sensitive: Option<Vec<String>>,
+
     /// An allocation is unmapped if its gfp flags contain ANY of these names.
     #[arg(long, value_delimiter = ',', value_name = "NAME[,..]")]
     pub unmapped_gfp_any: Vec<String>,
@@ -366,9 +376,55 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
             t0.elapsed().as_secs_f64()
         ),
     );
+    if let Some(names) = &a.sensitive {
+        // Unknown names are an error now, before any replay; [`report`] runs the analysis.
+        crate::sensitive::classify(&trace, names)?;
+    }
     Ok(Loaded {
         trace,
         classification,
+    })
+}
+
+/// The `--sensitive` analysis (see [`crate::sensitive`]): classify, then replay each selected
+/// policy that has a sensitive counterpart on the pure two-view model. [`load`] has checked
+/// the rule; a policy whose memory is too large to model is skipped (the main replay reports
+/// that error).
+pub fn sensitive_report(
+    a: &ReplayArgs,
+    trace: &Trace,
+    names: &[String],
+) -> Result<crate::sensitive::SensitiveReport, ReplayError> {
+    let c = crate::sensitive::classify(trace, names)?;
+    let mut policies = Vec::new();
+    for kind in dedup(&a.policy) {
+        if crate::stop::requested().is_some() {
+            break;
+        }
+        let Ok(lay) = layout(a, kind, trace) else {
+            continue;
+        };
+        if let Some(r) = crate::sensitive::run_policy(
+            kind,
+            trace,
+            &c,
+            lay,
+            a.honour_atomic,
+            RunOptions::default().samples,
+        ) {
+            progress(
+                a,
+                format_args!(
+                    "{kind} (--sensitive): {} ranges at the end, {} at worst",
+                    r.ranges_end, r.ranges_worst
+                ),
+            );
+            policies.push(r);
+        }
+    }
+    Ok(crate::sensitive::SensitiveReport {
+        classification: c,
+        policies,
     })
 }
 
@@ -480,6 +536,10 @@ pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool
         kvm,
         policies,
         interrupted: crate::stop::requested(),
+        sensitive: a
+            .sensitive
+            .as_ref()
+            .and_then(|names| sensitive_report(a, &l.trace, names).ok()),
     }
 }
 

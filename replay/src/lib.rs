@@ -4,7 +4,8 @@
 //! allocations are unmapped ([`classify`], by [`gfp`] flag rules or a seeded fraction), replays
 //! the same events through each [`policy`] on the same amount of memory, and reports the stage-2
 //! work (the TLB-flush analogue), direct-map fragmentation and memslot needs of each
-//! ([`tracker`], [`report`], [`plot`]). Every policy drives stage 2 through
+//! ([`tracker`], [`report`], [`plot`]); with `--sensitive`, also the ranges an ASI view
+//! switch would toggle under each placement ([`sensitive`]). Every policy drives stage 2 through
 //! [`allocator::Stage2`], so the same code runs on a pure model or, from the `vmm` crate, on a
 //! real VM's memslots.
 
@@ -18,6 +19,7 @@ pub mod plot;
 pub mod policy;
 pub mod reader;
 pub mod report;
+pub mod sensitive;
 pub mod stop;
 pub mod trace;
 pub mod tracker;

@@ -27,6 +27,9 @@ pub struct Report {
     /// loading: no policy replayed), the last policy's `events` says how far it got, later
     /// policies are missing.
     pub interrupted: Option<crate::stop::Interrupted>,
+    /// With `--sensitive`: the ranges an ASI view switch would toggle, per policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensitive: Option<crate::sensitive::SensitiveReport>,
 }
 
 impl Report {
@@ -250,6 +253,9 @@ pub fn render_text(r: &Report) -> String {
                 .find_map(|p| p.kvm.map(|k| k.max_memslots))
                 .unwrap_or(0)
         );
+    }
+    if let Some(v) = &r.sensitive {
+        s += &crate::sensitive::render_text(v);
     }
     s
 }

@@ -82,6 +82,7 @@ Examples:
   veil replay trace.txt.gz                       all four policies, text table
   veil replay trace.txt.gz --json -p freetype,per-page
   veil replay trace.txt.gz --unmapped-fraction 0.1 --seed 7 --plot blocks.svg
+  veil replay trace.txt.gz --sensitive            + ranges an ASI view switch toggles (GFP_USER)
   cat /sys/kernel/tracing/trace_pipe | veil replay -     read standard input
   veil replay trace.txt.gz --kvm                 measure on real memslots";
 

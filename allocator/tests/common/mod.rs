@@ -235,19 +235,21 @@ pub fn mask_caches(mut s: Snapshot) -> Snapshot {
     s.pcp_drains = 0;
     s.free_pageblocks_mapped = 0;
     s.free_pageblocks_unmapped = 0;
+    s.free_pageblocks_sensitive = 0;
     s.free_pages_per_freetype = [0; Freetype::COUNT];
     s.pageblocks_per_freetype = [0; Freetype::COUNT]; // merging at order 9 re-tags migratetypes
     s
 }
 
-/// Every pageblock's freetype mapped-ness agrees with the simulated stage 2, page by page.
+/// Every pageblock's freetype visibility (nonsensitive, sensitive, unmapped) agrees with the
+/// simulated stage 2, page by page.
 pub fn assert_stage2_agrees<A: Subject>(a: &mut A) {
     let (base, n) = (a.base_pfn(), a.nr_pages());
     for pfn in base..base + n {
         let ft = a.pageblock_freetype(pfn).unwrap();
         assert_eq!(
-            a.stage2().is_mapped(pfn),
-            Some(!ft.is_unmapped()),
+            a.stage2().visibility(pfn),
+            Some(ft.visibility()),
             "pfn {pfn:#x} of a {ft} pageblock"
         );
     }
