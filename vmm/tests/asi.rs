@@ -153,3 +153,31 @@ fn asi_smp_skips_with_one_vcpu_and_the_rest_passes() {
     // One vCPU: nobody is exposed.
     assert_eq!(doc["asi"]["exposed_vcpu_ms"].as_f64(), Some(0.0));
 }
+
+#[test]
+fn caps_reports_the_address_spaces_an_asi_view_could_use() {
+    if !kvm_available() {
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args(["caps"])
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        t.contains("address spaces (KVM_CAP_MULTI_ADDRESS_SPACE)"),
+        "{t}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_veil"))
+        .args(["caps", "--json"])
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = doc["multi_address_space"]
+        .as_u64()
+        .expect("multi_address_space");
+    // With fewer than two address spaces the view is per VM, and the row says so.
+    if n < 2 {
+        assert!(t.contains("ASI view per VM"), "{t}");
+    }
+}

@@ -49,7 +49,8 @@ pub struct AsiTransition {
     pub vcpu: u32,
     /// The sensitive GPA touched (exits only).
     pub gpa: Option<u64>,
-    /// Guest RIP (of the access for an exit, of the hypercall for an enter).
+    /// Guest RIP of the access (exits; 0 for an enter: the session does not see the
+    /// hypercall's RIP).
     pub rip: u64,
     /// The access (exits only).
     pub access: Option<AccessKind>,
