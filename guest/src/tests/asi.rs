@@ -63,7 +63,10 @@ pub fn asi_restricted() -> Outcome {
     hc::expect_asi_exit(g, 1).ctx("ExpectAsiExit")?;
     for off in (0..PAGE_SIZE).step_by(8) {
         let v = load(g + off);
-        ensure!(v == FILL64, "read {v:#x} at +{off:#x}, expected {FILL64:#x}");
+        ensure!(
+            v == FILL64,
+            "read {v:#x} at +{off:#x}, expected {FILL64:#x}"
+        );
     }
     let s1 = stats()?;
     ensure!(
@@ -80,7 +83,10 @@ pub fn asi_restricted() -> Outcome {
     let toggled = hc::asi_enter().ctx("AsiEnter")?;
     ensure!(toggled >= 1, "AsiEnter toggled {toggled} ranges");
     let s2 = stats()?;
-    ensure!(s2.vm_full == 0 && s2.vcpu_exited == 0, "after AsiEnter: {s2:?}");
+    ensure!(
+        s2.vm_full == 0 && s2.vcpu_exited == 0,
+        "after AsiEnter: {s2:?}"
+    );
     match hc::asi_enter() {
         Err(Status::AlreadyRestricted) => {}
         r => fail!("AsiEnter while restricted returned {r:?}, expected AlreadyRestricted"),
@@ -97,10 +103,17 @@ pub fn asi_restricted() -> Outcome {
     store(g + 0x40, 0x1122_3344_5566_7788);
     hc::asi_enter().ctx("AsiEnter")?;
     let v = load(g + 0x40);
-    ensure!(v == 0x1122_3344_5566_7788, "stored value read back as {v:#x}");
+    ensure!(
+        v == 0x1122_3344_5566_7788,
+        "stored value read back as {v:#x}"
+    );
     hc::asi_enter().ctx("AsiEnter")?;
     let s4 = stats()?;
-    ensure!(s4.exits == s0.exits + 3, "{} exits in all, expected 3", s4.exits - s0.exits);
+    ensure!(
+        s4.exits == s0.exits + 3,
+        "{} exits in all, expected 3",
+        s4.exits - s0.exits
+    );
     expect_bytes(g, PAGE_SIZE, FILL, PAGE_SIZE - 8)?;
     pages.free_all().ctx("free")?;
     Ok(())
@@ -118,13 +131,22 @@ pub fn asi_unmapped_both() -> Outcome {
     hc::expect_violation(u + 0x80, Access::Read, 2).ctx("ExpectViolation read")?;
     hc::expect_violation(u + 0x80, Access::Write, 1).ctx("ExpectViolation write")?;
     let v = load(u + 0x80);
-    ensure!(v == POISON64, "restricted load of an unmapped page read {v:#x}");
+    ensure!(
+        v == POISON64,
+        "restricted load of an unmapped page read {v:#x}"
+    );
 
     hc::expect_asi_exit(s, 1).ctx("ExpectAsiExit")?;
     let _ = load(s);
-    ensure!(stats()?.vm_full == 1, "no full view after touching a sensitive page");
+    ensure!(
+        stats()?.vm_full == 1,
+        "no full view after touching a sensitive page"
+    );
     let v = load(u + 0x80);
-    ensure!(v == POISON64, "full-view load of an unmapped page read {v:#x}");
+    ensure!(
+        v == POISON64,
+        "full-view load of an unmapped page read {v:#x}"
+    );
     store(u + 0x80, 0);
     hc::asi_enter().ctx("AsiEnter")?;
     expect_secret(u, PAGE_SIZE)?;
@@ -185,7 +207,10 @@ pub fn asi_declassify_zeroes() -> Outcome {
     let mut held = PageList::new(MAX_HELD);
     let mut order = 10u8;
     loop {
-        ensure!(!held.is_full(), "held {MAX_HELD} blocks, the sensitive block never came back");
+        ensure!(
+            !held.is_full(),
+            "held {MAX_HELD} blocks, the sensitive block never came back"
+        );
         match held.alloc(order, 0) {
             Ok(g) if (g..g + (PAGE_SIZE << order)).contains(&block) => break,
             Ok(_) => {}
@@ -194,7 +219,10 @@ pub fn asi_declassify_zeroes() -> Outcome {
         }
     }
     let left = hc::host_count(block, PAGEBLOCK_SIZE, DECLASSIFY_FILL).ctx("HostCount")?;
-    ensure!(left == 0, "{left} bytes of the sensitive data survived the flip");
+    ensure!(
+        left == 0,
+        "{left} bytes of the sensitive data survived the flip"
+    );
     expect_bytes(block, PAGEBLOCK_SIZE, 0, PAGEBLOCK_SIZE)?;
     for off in (0..PAGEBLOCK_SIZE).step_by(PAGE_SIZE as usize) {
         let v = load(block + off);
@@ -297,7 +325,10 @@ pub fn asi_smp() -> Outcome {
         skip!("needs --vcpus 2 or more");
     }
     restrict()?;
-    ensure!(smp::run_on(1, enter_job, 0) == Ok(0), "vCPU 1 could not ASI-enter");
+    ensure!(
+        smp::run_on(1, enter_job, 0) == Ok(0),
+        "vCPU 1 could not ASI-enter"
+    );
     let mut pages = PageList::new(1);
     let g = pages.alloc(0, gfp::SENSITIVE).ctx("alloc SENSITIVE")?;
     hc::host_fill(g, PAGE_SIZE, FILL).ctx("HostFill")?;
@@ -305,12 +336,18 @@ pub fn asi_smp() -> Outcome {
     hc::expect_asi_exit(g, 2).ctx("ExpectAsiExit")?;
     let _ = load(g);
     let s = stats()?;
-    ensure!(s.vm_full == 1 && s.vcpu_exited == 1, "vCPU 0 not exited: {s:?}");
+    ensure!(
+        s.vm_full == 1 && s.vcpu_exited == 1,
+        "vCPU 0 not exited: {s:?}"
+    );
     let v = match smp::run_on(1, exposed_load, g + 0x10) {
         Ok(v) => v,
         Err(e) => fail!("vCPU 1 did not run: {e:?}"),
     };
-    ensure!(v == FILL64, "exposed vCPU 1 read {v:#x}, expected the content");
+    ensure!(
+        v == FILL64,
+        "exposed vCPU 1 read {v:#x}, expected the content"
+    );
     let e = smp::run_on(1, exposure, 0).unwrap_or(u64::MAX);
     ensure!(
         e >> 63 == 0 && e & 1 == 1,
