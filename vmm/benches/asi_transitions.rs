@@ -20,7 +20,8 @@
 //!
 //! Unmapped ranges are not `mlock`ed here (as in `stage2_backends`), so the figures are the
 //! stage-2 work alone; `veil run` locks sensitive ranges while they are absent, which adds an
-//! `mlock2`/`munlock` per range and switch.
+//! `mlock2`/`munlock` per range and switch: table 1 has a second row per backend with that
+//! lock on, as `veil run` has it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -226,6 +227,7 @@ fn engine_for(
     kvm: &Kvm,
     backend: &str,
     ram_size: u64,
+    lock: bool,
 ) -> (Box<dyn Stage2Backend>, Arc<GuestRam>, Arc<VmFd>) {
     let vm = Arc::new(kvm.create_vm().unwrap());
     let backing = if backend == "slots" {
@@ -237,11 +239,11 @@ fn engine_for(
     let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
     let b: Box<dyn Stage2Backend> = if backend == "slots" {
         let mut t = KvmSlots::new(vm.clone(), ram.clone(), max_slots);
-        t.lock_unmapped(false);
+        t.lock_unmapped(lock);
         Box::new(Slots::new(t, ram_size))
     } else {
         let mut m = Mprotect::new(vm.clone(), ram.clone()).unwrap();
-        m.lock_unmapped(false);
+        m.lock_unmapped(lock);
         Box::new(m)
     };
     (b, ram, vm)
@@ -269,12 +271,17 @@ fn main() {
 
     println!("ASI exit + AsiEnter pair vs a bare exit ({ROUNDS} rounds, median [min, max] us)");
     println!(
-        "{:<9} {:>26} {:>26} {:>8} {:>22} {:>22}",
+        "{:<14} {:>26} {:>26} {:>8} {:>22} {:>22}",
         "backend", "bare exit", "ASI exit + enter", "ratio", "switch to full", "switch back"
     );
-    for backend in ["slots", "mprotect"] {
+    for (backend, lock) in [
+        ("slots", false),
+        ("mprotect", false),
+        ("slots", true),
+        ("mprotect", true),
+    ] {
         let ram_size = 16 << 20;
-        let (b, ram, vm) = engine_for(&kvm, backend, ram_size);
+        let (b, ram, vm) = engine_for(&kvm, backend, ram_size, lock);
         guest(&ram);
         let v = vcpu(&vm);
         let p = pair(Stage2Engine::new(b, ram_size, Gpa(0)).unwrap(), v, &ram);
@@ -283,8 +290,12 @@ fn main() {
             format!("{:.1} [{:.1}, {:.1}]", median(v.to_vec()), lo, hi)
         };
         println!(
-            "{:<9} {:>26} {:>26} {:>7.2}x {:>22} {:>22}",
-            backend,
+            "{:<14} {:>26} {:>26} {:>7.2}x {:>22} {:>22}",
+            if lock {
+                format!("{backend}+mlock")
+            } else {
+                backend.to_string()
+            },
             f(&p.bare_us),
             f(&p.pair_us),
             median(p.pair_us.clone()) / median(p.bare_us.clone()),
@@ -315,7 +326,7 @@ fn main() {
                         why,
                     },
                     None => {
-                        let (b, _ram, _vm) = engine_for(&kvm, backend, ram_size);
+                        let (b, _ram, _vm) = engine_for(&kvm, backend, ram_size, false);
                         transition(Stage2Engine::new(b, ram_size, Gpa(0)).unwrap(), &ranges)
                     }
                 };
