@@ -111,7 +111,9 @@ fn json_run_of_the_whole_suite() {
         [
             "cross_vcpu_isolation",
             "concurrent_alloc",
-            "revocation_latency"
+            "flip_under_reader",
+            "revocation_latency",
+            "asi_smp"
         ]
     );
 }
