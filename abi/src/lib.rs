@@ -239,11 +239,26 @@ pub enum Hc {
     /// vCPU's first violation; the reader's successful reads, and those after it saw the revoke
     /// return). The VMM puts them in the report; `stale_reads > reads` is `BadArgument`.
     ReportRevocation = 29,
+    /// (): ASI enter, the flush point: the calling vCPU returns to the restricted view (its
+    /// sensitive pages absent again) before it runs untrusted code. The VM's view is per VM on
+    /// hosts without a second address space, so it goes back to restricted only when no vCPU
+    /// is ASI-exited any more; r0 = ranges that switch toggled (0 if the VM stays full).
+    /// [`Status::AlreadyRestricted`] when the vCPU is already entered (a no-op, counted).
+    AsiEnter = 30,
+    /// (buf_ptr): copy an [`AsiStats`] (the run's ASI counters and the calling vCPU's state) to
+    /// `buf_ptr` (reserved memory, as [`Hc::Stats`]).
+    AsiStats = 31,
+    /// (gpa, count): the current test expects `count` ASI exits (a restricted vCPU's touch of
+    /// a sensitive page) on the page at `gpa`. At `TestEnd` the VMM compares the exits it
+    /// recorded during the test with the declarations: an undeclared or missing one fails
+    /// the test. Errors: no test running ([`Status::BadState`]), too many declarations
+    /// ([`Status::BadArgument`]).
+    ExpectAsiExit = 32,
 }
 
 impl Hc {
     /// The lowest hypercall number with no call (everything from here up is unknown).
-    pub const FIRST_UNUSED: u32 = 30;
+    pub const FIRST_UNUSED: u32 = 33;
 }
 
 /// `perm` of [`Hc::Protect`].
@@ -293,6 +308,9 @@ impl Hc {
             27 => Hc::Sweep,
             28 => Hc::Stage2Tamper,
             29 => Hc::ReportRevocation,
+            30 => Hc::AsiEnter,
+            31 => Hc::AsiStats,
+            32 => Hc::ExpectAsiExit,
             _ => return None,
         })
     }
@@ -339,6 +357,8 @@ pub enum Status {
     /// The call would return something derived from, or write into, a page the guest cannot
     /// reach at stage 2.
     Unreachable = 16,
+    /// [`Hc::AsiEnter`] by a vCPU that is not ASI-exited: nothing to do (counted).
+    AlreadyRestricted = 17,
 }
 
 impl Status {
@@ -362,6 +382,7 @@ impl Status {
             14 => Status::InvariantBroken,
             15 => Status::HarnessOnly,
             16 => Status::Unreachable,
+            17 => Status::AlreadyRestricted,
             _ => return None,
         })
     }
@@ -451,6 +472,33 @@ pub struct ViolationRecord {
     pub freetype: u8,
     /// vCPU index.
     pub vcpu: u16,
+}
+
+/// ASI counters as [`Hc::AsiStats`] writes them into guest memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AsiStats {
+    /// ASI exits so far (a restricted vCPU's access to a sensitive page completed by the VMM).
+    pub exits: u64,
+    /// `Hc::AsiEnter` calls that returned an exited vCPU to restricted.
+    pub enters: u64,
+    /// `Hc::AsiEnter` calls by a vCPU that was already entered ([`Status::AlreadyRestricted`]).
+    pub noop_enters: u64,
+    /// Switches of the VM's view (restricted to full and back).
+    pub view_switches: u64,
+    /// Ranges the last view switch toggled.
+    pub last_ranges_toggled: u64,
+    /// Sensitive runs now (what the next switch toggles).
+    pub sensitive_runs: u64,
+    /// 1 while the VM is in the full view.
+    pub vm_full: u64,
+    /// 1 while the calling vCPU is ASI-exited.
+    pub vcpu_exited: u64,
+    /// Nanoseconds the calling vCPU spent ASI-entered while the VM was in the full view
+    /// (exposed: its sensitive pages were reachable because another vCPU was exited).
+    pub vcpu_exposed_ns: u64,
+    /// Full-view windows in which the calling vCPU was exposed.
+    pub vcpu_exposed_windows: u64,
 }
 
 /// Allocator and stage-2 counters as [`Hc::Stats`] writes them into guest memory.

@@ -2,7 +2,8 @@
 
 use core::arch::asm;
 use veil_abi::{
-    Access, AllocStats, Hc, Status, TestResult, ViolationRecord, BARE_PORT, HYPERCALL_PORT,
+    Access, AllocStats, AsiStats, Hc, Status, TestResult, ViolationRecord, BARE_PORT,
+    HYPERCALL_PORT,
 };
 
 /// What a hypercall returned: `rax` (a [`Status`] code), `rdi` and `rsi`.
@@ -295,6 +296,26 @@ pub fn stats() -> Result<AllocStats, Status> {
     // SAFETY: the VMM writes one AllocStats into `s`, a live local.
     let r = unsafe { raw(Hc::Stats as u32, p, 0, 0, 0) };
     status(r.status).map(|()| s)
+}
+
+/// ASI enter (the flush point): returns the ranges the VM's view switch toggled (0 if the VM
+/// stays full); `AlreadyRestricted` if this vCPU was not exited.
+pub fn asi_enter() -> Result<u64, Status> {
+    call(Hc::AsiEnter, 0, 0, 0, 0).map(|r| r.r0)
+}
+
+/// The ASI counters and this vCPU's ASI state.
+pub fn asi_stats() -> Result<AsiStats, Status> {
+    let mut s = AsiStats::default();
+    let p = &mut s as *mut AsiStats as u64;
+    // SAFETY: the VMM writes one AsiStats into `s`, a live local.
+    let r = unsafe { raw(Hc::AsiStats as u32, p, 0, 0, 0) };
+    status(r.status).map(|()| s)
+}
+
+/// Announces `count` ASI exits on the page at `gpa` in the current test.
+pub fn expect_asi_exit(gpa: u64, count: u64) -> Result<(), Status> {
+    call(Hc::ExpectAsiExit, gpa, count, 0, 0).map(|_| ())
 }
 
 /// Has the VMM fill `[gpa, gpa+len)` (owned by the guest) with `byte` from the host side.

@@ -47,4 +47,10 @@ pub static TESTS: &[Test] = &[
     Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
     Test::new("flip_under_reader", tests::smp::flip_under_reader),
     Test::new("revocation_latency", tests::revocation::revocation_latency),
+    Test::new("asi_restricted", tests::asi::asi_restricted),
+    Test::new("asi_unmapped_both", tests::asi::asi_unmapped_both),
+    Test::new("asi_nonsensitive", tests::asi::asi_nonsensitive),
+    Test::new("asi_declassify_zeroes", tests::asi::asi_declassify_zeroes),
+    Test::new("asi_transitions", tests::asi::asi_transitions),
+    Test::new("asi_smp", tests::asi::asi_smp),
 ];

@@ -23,6 +23,10 @@ pub struct Caps {
     pub nr_memslots: u32,
     /// `KVM_CAP_MAX_VCPUS`.
     pub max_vcpus: u32,
+    /// `KVM_CAP_MULTI_ADDRESS_SPACE`: address spaces per VM (0 or 1: one). With 2 or more a
+    /// vCPU could run in a second set of memslots (x86: the SMM one), which would let each
+    /// vCPU have its own ASI view; Veil's view is per VM otherwise.
+    pub multi_address_space: u32,
     /// `KVM_CAP_USER_MEMORY2`.
     pub user_memory2: bool,
     /// `KVM_CAP_READONLY_MEM`: read-only memslots.
@@ -177,6 +181,7 @@ pub fn probe(kvm: &Kvm) -> Caps {
         api_version: kvm.get_api_version(),
         nr_memslots: u32::try_from(kvm.get_nr_memslots()).unwrap_or(u32::MAX),
         max_vcpus: u32::try_from(kvm.get_max_vcpus()).unwrap_or(0),
+        multi_address_space: cap_u(kvm, KVM_CAP_MULTI_ADDRESS_SPACE),
         user_memory2: cap(kvm, KVM_CAP_USER_MEMORY2) > 0,
         readonly_mem: cap(kvm, KVM_CAP_READONLY_MEM) > 0,
         sync_regs: cap_u(kvm, KVM_CAP_SYNC_REGS),
@@ -309,6 +314,15 @@ impl Caps {
                 "stage-2 hole budget",
             ),
             ("max vCPUs", self.max_vcpus.to_string(), ""),
+            (
+                "address spaces (KVM_CAP_MULTI_ADDRESS_SPACE)",
+                self.multi_address_space.to_string(),
+                if self.multi_address_space >= 2 {
+                    "a per-vCPU ASI view is possible (not built: Veil's view is per VM)"
+                } else {
+                    "ASI view per VM: full while any vCPU is exited"
+                },
+            ),
             (
                 "stage-2 backends (--stage2)",
                 format!(

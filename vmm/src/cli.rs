@@ -110,6 +110,13 @@ Host memory: guest RAM is kept out of core dumps of veil (MADV_DONTDUMP) unless
 --dump-guest-core; unmapped pages are locked against swap (mlock) as far as RLIMIT_MEMLOCK
 allows (the report says whether locking held) and wiped at the end of every run.
 
+ASI: pages allocated sensitive (gfp SENSITIVE, implied by GFP_USER-like flags) are absent from
+the restricted view and read-write in the full one. A restricted vCPU's touch is an ASI exit,
+not a violation: the VM switches to the full view (per VM: this host has no second address
+space, see `veil caps`), the VMM completes the access and records the transition;
+Hc::AsiEnter returns to restricted. The report's ASI lines give the transitions, the ranges
+each switch toggled and the exposure windows.
+
 Output: guest console output goes to stdout (stderr with --json, or --console FILE); the VMM's
 own messages go to stderr prefixed with 'veil: '.
 
@@ -200,7 +207,10 @@ pub struct RunArgs {
     /// skipped, not_run), violations[], not_ram[], stage2 and allocator counters, memory_lock
     /// and wiped_bytes, timing, exit, the exit-time stage-2 dump, and the reachability matrix
     /// (`reachability`: routes[] with result and evidence, counts; filled by `--tests
-    /// reachability`). The guest console then goes to stderr (or --console FILE).
+    /// reachability`), and `asi` (ASI exits and enters with vCPU, GPA, RIP and cause, view
+    /// switches and the ranges each toggled, exposure windows: how long the VM was in the full
+    /// view and which ASI-entered vCPUs were exposed meanwhile, since the view is per VM).
+    /// The guest console then goes to stderr (or --console FILE).
     #[arg(long)]
     pub json: bool,
 
@@ -253,8 +263,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub vcpus: u32,
 
-    /// Write stage-2 ("EPT") dumps: every GPA range with state, freetype, memslot and host
-    /// address, the memslot table, allocator and engine counters, KVM's binary stats. The
+    /// Write stage-2 ("EPT") dumps: every GPA range with state (sensitive included),
+    /// freetype, memslot, host address and its permission in both ASI views (restricted,
+    /// full), the VM's current view, the memslot table, allocator and engine counters, KVM's binary stats. The
     /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg by format; "-" =
     /// stdout); each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
     /// dump.json -> dump.1.json, dump.2.json, ... (only beside a regular file: with /dev/null or

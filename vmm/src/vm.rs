@@ -643,9 +643,13 @@ impl Vcpu {
             }
             Action::Mmio { gpa, access, len } => {
                 let rip = self.sync_rip();
-                let (byte, stop) = self.s().mmio(Gpa(gpa), access, len as u32, rip);
+                let mut buf = [0u8; 8];
+                let data = self.mmio_data_mut(len);
+                let n = data.len();
+                buf[..n].copy_from_slice(data);
+                let stop = self.s().mmio_access(Gpa(gpa), access, &mut buf[..n], rip);
                 if access == AccessKind::Read {
-                    self.mmio_data_mut(len).fill(byte);
+                    self.mmio_data_mut(len).copy_from_slice(&buf[..n]);
                 }
                 stop.or_else(|| self.fault_loop(gpa, access))
             }

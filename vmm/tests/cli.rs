@@ -112,7 +112,8 @@ fn json_run_of_the_whole_suite() {
             "cross_vcpu_isolation",
             "concurrent_alloc",
             "flip_under_reader",
-            "revocation_latency"
+            "revocation_latency",
+            "asi_smp"
         ]
     );
 }

@@ -118,6 +118,8 @@ const CALLS: &[Hc] = &[
     Hc::HostExpect,
     Hc::HostExpect,
     Hc::PlantSecret,
+    Hc::AsiEnter,
+    Hc::AsiStats,
 ];
 
 /// The fuzz's view of memory.
@@ -242,7 +244,7 @@ pub fn hc_fuzz() -> Outcome {
             }
             Hc::ExpectViolation => a = [a[0], rng.below(5), 0, 0],
             Hc::QueryViolations => a = [l.out_ptr(&mut rng), rng.pick(&[0, 1, 16, 4097]), 0, 0],
-            Hc::Stats => a = [l.out_ptr(&mut rng), 0, 0, 0],
+            Hc::Stats | Hc::AsiStats => a = [l.out_ptr(&mut rng), 0, 0, 0],
             Hc::HostFill | Hc::HostCount => a[2] = rng.pick(&[0, 0x5a, 0xa5, 0xff, 0x100]),
             // Malformed (bad `what` or count > len): nothing is recorded.
             Hc::HostExpect => {
@@ -318,7 +320,7 @@ pub fn hc_fuzz() -> Outcome {
                 }
             }
             (Hc::HostExpect, Status::Ok) => fail!("call {i}: malformed HostExpect {a:?} accepted"),
-            (Hc::Stats | Hc::QueryViolations, Status::Ok) => ensure!(
+            (Hc::Stats | Hc::AsiStats | Hc::QueryViolations, Status::Ok) => ensure!(
                 a[0] == l.scratch || (hc_nr == Hc::QueryViolations && a[1] == 0),
                 "call {i}: {hc_nr:?} wrote at {:#x}",
                 a[0]

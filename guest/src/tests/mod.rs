@@ -1,5 +1,6 @@
 //! The isolation suite, one file per test group, plus helpers they share.
 
+pub mod asi;
 pub mod bad_hypercalls;
 pub mod flips;
 pub mod hc_fuzz;

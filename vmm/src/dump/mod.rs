@@ -14,8 +14,8 @@ use serde::Serialize;
 
 use crate::kvm_stats::Stat;
 use crate::stage2::{
-    RangeInfo, RangeState, SlotInfo, Stage2Backend, Stage2Counters, Stage2Engine, PAGE_SHIFT,
-    PAGE_SIZE,
+    AsiView, Perm, RangeInfo, RangeState, SlotInfo, Stage2Backend, Stage2Counters, Stage2Engine,
+    View, PAGE_SHIFT, PAGE_SIZE,
 };
 
 /// Output format of a dump.
@@ -54,10 +54,14 @@ pub const FORMAT_VERSION: u32 = 1;
 /// - `format_version` (1), `reason` (string), `stage2_backend` ("slots"), `ram_size`,
 ///   `reserved_end`, `page_size`, `pageblock_size` (bytes, numbers);
 /// - `managed`: `{ base_pfn, nr_pages, free_pages }` of the allocator;
-/// - `totals`: `{ reserved_pages, mapped_pages, locked_pages, unmapped_pages, pageblocks,
-///   memslots }`;
-/// - `ranges[]`: `{ start, end, state, freetype, slot, host_addr, pages }`, in GPA order,
-///   covering RAM; `state` is "reserved" | "mapped" | "read_only" | "no_access" | "unmapped"; `freetype` is the pageblock's
+/// - `asi_view`: the VM's ASI view now, "restricted" | "full";
+/// - `totals`: `{ reserved_pages, mapped_pages, locked_pages, unmapped_pages,
+///   sensitive_pages, sensitive_runs, pageblocks, memslots }` (`sensitive_runs`: the ranges a
+///   view switch toggles);
+/// - `ranges[]`: `{ start, end, state, freetype, slot, host_addr, pages, restricted, full }`,
+///   in GPA order, covering RAM; `state` is "reserved" | "mapped" | "read_only" | "no_access" |
+///   "unmapped" | "sensitive"; `restricted` and `full` are the range's permission in each ASI
+///   view ("none" | "read" | "read_write"); `freetype` is the pageblock's
 ///   freetype name (e.g. "unmovable", "unmovable|unmapped"), "reserved" or "unmanaged"; ranges
 ///   split wherever state or freetype changes; `slot` is null for holes; `start`, `end`,
 ///   `host_addr` are numbers (bytes);
@@ -75,6 +79,8 @@ pub struct DumpData {
     pub reason: String,
     /// The stage-2 backend in use (`veil run --stage2`).
     pub stage2_backend: String,
+    /// The VM's ASI view when the dump was taken.
+    pub asi_view: AsiView,
     /// RAM size in bytes.
     pub ram_size: u64,
     /// End of reserved low memory.
@@ -123,6 +129,10 @@ pub struct Totals {
     pub locked_pages: u64,
     /// Pages in unmapped ranges.
     pub unmapped_pages: u64,
+    /// Pages in sensitive ranges (mapped in the full view only).
+    pub sensitive_pages: u64,
+    /// Maximal sensitive runs: the ranges one view switch toggles.
+    pub sensitive_runs: u64,
     /// Pageblocks of RAM (the last one may be partial).
     pub pageblocks: u64,
     /// Memslots in use.
@@ -146,6 +156,10 @@ pub struct DumpRange {
     pub host_addr: u64,
     /// Pages in the range.
     pub pages: u64,
+    /// Its permission in the restricted view.
+    pub restricted: Perm,
+    /// Its permission in the full view.
+    pub full: Perm,
 }
 
 /// One memslot of a dump.
@@ -192,6 +206,7 @@ struct EngineView {
     ram_size: u64,
     reserved_end: u64,
     counters: Stage2Counters,
+    asi_view: AsiView,
 }
 
 impl EngineView {
@@ -203,6 +218,7 @@ impl EngineView {
             ram_size: e.ram_size(),
             reserved_end: e.reserved_end().raw(),
             counters: e.counters(),
+            asi_view: e.asi_view(),
         }
     }
 }
@@ -221,6 +237,10 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
             RangeState::Mapped => totals.mapped_pages += pages,
             RangeState::ReadOnly | RangeState::NoAccess => totals.locked_pages += pages,
             RangeState::Unmapped => totals.unmapped_pages += pages,
+            RangeState::Sensitive => {
+                totals.sensitive_pages += pages;
+                totals.sensitive_runs += 1;
+            }
         }
         let (start, end) = (r.start.0, r.end.0);
         let mut cursor = start;
@@ -252,6 +272,8 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
                     slot: r.slot,
                     host_addr: (input.host_addr)(cursor),
                     pages: (piece_end - cursor) >> PAGE_SHIFT,
+                    restricted: View::RESTRICTED.perm(r.state),
+                    full: View::FULL.perm(r.state),
                 }),
             }
             cursor = piece_end;
@@ -290,6 +312,7 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         format_version: FORMAT_VERSION,
         reason: input.reason.to_string(),
         stage2_backend: engine.backend.to_string(),
+        asi_view: engine.asi_view,
         ram_size: engine.ram_size,
         reserved_end: engine.reserved_end,
         page_size: PAGE_SIZE,

@@ -18,17 +18,20 @@ pub enum CellClass {
     Unmapped,
     /// Every page locked by the guest the same way (`Hc::Protect`: read-only, or no-access).
     Locked,
+    /// Every page sensitive (ASI: mapped in the full view only).
+    Sensitive,
     /// More than one state or freetype inside the block.
     Mixed,
 }
 
 impl CellClass {
     /// All classes, in legend order.
-    pub const ALL: [CellClass; 5] = [
+    pub const ALL: [CellClass; 6] = [
         CellClass::Reserved,
         CellClass::Mapped,
         CellClass::Unmapped,
         CellClass::Locked,
+        CellClass::Sensitive,
         CellClass::Mixed,
     ];
 
@@ -39,6 +42,7 @@ impl CellClass {
             CellClass::Mapped => "mapped",
             CellClass::Unmapped => "unmapped",
             CellClass::Locked => "locked",
+            CellClass::Sensitive => "sensitive",
             CellClass::Mixed => "mixed",
         }
     }
@@ -50,6 +54,7 @@ impl CellClass {
             CellClass::Mapped => "#4caf50",
             CellClass::Unmapped => "#d32f2f",
             CellClass::Locked => "#1e88e5",
+            CellClass::Sensitive => "#8e24aa",
             CellClass::Mixed => "#ffb300",
         }
     }
@@ -91,6 +96,7 @@ pub fn cells(d: &DumpData) -> Vec<Cell> {
             [(RangeState::Mapped, ..)] => CellClass::Mapped,
             [(RangeState::Unmapped, ..)] => CellClass::Unmapped,
             [(RangeState::ReadOnly | RangeState::NoAccess, ..)] => CellClass::Locked,
+            [(RangeState::Sensitive, ..)] => CellClass::Sensitive,
             _ => CellClass::Mixed,
         };
         let detail = pieces
@@ -163,10 +169,12 @@ pub fn render(d: &DumpData) -> String {
         )?;
         writeln!(
             o,
-            r#"<text x="{MARGIN}" y="34">pages: {} reserved, {} mapped, {} unmapped; {} memslots; {} flips to unmapped, {} to mapped</text>"#,
+            r#"<text x="{MARGIN}" y="34">pages: {} reserved, {} mapped, {} unmapped, {} sensitive; ASI view {}; {} memslots; {} flips to unmapped, {} to mapped</text>"#,
             t.reserved_pages,
             t.mapped_pages,
             t.unmapped_pages,
+            t.sensitive_pages,
+            d.asi_view.name(),
             t.memslots,
             d.allocator.flips_to_unmapped,
             d.allocator.flips_to_mapped

@@ -189,7 +189,7 @@ fn text_dump_has_every_section() {
     // One line per range and per memslot.
     let range_lines = t
         .lines()
-        .filter(|l| l.starts_with("  0x") && l.split_whitespace().count() == 7)
+        .filter(|l| l.starts_with("  0x") && l.split_whitespace().count() == 9)
         .count();
     assert_eq!(range_lines, data.ranges.len(), "{t}");
     for r in &data.ranges {
@@ -261,12 +261,15 @@ fn cells_classify_partial_and_mixed_blocks() {
         slot: None,
         host_addr: 0,
         pages: (end - start) / PAGE_SIZE,
+        restricted: View::RESTRICTED.perm(state),
+        full: View::FULL.perm(state),
     };
     let d = DumpData {
         format_version: 1,
         reason: "x".into(),
         stage2_backend: "slots".into(),
-        ram_size: 9 * MIB,
+        asi_view: AsiView::Restricted,
+        ram_size: 11 * MIB,
         reserved_end: 3 * MIB,
         page_size: PAGE_SIZE,
         pageblock_size: 2 * MIB,
@@ -276,7 +279,7 @@ fn cells_classify_partial_and_mixed_blocks() {
             free_pages: 0,
         },
         totals: Totals {
-            pageblocks: 5,
+            pageblocks: 6,
             ..Totals::default()
         },
         ranges: vec![
@@ -284,7 +287,13 @@ fn cells_classify_partial_and_mixed_blocks() {
             r(3 * MIB, 4 * MIB, RangeState::Mapped, "unmovable"),
             r(4 * MIB, 6 * MIB, RangeState::Unmapped, "unmovable|unmapped"),
             r(6 * MIB, 8 * MIB, RangeState::ReadOnly, "unmovable"),
-            r(8 * MIB, 9 * MIB, RangeState::Mapped, "movable"),
+            r(
+                8 * MIB,
+                10 * MIB,
+                RangeState::Sensitive,
+                "unmovable|sensitive",
+            ),
+            r(10 * MIB, 11 * MIB, RangeState::Mapped, "movable"),
         ],
         memslots: vec![],
         allocator: Default::default(),
@@ -300,11 +309,19 @@ fn cells_classify_partial_and_mixed_blocks() {
             CellClass::Mixed,
             CellClass::Unmapped,
             CellClass::Locked,
+            CellClass::Sensitive,
             CellClass::Mapped
         ]
     );
-    assert_eq!(cells(&d)[4].end, 9 * MIB);
+    assert_eq!(cells(&d)[5].end, 11 * MIB);
     let svg = svg::render(&d);
-    assert_eq!(count_cells(&svg).0, 5);
+    assert_eq!(count_cells(&svg).0, 6);
     assert!(svg.contains("locked"), "the legend names the locked class");
+    assert!(
+        svg.contains(CellClass::Sensitive.colour()) && svg.contains("sensitive (1)"),
+        "sensitive blocks have a colour and a legend entry"
+    );
+    // Both views of every range are in the text dump.
+    let text = text::render(&d);
+    assert!(text.contains("restricted") && text.contains("ASI view: restricted"));
 }

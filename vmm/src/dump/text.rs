@@ -22,6 +22,15 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
+/// Short name of a permission ("none", "read", "read_write").
+fn perm_name(p: crate::stage2::Perm) -> &'static str {
+    match p {
+        crate::stage2::Perm::None => "none",
+        crate::stage2::Perm::Read => "read",
+        crate::stage2::Perm::ReadWrite => "read_write",
+    }
+}
+
 /// Renders the text dump.
 pub fn render(d: &DumpData) -> String {
     let mut o = String::new();
@@ -47,15 +56,23 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     )?;
     writeln!(
         o,
-        "pages: {} reserved, {} mapped, {} locked, {} unmapped; {} pageblocks; {} memslots \
-         (stage-2 backend: {})",
+        "pages: {} reserved, {} mapped, {} locked, {} unmapped, {} sensitive; {} pageblocks; \
+         {} memslots (stage-2 backend: {})",
         t.reserved_pages,
         t.mapped_pages,
         t.locked_pages,
         t.unmapped_pages,
+        t.sensitive_pages,
         t.pageblocks,
         t.memslots,
         d.stage2_backend
+    )?;
+    writeln!(
+        o,
+        "ASI view: {} ({} sensitive ranges: absent from the restricted view, read-write in the \
+         full one; a view switch toggles each)",
+        d.asi_view.name(),
+        t.sensitive_runs
     )?;
 
     writeln!(o, "\nGPA ranges")?;
@@ -68,15 +85,23 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
         .max(8);
     writeln!(
         o,
-        "  {:<18}  {:<18}  {:<9}  {:<ftw$}  {:>5}  {:<18}  {:>9}",
-        "start", "end", "state", "freetype", "slot", "host address", "pages"
+        "  {:<18}  {:<18}  {:<9}  {:<ftw$}  {:>5}  {:<18}  {:>9}  {:<10}  {:<10}",
+        "start", "end", "state", "freetype", "slot", "host address", "pages", "restricted", "full"
     )?;
     for r in &d.ranges {
         let slot = r.slot.map_or("-".to_string(), |s| s.to_string());
         writeln!(
             o,
-            "  {:#018x}  {:#018x}  {:<9}  {:<ftw$}  {:>5}  {:#018x}  {:>9}",
-            r.start, r.end, r.state, r.freetype, slot, r.host_addr, r.pages
+            "  {:#018x}  {:#018x}  {:<9}  {:<ftw$}  {:>5}  {:#018x}  {:>9}  {:<10}  {:<10}",
+            r.start,
+            r.end,
+            r.state,
+            r.freetype,
+            slot,
+            r.host_addr,
+            r.pages,
+            perm_name(r.restricted),
+            perm_name(r.full)
         )?;
     }
 

@@ -2,6 +2,7 @@
 //! table `veil run` prints and the JSON document `veil run --json` prints.
 
 mod aggregate;
+pub mod asi;
 mod exit;
 pub mod matrix;
 mod render;
@@ -215,6 +216,8 @@ pub struct RunReport {
     pub stage2_checks: stage2_checks::Stage2Checks,
     /// The vCPUs and the parks of their stage-2 updates.
     pub vcpus: VcpuSummary,
+    /// ASI: transitions, view switches and the exposure windows.
+    pub asi: asi::AsiReport,
 }
 
 /// How many vCPUs ran and what parking them for stage-2 updates cost.
@@ -301,6 +304,7 @@ mod tests {
     #[test]
     fn exit_codes_follow_the_outcome() {
         let mut r = RunReport {
+            asi: Default::default(),
             vcpus: VcpuSummary::default(),
             tests: vec![],
             counts: TestCounts::default(),

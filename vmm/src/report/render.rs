@@ -145,6 +145,7 @@ impl RunReport {
             if self.guest_core_dump { "in" } else { "kept out of" }
         );
         s.push_str(&self.stage2_checks.lines());
+        s.push_str(&self.asi.lines());
         let _ = writeln!(s, "exit: {}", self.exit.summary());
         if let Some(r) = self.exit.regs() {
             let _ = writeln!(s, "{r}");

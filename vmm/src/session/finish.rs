@@ -12,13 +12,14 @@ use crate::report::{
 use crate::stage2::RangeState;
 
 impl Session {
-    /// Wipes every unmapped range of guest RAM (resident pages overwritten with zeroes, then
-    /// all released): called at the end of every run, whatever stopped it. Returns the bytes
-    /// overwritten. The stage-2 layout is left as it is (the guest no longer runs).
+    /// Wipes every unmapped and sensitive range of guest RAM (resident pages overwritten with
+    /// zeroes, then all released): called at the end of every run, whatever stopped it.
+    /// Returns the bytes overwritten. The stage-2 layout is left as it is (the guest no longer
+    /// runs).
     pub fn wipe_unmapped(&mut self) -> u64 {
         let mut wiped = 0;
         for r in self.engine(|e| e.ranges()) {
-            if r.state == RangeState::Unmapped {
+            if matches!(r.state, RangeState::Unmapped | RangeState::Sensitive) {
                 match self.ram.wipe(r.start.0, r.end.0 - r.start.0) {
                     Ok(n) => wiped += n,
                     Err(e) => vmm_line(&format!(
@@ -112,6 +113,7 @@ impl Session {
             exits,
         };
         let stage2_checks = self.stage2_finish();
+        let asi = self.asi_report();
         let stage2_dump = self.dump_json();
         let memory_lock = self.engine(|e| e.backend().lock_stats());
         let wiped_bytes = self.wipe_unmapped();
@@ -145,6 +147,7 @@ impl Session {
             stage2_dump,
             reachability: std::mem::take(&mut self.routes.matrix),
             stage2_checks,
+            asi,
         };
         report.counts = report.counts();
         report

@@ -8,6 +8,7 @@
 //! suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
 //! `dumps` and `finish` (the report).
 
+mod asi;
 mod dumps;
 mod finish;
 mod guest_args;
@@ -108,6 +109,7 @@ struct Current {
     violations: u64,
     first_record: usize,
     host: host_calls::HostVerdict,
+    asi: asi::TestAsi,
 }
 
 /// What [`Session::new`] needs.
@@ -213,6 +215,7 @@ pub struct Session {
     numbered_refused: bool,
     routes: routes::Routes,
     checks: stage2_checks::Checks,
+    asi: asi::Asi,
     /// Guest Log lines.
     pub logs: Vec<String>,
     // Last: RAM must outlive the memslots that point into it.
@@ -226,6 +229,7 @@ impl Session {
     /// A fresh session.
     pub fn new(c: SessionConfig) -> Session {
         let secret = c.alloc.with_stage2(|e| e.backend().secret_unmapped());
+        let nr_cpus = c.alloc.nr_cpus();
         Session {
             vm: c.vm,
             alloc: c.alloc,
@@ -265,6 +269,7 @@ impl Session {
             numbered_refused: false,
             routes: routes::Routes::default(),
             checks: stage2_checks::Checks::new(c.verify_stage2, secret),
+            asi: asi::Asi::new(nr_cpus),
             logs: Vec::new(),
             ram: c.ram,
         }
@@ -364,6 +369,9 @@ impl Session {
             Hc::VerifyStage2 => self.hc_verify_stage2().into(),
             Hc::Sweep => self.hc_sweep(a[0], a[1]).into(),
             Hc::Stage2Tamper => self.hc_stage2_tamper(gpa(0)).into(),
+            Hc::AsiEnter => self.hc_asi_enter().into(),
+            Hc::AsiStats => self.hc_asi_stats(gpa(0)).into(),
+            Hc::ExpectAsiExit => self.hc_expect_asi_exit(gpa(0), a[1]).into(),
             Hc::HostCount => self.hc_host_count(gpa(0), a[1], a[2]).into(),
             Hc::Exception => {
                 if self.current.is_some() {

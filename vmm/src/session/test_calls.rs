@@ -80,6 +80,7 @@ impl Session {
             violations: 0,
             first_record: self.violations.len(),
             host: Default::default(),
+            asi: Default::default(),
         });
         HcOut::ok(0)
     }
@@ -124,11 +125,15 @@ impl Session {
         let mut outcome = outcome;
         let mut message = msg;
         if outcome != TestOutcome::Skip {
-            let problems: Vec<String> = [expect::check(&c.expectations, &c.tally), c.host.check()]
-                .into_iter()
-                .filter_map(Result::err)
-                .chain(stage2)
-                .collect();
+            let problems: Vec<String> = [
+                expect::check(&c.expectations, &c.tally),
+                c.host.check(),
+                c.asi.check(),
+            ]
+            .into_iter()
+            .filter_map(Result::err)
+            .chain(stage2)
+            .collect();
             if !problems.is_empty() {
                 let why = problems.join("; ");
                 if outcome == TestOutcome::Pass {

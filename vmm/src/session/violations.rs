@@ -108,6 +108,29 @@ impl Session {
         })
     }
 
+    /// An MMIO exit at `gpa` with the exit's `data` (a store's bytes; a load's answer is
+    /// written into it): a sensitive page's access is an ASI exit, completed from the VMM's
+    /// view; anything else as [`Session::mmio`]. Returns why the VM must stop, if it must.
+    pub fn mmio_access(
+        &mut self,
+        gpa: Gpa,
+        access: AccessKind,
+        data: &mut [u8],
+        rip: u64,
+    ) -> Option<ExitInfo> {
+        if self.is_sensitive(gpa) {
+            match self.asi_mmio(gpa, access, data, rip) {
+                Ok(()) => return None,
+                Err(e) => log::warn!("ASI exit at {gpa:#x} failed ({e}): a violation"),
+            }
+        }
+        let (byte, stop) = self.mmio(gpa, access, data.len() as u32, rip);
+        if access == AccessKind::Read {
+            data.fill(byte);
+        }
+        stop
+    }
+
     /// An MMIO exit at `gpa`: returns the byte a load gets and, if the VM must stop, why.
     pub fn mmio(
         &mut self,

@@ -5,8 +5,8 @@ use allocator::{Pfn, Stage2, Stage2Error};
 
 use super::plan::{RangeMap, Run};
 use super::{
-    EngineError, Perm, RangeInfo, RangeState, SlotInfo, Stage2Backend, Stage2Counters, View,
-    PAGE_SHIFT, PAGE_SIZE,
+    AsiView, EngineError, Perm, RangeInfo, RangeState, SlotInfo, Stage2Backend, Stage2Counters,
+    View, PAGE_SHIFT, PAGE_SIZE,
 };
 use crate::addr::Gpa;
 
@@ -15,13 +15,14 @@ use crate::addr::Gpa;
 /// Invariant (checked by [`Stage2Engine::check_invariants`]): the state map covers RAM in
 /// maximal runs, and the backend realises `view.perm(state)` for every page.
 pub struct Stage2Engine<B: Stage2Backend> {
-    backend: B,
-    map: RangeMap<RangeState>,
-    view: View,
-    counters: Stage2Counters,
+    pub(super) backend: B,
+    pub(super) map: RangeMap<RangeState>,
+    /// The VM's ASI view (per VM on this host: memslots and host protections are per VM).
+    pub(super) asi: AsiView,
+    pub(super) counters: Stage2Counters,
     ram_size: u64,
     reserved_end: Gpa,
-    last_error: Option<EngineError>,
+    pub(super) last_error: Option<EngineError>,
 }
 
 impl<B: Stage2Backend> Stage2Engine<B> {
@@ -55,7 +56,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         let mut engine = Stage2Engine {
             backend,
             map,
-            view: View::GUEST,
+            asi: AsiView::Restricted,
             counters: Stage2Counters::default(),
             ram_size,
             reserved_end,
@@ -64,7 +65,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         // One backend call per run of equal permission (reserved and mapped coalesce).
         let mut perm_runs: Vec<Run<Perm>> = Vec::new();
         for r in engine.map.iter() {
-            let perm = engine.view.perm(r.state);
+            let perm = engine.view().perm(r.state);
             match perm_runs.last_mut() {
                 Some(last) if last.state == perm && last.end == r.start => last.end = r.end,
                 _ => perm_runs.push(Run {
@@ -87,9 +88,14 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.map.run_at(gpa.0).map(|r| r.state)
     }
 
-    /// The view the guest runs in.
+    /// The view the guest runs in now (the VM's ASI view: restricted or full).
     pub fn view(&self) -> View {
-        self.view
+        self.asi.view()
+    }
+
+    /// Which ASI view the VM is in.
+    pub fn asi_view(&self) -> AsiView {
+        self.asi
     }
 
     /// Every maximal range of equal state, in GPA order, with its memslot.
@@ -111,7 +117,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
             start: Gpa(r.start),
             end: Gpa(r.end),
             state: r.state,
-            slot: if self.view.perm(r.state).readable() {
+            slot: if self.view().perm(r.state).readable() {
                 self.backend.slot_containing(Gpa(r.start)).map(|s| s.slot)
             } else {
                 None
@@ -165,13 +171,14 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.last_error.as_ref()
     }
 
-    /// Removes [gpa, gpa+len) from stage 2. Every page must be Mapped.
+    /// Removes [gpa, gpa+len) from stage 2 (both views). Every page must be Mapped or
+    /// Sensitive.
     pub fn unmap_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
         let r = self.update(
             "unmap",
             gpa,
             len,
-            &[RangeState::Mapped],
+            &[RangeState::Mapped, RangeState::Sensitive],
             RangeState::Unmapped,
         );
         if r.is_ok() {
@@ -181,12 +188,38 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.note(r)
     }
 
-    /// Exposes [gpa, gpa+len) again. Every page must be Unmapped.
+    /// Exposes [gpa, gpa+len) again in both views. Every page must be Unmapped or Sensitive
+    /// (the allocator has zeroed it first).
     pub fn map_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
-        let r = self.update("map", gpa, len, &[RangeState::Unmapped], RangeState::Mapped);
+        let r = self.update(
+            "map",
+            gpa,
+            len,
+            &[RangeState::Unmapped, RangeState::Sensitive],
+            RangeState::Mapped,
+        );
         if r.is_ok() {
             self.counters.map_calls += 1;
             self.counters.pages_mapped += len >> PAGE_SHIFT;
+        }
+        self.note(r)
+    }
+
+    /// Makes [gpa, gpa+len) sensitive: read-write in the full view, absent from the restricted
+    /// one, whatever its state before among Mapped, Unmapped and Sensitive (the allocator
+    /// zeroes first where this adds visibility: unmapped to sensitive).
+    pub fn make_sensitive_range(&mut self, gpa: Gpa, len: u64) -> Result<(), EngineError> {
+        use RangeState::{Mapped, Sensitive, Unmapped};
+        let r = self.update(
+            "make sensitive",
+            gpa,
+            len,
+            &[Mapped, Unmapped, Sensitive],
+            Sensitive,
+        );
+        if r.is_ok() {
+            self.counters.sensitive_calls += 1;
+            self.counters.pages_made_sensitive += len >> PAGE_SHIFT;
         }
         self.note(r)
     }
@@ -222,7 +255,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         self.note(r)
     }
 
-    fn note(&mut self, r: Result<(), EngineError>) -> Result<(), EngineError> {
+    pub(super) fn note(&mut self, r: Result<(), EngineError>) -> Result<(), EngineError> {
         if let Err(e) = &r {
             self.counters.rejected_updates += 1;
             self.last_error = Some(e.clone());
@@ -292,11 +325,12 @@ impl<B: Stage2Backend> Stage2Engine<B> {
                 found: r.state,
             });
         }
-        let perm = self.view.perm(to);
+        let view = self.view();
+        let perm = view.perm(to);
         if self
             .map
             .overlapping(gpa.0, end)
-            .any(|r| self.view.perm(r.state) != perm)
+            .any(|r| view.perm(r.state) != perm)
         {
             self.backend.set_state(gpa, len, perm, to)?;
         }
@@ -316,7 +350,7 @@ impl<B: Stage2Backend> Stage2Engine<B> {
                     r.start
                 ));
             }
-            let want = self.view.perm(r.state);
+            let want = self.view().perm(r.state);
             for g in [r.start, r.end - PAGE_SIZE] {
                 let got = self.backend.perm_at(Gpa(g));
                 if got != Some(want) {
@@ -365,5 +399,11 @@ impl<B: Stage2Backend> Stage2 for Stage2Engine<B> {
     fn zero(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
         let (gpa, len) = self.pfn_range(pfn, count)?;
         self.zero_range(gpa, len).map_err(|e| e.to_stage2())
+    }
+
+    fn make_sensitive(&mut self, pfn: Pfn, count: u64) -> Result<(), Stage2Error> {
+        let (gpa, len) = self.pfn_range(pfn, count)?;
+        self.make_sensitive_range(gpa, len)
+            .map_err(|e| e.to_stage2())
     }
 }

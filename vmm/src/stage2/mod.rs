@@ -16,6 +16,7 @@
 //! `madvise(MADV_DONTNEED)`) and [`ModelSlots`] (a checked simulation of KVM's slot table for
 //! tests and models).
 
+mod asi_view;
 mod engine;
 pub mod host_maps;
 mod kvm;
@@ -26,6 +27,7 @@ pub mod secretmem;
 mod slots;
 pub mod verify;
 
+pub use asi_view::{AsiView, ViewSwitch};
 pub use engine::Stage2Engine;
 pub use kvm::{KvmSlots, LockStats, SlotTiming};
 pub use model::{ModelSlots, SlotCall};
@@ -81,6 +83,9 @@ pub enum RangeState {
     NoAccess,
     /// Managed memory removed from stage 2: any access is a violation.
     Unmapped,
+    /// Managed memory holding sensitive data (ASI): read-write in the full view, absent from
+    /// the restricted one. A restricted vCPU's touch is an ASI exit, not a violation.
+    Sensitive,
 }
 
 impl RangeState {
@@ -89,12 +94,15 @@ impl RangeState {
         matches!(self, RangeState::ReadOnly | RangeState::NoAccess)
     }
 
-    /// Whether pages in this state are reachable by the guest at all (in the default view).
+    /// Whether pages in this state are reachable by the guest at all in the restricted view
+    /// (the guest's default; a sensitive page is not: the VMM acting for the guest treats it
+    /// as unreachable whatever the VM's view).
     pub const fn is_exposed(self) -> bool {
         !matches!(View::GUEST.perm(self), Perm::None)
     }
 
-    /// Lower-case name used in dumps ("reserved", "mapped", "read_only", "unmapped").
+    /// Lower-case name used in dumps ("reserved", "mapped", "read_only", "unmapped",
+    /// "sensitive").
     pub const fn name(self) -> &'static str {
         match self {
             RangeState::Reserved => "reserved",
@@ -102,6 +110,7 @@ impl RangeState {
             RangeState::ReadOnly => "read_only",
             RangeState::NoAccess => "no_access",
             RangeState::Unmapped => "unmapped",
+            RangeState::Sensitive => "sensitive",
         }
     }
 }
@@ -130,9 +139,9 @@ impl Perm {
     }
 }
 
-/// A view: the permission every page state gets. The same state can have different
-/// permissions in different views (the ASI issue's sensitive pages); today the guest runs in
-/// one view, [`View::GUEST`].
+/// A view: the permission every page state gets. The two ASI views differ only for
+/// sensitive pages: [`View::RESTRICTED`] (the guest boots in it, [`View::GUEST`]) makes them
+/// unreachable, [`View::FULL`] read-write; unmapped pages are unreachable in both.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct View {
     reserved: Perm,
@@ -140,18 +149,30 @@ pub struct View {
     read_only: Perm,
     no_access: Perm,
     unmapped: Perm,
+    sensitive: Perm,
 }
 
 impl View {
-    /// The guest's view: reserved and mapped pages read-write, read-only pages readable,
-    /// unmapped pages unreachable.
-    pub const GUEST: View = View {
+    /// ASI's restricted (nonsensitive) address space: reserved and mapped pages read-write,
+    /// read-only pages readable, unmapped and sensitive pages unreachable.
+    pub const RESTRICTED: View = View {
         reserved: Perm::ReadWrite,
         mapped: Perm::ReadWrite,
         read_only: Perm::Read,
         no_access: Perm::None,
         unmapped: Perm::None,
+        sensitive: Perm::None,
     };
+
+    /// ASI's full (sensitive) address space: as [`View::RESTRICTED`], with sensitive pages
+    /// read-write.
+    pub const FULL: View = View {
+        sensitive: Perm::ReadWrite,
+        ..View::RESTRICTED
+    };
+
+    /// The view the guest boots in and the strictest one: [`View::RESTRICTED`].
+    pub const GUEST: View = View::RESTRICTED;
 
     /// The permission of pages in `state`.
     pub const fn perm(&self, state: RangeState) -> Perm {
@@ -161,6 +182,7 @@ impl View {
             RangeState::ReadOnly => self.read_only,
             RangeState::NoAccess => self.no_access,
             RangeState::Unmapped => self.unmapped,
+            RangeState::Sensitive => self.sensitive,
         }
     }
 }
@@ -267,6 +289,17 @@ pub struct Stage2Counters {
     pub peak_vmas: u64,
     /// Updates refused (out of RAM, wrong state, out of slots, backend failure).
     pub rejected_updates: u64,
+    /// Successful moves of ranges to `Sensitive` (the allocator's `make_sensitive`).
+    pub sensitive_calls: u64,
+    /// Pages made sensitive.
+    pub pages_made_sensitive: u64,
+    /// Switches of the VM's view between restricted and full (ASI exits and enters that
+    /// changed it).
+    pub view_switches: u64,
+    /// Ranges toggled by all view switches (one backend call each).
+    pub ranges_toggled: u64,
+    /// Most ranges one view switch toggled.
+    pub max_ranges_toggled: u64,
 }
 
 /// Why the engine refused to start or to apply an update.
@@ -409,6 +442,16 @@ pub trait Stage2Backend {
     fn name(&self) -> &'static str;
     /// Makes every page of [gpa, gpa + len) (page aligned, inside RAM) reachable with `perm`.
     fn set_perm(&mut self, gpa: Gpa, len: u64, perm: Perm) -> Result<(), EngineError>;
+    /// [`Stage2Backend::set_perm`] for several ranges in order, as one update (an ASI view
+    /// switch): stops at the first failure and returns how many ranges were applied before it
+    /// with the error (the caller puts those back). The `slots` backend parks the other vCPUs
+    /// once for the whole batch.
+    fn set_perms(&mut self, ranges: &[(Gpa, u64, Perm)]) -> Result<(), (usize, EngineError)> {
+        for (i, &(gpa, len, perm)) in ranges.iter().enumerate() {
+            self.set_perm(gpa, len, perm).map_err(|e| (i, e))?;
+        }
+        Ok(())
+    }
     /// Zeroes guest RAM [gpa, gpa + len) without opening it to the guest.
     fn zero(&mut self, gpa: Gpa, len: u64) -> Result<(), allocator::Stage2Error>;
     /// The permission the backend realises at `gpa` now (None outside RAM).
@@ -493,6 +536,9 @@ impl<B: Stage2Backend + ?Sized> Stage2Backend for Box<B> {
     fn set_perm(&mut self, gpa: Gpa, len: u64, perm: Perm) -> Result<(), EngineError> {
         (**self).set_perm(gpa, len, perm)
     }
+    fn set_perms(&mut self, ranges: &[(Gpa, u64, Perm)]) -> Result<(), (usize, EngineError)> {
+        (**self).set_perms(ranges)
+    }
     fn zero(&mut self, gpa: Gpa, len: u64) -> Result<(), allocator::Stage2Error> {
         (**self).zero(gpa, len)
     }
@@ -567,6 +613,8 @@ pub trait MemslotTable {
     }
 }
 
+#[cfg(test)]
+mod asi_tests;
 #[cfg(test)]
 pub(crate) mod tests;
 #[cfg(test)]

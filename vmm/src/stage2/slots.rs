@@ -40,6 +40,8 @@ pub struct Slots<T: MemslotTable> {
     /// The VM's vCPUs, parked around every memslot update (a sibling running through one
     /// would see pages that stay mapped vanish between the deletes and the creates).
     park: Option<Arc<Vcpus>>,
+    /// The other vCPUs are parked already for a whole batch ([`Stage2Backend::set_perms`]).
+    parked_for_batch: bool,
 }
 
 impl<T: MemslotTable> Slots<T> {
@@ -61,6 +63,7 @@ impl<T: MemslotTable> Slots<T> {
             usage: BackendUsage::default(),
             tampered: None,
             park: None,
+            parked_for_batch: false,
         }
     }
 
@@ -117,6 +120,7 @@ impl<T: MemslotTable> Slots<T> {
         let park = self.park.clone();
         let _parked = park
             .as_ref()
+            .filter(|_| !self.parked_for_batch)
             .filter(|_| !plan.delete.is_empty() || !plan.create.is_empty())
             .map(|v| v.park_others());
         let mut deleted: Vec<SlotInfo> = Vec::with_capacity(plan.delete.len());
@@ -180,6 +184,24 @@ impl<T: MemslotTable> Slots<T> {
 impl<T: MemslotTable> Stage2Backend for Slots<T> {
     fn name(&self) -> &'static str {
         "slots"
+    }
+
+    fn set_perms(&mut self, ranges: &[(Gpa, u64, Perm)]) -> Result<(), (usize, EngineError)> {
+        let park = self.park.clone();
+        let _parked = park
+            .as_ref()
+            .filter(|_| !ranges.is_empty())
+            .map(|v| v.park_others());
+        self.parked_for_batch = true;
+        let mut r = Ok(());
+        for (i, &(gpa, len, perm)) in ranges.iter().enumerate() {
+            if let Err(e) = self.set_perm(gpa, len, perm) {
+                r = Err((i, e));
+                break;
+            }
+        }
+        self.parked_for_batch = false;
+        r
     }
 
     fn set_perm(&mut self, gpa: Gpa, len: u64, perm: Perm) -> Result<(), EngineError> {

@@ -17,6 +17,7 @@ use crate::addr::Gpa;
 use crate::decode::{self, CpuState, DecodeError, MAX_INSN_LEN};
 use crate::guest_view::ViewError;
 use crate::page_walk::{self, WalkError};
+use crate::report::asi::AsiVia;
 use crate::report::{AccessKind, ExitInfo, InsnAccess, InsnAtRip};
 use crate::run_types::BlockedAccess;
 use crate::session::HcOut;
@@ -176,8 +177,22 @@ impl Vcpu {
         self.holes_in(sregs.cr3, top.wrapping_sub(frame), frame, AccessKind::Write)
     }
 
-    /// Records `first` and `more` at `rip` and applies the policy's answer.
-    fn answer(&mut self, first: Hit, more: &[Hit], rip: u64) -> Option<ExitInfo> {
+    /// Records `first` and `more` at `rip` and applies the policy's answer; an access to a
+    /// sensitive page among them (the vCPU is restricted) is an ASI exit instead: the VM
+    /// switches to the full view and the guest re-enters at the same instruction, which then
+    /// completes (a fetch by re-entry); anything in an unmapped page faults again and is
+    /// recorded then.
+    fn answer(&mut self, first: Hit, more: &[Hit], rip: u64, via: AsiVia) -> Option<ExitInfo> {
+        let sensitive = std::iter::once(&first)
+            .chain(more)
+            .find(|h| self.vm().is_sensitive(h.0))
+            .copied();
+        if let Some((gpa, access, _)) = sensitive {
+            match self.s().asi_exit(gpa, access, rip, via) {
+                Ok(()) => return None,
+                Err(e) => log::warn!("ASI exit at {gpa:#x} failed ({e}): a violation"),
+            }
+        }
         let outcome = self.s().unresumable(first, more, rip);
         self.resume_or_stop(outcome)
     }
@@ -228,7 +243,7 @@ impl Vcpu {
                 hits = self.frame_holes(&regs, &sregs, EXCEPTION_FRAME);
             }
             if let Some((first, more)) = hits.split_first() {
-                return self.answer(*first, more, regs.rip);
+                return self.answer(*first, more, regs.rip, AsiVia::InternalError);
             }
             insn = Some(seen);
         }
@@ -265,7 +280,9 @@ impl Vcpu {
         // `answer` edits the synced registers: start from the vCPU's real ones.
         self.vcpu.sync_regs_mut().regs = regs;
         match record {
-            EfaultRecord::Located(hits) => self.answer(hits[0], &hits[1..], regs.rip),
+            EfaultRecord::Located(hits) => {
+                self.answer(hits[0], &hits[1..], regs.rip, AsiVia::Efault)
+            }
             EfaultRecord::Unknown { access, size } => {
                 let outcome = self.s().unattributed(access, size, regs.rip);
                 self.resume_or_stop(outcome)
@@ -305,7 +322,7 @@ impl Vcpu {
         }
         self.vcpu.sync_regs_mut().regs = regs;
         let size = u32::try_from(size).unwrap_or(u32::MAX);
-        self.answer((at, access, size), &[], regs.rip)
+        self.answer((at, access, size), &[], regs.rip, AsiVia::MemoryFault)
     }
 
     /// A shutdown (triple fault): the blocked accesses that explain it are recorded: the
