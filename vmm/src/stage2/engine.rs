@@ -327,10 +327,19 @@ impl<B: Stage2Backend> Stage2Engine<B> {
         }
         let view = self.view();
         let perm = view.perm(to);
-        if self
-            .map
-            .overlapping(gpa.0, end)
-            .any(|r| view.perm(r.state) != perm)
+        // A range entering or leaving `Unmapped` changes its host backing under
+        // `--host-secretmem` even when the view's permission stays the same (unmapped to
+        // sensitive in the restricted view: `None` both).
+        let backing_changes = self.backend.secret_unmapped()
+            && self
+                .map
+                .overlapping(gpa.0, end)
+                .any(|r| (r.state == RangeState::Unmapped) != (to == RangeState::Unmapped));
+        if backing_changes
+            || self
+                .map
+                .overlapping(gpa.0, end)
+                .any(|r| view.perm(r.state) != perm)
         {
             self.backend.set_state(gpa, len, perm, to)?;
         }
