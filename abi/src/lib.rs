@@ -234,11 +234,77 @@ pub enum Hc {
     /// test, while a tampered page is not caught yet, for a page that is not mapped, or where a
     /// backend has no such hook; [`Status::HarnessOnly`] without the test-harness capability.
     Stage2Tamper = 28,
+    /// (gpa, pages) -> r0 = window GPA. Maps `pages` pages from `gpa` (unmapped pages of one
+    /// or more live allocations this vCPU made) into the calling vCPU's mermap window
+    /// ([`mermap`]), bump-allocated: a slot that was put back keeps its stale mapping until
+    /// the bump pointer wraps, when the whole window is flushed at once (one batch of stage-2
+    /// changes). Tries hard to be fast, not hard to succeed. Errors: `pages` 0
+    /// ([`Status::BadArgument`]), more than [`mermap::BUMP_PAGES`]
+    /// ([`Status::MermapTooBig`]), no room without overlapping a live slot after the wrap
+    /// ([`Status::MermapBusy`]), a misaligned or non-managed `gpa` ([`Status::BadAddress`]),
+    /// a page that is not allocated ([`Status::NotAllocated`]), allocated by another vCPU
+    /// ([`Status::NotOwner`]), or not unmapped ([`Status::BadState`]), a page backed by
+    /// `memfd_secret` memory on a host where KVM reaches guest memory by GUP
+    /// ([`Status::SecretNeedsGup`]).
+    MermapGet = 40,
+    /// (gpa) -> r0 = window GPA: maps one page into the calling vCPU's reserved slot, which is
+    /// kept back from the bump allocation and succeeds whenever the slot is not live (errors as
+    /// [`Hc::MermapGet`], and [`Status::MermapBusy`] while it is live).
+    MermapGetReserved = 41,
+    /// (window_gpa): puts back the live mapping that starts at `window_gpa` in the calling
+    /// vCPU's window; its slots keep their stale mapping until the next wrap (the reserved
+    /// slot's until it is taken again or the window wraps). [`Status::BadState`] for a slot
+    /// that is not live, [`Status::BadAddress`] outside the caller's window.
+    MermapPut = 42,
+    /// (what) -> r0, r1: the calling vCPU's window. `what` 0: (window base GPA, bump pages);
+    /// 1: (flushes, wraps) since boot; 2: (bump pointer, live mappings); 3: (reserved slot
+    /// GPA, stage-2 operations of the last flush). Anything else: [`Status::BadArgument`].
+    MermapInfo = 43,
+    /// (buf_gpa, src_gpa, len): a **host assertion**: the VMM checks, through its own mapping,
+    /// that the `len` bytes at `buf_gpa` (reserved memory or pages the guest owns) equal the
+    /// secret planted at `src_gpa` (pages the guest owns), i.e. that a copy the guest made
+    /// through its window holds the page's real contents, and records the outcome in the
+    /// current test's verdict. Returns only `Ok` (errors from the arguments alone, as
+    /// [`Hc::HostExpect`]).
+    ExpectSecretCopy = 44,
+    /// () -> r0 = the `--on-violation` policy: 0 report, 1 inject, 2 kill.
+    ViolationPolicy = 45,
 }
 
 impl Hc {
     /// The lowest hypercall number with no call (everything from here up is unknown).
-    pub const FIRST_UNUSED: u32 = 29;
+    pub const FIRST_UNUSED: u32 = 46;
+}
+
+/// The mermap: each vCPU's window of GPAs above RAM where unmapped pages it owns can be mapped
+/// ephemerally ([`Hc::MermapGet`]).
+pub mod mermap {
+    /// Pages of each vCPU's window handed out by the bump allocator.
+    pub const BUMP_PAGES: u64 = 64;
+    /// Pages kept back for [`super::Hc::MermapGetReserved`] (after the bump pages).
+    pub const RESERVED_PAGES: u64 = 1;
+    /// Pages of each vCPU's window: vCPU n's starts at the window base + n * this * 4 KiB.
+    pub const WINDOW_PAGES: u64 = BUMP_PAGES + RESERVED_PAGES;
+}
+
+/// Vector of the virtualization exception `--on-violation inject` injects (#VE).
+pub const VE_VECTOR: u8 = 20;
+/// Offset in each vCPU's mailbox page of the [`VeInfo`] the VMM writes before it injects #VE.
+pub const VE_INFO_OFFSET: u64 = 0xe00;
+
+/// What `--on-violation inject` tells the guest about the violation it injects #VE for,
+/// written at [`VE_INFO_OFFSET`] of the vCPU's mailbox page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VeInfo {
+    /// #VEs injected into this vCPU since boot (the one being delivered included).
+    pub count: u64,
+    /// GPA of the access.
+    pub gpa: u64,
+    /// RIP KVM reported for the access (a load: the instruction; a store: the next one).
+    pub rip: u64,
+    /// An [`Access`] as u64.
+    pub access: u64,
 }
 
 /// `perm` of [`Hc::Protect`].
@@ -287,6 +353,12 @@ impl Hc {
             26 => Hc::VerifyStage2,
             27 => Hc::Sweep,
             28 => Hc::Stage2Tamper,
+            40 => Hc::MermapGet,
+            41 => Hc::MermapGetReserved,
+            42 => Hc::MermapPut,
+            43 => Hc::MermapInfo,
+            44 => Hc::ExpectSecretCopy,
+            45 => Hc::ViolationPolicy,
             _ => return None,
         })
     }
@@ -333,6 +405,17 @@ pub enum Status {
     /// The call would return something derived from, or write into, a page the guest cannot
     /// reach at stage 2.
     Unreachable = 16,
+    /// [`Hc::MermapGet`]: no room in the window without overlapping a live mapping (put some
+    /// back), or the reserved slot is live.
+    MermapBusy = 21,
+    /// [`Hc::MermapGet`]: more pages than the window's bump area holds.
+    MermapTooBig = 22,
+    /// [`Hc::MermapGet`]: a page of the range was allocated by another vCPU (only the
+    /// allocation's owner may map it).
+    NotOwner = 23,
+    /// [`Hc::MermapGet`]: the page is `memfd_secret` memory and this host's KVM reaches guest
+    /// memory by GUP, which secret memory refuses.
+    SecretNeedsGup = 24,
 }
 
 impl Status {
@@ -356,6 +439,10 @@ impl Status {
             14 => Status::InvariantBroken,
             15 => Status::HarnessOnly,
             16 => Status::Unreachable,
+            21 => Status::MermapBusy,
+            22 => Status::MermapTooBig,
+            23 => Status::NotOwner,
+            24 => Status::SecretNeedsGup,
             _ => return None,
         })
     }

@@ -13,6 +13,7 @@ mod finish;
 mod guest_args;
 mod host_calls;
 mod memory_calls;
+mod mermap_calls;
 mod routes;
 mod stage2_checks;
 mod test_calls;
@@ -151,6 +152,10 @@ pub struct SessionConfig {
 pub struct VcpuState {
     index: VcpuIndex,
     recovery: Option<(u64, u64)>,
+    /// A #VE to inject before the vCPU runs again (`--on-violation inject`).
+    pending_ve: Option<veil_abi::VeInfo>,
+    /// #VEs injected into this vCPU.
+    ve_count: u64,
 }
 
 impl VcpuState {
@@ -159,7 +164,20 @@ impl VcpuState {
         VcpuState {
             index,
             recovery: None,
+            pending_ve: None,
+            ve_count: 0,
         }
+    }
+
+    /// The #VE to inject now, if a violation under `--on-violation inject` asked for one
+    /// (its `count` already includes it).
+    pub fn take_ve(&mut self) -> Option<veil_abi::VeInfo> {
+        self.pending_ve.take()
+    }
+
+    /// #VEs this vCPU was given.
+    pub fn ve_count(&self) -> u64 {
+        self.ve_count
     }
 
     /// The vCPU's index.
@@ -210,6 +228,12 @@ pub struct Session {
     numbered_refused: bool,
     routes: routes::Routes,
     checks: stage2_checks::Checks,
+    /// The per-vCPU mermap windows (`Hc::MermapGet`), when the VM set them up.
+    mermap: Option<crate::mermap::Mermap>,
+    /// `memfd_secret` pages cannot be windowed on this host (`Status::SecretNeedsGup`).
+    mermap_secret_needs_gup: bool,
+    /// #VEs injected (`--on-violation inject`).
+    ve_injected: u64,
     /// Guest Log lines.
     pub logs: Vec<String>,
     // Last: RAM must outlive the memslots that point into it.
@@ -261,6 +285,9 @@ impl Session {
             numbered_refused: false,
             routes: routes::Routes::default(),
             checks: stage2_checks::Checks::new(c.verify_stage2, secret),
+            mermap: None,
+            mermap_secret_needs_gup: false,
+            ve_injected: 0,
             logs: Vec::new(),
             ram: c.ram,
         }
@@ -387,6 +414,20 @@ impl Session {
             Hc::PlantSecret => self.hc_plant_secret(gpa(0), a[1]).into(),
             Hc::RouteBegin => self.hc_route_begin(gpa(0), a[1], gpa(2), a[3]).into(),
             Hc::RouteEnd => self.hc_route_end().into(),
+            Hc::MermapGet => self.hc_mermap_get(gpa(0), a[1]).into(),
+            Hc::MermapGetReserved => self.hc_mermap_get_reserved(gpa(0)).into(),
+            Hc::MermapPut => self.hc_mermap_put(gpa(0)).into(),
+            Hc::MermapInfo => match self.hc_mermap_info(a[0]) {
+                Ok((r0, r1)) => HcOut {
+                    status: Status::Ok,
+                    r0,
+                    r1,
+                    stop: None,
+                },
+                Err(s) => HcOut::err(s),
+            },
+            Hc::ExpectSecretCopy => self.hc_expect_secret_copy(gpa(0), gpa(1), a[2]).into(),
+            Hc::ViolationPolicy => HcOut::ok(self.hc_violation_policy()),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);

@@ -1,0 +1,204 @@
+//! The mermap hypercalls (`Hc::MermapGet`, `MermapGetReserved`, `MermapPut`, `MermapInfo`),
+//! the host assertion on a copy made through the window (`Hc::ExpectSecretCopy`), the policy
+//! query, and the mermap's hooks into allocation, free and MMIO exits.
+
+use veil_abi::{Status, PAGE_SIZE};
+
+use super::host_calls::HostFailure;
+use super::Session;
+use crate::addr::Gpa;
+use crate::mermap::{Mermap, MermapError, BUMP_PAGES};
+use crate::run_types::ViolationPolicy;
+use crate::stage2::RangeState;
+
+fn status_of(e: MermapError) -> Status {
+    match e {
+        MermapError::Empty => Status::BadArgument,
+        MermapError::TooBig(_) => Status::MermapTooBig,
+        MermapError::Busy => Status::MermapBusy,
+        MermapError::NotInWindow(_) => Status::BadAddress,
+        MermapError::NotLive(_) => Status::BadState,
+        MermapError::Backend(e) => {
+            log::warn!("mermap window: {e}");
+            Status::Stage2Failed
+        }
+    }
+}
+
+impl Session {
+    /// Gives the session its mermap (set up by the VM); `secret_needs_gup`: this host's KVM
+    /// reaches guest memory by GUP, so `memfd_secret` pages cannot be windowed.
+    pub fn set_mermap(&mut self, m: Mermap, secret_needs_gup: bool) {
+        self.mermap = Some(m);
+        self.mermap_secret_needs_gup = secret_needs_gup;
+    }
+
+    /// The mermap, if the VM has one.
+    pub fn mermap(&self) -> Option<&Mermap> {
+        self.mermap.as_ref()
+    }
+
+    /// Whether `gpa` lies in a mermap window.
+    pub(crate) fn in_mermap(&self, gpa: Gpa) -> bool {
+        self.mermap.as_ref().is_some_and(|m| m.contains(gpa))
+    }
+
+    /// After an allocation: the calling vCPU owns it.
+    pub(super) fn mermap_note_alloc(&mut self, gpa: Gpa, order: u8) {
+        let vcpu = self.cpu.index;
+        if let Some(m) = self.mermap.as_mut() {
+            m.note_alloc(gpa, order, vcpu);
+        }
+    }
+
+    /// Before a free of `[gpa, end)`: refused while a live window mapping shows a page of it;
+    /// stale mappings of it are torn down.
+    pub(super) fn mermap_before_free(&mut self, gpa: Gpa, end: Gpa) -> Result<(), Status> {
+        match self.mermap.as_mut().map(|m| m.before_free(gpa, end)) {
+            None | Some(Ok(true)) => Ok(()),
+            Some(Ok(false)) => Err(Status::BadState),
+            Some(Err(e)) => Err(status_of(e)),
+        }
+    }
+
+    /// After a successful free of the allocation at `gpa`.
+    pub(super) fn mermap_note_free(&mut self, gpa: Gpa) {
+        if let Some(m) = self.mermap.as_mut() {
+            m.note_free(gpa);
+        }
+    }
+
+    /// Checks that `pages` pages from `gpa` may go into the calling vCPU's window.
+    fn mermap_check(&self, gpa: Gpa, pages: u64) -> Result<(), Status> {
+        let m = self.mermap.as_ref().ok_or(Status::UnknownCall)?;
+        let len = pages * PAGE_SIZE;
+        let end = gpa.raw().checked_add(len).ok_or(Status::BadAddress)?;
+        if !gpa.is_page_aligned() || gpa < self.reserved_end || end > self.ram.size() {
+            return Err(Status::BadAddress);
+        }
+        for i in 0..pages {
+            let page = Gpa(gpa.raw() + i * PAGE_SIZE);
+            if self.alloc.allocation_containing(page.pfn().raw()).is_none() {
+                return Err(Status::NotAllocated);
+            }
+            if m.owner_of(page) != Some(self.cpu.index) {
+                return Err(Status::NotOwner);
+            }
+        }
+        let states = self.engine(|e| e.ranges_in(gpa, Gpa(end)));
+        if states.iter().any(|r| r.state != RangeState::Unmapped) {
+            return Err(Status::BadState);
+        }
+        if self.mermap_secret_needs_gup && self.engine(|e| e.backend().secret_unmapped()) {
+            return Err(Status::SecretNeedsGup);
+        }
+        Ok(())
+    }
+
+    /// `Hc::MermapGet(gpa, pages)`.
+    pub(super) fn hc_mermap_get(&mut self, gpa: Gpa, pages: u64) -> Result<u64, Status> {
+        if self.mermap.is_none() {
+            return Err(Status::UnknownCall);
+        }
+        if pages == 0 {
+            return Err(Status::BadArgument);
+        }
+        if pages > BUMP_PAGES {
+            return Err(Status::MermapTooBig);
+        }
+        self.mermap_check(gpa, pages)?;
+        let vcpu = self.cpu.index;
+        let m = self.mermap.as_mut().ok_or(Status::UnknownCall)?;
+        m.get(vcpu, gpa, pages).map(Gpa::raw).map_err(status_of)
+    }
+
+    /// `Hc::MermapGetReserved(gpa)`.
+    pub(super) fn hc_mermap_get_reserved(&mut self, gpa: Gpa) -> Result<u64, Status> {
+        self.mermap_check(gpa, 1)?;
+        let vcpu = self.cpu.index;
+        let m = self.mermap.as_mut().ok_or(Status::UnknownCall)?;
+        m.get_reserved(vcpu, gpa).map(Gpa::raw).map_err(status_of)
+    }
+
+    /// `Hc::MermapPut(window_gpa)`.
+    pub(super) fn hc_mermap_put(&mut self, window: Gpa) -> Result<u64, Status> {
+        let vcpu = self.cpu.index;
+        let m = self.mermap.as_mut().ok_or(Status::UnknownCall)?;
+        m.put(vcpu, window).map(|()| 0).map_err(status_of)
+    }
+
+    /// `Hc::MermapInfo(what)`.
+    pub(super) fn hc_mermap_info(&mut self, what: u64) -> Result<(u64, u64), Status> {
+        let m = self.mermap.as_ref().ok_or(Status::UnknownCall)?;
+        let w = m.window(self.cpu.index).ok_or(Status::BadState)?;
+        let c = &w.counters;
+        match what {
+            0 => Ok((w.base, BUMP_PAGES)),
+            1 => Ok((c.flushes, c.wraps)),
+            2 => Ok((w.next, w.live.len() as u64)),
+            3 => Ok((w.reserved_gpa().raw(), c.last_flush_ops)),
+            _ => Err(Status::BadArgument),
+        }
+    }
+
+    /// `Hc::ExpectSecretCopy(buf, src, len)`: a host assertion that the bytes at `buf` (a
+    /// page the guest can reach: reserved memory or owned mapped pages) equal the secret
+    /// planted at `src` (owned pages). Returns only `Ok`.
+    pub(super) fn hc_expect_secret_copy(
+        &mut self,
+        buf: Gpa,
+        src: Gpa,
+        len: u64,
+    ) -> Result<u64, Status> {
+        self.check_owned(src, len)?;
+        let end = buf.raw().checked_add(len).ok_or(Status::BadAddress)?;
+        if len == 0 || end > self.ram.size() {
+            return Err(Status::BadAddress);
+        }
+        if buf >= self.reserved_end {
+            self.check_owned(buf, len)?;
+        } else if end > self.reserved_end.raw() {
+            return Err(Status::BadAddress);
+        }
+        let reachable = self.engine(|e| {
+            let view = e.view();
+            e.ranges_in(buf, Gpa(end))
+                .iter()
+                .all(|r| view.perm(r.state).readable())
+        });
+        if !reachable {
+            return Err(Status::Unreachable);
+        }
+        if self.current.is_none() {
+            return Err(Status::BadState);
+        }
+        let mut got = vec![0u8; len as usize];
+        self.ram
+            .read(buf.raw(), &mut got)
+            .map_err(|_| Status::BadAddress)?;
+        let found = got
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| b == self.secret_byte(Gpa(src.raw() + i as u64)))
+            .count() as u64;
+        if let Some(c) = self.current.as_mut() {
+            c.host.record(HostFailure {
+                gpa: buf,
+                len,
+                what: veil_abi::HOST_EXPECT_SECRET,
+                count: len,
+                found,
+            });
+        }
+        Ok(0)
+    }
+
+    /// `Hc::ViolationPolicy`.
+    pub(super) fn hc_violation_policy(&self) -> u64 {
+        match self.policy {
+            ViolationPolicy::Report => 0,
+            ViolationPolicy::Inject => 1,
+            ViolationPolicy::Kill => 2,
+        }
+    }
+}
