@@ -47,4 +47,12 @@ pub static TESTS: &[Test] = &[
     Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
     Test::new("flip_under_reader", tests::smp::flip_under_reader),
     Test::new("revocation_latency", tests::revocation::revocation_latency),
+    Test::new("mermap_basic", tests::mermap::mermap_basic),
+    Test::new("mermap_size_edges", tests::mermap::mermap_size_edges),
+    Test::new("mermap_exhaustion", tests::mermap::mermap_exhaustion),
+    Test::new("mermap_stale_until_wrap", tests::mermap::mermap_stale_until_wrap),
+    Test::new("mermap_flush_per_wrap", tests::mermap::mermap_flush_per_wrap),
+    Test::new("mermap_vcpu_isolation", tests::mermap::mermap_vcpu_isolation),
+    Test::new("inject", tests::inject::inject),
+    Test::new("violation_latency", tests::inject::violation_latency),
 ];

@@ -355,7 +355,10 @@ impl Mermap {
     /// Puts back the live mapping of `vcpu` that starts at `window_gpa`: it goes stale.
     pub fn put(&mut self, vcpu: VcpuIndex, window_gpa: Gpa) -> Result<(), MermapError> {
         let w = self.window_mut(vcpu)?;
-        let Some(page) = w.page_of(window_gpa).filter(|_| window_gpa.is_page_aligned()) else {
+        let Some(page) = w
+            .page_of(window_gpa)
+            .filter(|_| window_gpa.is_page_aligned())
+        else {
             return Err(MermapError::NotInWindow(window_gpa.raw()));
         };
         let Some(i) = w.live.iter().position(|m| m.first == page) else {
@@ -461,7 +464,10 @@ mod tests {
         assert_eq!(c.flushes, c.wraps);
         assert_eq!(*flushes.lock().unwrap(), c.wraps);
         // Stale mappings stay until the next wrap: as many as gets since the last one.
-        assert_eq!(pages.lock().unwrap().len() as u64, m.window(0).unwrap().next);
+        assert_eq!(
+            pages.lock().unwrap().len() as u64,
+            m.window(0).unwrap().next
+        );
     }
 
     #[test]
@@ -497,7 +503,10 @@ mod tests {
         assert!(!m.before_free(T, Gpa(T.raw() + PAGE_SIZE)).unwrap());
         m.put(0, g).unwrap();
         assert_eq!(pages.lock().unwrap().get(&g.raw()), Some(&T.raw()));
-        assert_eq!(m.lookup(g), Some((0, Some((m.window(0).unwrap().stale[0], false)))));
+        assert_eq!(
+            m.lookup(g),
+            Some((0, Some((m.window(0).unwrap().stale[0], false))))
+        );
         // Freeing the page tears the stale mapping down.
         assert!(m.before_free(T, Gpa(T.raw() + 2 * PAGE_SIZE)).unwrap());
         assert!(pages.lock().unwrap().is_empty());

@@ -339,12 +339,7 @@ impl WindowBackend for SlotWindow {
             return Err(WindowError::Range);
         }
         let mut ops = self.delete(id)?;
-        self.set(
-            id,
-            window.raw(),
-            len,
-            self.ram.host_base() + target.raw(),
-        )?;
+        self.set(id, window.raw(), len, self.ram.host_base() + target.raw())?;
         self.slots.insert(id, (window.raw(), pages));
         ops += 1;
         Ok(ops)
@@ -407,9 +402,6 @@ mod tests {
             target: 0,
         };
         assert_eq!(gaps(&[]), vec![(0, WINDOW_PAGES)]);
-        assert_eq!(
-            gaps(&[m(3, 2), m(0, 1), m(64, 1)]),
-            vec![(1, 2), (5, 59)]
-        );
+        assert_eq!(gaps(&[m(3, 2), m(0, 1), m(64, 1)]), vec![(1, 2), (5, 59)]);
     }
 }

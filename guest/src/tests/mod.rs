@@ -3,7 +3,9 @@
 pub mod bad_hypercalls;
 pub mod flips;
 pub mod hc_fuzz;
+pub mod inject;
 pub mod mapped;
+pub mod mermap;
 pub mod oom;
 pub mod protect;
 pub mod reachability;

@@ -33,7 +33,10 @@ impl Vcpu {
             log::warn!("cannot write the #VE info at {at:#x}: {e}");
         }
         if !self.settle_pending_mmio() {
-            log::warn!("#VE not injected at rip {:#x}: the access did not complete", ve.rip);
+            log::warn!(
+                "#VE not injected at rip {:#x}: the access did not complete",
+                ve.rip
+            );
             return None;
         }
         let mut events = match self.vcpu.get_vcpu_events() {
