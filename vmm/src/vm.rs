@@ -680,7 +680,13 @@ impl Vcpu {
                     self.mmio_data_mut(len).fill(byte);
                 }
                 if let Some(ve) = self.cpu.take_ve() {
-                    return stop.or_else(|| self.inject_ve(ve));
+                    if stop.is_none() {
+                        match self.inject_ve(ve) {
+                            Ok(true) => return None,
+                            Ok(false) => {}
+                            Err(stop) => return Some(stop),
+                        }
+                    }
                 }
                 stop.or_else(|| self.fault_loop(gpa, access))
             }

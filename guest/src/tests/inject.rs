@@ -1,6 +1,7 @@
-//! `inject` (runs under `--on-violation inject`, skipped otherwise): a stray load and a stray
-//! store each get their usual answer (poison, dropped) and a #VE, whose handler counts it;
-//! the mailbox names the GPA, kind and RIP, and the guest runs on past each access.
+//! `inject` (runs under `--on-violation inject`, skipped otherwise): a stray load, a stray
+//! store and a 16-byte load (two exits, one instruction) each get their usual answer (poison,
+//! dropped) and one #VE, whose handler counts it; the mailbox names the GPA, kind and RIP, and
+//! the guest runs on past each access.
 //! `violation_latency` (any policy): the cycles one violating load costs under the policy in
 //! force, logged for the benchmark (report against inject).
 
@@ -79,9 +80,28 @@ pub fn inject() -> Outcome {
         p + 0x20,
         store.end
     );
+    // A 16-byte load is two 8-byte exits but one instruction: one #VE, after both halves.
+    hc::expect_violation(p, Access::Read, 2).ctx("ExpectViolation")?;
+    // SAFETY: an expected stray load: poison in both halves, then a #VE.
+    let (v2, wide) = unsafe { dm::load128(dm::va(p) + 0x40) };
+    let after_wide = VE_COUNT.load(Ordering::Relaxed);
+    let i = ve_info();
+    ensure!(
+        v2 == [POISON64; 2],
+        "the 16-byte load read {v2:x?}, expected poison"
+    );
+    ensure!(
+        after_wide == n0 + 3,
+        "{} #VE after the 16-byte load, expected 3 in all",
+        after_wide - n0
+    );
+    ensure!(
+        i.count == c0 + 3 && i.gpa == p + 0x40 && wide.matches(i.rip),
+        "mailbox after the 16-byte load: {i:?}"
+    );
     expect_secret(p, PAGE_SIZE)?;
     hc::logf(format_args!(
-        "inject: 2 violations, 2 #VE counted by the handler, mailbox count {}",
+        "inject: 4 violation exits, 3 #VE counted by the handler, mailbox count {}",
         i.count
     ));
     pages.free_all().ctx("free")?;

@@ -294,6 +294,7 @@ fn cells_classify_partial_and_mixed_blocks() {
         free_by_freetype: vec![],
         stage2: Default::default(),
         kvm_stats: None,
+        mermap: None,
     };
     let c: Vec<CellClass> = cells(&d).iter().map(|c| c.class).collect();
     assert_eq!(

@@ -180,6 +180,11 @@ impl VcpuState {
         self.ve_count
     }
 
+    /// Counts a #VE delivered to this vCPU.
+    pub fn count_ve(&mut self) {
+        self.ve_count += 1;
+    }
+
     /// The vCPU's index.
     pub fn index(&self) -> VcpuIndex {
         self.index
@@ -232,8 +237,6 @@ pub struct Session {
     mermap: Option<crate::mermap::Mermap>,
     /// `memfd_secret` pages cannot be windowed on this host (`Status::SecretNeedsGup`).
     mermap_secret_needs_gup: bool,
-    /// #VEs injected (`--on-violation inject`).
-    ve_injected: u64,
     /// Guest Log lines.
     pub logs: Vec<String>,
     // Last: RAM must outlive the memslots that point into it.
@@ -287,7 +290,6 @@ impl Session {
             checks: stage2_checks::Checks::new(c.verify_stage2, secret),
             mermap: None,
             mermap_secret_needs_gup: false,
-            ve_injected: 0,
             logs: Vec::new(),
             ram: c.ram,
         }

@@ -125,10 +125,8 @@ impl Session {
                 let action = mmio_action(policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);
                 if policy == ViolationPolicy::Inject {
-                    self.cpu.ve_count += 1;
-                    self.ve_injected += 1;
                     self.cpu.pending_ve = Some(veil_abi::VeInfo {
-                        count: self.cpu.ve_count,
+                        count: self.cpu.ve_count + 1,
                         gpa: gpa.raw(),
                         rip,
                         access: access.abi() as u64,

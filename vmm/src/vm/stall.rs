@@ -134,7 +134,7 @@ impl Vcpu {
     /// Lets KVM complete the MMIO access it is waiting on without entering the guest
     /// (`immediate_exit`): true once `KVM_RUN` returns `EINTR` with nothing pending; loads that
     /// are still asked for on the way get poison. False if the instruction will not settle.
-    pub(super) fn settle_pending_mmio(&mut self) -> bool {
+    fn settle_pending_mmio(&mut self) -> bool {
         let mut settled = false;
         let threads = self.stop.threads.clone();
         let _in_guest = threads.enter();
