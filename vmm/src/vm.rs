@@ -448,7 +448,7 @@ impl Vm {
                     scope.spawn(move || {
                         let end = cpu.run();
                         cpu.stop.stop(end);
-                        cpu.exits
+                        (cpu.exits, cpu.cpu.ve_count())
                     })
                 })
                 .collect();
@@ -461,7 +461,9 @@ impl Vm {
             }
             exits
         });
-        exits.push(boot.exits.clone());
+        exits.push((boot.exits.clone(), boot.cpu.ve_count()));
+        let ve_injected = exits.iter().map(|e| e.1).sum();
+        let exits: Vec<ExitCounts> = exits.into_iter().map(|e| e.0).collect();
         drop(boot);
         let end = stop.take().unwrap_or(ExitInfo::KvmError {
             error: "no vCPU reported why it stopped".into(),
@@ -473,6 +475,7 @@ impl Vm {
         let vcpus = VcpuSummary {
             count,
             parks: stop.threads.counts(),
+            ve_injected,
         };
         Ok(s.finish(end, run_start.elapsed(), sum(&exits), vcpus))
     }
