@@ -6,7 +6,7 @@
 //! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
 //! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the
 //! suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
-//! `dumps` and `finish` (the report).
+//! `dumps`, `finish` (the report) and `mermap_calls` (the mermap windows, the policy query).
 
 mod dumps;
 mod finish;
