@@ -69,7 +69,14 @@ fn guest_run(backend: &str, policy: &str) -> GuestRun {
         _ => "hypercall_timing,violation_latency",
     };
     let out = Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(["run", "--json", "--stage2", backend, "--on-violation", policy])
+        .args([
+            "run",
+            "--json",
+            "--stage2",
+            backend,
+            "--on-violation",
+            policy,
+        ])
         .args(["--tests", tests, "--dump-format", "json", "--dump-ept"])
         .arg(&dump)
         .output()
@@ -82,7 +89,9 @@ fn guest_run(backend: &str, policy: &str) -> GuestRun {
     let c = &d["mermap"]["windows"][0]["counters"];
     let mermap = policy == "report";
     GuestRun {
-        tsc_khz: doc["timing"]["round_trip"]["tsc_khz"].as_f64().unwrap_or(0.0),
+        tsc_khz: doc["timing"]["round_trip"]["tsc_khz"]
+            .as_f64()
+            .unwrap_or(0.0),
         pair_cycles: mermap
             .then(|| number_before(&err, "get/put pairs", "cycles per pair"))
             .flatten(),
@@ -173,10 +182,7 @@ fn main() {
         println!("\n{b}:");
         println!(
             "  guest get/put pair        {} ns",
-            fmt(
-                &col(rep, &|g| g.pair_cycles.map(|c| us(c, g.tsc_khz))),
-                0
-            )
+            fmt(&col(rep, &|g| g.pair_cycles.map(|c| us(c, g.tsc_khz))), 0)
         );
         println!(
             "  guest Nop pair            {} ns",
@@ -187,10 +193,7 @@ fn main() {
         );
         println!(
             "  pair / Nop pair           {}",
-            fmt(
-                &col(rep, &|g| Some(g.pair_cycles? / g.nop_pair_cycles?)),
-                2
-            )
+            fmt(&col(rep, &|g| Some(g.pair_cycles? / g.nop_pair_cycles?)), 2)
         );
         println!(
             "  flushes per 1e5 pairs     {}   (host ops in a flush: {})",

@@ -444,7 +444,10 @@ mod tests {
         }
     }
 
-    fn mermap(vcpus: usize) -> (Mermap, Arc<Mutex<BTreeMap<u64, u64>>>, Arc<Mutex<u64>>) {
+    /// Window page -> RAM page the fake shows.
+    type Shown = Arc<Mutex<BTreeMap<u64, u64>>>;
+
+    fn mermap(vcpus: usize) -> (Mermap, Shown, Arc<Mutex<u64>>) {
         let f = Fake::default();
         let (p, n) = (f.pages.clone(), f.flushes.clone());
         (Mermap::new(Gpa(1 << 30), vcpus, Box::new(f)), p, n)

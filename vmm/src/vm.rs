@@ -687,7 +687,7 @@ impl Vcpu {
                         match self.inject_ve(ve) {
                             Ok(true) => return None,
                             Ok(false) => {}
-                            Err(stop) => return Some(stop),
+                            Err(stop) => return Some(*stop),
                         }
                     }
                 }

@@ -40,7 +40,7 @@ impl Vcpu {
     /// Tells the guest about the violation `ve` (see the module docs): true if a #VE was
     /// injected, false if the access did not complete (no #VE); `Err` if the VM must stop
     /// because KVM refused.
-    pub(super) fn inject_ve(&mut self, ve: VeInfo) -> Result<bool, ExitInfo> {
+    pub(super) fn inject_ve(&mut self, ve: VeInfo) -> Result<bool, Box<ExitInfo>> {
         if !self.complete_instruction() {
             return Ok(false);
         }
@@ -52,21 +52,20 @@ impl Vcpu {
         if let Err(e) = self.vm().ram().write(at, VeBytes(ve).as_slice()) {
             log::warn!("cannot write the #VE info at {at:#x}: {e}");
         }
-        let mut events = self
-            .vcpu
-            .get_vcpu_events()
-            .map_err(|e| ExitInfo::KvmError {
+        let mut events = self.vcpu.get_vcpu_events().map_err(|e| {
+            Box::new(ExitInfo::KvmError {
                 error: format!("KVM_GET_VCPU_EVENTS before #VE: {e}"),
-            })?;
+            })
+        })?;
         events.exception.injected = 1;
         events.exception.nr = VE_VECTOR;
         events.exception.has_error_code = 0;
         events.exception.error_code = 0;
-        self.vcpu
-            .set_vcpu_events(&events)
-            .map_err(|e| ExitInfo::KvmError {
+        self.vcpu.set_vcpu_events(&events).map_err(|e| {
+            Box::new(ExitInfo::KvmError {
                 error: format!("KVM_SET_VCPU_EVENTS (#VE): {e}"),
-            })?;
+            })
+        })?;
         self.cpu.count_ve();
         Ok(true)
     }
