@@ -169,9 +169,10 @@ fn main() {
     for (i, b) in backends.iter().enumerate() {
         let rep = &report[i];
         let inj = &inject[i];
+        // Cycles at `khz` kHz, in ns.
         let us = |cycles: f64, khz: f64| {
             if khz > 0.0 {
-                cycles / khz * 1e3
+                cycles / khz * 1e6
             } else {
                 f64::NAN
             }
