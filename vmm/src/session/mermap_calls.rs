@@ -202,3 +202,97 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use veil_abi::{gfp, Hc, Status, IMAGE_MIN_GPA, PAGE_SIZE};
+
+    use crate::console::ConsoleSink;
+    use crate::memory::MemSize;
+    use crate::session::{Session, VcpuState};
+    use crate::stage2::BackendKind;
+    use crate::vm::{Vm, VmConfig};
+
+    /// A VM that is never run (its session is driven directly), `vcpus` vCPUs.
+    fn vm(test: &str, vcpus: u32, backend: BackendKind, secretmem: bool) -> Option<Vm> {
+        crate::stage2::tests::kvm_or_skip(test)?;
+        let code = [0xeb, 0xfe]; // jmp $
+        let mut c = VmConfig::new(crate::elf::build_elf(IMAGE_MIN_GPA, &code, 0));
+        c.mem = MemSize(32 << 20);
+        c.console = ConsoleSink::Null;
+        c.echo_logs = false;
+        c.vcpus = vcpus;
+        c.stage2 = backend;
+        c.host_secretmem = secretmem;
+        Some(Vm::new(c).expect("boot"))
+    }
+
+    fn call(s: &mut Session, hc: Hc, a: [u64; 4]) -> Result<u64, Status> {
+        let out = s.hypercall(hc as u32, a);
+        match out.status {
+            Status::Ok => Ok(out.r0),
+            e => Err(e),
+        }
+    }
+
+    /// Ownership through the hypercalls, per backend: vCPU 1 may not window vCPU 0's page nor
+    /// put vCPU 0's slot; its own page goes into its own window.
+    #[test]
+    fn only_the_owner_windows_a_page_and_windows_are_per_vcpu() {
+        for backend in [BackendKind::Mprotect, BackendKind::Slots] {
+            let Some(mut vm) = vm("mermap owner", 2, backend, false) else {
+                return;
+            };
+            let s = vm.session_mut();
+            let p = call(s, Hc::Alloc, [0, gfp::UNMAPPED, 0, 0]).unwrap();
+            let w0 = call(s, Hc::MermapGet, [p, 1, 0, 0]).unwrap();
+            let mut one = VcpuState::new(1);
+            s.lend(&mut one);
+            assert_eq!(call(s, Hc::MermapGet, [p, 1, 0, 0]), Err(Status::NotOwner));
+            assert_eq!(
+                call(s, Hc::MermapPut, [w0, 0, 0, 0]),
+                Err(Status::BadAddress)
+            );
+            let q = call(s, Hc::Alloc, [0, gfp::UNMAPPED, 0, 0]).unwrap();
+            let w1 = call(s, Hc::MermapGet, [q, 1, 0, 0]).unwrap();
+            assert!(w1 >= w0 + 65 * PAGE_SIZE, "{w1:#x} vs {w0:#x}");
+            s.lend(&mut one);
+            assert_eq!(call(s, Hc::Free, [p, 0, 0, 0]), Err(Status::BadState));
+            call(s, Hc::MermapPut, [w0, 0, 0, 0]).unwrap();
+            call(s, Hc::Free, [p, 0, 0, 0]).unwrap();
+            let m = s.mermap().unwrap();
+            assert_eq!(m.window(0).unwrap().counters.free_teardowns, 1);
+            assert_eq!(m.window(1).unwrap().live.len(), 1);
+        }
+    }
+
+    /// `--host-secretmem` pages: windowed on a host where KVM reads through the VMM's mapping,
+    /// `SecretNeedsGup` where it needs GUP.
+    #[test]
+    fn secret_pages_need_a_host_without_gup() {
+        let Some(mut vm) = vm("mermap secretmem", 1, BackendKind::Mprotect, true) else {
+            return;
+        };
+        let s = vm.session_mut();
+        let p = call(s, Hc::Alloc, [0, gfp::UNMAPPED, 0, 0]).unwrap();
+        let gup = s.mermap_secret_needs_gup;
+        s.mermap_secret_needs_gup = true;
+        assert_eq!(
+            call(s, Hc::MermapGet, [p, 1, 0, 0]),
+            Err(Status::SecretNeedsGup)
+        );
+        assert_eq!(
+            call(s, Hc::MermapGetReserved, [p, 0, 0, 0]),
+            Err(Status::SecretNeedsGup)
+        );
+        s.mermap_secret_needs_gup = false;
+        let w = call(s, Hc::MermapGet, [p, 1, 0, 0]).unwrap();
+        call(s, Hc::MermapPut, [w, 0, 0, 0]).unwrap();
+        // This host (kvm_pvm) windows secret pages.
+        let pvm = crate::caps::probe_host()
+            .kvm_modules
+            .iter()
+            .any(|m| m == "kvm_pvm");
+        assert_eq!(gup, !pvm);
+    }
+}

@@ -67,6 +67,7 @@ impl Session {
             freetype: match ft {
                 Some(f) => Some(f.name().to_string()),
                 None if reserved => Some(crate::dump::FREETYPE_RESERVED.to_string()),
+                None if gpa.is_some_and(|g| self.in_mermap(g)) => Some("mermap".to_string()),
                 None => None,
             },
             freetype_index: ft.map(|f| f.index() as u8).unwrap_or(0xff),
