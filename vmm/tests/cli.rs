@@ -111,6 +111,7 @@ fn json_run_of_the_whole_suite() {
         [
             "cross_vcpu_isolation",
             "concurrent_alloc",
+            "flip_under_reader",
             "revocation_latency",
             "mermap_vcpu_isolation"
         ]

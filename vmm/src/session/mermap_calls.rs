@@ -295,4 +295,91 @@ mod tests {
             .any(|m| m == "kvm_pvm");
         assert_eq!(gup, !pvm);
     }
+
+    /// Random mermap calls (and allocations and frees) with edge-biased arguments: nothing
+    /// panics, every answer is a known status, and no window ever shows a page that is not
+    /// allocated to the vCPU whose window it is, live or stale.
+    #[test]
+    fn random_mermap_calls_never_show_a_page_that_is_not_the_windows_vcpus() {
+        let Some(mut vm) = vm("mermap fuzz", 2, BackendKind::Mprotect, false) else {
+            return;
+        };
+        let s = vm.session_mut();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n.max(1)
+        };
+        let mut held: Vec<u64> = Vec::new();
+        let mut windows: Vec<u64> = Vec::new();
+        // The session holds one vCPU's state, `other` the other's: a lend swaps them.
+        let mut other = VcpuState::new(1);
+        for i in 0..20_000u32 {
+            if rnd(50) == 0 {
+                s.lend(&mut other);
+            }
+            let pick = |v: &Vec<u64>, r: u64| v.get(r as usize).copied().unwrap_or(0);
+            let any_gpa = match rnd(6) {
+                0 => pick(&held, rnd(held.len() as u64)),
+                1 => pick(&held, rnd(held.len() as u64)) + rnd(4) * PAGE_SIZE,
+                2 => pick(&windows, rnd(windows.len() as u64)),
+                3 => u64::MAX - rnd(3),
+                4 => rnd(64 << 20),
+                _ => (32 << 20) + rnd(3 * 65) * PAGE_SIZE,
+            };
+            let out = match rnd(8) {
+                0 => {
+                    let g = rnd(2) * gfp::UNMAPPED;
+                    let r = call(s, Hc::Alloc, [rnd(3), g, 0, 0]);
+                    if let Ok(p) = r {
+                        held.push(p);
+                    }
+                    r
+                }
+                1 => call(s, Hc::Free, [any_gpa, rnd(3), 0, 0]),
+                2 | 3 => {
+                    let n = [1, 1, 2, 4, 0, 64, 65, u64::MAX][rnd(8) as usize];
+                    let r = call(s, Hc::MermapGet, [any_gpa, n, 0, 0]);
+                    if let Ok(w) = r {
+                        windows.push(w);
+                    }
+                    r
+                }
+                4 => call(s, Hc::MermapGetReserved, [any_gpa, 0, 0, 0]),
+                5 | 6 => call(s, Hc::MermapPut, [any_gpa, 0, 0, 0]),
+                _ => call(s, Hc::MermapInfo, [rnd(5), 0, 0, 0]),
+            };
+            if let Err(st) = out {
+                assert!(
+                    !matches!(st, Status::UnknownCall | Status::InvariantBroken),
+                    "call {i}: {st:?}"
+                );
+            }
+            let m = s.mermap().unwrap();
+            for w in m.windows() {
+                assert!(
+                    w.live.iter().map(|l| l.pages).sum::<u64>() <= 65,
+                    "call {i}"
+                );
+                for l in w.live.iter().chain(&w.stale) {
+                    for k in 0..l.pages {
+                        let page = crate::addr::Gpa(l.target + k * PAGE_SIZE);
+                        assert_eq!(
+                            m.owner_of(page),
+                            Some(w.vcpu),
+                            "call {i}: vCPU {}'s window shows {page:#x}",
+                            w.vcpu
+                        );
+                        assert!(s
+                            .allocator()
+                            .allocation_containing(page.pfn().raw())
+                            .is_some());
+                    }
+                }
+            }
+        }
+        assert!(s.allocator().check_invariants().is_ok());
+    }
 }
