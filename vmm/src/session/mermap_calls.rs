@@ -382,7 +382,10 @@ mod tests {
                 }
             }
         }
-        assert!(got >= 100, "only {got} gets succeeded: the fuzz reached too little");
+        assert!(
+            got >= 100,
+            "only {got} gets succeeded: the fuzz reached too little"
+        );
         assert!(s.allocator().check_invariants().is_ok());
     }
 }
