@@ -220,8 +220,12 @@ pub struct RunArgs {
     /// stack in a hole, a livelock) resumes at the recovery point the test registered (or stops
     /// the VM if none; a triple fault always stops it). `kill`: stop at the first violation no
     /// test declared (ExpectViolation): a declared one is answered as under `report`; print the
-    /// report, exit 3; tests after it count as not run. Either way every violation is recorded.
-    #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
+    /// report, exit 3; tests after it count as not run. `inject`: as `report`, and after each
+    /// load or store violation the guest is told: the GPA, access kind and RIP go into the
+    /// vCPU's mailbox (veil_abi::VeInfo at offset 0xe00) and a #VE (vector 20) is injected once
+    /// the access has completed, so its handler can count it and return past the access.
+    /// Every policy records every violation.
+    #[arg(long, value_enum, value_name = "report|inject|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,
 
     /// How stage 2 removes pages from the guest. `slots`: KVM memslots, an unmapped range is a

@@ -113,7 +113,8 @@ fn json_run_of_the_whole_suite() {
             "concurrent_alloc",
             "flip_under_reader",
             "revocation_latency",
-            "asi_smp"
+            "asi_smp",
+            "mermap_vcpu_isolation"
         ]
     );
 }
@@ -619,7 +620,7 @@ fn every_help_teaches() {
             &[
                 "[default: 256M]",
                 "[default: 60]",
-                "report|kill",
+                "report|inject|kill",
                 "text|json|svg",
                 "list-tests",
             ],
