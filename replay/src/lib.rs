@@ -14,6 +14,7 @@ pub mod classify;
 pub mod cli;
 pub mod gfp;
 pub mod parse;
+pub mod pfn_table;
 pub mod plot;
 pub mod policy;
 pub mod reader;

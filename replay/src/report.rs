@@ -86,6 +86,11 @@ pub fn render_text(r: &Report) -> String {
         "  lost-event markers: {} ({} events lost); out-of-order timestamps: {} (replayed in file order); implicit frees: {}; order mismatches: {}",
         t.lost_markers, t.lost_events, t.out_of_order_timestamps, t.implicit_frees, t.order_mismatches
     );
+    let _ = writeln!(
+        s,
+        "  freed in pieces (split_page): {} allocations, {} piece frees before their last",
+        t.split_allocations, t.split_piece_frees
+    );
     let _ = writeln!(s, "  malformed lines: {}", t.malformed_lines);
     for m in &t.malformed_examples {
         let _ = writeln!(s, "    line {}: {}: {:?}", m.line, m.reason, m.text);
