@@ -12,6 +12,7 @@
 
 pub mod classify;
 pub mod cli;
+pub mod flush;
 pub mod gfp;
 pub mod parse;
 pub mod pfn_table;
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod reader;
 pub mod report;
 pub mod stop;
+pub mod sweep;
 pub mod trace;
 pub mod tracker;
 

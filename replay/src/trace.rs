@@ -120,7 +120,8 @@ pub struct TraceStats {
     pub unmatched_frees: u64,
     /// Allocations of a pfn that was still live (the old one is freed first).
     pub implicit_frees: u64,
-    /// Frees of a larger order than their allocation's (the allocation is freed whole).
+    /// Frees of another order than their allocation's that are not pieces of it (a larger
+    /// order, or an allocation not aligned to its order): the allocation is freed whole.
     pub order_mismatches: u64,
     /// Allocations freed in pieces (`split_page`: a smaller free at the head or inside; the
     /// replay frees the allocation when its last page is freed).
@@ -429,7 +430,7 @@ impl Loader {
             }
             prev = head;
             if let Slot::Live { id, order, flags } = self.slots.get(head) {
-                if head.saturating_add(1 << order) > pfn {
+                if head.saturating_add(1 << order) > pfn && head & ((1u64 << order) - 1) == 0 {
                     return Some((head, id, order, flags));
                 }
             }
@@ -497,10 +498,10 @@ impl Loader {
                 id,
                 order,
                 flags,
-                remaining: 1 << order,
+                remaining: head.saturating_add(1 << order) - head,
             },
         );
-        for p in head..head + (1 << order) {
+        for p in head..head.saturating_add(1 << order) {
             self.slots.set(p, Slot::Tail { order });
         }
     }
@@ -509,7 +510,7 @@ impl Loader {
     /// is `pfn` aligned down to `so`). The allocation is freed when its last page is.
     fn free_piece(&mut self, pfn: u64, k: u8, so: u8, batched: bool) {
         let head = pfn & !((1u64 << so) - 1);
-        let end = (head + (1 << so)).min(pfn.saturating_add(1 << k));
+        let end = head.saturating_add(1 << so).min(pfn.saturating_add(1 << k));
         let mut pages = 0;
         for p in pfn..end {
             if matches!(self.slots.get(p), Slot::Tail { .. }) {
@@ -549,8 +550,9 @@ impl Loader {
                 },
                 _,
             ) => match order {
-                // `split_page`: a smaller free at the head frees one piece of the allocation.
-                Some(k) if k < o => {
+                // `split_page`: a smaller free at the head frees one piece of the allocation
+                // (the kernel's allocations are aligned to their order; others are freed whole).
+                Some(k) if k < o && pfn & ((1u64 << o) - 1) == 0 => {
                     self.split(pfn, id, o, flags);
                     self.free_piece(pfn, k, o, batched);
                 }

@@ -44,7 +44,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a list: there are no Criterion tests here.
     }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         eprintln!("hypercall_ratio: /dev/kvm is not usable ({e}): benchmark SKIPPED");
         if std::env::var("CI").as_deref() == Ok("true") {
             std::process::exit(1);

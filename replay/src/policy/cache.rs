@@ -155,6 +155,10 @@ impl<S: Stage2> Engine<S> for CachePolicy<S> {
     fn into_tracker(self) -> Tracker<S> {
         self.a.into_stage2()
     }
+
+    fn has_kinds(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

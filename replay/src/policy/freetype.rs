@@ -59,4 +59,16 @@ impl<S: Stage2> Engine<S> for Freetype<S> {
     fn into_tracker(self) -> Tracker<S> {
         self.a.into_stage2()
     }
+
+    fn has_kinds(&self) -> bool {
+        true
+    }
+
+    fn compactable(&self) -> bool {
+        true
+    }
+
+    fn drain(&mut self) {
+        self.a.drain_pcp();
+    }
 }
