@@ -177,20 +177,30 @@ fn parse_body(b: &[u8], cpu: u32, ts_ns: u64) -> Result<Line<'_>, ParseError> {
     let mut order = None;
     let mut migratetype = None;
     let mut gfp: Option<&[u8]> = None;
-    // Fields are `key=value` separated by spaces; find each `=` with memchr, the key back to the
-    // previous space, the value up to the next space.
+    // Fields are `key=value` separated by spaces: one forward scan over the (short) field
+    // text, token by token (a byte loop beats a memchr call per field on ~80 bytes).
     let f = &b[colon + 1..];
-    let mut pos = 0;
-    while let Some(off) = memchr::memchr(b'=', &f[pos..]) {
-        let eq = pos + off;
-        let ks = f[pos..eq]
-            .iter()
-            .rposition(|&c| c == b' ')
-            .map_or(pos, |i| pos + i + 1);
-        let key = &f[ks..eq];
-        let ve = memchr::memchr(b' ', &f[eq + 1..]).map_or(f.len(), |i| eq + 1 + i);
-        let val = &f[eq + 1..ve];
-        pos = ve;
+    let n = f.len();
+    let mut i = 0;
+    while i < n {
+        // Skip spaces, then the key up to `=` or a space.
+        while i < n && f[i] == b' ' {
+            i += 1;
+        }
+        let ks = i;
+        while i < n && f[i] != b'=' && f[i] != b' ' {
+            i += 1;
+        }
+        if i >= n || f[i] != b'=' {
+            continue;
+        }
+        let key = &f[ks..i];
+        i += 1;
+        let vs = i;
+        while i < n && f[i] != b' ' {
+            i += 1;
+        }
+        let val = &f[vs..i];
         match key {
             b"pfn" => pfn = Some(parse_pfn(val).ok_or(ParseError::BadNumber("pfn"))?),
             b"page" => page_null = val == b"(null)",

@@ -240,6 +240,8 @@ pub struct Loader {
     trace: Trace,
     slots: PfnTable<Slot>,
     splits: HashMap<u64, Split>,
+    /// Live (whole) allocations per order: the covering-head probes stop at the highest.
+    live_orders: [u32; 11],
     live_pages: u64,
     last_ts: Option<u64>,
     cpu_seen: Vec<bool>,
@@ -256,6 +258,7 @@ impl Loader {
             trace,
             slots: PfnTable::default(),
             splits: HashMap::new(),
+            live_orders: [0; 11],
             live_pages: 0,
             last_ts: None,
             cpu_seen: vec![false; 1024],
@@ -408,6 +411,7 @@ impl Loader {
                 flags: 0,
             },
         );
+        self.live_orders[usize::from(order.min(10))] += 1;
         self.trace.events.push(Event::Alloc {
             pfn,
             gfp,
@@ -422,8 +426,9 @@ impl Loader {
     /// The live allocation whose head lies below `pfn` and covers it (heads are aligned to
     /// their order, as the buddy allocator places them): (head, id, order, flags).
     fn covering_live(&self, pfn: u64) -> Option<(u64, u32, u8, u8)> {
+        let top = self.live_orders.iter().rposition(|&n| n > 0)? as u8;
         let mut prev = pfn;
-        for o in 1..=crate::parse::MAX_TRACE_ORDER {
+        for o in 1..=top {
             let head = pfn & !((1u64 << o) - 1);
             if head == prev {
                 continue;
@@ -442,12 +447,14 @@ impl Loader {
     /// `[pfn, pfn + 2^order)`.
     fn free_overlapping(&mut self, pfn: u64, order: u8) {
         if let Some((head, id, o, flags)) = self.covering_live(pfn) {
+            self.unlive(o);
             self.implicit_free(id, o, flags);
             self.slots.set(head, Slot::Done);
         }
         for p in pfn..pfn.saturating_add(1 << order) {
             match self.slots.get(p) {
                 Slot::Live { id, order, flags } => {
+                    self.unlive(order);
                     self.implicit_free(id, order, flags);
                     self.slots.set(p, Slot::Done);
                 }
@@ -461,6 +468,12 @@ impl Loader {
                 _ => {}
             }
         }
+    }
+
+    /// A whole live allocation of `order` is no more (freed, or split into tails).
+    fn unlive(&mut self, order: u8) {
+        let n = &mut self.live_orders[usize::from(order.min(10))];
+        *n = n.saturating_sub(1);
     }
 
     fn implicit_free(&mut self, id: u32, order: u8, flags: u8) {
@@ -492,6 +505,7 @@ impl Loader {
     /// Start freeing the allocation at `head` in pieces: every page of it becomes a tail.
     fn split(&mut self, head: u64, id: u32, order: u8, flags: u8) {
         self.trace.stats.split_allocations += 1;
+        self.unlive(order);
         self.splits.insert(
             head,
             Split {
@@ -561,6 +575,7 @@ impl Loader {
                         self.trace.stats.order_mismatches += 1;
                     }
                     self.count_matched(batched);
+                    self.unlive(o);
                     self.live_pages -= 1 << o;
                     self.trace.events.push(Event::Free {
                         alloc: id,
