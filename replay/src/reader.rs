@@ -199,87 +199,85 @@ pub enum NextLine<'a> {
     Eof,
 }
 
-/// `fill_buf`, retrying when interrupted.
-fn fill<R: BufRead>(r: &mut R) -> io::Result<&[u8]> {
-    loop {
-        match r.fill_buf() {
-            Ok(_) => return r.fill_buf(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Reads lines, handing out slices of the read buffer when a line lies inside it (the common
-/// case: no copy) and assembling lines that straddle buffer refills in its own buffer, capped at
-/// [`MAX_LINE`] bytes.
-pub struct LineReader<R: BufRead> {
+/// Reads lines into a buffer of its own, refilled with one large `read` at a time (so the
+/// layers below, stop checks included, run once per 256 KiB, not once per line), handing out
+/// slices of it. A line longer than [`MAX_LINE`] bytes is skipped without being kept.
+pub struct LineReader<R: Read> {
     inner: R,
     buf: Vec<u8>,
-    /// Bytes of `inner`'s buffer handed out by the last call, consumed at the next call.
-    pending: usize,
+    /// The unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// Discarding the rest of a too-long line.
+    skipping: bool,
 }
 
-impl<R: BufRead> LineReader<R> {
-    /// Wrap a buffered reader.
+impl<R: Read> LineReader<R> {
+    /// Wrap a reader.
     pub fn new(inner: R) -> Self {
         LineReader {
             inner,
-            buf: Vec::with_capacity(512),
-            pending: 0,
+            buf: vec![0; BUF + MAX_LINE + 1],
+            start: 0,
+            end: 0,
+            eof: false,
+            skipping: false,
+        }
+    }
+
+    /// Read more bytes after `end`, moving the unread ones to the front first.
+    fn refill(&mut self) -> io::Result<()> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 
     /// Read the next line.
     pub fn next_line(&mut self) -> io::Result<NextLine<'_>> {
-        self.inner.consume(self.pending);
-        self.pending = 0;
-        // Fast path: the whole line is in the buffer.
-        let found = {
-            let avail = fill(&mut self.inner)?;
-            if avail.is_empty() {
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
+                let s = self.start;
+                self.start += i + 1;
+                if std::mem::take(&mut self.skipping) || i > MAX_LINE {
+                    return Ok(NextLine::TooLong);
+                }
+                return Ok(NextLine::Line(&self.buf[s..s + i]));
+            }
+            if self.end - self.start > MAX_LINE || (self.skipping && self.end > self.start) {
+                // No newline within MAX_LINE bytes: drop what is buffered, skip to the next one.
+                self.skipping = true;
+                self.start = self.end;
+            }
+            if self.eof {
+                if std::mem::take(&mut self.skipping) {
+                    return Ok(NextLine::TooLong);
+                }
+                if self.start < self.end {
+                    let s = self.start;
+                    self.start = self.end;
+                    return Ok(NextLine::Line(&self.buf[s..self.end]));
+                }
                 return Ok(NextLine::Eof);
             }
-            memchr::memchr(b'\n', avail)
-        };
-        if let Some(i) = found {
-            if i <= MAX_LINE {
-                self.pending = i + 1;
-                let avail = self.inner.fill_buf()?;
-                return Ok(NextLine::Line(&avail[..i]));
-            }
+            self.refill()?;
         }
-        // Slow path: assemble the line across refills.
-        self.buf.clear();
-        let mut too_long = false;
-        loop {
-            let avail = fill(&mut self.inner)?;
-            if avail.is_empty() {
-                break;
-            }
-            let (chunk, found) = match memchr::memchr(b'\n', avail) {
-                Some(i) => (&avail[..i], Some(i)),
-                None => (avail, None),
-            };
-            if !too_long {
-                if self.buf.len() + chunk.len() > MAX_LINE {
-                    too_long = true;
-                    self.buf.clear();
-                } else {
-                    self.buf.extend_from_slice(chunk);
-                }
-            }
-            let used = found.map_or(avail.len(), |i| i + 1);
-            self.inner.consume(used);
-            if found.is_some() {
-                break;
-            }
-        }
-        Ok(if too_long {
-            NextLine::TooLong
-        } else {
-            NextLine::Line(&self.buf)
-        })
     }
 }
 

@@ -213,9 +213,9 @@ enum Slot {
     Empty,
     /// The head of an allocation made during the capture and not freed yet.
     Live { id: u32, order: u8, flags: u8 },
-    /// A page of an allocation being freed in pieces (`split_page`: a higher-order allocation
-    /// freed as order-0 pages); the allocation's head is this pfn aligned down to `order`.
-    Tail { order: u8 },
+    /// A page of allocation `id`, being freed in pieces (`split_page`: a higher-order
+    /// allocation freed as order-0 pages).
+    Tail { id: u32 },
     /// Freed by `mm_page_free`; an `mm_page_free_batched` may repeat it.
     FreedAwaitBatched,
     /// Freed by `mm_page_free_batched`; an `mm_page_free` may repeat it.
@@ -224,10 +224,11 @@ enum Slot {
     Done,
 }
 
-/// An allocation being freed in pieces, kept by its head pfn.
+/// An allocation being freed in pieces, kept by its id (its freed pages may be allocated
+/// again, so its head pfn is no key).
 #[derive(Clone, Copy, Debug)]
 struct Split {
-    id: u32,
+    head: u64,
     order: u8,
     flags: u8,
     /// Pages not freed yet.
@@ -239,7 +240,7 @@ pub struct Loader {
     opts: LoadOptions,
     trace: Trace,
     slots: PfnTable<Slot>,
-    splits: HashMap<u64, Split>,
+    splits: HashMap<u32, Split>,
     /// Live (whole) allocations per order: the covering-head probes stop at the highest.
     live_orders: [u32; 11],
     live_pages: u64,
@@ -458,10 +459,9 @@ impl Loader {
                     self.implicit_free(id, order, flags);
                     self.slots.set(p, Slot::Done);
                 }
-                Slot::Tail { order: so } => {
-                    let head = p & !((1u64 << so) - 1);
-                    if let Some(sp) = self.splits.remove(&head) {
-                        self.implicit_free(sp.id, sp.order, sp.flags);
+                Slot::Tail { id } => {
+                    if let Some(sp) = self.splits.remove(&id) {
+                        self.implicit_free(id, sp.order, sp.flags);
                     }
                     self.slots.set(p, Slot::Done);
                 }
@@ -507,33 +507,36 @@ impl Loader {
         self.trace.stats.split_allocations += 1;
         self.unlive(order);
         self.splits.insert(
-            head,
+            id,
             Split {
-                id,
+                head,
                 order,
                 flags,
                 remaining: head.saturating_add(1 << order) - head,
             },
         );
         for p in head..head.saturating_add(1 << order) {
-            self.slots.set(p, Slot::Tail { order });
+            self.slots.set(p, Slot::Tail { id });
         }
     }
 
-    /// A free of `2^k` pages at `pfn`, a page of an allocation being freed in pieces (its head
-    /// is `pfn` aligned down to `so`). The allocation is freed when its last page is.
-    fn free_piece(&mut self, pfn: u64, k: u8, so: u8, batched: bool) {
-        let head = pfn & !((1u64 << so) - 1);
-        let end = head.saturating_add(1 << so).min(pfn.saturating_add(1 << k));
+    /// A free of `2^k` pages at `pfn`, a page of allocation `id` being freed in pieces. The
+    /// allocation is freed when its last page is.
+    fn free_piece(&mut self, pfn: u64, k: u8, id: u32, batched: bool) {
+        let end = self.splits.get(&id).map_or(pfn, |sp| {
+            sp.head
+                .saturating_add(1 << sp.order)
+                .min(pfn.saturating_add(1 << k))
+        });
         let mut pages = 0;
         for p in pfn..end {
-            if matches!(self.slots.get(p), Slot::Tail { .. }) {
+            if matches!(self.slots.get(p), Slot::Tail { id: t } if t == id) {
                 pages += 1;
                 self.slots.set(p, Slot::Done);
             }
         }
         self.slots.set(pfn, Self::freed_state(batched));
-        let Some(sp) = self.splits.get_mut(&head) else {
+        let Some(sp) = self.splits.get_mut(&id) else {
             // Its allocation was freed implicitly: nothing live here any more.
             self.trace.stats.unmatched_frees += 1;
             return;
@@ -544,11 +547,11 @@ impl Loader {
             return;
         }
         let sp = *sp;
-        self.splits.remove(&head);
+        self.splits.remove(&id);
         self.count_matched(batched);
         self.live_pages -= 1 << sp.order;
         self.trace.events.push(Event::Free {
-            alloc: sp.id,
+            alloc: id,
             order: sp.order,
             flags: sp.flags,
         });
@@ -568,7 +571,7 @@ impl Loader {
                 // (the kernel's allocations are aligned to their order; others are freed whole).
                 Some(k) if k < o && pfn & ((1u64 << o) - 1) == 0 => {
                     self.split(pfn, id, o, flags);
-                    self.free_piece(pfn, k, o, batched);
+                    self.free_piece(pfn, k, id, batched);
                 }
                 _ => {
                     if order.is_some_and(|x| x != o) {
@@ -585,7 +588,7 @@ impl Loader {
                     self.slots.set(pfn, Self::freed_state(batched));
                 }
             },
-            (Slot::Tail { order: so }, _) => self.free_piece(pfn, order.unwrap_or(0), so, batched),
+            (Slot::Tail { id }, _) => self.free_piece(pfn, order.unwrap_or(0), id, batched),
             (Slot::FreedAwaitBatched, true) => {
                 self.trace.stats.batched_duplicates += 1;
                 self.slots.set(pfn, Slot::Done);
@@ -598,7 +601,7 @@ impl Loader {
                 // A piece of a live allocation freed before its head (`split_page`, tail first)?
                 if let Some((head, id, o, flags)) = self.covering_live(pfn) {
                     self.split(head, id, o, flags);
-                    self.free_piece(pfn, order.unwrap_or(0), o, batched);
+                    self.free_piece(pfn, order.unwrap_or(0), id, batched);
                     return;
                 }
                 self.trace.stats.unmatched_frees += 1;

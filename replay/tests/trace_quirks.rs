@@ -305,3 +305,22 @@ fn allocation_overlapping_a_live_range_off_its_head_frees_it() {
     assert_eq!(st.peak_live_pages, 1 + 8, "0x12 and 0x18/3 live together");
     assert_accounted(&t);
 }
+
+#[test]
+fn freed_pieces_reused_while_the_rest_is_live() {
+    // split_page, then the buddy allocator hands the freed first pieces out again while the
+    // rest of the first allocation is still live: both are tracked apart.
+    let s = alloc("a", 0, "1.0", 0x100, 5)
+        + &free(0, "1.1", 0x100, 2)
+        + &alloc("a", 0, "1.2", 0x100, 2)
+        + &free(0, "1.3", 0x104, 2)
+        + &free(0, "1.4", 0x100, 2)
+        + &free(0, "1.5", 0x108, 3)
+        + &free(0, "1.6", 0x110, 4);
+    let t = load_str(&s);
+    let st = &t.stats;
+    assert_eq!((st.implicit_frees, st.unmatched_frees), (0, 0));
+    assert_eq!(frees(&t), vec![(1, 2), (0, 5)]);
+    assert_eq!((st.live_at_end, st.live_pages_at_end), (0, 0));
+    assert_accounted(&t);
+}
