@@ -136,6 +136,12 @@ pub struct ReplayArgs {
     /// --plot): `headroom=0,5,10,25,50` or `unmapped-fraction=0.1,0.5,1`.
     #[arg(long, value_name = "KEY=V1,V2,..", value_parser = crate::sweep::parse_sweep, conflicts_with = "kvm")]
     pub sweep: Option<Sweep>,
+
+    /// Also replay `freetype-pcp`: the freetype policy on the allocator for several CPUs, one
+    /// per-CPU cache set per trace CPU, each allocation and free on the CPU the trace recorded
+    /// it on (its row beside freetype's shows the caches' effect on flips, updates, failures).
+    #[arg(long)]
+    pub pcp: bool,
 }
 
 /// Why `veil replay` failed.
@@ -448,7 +454,7 @@ pub fn progress_policy(a: &ReplayArgs, r: &PolicyResult) {
 pub fn run_model(a: &ReplayArgs, l: &Loaded) -> Result<Vec<PolicyResult>, ReplayError> {
     let opts = run_options(a, &l.trace);
     let mut out = Vec::new();
-    for &kind in dedup(&a.policy).iter() {
+    for kind in policies(a) {
         if crate::stop::requested().is_some() {
             break;
         }
@@ -532,6 +538,15 @@ pub fn emit_sweep(a: &ReplayArgs, r: &SweepReport, out: &mut dyn Write) -> Resul
         progress(a, format_args!("plot written to {}", path.display()));
     }
     Ok(())
+}
+
+/// The policies to run: `--policy` in order, each once, then `freetype-pcp` with `--pcp`.
+pub fn policies(a: &ReplayArgs) -> Vec<PolicyKind> {
+    let mut v = dedup(&a.policy);
+    if a.pcp && !v.contains(&PolicyKind::FreetypePcp) {
+        v.push(PolicyKind::FreetypePcp);
+    }
+    v
 }
 
 /// Policies in the order given, each once.

@@ -17,6 +17,7 @@ fn dash(p: PolicyKind) -> &'static str {
         PolicyKind::Freetype => "none",
         PolicyKind::PerPage => "none",
         PolicyKind::PerPageBatched => "3 4",
+        PolicyKind::FreetypePcp => "6 3",
         PolicyKind::UnmappedCache => "8 5",
         PolicyKind::LinuxPlacement => "none",
     }
@@ -28,6 +29,7 @@ fn colour(p: PolicyKind) -> &'static str {
         PolicyKind::Freetype => "#1b7837",
         PolicyKind::PerPage => "#d6604d",
         PolicyKind::PerPageBatched => "#f4a582",
+        PolicyKind::FreetypePcp => "#5aae61",
         PolicyKind::UnmappedCache => "#2166ac",
         PolicyKind::LinuxPlacement => "#762a83",
     }

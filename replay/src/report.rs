@@ -170,6 +170,56 @@ fn render_details(s: &mut String, r: &Report) {
         s,
         "stranded m/u: free MiB unusable by mapped requests (in partly used unmapped blocks) / by unmapped ones (in partly used mapped blocks)"
     );
+    let lat: Vec<_> = r
+        .policies
+        .iter()
+        .filter_map(|p| p.latency.map(|l| (p, l)))
+        .collect();
+    if !lat.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "allocation latency per path, p50/p99/max (n = samples): model cost units (1 + stage-2 calls + pages/64){}",
+            if lat.iter().any(|(_, l)| l.fast.ns.is_some()) {
+                "; measured on KVM in us"
+            } else {
+                ""
+            }
+        );
+        let cell = |p: &crate::policy::latency::Percentiles, scale: f64| {
+            if p.samples == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "{}/{}/{} n={}",
+                    p.p50 as f64 / scale,
+                    p.p99 as f64 / scale,
+                    p.max as f64 / scale,
+                    p.samples
+                )
+            }
+        };
+        for (p, l) in &lat {
+            let _ = writeln!(
+                s,
+                "{:<16} units: fast {:<20} flip {:<24} failure {:<20}",
+                p.policy.name(),
+                cell(&l.fast.units, 1.0),
+                cell(&l.flip.units, 1.0),
+                cell(&l.failure.units, 1.0)
+            );
+            if let (Some(f), Some(fl), Some(fa)) = (l.fast.ns, l.flip.ns, l.failure.ns) {
+                let _ = writeln!(
+                    s,
+                    "{:<16} us:    fast {:<20} flip {:<24} failure {:<20}",
+                    "",
+                    cell(&f, 1e3),
+                    cell(&fl, 1e3),
+                    cell(&fa, 1e3)
+                );
+            }
+        }
+    }
     for p in &r.policies {
         if let Some(c) = &p.compaction {
             let st = &c.stats;

@@ -185,6 +185,7 @@ fn colour(p: PolicyKind) -> &'static str {
         PolicyKind::Freetype => "#1b7837",
         PolicyKind::PerPage => "#d6604d",
         PolicyKind::PerPageBatched => "#f4a582",
+        PolicyKind::FreetypePcp => "#5aae61",
         PolicyKind::UnmappedCache => "#2166ac",
         PolicyKind::LinuxPlacement => "#762a83",
     }

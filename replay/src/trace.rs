@@ -156,6 +156,9 @@ pub struct Trace {
     pub gfp: GfpTable,
     /// The CPU of each allocation, by allocation id (saturated at `u16::MAX`).
     pub cpus: Vec<u16>,
+    /// The CPU that freed each allocation, by allocation id (its allocating CPU if it was never
+    /// freed or freed implicitly).
+    pub free_cpus: Vec<u16>,
     /// Counters.
     pub stats: TraceStats,
 }
@@ -243,6 +246,8 @@ pub struct Loader {
     splits: HashMap<u32, Split>,
     /// Live (whole) allocations per order: the covering-head probes stop at the highest.
     live_orders: [u32; 11],
+    /// CPU of the free event being accounted.
+    free_cpu: u16,
     live_pages: u64,
     last_ts: Option<u64>,
     cpu_seen: Vec<bool>,
@@ -260,6 +265,7 @@ impl Loader {
             slots: PfnTable::default(),
             splits: HashMap::new(),
             live_orders: [0; 11],
+            free_cpu: 0,
             live_pages: 0,
             last_ts: None,
             cpu_seen: vec![false; 1024],
@@ -346,6 +352,7 @@ impl Loader {
             }
             EventKind::Free => {
                 self.trace.stats.free_events += 1;
+                self.free_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
                 if let Some(pfn) = ev.pfn {
                     self.free(pfn, ev.order, false);
                 } else {
@@ -355,6 +362,7 @@ impl Loader {
             }
             EventKind::FreeBatched => {
                 self.trace.stats.batched_events += 1;
+                self.free_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
                 if let Some(pfn) = ev.pfn {
                     self.free(pfn, ev.order, true);
                 } else {
@@ -420,7 +428,9 @@ impl Loader {
             migratetype,
             flags: 0,
         });
-        self.trace.cpus.push(u16::try_from(cpu).unwrap_or(u16::MAX));
+        let cpu = u16::try_from(cpu).unwrap_or(u16::MAX);
+        self.trace.cpus.push(cpu);
+        self.trace.free_cpus.push(cpu);
         Ok(())
     }
 
@@ -548,6 +558,7 @@ impl Loader {
         }
         let sp = *sp;
         self.splits.remove(&id);
+        self.trace.free_cpus[id as usize] = self.free_cpu;
         self.count_matched(batched);
         self.live_pages -= 1 << sp.order;
         self.trace.events.push(Event::Free {
@@ -578,6 +589,7 @@ impl Loader {
                         self.trace.stats.order_mismatches += 1;
                     }
                     self.count_matched(batched);
+                    self.trace.free_cpus[id as usize] = self.free_cpu;
                     self.unlive(o);
                     self.live_pages -= 1 << o;
                     self.trace.events.push(Event::Free {
@@ -625,6 +637,7 @@ impl Loader {
         }
         self.trace.events.shrink_to_fit();
         self.trace.cpus.shrink_to_fit();
+        self.trace.free_cpus.shrink_to_fit();
         self.trace
     }
 }

@@ -32,7 +32,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
     let max_slots = host_slots.min(args.max_memslots);
     let l = cli::load(args)?;
     let mut results = Vec::new();
-    for kind in cli::dedup(&args.policy) {
+    for kind in cli::policies(args) {
         if replay::stop::requested().is_some() {
             break;
         }

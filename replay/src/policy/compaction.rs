@@ -53,11 +53,11 @@ pub struct CompactionReport {
 
 /// The cheapest candidate block for a request of `want_unmapped` kind, if any.
 fn candidate<S: Stage2, E: Engine<S>>(
-    eng: &E,
+    eng: &mut E,
     pl: &Placement,
     want_unmapped: bool,
 ) -> Option<usize> {
-    let t = eng.tracker();
+    let t = eng.tracker_mut();
     (0..pl.blocks())
         .filter(|&b| {
             let size = t.block_pages(b);
@@ -83,9 +83,9 @@ pub(crate) fn compact<S: Stage2, E: Engine<S>>(
         st.no_candidate += 1;
         return false;
     };
-    let base = eng.tracker().base_pfn();
+    let base = eng.tracker_mut().base_pfn();
     let in_block = |p: u64| p.checked_sub(base).map(|o| o / PAGEBLOCK_PAGES) == Some(b as u64);
-    let updates_before = eng.tracker().stats().updates();
+    let updates_before = eng.tracker_mut().stats().updates();
     let mut held: Vec<(u64, u8, u8)> = Vec::new();
     let mut ok = true;
     'moves: for id in pl.heads_in(b) {
@@ -107,8 +107,8 @@ pub(crate) fn compact<S: Stage2, E: Engine<S>>(
             ok = false;
             break;
         }
-        pl.note(eng.tracker(), id, a.pfn, a.order, true, false);
-        pl.note(eng.tracker(), id, new, a.order, true, true);
+        pl.note(eng.tracker_mut(), id, a.pfn, a.order, true, false);
+        pl.note(eng.tracker_mut(), id, new, a.order, true, true);
         live[id as usize].pfn = new;
         st.allocations_migrated += 1;
         st.pages_migrated += 1 << a.order;
@@ -117,7 +117,7 @@ pub(crate) fn compact<S: Stage2, E: Engine<S>>(
         eng.free(p, o, f);
     }
     eng.drain();
-    st.stage2_updates += eng.tracker().stats().updates() - updates_before;
+    st.stage2_updates += eng.tracker_mut().stats().updates() - updates_before;
     if ok {
         st.blocks_emptied += 1;
     } else {

@@ -15,7 +15,9 @@
 mod cache;
 pub mod compaction;
 mod freetype;
+pub mod latency;
 mod linux;
+mod pcp;
 mod per_page;
 pub mod placement;
 
@@ -59,6 +61,8 @@ pub enum PolicyKind {
     UnmappedCache,
     /// The kernel's real placement (trace PFNs), per-allocation removal.
     LinuxPlacement,
+    /// Freetype on the allocator for several CPUs: per-CPU caches by the trace's CPU (`--pcp`).
+    FreetypePcp,
 }
 
 impl PolicyKind {
@@ -79,6 +83,7 @@ impl PolicyKind {
             PolicyKind::PerPageBatched => "per-page-batched",
             PolicyKind::UnmappedCache => "unmapped-cache",
             PolicyKind::LinuxPlacement => "linux-placement",
+            PolicyKind::FreetypePcp => "freetype-pcp",
         }
     }
 }
@@ -398,6 +403,9 @@ pub struct PolicyResult {
     pub stranded: Option<StrandedReport>,
     /// `--compaction` (`freetype`): what it did and the failures without it.
     pub compaction: Option<CompactionReport>,
+    /// Allocation latency per path (pageblock policies): model cost units, and measured
+    /// nanoseconds with `--kvm`.
+    pub latency: Option<latency::LatencyReport>,
     /// Frees the policy rejected (would indicate a replay bug).
     pub free_errors: u64,
     /// Replay wall time (excluding parsing).
@@ -428,8 +436,6 @@ pub(crate) trait Engine<S: Stage2> {
     ) -> Result<u64, Failure>;
     /// Free an allocation this engine served.
     fn free(&mut self, pfn: u64, order: u8, flags: u8) -> bool;
-    /// The stage-2 tracker.
-    fn tracker(&self) -> &Tracker<S>;
     /// The stage-2 tracker, mutably.
     fn tracker_mut(&mut self) -> &mut Tracker<S>;
     /// (flips to unmapped, flips to mapped).
@@ -448,6 +454,8 @@ pub(crate) trait Engine<S: Stage2> {
     }
     /// Return cached free blocks to the buddy lists.
     fn drain(&mut self) {}
+    /// The trace CPU of the next allocation or free (`freetype-pcp`).
+    fn set_cpu(&mut self, _cpu: u16) {}
 }
 
 /// A live allocation of the replay, by allocation id.
@@ -539,6 +547,18 @@ pub fn run<S: Stage2>(
             opts,
             linux::LinuxPlacement::new(layout, tracker),
         ),
+        PolicyKind::FreetypePcp => drive(
+            kind,
+            trace,
+            layout,
+            opts,
+            pcp::FreetypePcp::new(
+                layout,
+                tracker,
+                opts.honour_atomic,
+                trace.stats.max_cpu as usize + 1,
+            ),
+        ),
     }
 }
 
@@ -555,16 +575,17 @@ fn drive<S: Stage2, E: Engine<S>>(
     let events = &trace.events;
     let n = events.len() as u64;
     let stride = (n / opts.samples.max(1) as u64).max(1);
-    let blocks = eng.tracker().blocks().max(1);
+    let blocks = eng.tracker_mut().blocks().max(1);
     let share = |x: u64| x as f64 / blocks as f64;
     let mut curve = Vec::with_capacity(opts.samples + 2);
     let mut never_split = Vec::with_capacity(opts.samples + 2);
-    curve.push((0, share(eng.tracker().intact_blocks())));
+    curve.push((0, share(eng.tracker_mut().intact_blocks())));
     never_split.push((0, 1.0));
     let kinds = eng.has_kinds();
     let compaction = opts.compaction && eng.compactable();
     let mut pl = Placement::new(layout.base_pfn, layout.nr_pages, compaction);
     let mut cst = CompactionStats::default();
+    let mut lat = latency::Recorder::new(kinds, opts.timed);
     let mut live: Vec<Live> = Vec::with_capacity(trace.stats.allocs as usize);
     let mut failures = Failures::default();
     let mut by_kind = FailuresByKind::default();
@@ -589,6 +610,9 @@ fn drive<S: Stage2, E: Engine<S>>(
                 allocs += 1;
                 let unmapped = is_unmapped(flags);
                 unmapped_allocs += u64::from(unmapped);
+                let id = live.len();
+                eng.set_cpu(trace.cpus.get(id).copied().unwrap_or(0));
+                let before = lat.start(eng.tracker_mut());
                 let mut got = eng.alloc(order, migratetype, flags, pfn);
                 if compaction && got == Err(Failure::NoFreePageblock) {
                     // No whole free pageblock of the other kind: empty one and retry.
@@ -597,12 +621,13 @@ fn drive<S: Stage2, E: Engine<S>>(
                         cst.rescued += u64::from(got.is_ok());
                     }
                 }
-                let id = live.len() as u32;
+                lat.finish(eng.tracker_mut(), before, got.is_ok());
+                let id = id as u32;
                 match got {
                     Ok(p) => {
                         if kinds || compaction {
                             pl.note(
-                                eng.tracker(),
+                                eng.tracker_mut(),
                                 id,
                                 p,
                                 order,
@@ -640,11 +665,19 @@ fn drive<S: Stage2, E: Engine<S>>(
                         a.pfn = NO_PFN;
                         let mt = a.migratetype;
                         frees += 1;
+                        eng.set_cpu(trace.free_cpus.get(alloc as usize).copied().unwrap_or(0));
                         if !eng.free(p, order, flags) {
                             free_errors += 1;
                         }
                         if kinds || compaction {
-                            pl.note(eng.tracker(), alloc, p, order, movable(mt, order), false);
+                            pl.note(
+                                eng.tracker_mut(),
+                                alloc,
+                                p,
+                                order,
+                                movable(mt, order),
+                                false,
+                            );
                         }
                     }
                 }
@@ -656,7 +689,7 @@ fn drive<S: Stage2, E: Engine<S>>(
             pl.observe(i, sample);
         }
         if sample {
-            let t = eng.tracker();
+            let t = eng.tracker_mut();
             curve.push((i, share(t.intact_blocks())));
             never_split.push((i, 1.0 - share(t.ever_split_blocks())));
         }
@@ -665,14 +698,16 @@ fn drive<S: Stage2, E: Engine<S>>(
     eng.tracker_mut().flush_pending();
     let replay_ns = start.elapsed().as_nanos().max(1) as u64;
     if curve.last().map(|c| c.0) != Some(n) {
-        let t = eng.tracker();
+        let t = eng.tracker_mut();
         curve.push((n, share(t.intact_blocks())));
         never_split.push((n, 1.0 - share(t.ever_split_blocks())));
         if kinds {
             pl.observe(n, true);
         }
     }
-    let t = eng.tracker();
+    let (flips_u, flips_m) = eng.flips();
+    let snapshot = eng.snapshot();
+    let t = eng.tracker_mut();
     let st = t.stats();
     let per_1k = |x: u64| {
         if allocs == 0 {
@@ -690,7 +725,6 @@ fn drive<S: Stage2, E: Engine<S>>(
         r
     });
     let (worst, worst_at) = t.worst_intact_blocks();
-    let (flips_u, flips_m) = eng.flips();
     let result = PolicyResult {
         policy: kind,
         layout,
@@ -723,6 +757,7 @@ fn drive<S: Stage2, E: Engine<S>>(
         failures_by_kind: by_kind,
         flush,
         stranded,
+        latency: lat.report(),
         compaction: compaction.then(|| CompactionReport {
             stats: cst,
             ..CompactionReport::default()
@@ -730,7 +765,7 @@ fn drive<S: Stage2, E: Engine<S>>(
         free_errors,
         replay_ns,
         events_per_sec: n as f64 * 1e9 / replay_ns as f64,
-        allocator: eng.snapshot(),
+        allocator: snapshot,
         intact_over_time: curve,
         never_split_over_time: never_split,
         timing: opts.timed.then(|| t.timing()),
