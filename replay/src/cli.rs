@@ -142,6 +142,12 @@ pub struct ReplayArgs {
     /// it on (its row beside freetype's shows the caches' effect on flips, updates, failures).
     #[arg(long)]
     pub pcp: bool,
+
+    /// With --kvm: replay each policy N times (1 to 1000), each on a fresh VM, and report the
+    /// median, least and largest stage-2 figures with the sample counts (one --kvm run alone
+    /// is not trustworthy on a shared host). The other figures are the median run's.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "kvm", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
 }
 
 /// Why `veil replay` failed.
@@ -766,6 +772,47 @@ mod tests {
             assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn malformed_sweeps_cpus_0_and_unknown_arches_are_usage_errors() {
+        for bad in [
+            &["--sweep", "headroom"][..],
+            &["--sweep", "headroom=1,x"],
+            &["--sweep", "mem=1G"],
+            &["--sweep", "unmapped-fraction=2"],
+            &["--cpus", "0"],
+            &["--cpus", "x"],
+            &["--arch", "riscv"],
+            &["--flush-batch", "0"],
+            &["--repeat", "3"],
+            &["--kvm", "--repeat", "0"],
+            &["--kvm", "--sweep", "headroom=0,5"],
+        ] {
+            let mut v = vec!["x", "t"];
+            v.extend_from_slice(bad);
+            let e = Cli::try_parse_from(v)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} parsed"));
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+        let c = Cli::try_parse_from([
+            "x",
+            "t",
+            "--arch",
+            "arm64",
+            "--cpus",
+            "4",
+            "--sweep",
+            "headroom=0,5,10,25,50",
+            "--pcp",
+            "--compaction",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!((c.arch, c.cpus), (Arch::Arm64, Some(4)));
+        assert_eq!(c.sweep.as_ref().unwrap().values.len(), 5);
+        assert_eq!(*policies(&c).last().unwrap(), PolicyKind::FreetypePcp);
     }
 
     #[test]

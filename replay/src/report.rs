@@ -415,7 +415,7 @@ pub fn render_text(r: &Report) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<16} {:>9} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10} {:>10}",
+            "{:<16} {:>9} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10} {:>10} {:>5} {:>22}",
             "on KVM",
             "backend",
             "s2 updates",
@@ -427,13 +427,15 @@ pub fn render_text(r: &Report) -> String {
             "s2 total ms",
             "max call us",
             "peak slots",
-            "peak VMAs"
+            "peak VMAs",
+            "runs",
+            "s2 total med/min/max ms"
         );
         for p in &r.policies {
             if let Some(k) = &p.kvm {
                 let _ = writeln!(
                     s,
-                    "{:<16} {:>9} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10} {:>10}",
+                    "{:<16} {:>9} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10} {:>10} {:>5} {:>22}",
                     p.policy.name(),
                     k.backend,
                     p.stage2.updates(),
@@ -445,8 +447,33 @@ pub fn render_text(r: &Report) -> String {
                     (k.update_ns + k.zero_ns) as f64 / 1e6,
                     k.max_call_ns as f64 / 1e3,
                     k.peak_memslots,
-                    k.peak_vmas
+                    k.peak_vmas,
+                    k.repeat.runs,
+                    format!(
+                        "{:.1}/{:.1}/{:.1}",
+                        k.repeat.s2_total_ns.median as f64 / 1e6,
+                        k.repeat.s2_total_ns.min as f64 / 1e6,
+                        k.repeat.s2_total_ns.max as f64 / 1e6
+                    )
                 );
+                if k.repeat.runs > 1 {
+                    let r = &k.repeat;
+                    let _ = writeln!(
+                        s,
+                        "{:<16} over {} runs: upd med {:.1}/{:.1}/{:.1} us, ioctl med {:.1}/{:.1}/{:.1} us, max call {:.0}/{:.0}/{:.0} us (median/min/max)",
+                        "",
+                        r.runs,
+                        r.median_update_ns.median as f64 / 1e3,
+                        r.median_update_ns.min as f64 / 1e3,
+                        r.median_update_ns.max as f64 / 1e3,
+                        r.median_ioctl_ns.median as f64 / 1e3,
+                        r.median_ioctl_ns.min as f64 / 1e3,
+                        r.median_ioctl_ns.max as f64 / 1e3,
+                        r.max_call_ns.median as f64 / 1e3,
+                        r.max_call_ns.min as f64 / 1e3,
+                        r.max_call_ns.max as f64 / 1e3
+                    );
+                }
             }
         }
         let _ = writeln!(

@@ -245,6 +245,93 @@ fn failures_by_kind_stranded_memory_and_compaction() {
     assert!(st.over_time.len() > 100);
 }
 
+/// --pcp: freetype on per-CPU caches by the trace's CPU makes the same flips for the user-page
+/// rule and fails nothing; latency samples cover every allocation, flips cost more units.
+#[test]
+fn per_cpu_caches_and_latency_per_path() {
+    let a = args(&[
+        "--unmapped",
+        "GFP_HIGHUSER_MOVABLE",
+        "-p",
+        "freetype",
+        "--pcp",
+    ]);
+    let l = cli::load(&a).unwrap();
+    let r = cli::run_model(&a, &l).unwrap();
+    assert_eq!(r.len(), 2);
+    let (ft, pcp) = (&r[0], &r[1]);
+    assert_eq!(pcp.policy, PolicyKind::FreetypePcp);
+    assert_eq!((pcp.failures.total(), pcp.free_errors), (0, 0));
+    assert!(pcp.flips_to_unmapped >= ft.flips_to_unmapped);
+    let s = pcp.allocator.as_ref().unwrap();
+    assert!(s.total_allocs() >= pcp.allocs);
+    for p in [ft, pcp] {
+        let lat = p.latency.unwrap();
+        assert_eq!(
+            lat.fast.units.samples + lat.flip.units.samples + lat.failure.units.samples,
+            p.allocs
+        );
+        assert_eq!(
+            lat.flip.units.samples,
+            p.flips_to_unmapped + p.flips_to_mapped
+        );
+        assert!(lat.flip.units.p50 > lat.fast.units.p50);
+        assert!(lat.fast.ns.is_none(), "not timed on the model");
+    }
+}
+
+/// --sweep headroom: one replay per value on one parse; less headroom never fails less.
+#[test]
+fn sweep_over_headroom() {
+    let a = args(&[
+        "--unmapped-fraction",
+        "0.5",
+        "--seed",
+        "1",
+        "-p",
+        "freetype,per-page",
+        "--sweep",
+        "headroom=0,5,25",
+    ]);
+    let mut l = cli::load(&a).unwrap();
+    let sw = a.sweep.clone().unwrap();
+    let r = cli::run_sweep(&a, &sw, &mut l).unwrap();
+    assert_eq!(r.rows.len(), 3);
+    let ft: Vec<u64> = r
+        .rows
+        .iter()
+        .map(|row| row.policies[0].failures.total())
+        .collect();
+    assert!(ft[0] > 0 && ft[0] >= ft[1] && ft[1] >= ft[2], "{ft:?}");
+    let mem: Vec<u64> = r
+        .rows
+        .iter()
+        .map(|row| row.policies[0].layout.nr_pages)
+        .collect();
+    assert!(mem[0] < mem[2]);
+    let text = replay::sweep::render_text(&r);
+    assert!(text.contains("per-page") && text.contains("25%"), "{text}");
+    let svg = replay::sweep::render_svg(&r, "t");
+    let mut x = quick_xml::Reader::from_str(&svg);
+    let mut lines = 0;
+    loop {
+        match x.read_event().expect("valid XML") {
+            quick_xml::events::Event::Eof => break,
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e)
+                if e.name().as_ref() == b"polyline" =>
+            {
+                lines += 1
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(lines, 2);
+    // unmapped-fraction re-classifies the same parsed trace per value.
+    let sw = replay::sweep::parse_sweep("unmapped-fraction=0.1,0.9").unwrap();
+    let r = cli::run_sweep(&a, &sw, &mut l).unwrap();
+    assert!(r.rows[0].unmapped_allocs * 5 < r.rows[1].unmapped_allocs);
+}
+
 #[test]
 fn cli_options_change_the_outcome() {
     // A heavier classification: unmap every user page too. Sizing, memslots and stage-2 work grow.

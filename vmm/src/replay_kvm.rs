@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use kvm_ioctls::Kvm;
 use replay::cli::{self, ReplayArgs};
-use replay::policy::{self, KvmCost, PolicyResult, RunOptions};
+use replay::policy::{self, KvmCost, KvmRepeat, MedMinMax, PolicyResult, RunOptions};
 
 use crate::memory::{Backing, CoreDump, GuestRam, MemSize};
 use crate::stage2::{KvmSlots, Mprotect, SlotTiming, Slots, Stage2Backend, Stage2Engine};
@@ -36,7 +36,7 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
         if replay::stop::requested().is_some() {
             break;
         }
-        let r = match run_policy_on_kvm(&kvm, args, &l, kind, max_slots) {
+        let r = match run_repeated(&kvm, args, &l, kind, max_slots) {
             Ok(r) => r,
             // A signal can break a KVM call half-way (EINTR): the run was asked to stop, so
             // the policies finished so far are the report, not an error that loses them.
@@ -52,6 +52,44 @@ pub fn run(args: &ReplayArgs) -> anyhow::Result<i32> {
     let report = cli::report(args, &l, results, true);
     cli::emit(args, &report, &mut io::stdout().lock())?;
     Ok(report.exit_code())
+}
+
+/// `--repeat N`: replay `kind` N times, each on a fresh VM; the median run (by stage-2 time)
+/// with the median, least and largest figures of all runs.
+pub fn run_repeated(
+    kvm: &Kvm,
+    args: &ReplayArgs,
+    l: &cli::Loaded,
+    kind: policy::PolicyKind,
+    max_slots: u64,
+) -> anyhow::Result<PolicyResult> {
+    let mut runs = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        if replay::stop::requested().is_some() && !runs.is_empty() {
+            break;
+        }
+        runs.push(run_policy_on_kvm(kvm, args, l, kind, max_slots)?);
+    }
+    let cost = |r: &PolicyResult| r.kvm.unwrap_or_default();
+    let col = |f: &dyn Fn(&KvmCost) -> u64| -> MedMinMax {
+        MedMinMax::of(&mut runs.iter().map(|r| f(&cost(r))).collect::<Vec<_>>())
+    };
+    let repeat = KvmRepeat {
+        runs: runs.len() as u32,
+        s2_total_ns: col(&|k| k.update_ns + k.zero_ns),
+        median_update_ns: col(&|k| k.median_update_ns),
+        median_ioctl_ns: col(&|k| k.median_memslot_ioctl_ns),
+        max_call_ns: col(&|k| k.max_call_ns),
+    };
+    runs.sort_by_key(|r| {
+        let k = cost(r);
+        k.update_ns + k.zero_ns
+    });
+    let mut r = runs.swap_remove(runs.len() / 2);
+    if let Some(k) = &mut r.kvm {
+        k.repeat = repeat;
+    }
+    Ok(r)
 }
 
 /// Replay one policy with a fresh VM as its stage 2.
@@ -153,6 +191,10 @@ pub fn run_policy_on_kvm(
             .map_or(0, |&d| u64::from(d)),
         max_call_ns: t.max_call_ns,
         replay_ns,
+        repeat: KvmRepeat {
+            runs: 1,
+            ..KvmRepeat::default()
+        },
     });
     if backend == "slots" && c.peak_memslots != r.peak_memslots && c.rejected_updates == 0 {
         log::warn!(
@@ -270,6 +312,42 @@ mod tests {
                 "{kind}"
             );
         }
+    }
+
+    /// `--repeat 3`: three runs behind every figure, the median run reported, its figures
+    /// inside the range.
+    #[test]
+    fn repeat_reports_median_min_max_over_the_runs() {
+        let kvm = Kvm::new().expect("/dev/kvm");
+        let max = u64::try_from(kvm.get_nr_memslots()).unwrap();
+        let a = args(&["--repeat", "3", "-p", "per-page"]);
+        let l = cli::load(&a).unwrap();
+        let r = run_repeated(&kvm, &a, &l, PolicyKind::PerPage, max).unwrap();
+        let k = r.kvm.unwrap();
+        let rep = k.repeat;
+        assert_eq!(rep.runs, 3);
+        let t = rep.s2_total_ns;
+        assert!(t.min <= t.median && t.median <= t.max && t.min > 0, "{t:?}");
+        assert_eq!(
+            k.update_ns + k.zero_ns,
+            t.median,
+            "the median run is the one reported"
+        );
+        let m = rep.median_update_ns;
+        assert!(m.min <= k.median_update_ns && k.median_update_ns <= m.max);
+        // Timed runs carry measured latencies per path for pageblock policies only.
+        assert!(r.latency.is_none());
+        let f = run_repeated(
+            &kvm,
+            &args(&["--repeat", "2"]),
+            &l,
+            PolicyKind::Freetype,
+            max,
+        )
+        .unwrap();
+        let lat = f.latency.unwrap();
+        assert!(lat.fast.ns.unwrap().samples > 0);
+        assert_eq!(lat.flip.ns.unwrap().samples, lat.flip.units.samples);
     }
 
     /// Running out of real memslots is a result: refused updates, failed allocations, a flag.

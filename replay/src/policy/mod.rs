@@ -301,6 +301,48 @@ impl From<Stage2Error> for Failure {
     }
 }
 
+/// Median, least and largest of repeated measurements.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct MedMinMax {
+    /// Median.
+    pub median: u64,
+    /// Least.
+    pub min: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl MedMinMax {
+    /// Of `v` (sorted here; all zero if empty).
+    pub fn of(v: &mut [u64]) -> MedMinMax {
+        v.sort_unstable();
+        match (v.first(), v.last()) {
+            (Some(&min), Some(&max)) => MedMinMax {
+                median: v[v.len() / 2],
+                min,
+                max,
+            },
+            _ => MedMinMax::default(),
+        }
+    }
+}
+
+/// `veil replay --kvm --repeat N`: the measured part (the policy's replay on a fresh VM) run
+/// N times.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct KvmRepeat {
+    /// Runs (samples behind each figure).
+    pub runs: u32,
+    /// Stage-2 time of the whole replay (updates + zeroing), ns.
+    pub s2_total_ns: MedMinMax,
+    /// Median time of one update, ns.
+    pub median_update_ns: MedMinMax,
+    /// Median time of one memslot ioctl, ns (`slots`).
+    pub median_ioctl_ns: MedMinMax,
+    /// Slowest single call, ns.
+    pub max_call_ns: MedMinMax,
+}
+
 /// Measured cost of the stage-2 work on a real VM (filled by `veil replay --kvm`).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct KvmCost {
@@ -332,6 +374,9 @@ pub struct KvmCost {
     pub max_call_ns: u64,
     /// Wall time of the whole replay on KVM.
     pub replay_ns: u64,
+    /// The figures over `--repeat` runs (the other fields are the median run's, by stage-2
+    /// time).
+    pub repeat: KvmRepeat,
 }
 
 /// A policy's results.
