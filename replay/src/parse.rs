@@ -324,9 +324,22 @@ fn parse_timestamp(t: &[u8]) -> Option<u64> {
 }
 
 /// Decimal digits only, no sign, no overflow.
+#[inline]
 fn parse_dec(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 20 {
         return None;
+    }
+    if s.len() <= 19 {
+        // At most 19 digits cannot overflow a u64: no checked arithmetic per digit.
+        let mut n: u64 = 0;
+        for &c in s {
+            let d = c.wrapping_sub(b'0');
+            if d > 9 {
+                return None;
+            }
+            n = n * 10 + u64::from(d);
+        }
+        return Some(n);
     }
     let mut n: u64 = 0;
     for &c in s {
@@ -502,6 +515,19 @@ mod tests {
             parse_line(b"t-1 [000] ..... 1.0: mm_page_alloc: page=x pfn=0x1 ord"),
             Err(ParseError::MissingField("order"))
         );
+    }
+
+    #[test]
+    fn decimal_bounds() {
+        assert_eq!(
+            parse_dec(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        assert_eq!(parse_dec(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_dec(b"18446744073709551616"), None);
+        assert_eq!(parse_dec(b"12a"), None);
+        assert_eq!(parse_dec(b"1/"), None);
+        assert_eq!(parse_dec(b""), None);
     }
 
     #[test]

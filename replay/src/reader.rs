@@ -28,9 +28,12 @@ pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
     Ok(Box::new(StopAtRequest(from_reader_threaded(raw)?)))
 }
 
+/// A reader with its first bytes, read to tell gzip apart, put back in front.
+type Peeked<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
+
 /// Reads the first bytes of `raw` (up to 2: a pipe may hand them out one at a time); whether
 /// they are the gzip magic, and a reader that gives them back first.
-fn peek_gzip<R: Read>(mut raw: R) -> io::Result<(bool, io::Chain<io::Cursor<Vec<u8>>, R>)> {
+fn peek_gzip<R: Read>(mut raw: R) -> io::Result<(bool, Peeked<R>)> {
     let mut head = [0u8; 2];
     let mut got = 0;
     while got < head.len() {
@@ -145,20 +148,8 @@ impl BufRead for Threaded {
 }
 
 /// Wrap any reader, decompressing it when it starts with the gzip magic `1f 8b`.
-pub fn from_reader<'a>(mut raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRead + 'a>> {
-    // Peek at the first two bytes (a pipe may hand them out one at a time).
-    let mut head = [0u8; 2];
-    let mut got = 0;
-    while got < head.len() {
-        match raw.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    let gz = got == 2 && head == [0x1f, 0x8b];
-    let joined = io::Cursor::new(head[..got].to_vec()).chain(raw);
+pub fn from_reader<'a>(raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRead + 'a>> {
+    let (gz, joined) = peek_gzip(raw)?;
     if gz {
         let inner = BufReader::with_capacity(BUF, joined);
         Ok(Box::new(BufReader::with_capacity(
