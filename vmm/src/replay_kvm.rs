@@ -163,6 +163,10 @@ pub fn run_policy_on_kvm(
     };
     // The engines (and with them the VMs and RAM) are gone here.
     let replay_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    if let Some(c) = &mut r.compaction {
+        // The failures without compaction, from the same replay on the model.
+        cli::attach_without_compaction(c, kind, l, layout, &opts);
+    }
     let t = r.timing.unwrap_or_default();
     let updates = r.stage2.updates();
     let update_ns = t.unmap_ns + t.map_ns;
