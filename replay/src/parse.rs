@@ -324,22 +324,9 @@ fn parse_timestamp(t: &[u8]) -> Option<u64> {
 }
 
 /// Decimal digits only, no sign, no overflow.
-#[inline]
 fn parse_dec(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 20 {
         return None;
-    }
-    if s.len() <= 19 {
-        // At most 19 digits cannot overflow a u64: no checked arithmetic per digit.
-        let mut n: u64 = 0;
-        for &c in s {
-            let d = c.wrapping_sub(b'0');
-            if d > 9 {
-                return None;
-            }
-            n = n * 10 + u64::from(d);
-        }
-        return Some(n);
     }
     let mut n: u64 = 0;
     for &c in s {
