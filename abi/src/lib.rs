@@ -254,11 +254,77 @@ pub enum Hc {
     /// the test. Errors: no test running ([`Status::BadState`]), too many declarations
     /// ([`Status::BadArgument`]).
     ExpectAsiExit = 32,
+    /// (gpa, pages) -> r0 = window GPA. Maps `pages` pages from `gpa` (unmapped pages of one
+    /// or more live allocations this vCPU made) into the calling vCPU's mermap window
+    /// ([`mermap`]), bump-allocated: a slot that was put back keeps its stale mapping until
+    /// the bump pointer wraps, when the whole window is flushed at once (one batch of stage-2
+    /// changes). Tries hard to be fast, not hard to succeed. Errors: `pages` 0
+    /// ([`Status::BadArgument`]), more than [`mermap::BUMP_PAGES`]
+    /// ([`Status::MermapTooBig`]), no room without overlapping a live slot after the wrap
+    /// ([`Status::MermapBusy`]), a misaligned or non-managed `gpa` ([`Status::BadAddress`]),
+    /// a page that is not allocated ([`Status::NotAllocated`]), allocated by another vCPU
+    /// ([`Status::NotOwner`]), or not unmapped ([`Status::BadState`]), a page backed by
+    /// `memfd_secret` memory on a host where KVM reaches guest memory by GUP
+    /// ([`Status::SecretNeedsGup`]).
+    MermapGet = 33,
+    /// (gpa) -> r0 = window GPA: maps one page into the calling vCPU's reserved slot, which is
+    /// kept back from the bump allocation and succeeds whenever the slot is not live (errors as
+    /// [`Hc::MermapGet`], and [`Status::MermapBusy`] while it is live).
+    MermapGetReserved = 34,
+    /// (window_gpa): puts back the live mapping that starts at `window_gpa` in the calling
+    /// vCPU's window; its slots keep their stale mapping until the next wrap (the reserved
+    /// slot's until it is taken again or the window wraps). [`Status::BadState`] for a slot
+    /// that is not live, [`Status::BadAddress`] outside the caller's window.
+    MermapPut = 35,
+    /// (what) -> r0, r1: the calling vCPU's window. `what` 0: (window base GPA, bump pages);
+    /// 1: (flushes, wraps) since boot; 2: (bump pointer, live mappings); 3: (reserved slot
+    /// GPA, stage-2 operations of the last flush). Anything else: [`Status::BadArgument`].
+    MermapInfo = 36,
+    /// (buf_gpa, src_gpa, len): a **host assertion**: the VMM checks, through its own mapping,
+    /// that the `len` bytes at `buf_gpa` (reserved memory or pages the guest owns) equal the
+    /// secret planted at `src_gpa` (pages the guest owns), i.e. that a copy the guest made
+    /// through its window holds the page's real contents, and records the outcome in the
+    /// current test's verdict. Returns only `Ok` (errors from the arguments alone, as
+    /// [`Hc::HostExpect`]).
+    ExpectSecretCopy = 37,
+    /// () -> r0 = the `--on-violation` policy: 0 report, 1 inject, 2 kill.
+    ViolationPolicy = 38,
 }
 
 impl Hc {
     /// The lowest hypercall number with no call (everything from here up is unknown).
-    pub const FIRST_UNUSED: u32 = 33;
+    pub const FIRST_UNUSED: u32 = 39;
+}
+
+/// The mermap: each vCPU's window of GPAs above RAM where unmapped pages it owns can be mapped
+/// ephemerally ([`Hc::MermapGet`]).
+pub mod mermap {
+    /// Pages of each vCPU's window handed out by the bump allocator.
+    pub const BUMP_PAGES: u64 = 64;
+    /// Pages kept back for [`super::Hc::MermapGetReserved`] (after the bump pages).
+    pub const RESERVED_PAGES: u64 = 1;
+    /// Pages of each vCPU's window: vCPU n's starts at the window base + n * this * 4 KiB.
+    pub const WINDOW_PAGES: u64 = BUMP_PAGES + RESERVED_PAGES;
+}
+
+/// Vector of the virtualization exception `--on-violation inject` injects (#VE).
+pub const VE_VECTOR: u8 = 20;
+/// Offset in each vCPU's mailbox page of the [`VeInfo`] the VMM writes before it injects #VE.
+pub const VE_INFO_OFFSET: u64 = 0xe00;
+
+/// What `--on-violation inject` tells the guest about the violation it injects #VE for,
+/// written at [`VE_INFO_OFFSET`] of the vCPU's mailbox page.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VeInfo {
+    /// #VEs injected into this vCPU since boot (the one being delivered included).
+    pub count: u64,
+    /// GPA of the access.
+    pub gpa: u64,
+    /// RIP KVM reported for the access (a load: the instruction; a store: the next one).
+    pub rip: u64,
+    /// An [`Access`] as u64.
+    pub access: u64,
 }
 
 /// `perm` of [`Hc::Protect`].
@@ -311,6 +377,12 @@ impl Hc {
             30 => Hc::AsiEnter,
             31 => Hc::AsiStats,
             32 => Hc::ExpectAsiExit,
+            33 => Hc::MermapGet,
+            34 => Hc::MermapGetReserved,
+            35 => Hc::MermapPut,
+            36 => Hc::MermapInfo,
+            37 => Hc::ExpectSecretCopy,
+            38 => Hc::ViolationPolicy,
             _ => return None,
         })
     }
@@ -359,6 +431,17 @@ pub enum Status {
     Unreachable = 16,
     /// [`Hc::AsiEnter`] by a vCPU that is not ASI-exited: nothing to do (counted).
     AlreadyRestricted = 17,
+    /// [`Hc::MermapGet`]: no room in the window without overlapping a live mapping (put some
+    /// back), or the reserved slot is live.
+    MermapBusy = 18,
+    /// [`Hc::MermapGet`]: more pages than the window's bump area holds.
+    MermapTooBig = 19,
+    /// [`Hc::MermapGet`]: a page of the range was allocated by another vCPU (only the
+    /// allocation's owner may map it).
+    NotOwner = 20,
+    /// [`Hc::MermapGet`]: the page is `memfd_secret` memory and this host's KVM reaches guest
+    /// memory by GUP, which secret memory refuses.
+    SecretNeedsGup = 21,
 }
 
 impl Status {
@@ -383,6 +466,10 @@ impl Status {
             15 => Status::HarnessOnly,
             16 => Status::Unreachable,
             17 => Status::AlreadyRestricted,
+            18 => Status::MermapBusy,
+            19 => Status::MermapTooBig,
+            20 => Status::NotOwner,
+            21 => Status::SecretNeedsGup,
             _ => return None,
         })
     }

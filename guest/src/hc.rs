@@ -398,3 +398,34 @@ pub fn aimed(hc: Hc, a0: u64, a1: u64, a2: u64, a3: u64) -> Result<u64, Status> 
     let r = unsafe { raw(hc as u32, a0, a1, a2, a3) };
     status(r.status).map(|()| r.r0)
 }
+
+/// Maps `pages` pages from `gpa` (unmapped pages this vCPU allocated) into this vCPU's mermap
+/// window; returns the window GPA.
+pub fn mermap_get(gpa: u64, pages: u64) -> Result<u64, Status> {
+    call(Hc::MermapGet, gpa, pages, 0, 0).map(|r| r.r0)
+}
+
+/// Maps the page at `gpa` into this vCPU's reserved mermap slot; returns its GPA.
+pub fn mermap_get_reserved(gpa: u64) -> Result<u64, Status> {
+    call(Hc::MermapGetReserved, gpa, 0, 0, 0).map(|r| r.r0)
+}
+
+/// Puts back the live mermap mapping starting at `window_gpa`.
+pub fn mermap_put(window_gpa: u64) -> Result<(), Status> {
+    call(Hc::MermapPut, window_gpa, 0, 0, 0).map(|_| ())
+}
+
+/// `Hc::MermapInfo(what)`: (r0, r1) about this vCPU's window.
+pub fn mermap_info(what: u64) -> Result<(u64, u64), Status> {
+    call(Hc::MermapInfo, what, 0, 0, 0).map(|r| (r.r0, r.r1))
+}
+
+/// A host assertion: `[buf, buf+len)` holds the secret planted at `src`.
+pub fn expect_secret_copy(buf: u64, src: u64, len: u64) -> Result<(), Status> {
+    call(Hc::ExpectSecretCopy, buf, src, len, 0).map(|_| ())
+}
+
+/// The VMM's `--on-violation` policy: 0 report, 1 inject, 2 kill.
+pub fn violation_policy() -> Result<u64, Status> {
+    call(Hc::ViolationPolicy, 0, 0, 0, 0).map(|r| r.r0)
+}

@@ -5,6 +5,10 @@
 //! Each stub pushes a dummy error code where the CPU pushes none, then the vector, and jumps to a
 //! common path that calls `Hc::Exception(vector, error_code, rip, cr2)` and `Hc::Exit(3)`. The
 //! VMM prints the registers. Interrupts stay off, so no other vector is ever delivered.
+//!
+//! The one exception: #VE (vector 20), which the VMM injects under `--on-violation inject`
+//! after a load or store violation has completed (the VMM's [`veil_abi::VeInfo`] is in the
+//! vCPU's mailbox). Its handler only counts it ([`VE_COUNT`]) and returns past the access.
 
 use core::arch::{asm, global_asm};
 use core::ptr::addr_of_mut;
@@ -69,7 +73,21 @@ global_asm!(
 extern "C" {
     /// Addresses of the 32 exception stubs (defined in the assembly above).
     static veil_isr_table: [u64; 32];
+    /// The #VE handler (below).
+    fn veil_ve_handler();
 }
+
+/// #VEs taken (all vCPUs).
+pub static VE_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+global_asm!(
+    ".section .text.isr, \"ax\"",
+    ".global veil_ve_handler",
+    "veil_ve_handler:",
+    "    lock inc qword ptr [rip + {count}]",
+    "    iretq",
+    count = sym VE_COUNT,
+);
 
 /// One 64-bit interrupt gate.
 #[repr(C)]
@@ -113,7 +131,15 @@ pub fn init() {
     unsafe {
         let idt = &mut *addr_of_mut!(IDT);
         let table = &*core::ptr::addr_of!(veil_isr_table);
-        for (gate, &handler) in idt.iter_mut().zip(table.iter()) {
+        let ve = veil_ve_handler as *const () as u64;
+        let handlers = table.iter().enumerate().map(|(v, &h)| {
+            if v == usize::from(veil_abi::VE_VECTOR) {
+                ve
+            } else {
+                h
+            }
+        });
+        for (gate, handler) in idt.iter_mut().zip(handlers) {
             *gate = Gate {
                 offset_lo: handler as u16,
                 selector: CODE_SELECTOR,

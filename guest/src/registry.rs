@@ -53,4 +53,12 @@ pub static TESTS: &[Test] = &[
     Test::new("asi_declassify_zeroes", tests::asi::asi_declassify_zeroes),
     Test::new("asi_transitions", tests::asi::asi_transitions),
     Test::new("asi_smp", tests::asi::asi_smp),
+    Test::new("mermap_basic", tests::mermap::mermap_basic),
+    Test::new("mermap_size_edges", tests::mermap::mermap_size_edges),
+    Test::new("mermap_exhaustion", tests::mermap::mermap_exhaustion),
+    Test::new("mermap_stale_until_wrap", tests::mermap::mermap_stale_until_wrap),
+    Test::new("mermap_flush_per_wrap", tests::mermap::mermap_flush_per_wrap),
+    Test::new("mermap_vcpu_isolation", tests::mermap::mermap_vcpu_isolation),
+    Test::new("inject", tests::inject::inject),
+    Test::new("violation_latency", tests::inject::violation_latency),
 ];

@@ -12,8 +12,13 @@ use std::time::Instant;
 use thiserror::Error;
 
 use crate::classify::{classify, Classification, ClassifyError, Rules};
-use crate::policy::{self, Layout, PolicyKind, PolicyResult, RunOptions, DEFAULT_HEADROOM_PCT};
+use crate::flush::Arch;
+use crate::policy::compaction::CompactionReport;
+use crate::policy::{
+    self, Layout, PolicyKind, PolicyResult, RunOptions, DEFAULT_FLUSH_BATCH, DEFAULT_HEADROOM_PCT,
+};
 use crate::report::{render_text, Report};
+use crate::sweep::{Sweep, SweepKey, SweepReport, SweepRow};
 use crate::trace::{self, LoadOptions, Trace, TraceError};
 use crate::tracker::{PureModel, DEFAULT_MAX_MEMSLOTS};
 
@@ -115,6 +120,44 @@ pub struct ReplayArgs {
     /// GFP_ATOMIC) may not flip pageblocks, as in the kernel.
     #[arg(long)]
     pub honour_atomic: bool,
+
+    /// Whose TLB-flush rules turn stage-2 changes into shootdowns: x86 (removals flush,
+    /// additions do not) or arm64 (break-before-make: removals and additions flush).
+    #[arg(long, value_enum, default_value_t = Arch::X86, value_name = "x86|arm64", hide_possible_values = true)]
+    pub arch: Arch,
+
+    /// CPUs a shootdown reaches: each costs N-1 IPIs in the report (1 to 65536; default: the
+    /// number of CPUs the trace recorded).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub cpus: Option<u32>,
+
+    /// per-page-batched: removals share one shootdown per N pages (at least 1); a page whose
+    /// removal is still waiting is flushed before it is reused.
+    #[arg(long, default_value_t = DEFAULT_FLUSH_BATCH, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub flush_batch: u64,
+
+    /// freetype: when a request finds no whole free pageblock of the other kind to flip,
+    /// migrate the movable allocations (trace migratetype 1) out of the cheapest block and
+    /// retry; the report gives failures with and without it and the pages migrated.
+    #[arg(long)]
+    pub compaction: bool,
+
+    /// One replay per value, sharing the parsed trace, in one table (and one plot with
+    /// --plot): `headroom=0,5,10,25,50` or `unmapped-fraction=0.1,0.5,1`.
+    #[arg(long, value_name = "KEY=V1,V2,..", value_parser = crate::sweep::parse_sweep, conflicts_with = "kvm")]
+    pub sweep: Option<Sweep>,
+
+    /// Also replay `freetype-pcp`: the freetype policy on the allocator for several CPUs, one
+    /// per-CPU cache set per trace CPU, each allocation and free on the CPU the trace recorded
+    /// it on (its row beside freetype's shows the caches' effect on flips, updates, failures).
+    #[arg(long)]
+    pub pcp: bool,
+
+    /// With --kvm: replay each policy N times (1 to 1000), each on a fresh VM, and report the
+    /// median, least and largest stage-2 figures with the sample counts (one --kvm run alone
+    /// is not trustworthy on a shared host). The other figures are the median run's.
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "kvm", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub repeat: u32,
 }
 
 /// Why `veil replay` failed.
@@ -441,11 +484,15 @@ pub fn layout(a: &ReplayArgs, kind: PolicyKind, trace: &Trace) -> Result<Layout,
     Ok(l)
 }
 
-/// How each policy runs.
-pub fn run_options(a: &ReplayArgs) -> RunOptions {
+/// How each policy runs on `trace` (`--cpus` defaults to the trace's CPU count).
+pub fn run_options(a: &ReplayArgs, trace: &Trace) -> RunOptions {
     RunOptions {
         max_slots: a.max_memslots,
         honour_atomic: a.honour_atomic,
+        arch: a.arch,
+        flush_batch: a.flush_batch,
+        cpus: a.cpus.unwrap_or(trace.stats.cpus.max(1)),
+        compaction: a.compaction,
         ..RunOptions::default()
     }
 }
@@ -467,18 +514,101 @@ pub fn progress_policy(a: &ReplayArgs, r: &PolicyResult) {
 
 /// Replay every selected policy on the pure model.
 pub fn run_model(a: &ReplayArgs, l: &Loaded) -> Result<Vec<PolicyResult>, ReplayError> {
-    let opts = run_options(a);
+    let opts = run_options(a, &l.trace);
     let mut out = Vec::new();
-    for &kind in dedup(&a.policy).iter() {
+    for kind in policies(a) {
         if crate::stop::requested().is_some() {
             break;
         }
         let lay = layout(a, kind, &l.trace)?;
-        let (r, _) = policy::run(kind, &l.trace, lay, PureModel, &opts);
+        let (mut r, _) = policy::run(kind, &l.trace, lay, PureModel, &opts);
+        if let Some(c) = &mut r.compaction {
+            attach_without_compaction(c, kind, l, lay, &opts);
+        }
         progress_policy(a, &r);
         out.push(r);
     }
     Ok(out)
+}
+
+/// `--compaction`: the same replay without it, for the report's failures with and without.
+pub fn attach_without_compaction(
+    c: &mut CompactionReport,
+    kind: PolicyKind,
+    l: &Loaded,
+    lay: Layout,
+    opts: &RunOptions,
+) {
+    let plain = RunOptions {
+        compaction: false,
+        timed: false,
+        ..*opts
+    };
+    let (w, _) = policy::run(kind, &l.trace, lay, PureModel, &plain);
+    c.failures_without = w.failures;
+    c.failures_by_kind_without = w.failures_by_kind;
+}
+
+/// `--sweep`: one replay per value on the trace parsed once (re-classified for
+/// `unmapped-fraction`).
+pub fn run_sweep(a: &ReplayArgs, sw: &Sweep, l: &mut Loaded) -> Result<SweepReport, ReplayError> {
+    let mut rows = Vec::new();
+    for &v in &sw.values {
+        if crate::stop::requested().is_some() {
+            break;
+        }
+        let mut b = a.clone();
+        b.sweep = None;
+        match sw.key {
+            SweepKey::Headroom => b.headroom = v as u32,
+            SweepKey::UnmappedFraction => {
+                b.unmapped_fraction = Some(v);
+                l.classification = classify(&mut l.trace, &rules(&b))?;
+            }
+        }
+        progress(a, format_args!("sweep {}={v}", sw.key.name()));
+        let policies = run_model(&b, l)?;
+        rows.push(SweepRow {
+            value: v,
+            unmapped_allocs: l.classification.unmapped_allocs,
+            policies,
+        });
+    }
+    Ok(SweepReport {
+        sweep: sw.clone(),
+        rows,
+    })
+}
+
+/// Print a sweep (text or JSON) and write its plot if asked.
+pub fn emit_sweep(a: &ReplayArgs, r: &SweepReport, out: &mut dyn Write) -> Result<(), ReplayError> {
+    let w = |e| ReplayError::Io("cannot write the report to stdout".into(), e);
+    let mut buf = io::BufWriter::with_capacity(1 << 16, out);
+    if a.json {
+        serde_json::to_writer_pretty(&mut buf, r)?;
+        writeln!(buf).map_err(w)?;
+    } else {
+        buf.write_all(crate::sweep::render_text(r).as_bytes())
+            .map_err(w)?;
+    }
+    buf.flush().map_err(w)?;
+    if let Some(path) = &a.plot {
+        let title = format!("Failed allocations across {}", r.sweep.key.name());
+        create_output(path)
+            .and_then(|mut f| f.write_all(crate::sweep::render_svg(r, &title).as_bytes()))
+            .map_err(|e| ReplayError::Io(format!("cannot write plot {}", path.display()), e))?;
+        progress(a, format_args!("plot written to {}", path.display()));
+    }
+    Ok(())
+}
+
+/// The policies to run: `--policy` in order, each once, then `freetype-pcp` with `--pcp`.
+pub fn policies(a: &ReplayArgs) -> Vec<PolicyKind> {
+    let mut v = dedup(&a.policy);
+    if a.pcp && !v.contains(&PolicyKind::FreetypePcp) {
+        v.push(PolicyKind::FreetypePcp);
+    }
+    v
 }
 
 /// Policies in the order given, each once.
@@ -550,12 +680,16 @@ fn fmt_mib(pages: u64) -> String {
 /// Print the report (text or JSON) to `out` and write the plot if asked.
 pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), ReplayError> {
     let w = |e| ReplayError::Io("cannot write the report to stdout".into(), e);
+    // One buffer for the whole document: serde_json writes token by token.
+    let mut buf = io::BufWriter::with_capacity(1 << 16, &mut *out);
     if a.json {
-        serde_json::to_writer_pretty(&mut *out, r)?;
-        writeln!(out).map_err(w)?;
+        serde_json::to_writer_pretty(&mut buf, r)?;
+        writeln!(buf).map_err(w)?;
     } else {
-        out.write_all(render_text(r).as_bytes()).map_err(w)?;
+        buf.write_all(render_text(r).as_bytes()).map_err(w)?;
     }
+    buf.flush().map_err(w)?;
+    drop(buf);
     if let Some(path) = &a.plot {
         let title = format!(
             "Intact 2 MiB blocks; {} unmapped allocations ({})",
@@ -574,7 +708,13 @@ pub fn run(a: &ReplayArgs) -> Result<i32, ReplayError> {
     if a.kvm {
         return Err(ReplayError::KvmUnavailable);
     }
-    let l = load(a)?;
+    let mut l = load(a)?;
+    if let Some(sw) = &a.sweep {
+        let r = run_sweep(a, sw, &mut l)?;
+        let stdout = io::stdout();
+        emit_sweep(a, &r, &mut stdout.lock())?;
+        return Ok(crate::stop::requested().map_or(0, |i| i.exit_code()));
+    }
     let results = run_model(a, &l)?;
     let r = report(a, &l, results, false);
     let stdout = io::stdout();
@@ -692,6 +832,47 @@ mod tests {
             assert!(msg.contains(want) && msg.contains(name), "{name}: {msg}");
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn malformed_sweeps_cpus_0_and_unknown_arches_are_usage_errors() {
+        for bad in [
+            &["--sweep", "headroom"][..],
+            &["--sweep", "headroom=1,x"],
+            &["--sweep", "mem=1G"],
+            &["--sweep", "unmapped-fraction=2"],
+            &["--cpus", "0"],
+            &["--cpus", "x"],
+            &["--arch", "riscv"],
+            &["--flush-batch", "0"],
+            &["--repeat", "3"],
+            &["--kvm", "--repeat", "0"],
+            &["--kvm", "--sweep", "headroom=0,5"],
+        ] {
+            let mut v = vec!["x", "t"];
+            v.extend_from_slice(bad);
+            let e = Cli::try_parse_from(v)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} parsed"));
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+        let c = Cli::try_parse_from([
+            "x",
+            "t",
+            "--arch",
+            "arm64",
+            "--cpus",
+            "4",
+            "--sweep",
+            "headroom=0,5,10,25,50",
+            "--pcp",
+            "--compaction",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!((c.arch, c.cpus), (Arch::Arm64, Some(4)));
+        assert_eq!(c.sweep.as_ref().unwrap().values.len(), 5);
+        assert_eq!(*policies(&c).last().unwrap(), PolicyKind::FreetypePcp);
     }
 
     #[test]

@@ -13,14 +13,17 @@
 
 pub mod classify;
 pub mod cli;
+pub mod flush;
 pub mod gfp;
 pub mod parse;
+pub mod pfn_table;
 pub mod plot;
 pub mod policy;
 pub mod reader;
 pub mod report;
 pub mod sensitive;
 pub mod stop;
+pub mod sweep;
 pub mod trace;
 pub mod tracker;
 

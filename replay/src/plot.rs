@@ -7,7 +7,7 @@ use crate::policy::{PolicyKind, PolicyResult};
 const W: f64 = 960.0;
 const H: f64 = 540.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 280.0;
+const RIGHT: f64 = 330.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 70.0;
 
@@ -16,6 +16,8 @@ fn dash(p: PolicyKind) -> &'static str {
     match p {
         PolicyKind::Freetype => "none",
         PolicyKind::PerPage => "none",
+        PolicyKind::PerPageBatched => "3 4",
+        PolicyKind::FreetypePcp => "6 3",
         PolicyKind::UnmappedCache => "8 5",
         PolicyKind::LinuxPlacement => "none",
     }
@@ -26,6 +28,8 @@ fn colour(p: PolicyKind) -> &'static str {
     match p {
         PolicyKind::Freetype => "#1b7837",
         PolicyKind::PerPage => "#d6604d",
+        PolicyKind::PerPageBatched => "#f4a582",
+        PolicyKind::FreetypePcp => "#5aae61",
         PolicyKind::UnmappedCache => "#2166ac",
         PolicyKind::LinuxPlacement => "#762a83",
     }
@@ -105,7 +109,12 @@ pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
         .max(1) as f64;
     let lowest = results
         .iter()
-        .flat_map(|r| r.intact_over_time.iter().map(|p| p.1))
+        .flat_map(|r| {
+            r.intact_over_time
+                .iter()
+                .chain(r.never_split_over_time.iter())
+                .map(|p| p.1)
+        })
         .fold(1.0f64, f64::min);
     // Y axis in percent: from a round value below the lowest point up to 100.
     let ystep = nice_step((100.0 - lowest * 100.0).max(1.0), 5);
@@ -166,6 +175,33 @@ pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
         xl = TOP + ph + 45.0,
         cy = TOP + ph / 2.0
     );
+    // A y axis that does not start at 0 is marked as cut, with a break on the axis.
+    if ymin > 0.0 {
+        let b = TOP + ph;
+        let _ = writeln!(
+            s,
+            r##"<path d="M {:.1} {:.1} l 10 -4 l -10 -4 l 10 -4" fill="none" stroke="black" stroke-width="1.5"/><text x="{LEFT}" y="{:.1}" font-size="11" fill="#b2182b">y axis cut: starts at {}%, not 0</text>"##,
+            LEFT - 5.0,
+            b - 2.0,
+            TOP - 8.0,
+            trim(ymin)
+        );
+    }
+    // Blocks never split (Linux never re-merges a split block): thin dotted lines.
+    for r in results {
+        let pts: Vec<String> = r
+            .never_split_over_time
+            .iter()
+            .map(|&(e, share)| format!("{:.1},{:.1}", x(e as f64), y(share * 100.0)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{}" stroke-width="1.2" stroke-opacity="0.7" stroke-dasharray="1 3" points="{}"><title>{} never split</title></polyline>"#,
+            colour(r.policy),
+            pts.join(" "),
+            r.policy
+        );
+    }
     // One polyline per policy, then the legend.
     for r in results {
         let pts: Vec<String> = r
@@ -193,20 +229,39 @@ pub fn render_svg(results: &[PolicyResult], title: &str) -> String {
         r##"<rect x="{:.1}" y="{TOP}" width="{:.1}" height="{:.1}" fill="white" stroke="#999"/>"##,
         lx - 10.0,
         RIGHT - 20.0,
-        22.0 * results.len() as f64 + 14.0
+        22.0 * results.len() as f64 + 58.0
     );
     for (i, r) in results.iter().enumerate() {
         let ly = TOP + 20.0 + 22.0 * i as f64;
         let _ = writeln!(
             s,
-            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3" stroke-dasharray="{}"/><text x="{:.1}" y="{:.1}">{}: {:.1}% at end</text>"#,
+            r#"<line x1="{lx:.1}" y1="{ly:.1}" x2="{:.1}" y2="{ly:.1}" stroke="{}" stroke-width="3" stroke-dasharray="{}"/><text x="{:.1}" y="{:.1}" font-size="11">{}: {:.1}% ({:.1}% never split), {} blocks</text>"#,
             lx + 24.0,
             colour(r.policy),
             dash(r.policy),
             lx + 30.0,
             ly + 4.0,
             r.policy,
-            r.intact_share_end * 100.0
+            r.intact_share_end * 100.0,
+            r.never_split_share * 100.0,
+            r.blocks
+        );
+    }
+    let ly = TOP + 20.0 + 22.0 * results.len() as f64;
+    let _ = writeln!(
+        s,
+        r#"<text x="{lx:.1}" y="{ly:.1}" font-size="10">solid: intact now (assumes re-merging)</text><text x="{lx:.1}" y="{:.1}" font-size="10">dotted: never split (no re-merge, as Linux)</text>"#,
+        ly + 14.0
+    );
+    if results
+        .iter()
+        .any(|r| r.policy == PolicyKind::LinuxPlacement)
+    {
+        let _ = writeln!(
+            s,
+            r#"<text x="{lx:.1}" y="{:.1}" font-size="10">linux-placement spans every PFN the trace</text><text x="{lx:.1}" y="{:.1}" font-size="10">touched (more blocks): compare counts too</text>"#,
+            ly + 28.0,
+            ly + 42.0
         );
     }
     s.push_str("</svg>\n");

@@ -15,21 +15,25 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Read buffer size.
 const BUF: usize = 256 * 1024;
 
-/// Open `path` (or standard input for `-`), transparently decompressing gzip.
+/// Open `path` (or standard input for `-`), transparently decompressing gzip (a gzip file is
+/// decompressed on a thread of its own, see [`Threaded`]).
 pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
-    let raw: Box<dyn Read> = if path.as_os_str() == "-" {
-        Box::new(StopAtRequest(io::stdin().lock()))
-    } else {
-        Box::new(StopAtRequest(File::open(path)?))
-    };
     // A stop request ends the input at the innermost read (an interrupted pipe read) and at the
     // outermost one (a gzip stream cut short is not an error then).
-    Ok(Box::new(StopAtRequest(from_reader(raw)?)))
+    if path.as_os_str() == "-" {
+        let raw: Box<dyn Read> = Box::new(StopAtRequest(io::stdin().lock()));
+        return Ok(Box::new(StopAtRequest(from_reader(raw)?)));
+    }
+    let raw: Box<dyn Read + Send> = Box::new(StopAtRequest(File::open(path)?));
+    Ok(Box::new(StopAtRequest(from_reader_threaded(raw)?)))
 }
 
-/// Wrap any reader, decompressing it when it starts with the gzip magic `1f 8b`.
-pub fn from_reader<'a>(mut raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRead + 'a>> {
-    // Peek at the first two bytes (a pipe may hand them out one at a time).
+/// A reader with its first bytes, read to tell gzip apart, put back in front.
+type Peeked<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
+
+/// Reads the first bytes of `raw` (up to 2: a pipe may hand them out one at a time); whether
+/// they are the gzip magic, and a reader that gives them back first.
+fn peek_gzip<R: Read>(mut raw: R) -> io::Result<(bool, Peeked<R>)> {
     let mut head = [0u8; 2];
     let mut got = 0;
     while got < head.len() {
@@ -41,7 +45,111 @@ pub fn from_reader<'a>(mut raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRea
         }
     }
     let gz = got == 2 && head == [0x1f, 0x8b];
-    let joined = io::Cursor::new(head[..got].to_vec()).chain(raw);
+    Ok((gz, io::Cursor::new(head[..got].to_vec()).chain(raw)))
+}
+
+/// [`from_reader`], with gzip decompressed on its own thread (the parse runs meanwhile).
+pub fn from_reader_threaded(raw: Box<dyn Read + Send>) -> io::Result<Box<dyn BufRead>> {
+    let (gz, joined) = peek_gzip(raw)?;
+    if gz {
+        let inner = BufReader::with_capacity(BUF, joined);
+        Ok(Box::new(Threaded::spawn(GzipInput(MultiGzDecoder::new(
+            inner,
+        )))))
+    } else {
+        Ok(Box::new(BufReader::with_capacity(BUF, joined)))
+    }
+}
+
+/// Chunks a [`Threaded`] reader keeps in flight.
+const IN_FLIGHT: usize = 4;
+
+/// A reader run on a thread of its own: it fills `BUF`-sized chunks and hands them over a
+/// bounded channel (empty chunks come back for reuse), so decompression and parsing overlap.
+/// Dropping the reader ends the thread at its next chunk.
+pub struct Threaded {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    back: std::sync::mpsc::SyncSender<Vec<u8>>,
+    cur: Vec<u8>,
+    pos: usize,
+    done: bool,
+}
+
+impl Threaded {
+    /// Start reading `r` on a new thread.
+    pub fn spawn<R: Read + Send + 'static>(mut r: R) -> Threaded {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(IN_FLIGHT);
+        let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+        std::thread::spawn(move || loop {
+            let mut buf = spare.try_recv().unwrap_or_default();
+            buf.resize(BUF, 0);
+            let mut n = 0;
+            while n < buf.len() {
+                match r.read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            buf.truncate(n);
+            if tx.send(Ok(buf)).is_err() || n == 0 {
+                return;
+            }
+        });
+        Threaded {
+            rx,
+            back,
+            cur: Vec::new(),
+            pos: 0,
+            done: false,
+        }
+    }
+}
+
+impl Read for Threaded {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for Threaded {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos >= self.cur.len() && !self.done {
+            let used = std::mem::take(&mut self.cur);
+            let _ = self.back.try_send(used);
+            self.pos = 0;
+            match self.rx.recv() {
+                Ok(Ok(b)) if b.is_empty() => self.done = true,
+                Ok(Ok(b)) => self.cur = b,
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.done = true;
+                    return Err(io::Error::other("the trace reader thread ended early"));
+                }
+            }
+        }
+        Ok(&self.cur[self.pos.min(self.cur.len())..])
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.pos += n;
+    }
+}
+
+/// Wrap any reader, decompressing it when it starts with the gzip magic `1f 8b`.
+pub fn from_reader<'a>(raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRead + 'a>> {
+    let (gz, joined) = peek_gzip(raw)?;
     if gz {
         let inner = BufReader::with_capacity(BUF, joined);
         Ok(Box::new(BufReader::with_capacity(
@@ -82,87 +190,85 @@ pub enum NextLine<'a> {
     Eof,
 }
 
-/// `fill_buf`, retrying when interrupted.
-fn fill<R: BufRead>(r: &mut R) -> io::Result<&[u8]> {
-    loop {
-        match r.fill_buf() {
-            Ok(_) => return r.fill_buf(),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Reads lines, handing out slices of the read buffer when a line lies inside it (the common
-/// case: no copy) and assembling lines that straddle buffer refills in its own buffer, capped at
-/// [`MAX_LINE`] bytes.
-pub struct LineReader<R: BufRead> {
+/// Reads lines into a buffer of its own, refilled with one large `read` at a time (so the
+/// layers below, stop checks included, run once per 256 KiB, not once per line), handing out
+/// slices of it. A line longer than [`MAX_LINE`] bytes is skipped without being kept.
+pub struct LineReader<R: Read> {
     inner: R,
     buf: Vec<u8>,
-    /// Bytes of `inner`'s buffer handed out by the last call, consumed at the next call.
-    pending: usize,
+    /// The unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    eof: bool,
+    /// Discarding the rest of a too-long line.
+    skipping: bool,
 }
 
-impl<R: BufRead> LineReader<R> {
-    /// Wrap a buffered reader.
+impl<R: Read> LineReader<R> {
+    /// Wrap a reader.
     pub fn new(inner: R) -> Self {
         LineReader {
             inner,
-            buf: Vec::with_capacity(512),
-            pending: 0,
+            buf: vec![0; BUF + MAX_LINE + 1],
+            start: 0,
+            end: 0,
+            eof: false,
+            skipping: false,
+        }
+    }
+
+    /// Read more bytes after `end`, moving the unread ones to the front first.
+    fn refill(&mut self) -> io::Result<()> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        loop {
+            match self.inner.read(&mut self.buf[self.end..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
     }
 
     /// Read the next line.
     pub fn next_line(&mut self) -> io::Result<NextLine<'_>> {
-        self.inner.consume(self.pending);
-        self.pending = 0;
-        // Fast path: the whole line is in the buffer.
-        let found = {
-            let avail = fill(&mut self.inner)?;
-            if avail.is_empty() {
+        loop {
+            if let Some(i) = memchr::memchr(b'\n', &self.buf[self.start..self.end]) {
+                let s = self.start;
+                self.start += i + 1;
+                if std::mem::take(&mut self.skipping) || i > MAX_LINE {
+                    return Ok(NextLine::TooLong);
+                }
+                return Ok(NextLine::Line(&self.buf[s..s + i]));
+            }
+            if self.end - self.start > MAX_LINE || (self.skipping && self.end > self.start) {
+                // No newline within MAX_LINE bytes: drop what is buffered, skip to the next one.
+                self.skipping = true;
+                self.start = self.end;
+            }
+            if self.eof {
+                if std::mem::take(&mut self.skipping) {
+                    return Ok(NextLine::TooLong);
+                }
+                if self.start < self.end {
+                    let s = self.start;
+                    self.start = self.end;
+                    return Ok(NextLine::Line(&self.buf[s..self.end]));
+                }
                 return Ok(NextLine::Eof);
             }
-            memchr::memchr(b'\n', avail)
-        };
-        if let Some(i) = found {
-            if i <= MAX_LINE {
-                self.pending = i + 1;
-                let avail = self.inner.fill_buf()?;
-                return Ok(NextLine::Line(&avail[..i]));
-            }
+            self.refill()?;
         }
-        // Slow path: assemble the line across refills.
-        self.buf.clear();
-        let mut too_long = false;
-        loop {
-            let avail = fill(&mut self.inner)?;
-            if avail.is_empty() {
-                break;
-            }
-            let (chunk, found) = match memchr::memchr(b'\n', avail) {
-                Some(i) => (&avail[..i], Some(i)),
-                None => (avail, None),
-            };
-            if !too_long {
-                if self.buf.len() + chunk.len() > MAX_LINE {
-                    too_long = true;
-                    self.buf.clear();
-                } else {
-                    self.buf.extend_from_slice(chunk);
-                }
-            }
-            let used = found.map_or(avail.len(), |i| i + 1);
-            self.inner.consume(used);
-            if found.is_some() {
-                break;
-            }
-        }
-        Ok(if too_long {
-            NextLine::TooLong
-        } else {
-            NextLine::Line(&self.buf)
-        })
     }
 }
 
@@ -196,6 +302,27 @@ mod tests {
         let want = vec!["a b", "c", "", "last-no-newline"];
         assert_eq!(lines(text), want);
         assert_eq!(lines(gz), want);
+    }
+
+    #[test]
+    fn threaded_gzip_gives_the_same_lines_and_errors() {
+        let text: Vec<u8> = (0..100_000)
+            .flat_map(|i| format!("line {i}\n").into_bytes())
+            .collect();
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&text).unwrap();
+        let gz = enc.finish().unwrap();
+        let read = |data: Vec<u8>| -> io::Result<Vec<u8>> {
+            let mut r = from_reader_threaded(Box::new(io::Cursor::new(data)))?;
+            let mut out = Vec::new();
+            r.read_to_end(&mut out)?;
+            Ok(out)
+        };
+        assert_eq!(read(gz.clone()).unwrap(), text);
+        assert_eq!(read(text.clone()).unwrap(), text);
+        // A truncated stream is the gzip error, from the thread.
+        let e = read(gz[..gz.len() / 2].to_vec()).unwrap_err();
+        assert!(e.get_ref().is_some_and(|i| i.is::<GzipError>()), "{e}");
     }
 
     #[test]

@@ -56,6 +56,198 @@ fn pct(a: u64, b: u64) -> f64 {
     }
 }
 
+/// The flush, split-history, failure, stranded-memory and compaction sections.
+fn render_details(s: &mut String, r: &Report) {
+    let Some(first) = r.policies.first() else {
+        return;
+    };
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "flushes ({}; {} CPUs: each shootdown interrupts {} others)",
+        first.flush.arch.rule(),
+        first.flush.cpus,
+        first.flush.cpus.saturating_sub(1)
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:>10} {:>10} {:>10} {:>11} {:>11} {:>10} {:>10} {:>12}",
+        "policy",
+        "s2 updates",
+        "removals",
+        "additions",
+        "shootdowns",
+        "shootdn/1k",
+        "IPIs",
+        "IPIs/1k",
+        "batch/forced"
+    );
+    for p in &r.policies {
+        let f = &p.flush;
+        let _ = writeln!(
+            s,
+            "{:<16} {:>10} {:>10} {:>10} {:>11} {:>11.2} {:>10} {:>10.2} {:>12}",
+            p.policy.name(),
+            p.stage2.updates(),
+            f.removals,
+            f.additions,
+            f.shootdowns,
+            f.shootdowns_per_1k_allocs,
+            f.ipis,
+            f.ipis_per_1k_allocs,
+            if f.batch_pages > 0 {
+                format!("{}/{}", f.batch_pages, f.forced_by_reuse)
+            } else {
+                "-".into()
+            }
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "split history (a split direct-map block is never re-merged by Linux; intact now assumes it is)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:>14} {:>14} {:>12} {:>14} {:>14}",
+        "policy", "2M intact now", "2M ever split", "1G regions", "1G intact now", "1G ever split"
+    );
+    for p in &r.policies {
+        let _ = writeln!(
+            s,
+            "{:<16} {:>14} {:>14} {:>12} {:>14} {:>14}",
+            p.policy.name(),
+            format!("{}/{}", p.intact_blocks_end, p.blocks),
+            format!("{}/{}", p.ever_split_blocks, p.blocks),
+            p.gib_regions,
+            format!("{}/{}", p.gib_intact_end, p.gib_regions),
+            format!("{}/{}", p.gib_ever_split, p.gib_regions)
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "failures by request kind and order (order:count), stranded free memory (free pages in partly used blocks of the other kind)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<16} {:>8} {:>18} {:>8} {:>18} {:>22} {:>22}",
+        "policy",
+        "mapped",
+        "mapped orders",
+        "unmapped",
+        "unmapped orders",
+        "stranded end m/u MiB",
+        "stranded max m/u MiB"
+    );
+    for p in &r.policies {
+        let k = &p.failures_by_kind;
+        let (end, worst) = match &p.stranded {
+            Some(st) => (
+                format!(
+                    "{:.1}/{:.1}",
+                    st.end.for_mapped as f64 / 256.0,
+                    st.end.for_unmapped as f64 / 256.0
+                ),
+                format!(
+                    "{:.1}/{:.1}",
+                    st.worst_for_mapped as f64 / 256.0,
+                    st.worst_for_unmapped as f64 / 256.0
+                ),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        let _ = writeln!(
+            s,
+            "{:<16} {:>8} {:>18} {:>8} {:>18} {:>22} {:>22}",
+            p.policy.name(),
+            k.mapped_total(),
+            crate::policy::FailuresByKind::orders(&k.mapped),
+            k.unmapped_total(),
+            crate::policy::FailuresByKind::orders(&k.unmapped),
+            end,
+            worst
+        );
+    }
+    let _ = writeln!(
+        s,
+        "stranded m/u: free MiB unusable by mapped requests (in partly used unmapped blocks) / by unmapped ones (in partly used mapped blocks)"
+    );
+    let lat: Vec<_> = r
+        .policies
+        .iter()
+        .filter_map(|p| p.latency.map(|l| (p, l)))
+        .collect();
+    if !lat.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "allocation latency per path, p50/p99/max (n = samples): model cost units (1 + stage-2 calls + pages/64){}",
+            if lat.iter().any(|(_, l)| l.fast.ns.is_some()) {
+                "; measured on KVM in us"
+            } else {
+                ""
+            }
+        );
+        let cell = |p: &crate::policy::latency::Percentiles, scale: f64| {
+            if p.samples == 0 {
+                "-".to_string()
+            } else {
+                format!(
+                    "{}/{}/{} n={}",
+                    p.p50 as f64 / scale,
+                    p.p99 as f64 / scale,
+                    p.max as f64 / scale,
+                    p.samples
+                )
+            }
+        };
+        for (p, l) in &lat {
+            let _ = writeln!(
+                s,
+                "{:<16} units: fast {:<20} flip {:<24} failure {:<20}",
+                p.policy.name(),
+                cell(&l.fast.units, 1.0),
+                cell(&l.flip.units, 1.0),
+                cell(&l.failure.units, 1.0)
+            );
+            if let (Some(f), Some(fl), Some(fa)) = (l.fast.ns, l.flip.ns, l.failure.ns) {
+                let _ = writeln!(
+                    s,
+                    "{:<16} us:    fast {:<20} flip {:<24} failure {:<20}",
+                    "",
+                    cell(&f, 1e3),
+                    cell(&fl, 1e3),
+                    cell(&fa, 1e3)
+                );
+            }
+        }
+    }
+    for p in &r.policies {
+        if let Some(c) = &p.compaction {
+            let st = &c.stats;
+            let _ = writeln!(
+                s,
+                "{:<16} --compaction: failures {} without -> {} with ({} mapped, {} unmapped); {} attempts, {} blocks emptied, {} without a candidate, {} abandoned; {} allocations / {} pages migrated ({:.2} pages/1k allocations), {} stage-2 updates by migrations",
+                p.policy.name(),
+                c.failures_without.total(),
+                p.failures.total(),
+                p.failures_by_kind.mapped_total(),
+                p.failures_by_kind.unmapped_total(),
+                st.attempts,
+                st.blocks_emptied,
+                st.no_candidate,
+                st.migrations_failed,
+                st.allocations_migrated,
+                st.pages_migrated,
+                st.pages_migrated_per_1k_allocs,
+                st.stage2_updates
+            );
+        }
+    }
+    let _ = writeln!(s);
+}
+
 /// Render the report as text.
 pub fn render_text(r: &Report) -> String {
     let t = &r.trace;
@@ -88,6 +280,11 @@ pub fn render_text(r: &Report) -> String {
         s,
         "  lost-event markers: {} ({} events lost); out-of-order timestamps: {} (replayed in file order); implicit frees: {}; order mismatches: {}",
         t.lost_markers, t.lost_events, t.out_of_order_timestamps, t.implicit_frees, t.order_mismatches
+    );
+    let _ = writeln!(
+        s,
+        "  freed in pieces (split_page): {} allocations, {} piece frees before their last",
+        t.split_allocations, t.split_piece_frees
     );
     let _ = writeln!(s, "  malformed lines: {}", t.malformed_lines);
     for m in &t.malformed_examples {
@@ -129,15 +326,17 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "{:<16} {:>9} {:>10} {:>9} {:>9} {:>11} {:>11} {:>12} {:>10} {:>8} {:>9}",
+        "{:<16} {:>9} {:>10} {:>10} {:>9} {:>9} {:>11} {:>11} {:>12} {:>12} {:>10} {:>8} {:>9}",
         "policy",
         "memory",
         "s2 upd/1k",
+        "shootdn/1k",
         "pages/1k",
         "flips u/m",
         "intact end",
         "intact min",
         "split max",
+        "ever split",
         "peak slots",
         "failures",
         "Mevents/s"
@@ -146,15 +345,17 @@ pub fn render_text(r: &Report) -> String {
         let _ =
             writeln!(
             s,
-            "{:<16} {:>9} {:>10.2} {:>9.2} {:>9} {:>10.1}% {:>10.1}% {:>12} {:>10} {:>8} {:>9.2}",
+            "{:<16} {:>9} {:>10.2} {:>10.2} {:>9.2} {:>9} {:>10.1}% {:>10.1}% {:>12} {:>12} {:>10} {:>8} {:>9.2}",
             p.policy.name(),
             mib(p.layout.nr_pages),
             p.updates_per_1k_allocs,
+            p.flush.shootdowns_per_1k_allocs,
             p.pages_per_1k_allocs,
             format!("{}/{}", p.flips_to_unmapped, p.flips_to_mapped),
             p.intact_share_end * 100.0,
             p.intact_share_worst * 100.0,
             format!("{}/{}", p.blocks - p.intact_blocks_worst, p.blocks),
+            format!("{}/{}", p.ever_split_blocks, p.blocks),
             format!("{}{}", p.peak_memslots, if p.exceeds_memslot_limit { "!" } else { "" }),
             p.failures.total(),
             p.events_per_sec / 1e6
@@ -163,7 +364,12 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(s);
     let _ = writeln!(
         s,
-        "s2 upd/1k: stage-2 unmap+map calls per 1,000 allocations (each one flush / memslot update); pages/1k: pages they named;"
+        "s2 upd/1k: stage-2 unmap+map calls per 1,000 allocations (each one memslot update); shootdn/1k: TLB shootdowns per 1,000 ({});",
+        r.policies.first().map_or("x86", |p| p.flush.arch.rule())
+    );
+    let _ = writeln!(
+        s,
+        "pages/1k: pages the updates named; ever split: 2 MiB blocks split at least once (Linux never re-merges a split direct-map block);"
     );
     let _ = writeln!(
         s,
@@ -174,6 +380,7 @@ pub fn render_text(r: &Report) -> String {
         "split max: most blocks split at once; peak slots: memslots the layout needed (one per exposed run), '!' = over the limit of {}.",
         r.policies.first().map_or(0, |p| p.max_memslots)
     );
+    render_details(&mut s, r);
     for p in &r.policies {
         let st = &p.stage2;
         let _ = write!(
@@ -211,7 +418,7 @@ pub fn render_text(r: &Report) -> String {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<16} {:>9} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10} {:>10}",
+            "{:<16} {:>9} {:>10} {:>11} {:>12} {:>10} {:>12} {:>10} {:>12} {:>11} {:>10} {:>10} {:>5} {:>22}",
             "on KVM",
             "backend",
             "s2 updates",
@@ -223,13 +430,15 @@ pub fn render_text(r: &Report) -> String {
             "s2 total ms",
             "max call us",
             "peak slots",
-            "peak VMAs"
+            "peak VMAs",
+            "runs",
+            "s2 total med/min/max ms"
         );
         for p in &r.policies {
             if let Some(k) = &p.kvm {
                 let _ = writeln!(
                     s,
-                    "{:<16} {:>9} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10} {:>10}",
+                    "{:<16} {:>9} {:>10} {:>11} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>12.1} {:>11.0} {:>10} {:>10} {:>5} {:>22}",
                     p.policy.name(),
                     k.backend,
                     p.stage2.updates(),
@@ -241,8 +450,33 @@ pub fn render_text(r: &Report) -> String {
                     (k.update_ns + k.zero_ns) as f64 / 1e6,
                     k.max_call_ns as f64 / 1e3,
                     k.peak_memslots,
-                    k.peak_vmas
+                    k.peak_vmas,
+                    k.repeat.runs,
+                    format!(
+                        "{:.1}/{:.1}/{:.1}",
+                        k.repeat.s2_total_ns.median as f64 / 1e6,
+                        k.repeat.s2_total_ns.min as f64 / 1e6,
+                        k.repeat.s2_total_ns.max as f64 / 1e6
+                    )
                 );
+                if k.repeat.runs > 1 {
+                    let r = &k.repeat;
+                    let _ = writeln!(
+                        s,
+                        "{:<16} over {} runs: upd med {:.1}/{:.1}/{:.1} us, ioctl med {:.1}/{:.1}/{:.1} us, max call {:.0}/{:.0}/{:.0} us (median/min/max)",
+                        "",
+                        r.runs,
+                        r.median_update_ns.median as f64 / 1e3,
+                        r.median_update_ns.min as f64 / 1e3,
+                        r.median_update_ns.max as f64 / 1e3,
+                        r.median_ioctl_ns.median as f64 / 1e3,
+                        r.median_ioctl_ns.min as f64 / 1e3,
+                        r.median_ioctl_ns.max as f64 / 1e3,
+                        r.max_call_ns.median as f64 / 1e3,
+                        r.max_call_ns.min as f64 / 1e3,
+                        r.max_call_ns.max as f64 / 1e3
+                    );
+                }
             }
         }
         let _ = writeln!(

@@ -18,10 +18,12 @@
 //! - **Failed allocations** (`pfn=-1`), other tracepoints, `# ...` comments and
 //!   `CPU:N [LOST M EVENTS]` markers are counted and skipped.
 //! - **Re-allocation of a live pfn** (only possible after lost events) frees the old
-//!   allocation first.
+//!   allocation first, also when the new allocation overlaps it at another pfn than its head.
+//! - **Frees in pieces** (`split_page`: an order-`n` allocation later freed as smaller pieces,
+//!   head first or not) free one piece each; the allocation is replayed as freed when its last
+//!   page is, and no piece counts as a free of a page allocated before the capture.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, BufRead};
 
 use serde::Serialize;
@@ -29,6 +31,7 @@ use thiserror::Error;
 
 use crate::gfp::GfpTable;
 use crate::parse::{parse_line, EventKind, Line, ParseError};
+use crate::pfn_table::PfnTable;
 use crate::reader::{LineReader, NextLine};
 
 /// Flag bit on events: the allocation is unmapped (set by classification).
@@ -117,12 +120,21 @@ pub struct TraceStats {
     pub unmatched_frees: u64,
     /// Allocations of a pfn that was still live (the old one is freed first).
     pub implicit_frees: u64,
-    /// Frees whose order differs from their allocation's (the allocation is freed whole).
+    /// Frees of another order than their allocation's that are not pieces of it (a larger
+    /// order, or an allocation not aligned to its order): the allocation is freed whole.
     pub order_mismatches: u64,
+    /// Allocations freed in pieces (`split_page`: a smaller free at the head or inside; the
+    /// replay frees the allocation when its last page is freed).
+    pub split_allocations: u64,
+    /// Frees of pieces that did not end their allocation (the last piece is counted as the
+    /// allocation's free in `frees_matched` / `batched_matched`).
+    pub split_piece_frees: u64,
     /// Events whose timestamp is earlier than the previous line's.
     pub out_of_order_timestamps: u64,
     /// Distinct CPUs seen.
     pub cpus: u32,
+    /// Highest CPU number seen.
+    pub max_cpu: u32,
     /// Allocations still live at the end.
     pub live_at_end: u64,
     /// Pages still live at the end.
@@ -142,6 +154,11 @@ pub struct Trace {
     pub events: Vec<Event>,
     /// Distinct `gfp_flags` strings.
     pub gfp: GfpTable,
+    /// The CPU of each allocation, by allocation id (saturated at `u16::MAX`).
+    pub cpus: Vec<u16>,
+    /// The CPU that freed each allocation, by allocation id (its allocating CPU if it was never
+    /// freed or freed implicitly).
+    pub free_cpus: Vec<u16>,
     /// Counters.
     pub stats: TraceStats,
 }
@@ -191,11 +208,17 @@ impl Default for LoadOptions {
     }
 }
 
-/// State of one pfn while pairing frees with allocations.
-#[derive(Clone, Copy, Debug)]
+/// State of one pfn while pairing frees with allocations (8 bytes).
+#[derive(Clone, Copy, Debug, Default)]
 enum Slot {
-    /// Allocated during the capture and not freed yet.
+    /// Nothing known.
+    #[default]
+    Empty,
+    /// The head of an allocation made during the capture and not freed yet.
     Live { id: u32, order: u8, flags: u8 },
+    /// A page of allocation `id`, being freed in pieces (`split_page`: a higher-order
+    /// allocation freed as order-0 pages).
+    Tail { id: u32 },
     /// Freed by `mm_page_free`; an `mm_page_free_batched` may repeat it.
     FreedAwaitBatched,
     /// Freed by `mm_page_free_batched`; an `mm_page_free` may repeat it.
@@ -204,32 +227,27 @@ enum Slot {
     Done,
 }
 
-/// A fast hasher for pfns (multiplicative; the keys are not attacker-chosen hash-flooding input
-/// in any way that matters for a one-shot offline tool, and the table stays correct regardless).
-#[derive(Default, Clone, Copy)]
-pub struct PfnHasher(u64);
-
-impl Hasher for PfnHasher {
-    fn finish(&self) -> u64 {
-        self.0 ^ (self.0 >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
+/// An allocation being freed in pieces, kept by its id (its freed pages may be allocated
+/// again, so its head pfn is no key).
+#[derive(Clone, Copy, Debug)]
+struct Split {
+    head: u64,
+    order: u8,
+    flags: u8,
+    /// Pages not freed yet.
+    remaining: u64,
 }
-
-type PfnMap<V> = HashMap<u64, V, BuildHasherDefault<PfnHasher>>;
 
 /// Incremental loader: feed lines, then [`Loader::finish`].
 pub struct Loader {
     opts: LoadOptions,
     trace: Trace,
-    slots: PfnMap<Slot>,
+    slots: PfnTable<Slot>,
+    splits: HashMap<u32, Split>,
+    /// Live (whole) allocations per order: the covering-head probes stop at the highest.
+    live_orders: [u32; 11],
+    /// CPU of the free event being accounted.
+    free_cpu: u16,
     live_pages: u64,
     last_ts: Option<u64>,
     cpu_seen: Vec<bool>,
@@ -244,7 +262,10 @@ impl Loader {
         Loader {
             opts,
             trace,
-            slots: PfnMap::default(),
+            slots: PfnTable::default(),
+            splits: HashMap::new(),
+            live_orders: [0; 11],
+            free_cpu: 0,
             live_pages: 0,
             last_ts: None,
             cpu_seen: vec![false; 1024],
@@ -327,10 +348,11 @@ impl Loader {
                 // The parser guarantees order and gfp for allocations.
                 let order = ev.order.unwrap_or(0);
                 let gfp = self.trace.gfp.intern(ev.gfp);
-                self.alloc(pfn, order, ev.migratetype, gfp)
+                self.alloc(pfn, order, ev.migratetype, gfp, ev.cpu)
             }
             EventKind::Free => {
                 self.trace.stats.free_events += 1;
+                self.free_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
                 if let Some(pfn) = ev.pfn {
                     self.free(pfn, ev.order, false);
                 } else {
@@ -340,6 +362,7 @@ impl Loader {
             }
             EventKind::FreeBatched => {
                 self.trace.stats.batched_events += 1;
+                self.free_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
                 if let Some(pfn) = ev.pfn {
                     self.free(pfn, ev.order, true);
                 } else {
@@ -363,35 +386,33 @@ impl Loader {
                 }
             }
         }
+        self.trace.stats.max_cpu = self.trace.stats.max_cpu.max(cpu);
     }
 
-    fn alloc(&mut self, pfn: u64, order: u8, migratetype: u8, gfp: u32) -> Result<(), TraceError> {
-        let s = &mut self.trace.stats;
-        let id = u32::try_from(s.allocs).map_err(|_| TraceError::TooManyAllocations)?;
+    fn alloc(
+        &mut self,
+        pfn: u64,
+        order: u8,
+        migratetype: u8,
+        gfp: u32,
+        cpu: u32,
+    ) -> Result<(), TraceError> {
+        let id =
+            u32::try_from(self.trace.stats.allocs).map_err(|_| TraceError::TooManyAllocations)?;
         if id == u32::MAX {
             return Err(TraceError::TooManyAllocations);
         }
-        if let Some(Slot::Live {
-            id: old,
-            order: o,
-            flags,
-        }) = self.slots.get(&pfn).copied()
-        {
-            s.implicit_frees += 1;
-            self.live_pages -= 1 << o;
-            self.trace.events.push(Event::Free {
-                alloc: old,
-                order: o,
-                flags,
-            });
-        }
+        // After lost events a live allocation may overlap this one (at its head or not): the
+        // kernel freed it unseen, so it is freed here first.
+        self.free_overlapping(pfn, order);
+        let s = &mut self.trace.stats;
         s.allocs += 1;
         s.alloc_pages += 1 << order;
         s.min_pfn = s.min_pfn.min(pfn);
         s.end_pfn = s.end_pfn.max(pfn.saturating_add(1 << order));
         self.live_pages += 1 << order;
         s.peak_live_pages = s.peak_live_pages.max(self.live_pages);
-        self.slots.insert(
+        self.slots.set(
             pfn,
             Slot::Live {
                 id,
@@ -399,6 +420,7 @@ impl Loader {
                 flags: 0,
             },
         );
+        self.live_orders[usize::from(order.min(10))] += 1;
         self.trace.events.push(Event::Alloc {
             pfn,
             gfp,
@@ -406,68 +428,196 @@ impl Loader {
             migratetype,
             flags: 0,
         });
+        let cpu = u16::try_from(cpu).unwrap_or(u16::MAX);
+        self.trace.cpus.push(cpu);
+        self.trace.free_cpus.push(cpu);
         Ok(())
     }
 
-    fn free(&mut self, pfn: u64, order: Option<u8>, batched: bool) {
-        let s = &mut self.trace.stats;
-        let entry = self.slots.entry(pfn);
-        let slot = match &entry {
-            std::collections::hash_map::Entry::Occupied(o) => Some(*o.get()),
-            std::collections::hash_map::Entry::Vacant(_) => None,
+    /// The live allocation whose head lies below `pfn` and covers it (heads are aligned to
+    /// their order, as the buddy allocator places them): (head, id, order, flags).
+    fn covering_live(&self, pfn: u64) -> Option<(u64, u32, u8, u8)> {
+        let top = self.live_orders.iter().rposition(|&n| n > 0)? as u8;
+        let mut prev = pfn;
+        for o in 1..=top {
+            let head = pfn & !((1u64 << o) - 1);
+            if head == prev {
+                continue;
+            }
+            prev = head;
+            if let Slot::Live { id, order, flags } = self.slots.get(head) {
+                if head.saturating_add(1 << order) > pfn && head & ((1u64 << order) - 1) == 0 {
+                    return Some((head, id, order, flags));
+                }
+            }
+        }
+        None
+    }
+
+    /// Implicit frees: every live allocation (whole or being freed in pieces) that overlaps
+    /// `[pfn, pfn + 2^order)`.
+    fn free_overlapping(&mut self, pfn: u64, order: u8) {
+        if let Some((head, id, o, flags)) = self.covering_live(pfn) {
+            self.unlive(o);
+            self.implicit_free(id, o, flags);
+            self.slots.set(head, Slot::Done);
+        }
+        for p in pfn..pfn.saturating_add(1 << order) {
+            match self.slots.get(p) {
+                Slot::Live { id, order, flags } => {
+                    self.unlive(order);
+                    self.implicit_free(id, order, flags);
+                    self.slots.set(p, Slot::Done);
+                }
+                Slot::Tail { id } => {
+                    if let Some(sp) = self.splits.remove(&id) {
+                        self.implicit_free(id, sp.order, sp.flags);
+                    }
+                    self.slots.set(p, Slot::Done);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A whole live allocation of `order` is no more (freed, or split into tails).
+    fn unlive(&mut self, order: u8) {
+        let n = &mut self.live_orders[usize::from(order.min(10))];
+        *n = n.saturating_sub(1);
+    }
+
+    fn implicit_free(&mut self, id: u32, order: u8, flags: u8) {
+        self.trace.stats.implicit_frees += 1;
+        self.live_pages -= 1 << order;
+        self.trace.events.push(Event::Free {
+            alloc: id,
+            order,
+            flags,
+        });
+    }
+
+    fn freed_state(batched: bool) -> Slot {
+        if batched {
+            Slot::FreedAwaitFree
+        } else {
+            Slot::FreedAwaitBatched
+        }
+    }
+
+    fn count_matched(&mut self, batched: bool) {
+        if batched {
+            self.trace.stats.batched_matched += 1;
+        } else {
+            self.trace.stats.frees_matched += 1;
+        }
+    }
+
+    /// Start freeing the allocation at `head` in pieces: every page of it becomes a tail.
+    fn split(&mut self, head: u64, id: u32, order: u8, flags: u8) {
+        self.trace.stats.split_allocations += 1;
+        self.unlive(order);
+        self.splits.insert(
+            id,
+            Split {
+                head,
+                order,
+                flags,
+                remaining: head.saturating_add(1 << order) - head,
+            },
+        );
+        for p in head..head.saturating_add(1 << order) {
+            self.slots.set(p, Slot::Tail { id });
+        }
+    }
+
+    /// A free of `2^k` pages at `pfn`, a page of allocation `id` being freed in pieces. The
+    /// allocation is freed when its last page is.
+    fn free_piece(&mut self, pfn: u64, k: u8, id: u32, batched: bool) {
+        let end = self.splits.get(&id).map_or(pfn, |sp| {
+            sp.head
+                .saturating_add(1 << sp.order)
+                .min(pfn.saturating_add(1 << k))
+        });
+        let mut pages = 0;
+        for p in pfn..end {
+            if matches!(self.slots.get(p), Slot::Tail { id: t } if t == id) {
+                pages += 1;
+                self.slots.set(p, Slot::Done);
+            }
+        }
+        self.slots.set(pfn, Self::freed_state(batched));
+        let Some(sp) = self.splits.get_mut(&id) else {
+            // Its allocation was freed implicitly: nothing live here any more.
+            self.trace.stats.unmatched_frees += 1;
+            return;
         };
-        let next = match (slot, batched) {
+        sp.remaining = sp.remaining.saturating_sub(pages);
+        if sp.remaining > 0 {
+            self.trace.stats.split_piece_frees += 1;
+            return;
+        }
+        let sp = *sp;
+        self.splits.remove(&id);
+        self.trace.free_cpus[id as usize] = self.free_cpu;
+        self.count_matched(batched);
+        self.live_pages -= 1 << sp.order;
+        self.trace.events.push(Event::Free {
+            alloc: id,
+            order: sp.order,
+            flags: sp.flags,
+        });
+    }
+
+    fn free(&mut self, pfn: u64, order: Option<u8>, batched: bool) {
+        match (self.slots.get(pfn), batched) {
             (
-                Some(Slot::Live {
+                Slot::Live {
                     id,
                     order: o,
                     flags,
-                }),
+                },
                 _,
-            ) => {
-                if order.is_some_and(|x| x != o) {
-                    s.order_mismatches += 1;
+            ) => match order {
+                // `split_page`: a smaller free at the head frees one piece of the allocation
+                // (the kernel's allocations are aligned to their order; others are freed whole).
+                Some(k) if k < o && pfn & ((1u64 << o) - 1) == 0 => {
+                    self.split(pfn, id, o, flags);
+                    self.free_piece(pfn, k, id, batched);
                 }
-                if batched {
-                    s.batched_matched += 1;
-                } else {
-                    s.frees_matched += 1;
+                _ => {
+                    if order.is_some_and(|x| x != o) {
+                        self.trace.stats.order_mismatches += 1;
+                    }
+                    self.count_matched(batched);
+                    self.trace.free_cpus[id as usize] = self.free_cpu;
+                    self.unlive(o);
+                    self.live_pages -= 1 << o;
+                    self.trace.events.push(Event::Free {
+                        alloc: id,
+                        order: o,
+                        flags,
+                    });
+                    self.slots.set(pfn, Self::freed_state(batched));
                 }
-                self.live_pages -= 1 << o;
-                self.trace.events.push(Event::Free {
-                    alloc: id,
-                    order: o,
-                    flags,
-                });
-                if batched {
-                    Slot::FreedAwaitFree
-                } else {
-                    Slot::FreedAwaitBatched
+            },
+            (Slot::Tail { id }, _) => self.free_piece(pfn, order.unwrap_or(0), id, batched),
+            (Slot::FreedAwaitBatched, true) => {
+                self.trace.stats.batched_duplicates += 1;
+                self.slots.set(pfn, Slot::Done);
+            }
+            (Slot::FreedAwaitFree, false) => {
+                self.trace.stats.free_duplicates += 1;
+                self.slots.set(pfn, Slot::Done);
+            }
+            _ => {
+                // A piece of a live allocation freed before its head (`split_page`, tail first)?
+                if let Some((head, id, o, flags)) = self.covering_live(pfn) {
+                    self.split(head, id, o, flags);
+                    self.free_piece(pfn, order.unwrap_or(0), id, batched);
+                    return;
                 }
-            }
-            (Some(Slot::FreedAwaitBatched), true) => {
-                s.batched_duplicates += 1;
-                Slot::Done
-            }
-            (Some(Slot::FreedAwaitFree), false) => {
-                s.free_duplicates += 1;
-                Slot::Done
-            }
-            (_, b) => {
-                s.unmatched_frees += 1;
-                if b {
-                    Slot::FreedAwaitFree
-                } else {
-                    Slot::FreedAwaitBatched
-                }
-            }
-        };
-        match entry {
-            std::collections::hash_map::Entry::Occupied(mut o) => {
-                o.insert(next);
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(next);
+                self.trace.stats.unmatched_frees += 1;
+                self.slots.set(pfn, Self::freed_state(batched));
             }
         }
     }
@@ -479,12 +629,15 @@ impl Loader {
             .slots
             .values()
             .filter(|v| matches!(v, Slot::Live { .. }))
-            .count() as u64;
+            .count() as u64
+            + self.splits.len() as u64;
         s.live_pages_at_end = self.live_pages;
         if s.min_pfn == u64::MAX {
             s.min_pfn = 0;
         }
         self.trace.events.shrink_to_fit();
+        self.trace.cpus.shrink_to_fit();
+        self.trace.free_cpus.shrink_to_fit();
         self.trace
     }
 }

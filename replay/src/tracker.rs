@@ -13,6 +13,11 @@ use std::time::Instant;
 use allocator::{Pfn, Stage2, Stage2Error, PAGEBLOCK_PAGES};
 use serde::Serialize;
 
+use crate::flush::{Arch, FlushStats, PendingFlush};
+
+/// Pages in a 1 GiB region of the direct map.
+pub const GIB_PAGES: u64 = 1 << 18;
+
 /// KVM's default memslot limit on x86-64 (`KVM_USER_MEM_SLOTS`).
 pub const DEFAULT_MAX_MEMSLOTS: u64 = 32764;
 
@@ -72,6 +77,10 @@ pub struct TrackerConfig {
     pub max_slots: u64,
     /// Measure the time of every backend call.
     pub timed: bool,
+    /// Whose flush rules count shootdowns.
+    pub arch: Arch,
+    /// Batch removals into one shootdown per this many pages (0: every removal flushes).
+    pub flush_batch: u64,
 }
 
 /// Counting and measuring wrapper around a stage-2 backend.
@@ -91,6 +100,18 @@ pub struct Tracker<S: Stage2> {
     /// Event index the owner sets so the worst moment can be located.
     pub now: u64,
     worst_at: u64,
+    flush: FlushStats,
+    pending: PendingFlush,
+    /// Per 2 MiB block: ever split (Linux's change-page-attribute code never re-merges).
+    ever_split: Vec<bool>,
+    ever_split_blocks: u64,
+    /// Per 1 GiB region of `[0, base + nr)` (absolute pfns, reserved memory included):
+    /// unmapped pages, size, ever split.
+    gib_unmapped: Vec<u32>,
+    gib_size: Vec<u32>,
+    gib_ever_split: Vec<bool>,
+    gib_ever_split_count: u64,
+    gib_intact: u64,
 }
 
 /// errno-style code for a call outside the managed range.
@@ -101,6 +122,8 @@ impl<S: Stage2> Tracker<S> {
     pub fn new(inner: S, cfg: TrackerConfig) -> Self {
         let words = cfg.nr_pages.div_ceil(64) as usize;
         let blocks = cfg.nr_pages.div_ceil(PAGEBLOCK_PAGES);
+        let end = cfg.base_pfn + cfg.nr_pages;
+        let regions = end.div_ceil(GIB_PAGES);
         Tracker {
             inner,
             cfg,
@@ -116,7 +139,85 @@ impl<S: Stage2> Tracker<S> {
             update_ns: Vec::new(),
             now: 0,
             worst_at: 0,
+            flush: FlushStats {
+                arch: cfg.arch,
+                batch_pages: cfg.flush_batch,
+                ..FlushStats::default()
+            },
+            pending: PendingFlush::new(cfg.flush_batch),
+            ever_split: vec![false; blocks as usize],
+            ever_split_blocks: 0,
+            gib_unmapped: vec![0; regions as usize],
+            gib_size: (0..regions)
+                .map(|r| (((r + 1) * GIB_PAGES).min(end) - r * GIB_PAGES) as u32)
+                .collect(),
+            gib_ever_split: vec![false; regions as usize],
+            gib_ever_split_count: 0,
+            gib_intact: regions,
         }
+    }
+
+    /// Shootdowns and the changes behind them so far (the derived figures are filled by the
+    /// caller, see [`FlushStats::finish`]).
+    pub fn flush_stats(&self) -> FlushStats {
+        self.flush
+    }
+
+    /// A page in `[pfn, pfn + count)` is about to be reused: a removal of it still waiting in
+    /// the batch is flushed first.
+    pub fn flush_before_reuse(&mut self, pfn: Pfn, count: u64) {
+        if self.pending.overlaps(pfn, count) {
+            self.flush.shootdowns += 1;
+            self.flush.forced_by_reuse += 1;
+            self.pending.clear();
+        }
+    }
+
+    /// Issue the shootdown for any removals still waiting in the batch (end of the replay).
+    pub fn flush_pending(&mut self) {
+        if !self.pending.is_empty() {
+            self.flush.shootdowns += 1;
+            self.pending.clear();
+        }
+    }
+
+    /// 2 MiB blocks that were ever split (fully mapped or unmapped no longer), re-merged or not.
+    pub fn ever_split_blocks(&self) -> u64 {
+        self.ever_split_blocks
+    }
+
+    /// 1 GiB regions of the direct map over `[0, base + nr)`, reserved memory included.
+    pub fn gib_regions(&self) -> u64 {
+        self.gib_size.len() as u64
+    }
+
+    /// 1 GiB regions fully mapped or fully unmapped now.
+    pub fn gib_intact(&self) -> u64 {
+        self.gib_intact
+    }
+
+    /// 1 GiB regions ever split.
+    pub fn gib_ever_split(&self) -> u64 {
+        self.gib_ever_split_count
+    }
+
+    /// Unmapped pages in the 2 MiB block at index `blk` (from the managed base).
+    pub fn block_unmapped_pages(&self, blk: usize) -> u32 {
+        self.block_unmapped.get(blk).copied().unwrap_or(0)
+    }
+
+    /// Pages in the 2 MiB block at index `blk` (the last one may be partial).
+    pub fn block_pages(&self, blk: usize) -> u32 {
+        if blk < self.block_unmapped.len() {
+            self.block_size(blk)
+        } else {
+            0
+        }
+    }
+
+    /// First managed pfn.
+    pub fn base_pfn(&self) -> Pfn {
+        self.cfg.base_pfn
     }
 
     /// The wrapped backend.
@@ -256,8 +357,35 @@ impl<S: Stage2> Tracker<S> {
                 }
                 let is_intact = *c == 0 || *c == size;
                 match (was_intact, is_intact) {
-                    (true, false) => self.intact -= 1,
+                    (true, false) => {
+                        self.intact -= 1;
+                        if !self.ever_split[blk] {
+                            self.ever_split[blk] = true;
+                            self.ever_split_blocks += 1;
+                        }
+                    }
                     (false, true) => self.intact += 1,
+                    _ => {}
+                }
+                // The block lies inside one 1 GiB region (both are aligned).
+                let g = ((self.cfg.base_pfn + blk as u64 * PAGEBLOCK_PAGES) / GIB_PAGES) as usize;
+                let (gu, gs) = (&mut self.gib_unmapped[g], self.gib_size[g]);
+                let was = *gu == 0 || *gu == gs;
+                if unmapped {
+                    *gu += changed;
+                } else {
+                    *gu -= changed;
+                }
+                let now = *gu == 0 || *gu == gs;
+                match (was, now) {
+                    (true, false) => {
+                        self.gib_intact -= 1;
+                        if !self.gib_ever_split[g] {
+                            self.gib_ever_split[g] = true;
+                            self.gib_ever_split_count += 1;
+                        }
+                    }
+                    (false, true) => self.gib_intact += 1,
                     _ => {}
                 }
             }
@@ -330,9 +458,17 @@ impl<S: Stage2> Tracker<S> {
         if unmapped {
             self.stats.unmap_calls += 1;
             self.stats.pages_unmapped += count;
+            self.flush.removals += 1;
+            if self.pending.add(pfn, count) {
+                self.flush.shootdowns += 1;
+            }
         } else {
             self.stats.map_calls += 1;
             self.stats.pages_mapped += count;
+            self.flush.additions += 1;
+            if self.cfg.arch.additions_flush() {
+                self.flush.shootdowns += 1;
+            }
         }
         self.apply(a, b, unmapped);
         Ok(())
@@ -388,8 +524,52 @@ mod tests {
                 reserved_below: true,
                 max_slots: DEFAULT_MAX_MEMSLOTS,
                 timed: false,
+                arch: Arch::X86,
+                flush_batch: 0,
             },
         )
+    }
+
+    #[test]
+    fn split_history_never_re_merges() {
+        let mut t = tracker(1536);
+        assert_eq!(
+            (t.gib_regions(), t.gib_intact(), t.gib_ever_split()),
+            (1, 1, 0)
+        );
+        t.unmap(512 + 10, 1).unwrap();
+        t.map(512 + 10, 1).unwrap();
+        // Block 0 is intact again now, but it was split once.
+        assert_eq!((t.intact_blocks(), t.ever_split_blocks()), (3, 1));
+        assert_eq!((t.gib_intact(), t.gib_ever_split()), (1, 1));
+        // A whole block unmapped never splits it, but splits its 1 GiB region.
+        t.unmap(512 + 1024, 512).unwrap();
+        assert_eq!((t.ever_split_blocks(), t.gib_intact()), (1, 0));
+        // x86: the two removals flushed, the addition did not.
+        let f = t.flush_stats();
+        assert_eq!((f.removals, f.additions, f.shootdowns), (2, 1, 2));
+    }
+
+    #[test]
+    fn arm64_additions_flush_and_batches_wait_for_reuse() {
+        let mut t = tracker(1536);
+        t.cfg.arch = Arch::Arm64;
+        t.unmap(512, 1).unwrap();
+        t.map(512, 1).unwrap();
+        assert_eq!(t.flush_stats().shootdowns, 2);
+        let mut t = tracker(1536);
+        t.pending = PendingFlush::new(3);
+        t.unmap(512, 1).unwrap();
+        t.unmap(513, 1).unwrap();
+        assert_eq!(t.flush_stats().shootdowns, 0, "two pages wait");
+        t.flush_before_reuse(600, 1);
+        assert_eq!(t.flush_stats().shootdowns, 0, "another page: no flush");
+        t.flush_before_reuse(513, 1);
+        let f = t.flush_stats();
+        assert_eq!((f.shootdowns, f.forced_by_reuse), (1, 1));
+        t.unmap(514, 3).unwrap();
+        t.flush_pending();
+        assert_eq!(t.flush_stats().shootdowns, 2, "a full batch, nothing left");
     }
 
     #[test]

@@ -91,7 +91,7 @@ fn all_policies_on_the_shared_trace() {
     let unmapped_frees = c.unmapped_allocs - live.iter().flatten().filter(|x| x.1).count() as u64;
 
     let results = cli::run_model(&a, &l).unwrap();
-    assert_eq!(results.len(), 4);
+    assert_eq!(results.len(), 5);
     let by = |k: PolicyKind| results.iter().find(|r| r.policy == k).unwrap();
     for r in &results {
         assert_eq!(r.failures.total(), 0, "{}: {:?}", r.policy, r.failures);
@@ -104,15 +104,43 @@ fn all_policies_on_the_shared_trace() {
         assert!(r.events_per_sec > 0.0);
     }
     // Per-allocation policies: one unmap per unmapped allocation, one map per unmapped free.
-    for k in [PolicyKind::PerPage, PolicyKind::LinuxPlacement] {
+    for k in [
+        PolicyKind::PerPage,
+        PolicyKind::PerPageBatched,
+        PolicyKind::LinuxPlacement,
+    ] {
         let r = by(k);
         assert_eq!(r.stage2.unmap_calls, c.unmapped_allocs, "{k}");
         assert_eq!(r.stage2.map_calls, unmapped_frees, "{k}");
         assert_eq!(r.unmapped_pages_end, unmapped_live, "{k}");
+        // x86: the removals flush, the map-backs do not.
+        assert_eq!(r.flush.removals, r.stage2.unmap_calls, "{k}");
+        assert_eq!(r.flush.additions, r.stage2.map_calls, "{k}");
+        // Split history: a block split once counts even if it is whole again now.
+        assert!(r.ever_split_blocks >= r.blocks - r.intact_blocks_end, "{k}");
+        assert!(
+            r.ever_split_blocks >= r.blocks - r.intact_blocks_worst,
+            "{k}"
+        );
     }
+    let pp = by(PolicyKind::PerPage);
+    assert_eq!(pp.flush.shootdowns, pp.stage2.unmap_calls);
+    assert!(pp.flush.shootdowns < pp.stage2.updates());
+    // Two CPUs in the trace: one IPI per shootdown.
+    assert_eq!((pp.flush.cpus, pp.flush.ipis), (2, pp.flush.shootdowns));
+    // Lazy flush: removals share shootdowns, but no fewer than the batches need.
+    let pb = by(PolicyKind::PerPageBatched);
+    assert!(
+        pb.flush.shootdowns * 4 < pp.flush.shootdowns,
+        "{:?}",
+        pb.flush
+    );
+    assert!(pb.flush.shootdowns >= pp.flush.removals / 32);
+    assert!(pb.flush.forced_by_reuse > 0);
     // The freetype allocator amortises: far fewer stage-2 updates, and it never splits a block.
     let ft = by(PolicyKind::Freetype);
-    let pp = by(PolicyKind::PerPage);
+    assert_eq!(ft.ever_split_blocks, 0);
+    assert!(ft.stranded.is_some() && pp.stranded.is_none());
     assert!(
         ft.stage2.updates() * 100 <= pp.stage2.updates(),
         "{} vs {}",
@@ -138,7 +166,7 @@ fn all_policies_on_the_shared_trace() {
         assert!(text.contains(k.name()), "{text}");
     }
     let json = serde_json::to_value(&rep).unwrap();
-    assert_eq!(json["policies"].as_array().unwrap().len(), 4);
+    assert_eq!(json["policies"].as_array().unwrap().len(), 5);
     assert_eq!(json["trace"]["lines"], 234_488);
     let svg = replay::plot::render_svg(&rep.policies, "t <&> \"q\"");
     let mut r = quick_xml::Reader::from_str(&svg);
@@ -156,8 +184,152 @@ fn all_policies_on_the_shared_trace() {
             _ => {}
         }
     }
-    assert_eq!(polylines, 4);
+    assert_eq!(polylines, 2 * 5, "intact now and never split, per policy");
     assert!(texts > 10, "axes, ticks, labels and legend");
+}
+
+#[test]
+fn arm64_flushes_additions_and_cpus_scale_ipis() {
+    let a = args(&["--arch", "arm64", "--cpus", "8", "-p", "per-page,freetype"]);
+    let l = cli::load(&a).unwrap();
+    let r = cli::run_model(&a, &l).unwrap();
+    // Break-before-make: every update flushes.
+    assert_eq!(r[0].flush.shootdowns, r[0].stage2.updates());
+    assert_eq!(r[0].flush.ipis, 7 * r[0].flush.shootdowns);
+    assert_eq!(r[1].flush.shootdowns, r[1].stage2.updates());
+}
+
+/// Headroom 0 with half of all allocations unmapped: every failure is split by kind and
+/// order, stranded memory is reported, and --compaction reports both runs.
+#[test]
+fn failures_by_kind_stranded_memory_and_compaction() {
+    let a = args(&[
+        "--unmapped-fraction",
+        "0.5",
+        "--seed",
+        "1",
+        "--headroom",
+        "0",
+        "-p",
+        "freetype",
+        "--compaction",
+    ]);
+    let l = cli::load(&a).unwrap();
+    let r = &cli::run_model(&a, &l).unwrap()[0];
+    let c = r.compaction.as_ref().expect("compaction report");
+    let without = &c.failures_by_kind_without;
+    // Without compaction: failures, all accounted for by kind and order.
+    assert!(c.failures_without.total() > 0);
+    assert_eq!(
+        without.mapped_total() + without.unmapped_total(),
+        c.failures_without.total()
+    );
+    assert_eq!(
+        without.mapped_causes.total() + without.unmapped_causes.total(),
+        c.failures_without.total()
+    );
+    let k = &r.failures_by_kind;
+    assert_eq!(k.mapped_total() + k.unmapped_total(), r.failures.total());
+    // Compaction moved pages and did not make things worse.
+    assert!(c.stats.attempts > 0);
+    assert!(r.failures.total() <= c.failures_without.total(), "{:?}", c);
+    assert_eq!(
+        c.stats.pages_migrated > 0,
+        c.stats.blocks_emptied > 0,
+        "{:?}",
+        c.stats
+    );
+    assert_eq!(r.free_errors, 0);
+    let st = r.stranded.as_ref().unwrap();
+    assert!(st.worst_for_mapped >= st.end.for_mapped);
+    assert!(st.over_time.len() > 100);
+}
+
+/// --pcp: freetype on per-CPU caches by the trace's CPU makes the same flips for the user-page
+/// rule and fails nothing; latency samples cover every allocation, flips cost more units.
+#[test]
+fn per_cpu_caches_and_latency_per_path() {
+    let a = args(&[
+        "--unmapped",
+        "GFP_HIGHUSER_MOVABLE",
+        "-p",
+        "freetype",
+        "--pcp",
+    ]);
+    let l = cli::load(&a).unwrap();
+    let r = cli::run_model(&a, &l).unwrap();
+    assert_eq!(r.len(), 2);
+    let (ft, pcp) = (&r[0], &r[1]);
+    assert_eq!(pcp.policy, PolicyKind::FreetypePcp);
+    assert_eq!((pcp.failures.total(), pcp.free_errors), (0, 0));
+    assert!(pcp.flips_to_unmapped >= ft.flips_to_unmapped);
+    let s = pcp.allocator.as_ref().unwrap();
+    assert!(s.total_allocs() >= pcp.allocs);
+    for p in [ft, pcp] {
+        let lat = p.latency.unwrap();
+        assert_eq!(
+            lat.fast.units.samples + lat.flip.units.samples + lat.failure.units.samples,
+            p.allocs
+        );
+        assert_eq!(
+            lat.flip.units.samples,
+            p.flips_to_unmapped + p.flips_to_mapped
+        );
+        assert!(lat.flip.units.p50 > lat.fast.units.p50);
+        assert!(lat.fast.ns.is_none(), "not timed on the model");
+    }
+}
+
+/// --sweep headroom: one replay per value on one parse; less headroom never fails less.
+#[test]
+fn sweep_over_headroom() {
+    let a = args(&[
+        "--unmapped-fraction",
+        "0.5",
+        "--seed",
+        "1",
+        "-p",
+        "freetype,per-page",
+        "--sweep",
+        "headroom=0,5,25",
+    ]);
+    let mut l = cli::load(&a).unwrap();
+    let sw = a.sweep.clone().unwrap();
+    let r = cli::run_sweep(&a, &sw, &mut l).unwrap();
+    assert_eq!(r.rows.len(), 3);
+    let ft: Vec<u64> = r
+        .rows
+        .iter()
+        .map(|row| row.policies[0].failures.total())
+        .collect();
+    assert!(ft[0] > 0 && ft[0] >= ft[1] && ft[1] >= ft[2], "{ft:?}");
+    let mem: Vec<u64> = r
+        .rows
+        .iter()
+        .map(|row| row.policies[0].layout.nr_pages)
+        .collect();
+    assert!(mem[0] < mem[2]);
+    let text = replay::sweep::render_text(&r);
+    assert!(text.contains("per-page") && text.contains("25%"), "{text}");
+    let svg = replay::sweep::render_svg(&r, "t");
+    let mut x = quick_xml::Reader::from_str(&svg);
+    let mut lines = 0;
+    loop {
+        match x.read_event().expect("valid XML") {
+            quick_xml::events::Event::Eof => break,
+            quick_xml::events::Event::Start(e) | quick_xml::events::Event::Empty(e)
+                if e.name().as_ref() == b"polyline" =>
+            {
+                lines += 1
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(lines, 2);
+    // unmapped-fraction re-classifies the same parsed trace per value.
+    let sw = replay::sweep::parse_sweep("unmapped-fraction=0.1,0.9").unwrap();
+    let r = cli::run_sweep(&a, &sw, &mut l).unwrap();
+    assert!(r.rows[0].unmapped_allocs * 5 < r.rows[1].unmapped_allocs);
 }
 
 #[test]

@@ -240,3 +240,87 @@ fn random_bytes_never_panic_the_loader() {
         assert_accounted(&t);
     }
 }
+
+/// The Free events in file order: (allocation id, order).
+fn frees(t: &Trace) -> Vec<(u32, u8)> {
+    t.events
+        .iter()
+        .filter_map(|e| match *e {
+            Event::Free { alloc, order, .. } => Some((alloc, order)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn split_page_tail_frees_free_the_allocation_not_pre_capture_pages() {
+    // An order-2 allocation freed as four order-0 pages (split_page), each page also batched,
+    // and another one whose tail pages are freed before its head.
+    let mut s = alloc("a", 0, "1.0", 0x10, 2);
+    for (i, p) in [0x10, 0x11, 0x12, 0x13].iter().enumerate() {
+        s += &free(0, &format!("1.{}", i + 1), *p, 0);
+        s += &batched(0, &format!("1.{}", i + 1), *p);
+    }
+    s += &alloc("a", 0, "2.0", 0x20, 1);
+    s += &free(0, "2.1", 0x21, 0);
+    s += &free(0, "2.2", 0x20, 0);
+    let t = load_str(&s);
+    let st = &t.stats;
+    assert_eq!(st.unmatched_frees, 0, "no tail is a pre-capture page");
+    assert_eq!(st.batched_duplicates, 4);
+    assert_eq!((st.split_allocations, st.split_piece_frees), (2, 3 + 1));
+    assert_eq!(st.frees_matched, 2, "the last piece frees each allocation");
+    assert_eq!(st.order_mismatches, 0);
+    assert_eq!((st.live_at_end, st.live_pages_at_end), (0, 0));
+    // One Free per allocation, whole, after its last piece.
+    assert_eq!(frees(&t), vec![(0, 2), (1, 1)]);
+    assert!(matches!(t.events[1], Event::Free { alloc: 0, .. }));
+    assert_accounted(&t);
+    // Before the fix the pieces after the first were frees of pre-capture pages: with the
+    // head freed last the allocation stays live until then (pages live at its peak: 4 + 2).
+    assert_eq!(st.peak_live_pages, 4);
+}
+
+#[test]
+fn allocation_overlapping_a_live_range_off_its_head_frees_it() {
+    // After lost events: 0x10 order 2 is live; an order-0 allocation of 0x12 (inside it, not at
+    // its head) and an order-3 allocation at 0x18 that covers the head of a live order-0 page.
+    let s = alloc("a", 0, "1.0", 0x10, 2)
+        + &alloc("a", 0, "1.1", 0x1a, 0)
+        + "CPU:0 [LOST 5 EVENTS]\n"
+        + &alloc("a", 0, "1.2", 0x12, 0)
+        + &alloc("a", 0, "1.3", 0x18, 3)
+        + &free(0, "1.4", 0x12, 0)
+        + &free(0, "1.5", 0x18, 3);
+    let t = load_str(&s);
+    let st = &t.stats;
+    assert_eq!(st.implicit_frees, 2);
+    // 0x10/2 is freed before 0x12's allocation, 0x1a/0 before 0x18/3's.
+    assert_eq!(frees(&t), vec![(0, 2), (1, 0), (2, 0), (3, 3)]);
+    assert!(matches!(t.events[2], Event::Free { alloc: 0, .. }));
+    assert_eq!(
+        (st.unmatched_frees, st.live_at_end, st.live_pages_at_end),
+        (0, 0, 0)
+    );
+    assert_eq!(st.peak_live_pages, 1 + 8, "0x12 and 0x18/3 live together");
+    assert_accounted(&t);
+}
+
+#[test]
+fn freed_pieces_reused_while_the_rest_is_live() {
+    // split_page, then the buddy allocator hands the freed first pieces out again while the
+    // rest of the first allocation is still live: both are tracked apart.
+    let s = alloc("a", 0, "1.0", 0x100, 5)
+        + &free(0, "1.1", 0x100, 2)
+        + &alloc("a", 0, "1.2", 0x100, 2)
+        + &free(0, "1.3", 0x104, 2)
+        + &free(0, "1.4", 0x100, 2)
+        + &free(0, "1.5", 0x108, 3)
+        + &free(0, "1.6", 0x110, 4);
+    let t = load_str(&s);
+    let st = &t.stats;
+    assert_eq!((st.implicit_frees, st.unmatched_frees), (0, 0));
+    assert_eq!(frees(&t), vec![(1, 2), (0, 5)]);
+    assert_eq!((st.live_at_end, st.live_pages_at_end), (0, 0));
+    assert_accounted(&t);
+}

@@ -218,6 +218,9 @@ pub struct BootParams {
     pub reserved_end: u64,
     /// vCPUs the VM runs.
     pub vcpus: u32,
+    /// Bytes the direct map covers from GPA 0 (at least `ram_size`; RAM plus the mermap
+    /// windows above it).
+    pub direct_map_size: u64,
 }
 
 /// Builds the boot block for vCPU 0.
@@ -238,7 +241,7 @@ pub fn boot_info(p: &BootParams) -> Result<BootInfo, BootError> {
         managed_start: p.reserved_end,
         managed_end: p.ram_size,
         direct_map_base: DIRECT_MAP_BASE,
-        direct_map_size: p.ram_size,
+        direct_map_size: p.direct_map_size.max(p.ram_size),
         mailbox_gpa: veil_abi::MAILBOX_GPA,
         stack_top: STACK_TOP_GPA,
         selection_len: sel.len() as u32,
@@ -250,7 +253,7 @@ pub fn boot_info(p: &BootParams) -> Result<BootInfo, BootError> {
 /// Writes the GDT, the page tables and the boot block; returns CR3.
 pub fn write_boot_structures(ram: &GuestRam, p: &BootParams) -> Result<u64, BootError> {
     write_gdt(ram)?;
-    let pt = write_page_tables(ram, p.reserved_end, p.ram_size)?;
+    let pt = write_page_tables(ram, p.reserved_end, p.direct_map_size.max(p.ram_size))?;
     let info = boot_info(p)?;
     ram.write(BOOT_INFO_GPA, BootInfoBytes(info).as_slice())?;
     Ok(pt.pml4)
@@ -333,6 +336,7 @@ mod tests {
             selection: "a".repeat(SELECTION_MAX + 1),
             ram_size: 256 << 20,
             reserved_end: 4 << 20,
+            direct_map_size: 0,
         };
         assert!(matches!(boot_info(&p), Err(BootError::SelectionTooLong(_))));
     }

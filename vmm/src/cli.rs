@@ -60,10 +60,13 @@ Examples:
 
 const REPLAY_ABOUT: &str = "\
 Replay a real Linux page-allocation trace (ftrace kmem events) through direct-map policies and
-compare their stage-2 cost: stage-2 updates per 1,000 allocations, pageblock flips, how many
-2 MiB blocks stay intact (could keep a huge mapping), peak memslots, failures and replay speed.
-Each policy replays the same events on the same amount of memory. Without --kvm the policies
-run on a model of stage 2; with --kvm every memslot update goes to a real VM and is timed.
+compare their stage-2 cost: stage-2 updates and TLB shootdowns per 1,000 allocations (--arch
+x86: removals flush, additions do not; arm64: both; --cpus N: N-1 IPIs each), pageblock flips,
+2 MiB blocks intact now and ever split (never re-merged, as in Linux; 1 GiB too), peak
+memslots, failures by mapped/unmapped request and order, free memory stranded in partly used
+blocks of the other kind, latency per path and replay speed. Each policy replays the same
+events on the same amount of memory. Without --kvm the policies run on a model of stage 2; with
+--kvm every memslot update goes to a real VM and is timed (--repeat N: N runs, median/min/max).
 
 Malformed lines are counted and the first few reported with their line numbers (--strict makes
 the first one fatal). Progress goes to stderr (--quiet silences it); the report goes to stdout.
@@ -79,12 +82,15 @@ far, the policy that was running cut short, later ones skipped; a second signal 
 once).
 
 Examples:
-  veil replay trace.txt.gz                       all four policies, text table
+  veil replay trace.txt.gz                       all five policies, text table
   veil replay trace.txt.gz --json -p freetype,per-page
   veil replay trace.txt.gz --unmapped-fraction 0.1 --seed 7 --plot blocks.svg
   veil replay trace.txt.gz --sensitive            + ranges an ASI view switch toggles (GFP_USER)
   cat /sys/kernel/tracing/trace_pipe | veil replay -     read standard input
-  veil replay trace.txt.gz --kvm                 measure on real memslots";
+  veil replay trace.txt.gz --kvm --repeat 5      measure on real memslots, 5 runs
+  veil replay trace.txt.gz --headroom 0 --compaction     failures with and without compaction
+  veil replay trace.txt.gz --sweep headroom=0,5,10,25,50 --plot sweep.svg
+  veil replay trace.txt.gz --pcp --arch arm64 --cpus 8";
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -220,8 +226,12 @@ pub struct RunArgs {
     /// stack in a hole, a livelock) resumes at the recovery point the test registered (or stops
     /// the VM if none; a triple fault always stops it). `kill`: stop at the first violation no
     /// test declared (ExpectViolation): a declared one is answered as under `report`; print the
-    /// report, exit 3; tests after it count as not run. Either way every violation is recorded.
-    #[arg(long, value_enum, value_name = "report|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
+    /// report, exit 3; tests after it count as not run. `inject`: as `report`, and after each
+    /// load or store violation the guest is told: the GPA, access kind and RIP go into the
+    /// vCPU's mailbox (veil_abi::VeInfo at offset 0xe00) and a #VE (vector 20) is injected once
+    /// the access has completed, so its handler can count it and return past the access.
+    /// Every policy records every violation.
+    #[arg(long, value_enum, value_name = "report|inject|kill", default_value_t = ViolationPolicy::Report, hide_possible_values = true)]
     pub on_violation: ViolationPolicy,
 
     /// How stage 2 removes pages from the guest. `slots`: KVM memslots, an unmapped range is a

@@ -45,6 +45,8 @@ pub mod guest_view;
 pub mod kvm_stats;
 pub mod livelock;
 pub mod memory;
+pub mod mermap;
+pub mod mermap_window;
 pub mod page_walk;
 pub mod pv_msrs;
 pub mod replay_kvm;

@@ -34,6 +34,12 @@ pub enum ViolationPolicy {
     /// there is none).
     #[default]
     Report,
+    /// As `report`, and the guest is told: after a load or store violation the VMM writes the
+    /// GPA, access kind and RIP into the vCPU's mailbox (`veil_abi::VeInfo`) and injects a
+    /// virtualization exception (#VE, vector 20) once the access has completed, so the guest's
+    /// handler can count it and return past the access. Other violations (fetches, accesses
+    /// the guest cannot run on past) are answered as under `report`.
+    Inject,
     /// Stop the VM at the first violation, print the report, exit non-zero.
     Kill,
 }

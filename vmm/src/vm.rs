@@ -29,6 +29,7 @@ use dispatch::{dispatch, Action, Progress};
 
 mod dispatch;
 mod fault;
+mod inject;
 mod kvm_run;
 mod stall;
 
@@ -133,6 +134,9 @@ pub enum VmError {
         /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// The mermap window could not be set up.
+    #[error("mermap window: {0}")]
+    Mermap(#[from] crate::mermap_window::WindowError),
     /// The stage-2 engine refused the layout.
     #[error("the stage-2 engine refused the memory layout")]
     Engine(#[from] EngineError),
@@ -168,7 +172,7 @@ impl VmError {
     pub fn is_usage(&self) -> bool {
         !matches!(
             self,
-            VmError::Kvm { .. } | VmError::Io { .. } | VmError::Backend(_)
+            VmError::Kvm { .. } | VmError::Io { .. } | VmError::Backend(_) | VmError::Mermap(_)
         )
     }
 }
@@ -290,6 +294,8 @@ impl Vm {
             ram_size,
             reserved_end,
             vcpus: cfg.vcpus,
+            direct_map_size: crate::mermap::window_base(ram_size).raw()
+                + crate::mermap::Mermap::span(cfg.vcpus as usize),
         };
         boot::boot_info(&params)?;
 
@@ -328,10 +334,19 @@ impl Vm {
         lap("VM, RAM, image and boot structures");
 
         let max_slots = u32::try_from(kvm.get_nr_memslots()).unwrap_or(32);
+        // The mermap windows take the top memslot ids (one per window page under `slots`, one
+        // under `mprotect`); the RAM backend gets the rest.
+        let mermap_span = crate::mermap::Mermap::span(cfg.vcpus as usize);
+        let mermap_ids = match cfg.stage2 {
+            BackendKind::Slots => crate::mermap_window::SlotWindow::ids_needed(mermap_span),
+            BackendKind::Mprotect => 1,
+        }
+        .min(max_slots / 2);
+        let ram_slots = max_slots - mermap_ids;
         let threads = Arc::new(Vcpus::default());
         let backend: GuestBackend = match cfg.stage2 {
             BackendKind::Slots => {
-                let mut b = Slots::new(KvmSlots::new(vm.clone(), ram.clone(), max_slots), ram_size);
+                let mut b = Slots::new(KvmSlots::new(vm.clone(), ram.clone(), ram_slots), ram_size);
                 b.park_vcpus(threads.clone());
                 Box::new(b)
             }
@@ -364,6 +379,14 @@ impl Vm {
         let tsc_khz = vcpus[0].get_tsc_khz().ok();
         lap("vCPU");
 
+        let mermap = crate::mermap::create(
+            &vm,
+            &ram,
+            cfg.stage2,
+            cfg.vcpus as usize,
+            ram_slots,
+            mermap_ids,
+        )?;
         let console = Console::new(&cfg.console).map_err(|source| VmError::Io {
             what: "cannot open the console output",
             source,
@@ -385,6 +408,15 @@ impl Vm {
             test_harness: cfg.test_harness,
             verify_stage2: cfg.verify_stage2,
         });
+        let mut s = s;
+        // KVM reaches a `memfd_secret` page only where it reads guest memory through the
+        // VMM's mapping (this host emulates guest ring 0); where it needs GUP it cannot.
+        let needs_gup = cfg.host_secretmem
+            && !crate::caps::probe_host()
+                .kvm_modules
+                .iter()
+                .any(|m| m == "kvm_pvm");
+        s.set_mermap(mermap, needs_gup);
         Ok(Vm {
             s,
             vcpus,
@@ -416,7 +448,7 @@ impl Vm {
                     scope.spawn(move || {
                         let end = cpu.run();
                         cpu.stop.stop(end);
-                        cpu.exits
+                        (cpu.exits, cpu.cpu.ve_count())
                     })
                 })
                 .collect();
@@ -429,7 +461,9 @@ impl Vm {
             }
             exits
         });
-        exits.push(boot.exits.clone());
+        exits.push((boot.exits.clone(), boot.cpu.ve_count()));
+        let ve_injected = exits.iter().map(|e| e.1).sum();
+        let exits: Vec<ExitCounts> = exits.into_iter().map(|e| e.0).collect();
         drop(boot);
         let end = stop.take().unwrap_or(ExitInfo::KvmError {
             error: "no vCPU reported why it stopped".into(),
@@ -441,6 +475,7 @@ impl Vm {
         let vcpus = VcpuSummary {
             count,
             parks: stop.threads.counts(),
+            ve_injected,
         };
         Ok(s.finish(end, run_start.elapsed(), sum(&exits), vcpus))
     }
@@ -650,6 +685,15 @@ impl Vcpu {
                 let stop = self.s().mmio_access(Gpa(gpa), access, &mut buf[..n], rip);
                 if access == AccessKind::Read {
                     self.mmio_data_mut(len).copy_from_slice(&buf[..n]);
+                }
+                if let Some(ve) = self.cpu.take_ve() {
+                    if stop.is_none() {
+                        match self.inject_ve(ve) {
+                            Ok(true) => return None,
+                            Ok(false) => {}
+                            Err(stop) => return Some(*stop),
+                        }
+                    }
                 }
                 stop.or_else(|| self.fault_loop(gpa, access))
             }

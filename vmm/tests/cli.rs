@@ -113,7 +113,8 @@ fn json_run_of_the_whole_suite() {
             "concurrent_alloc",
             "flip_under_reader",
             "revocation_latency",
-            "asi_smp"
+            "asi_smp",
+            "mermap_vcpu_isolation"
         ]
     );
 }
@@ -619,7 +620,7 @@ fn every_help_teaches() {
             &[
                 "[default: 256M]",
                 "[default: 60]",
-                "report|kill",
+                "report|inject|kill",
                 "text|json|svg",
                 "list-tests",
             ],
@@ -708,6 +709,57 @@ fn replay_errors_are_clear_and_early() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(std::fs::read_to_string(&plot).unwrap().contains("<svg"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Replay v2's options through the binary: a malformed sweep, `--cpus 0`, an unknown
+/// `--arch` and `--repeat` without `--kvm` are usage errors (exit 2, nothing read); a sweep
+/// prints one table with a row per value and policy.
+#[test]
+fn replay_sweep_and_v2_usage_errors() {
+    let trace = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/data/kmem-trace-cargo-small.txt.gz"
+    );
+    for bad in [
+        &["--sweep", "headroom=1,x"][..],
+        &["--sweep", "mem=1G"],
+        &["--sweep", "unmapped-fraction=1.5"],
+        &["--cpus", "0"],
+        &["--arch", "riscv"],
+        &["--repeat", "2"],
+    ] {
+        let mut v = vec!["replay", trace];
+        v.extend_from_slice(bad);
+        let out = veil(&v);
+        let e = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {e}");
+        assert!(e.contains("error"), "{bad:?}: {e}");
+        assert!(out.stdout.is_empty(), "{bad:?}");
+    }
+    let out = veil(&[
+        "replay",
+        trace,
+        "-q",
+        "-p",
+        "freetype,per-page",
+        "--unmapped-fraction",
+        "0.5",
+        "--seed",
+        "1",
+        "--compaction",
+        "--sweep",
+        "headroom=0,25",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let t = text(&out.stdout);
+    assert!(t.contains("sweep over headroom (2 values"), "{t}");
+    assert_eq!(
+        t.lines().filter(|l| l.contains(" freetype ")).count(),
+        2,
+        "{t}"
+    );
+    // At headroom 0 compaction rescues the failures: "0<-305".
+    assert!(t.contains("0<-305"), "{t}");
 }
 
 /// The start of a gzip file holding `data` in one stored (uncompressed) deflate block, cut

@@ -136,10 +136,6 @@ impl<S: Stage2> Engine<S> for CachePolicy<S> {
         true
     }
 
-    fn tracker(&self) -> &Tracker<S> {
-        self.a.stage2()
-    }
-
     fn tracker_mut(&mut self) -> &mut Tracker<S> {
         self.a.stage2_mut()
     }
@@ -154,6 +150,10 @@ impl<S: Stage2> Engine<S> for CachePolicy<S> {
 
     fn into_tracker(self) -> Tracker<S> {
         self.a.into_stage2()
+    }
+
+    fn has_kinds(&self) -> bool {
+        true
     }
 }
 

@@ -39,10 +39,6 @@ impl<S: Stage2> Engine<S> for Freetype<S> {
         self.a.free_pages(pfn, order).is_ok()
     }
 
-    fn tracker(&self) -> &Tracker<S> {
-        self.a.stage2()
-    }
-
     fn tracker_mut(&mut self) -> &mut Tracker<S> {
         self.a.stage2_mut()
     }
@@ -58,5 +54,17 @@ impl<S: Stage2> Engine<S> for Freetype<S> {
 
     fn into_tracker(self) -> Tracker<S> {
         self.a.into_stage2()
+    }
+
+    fn has_kinds(&self) -> bool {
+        true
+    }
+
+    fn compactable(&self) -> bool {
+        true
+    }
+
+    fn drain(&mut self) {
+        self.a.drain_pcp();
     }
 }

@@ -41,10 +41,6 @@ impl<S: Stage2> Engine<S> for LinuxPlacement<S> {
         true
     }
 
-    fn tracker(&self) -> &Tracker<S> {
-        &self.t
-    }
-
     fn tracker_mut(&mut self) -> &mut Tracker<S> {
         &mut self.t
     }

@@ -12,12 +12,16 @@ use crate::tracker::Tracker;
 /// The per-page policy.
 pub(crate) struct PerPage<S: Stage2> {
     a: BuddyAllocator<Tracker<S>>,
+    /// `per-page-batched`: a page whose removal still waits for its shootdown is flushed
+    /// before it is reused.
+    batched: bool,
 }
 
 impl<S: Stage2> PerPage<S> {
-    pub(crate) fn new(l: Layout, t: Tracker<S>) -> Self {
+    pub(crate) fn new(l: Layout, t: Tracker<S>, batched: bool) -> Self {
         PerPage {
             a: BuddyAllocator::new(l.base_pfn, l.nr_pages, t, Config::default()),
+            batched,
         }
     }
 }
@@ -38,16 +42,15 @@ impl<S: Stage2> Engine<S> for PerPage<S> {
     fn free(&mut self, pfn: u64, order: u8, flags: u8) -> bool {
         if is_unmapped(flags) {
             let s2 = self.a.stage2_mut();
+            if self.batched {
+                s2.flush_before_reuse(pfn, 1 << order);
+            }
             if s2.zero(pfn, 1 << order).is_err() || s2.map(pfn, 1 << order).is_err() {
                 // Still unmapped (or not zeroed): it must not be handed out again; leak it.
                 return false;
             }
         }
         self.a.free_pages(pfn, order).is_ok()
-    }
-
-    fn tracker(&self) -> &Tracker<S> {
-        self.a.stage2()
     }
 
     fn tracker_mut(&mut self) -> &mut Tracker<S> {

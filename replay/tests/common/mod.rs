@@ -24,6 +24,7 @@ pub fn assert_accounted(t: &Trace) {
             + s.batched_duplicates
             + s.free_duplicates
             + s.unmatched_frees
+            + s.split_piece_frees
     );
     let frees = t
         .events

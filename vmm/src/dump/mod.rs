@@ -40,6 +40,23 @@ pub struct DumpInput<'a, B: Stage2Backend> {
     pub reason: &'a str,
     /// Host address of a GPA.
     pub host_addr: &'a dyn Fn(u64) -> u64,
+    /// The mermap windows, if the VM has them.
+    pub mermap: Option<&'a crate::mermap::Mermap>,
+}
+
+/// The mermap windows in a dump (`mermap` in JSON).
+#[derive(Clone, Debug, Serialize)]
+pub struct MermapDump {
+    /// GPA of vCPU 0's window.
+    pub base: u64,
+    /// Pages per vCPU window (bump pages plus the reserved slot).
+    pub window_pages: u64,
+    /// How the windows are realised (`alias`: the mprotect backend's memfd aliases;
+    /// `memslots`: one KVM memslot per mapping).
+    pub backend: String,
+    /// Each vCPU's window: bump pointer, live and stale mappings (window page, pages, target
+    /// GPA) and counters.
+    pub windows: Vec<crate::mermap::Window>,
 }
 
 /// Freetype label of reserved memory.
@@ -105,6 +122,9 @@ pub struct DumpData {
     pub stage2: Stage2Counters,
     /// KVM's binary statistics.
     pub kvm_stats: Option<Vec<Stat>>,
+    /// The mermap windows (absent when the VM has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mermap: Option<MermapDump>,
 }
 
 /// The allocator's managed range.
@@ -329,6 +349,12 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         free_by_freetype,
         stage2: engine.counters,
         kvm_stats: input.kvm_stats.map(<[Stat]>::to_vec),
+        mermap: input.mermap.map(|m| MermapDump {
+            base: m.base().raw(),
+            window_pages: crate::mermap::WINDOW_PAGES,
+            backend: m.backend_name().to_string(),
+            windows: m.windows().to_vec(),
+        }),
     }
 }
 

@@ -63,6 +63,7 @@ fn json_dump_covers_ram_and_matches_the_engine() {
     }
     let st = stats();
     let input = DumpInput {
+        mermap: None,
         alloc: &a,
         kvm_stats: Some(&st),
         reason: "test",
@@ -165,6 +166,7 @@ fn json_dump_covers_ram_and_matches_the_engine() {
 fn text_dump_has_every_section() {
     let (a, _) = setup();
     let input = DumpInput {
+        mermap: None,
         alloc: &a,
         kvm_stats: None,
         reason: "exit",
@@ -224,6 +226,7 @@ fn count_cells(svg: &str) -> (usize, std::collections::HashMap<String, usize>) {
 fn svg_dump_is_xml_with_one_cell_per_pageblock() {
     let (a, _) = setup();
     let input = DumpInput {
+        mermap: None,
         alloc: &a,
         kvm_stats: None,
         reason: "guest <request> & more",
@@ -300,6 +303,7 @@ fn cells_classify_partial_and_mixed_blocks() {
         free_by_freetype: vec![],
         stage2: Default::default(),
         kvm_stats: None,
+        mermap: None,
     };
     let c: Vec<CellClass> = cells(&d).iter().map(|c| c.class).collect();
     assert_eq!(

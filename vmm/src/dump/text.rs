@@ -216,6 +216,10 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
         c.memslot_updates, c.slots_created, c.slots_deleted, c.memslots_in_use, c.peak_memslots
     )?;
 
+    if let Some(m) = &d.mermap {
+        write_mermap(o, m)?;
+    }
+
     writeln!(o, "\nKVM statistics")?;
     match &d.kvm_stats {
         None => writeln!(o, "  (not available)")?,
@@ -223,6 +227,47 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
             let w = stats.iter().map(|s| s.name.len()).max().unwrap_or(0);
             for s in stats {
                 writeln!(o, "  {:<w$}  {:>12}", s.name, s.value)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_mermap(o: &mut String, m: &super::MermapDump) -> std::fmt::Result {
+    writeln!(
+        o,
+        "\nMermap windows ({} pages per vCPU from {:#x}, last one reserved; realised as {})",
+        m.window_pages, m.base, m.backend
+    )?;
+    for w in &m.windows {
+        let c = &w.counters;
+        writeln!(
+            o,
+            "  vCPU {}: [{:#x}, {:#x}) next {}  gets {} puts {} busy {}  wraps {} flushes {} \
+             ({} ops, last {})  free teardowns {}",
+            w.vcpu,
+            w.base,
+            w.base + m.window_pages * 4096,
+            w.next,
+            c.gets,
+            c.puts,
+            c.busy,
+            c.wraps,
+            c.flushes,
+            c.flush_ops,
+            c.last_flush_ops,
+            c.free_teardowns
+        )?;
+        for (what, list) in [("live", &w.live), ("stale", &w.stale)] {
+            for s in list.iter() {
+                writeln!(
+                    o,
+                    "    {what:<5} slot {:>2}+{:<2} {:#x} -> RAM {:#x}",
+                    s.first,
+                    s.pages,
+                    w.base + s.first * 4096,
+                    s.target
+                )?;
             }
         }
     }

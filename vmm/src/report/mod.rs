@@ -228,6 +228,8 @@ pub struct VcpuSummary {
     /// Parks and kicks of stage-2 updates ([`crate::shootdown`]).
     #[serde(flatten)]
     pub parks: crate::shootdown::ParkCounts,
+    /// #VEs injected into the guest, all vCPUs (`--on-violation inject`).
+    pub ve_injected: u64,
 }
 
 /// Most violations / not-RAM records kept in memory.

@@ -111,6 +111,13 @@ impl RunReport {
                 v.parks.kicks as f64 / v.parks.parks.max(1) as f64
             );
         }
+        if self.vcpus.ve_injected > 0 {
+            let _ = writeln!(
+                s,
+                "inject: {} #VE (vector 20) injected after load/store violations",
+                self.vcpus.ve_injected
+            );
+        }
         let c = &self.stage2;
         let a = &self.allocator;
         let _ = writeln!(

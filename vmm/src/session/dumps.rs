@@ -70,6 +70,7 @@ impl Session {
             kvm_stats: stats.as_deref(),
             reason,
             host_addr: &host_addr,
+            mermap: self.mermap.as_ref(),
         })
     }
 

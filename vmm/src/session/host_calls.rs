@@ -18,12 +18,12 @@ pub const MAX_HOST_FAILURES: usize = 16;
 /// One failed host assertion, kept as numbers and put into words only at the verdict (so the
 /// call costs the same whether it held or not, up to a tiny copy).
 #[derive(Clone, Copy, Debug)]
-struct HostFailure {
-    gpa: Gpa,
-    len: u64,
-    what: u64,
-    count: u64,
-    found: u64,
+pub(super) struct HostFailure {
+    pub(super) gpa: Gpa,
+    pub(super) len: u64,
+    pub(super) what: u64,
+    pub(super) count: u64,
+    pub(super) found: u64,
 }
 
 impl std::fmt::Display for HostFailure {
@@ -53,7 +53,7 @@ pub(super) struct HostVerdict {
 }
 
 impl HostVerdict {
-    fn record(&mut self, a: HostFailure) {
+    pub(super) fn record(&mut self, a: HostFailure) {
         self.checked += 1;
         if a.found != a.count {
             self.failed += 1;

@@ -65,7 +65,9 @@ impl Session {
         };
         let a = r.map_err(alloc_status)?;
         // The ABI answers a raw GPA; managed frames always have one.
-        Ok(Pfn::new(a.pfn).ok_or(Status::BadAddress)?.gpa().raw())
+        let gpa = Pfn::new(a.pfn).ok_or(Status::BadAddress)?.gpa();
+        self.mermap_note_alloc(gpa, a.order);
+        Ok(gpa.raw())
     }
 
     pub(super) fn hc_free(&mut self, gpa: Gpa, order: u64) -> Result<u64, Status> {
@@ -84,9 +86,12 @@ impl Session {
         if self.engine(|e| e.ranges_in(gpa, end).iter().any(|r| r.state.is_locked())) {
             return Err(Status::BadState);
         }
+        // A page a mermap window shows live stays allocated; stale window mappings go first.
+        self.mermap_before_free(gpa, end)?;
         self.alloc
             .free_pages(self.cpu.index, gpa.pfn().raw(), order)
             .map_err(free_status)?;
+        self.mermap_note_free(gpa);
         Ok(0)
     }
 

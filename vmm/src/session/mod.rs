@@ -6,7 +6,7 @@
 //! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
 //! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the
 //! suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
-//! `dumps` and `finish` (the report).
+//! `dumps`, `finish` (the report) and `mermap_calls` (the mermap windows, the policy query).
 
 mod asi;
 mod dumps;
@@ -14,6 +14,7 @@ mod finish;
 mod guest_args;
 mod host_calls;
 mod memory_calls;
+mod mermap_calls;
 mod routes;
 mod stage2_checks;
 mod test_calls;
@@ -154,6 +155,10 @@ pub struct SessionConfig {
 pub struct VcpuState {
     index: VcpuIndex,
     recovery: Option<(u64, u64)>,
+    /// A #VE to inject before the vCPU runs again (`--on-violation inject`).
+    pending_ve: Option<veil_abi::VeInfo>,
+    /// #VEs injected into this vCPU.
+    ve_count: u64,
 }
 
 impl VcpuState {
@@ -162,7 +167,25 @@ impl VcpuState {
         VcpuState {
             index,
             recovery: None,
+            pending_ve: None,
+            ve_count: 0,
         }
+    }
+
+    /// The #VE to inject now, if a violation under `--on-violation inject` asked for one
+    /// (its `count` already includes it).
+    pub fn take_ve(&mut self) -> Option<veil_abi::VeInfo> {
+        self.pending_ve.take()
+    }
+
+    /// #VEs this vCPU was given.
+    pub fn ve_count(&self) -> u64 {
+        self.ve_count
+    }
+
+    /// Counts a #VE delivered to this vCPU.
+    pub fn count_ve(&mut self) {
+        self.ve_count += 1;
     }
 
     /// The vCPU's index.
@@ -216,6 +239,10 @@ pub struct Session {
     routes: routes::Routes,
     checks: stage2_checks::Checks,
     asi: asi::Asi,
+    /// The per-vCPU mermap windows (`Hc::MermapGet`), when the VM set them up.
+    mermap: Option<crate::mermap::Mermap>,
+    /// `memfd_secret` pages cannot be windowed on this host (`Status::SecretNeedsGup`).
+    mermap_secret_needs_gup: bool,
     /// Guest Log lines.
     pub logs: Vec<String>,
     // Last: RAM must outlive the memslots that point into it.
@@ -270,6 +297,8 @@ impl Session {
             routes: routes::Routes::default(),
             checks: stage2_checks::Checks::new(c.verify_stage2, secret),
             asi: asi::Asi::new(nr_cpus),
+            mermap: None,
+            mermap_secret_needs_gup: false,
             logs: Vec::new(),
             ram: c.ram,
         }
@@ -400,6 +429,20 @@ impl Session {
             Hc::PlantSecret => self.hc_plant_secret(gpa(0), a[1]).into(),
             Hc::RouteBegin => self.hc_route_begin(gpa(0), a[1], gpa(2), a[3]).into(),
             Hc::RouteEnd => self.hc_route_end().into(),
+            Hc::MermapGet => self.hc_mermap_get(gpa(0), a[1]).into(),
+            Hc::MermapGetReserved => self.hc_mermap_get_reserved(gpa(0)).into(),
+            Hc::MermapPut => self.hc_mermap_put(gpa(0)).into(),
+            Hc::MermapInfo => match self.hc_mermap_info(a[0]) {
+                Ok((r0, r1)) => HcOut {
+                    status: Status::Ok,
+                    r0,
+                    r1,
+                    stop: None,
+                },
+                Err(s) => HcOut::err(s),
+            },
+            Hc::ExpectSecretCopy => self.hc_expect_secret_copy(gpa(0), gpa(1), a[2]).into(),
+            Hc::ViolationPolicy => HcOut::ok(self.hc_violation_policy()),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);

@@ -173,7 +173,10 @@ impl Session {
 
     pub(super) fn hc_expect(&mut self, gpa: Gpa, access: u64, count: u64) -> Result<u64, Status> {
         let access = AccessKind::from_u64(access).ok_or(Status::BadArgument)?;
-        if gpa.raw() >= self.ram.size() && gpa.raw() != veil_abi::ADDRESS_UNKNOWN {
+        if gpa.raw() >= self.ram.size()
+            && gpa.raw() != veil_abi::ADDRESS_UNKNOWN
+            && !self.in_mermap(gpa)
+        {
             return Err(Status::BadAddress);
         }
         if count > 1 << 24 {

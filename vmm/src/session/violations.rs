@@ -53,6 +53,7 @@ impl Session {
         let reserved = gpa.is_some_and(|g| g < self.reserved_end);
         let owner = match pfn {
             Some(_) if reserved => "reserved",
+            Some(_) if gpa.is_some_and(|g| self.in_mermap(g)) => "mermap",
             Some(p) if self.alloc.allocation_containing(p).is_some() => "allocated",
             Some(_) => "free",
             None => "unknown",
@@ -66,6 +67,7 @@ impl Session {
             freetype: match ft {
                 Some(f) => Some(f.name().to_string()),
                 None if reserved => Some(crate::dump::FREETYPE_RESERVED.to_string()),
+                None if gpa.is_some_and(|g| self.in_mermap(g)) => Some("mermap".to_string()),
                 None => None,
             },
             freetype_index: ft.map(|f| f.index() as u8).unwrap_or(0xff),
@@ -139,11 +141,21 @@ impl Session {
         size: u32,
         rip: u64,
     ) -> (u8, Option<ExitInfo>) {
+        let window = self.in_mermap(gpa);
         match self.state_at(gpa) {
-            Some(_) if self.blocks(gpa, access) => {
+            // A window page that shows nothing (never mapped, or flushed) is blocked too.
+            _ if window || self.blocks(gpa, access) => {
                 let policy = self.policy_for(gpa, access);
                 let action = mmio_action(policy, access);
                 let v = self.record_violation(gpa, access, size, rip, action);
+                if policy == ViolationPolicy::Inject {
+                    self.cpu.pending_ve = Some(veil_abi::VeInfo {
+                        count: self.cpu.ve_count + 1,
+                        gpa: gpa.raw(),
+                        rip,
+                        access: access.abi() as u64,
+                    });
+                }
                 let stop = (policy == ViolationPolicy::Kill)
                     .then_some(ExitInfo::ViolationKill { violation: v });
                 (veil_abi::POISON_BYTE, stop)
@@ -184,7 +196,7 @@ impl Session {
         };
         match policy {
             ViolationPolicy::Kill => None,
-            ViolationPolicy::Report => self.cpu.recovery.take(),
+            ViolationPolicy::Report | ViolationPolicy::Inject => self.cpu.recovery.take(),
         }
     }
 
@@ -252,7 +264,7 @@ impl Session {
     ) -> ExitInfo {
         let action = match self.policy {
             ViolationPolicy::Kill => ViolationAction::Killed,
-            ViolationPolicy::Report => ViolationAction::Stopped,
+            ViolationPolicy::Report | ViolationPolicy::Inject => ViolationAction::Stopped,
         };
         stop_exit(self.record_all(first, more, rip, action))
     }
