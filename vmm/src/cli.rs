@@ -289,6 +289,10 @@ pub struct RunArgs {
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
     pub guest: GuestArgs,
+
+    /// Foreign kernels: --kernel, --cmdline, --module, --initrd, --cpuid-mask, --secret.
+    #[command(flatten)]
+    pub foreign: crate::foreign::cli::ForeignArgs,
 }
 
 /// `veil caps` options.
@@ -469,6 +473,9 @@ pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTar
 
 /// `veil run`.
 pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
+    if let Some(k) = &args.foreign.kernel {
+        return crate::foreign::cli::cmd_run_kernel(args, k, start);
+    }
     let selection = test_selection(&args.tests)?;
     let mut cfg = base_config(&args.guest, start)?;
     cfg.selection = selection;

@@ -40,6 +40,7 @@ pub mod dump;
 pub mod elf;
 pub mod expect;
 pub mod fault_probe;
+pub mod foreign;
 pub mod guest_image;
 pub mod guest_view;
 pub mod kvm_stats;
