@@ -26,7 +26,7 @@ pub struct ForeignArgs {
     /// linux-loader, entered by the 64-bit boot protocol with boot_params and an e820 map).
     /// The machine has the in-kernel irqchip and PIT, COM1, a minimal fw_cfg and QEMU's
     /// isa-debug-exit port 0xf4: a write of V ends the run (QEMU's status V<<1|1); V=0 is
-    /// PASS (exit code 0), V=77 SKIP (exit code 0), anything else FAIL (exit code 1); a triple
+    /// PASS (exit code 0), V=38 SKIP (QEMU status 77; exit code 0), anything else FAIL (exit code 1); a triple
     /// fault, emulation failure or timeout is exit code 3. `--vcpus N`: the APs wait in
     /// KVM_RUN for the guest's INIT/SIPI. Conflicts with --guest and --tests.
     #[arg(long, value_name = "FILE", conflicts_with = "guest")]

@@ -34,8 +34,9 @@ pub use secret_ranges::SecretRange;
 
 /// The I/O port of QEMU's isa-debug-exit device (kvm-unit-tests' `exit()`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-/// The value kvm-unit-tests writes for "skipped" (QEMU status 155).
-pub const SKIP_VALUE: u32 = 77;
+/// The value kvm-unit-tests writes for "skipped": 77 >> 1, so that QEMU's status
+/// (`value << 1 | 1`) is 77, autotools' "skipped".
+pub const SKIP_VALUE: u32 = 77 >> 1;
 
 /// Everything needed to boot one foreign kernel.
 #[derive(Clone, Debug)]
@@ -290,7 +291,7 @@ pub struct ForeignReport {
 pub const MAX_VIOLATIONS: usize = 10_000;
 
 impl ForeignReport {
-    /// Veil's exit code: 0 for a debug-exit value of 0 (pass) or 77 (skip) with no violation;
+    /// Veil's exit code: 0 for a debug-exit value of 0 (pass) or 38 (skip) with no violation;
     /// 1 for any other value or any violation; 3 for a crash, triple fault, kill, halt or
     /// timeout; 128 + signal when interrupted.
     pub fn exit_code(&self) -> i32 {
@@ -402,7 +403,8 @@ mod tests {
             qemu_status: value << 1 | 1,
         };
         assert_eq!(result_of(&e(0)), "pass");
-        assert_eq!(result_of(&e(77)), "skip");
+        assert_eq!(result_of(&e(38)), "skip");
+        assert_eq!(result_of(&e(77)), "fail");
         assert_eq!(result_of(&e(1)), "fail");
         assert_eq!(result_of(&ForeignExit::Interrupted { signal: 2 }), "error");
     }
