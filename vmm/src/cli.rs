@@ -117,6 +117,8 @@ Examples:
   veil run --tests mapped_rw,unmapped_read_direct --json
   veil run --mem 1G --dump-ept dump.svg   SVG picture (format from the extension)
   veil run --guest my-kernel.elf --on-violation kill --timeout 10
+  veil run --kernel x86/smptest.flat --vcpus 2   a kvm-unit-tests image (multiboot)
+  veil run --kernel vmlinux --cmdline console=ttyS0 --secret 0x8000000,16M
   veil list-tests
   veil caps --json
   veil replay ../shared/data/<trace> --kvm";
@@ -134,6 +136,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot the guest and run its isolation suite; print a table (or JSON) of the results.
+    /// With --kernel FILE: boot a multiboot or Linux kernel instead (see --kernel).
     #[command(after_long_help = EXIT_CODES)]
     Run(RunArgs),
     /// Boot the guest in list mode and print the names of its tests, one per line.

@@ -84,7 +84,7 @@ fn linux_reaches_its_first_console_line() {
     let out = child.wait_with_output().expect("wait veil");
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     let _ = std::fs::remove_file(&console);
-    eprintln!("veil: {}", String::from_utf8_lossy(&out.stderr).trim());
+    eprintln!("veil said: {}", String::from_utf8_lossy(&out.stderr).trim());
     eprintln!(
         "console (first 1,500 bytes):\n{}",
         &text[..text.len().min(1500)]

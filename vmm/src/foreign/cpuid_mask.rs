@@ -298,7 +298,7 @@ mod tests {
         let mut c = CpuId::from_entries(&[e]).unwrap();
         apply(&mut c, &[f, "xsave".parse().unwrap()]);
         let got = c.as_slice()[0];
-        assert_eq!(got.ecx, u32::MAX & !(1 << 13) & !(1 << 26));
+        assert_eq!(got.ecx, !(1u32 << 13) & !(1 << 26));
         assert_eq!(got.edx, u32::MAX);
     }
 

@@ -100,8 +100,8 @@ pub fn load(
     }
     .map_err(LinuxError::Load)?;
     let kernel_start = res.kernel_load.0;
-    let kernel_end = kernel_start + res.kernel_end.saturating_sub(kernel_start).max(0);
-    let kernel_end = kernel_end.max(res.kernel_end);
+    // linux-loader's kernel_end is the GPA after the image.
+    let kernel_end = res.kernel_end.max(kernel_start);
     let entry = match kind {
         // startup_64 is 0x200 past the protected-mode code's start.
         KernelKind::Bzimage => kernel_start + 0x200,
@@ -112,7 +112,7 @@ pub fn load(
     if !cmdline.is_empty() {
         line.insert_str(cmdline).map_err(LinuxError::Cmdline)?;
     }
-    load_cmdline(mem, GuestAddress(CMDLINE_GPA), &line).map_err(|e| LinuxError::Load(e))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_GPA), &line).map_err(LinuxError::Load)?;
     let cmd_len = line.as_cstring().map(|c| c.as_bytes().len()).unwrap_or(0);
 
     let mut params = boot_params::default();

@@ -202,7 +202,7 @@ pub fn layout(image: &[u8], header: &Header, ram_size: u64) -> Result<Layout, Mu
     };
     let mut prev_end = 0u64;
     for s in &lay.segments {
-        let end = s.gpa.checked_add(s.mem_len).unwrap_or(u64::MAX);
+        let end = s.gpa.saturating_add(s.mem_len);
         if s.gpa < LOAD_MIN || end > limit {
             return Err(MultibootError::OutOfRam {
                 what: "kernel segment".into(),
