@@ -59,7 +59,9 @@ pub struct ForeignArgs {
     /// (smap), clwb, SSE integer instructions (sse4_1, sse4_2, aes). Known: cx16, xsave, avx,
     /// sse4_1, sse4_2, popcnt, aes, x2apic, tsc_deadline_timer, rdrand, pcid, avx2, smep,
     /// smap, avx512f, clflushopt, clwb, pku, la57, spec_ctrl, flush_l1d, arch_capabilities,
-    /// ssbd, pdpe1gb, rdtscp (docs/ARCHITECTURE.md says why each).
+    /// ssbd, pdpe1gb, rdtscp (docs/ARCHITECTURE.md says why each). Veil clears the bits in
+    /// the CPUID table it gives KVM; a KVM may still report some (kvm_pvm here keeps XSAVE,
+    /// AVX and the SSE4 bits, and hides only cx16 and x2apic of those).
     #[arg(
         long,
         value_name = "FEATURE,...",
