@@ -266,6 +266,14 @@ fn bad_kernels_ranges_and_options_are_usage_errors() {
     let mut past_end = kernel(&check_contract());
     past_end[20..24].copy_from_slice(&0x0200_0000u32.to_le_bytes()); // load_end past the file
     let past_end = write(&d, "end.bin", &past_end);
+    let mut elf = b"\x7fELF\x02\x01\x01".to_vec();
+    elf.resize(64, 0);
+    let fake_elf = write(&d, "vmlinux", &elf);
+    let mut bz = vec![0u8; 0x400];
+    bz[0x1fe] = 0x55;
+    bz[0x1ff] = 0xaa;
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    let fake_bz = write(&d, "bzImage", &bz);
     let long = "x".repeat(5000);
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--kernel", &junk], "not a multiboot v1 kernel"),
@@ -313,6 +321,12 @@ fn bad_kernels_ranges_and_options_are_usage_errors() {
             "unknown feature",
         ),
         (vec!["--kernel", &good, "--tests", "mapped_rw"], "--tests"),
+        (vec!["--kernel", &fake_elf], "linux: cannot load the kernel"),
+        (vec!["--kernel", &fake_bz], "linux: cannot load the kernel"),
+        (
+            vec!["--kernel", &fake_elf, "--module", &good],
+            "--module is for multiboot",
+        ),
         (
             vec!["--kernel", &good, "--guest", &good],
             "cannot be used with",

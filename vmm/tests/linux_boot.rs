@@ -38,6 +38,10 @@ fn linux_reaches_its_first_console_line() {
     );
     let vmlinux = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let console = std::env::temp_dir().join(format!("veil-linux-{}.console", std::process::id()));
+    // Not a real initramfs: Linux reserves it early ("RAMDISK: [mem ...]") long before it
+    // would unpack it.
+    let initrd = console.with_extension("initrd");
+    std::fs::write(&initrd, vec![0u8; 64 << 10]).unwrap();
     let t0 = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_veil"))
         .args(["run", "--kernel", &vmlinux, "--mem", "512M", "--timeout"])
@@ -54,6 +58,8 @@ fn linux_reaches_its_first_console_line() {
             "0x5a",
             "--json",
         ])
+        .arg("--initrd")
+        .arg(&initrd)
         .arg("--console")
         .arg(&console)
         .stdout(Stdio::piped())
@@ -62,13 +68,15 @@ fn linux_reaches_its_first_console_line() {
         .expect("start veil");
     let mut first_line = None;
     let mut e820_reserved = false;
+    let mut ramdisk = false;
     while t0.elapsed() < FIRST_LINE_LIMIT + Duration::from_secs(10) {
         let text = std::fs::read_to_string(&console).unwrap_or_default();
         if first_line.is_none() && text.contains("Linux version") {
             first_line = Some(t0.elapsed());
         }
         e820_reserved |= text.contains("[mem 0x0000000008000000-0x0000000008ffffff] reserved");
-        if first_line.is_some() && e820_reserved {
+        ramdisk |= text.contains("RAMDISK: [mem ");
+        if first_line.is_some() && e820_reserved && ramdisk {
             break;
         }
         if child.try_wait().expect("wait").is_some() {
@@ -84,6 +92,7 @@ fn linux_reaches_its_first_console_line() {
     let out = child.wait_with_output().expect("wait veil");
     let text = std::fs::read_to_string(&console).unwrap_or_default();
     let _ = std::fs::remove_file(&console);
+    let _ = std::fs::remove_file(&initrd);
     eprintln!("veil said: {}", String::from_utf8_lossy(&out.stderr).trim());
     eprintln!(
         "console (first 1,500 bytes):\n{}",
@@ -92,6 +101,10 @@ fn linux_reaches_its_first_console_line() {
     let t =
         first_line.unwrap_or_else(|| panic!("no 'Linux version' line within {FIRST_LINE_LIMIT:?}"));
     eprintln!("first console line after {:.1} s", t.as_secs_f64());
+    assert!(
+        ramdisk,
+        "Linux did not reserve the --initrd (no RAMDISK line)"
+    );
     assert!(
         e820_reserved,
         "the --secret range is not reserved in Linux's e820 map"
