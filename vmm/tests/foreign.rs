@@ -159,6 +159,15 @@ fn secret_ranges_are_violations_on_both_backends() {
         assert_eq!(v[1]["action"], "dropped");
         assert_eq!(j["secrets_intact"], true, "the store must not land: {j}");
         assert_eq!(j["secrets"][0][0], u64::from(SECRET));
+        let hole: Vec<&Value> = j["stage2_ranges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["state"] != "mapped" && r["state"] != "reserved")
+            .collect();
+        assert_eq!(hole.len(), 1, "{backend}: one unmapped range: {j}");
+        assert_eq!(hole[0]["start"], u64::from(SECRET));
+        assert_eq!(hole[0]["end"], u64::from(SECRET) + 0x10000);
     }
     // Without --secret the load reads the RAM's zero: the kernel reports failure (value 1).
     let out = veil(&[

@@ -134,7 +134,8 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
     }
     if args.dump_ept.is_some() {
         return Err(anyhow::anyhow!(
-            "--dump-ept is not available with --kernel yet (the report lists the --secret ranges)"
+            "--dump-ept is not available with --kernel yet: the report lists stage 2's ranges \
+             with the --secret ones unmapped (stage2_ranges in --json)"
         )
         .into());
     }
@@ -193,6 +194,21 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
                 v.vcpu,
                 v.action
             ));
+        }
+        for r in &report.stage2_ranges {
+            if r.state != crate::stage2::RangeState::Mapped {
+                say(&format!(
+                    "stage 2: [{:#x}, {:#x}) {}{}",
+                    r.start.raw(),
+                    r.end.raw(),
+                    r.state.name(),
+                    if r.state == crate::stage2::RangeState::Unmapped {
+                        " (--secret)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
         }
         if let Some(intact) = report.secrets_intact {
             say(&format!(

@@ -357,6 +357,7 @@ pub fn run(cfg: ForeignConfig) -> Result<ForeignReport, ForeignError> {
     for s in &secrets {
         let _ = ram.wipe(s.start.raw(), s.size);
     }
+    let stage2_ranges = engine.ranges();
     drop(engine);
     let (violations, violations_total) = std::mem::take(&mut *lock(&shared.violations));
     Ok(ForeignReport {
@@ -371,6 +372,7 @@ pub fn run(cfg: ForeignConfig) -> Result<ForeignReport, ForeignError> {
         exits: shared.exits.load(Ordering::Relaxed),
         vcpus: cfg.vcpus,
         stage2: cfg.stage2,
+        stage2_ranges,
         wall_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
 }

@@ -283,6 +283,9 @@ pub struct ForeignReport {
     pub vcpus: u32,
     /// The stage-2 backend.
     pub stage2: BackendKind,
+    /// Stage 2 at the end of the run, as the engine holds it: every range with its state
+    /// (the secret ranges `unmapped`) and memslot.
+    pub stage2_ranges: Vec<crate::stage2::RangeInfo>,
     /// Wall time from VM creation to the stop, milliseconds.
     pub wall_ms: f64,
 }
