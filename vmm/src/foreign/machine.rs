@@ -572,7 +572,7 @@ fn io_out(idx: u32, port: u16, data: &[u8], sh: &Shared) -> Option<ForeignExit> 
             let value = u32::from_le_bytes(v);
             Some(ForeignExit::DebugExit {
                 value,
-                qemu_status: (value << 1) | 1,
+                qemu_status: ((value << 1) | 1) & 0xff,
             })
         }
         fw_cfg::SELECTOR_PORT if data.len() >= 2 => {

@@ -208,11 +208,11 @@ pub struct ForeignViolation {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ForeignExit {
-    /// The guest wrote `value` to port 0xf4 (QEMU's status: `value << 1 | 1`).
+    /// The guest wrote `value` to port 0xf4 (QEMU's exit status: `(value << 1 | 1) & 0xff`).
     DebugExit {
         /// The value written.
         value: u32,
-        /// What QEMU would exit with.
+        /// What QEMU would exit with (a process status: 8 bits).
         qemu_status: u32,
     },
     /// A `hlt` reached userspace (no in-kernel irqchip would do that) or a system event.
