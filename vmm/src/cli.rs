@@ -131,6 +131,8 @@ Examples:
   veil run --tests mapped_rw,unmapped_read_direct --json
   veil run --mem 1G --dump-ept dump.svg   SVG picture (format from the extension)
   veil run --guest my-kernel.elf --on-violation kill --timeout 10
+  veil run --kernel x86/smptest.flat --vcpus 2   a kvm-unit-tests image (multiboot)
+  veil run --kernel vmlinux --cmdline console=ttyS0 --secret 0x8000000,16M
   veil list-tests
   veil caps --json
   veil replay ../shared/data/<trace> --kvm";
@@ -148,6 +150,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Boot the guest and run its isolation suite; print a table (or JSON) of the results.
+    /// With --kernel FILE: boot a multiboot or Linux kernel instead (see --kernel).
     #[command(after_long_help = EXIT_CODES)]
     Run(RunArgs),
     /// Boot the guest in list mode and print the names of its tests, one per line.
@@ -311,6 +314,10 @@ pub struct RunArgs {
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
     pub guest: GuestArgs,
+
+    /// Foreign kernels: --kernel, --cmdline, --module, --initrd, --cpuid-mask, --secret.
+    #[command(flatten)]
+    pub foreign: crate::foreign::cli::ForeignArgs,
 }
 
 /// `veil caps` options.
@@ -491,6 +498,9 @@ pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTar
 
 /// `veil run`.
 pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
+    if let Some(k) = &args.foreign.kernel {
+        return crate::foreign::cli::cmd_run_kernel(args, k, start);
+    }
     let selection = test_selection(&args.tests)?;
     let mut cfg = base_config(&args.guest, start)?;
     cfg.selection = selection;

@@ -24,6 +24,8 @@
 //! - [`stage2`], [`dump`], [`kvm_stats`], [`caps`]: the stage-2 engine, dumps, KVM binary
 //!   statistics and host capabilities; [`replay_kvm`]: `veil replay --kvm`.
 //!
+//! - [`foreign`]: `veil run --kernel`: multiboot v1 and Linux (linux-loader) kernels on their own
+//!   machine (irqchip, PIT, COM1, fw_cfg, isa-debug-exit, INIT/SIPI), with `--secret` ranges.
 //! - [`shootdown`]: the `KVM_RUN` gate that parks the other vCPUs around a slots-backend update.
 //!
 //! vCPU 0 runs in the calling thread, the others (`--vcpus`) in scoped threads of their own; a
@@ -40,6 +42,7 @@ pub mod dump;
 pub mod elf;
 pub mod expect;
 pub mod fault_probe;
+pub mod foreign;
 pub mod guest_image;
 pub mod guest_view;
 pub mod kvm_stats;
