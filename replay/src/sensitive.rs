@@ -435,7 +435,10 @@ pub fn run_policy(
             samples,
             LinuxP { m, l: layout },
         )),
-        PolicyKind::UnmappedCache => None,
+        // No sensitive counterpart: unmapped-cache has none; per-page-batched places pages as
+        // per-page does (only its shootdowns differ) and freetype-pcp as freetype does, so
+        // their view-switch ranges would repeat those rows.
+        PolicyKind::UnmappedCache | PolicyKind::PerPageBatched | PolicyKind::FreetypePcp => None,
     }
 }
 
