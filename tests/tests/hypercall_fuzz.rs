@@ -31,6 +31,8 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
     let mut unreachable = 0u32;
     // Pages `Protect` locked (for good: never freed again).
     let mut locked: std::collections::BTreeSet<u64> = Default::default();
+    // Window GPAs `MermapGet` handed out (a page shown live in a window cannot be freed).
+    let mut windows: Vec<u64> = Vec::new();
     let image = veil_abi::IMAGE_MIN_GPA..veil_abi::IMAGE_MIN_GPA + 4096;
     for i in 0..20_000u32 {
         let nr = match rng.below(10) {
@@ -121,6 +123,18 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
                 );
                 live.swap_remove(pos.unwrap());
             }
+            Some(Hc::MermapGet | Hc::MermapGetReserved) if out.status == Status::Ok => {
+                // Only pages of live allocations may be shown in a window.
+                let pages = if nr == Hc::MermapGet as u32 { a[1] } else { 1 };
+                for page in (0..pages).map(|i| a[0] + i * 4096) {
+                    assert!(
+                        live.iter()
+                            .any(|&(g, o)| g <= page && page < g + (4096 << o)),
+                        "MermapGet windowed {page:#x}, which is not the guest's"
+                    );
+                }
+                windows.push(out.r0);
+            }
             Some(Hc::HostCount) if out.status == Status::Unreachable => unreachable += 1,
             Some(Hc::HostExpect) => assert_eq!(
                 (out.r0, out.r1),
@@ -185,8 +199,12 @@ fn random_hypercalls_never_panic_and_keep_invariants() {
         }
     }
     s.allocator().check_invariants().expect("invariants");
-    // Give everything back but what is locked (a lock is for the run): the free count
-    // returns to its start less the locked allocations.
+    // Put every window mapping back (those already put or wrapped answer an error), then give
+    // everything back but what is locked (a lock is for the run): the free count returns to
+    // its start less the locked allocations.
+    for w in windows {
+        let _ = s.hypercall(Hc::MermapPut as u32, [w, 0, 0, 0]);
+    }
     let mut kept = 0u64;
     for (gpa, order) in live.drain(..) {
         let pages = 1u64 << order;
