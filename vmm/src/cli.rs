@@ -283,7 +283,9 @@ pub struct RunArgs {
     /// stdout); each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
     /// dump.json -> dump.1.json, dump.2.json, ... (only beside a regular file: with /dev/null or
     /// a link to it they are not written). The directory must exist; the path is checked before
-    /// the guest boots (a FIFO without a reader or a socket is refused: it would block).
+    /// the guest boots (a FIFO without a reader or a socket is refused: it would block). With
+    /// --kernel: the exit-time dump, from stage 2 alone (no allocator: freetypes "unmanaged",
+    /// no allocator section), each --secret range an unmapped range with owner "secret".
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub dump_ept: Option<Option<PathBuf>>,
 
@@ -496,6 +498,26 @@ pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTar
     }
 }
 
+/// `--dump-ept [FILE]` / `--dump-format` of `veil run` (Veil guests and `--kernel` alike),
+/// checked before the guest boots.
+pub fn dump_config(args: &RunArgs) -> Result<Option<DumpConfig>, Failure> {
+    let Some(d) = &args.dump_ept else {
+        return Ok(None);
+    };
+    let format = dump_format(args.dump_format, d.as_deref());
+    let target = dump_target(d.as_deref(), format);
+    if args.json && target == DumpTarget::Stdout {
+        return Err(anyhow::anyhow!(
+            "--dump-ept - and --json both write to stdout; give --dump-ept a file name"
+        )
+        .into());
+    }
+    if let DumpTarget::File(p) = &target {
+        check_output_path(p, "the stage-2 dump")?;
+    }
+    Ok(Some(DumpConfig { target, format }))
+}
+
 /// `veil run`.
 pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     if let Some(k) = &args.foreign.kernel {
@@ -519,20 +541,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     if args.json && args.guest.console.is_none() {
         cfg.console = ConsoleSink::Stderr;
     }
-    if let Some(d) = &args.dump_ept {
-        let format = dump_format(args.dump_format, d.as_deref());
-        let target = dump_target(d.as_deref(), format);
-        if args.json && target == DumpTarget::Stdout {
-            return Err(anyhow::anyhow!(
-                "--dump-ept - and --json both write to stdout; give --dump-ept a file name"
-            )
-            .into());
-        }
-        if let DumpTarget::File(p) = &target {
-            check_output_path(p, "the stage-2 dump")?;
-        }
-        cfg.dump = Some(DumpConfig { target, format });
-    }
+    cfg.dump = dump_config(args)?;
     let report = vm::run(cfg).map_err(|e| vm_error(e, &args.guest))?;
     print_run(&report, args.json)?;
     Ok(report.exit_code())

@@ -1,6 +1,7 @@
 //! End-to-end tests of `veil run --kernel` with tiny hand-assembled multiboot kernels on real
 //! `/dev/kvm`: the multiboot contract, the exit port, `--secret` ranges (violations, poison,
-//! dropped stores, kill, both stage-2 backends) and the usage errors for bad kernels and ranges.
+//! dropped stores, kill, both stage-2 backends), the `--dump-ept` of a foreign kernel and the
+//! usage errors for bad kernels and ranges.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -184,6 +185,102 @@ fn secret_ranges_are_violations_on_both_backends() {
     assert_eq!(j["exit"]["value"], 1, "{j}");
     assert_eq!(j["violations_total"], 0);
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn dump_ept_shows_the_secret_ranges_unreachable() {
+    if !kvm_available() {
+        return;
+    }
+    let d = scratch("dump");
+    let k = write(&d, "k.bin", &kernel(&check_contract()));
+    for backend in ["slots", "mprotect"] {
+        let dump = d.join(format!("x-{backend}.json"));
+        let dump_s = dump.display().to_string();
+        let out = veil(&[
+            "run",
+            "--kernel",
+            &k,
+            "--mem",
+            "64M",
+            "--timeout",
+            "20",
+            "--json",
+            "--stage2",
+            backend,
+            "--secret",
+            "0x1000000,64K",
+            "--dump-ept",
+            &dump_s,
+        ]);
+        let j = json(&out);
+        assert_eq!(out.status.code(), Some(0), "{backend}: {j}");
+        assert_eq!(j["dumps"][0], dump_s.as_str(), "{backend}: {j}");
+        let text = std::fs::read_to_string(&dump).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["stage2_backend"], backend);
+        assert_eq!(v["ram_size"], 64u64 << 20);
+        // No allocator: its sections are absent, every freetype is unmanaged or reserved.
+        for key in ["managed", "allocator", "free_by_freetype"] {
+            assert!(v.get(key).is_none(), "{backend}: {key} in {v}");
+        }
+        let ranges = v["ranges"].as_array().unwrap();
+        assert!(ranges
+            .iter()
+            .all(|r| r["freetype"] == "unmanaged" || r["freetype"] == "reserved"));
+        let secret: Vec<&Value> = ranges.iter().filter(|r| r.get("owner").is_some()).collect();
+        assert_eq!(secret.len(), 1, "{backend}: one labelled range: {v}");
+        let r = secret[0];
+        assert_eq!(r["owner"], "secret");
+        assert_eq!(r["start"], u64::from(SECRET));
+        assert_eq!(r["end"], u64::from(SECRET) + 0x10000);
+        assert_eq!(r["pages"], 16);
+        assert_eq!(r["state"], "unmapped", "{backend}: {r}");
+        assert_eq!(r["restricted"], "none", "{backend}: unreachable: {r}");
+        assert_eq!(r["full"], "none", "{backend}: unreachable: {r}");
+        assert_eq!(v["totals"]["unmapped_pages"], 16);
+        // Everything else is reachable.
+        assert!(ranges
+            .iter()
+            .filter(|r| r.get("owner").is_none())
+            .all(|r| r["restricted"] == "read_write"));
+        let end = ranges.last().unwrap()["end"].as_u64().unwrap();
+        assert_eq!(end, 64 << 20, "the ranges cover RAM");
+    }
+    // Text and SVG through the file's extension, without --json.
+    for (name, needle) in [
+        ("x.txt", "secret (--secret: unreachable in both views)"),
+        ("x.svg", "owner secret"),
+    ] {
+        let dump = d.join(name);
+        let dump_s = dump.display().to_string();
+        let out = veil(&[
+            "run",
+            "--kernel",
+            &k,
+            "--mem",
+            "64M",
+            "--timeout",
+            "20",
+            "--secret",
+            "0x1000000,64K",
+            "--dump-ept",
+            &dump_s,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("dump written: {dump_s}")),
+            "{stderr}"
+        );
+        let text = std::fs::read_to_string(&dump).unwrap();
+        assert!(text.contains(needle), "{name}: {text}");
+        if name == "x.txt" {
+            assert!(text.contains("no allocator"), "{text}");
+            assert!(!text.contains("\nAllocator\n"), "{text}");
+            assert!(text.contains("0x0000000001000000  0x0000000001010000  unmapped"));
+        }
+    }
 }
 
 #[test]

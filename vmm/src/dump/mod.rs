@@ -2,8 +2,8 @@
 //! JSON or SVG.
 //!
 //! [`gather`] collects a [`DumpData`] from the allocator, its stage-2 engine and KVM's binary
-//! statistics; [`text`], [`json`] and [`svg`] render it. The JSON schema is documented on
-//! [`DumpData`].
+//! statistics (or, for a foreign kernel, from the stage-2 engine alone: [`DumpSource`]);
+//! [`text`], [`json`] and [`svg`] render it. The JSON schema is documented on [`DumpData`].
 
 pub mod json;
 pub mod svg;
@@ -30,10 +30,35 @@ pub enum DumpFormat {
     Svg,
 }
 
+/// Where a dump's stage 2 comes from.
+pub enum DumpSource<'a, B: Stage2Backend> {
+    /// A Veil guest: the allocator (its stage-2 engine is reached through `with_stage2`).
+    Allocator(&'a Zone<Stage2Engine<B>>),
+    /// A foreign kernel (`--kernel`): the stage-2 engine alone, no allocator. Freetypes are
+    /// "reserved" / "unmanaged" and the allocator's sections are absent.
+    Engine(&'a Stage2Engine<B>),
+}
+
+/// A GPA span a dump labels with its owner (e.g. a `--secret` range: [`OWNER_SECRET`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OwnedSpan<'a> {
+    /// First GPA.
+    pub start: u64,
+    /// GPA one past the span.
+    pub end: u64,
+    /// The label (`owner` of the ranges inside).
+    pub owner: &'a str,
+}
+
+/// Owner label of a `--secret` range of a foreign kernel.
+pub const OWNER_SECRET: &str = "secret";
+
 /// Everything a dump shows, gathered at one moment.
 pub struct DumpInput<'a, B: Stage2Backend> {
-    /// The allocator (its stage-2 engine is reached through `alloc.with_stage2`).
-    pub alloc: &'a Zone<Stage2Engine<B>>,
+    /// The allocator, or the engine alone.
+    pub source: DumpSource<'a, B>,
+    /// Spans whose ranges carry an owner label (empty for Veil guests).
+    pub owners: &'a [OwnedSpan<'a>],
     /// KVM's binary statistics of the VM, if available.
     pub kvm_stats: Option<&'a [Stat]>,
     /// Why the dump is taken ("exit", "guest request", ...).
@@ -70,7 +95,8 @@ pub const FORMAT_VERSION: u32 = 1;
 ///
 /// - `format_version` (1), `reason` (string), `stage2_backend` ("slots"), `ram_size`,
 ///   `reserved_end`, `page_size`, `pageblock_size` (bytes, numbers);
-/// - `managed`: `{ base_pfn, nr_pages, free_pages }` of the allocator;
+/// - `managed`: `{ base_pfn, nr_pages, free_pages }` of the allocator (absent for a foreign
+///   kernel, which has no allocator; so are `allocator` and `free_by_freetype`);
 /// - `asi_view`: the VM's ASI view now, "restricted" | "full";
 /// - `totals`: `{ reserved_pages, mapped_pages, locked_pages, unmapped_pages,
 ///   sensitive_pages, sensitive_runs, pageblocks, memslots }` (`sensitive_runs`: the ranges a
@@ -80,8 +106,9 @@ pub const FORMAT_VERSION: u32 = 1;
 ///   "unmapped" | "sensitive"; `restricted` and `full` are the range's permission in each ASI
 ///   view ("none" | "read" | "read_write"); `freetype` is the pageblock's
 ///   freetype name (e.g. "unmovable", "unmovable|unmapped"), "reserved" or "unmanaged"; ranges
-///   split wherever state or freetype changes; `slot` is null for holes; `start`, `end`,
-///   `host_addr` are numbers (bytes);
+///   split wherever state, freetype or owner changes; `slot` is null for holes; `start`, `end`,
+///   `host_addr` are numbers (bytes); `owner` is present only on labelled ranges: "secret"
+///   for a foreign kernel's `--secret` ranges (state "unmapped": unreachable in both views);
 /// - `memslots[]`: `{ slot, gpa, len, readonly, host_addr }`, in GPA order;
 /// - `allocator`: the allocator's `Snapshot` (free_per_order counts free blocks,
 ///   `[order][freetype index]`);
@@ -106,18 +133,21 @@ pub struct DumpData {
     pub page_size: u64,
     /// Pageblock size.
     pub pageblock_size: u64,
-    /// The allocator's managed range.
-    pub managed: Managed,
+    /// The allocator's managed range (None: no allocator, a foreign kernel).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub managed: Option<Managed>,
     /// Page and slot totals.
     pub totals: Totals,
     /// Every GPA range.
     pub ranges: Vec<DumpRange>,
     /// The memslot table.
     pub memslots: Vec<DumpSlot>,
-    /// Allocator counters.
-    pub allocator: Snapshot,
-    /// Free blocks per order for each freetype.
-    pub free_by_freetype: Vec<FreeRow>,
+    /// Allocator counters (None: no allocator).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allocator: Option<Snapshot>,
+    /// Free blocks per order for each freetype (None: no allocator).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_by_freetype: Option<Vec<FreeRow>>,
     /// Engine counters.
     pub stage2: Stage2Counters,
     /// KVM's binary statistics.
@@ -180,6 +210,9 @@ pub struct DumpRange {
     pub restricted: Perm,
     /// Its permission in the full view.
     pub full: Perm,
+    /// Who the range belongs to, when the dump labels it ("secret": a `--secret` range).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// One memslot of a dump.
@@ -210,11 +243,29 @@ pub struct FreeRow {
     pub pages: u64,
 }
 
-/// Freetype label of the page at `pfn`.
-fn freetype_label<S: allocator::Stage2>(alloc: &Zone<S>, pfn: u64) -> &'static str {
+/// Freetype label of the page at `pfn` (unmanaged without an allocator).
+fn freetype_label<S: allocator::Stage2>(alloc: Option<&Zone<S>>, pfn: u64) -> &'static str {
     alloc
-        .pageblock_freetype(pfn)
+        .and_then(|a| a.pageblock_freetype(pfn))
         .map_or(FREETYPE_UNMANAGED, Freetype::name)
+}
+
+/// The owner label of `gpa`, if a span covers it.
+fn owner_at<'a>(owners: &[OwnedSpan<'a>], gpa: u64) -> Option<&'a str> {
+    owners
+        .iter()
+        .find(|o| o.start <= gpa && gpa < o.end)
+        .map(|o| o.owner)
+}
+
+/// The first span boundary inside `(gpa, end)`, or `end`.
+fn next_owner_edge(owners: &[OwnedSpan<'_>], gpa: u64, end: u64) -> u64 {
+    owners
+        .iter()
+        .flat_map(|o| [o.start, o.end])
+        .filter(|&e| gpa < e && e < end)
+        .min()
+        .unwrap_or(end)
 }
 
 /// What a dump takes from the stage-2 engine, read in one go under the allocator's stage-2
@@ -245,8 +296,10 @@ impl EngineView {
 
 /// Collects everything a dump shows.
 pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
-    let alloc = input.alloc;
-    let engine = alloc.with_stage2(|e| EngineView::of(e));
+    let (alloc, engine) = match input.source {
+        DumpSource::Allocator(a) => (Some(a), a.with_stage2(|e| EngineView::of(e))),
+        DumpSource::Engine(e) => (None, EngineView::of(e)),
+    };
     let pb_size = PAGEBLOCK_PAGES * PAGE_SIZE;
     let mut ranges: Vec<DumpRange> = Vec::new();
     let mut totals = Totals::default();
@@ -272,6 +325,8 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
             } else {
                 ((cursor / pb_size + 1) * pb_size).min(end)
             };
+            let piece_end = next_owner_edge(input.owners, cursor, piece_end);
+            let owner = owner_at(input.owners, cursor);
             let label = if reserved {
                 FREETYPE_RESERVED
             } else {
@@ -279,7 +334,10 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
             };
             match ranges.last_mut() {
                 Some(last)
-                    if last.end == cursor && last.state == r.state && last.freetype == label =>
+                    if last.end == cursor
+                        && last.state == r.state
+                        && last.freetype == label
+                        && last.owner.as_deref() == owner =>
                 {
                     last.end = piece_end;
                     last.pages = (last.end - last.start) >> PAGE_SHIFT;
@@ -294,6 +352,7 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
                     pages: (piece_end - cursor) >> PAGE_SHIFT,
                     restricted: View::RESTRICTED.perm(r.state),
                     full: View::FULL.perm(r.state),
+                    owner: owner.map(str::to_string),
                 }),
             }
             cursor = piece_end;
@@ -312,22 +371,8 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         .collect();
     totals.pageblocks = engine.ram_size.div_ceil(pb_size);
     totals.memslots = memslots.len() as u64;
-    let snap = alloc.snapshot();
-    let free_by_freetype = (0..Freetype::COUNT)
-        .map(|i| {
-            let blocks: Vec<u64> = (0..=MAX_ORDER as usize)
-                .map(|o| snap.free_per_order[o][i])
-                .collect();
-            FreeRow {
-                freetype: Freetype::from_index(i)
-                    .map_or("?", Freetype::name)
-                    .to_string(),
-                blocks_per_order: blocks,
-                cached_pages: snap.pcp_pages[i],
-                pages: snap.free_pages_per_freetype[i],
-            }
-        })
-        .collect();
+    let snap = alloc.map(|a| a.snapshot());
+    let free_by_freetype = snap.as_ref().map(free_rows);
     DumpData {
         format_version: FORMAT_VERSION,
         reason: input.reason.to_string(),
@@ -337,11 +382,11 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
         reserved_end: engine.reserved_end,
         page_size: PAGE_SIZE,
         pageblock_size: pb_size,
-        managed: Managed {
-            base_pfn: alloc.base_pfn(),
-            nr_pages: alloc.nr_pages(),
-            free_pages: alloc.free_pages_count(),
-        },
+        managed: alloc.map(|a| Managed {
+            base_pfn: a.base_pfn(),
+            nr_pages: a.nr_pages(),
+            free_pages: a.free_pages_count(),
+        }),
         totals,
         ranges,
         memslots,
@@ -356,6 +401,25 @@ pub fn gather<B: Stage2Backend>(input: &DumpInput<'_, B>) -> DumpData {
             windows: m.windows().to_vec(),
         }),
     }
+}
+
+/// Free blocks per order of each freetype, from the allocator's snapshot.
+fn free_rows(snap: &Snapshot) -> Vec<FreeRow> {
+    (0..Freetype::COUNT)
+        .map(|i| {
+            let blocks: Vec<u64> = (0..=MAX_ORDER as usize)
+                .map(|o| snap.free_per_order[o][i])
+                .collect();
+            FreeRow {
+                freetype: Freetype::from_index(i)
+                    .map_or("?", Freetype::name)
+                    .to_string(),
+                blocks_per_order: blocks,
+                cached_pages: snap.pcp_pages[i],
+                pages: snap.free_pages_per_freetype[i],
+            }
+        })
+        .collect()
 }
 
 /// Renders a dump in `format`.

@@ -85,10 +85,10 @@ pub fn cells(d: &DumpData) -> Vec<Cell> {
             j += 1;
         }
         let mut k = j;
-        let mut pieces: Vec<(RangeState, &str, Option<u32>)> = Vec::new();
+        let mut pieces: Vec<(RangeState, &str, Option<u32>, Option<&str>)> = Vec::new();
         while k < d.ranges.len() && d.ranges[k].start < end {
             let r = &d.ranges[k];
-            pieces.push((r.state, r.freetype.as_str(), r.slot));
+            pieces.push((r.state, r.freetype.as_str(), r.slot, r.owner.as_deref()));
             k += 1;
         }
         let class = match pieces.as_slice() {
@@ -101,10 +101,11 @@ pub fn cells(d: &DumpData) -> Vec<Cell> {
         };
         let detail = pieces
             .iter()
-            .map(|(s, f, slot)| {
+            .map(|(s, f, slot, owner)| {
                 format!(
-                    "{s} {f} slot {}",
-                    slot.map_or("-".into(), |v| v.to_string())
+                    "{s} {f} slot {}{}",
+                    slot.map_or("-".into(), |v| v.to_string()),
+                    owner.map_or(String::new(), |o| format!(" owner {o}"))
                 )
             })
             .collect::<Vec<_>>()
@@ -167,17 +168,33 @@ pub fn render(d: &DumpData) -> String {
             n,
             human(d.pageblock_size)
         )?;
+        let flips = match &d.allocator {
+            Some(a) => format!(
+                "{} flips to unmapped, {} to mapped",
+                a.flips_to_unmapped, a.flips_to_mapped
+            ),
+            None => "no allocator".to_string(),
+        };
+        let secret = d
+            .ranges
+            .iter()
+            .filter(|r| r.owner.as_deref() == Some(super::OWNER_SECRET))
+            .map(|r| r.pages)
+            .sum::<u64>();
+        let secret = if secret > 0 {
+            format!(" ({secret} of them --secret)")
+        } else {
+            String::new()
+        };
         writeln!(
             o,
-            r#"<text x="{MARGIN}" y="34">pages: {} reserved, {} mapped, {} unmapped, {} sensitive; ASI view {}; {} memslots; {} flips to unmapped, {} to mapped</text>"#,
+            r#"<text x="{MARGIN}" y="34">pages: {} reserved, {} mapped, {} unmapped{secret}, {} sensitive; ASI view {}; {} memslots; {flips}</text>"#,
             t.reserved_pages,
             t.mapped_pages,
             t.unmapped_pages,
             t.sensitive_pages,
             d.asi_view.name(),
             t.memslots,
-            d.allocator.flips_to_unmapped,
-            d.allocator.flips_to_mapped
         )?;
         writeln!(o, r#"<g id="pageblocks">"#)?;
         for (i, c) in cells.iter().enumerate() {

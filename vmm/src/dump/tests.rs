@@ -64,7 +64,8 @@ fn json_dump_covers_ram_and_matches_the_engine() {
     let st = stats();
     let input = DumpInput {
         mermap: None,
-        alloc: &a,
+        source: DumpSource::Allocator(&a),
+        owners: &[],
         kvm_stats: Some(&st),
         reason: "test",
         host_addr: &host,
@@ -167,7 +168,8 @@ fn text_dump_has_every_section() {
     let (a, _) = setup();
     let input = DumpInput {
         mermap: None,
-        alloc: &a,
+        source: DumpSource::Allocator(&a),
+        owners: &[],
         kvm_stats: None,
         reason: "exit",
         host_addr: &host,
@@ -227,7 +229,8 @@ fn svg_dump_is_xml_with_one_cell_per_pageblock() {
     let (a, _) = setup();
     let input = DumpInput {
         mermap: None,
-        alloc: &a,
+        source: DumpSource::Allocator(&a),
+        owners: &[],
         kvm_stats: None,
         reason: "guest <request> & more",
         host_addr: &host,
@@ -266,6 +269,7 @@ fn cells_classify_partial_and_mixed_blocks() {
         pages: (end - start) / PAGE_SIZE,
         restricted: View::RESTRICTED.perm(state),
         full: View::FULL.perm(state),
+        owner: None,
     };
     let d = DumpData {
         format_version: 1,
@@ -276,11 +280,11 @@ fn cells_classify_partial_and_mixed_blocks() {
         reserved_end: 3 * MIB,
         page_size: PAGE_SIZE,
         pageblock_size: 2 * MIB,
-        managed: Managed {
+        managed: Some(Managed {
             base_pfn: 768,
             nr_pages: 1536,
             free_pages: 0,
-        },
+        }),
         totals: Totals {
             pageblocks: 6,
             ..Totals::default()
@@ -299,8 +303,8 @@ fn cells_classify_partial_and_mixed_blocks() {
             r(10 * MIB, 11 * MIB, RangeState::Mapped, "movable"),
         ],
         memslots: vec![],
-        allocator: Default::default(),
-        free_by_freetype: vec![],
+        allocator: Some(Default::default()),
+        free_by_freetype: Some(vec![]),
         stage2: Default::default(),
         kvm_stats: None,
         mermap: None,
@@ -328,4 +332,61 @@ fn cells_classify_partial_and_mixed_blocks() {
     // Both views of every range are in the text dump.
     let text = text::render(&d);
     assert!(text.contains("restricted") && text.contains("ASI view: restricted"));
+}
+
+/// A foreign kernel's dump: the engine alone, a secret span labelled and split at its edges,
+/// no allocator sections in any format.
+#[test]
+fn engine_only_dump_labels_owned_spans() {
+    let mut engine = Stage2Engine::new(
+        Slots::new(ModelSlots::new(64), RAM),
+        RAM,
+        crate::addr::Gpa(MIB),
+    )
+    .unwrap();
+    let (start, size) = (16 * MIB + 0x3000, 0x5000);
+    engine.unmap_range(crate::addr::Gpa(start), size).unwrap();
+    let owners = [OwnedSpan {
+        start,
+        end: start + size,
+        owner: OWNER_SECRET,
+    }];
+    let input = DumpInput {
+        mermap: None,
+        source: DumpSource::Engine(&engine),
+        owners: &owners,
+        kvm_stats: None,
+        reason: "exit",
+        host_addr: &host,
+    };
+    let d = gather(&input);
+    assert!(d.managed.is_none() && d.allocator.is_none() && d.free_by_freetype.is_none());
+    let owned: Vec<&DumpRange> = d.ranges.iter().filter(|r| r.owner.is_some()).collect();
+    assert_eq!(owned.len(), 1, "{:?}", d.ranges);
+    assert_eq!((owned[0].start, owned[0].end), (start, start + size));
+    assert_eq!(owned[0].state, RangeState::Unmapped);
+    assert_eq!(
+        (owned[0].restricted, owned[0].full),
+        (Perm::None, Perm::None)
+    );
+    assert!(d
+        .ranges
+        .iter()
+        .all(|r| r.freetype == FREETYPE_UNMANAGED || r.freetype == FREETYPE_RESERVED));
+    assert_eq!(d.ranges.last().unwrap().end, RAM);
+    let v = to_json_value(&input);
+    for key in ["managed", "allocator", "free_by_freetype"] {
+        assert!(v.get(key).is_none(), "{key}");
+    }
+    let t = render(&input, DumpFormat::Text);
+    assert!(
+        t.contains("no allocator") && !t.contains("\nAllocator\n"),
+        "{t}"
+    );
+    assert!(t.contains("secret (--secret"), "{t}");
+    let svg = render(&input, DumpFormat::Svg);
+    assert!(
+        svg.contains("owner secret") && svg.contains("no allocator"),
+        "{svg}"
+    );
 }

@@ -42,18 +42,29 @@ pub fn render(d: &DumpData) -> String {
 fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     let t = &d.totals;
     writeln!(o, "=== Veil stage-2 dump (reason: {}) ===", d.reason)?;
-    writeln!(
-        o,
-        "RAM {} [{:#x}, {:#x})  reserved [0x0, {:#x})  managed pfn {:#x}..{:#x} ({} pages, {} free)",
-        human(d.ram_size),
-        0,
-        d.ram_size,
-        d.reserved_end,
-        d.managed.base_pfn,
-        d.managed.base_pfn + d.managed.nr_pages,
-        d.managed.nr_pages,
-        d.managed.free_pages
-    )?;
+    match &d.managed {
+        Some(m) => writeln!(
+            o,
+            "RAM {} [{:#x}, {:#x})  reserved [0x0, {:#x})  managed pfn {:#x}..{:#x} ({} pages, {} free)",
+            human(d.ram_size),
+            0,
+            d.ram_size,
+            d.reserved_end,
+            m.base_pfn,
+            m.base_pfn + m.nr_pages,
+            m.nr_pages,
+            m.free_pages
+        )?,
+        None => writeln!(
+            o,
+            "RAM {} [{:#x}, {:#x})  reserved [0x0, {:#x})  no allocator (a foreign kernel: freetypes \
+             are unmanaged)",
+            human(d.ram_size),
+            0,
+            d.ram_size,
+            d.reserved_end
+        )?,
+    }
     writeln!(
         o,
         "pages: {} reserved, {} mapped, {} locked, {} unmapped, {} sensitive; {} pageblocks; \
@@ -90,7 +101,7 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
     )?;
     for r in &d.ranges {
         let slot = r.slot.map_or("-".to_string(), |s| s.to_string());
-        writeln!(
+        write!(
             o,
             "  {:#018x}  {:#018x}  {:<9}  {:<ftw$}  {:>5}  {:#018x}  {:>9}  {:<10}  {:<10}",
             r.start,
@@ -103,6 +114,13 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
             perm_name(r.restricted),
             perm_name(r.full)
         )?;
+        match r.owner.as_deref() {
+            Some(super::OWNER_SECRET) => {
+                writeln!(o, "  secret (--secret: unreachable in both views)")?
+            }
+            Some(owner) => writeln!(o, "  {owner}")?,
+            None => writeln!(o)?,
+        }
     }
 
     writeln!(
@@ -128,76 +146,12 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
         )?;
     }
 
-    let a = &d.allocator;
-    writeln!(o, "\nAllocator")?;
-    writeln!(
-        o,
-        "  managed {} pages, free {}; flips to unmapped {}, to mapped {} (pageblocks)",
-        a.managed_pages, a.free_pages, a.flips_to_unmapped, a.flips_to_mapped
-    )?;
-    writeln!(
-        o,
-        "  stage-2 calls: unmap {}, map {}, zero {}; pages unmapped {}, mapped {}, zeroed {}",
-        a.stage2_unmap_calls,
-        a.stage2_map_calls,
-        a.stage2_zero_calls,
-        a.stage2_pages_unmapped,
-        a.stage2_pages_mapped,
-        a.pages_zeroed
-    )?;
-    writeln!(
-        o,
-        "  free pageblocks: mapped {}, unmapped {}; mixed pageblocks {}; fallbacks claim {}, steal {}; alloc failures {}",
-        a.free_pageblocks_mapped,
-        a.free_pageblocks_unmapped,
-        a.mixed_pageblocks,
-        a.fallbacks_claim,
-        a.fallbacks_steal,
-        a.alloc_failures
-    )?;
-    writeln!(
-        o,
-        "  free blocks per order x freetype (pages = blocks << order; cached = orders 0-3 caches; free pg = lists + cached):"
-    )?;
-    let ftw = d
-        .free_by_freetype
-        .iter()
-        .map(|r| r.freetype.len())
-        .max()
-        .unwrap_or(8)
-        .max(8);
-    write!(o, "  {:<ftw$}", "freetype")?;
-    for order in 0..=MAX_ORDER {
-        write!(o, " {order:>5}")?;
-    }
-    writeln!(
-        o,
-        " {:>7} {:>9} {:>9} {:>9}",
-        "cached", "free pg", "allocs", "frees"
-    )?;
-    for (i, row) in d.free_by_freetype.iter().enumerate() {
-        write!(o, "  {:<ftw$}", row.freetype)?;
-        for b in &row.blocks_per_order {
-            write!(o, " {b:>5}")?;
-        }
-        let allocs: u64 = a
-            .allocs
-            .iter()
-            .map(|per| per.get(i).copied().unwrap_or(0))
-            .sum();
-        let frees: u64 = a
-            .frees
-            .iter()
-            .map(|per| per.get(i).copied().unwrap_or(0))
-            .sum();
-        writeln!(
-            o,
-            " {:>7} {:>9} {:>9} {:>9}",
-            row.cached_pages, row.pages, allocs, frees
-        )?;
+    if let (Some(a), Some(rows)) = (&d.allocator, &d.free_by_freetype) {
+        write_allocator(o, a, rows)?;
     }
 
     let c = &d.stage2;
+
     writeln!(o, "\nStage-2 engine")?;
     writeln!(
         o,
@@ -229,6 +183,80 @@ fn write_all(o: &mut String, d: &DumpData) -> std::fmt::Result {
                 writeln!(o, "  {:<w$}  {:>12}", s.name, s.value)?;
             }
         }
+    }
+    Ok(())
+}
+
+fn write_allocator(
+    o: &mut String,
+    a: &allocator::Snapshot,
+    rows: &[super::FreeRow],
+) -> std::fmt::Result {
+    writeln!(o, "\nAllocator")?;
+    writeln!(
+        o,
+        "  managed {} pages, free {}; flips to unmapped {}, to mapped {} (pageblocks)",
+        a.managed_pages, a.free_pages, a.flips_to_unmapped, a.flips_to_mapped
+    )?;
+    writeln!(
+        o,
+        "  stage-2 calls: unmap {}, map {}, zero {}; pages unmapped {}, mapped {}, zeroed {}",
+        a.stage2_unmap_calls,
+        a.stage2_map_calls,
+        a.stage2_zero_calls,
+        a.stage2_pages_unmapped,
+        a.stage2_pages_mapped,
+        a.pages_zeroed
+    )?;
+    writeln!(
+        o,
+        "  free pageblocks: mapped {}, unmapped {}; mixed pageblocks {}; fallbacks claim {}, steal {}; alloc failures {}",
+        a.free_pageblocks_mapped,
+        a.free_pageblocks_unmapped,
+        a.mixed_pageblocks,
+        a.fallbacks_claim,
+        a.fallbacks_steal,
+        a.alloc_failures
+    )?;
+    writeln!(
+        o,
+        "  free blocks per order x freetype (pages = blocks << order; cached = orders 0-3 caches; free pg = lists + cached):"
+    )?;
+    let ftw = rows
+        .iter()
+        .map(|r| r.freetype.len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    write!(o, "  {:<ftw$}", "freetype")?;
+    for order in 0..=MAX_ORDER {
+        write!(o, " {order:>5}")?;
+    }
+    writeln!(
+        o,
+        " {:>7} {:>9} {:>9} {:>9}",
+        "cached", "free pg", "allocs", "frees"
+    )?;
+    for (i, row) in rows.iter().enumerate() {
+        write!(o, "  {:<ftw$}", row.freetype)?;
+        for b in &row.blocks_per_order {
+            write!(o, " {b:>5}")?;
+        }
+        let allocs: u64 = a
+            .allocs
+            .iter()
+            .map(|per| per.get(i).copied().unwrap_or(0))
+            .sum();
+        let frees: u64 = a
+            .frees
+            .iter()
+            .map(|per| per.get(i).copied().unwrap_or(0))
+            .sum();
+        writeln!(
+            o,
+            " {:>7} {:>9} {:>9} {:>9}",
+            row.cached_pages, row.pages, allocs, frees
+        )?;
     }
     Ok(())
 }

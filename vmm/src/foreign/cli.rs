@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::cli::{check_output_path, read_guest_file, say, timeout, Failure, RunArgs};
+use crate::cli::{check_output_path, dump_config, read_guest_file, say, timeout, Failure, RunArgs};
 use crate::console::ConsoleSink;
 use crate::foreign::{self, Feature, ForeignConfig, ForeignExit, Module, SecretRange};
 use crate::report::exit_code;
@@ -132,13 +132,6 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
         )
         .into());
     }
-    if args.dump_ept.is_some() {
-        return Err(anyhow::anyhow!(
-            "--dump-ept is not available with --kernel yet: the report lists stage 2's ranges \
-             with the --secret ones unmapped (stage2_ranges in --json)"
-        )
-        .into());
-    }
     if args.host_secretmem {
         return Err(anyhow::anyhow!("--host-secretmem is not available with --kernel").into());
     }
@@ -164,6 +157,7 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
     cfg.secret_fill = f.secret_fill;
     cfg.on_violation = args.on_violation;
     cfg.stage2 = args.stage2;
+    cfg.dump = dump_config(args)?;
     if args.dump_guest_core {
         cfg.core_dump = crate::memory::CoreDump::Include;
     }
@@ -222,6 +216,14 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
         }
     }
     say(&report.summary());
+    if !args.json {
+        for d in report.dumps.iter().filter(|d| *d != "-") {
+            say(&format!("dump written: {d}"));
+        }
+    }
+    for e in &report.dump_errors {
+        say(&format!("error: {e}"));
+    }
     if let ForeignExit::Shutdown { regs: Some(r), .. } | ForeignExit::Crash { regs: Some(r), .. } =
         &report.exit
     {

@@ -15,6 +15,7 @@ use veil_abi::POISON_BYTE;
 
 use crate::addr::Gpa;
 use crate::console::Console;
+use crate::dump::{DumpInput, DumpSource, OwnedSpan, OWNER_SECRET};
 use crate::foreign::fw_cfg::{self, FwCfg};
 use crate::foreign::multiboot::{self, MapEntry};
 use crate::foreign::secret_ranges::{self, SecretRange};
@@ -354,6 +355,7 @@ pub fn run(cfg: ForeignConfig) -> Result<ForeignReport, ForeignError> {
             .iter()
             .all(|s| ram.count(s.start.raw(), s.size, b).ok() == Some(s.size))
     });
+    let (dumps, dump_errors) = exit_dump(&cfg, &vm, &ram, &engine, &secrets);
     for s in &secrets {
         let _ = ram.wipe(s.start.raw(), s.size);
     }
@@ -374,7 +376,48 @@ pub fn run(cfg: ForeignConfig) -> Result<ForeignReport, ForeignError> {
         stage2: cfg.stage2,
         stage2_ranges,
         wall_ms: t0.elapsed().as_secs_f64() * 1e3,
+        dumps,
+        dump_errors,
     })
+}
+
+/// The exit-time `--dump-ept` of a foreign kernel: gathered from the stage-2 engine alone (no
+/// allocator), the `--secret` ranges labelled "secret", rendered and written as a Veil
+/// guest's exit dump is. Returns the dumps written and the errors.
+fn exit_dump(
+    cfg: &ForeignConfig,
+    vm: &VmFd,
+    ram: &GuestRam,
+    engine: &Stage2Engine<GuestBackend>,
+    secrets: &[SecretRange],
+) -> (Vec<String>, Vec<String>) {
+    let Some(dcfg) = &cfg.dump else {
+        return (Vec::new(), Vec::new());
+    };
+    let stats = crate::kvm_stats::read_vm_stats(vm).ok();
+    let base = ram.host_base();
+    let host_addr = move |gpa: u64| base + gpa;
+    let owners: Vec<OwnedSpan<'_>> = secrets
+        .iter()
+        .map(|s| OwnedSpan {
+            start: s.start.raw(),
+            end: s.start.raw() + s.size,
+            owner: OWNER_SECRET,
+        })
+        .collect();
+    let input = DumpInput {
+        source: DumpSource::Engine(engine),
+        owners: &owners,
+        kvm_stats: stats.as_deref(),
+        reason: "exit",
+        host_addr: &host_addr,
+        mermap: None,
+    };
+    let text = crate::dump::render(&input, dcfg.format);
+    match crate::session::write_out(&text, crate::session::exit_path(&dcfg.target).as_deref()) {
+        Ok(name) => (vec![name], Vec::new()),
+        Err(msg) => (Vec::new(), vec![msg]),
+    }
 }
 
 /// One vCPU's thread: registers its kick (and, for vCPU 0, the watchdog), runs, unregisters.

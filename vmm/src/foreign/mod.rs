@@ -71,6 +71,8 @@ pub struct ForeignConfig {
     pub stage2: BackendKind,
     /// Whether guest RAM may appear in core dumps.
     pub core_dump: CoreDump,
+    /// The exit-time stage-2 dump (`--dump-ept`), written before the VM goes away.
+    pub dump: Option<crate::session::DumpConfig>,
 }
 
 impl ForeignConfig {
@@ -92,6 +94,7 @@ impl ForeignConfig {
             on_violation: ViolationPolicy::Report,
             stage2: BackendKind::default(),
             core_dump: CoreDump::Exclude,
+            dump: None,
         }
     }
 }
@@ -288,6 +291,13 @@ pub struct ForeignReport {
     pub stage2_ranges: Vec<crate::stage2::RangeInfo>,
     /// Wall time from VM creation to the stop, milliseconds.
     pub wall_ms: f64,
+    /// Dumps written (`--dump-ept`: the path, or "-" for stdout).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dumps: Vec<String>,
+    /// Dumps that could not be written (path and reason): exit code 2 unless the run failed
+    /// otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dump_errors: Vec<String>,
 }
 
 /// Violation records kept per run (the rest are counted).
@@ -295,15 +305,20 @@ pub const MAX_VIOLATIONS: usize = 10_000;
 
 impl ForeignReport {
     /// Veil's exit code: 0 for a debug-exit value of 0 (pass) or 38 (skip) with no violation;
-    /// 1 for any other value or any violation; 3 for a crash, triple fault, kill, halt or
-    /// timeout; 128 + signal when interrupted.
+    /// 1 for any other value or any violation; 2 for a pass whose `--dump-ept` could not be
+    /// written; 3 for a crash, triple fault, kill, halt or timeout; 128 + signal when
+    /// interrupted.
     pub fn exit_code(&self) -> i32 {
         match &self.exit {
             ForeignExit::DebugExit { value, .. } => {
                 if self.violations_total > 0 || self.secrets_intact == Some(false) {
                     exit_code::TEST_FAILURE
                 } else if *value == 0 || *value == SKIP_VALUE {
-                    exit_code::OK
+                    if self.dump_errors.is_empty() {
+                        exit_code::OK
+                    } else {
+                        exit_code::USAGE
+                    }
                 } else {
                     exit_code::TEST_FAILURE
                 }

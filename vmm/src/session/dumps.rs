@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use veil_abi::Status;
 
 use super::{vmm_line, Session, MAX_GUEST_DUMPS};
-use crate::dump::{DumpFormat, DumpInput};
+use crate::dump::{DumpFormat, DumpInput, DumpSource};
 use crate::run_types::GuestBackend;
 
 /// Where stage-2 dumps go.
@@ -59,6 +59,35 @@ impl DumpConfig {
     }
 }
 
+/// Writes a rendered dump to `path` (None: stdout); returns the name the report lists ("-"
+/// for stdout) or the error message. Shared by Veil guests and foreign kernels.
+pub fn write_out(text: &str, path: Option<&std::path::Path>) -> Result<String, String> {
+    match path {
+        None => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes());
+            if !text.ends_with('\n') {
+                let _ = out.write_all(b"\n");
+            }
+            Ok("-".into())
+        }
+        // Never blocks on a FIFO whose reader went away since the check before boot.
+        Some(p) => replay::cli::create_output(p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map(|()| p.display().to_string())
+            .map_err(|e| format!("cannot write dump {}: {e}", p.display())),
+    }
+}
+
+/// The exit dump's path for `target` (None: stdout).
+pub fn exit_path(target: &DumpTarget) -> Option<PathBuf> {
+    match target {
+        DumpTarget::Stdout => None,
+        DumpTarget::File(p) => Some(p.clone()),
+    }
+}
+
 impl Session {
     /// Calls `f` with everything a dump is gathered from (KVM's stats are read now).
     fn with_dump_input<T>(&self, reason: &str, f: impl FnOnce(&DumpInput<GuestBackend>) -> T) -> T {
@@ -66,7 +95,8 @@ impl Session {
         let base = self.ram.host_base();
         let host_addr = move |gpa: u64| base + gpa;
         f(&DumpInput {
-            alloc: &self.alloc,
+            source: DumpSource::Allocator(&self.alloc),
+            owners: &[],
             kvm_stats: stats.as_deref(),
             reason,
             host_addr: &host_addr,
@@ -88,27 +118,12 @@ impl Session {
             return;
         };
         let text = self.render_dump(reason, cfg.format);
-        match path {
-            None => {
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(text.as_bytes());
-                if !text.ends_with('\n') {
-                    let _ = out.write_all(b"\n");
-                }
-                self.dumps.push("-".into());
+        match write_out(&text, path.as_deref()) {
+            Ok(name) => self.dumps.push(name),
+            Err(msg) => {
+                vmm_line(&msg);
+                self.dump_errors.push(msg);
             }
-            // Never blocks on a FIFO whose reader went away since the check before boot.
-            Some(p) => match replay::cli::create_output(&p)
-                .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-            {
-                Ok(()) => self.dumps.push(p.display().to_string()),
-                Err(e) => {
-                    let msg = format!("cannot write dump {}: {e}", p.display());
-                    vmm_line(&msg);
-                    self.dump_errors.push(msg);
-                }
-            },
         }
     }
 

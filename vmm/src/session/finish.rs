@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use veil_abi::BootMode;
 
-use super::{vmm_line, DumpTarget, Session};
+use super::{vmm_line, Session};
 use crate::memory::CoreDump;
 use crate::report::{
     ExitCounts, ExitInfo, RunReport, TestOutcome, TestReport, Timing, VcpuSummary, MAX_RECORDS,
@@ -51,11 +51,7 @@ impl Session {
             self.end_current(outcome, None, why);
         }
         if let Some(cfg) = self.dump.clone() {
-            let path = match cfg.target {
-                DumpTarget::Stdout => None,
-                DumpTarget::File(p) => Some(p),
-            };
-            self.write_dump("exit", path);
+            self.write_dump("exit", super::exit_path(&cfg.target));
         }
         let selected: Vec<String> = if self.selection.is_empty() {
             self.announced.clone()
