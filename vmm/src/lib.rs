@@ -1,5 +1,6 @@
 //! The Veil VMM: boots a guest on KVM, owns its memory through the `allocator` crate and
-//! enforces unmapped pages at stage 2 by shaping memslots.
+//! enforces unmapped and sensitive pages at stage 2 (memslot holes or `mprotect` of a second
+//! mapping; restricted and full ASI views).
 //!
 //! Entry points: [`vm::VmConfig`] + [`vm::run`] (or [`vm::Vm::new`] then [`vm::Vm::run`]) boot
 //! a guest and return a [`report::RunReport`]; [`cli`] is the `veil` command line.
@@ -23,7 +24,8 @@
 //! - [`signals`]: SIGINT/SIGTERM/SIGHUP stop the run cleanly (report kept, exit 128 + signal).
 //! - [`stage2`], [`dump`], [`kvm_stats`], [`caps`]: the stage-2 engine, dumps, KVM binary
 //!   statistics and host capabilities; [`replay_kvm`]: `veil replay --kvm`.
-//!
+//! - [`mermap`], [`mermap_window`]: the per-vCPU mermap windows (bookkeeping, and their stage 2
+//!   under each backend).
 //! - [`foreign`]: `veil run --kernel`: multiboot v1 and Linux (linux-loader) kernels on their own
 //!   machine (irqchip, PIT, COM1, fw_cfg, isa-debug-exit, INIT/SIPI), with `--secret` ranges.
 //! - [`shootdown`]: the `KVM_RUN` gate that parks the other vCPUs around a slots-backend update.
