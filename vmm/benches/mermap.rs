@@ -17,6 +17,9 @@
 //!
 //! Printed: median [min-max] over the rounds.
 
+mod harness;
+
+use harness::stats;
 use std::process::Command;
 use std::time::Instant;
 
@@ -25,12 +28,6 @@ use veil_abi::{gfp, Hc, Status};
 use vmm::guest_image::DEFAULT_GUEST;
 use vmm::stage2::BackendKind;
 use vmm::vm::{Vm, VmConfig};
-
-/// (median, min, max) of `v`.
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
 
 fn fmt(v: &[f64], digits: usize) -> String {
     if v.is_empty() {
@@ -132,25 +129,9 @@ fn host_run(backend: BackendKind) -> (f64, f64) {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks for a list: there are no Criterion tests here.
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("mermap: /dev/kvm is not usable ({e}): benchmark SKIPPED");
-        if std::env::var("CI").as_deref() == Ok("true") {
-            std::process::exit(1);
-        }
+    let Some(rounds) = harness::start("mermap", 5) else {
         return;
-    }
-    let rounds: usize = std::env::var("VEIL_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(5);
+    };
     let backends = ["mprotect", "slots"];
     let mut report: Vec<Vec<GuestRun>> = vec![Vec::new(); 2];
     let mut inject: Vec<Vec<GuestRun>> = vec![Vec::new(); 2];

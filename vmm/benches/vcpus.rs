@@ -14,6 +14,9 @@
 //! a loop) took, how long after the call vCPU 1's first violation came, and the reads that
 //! succeeded after the revoke returned (the stale window; every run must show 0).
 
+mod harness;
+
+use harness::stats;
 use std::time::Duration;
 
 use vmm::console::ConsoleSink;
@@ -46,32 +49,10 @@ fn one_run(vcpus: u32, backend: BackendKind) -> (RoundTrip, Option<Revocation>) 
     (rt, rev)
 }
 
-/// (median, min, max) of `v`.
-fn stats(v: &mut [f64]) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // `cargo test --benches` asks for a list: there are no Criterion tests here.
-    }
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("vcpus: /dev/kvm is not usable ({e}): benchmark SKIPPED");
-        if std::env::var("CI").as_deref() == Ok("true") {
-            std::process::exit(1);
-        }
+    let Some(rounds) = harness::start("vcpus", 7) else {
         return;
-    }
-    let rounds: usize = std::env::var("VEIL_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(7);
+    };
     let configs: [(u32, BackendKind); 4] = [
         (1, BackendKind::Mprotect),
         (2, BackendKind::Mprotect),
