@@ -22,6 +22,13 @@ fn veil(args: &[&str]) -> Output {
         .expect("run veil")
 }
 
+/// `veil run --kernel K --mem 64M --timeout 20` followed by `extra`.
+fn run_kernel(k: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["run", "--kernel", k, "--mem", "64M", "--timeout", "20"];
+    args.extend_from_slice(extra);
+    veil(&args)
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("veil-foreign-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -103,16 +110,7 @@ fn multiboot_contract_and_exit_port() {
     }
     let d = scratch("contract");
     let k = write(&d, "k.bin", &kernel(&check_contract()));
-    let out = veil(&[
-        "run",
-        "--kernel",
-        &k,
-        "--mem",
-        "64M",
-        "--timeout",
-        "20",
-        "--json",
-    ]);
+    let out = run_kernel(&k, &["--json"]);
     let j = json(&out);
     assert_eq!(out.status.code(), Some(0), "{j}");
     assert_eq!(j["exit"]["kind"], "debug_exit");
@@ -130,22 +128,18 @@ fn secret_ranges_are_violations_on_both_backends() {
     let d = scratch("secret");
     let k = write(&d, "k.bin", &kernel(&touch_secret()));
     for backend in ["slots", "mprotect"] {
-        let out = veil(&[
-            "run",
-            "--kernel",
+        let out = run_kernel(
             &k,
-            "--mem",
-            "64M",
-            "--timeout",
-            "20",
-            "--json",
-            "--stage2",
-            backend,
-            "--secret",
-            "0x1000000,64K",
-            "--secret-fill",
-            "0x5a",
-        ]);
+            &[
+                "--json",
+                "--stage2",
+                backend,
+                "--secret",
+                "0x1000000,64K",
+                "--secret-fill",
+                "0x5a",
+            ],
+        );
         let j = json(&out);
         // The guest read poison (value 0) but touched the secret: a failing run.
         assert_eq!(j["exit"]["value"], 0, "{backend}: {j}");
@@ -171,16 +165,7 @@ fn secret_ranges_are_violations_on_both_backends() {
         assert_eq!(hole[0]["end"], u64::from(SECRET) + 0x10000);
     }
     // Without --secret the load reads the RAM's zero: the kernel reports failure (value 1).
-    let out = veil(&[
-        "run",
-        "--kernel",
-        &k,
-        "--mem",
-        "64M",
-        "--timeout",
-        "20",
-        "--json",
-    ]);
+    let out = run_kernel(&k, &["--json"]);
     let j = json(&out);
     assert_eq!(j["exit"]["value"], 1, "{j}");
     assert_eq!(j["violations_total"], 0);
@@ -197,22 +182,18 @@ fn dump_ept_shows_the_secret_ranges_unreachable() {
     for backend in ["slots", "mprotect"] {
         let dump = d.join(format!("x-{backend}.json"));
         let dump_s = dump.display().to_string();
-        let out = veil(&[
-            "run",
-            "--kernel",
+        let out = run_kernel(
             &k,
-            "--mem",
-            "64M",
-            "--timeout",
-            "20",
-            "--json",
-            "--stage2",
-            backend,
-            "--secret",
-            "0x1000000,64K",
-            "--dump-ept",
-            &dump_s,
-        ]);
+            &[
+                "--json",
+                "--stage2",
+                backend,
+                "--secret",
+                "0x1000000,64K",
+                "--dump-ept",
+                &dump_s,
+            ],
+        );
         let j = json(&out);
         assert_eq!(out.status.code(), Some(0), "{backend}: {j}");
         assert_eq!(j["dumps"][0], dump_s.as_str(), "{backend}: {j}");
@@ -254,19 +235,7 @@ fn dump_ept_shows_the_secret_ranges_unreachable() {
     ] {
         let dump = d.join(name);
         let dump_s = dump.display().to_string();
-        let out = veil(&[
-            "run",
-            "--kernel",
-            &k,
-            "--mem",
-            "64M",
-            "--timeout",
-            "20",
-            "--secret",
-            "0x1000000,64K",
-            "--dump-ept",
-            &dump_s,
-        ]);
+        let out = run_kernel(&k, &["--secret", "0x1000000,64K", "--dump-ept", &dump_s]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{name}: {stderr}");
         assert!(
@@ -290,22 +259,18 @@ fn secret_kill_stops_at_the_first_access() {
     }
     let d = scratch("kill");
     let k = write(&d, "k.bin", &kernel(&touch_secret()));
-    let out = veil(&[
-        "run",
-        "--kernel",
+    let out = run_kernel(
         &k,
-        "--mem",
-        "64M",
-        "--timeout",
-        "20",
-        "--json",
-        "--stage2",
-        "slots",
-        "--secret",
-        "0x1000000,64K",
-        "--on-violation",
-        "kill",
-    ]);
+        &[
+            "--json",
+            "--stage2",
+            "slots",
+            "--secret",
+            "0x1000000,64K",
+            "--on-violation",
+            "kill",
+        ],
+    );
     let j = json(&out);
     assert_eq!(out.status.code(), Some(3), "{j}");
     assert_eq!(j["exit"]["kind"], "killed");
