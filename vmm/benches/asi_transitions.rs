@@ -23,6 +23,9 @@
 //! `mlock2`/`munlock` per range and switch: table 1 has a second row per backend with that
 //! lock on, as `veil run` has it.
 
+mod loop_guest;
+
+use loop_guest::{vcpu, write_loop, TOUCHED};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,32 +36,10 @@ use vmm::stage2::{AsiView, KvmSlots, Mprotect, Slots, Stage2Backend, Stage2Engin
 
 const P: u64 = 4096;
 const PB: u64 = 2 << 20;
-const TOUCHED: u64 = 0x8000;
 const ROUNDS: usize = 200;
 /// Where the sensitive layouts of table 2 start.
 const BASE: u64 = 4 << 20;
 const COUNTS: [u64; 4] = [1, 64, 4096, 65_536];
-
-fn guest(ram: &GuestRam) {
-    // mov al, [0x8000]; out 0x10, al; jmp -7
-    ram.write(0x1000, &[0xa0, 0x00, 0x80, 0xe6, 0x10, 0xeb, 0xf9])
-        .unwrap();
-}
-
-fn vcpu(vm: &VmFd) -> VcpuFd {
-    let v = vm.create_vcpu(0).expect("vcpu");
-    let mut s = v.get_sregs().unwrap();
-    for seg in [&mut s.cs, &mut s.ds, &mut s.es, &mut s.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    v.set_sregs(&s).unwrap();
-    let mut r = v.get_regs().unwrap();
-    r.rip = 0x1000;
-    r.rflags = 2;
-    v.set_regs(&r).unwrap();
-    v
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -282,7 +263,7 @@ fn main() {
     ] {
         let ram_size = 16 << 20;
         let (b, ram, vm) = engine_for(&kvm, backend, ram_size, lock);
-        guest(&ram);
+        write_loop(&ram);
         let v = vcpu(&vm);
         let p = pair(Stage2Engine::new(b, ram_size, Gpa(0)).unwrap(), v, &ram);
         let f = |v: &[f64]| {

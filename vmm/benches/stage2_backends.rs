@@ -21,38 +21,19 @@
 //! so on a nested `kvm_pvm` host its accesses are emulated and a touch of a closed page is an
 //! ordinary MMIO exit under both backends.
 
+mod loop_guest;
+
+use loop_guest::{vcpu, write_loop, TOUCHED};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vmm::addr::Gpa;
 use vmm::memory::{Backing, CoreDump, GuestRam, MemSize};
 use vmm::stage2::{KvmSlots, Mprotect, Slots, Stage2Backend, Stage2Engine};
 
 const P: u64 = 4096;
-const TOUCHED: u64 = 0x8000;
 const ROUNDS: usize = 200;
-
-fn guest(ram: &GuestRam) {
-    // mov al, [0x8000]; out 0x10, al; jmp -7
-    ram.write(0x1000, &[0xa0, 0x00, 0x80, 0xe6, 0x10, 0xeb, 0xf9])
-        .unwrap();
-}
-
-fn vcpu(vm: &VmFd) -> VcpuFd {
-    let v = vm.create_vcpu(0).expect("vcpu");
-    let mut s = v.get_sregs().unwrap();
-    for seg in [&mut s.cs, &mut s.ds, &mut s.es, &mut s.ss] {
-        seg.base = 0;
-        seg.selector = 0;
-    }
-    v.set_sregs(&s).unwrap();
-    let mut r = v.get_regs().unwrap();
-    r.rip = 0x1000;
-    r.rflags = 2;
-    v.set_regs(&r).unwrap();
-    v
-}
 
 /// Runs the guest to its next port write; returns the MMIO exits on the way.
 fn run_to_out(v: &mut VcpuFd) -> u32 {
@@ -208,7 +189,7 @@ fn main() {
         };
         let ram =
             Arc::new(GuestRam::create(MemSize(ram_size), CoreDump::Exclude, backing).unwrap());
-        guest(&ram);
+        write_loop(&ram);
         let v = vcpu(&vm);
         let row = if name == "slots" {
             let mut t = KvmSlots::new(vm.clone(), ram.clone(), max_slots);
