@@ -24,7 +24,8 @@ fn dash(p: PolicyKind) -> &'static str {
 }
 
 /// Colour of a policy's line.
-fn colour(p: PolicyKind) -> &'static str {
+/// A policy's line colour (the intact plot and the sweep plot share it).
+pub(crate) fn colour(p: PolicyKind) -> &'static str {
     match p {
         PolicyKind::Freetype => "#1b7837",
         PolicyKind::PerPage => "#d6604d",

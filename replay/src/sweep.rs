@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::plot::{nice_step, xml_escape};
+use crate::plot::{colour, nice_step, xml_escape};
 use crate::policy::{PolicyKind, PolicyResult};
 
 /// What a sweep varies.
@@ -179,17 +179,6 @@ const LEFT: f64 = 80.0;
 const RIGHT: f64 = 250.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 70.0;
-
-fn colour(p: PolicyKind) -> &'static str {
-    match p {
-        PolicyKind::Freetype => "#1b7837",
-        PolicyKind::PerPage => "#d6604d",
-        PolicyKind::PerPageBatched => "#f4a582",
-        PolicyKind::FreetypePcp => "#5aae61",
-        PolicyKind::UnmappedCache => "#2166ac",
-        PolicyKind::LinuxPlacement => "#762a83",
-    }
-}
 
 /// The sweep plot: failed allocations per 1,000 against the swept value, one line per policy
 /// (the y axis starts at 0; nothing is cut off).

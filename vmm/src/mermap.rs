@@ -256,14 +256,19 @@ impl Mermap {
         {
             return Ok(false);
         }
+        // Every Free hypercall comes here: no allocation unless a stale mapping shows the range.
         for w in &mut self.windows {
-            let (gone, keep): (Vec<Mapping>, Vec<Mapping>) =
-                w.stale.iter().partition(|m| m.covers_ram(start, end));
-            for m in &gone {
-                self.backend.unmap(w.gpa_of(m.first), m.pages)?;
-                w.counters.free_teardowns += 1;
+            let mut i = 0;
+            while i < w.stale.len() {
+                let m = w.stale[i];
+                if m.covers_ram(start, end) {
+                    self.backend.unmap(w.gpa_of(m.first), m.pages)?;
+                    w.stale.remove(i);
+                    w.counters.free_teardowns += 1;
+                } else {
+                    i += 1;
+                }
             }
-            w.stale = keep;
         }
         Ok(true)
     }

@@ -304,9 +304,7 @@ impl Vm {
         let kvm = Kvm::new().map_err(kvm_err(
             "cannot open /dev/kvm (is KVM available and accessible?)",
         ))?;
-        let max = u32::try_from(kvm.get_max_vcpus())
-            .unwrap_or(1)
-            .clamp(1, veil_abi::MAX_VCPUS);
+        let max = vcpu_limit(&kvm);
         if cfg.vcpus == 0 || cfg.vcpus > max {
             return Err(VmError::BadVcpus {
                 asked: cfg.vcpus,
@@ -782,6 +780,13 @@ fn regs_from(r: &kvm_bindings::kvm_regs) -> RegsDump {
         ],
         ..Default::default()
     }
+}
+
+/// The most vCPUs `--vcpus` may ask for here: KVM's maximum, at most `veil_abi::MAX_VCPUS`.
+pub fn vcpu_limit(kvm: &Kvm) -> u32 {
+    u32::try_from(kvm.get_max_vcpus())
+        .unwrap_or(1)
+        .clamp(1, veil_abi::MAX_VCPUS)
 }
 
 /// General and control registers of `vcpu`.

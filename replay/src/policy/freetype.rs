@@ -20,19 +20,28 @@ impl<S: Stage2> Freetype<S> {
     }
 }
 
+/// The allocator request for a trace allocation of migratetype `mt` with the replay's `flags`
+/// (shared by `freetype` and `freetype-pcp`). Only unmovable|unmapped has free lists (as in
+/// the kernel): unmapped requests drop their migratetype.
+pub(super) fn request_gfp(mt: u8, flags: u8, honour_atomic: bool) -> Gfp {
+    let gfp = if is_unmapped(flags) {
+        Gfp::UNMAPPED
+    } else {
+        mapped_gfp(mt)
+    };
+    if honour_atomic && is_atomic(flags) {
+        Gfp::ATOMIC | gfp
+    } else {
+        gfp
+    }
+}
+
 impl<S: Stage2> Engine<S> for Freetype<S> {
     fn alloc(&mut self, order: u8, mt: u8, flags: u8, _trace_pfn: u64) -> Result<u64, Failure> {
-        // Only unmovable|unmapped has free lists (as in the kernel): unmapped requests drop
-        // their migratetype.
-        let mut gfp = if is_unmapped(flags) {
-            Gfp::UNMAPPED
-        } else {
-            mapped_gfp(mt)
-        };
-        if self.honour_atomic && is_atomic(flags) {
-            gfp = Gfp::ATOMIC | gfp;
-        }
-        Ok(self.a.alloc_pages(gfp, order)?.pfn)
+        Ok(self
+            .a
+            .alloc_pages(request_gfp(mt, flags, self.honour_atomic), order)?
+            .pfn)
     }
 
     fn free(&mut self, pfn: u64, order: u8, _flags: u8) -> bool {

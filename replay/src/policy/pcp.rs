@@ -3,9 +3,9 @@
 //! CPU the trace recorded it on and each free on the CPU that freed it, so the caches hold
 //! what Linux's per-CPU lists held and drain (every one of them) before a flip.
 
-use allocator::{Config, Gfp, Snapshot, Stage2, Zone};
+use allocator::{Config, Snapshot, Stage2, Zone};
 
-use super::{is_atomic, is_unmapped, mapped_gfp, Engine, Failure, Layout};
+use super::{Engine, Failure, Layout};
 use crate::tracker::Tracker;
 
 /// Most per-CPU cache sets modelled; trace CPU `c` uses set `c % MAX_PCP_CPUS`.
@@ -36,14 +36,7 @@ impl<S: Stage2> FreetypePcp<S> {
 
 impl<S: Stage2> Engine<S> for FreetypePcp<S> {
     fn alloc(&mut self, order: u8, mt: u8, flags: u8, _trace_pfn: u64) -> Result<u64, Failure> {
-        let mut gfp = if is_unmapped(flags) {
-            Gfp::UNMAPPED
-        } else {
-            mapped_gfp(mt)
-        };
-        if self.honour_atomic && is_atomic(flags) {
-            gfp = Gfp::ATOMIC | gfp;
-        }
+        let gfp = super::freetype::request_gfp(mt, flags, self.honour_atomic);
         Ok(self.z.alloc_pages(self.cpu, gfp, order)?.pfn)
     }
 

@@ -233,9 +233,7 @@ pub fn run(cfg: ForeignConfig) -> Result<ForeignReport, ForeignError> {
     let kvm = Kvm::new().map_err(kvm_err(
         "cannot open /dev/kvm (is KVM available and accessible?)",
     ))?;
-    let max = u32::try_from(kvm.get_max_vcpus())
-        .unwrap_or(1)
-        .clamp(1, veil_abi::MAX_VCPUS);
+    let max = crate::vm::vcpu_limit(&kvm);
     if cfg.vcpus == 0 || cfg.vcpus > max {
         return Err(ForeignError::BadVcpus {
             asked: cfg.vcpus,
