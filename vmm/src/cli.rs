@@ -313,6 +313,39 @@ pub struct RunArgs {
     #[arg(long)]
     pub test_harness: bool,
 
+    /// Write the results as JUnit XML to FILE for CI: one testsuite "veil", one testcase per
+    /// selected test with its time; a failed test has a <failure> with its message (type
+    /// "flaky" when its outcome differed between --repeat runs), a skipped one <skipped>, one
+    /// that did not run <error type="not_run">; each test's violations are in its
+    /// <system-out>, the summary lines in the suite's. Checked before the guest boots; written
+    /// after the run (also after a crash or a signal) and announced on stderr. Not with --kernel.
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    pub junit: Option<PathBuf>,
+
+    /// Print only errors (stderr) and one summary line (stdout): "P passed, F failed, S
+    /// skipped, N not run; V violations; exit: HOW" with "; failed: NAMES" before "exit:" when
+    /// a test failed or did not run, "; flaky: NAMES" for --repeat. No guest console (except
+    /// into --console FILE), no guest log lines, no table, no "dump written"/"wrote"
+    /// announcements. With --json: only the JSON document.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+
+    /// Boot and run the selection N times (1 to 1000), each on a fresh VM, as `veil replay
+    /// --kvm --repeat N` replays: every timing figure of the report (first hypercall, boot,
+    /// suite, run and total wall time, the hypercall round trip, the revocation meter, exit
+    /// counts, each test's time) is reported as median, min and max with n (`repeat` in
+    /// JSON). The verdicts must agree: a test whose outcome differs between runs is flaky and
+    /// fails the run (exit 1). The rest of the report, and every dump, is the last run's.
+    /// Stopped early by a signal. Not with --kernel.
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with = "kernel",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::report::repeat::MAX_REPEAT)))]
+    pub repeat: u32,
+
+    /// Skipped tests fail the run: exit 1 instead of 0 when every test passed or skipped and
+    /// at least one skipped (e.g. the cross-vCPU tests with --vcpus 1). Not with --kernel.
+    #[arg(long, conflicts_with = "kernel")]
+    pub fail_on_skip: bool,
+
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
     pub guest: GuestArgs,
@@ -541,10 +574,58 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     if args.json && args.guest.console.is_none() {
         cfg.console = ConsoleSink::Stderr;
     }
+    if args.quiet {
+        if args.guest.console.is_none() {
+            cfg.console = ConsoleSink::Null;
+        }
+        cfg.echo_logs = false;
+    }
     cfg.dump = dump_config(args)?;
-    let report = vm::run(cfg).map_err(|e| vm_error(e, &args.guest))?;
-    print_run(&report, args.json)?;
-    Ok(report.exit_code())
+    if let Some(p) = &args.junit {
+        check_output_path(p, "the JUnit report")?;
+    }
+    let mut runs = crate::report::repeat::repeat(args.repeat, |i| {
+        let mut c = cfg.clone();
+        if i > 0 {
+            // Each run's boot and total figures count from its own start.
+            c.start = Instant::now();
+        }
+        vm::run(c)
+    })
+    .map_err(|e| vm_error(e, &args.guest))?;
+    let summary =
+        (args.repeat > 1).then(|| crate::report::repeat::RepeatSummary::of(&runs, args.repeat));
+    let Some(mut report) = runs.pop() else {
+        return Err(anyhow::anyhow!("no run was made").into());
+    };
+    drop(runs);
+    report.repeat = summary;
+    let mut code = report.run_exit_code(args.fail_on_skip);
+    let unknown = matches!(report.exit, crate::report::ExitInfo::UnknownTests { .. });
+    if args.quiet && !args.json && !unknown {
+        println!("{}", crate::report::ci::quiet_line(&report));
+        for e in &report.dump_errors {
+            say(&format!("error: {e}"));
+        }
+    } else {
+        print_run(&report, args.json)?;
+    }
+    if code != report.run_exit_code(false) {
+        say("--fail-on-skip: a test was skipped, so the run fails (exit 1)");
+    }
+    if let Some(p) = &args.junit {
+        match crate::report::ci::write_junit(&report, p) {
+            Ok(()) if !args.quiet => say(&format!("wrote JUnit XML to {}", p.display())),
+            Ok(()) => {}
+            Err(e) => {
+                say(&format!("error: {e:#}"));
+                if code == exit_code::OK {
+                    code = exit_code::USAGE;
+                }
+            }
+        }
+    }
+    Ok(code)
 }
 
 fn print_run(report: &RunReport, json: bool) -> Result<()> {
@@ -578,24 +659,7 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
             if groups.len() > SHOW { format!(", first {SHOW} runs") } else { String::new() }
         );
         for g in groups.iter().take(SHOW) {
-            let v = &report.violations[g.first];
-            let what = if g.exits == 1 {
-                format!("{} bytes", v.size)
-            } else {
-                format!("{} exits, {} bytes", g.exits, g.bytes)
-            };
-            println!(
-                "  {:<5} {:<20} at {:<15}  rip {:#x}  {}  {}  test {}  -> {}",
-                v.access.name(),
-                what,
-                v.gpa
-                    .map_or("address unknown".into(), |g| format!("GPA {g:#011x}")),
-                v.rip,
-                v.freetype.as_deref().unwrap_or("-"),
-                v.owner,
-                v.test.as_deref().unwrap_or("-"),
-                v.action.name()
-            );
+            println!("  {}", report.violations[g.first].line(g));
         }
     }
     if let Some(line) = report.violations_summary.storm_line() {
@@ -619,6 +683,9 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
         }
     }
     print!("{}", report.summary());
+    if let Some(r) = &report.repeat {
+        print!("{}", r.lines());
+    }
     for d in &report.dumps {
         if d != "-" {
             println!("dump written: {d}");

@@ -18,7 +18,8 @@
 //!   violations, recovery point, timing, dumps).
 //! - [`expect`]: the VMM's own verdict on each test's violations.
 //! - [`secret`]: the per-run secret `Hc::PlantSecret` writes, computable for any GPA.
-//! - [`report`]: results, the table and the JSON document, exit codes.
+//! - [`report`]: results, the table and the JSON document, exit codes, JUnit XML;
+//!   [`symbols`]: guest RIPs as `function+0xoff` from the ELF's symbol table.
 //! - [`console`]: the 16550 UART and where its output goes.
 //! - [`watchdog`]: `--timeout` and the per-vCPU kick (`immediate_exit` plus a signal).
 //! - [`signals`]: SIGINT/SIGTERM/SIGHUP stop the run cleanly (report kept, exit 128 + signal).
@@ -62,6 +63,7 @@ pub mod session;
 pub mod shootdown;
 pub mod signals;
 pub mod stage2;
+pub mod symbols;
 pub mod vm;
 pub mod watchdog;
 

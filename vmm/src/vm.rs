@@ -811,5 +811,8 @@ pub const POISON: u8 = POISON_BYTE;
 
 /// Boots `cfg` and runs it to the end.
 pub fn run(cfg: VmConfig) -> Result<RunReport, VmError> {
-    Vm::new(cfg)?.run()
+    let syms = crate::symbols::Symbols::from_elf(&cfg.guest);
+    let mut report = Vm::new(cfg)?.run()?;
+    report.resolve_symbols(&syms);
+    Ok(report)
 }

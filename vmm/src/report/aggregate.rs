@@ -20,6 +20,8 @@ pub struct ViolationAggregate {
     pub access: AccessKind,
     /// Guest RIP (as in [`Violation::rip`]).
     pub rip: u64,
+    /// `rip` as `function+0xoff` (null without symbols).
+    pub rip_symbol: Option<String>,
     /// Test running at the time.
     pub test: Option<String>,
     /// Violations in this group.
@@ -117,6 +119,7 @@ impl Aggregator {
                     page,
                     access,
                     rip,
+                    rip_symbol: None,
                     test: tests.get(t as usize).cloned(),
                     count,
                     bytes,

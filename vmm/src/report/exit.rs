@@ -4,11 +4,14 @@ use serde::Serialize;
 
 use super::{AccessKind, Violation};
 
-/// General and control registers at a crash.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// General and control registers at a crash. In JSON every register is a named field
+/// (`rip`, `rip_symbol`, `rsp`, `rflags`, `rax` ... `r15`, `cr0` ... `efer`, `cs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RegsDump {
     /// rip.
     pub rip: u64,
+    /// `rip` as `function+0xoff` from the guest ELF's symbol table (None without symbols).
+    pub rip_symbol: Option<String>,
     /// rsp.
     pub rsp: u64,
     /// rflags.
@@ -29,16 +32,49 @@ pub struct RegsDump {
     pub cs: u16,
 }
 
+/// The names of [`RegsDump::gprs`], in order.
+pub const GPR_NAMES: [&str; 15] = [
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15",
+];
+
+impl Serialize for RegsDump {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = ser.serialize_map(Some(4 + GPR_NAMES.len() + 6))?;
+        m.serialize_entry("rip", &self.rip)?;
+        m.serialize_entry("rip_symbol", &self.rip_symbol)?;
+        m.serialize_entry("rsp", &self.rsp)?;
+        m.serialize_entry("rflags", &self.rflags)?;
+        for (name, v) in GPR_NAMES.iter().zip(self.gprs) {
+            m.serialize_entry(name, &v)?;
+        }
+        m.serialize_entry("cr0", &self.cr0)?;
+        m.serialize_entry("cr2", &self.cr2)?;
+        m.serialize_entry("cr3", &self.cr3)?;
+        m.serialize_entry("cr4", &self.cr4)?;
+        m.serialize_entry("efer", &self.efer)?;
+        m.serialize_entry("cs", &self.cs)?;
+        m.end()
+    }
+}
+
+/// ` (name+0xoff)` for text after a RIP, or nothing without a symbol.
+pub fn symbol_suffix(sym: &Option<String>) -> String {
+    sym.as_ref().map(|s| format!(" ({s})")).unwrap_or_default()
+}
+
 impl std::fmt::Display for RegsDump {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        const N: [&str; 15] = [
-            "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11", "r12",
-            "r13", "r14", "r15",
-        ];
+        const N: [&str; 15] = GPR_NAMES;
         writeln!(
             f,
-            "  rip={:#018x} rsp={:#018x} rflags={:#x} cs={:#x}",
-            self.rip, self.rsp, self.rflags, self.cs
+            "  rip={:#018x}{} rsp={:#018x} rflags={:#x} cs={:#x}",
+            self.rip,
+            symbol_suffix(&self.rip_symbol),
+            self.rsp,
+            self.rflags,
+            self.cs
         )?;
         for (i, chunk) in N.chunks(4).enumerate() {
             write!(f, " ")?;
@@ -126,6 +162,8 @@ pub enum ExitInfo {
         error_code: u64,
         /// Faulting RIP.
         rip: u64,
+        /// `rip` as `function+0xoff` (null without symbols).
+        rip_symbol: Option<String>,
         /// CR2 (page faults).
         cr2: u64,
         /// Registers at the report.
@@ -182,6 +220,8 @@ pub enum ExitInfo {
     Livelock {
         /// The instruction's RIP.
         rip: u64,
+        /// `rip` as `function+0xoff` (null without symbols).
+        rip_symbol: Option<String>,
         /// The GPA in a hole it keeps touching (None for one that never completes without
         /// touching a hole, such as `vmcall` on this host).
         gpa: Option<u64>,
@@ -233,14 +273,15 @@ impl ExitInfo {
         match self {
             ExitInfo::GuestExit { code } => format!("guest exited with code {code}"),
             ExitInfo::ViolationKill { violation: v } => format!(
-                "killed (--on-violation kill): {} of {} bytes at {}, rip {:#x}",
+                "killed (--on-violation kill): {} of {} bytes at {}, rip {:#x}{}",
                 v.access.name(),
                 v.size,
                 v.location(),
-                v.rip
+                v.rip,
+                symbol_suffix(&v.rip_symbol)
             ),
             ExitInfo::FetchWithoutRecovery { violation: v } => format!(
-                "stopped: {} of {} bytes at {} (rip {:#x}) and no recovery point",
+                "stopped: {} of {} bytes at {} (rip {:#x}{}) and no recovery point",
                 match v.access {
                     AccessKind::Fetch => "instruction fetch",
                     AccessKind::Read => "blocked read",
@@ -251,20 +292,23 @@ impl ExitInfo {
                     Some(g) => format!("unmapped GPA {g:#x}"),
                     None => "an unknown address (a stage-2 fault KVM and decoding did not locate)".into(),
                 },
-                v.rip
+                v.rip,
+                symbol_suffix(&v.rip_symbol)
             ),
             ExitInfo::GuestException {
                 vector,
                 error_code,
                 rip,
+                rip_symbol,
                 cr2,
                 ..
             } => format!(
-                "guest exception: vector {vector} ({}), error code {error_code:#x}, rip {rip:#x}, cr2 {cr2:#x}",
-                vector_name(*vector)
+                "guest exception: vector {vector} ({}), error code {error_code:#x}, rip {rip:#x}{}, cr2 {cr2:#x}",
+                vector_name(*vector),
+                symbol_suffix(rip_symbol)
             ),
             ExitInfo::TripleFault { regs } => {
-                format!("triple fault (KVM_EXIT_SHUTDOWN) at rip {:#x}", regs.rip)
+                format!("triple fault (KVM_EXIT_SHUTDOWN) at {}", regs.at())
             }
             ExitInfo::InternalError {
                 suberror,
@@ -272,14 +316,14 @@ impl ExitInfo {
                 insn,
                 ..
             } => format!(
-                "KVM internal error (suberror {suberror}{}) at rip {:#x}{}",
+                "KVM internal error (suberror {suberror}{}) at {}{}",
                 if *suberror == 1 { ": emulation failure" } else { "" },
-                regs.rip,
+                regs.at(),
                 insn.as_ref().map(|i| format!(": {i}")).unwrap_or_default()
             ),
-            ExitInfo::Halted { regs } => format!("guest halted at rip {:#x}", regs.rip),
+            ExitInfo::Halted { regs } => format!("guest halted at {}", regs.at()),
             ExitInfo::UnexpectedExit { what, regs } => {
-                format!("unexpected exit {what} at rip {:#x}", regs.rip)
+                format!("unexpected exit {what} at {}", regs.at())
             }
             ExitInfo::KvmError { error } => format!("KVM_RUN failed: {error}"),
             ExitInfo::Timeout {
@@ -288,8 +332,8 @@ impl ExitInfo {
                 instruction,
                 regs,
             } => format!(
-                "timed out after {seconds} s at rip {:#x}{}; no exit for the last {:.1} s{}",
-                regs.rip,
+                "timed out after {seconds} s at {}{}; no exit for the last {:.1} s{}",
+                regs.at(),
                 instruction
                     .as_ref()
                     .map(|i| format!(" (`{i}`)"))
@@ -303,6 +347,7 @@ impl ExitInfo {
             ),
             ExitInfo::Livelock {
                 rip,
+                rip_symbol,
                 gpa,
                 access,
                 shape,
@@ -310,7 +355,8 @@ impl ExitInfo {
                 instruction,
                 ..
             } => format!(
-                "livelock at rip {rip:#x}{} on {}: {} ({repeats} {} in a row)",
+                "livelock at rip {rip:#x}{}{} on {}: {} ({repeats} {} in a row)",
+                symbol_suffix(rip_symbol),
                 instruction
                     .as_ref()
                     .map(|i| format!(" (`{i}`)"))
@@ -326,7 +372,7 @@ impl ExitInfo {
                 }
             ),
             ExitInfo::Interrupted { name, regs, .. } => {
-                format!("interrupted by {name} (rip {:#x})", regs.rip)
+                format!("interrupted by {name} ({})", regs.at())
             }
             ExitInfo::UnknownTests { unknown, available } => format!(
                 "unknown test(s): {}; available: {}",
@@ -349,6 +395,13 @@ impl ExitInfo {
             | ExitInfo::Livelock { regs, .. } => Some(regs),
             _ => None,
         }
+    }
+}
+
+impl RegsDump {
+    /// `rip 0x...` with ` (name+0xoff)` when the symbol is known, for text.
+    pub fn at(&self) -> String {
+        format!("rip {:#x}{}", self.rip, symbol_suffix(&self.rip_symbol))
     }
 }
 

@@ -3,14 +3,20 @@
 
 mod aggregate;
 pub mod asi;
+pub mod ci;
 mod exit;
+pub mod junit;
 pub mod matrix;
 mod render;
+pub mod repeat;
 pub mod stage2_checks;
+mod symbolize;
 mod violations;
 
 pub use aggregate::{Aggregator, ViolationAggregate, ViolationSummary, MAX_AGGREGATES};
-pub use exit::{vector_name, ExitInfo, InsnAccess, InsnAtRip, LivelockShape, RegsDump};
+pub use exit::{
+    symbol_suffix, vector_name, ExitInfo, InsnAccess, InsnAtRip, LivelockShape, RegsDump, GPR_NAMES,
+};
 pub use violations::{
     group_violations, AccessKind, NotRamAccess, Violation, ViolationAction, ViolationRun,
 };
@@ -218,6 +224,10 @@ pub struct RunReport {
     pub vcpus: VcpuSummary,
     /// ASI: transitions, view switches and the exposure windows.
     pub asi: asi::AsiReport,
+    /// `veil run --repeat N` (N > 1): every timing figure as median/min/max over the runs and
+    /// each test's outcome per run; the rest of the report is the last run's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repeat: Option<repeat::RepeatSummary>,
 }
 
 /// How many vCPUs ran and what parking them for stage-2 updates cost.
@@ -280,6 +290,31 @@ impl RunReport {
                 .all(|t| matches!(t.result, TestOutcome::Pass | TestOutcome::Skip))
     }
 
+    /// Whether a test was skipped (in any run, with `--repeat`).
+    pub fn any_skipped(&self) -> bool {
+        self.counts().skipped > 0
+            || self.repeat.as_ref().is_some_and(|r| {
+                r.tests
+                    .iter()
+                    .any(|t| t.results.contains(&TestOutcome::Skip))
+            })
+    }
+
+    /// The exit code of `veil run`: [`RunReport::exit_code`], or with `--repeat` the worst
+    /// run's and 1 for a flaky test ([`repeat::RepeatSummary::exit_code`]); with
+    /// `fail_on_skip` (`--fail-on-skip`) a run that would exit 0 exits 1 when a test skipped.
+    pub fn run_exit_code(&self, fail_on_skip: bool) -> i32 {
+        let code = match &self.repeat {
+            Some(r) => r.exit_code(),
+            None => self.exit_code(),
+        };
+        if code == exit_code::OK && fail_on_skip && self.any_skipped() {
+            exit_code::TEST_FAILURE
+        } else {
+            code
+        }
+    }
+
     /// The process exit code for this report (see [`exit_code`]).
     pub fn exit_code(&self) -> i32 {
         if let ExitInfo::Interrupted { signal, .. } = self.exit {
@@ -333,6 +368,7 @@ mod tests {
             stage2_dump: serde_json::Value::Null,
             reachability: matrix::Matrix::default(),
             stage2_checks: Default::default(),
+            repeat: None,
         };
         assert_eq!(r.exit_code(), exit_code::OK);
         // A stage-2 reconciliation mismatch fails the run even when every test passed.
@@ -350,6 +386,9 @@ mod tests {
             time_ms: 0.0,
         });
         assert_eq!(r.exit_code(), exit_code::OK);
+        // --fail-on-skip turns a clean run with a skip into a failure, and nothing else.
+        assert_eq!(r.run_exit_code(false), exit_code::OK);
+        assert_eq!(r.run_exit_code(true), exit_code::TEST_FAILURE);
         // A dump lost at exit makes an otherwise clean run a failure to report.
         r.dump_errors.push("d.json: disk full".into());
         assert_eq!(r.exit_code(), exit_code::USAGE);

@@ -127,6 +127,8 @@ pub struct Violation {
     /// MMIO exit, so it is the address of the *next* instruction (except inside an unfinished
     /// `rep` string instruction, which stays at the instruction).
     pub rip: u64,
+    /// `rip` as `function+0xoff` from the guest ELF's symbol table (null without symbols).
+    pub rip_symbol: Option<String>,
     /// vCPU index.
     pub vcpu: u32,
     /// Name of the page's pageblock freetype ("unmovable|unmapped"...) if the page is managed,
@@ -153,6 +155,7 @@ impl Violation {
             access,
             size,
             rip,
+            rip_symbol: None,
             vcpu: 0,
             freetype: None,
             freetype_index: 0xff,
@@ -160,6 +163,29 @@ impl Violation {
             test: None,
             action: ViolationAction::Poisoned,
         }
+    }
+
+    /// One line for the text report and JUnit: kind, size (or exits and bytes of its run),
+    /// GPA, RIP with its symbol, freetype, owner, test and action.
+    pub fn line(&self, run: &ViolationRun) -> String {
+        let what = if run.exits == 1 {
+            format!("{} bytes", self.size)
+        } else {
+            format!("{} exits, {} bytes", run.exits, run.bytes)
+        };
+        format!(
+            "{:<5} {:<20} at {:<15}  rip {:#x}{}  {}  {}  test {}  -> {}",
+            self.access.name(),
+            what,
+            self.gpa
+                .map_or("address unknown".into(), |g| format!("GPA {g:#011x}")),
+            self.rip,
+            super::symbol_suffix(&self.rip_symbol),
+            self.freetype.as_deref().unwrap_or("-"),
+            self.owner,
+            self.test.as_deref().unwrap_or("-"),
+            self.action.name()
+        )
     }
 
     /// The GPA for text: hex, or "an unknown address".

@@ -144,6 +144,7 @@ impl Session {
             reachability: std::mem::take(&mut self.routes.matrix),
             stage2_checks,
             asi,
+            repeat: None,
         };
         report.counts = report.counts();
         report

@@ -419,6 +419,7 @@ impl Session {
                     vector: a[0],
                     error_code: a[1],
                     rip: a[2],
+                    rip_symbol: None,
                     cr2: a[3],
                     regs: RegsDump::default(),
                 })

@@ -63,6 +63,7 @@ impl Session {
             access,
             size,
             rip,
+            rip_symbol: None,
             vcpu: self.cpu.index as u32,
             freetype: match ft {
                 Some(f) => Some(f.name().to_string()),

@@ -60,6 +60,7 @@ impl Vcpu {
         let regs = self.regs_dump();
         Some(ExitInfo::Livelock {
             rip: regs.rip,
+            rip_symbol: None,
             gpa: Some(gpa),
             access: Some(access),
             shape: LivelockShape::FaultLoop,
@@ -87,6 +88,7 @@ impl Vcpu {
         let regs = self.regs_dump();
         Some(ExitInfo::Livelock {
             rip: regs.rip,
+            rip_symbol: None,
             gpa: (gpa != veil_abi::ADDRESS_UNKNOWN).then_some(gpa),
             access: Some(access),
             shape: LivelockShape::FaultLoop,
@@ -122,6 +124,7 @@ impl Vcpu {
         let regs = self.regs_dump();
         Some(ExitInfo::Livelock {
             rip: regs.rip,
+            rip_symbol: None,
             gpa: verdict.hole.map(|h| h.0.raw()),
             access: verdict.hole.map(|h| h.1),
             shape: LivelockShape::SilentSpin,
