@@ -625,7 +625,7 @@ pub fn dedup(p: &[PolicyKind]) -> Vec<PolicyKind> {
 /// Assemble the report.
 pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool) -> Report {
     let s = &l.trace.stats;
-    let mut sizing = Vec::new();
+    let mut sizing = crate::report::Sizing::default();
     if policies
         .iter()
         .any(|p| p.policy != PolicyKind::LinuxPlacement)
@@ -637,32 +637,34 @@ pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool
             a.headroom,
         )
         .nr_pages;
-        let how = match a.mem {
-            Some(_) => "--mem".to_string(),
-            None => format!(
-                "peak live {} + {}% headroom, rounded up to 2 MiB",
-                fmt_mib(s.peak_live_pages),
-                a.headroom
-            ),
-        };
-        sizing.push(format!("{} managed ({how})", fmt_mib(pages)));
+        sizing.managed = Some(crate::report::ManagedSizing {
+            pages,
+            bytes: pages.saturating_mul(4096),
+            source: if a.mem.is_some() {
+                "mem"
+            } else {
+                "peak_live_headroom"
+            },
+            peak_live_pages: s.peak_live_pages,
+            headroom_percent: a.headroom,
+        });
     }
     if let Some(p) = policies
         .iter()
         .find(|p| p.policy == PolicyKind::LinuxPlacement)
     {
-        sizing.push(format!(
-            "linux-placement {} (the trace's PFN span 0x{:x}..0x{:x}, rounded out to 2 MiB)",
-            fmt_mib(p.layout.nr_pages),
-            s.min_pfn,
-            s.end_pfn
-        ));
+        sizing.linux_placement = Some(crate::report::PfnSpanSizing {
+            pages: p.layout.nr_pages,
+            bytes: p.layout.nr_pages.saturating_mul(4096),
+            min_pfn: s.min_pfn,
+            end_pfn: s.end_pfn,
+        });
     }
     Report {
         input: a.trace.display().to_string(),
         trace: s.clone(),
         classification: l.classification.clone(),
-        sizing: sizing.join("; "),
+        sizing,
         kvm,
         policies,
         interrupted: crate::stop::requested(),
@@ -671,10 +673,6 @@ pub fn report(a: &ReplayArgs, l: &Loaded, policies: Vec<PolicyResult>, kvm: bool
             .as_ref()
             .and_then(|names| sensitive_report(a, &l.trace, names).ok()),
     }
-}
-
-fn fmt_mib(pages: u64) -> String {
-    format!("{:.1} MiB", pages as f64 / 256.0)
 }
 
 /// Print the report (text or JSON) to `out` and write the plot if asked.

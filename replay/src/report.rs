@@ -17,8 +17,8 @@ pub struct Report {
     pub trace: TraceStats,
     /// Classification outcome.
     pub classification: Classification,
-    /// How the memory was sized.
-    pub sizing: String,
+    /// How the memory was sized (the text report's "memory:" line is [`Sizing::sentence`]).
+    pub sizing: Sizing,
     /// Whether stage 2 was a real VM's memslots.
     pub kvm: bool,
     /// One entry per policy.
@@ -30,6 +30,75 @@ pub struct Report {
     /// With `--sensitive`: the ranges an ASI view switch would toggle, per policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sensitive: Option<crate::sensitive::SensitiveReport>,
+}
+
+/// How much memory the policies replayed on, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Sizing {
+    /// The managed memory of every policy but linux-placement (None if only it ran).
+    pub managed: Option<ManagedSizing>,
+    /// linux-placement's memory: the trace's PFN span (None if it did not run).
+    pub linux_placement: Option<PfnSpanSizing>,
+}
+
+/// The managed memory of the freetype-style policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ManagedSizing {
+    /// Pages of 4 KiB.
+    pub pages: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// `"mem"` (given with --mem) or `"peak_live_headroom"` (the trace's peak live pages plus
+    /// `headroom_percent`, rounded up to 2 MiB).
+    pub source: &'static str,
+    /// The trace's peak live pages.
+    pub peak_live_pages: u64,
+    /// --headroom, in percent (used when `source` is `"peak_live_headroom"`).
+    pub headroom_percent: u32,
+}
+
+/// linux-placement's memory: the trace's PFN span rounded out to 2 MiB.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PfnSpanSizing {
+    /// Pages of 4 KiB.
+    pub pages: u64,
+    /// Bytes.
+    pub bytes: u64,
+    /// The trace's lowest PFN.
+    pub min_pfn: u64,
+    /// One past the trace's highest PFN.
+    pub end_pfn: u64,
+}
+
+impl Sizing {
+    /// The text report's sentence, e.g. "256.0 MiB managed (peak live 200.0 MiB + 25%
+    /// headroom, rounded up to 2 MiB); linux-placement 1024.0 MiB (the trace's PFN span
+    /// 0x0..0x40000, rounded out to 2 MiB)".
+    pub fn sentence(&self) -> String {
+        let mib = |pages: u64| format!("{:.1} MiB", pages as f64 / 256.0);
+        let mut parts = Vec::new();
+        if let Some(m) = &self.managed {
+            let how = if m.source == "mem" {
+                "--mem".to_string()
+            } else {
+                format!(
+                    "peak live {} + {}% headroom, rounded up to 2 MiB",
+                    mib(m.peak_live_pages),
+                    m.headroom_percent
+                )
+            };
+            parts.push(format!("{} managed ({how})", mib(m.pages)));
+        }
+        if let Some(l) = &self.linux_placement {
+            parts.push(format!(
+                "linux-placement {} (the trace's PFN span 0x{:x}..0x{:x}, rounded out to 2 MiB)",
+                mib(l.pages),
+                l.min_pfn,
+                l.end_pfn
+            ));
+        }
+        parts.join("; ")
+    }
 }
 
 impl Report {
@@ -316,7 +385,7 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(
         s,
         "memory: {}{}",
-        r.sizing,
+        r.sizing.sentence(),
         if r.kvm {
             "; stage 2 = real KVM memslots"
         } else {
@@ -492,4 +561,47 @@ pub fn render_text(r: &Report) -> String {
         s += &crate::sensitive::render_text(v);
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizing_is_structured_in_json_and_a_sentence_in_text() {
+        let s = Sizing {
+            managed: Some(ManagedSizing {
+                pages: 65536,
+                bytes: 65536 * 4096,
+                source: "peak_live_headroom",
+                peak_live_pages: 51200,
+                headroom_percent: 25,
+            }),
+            linux_placement: Some(PfnSpanSizing {
+                pages: 262144,
+                bytes: 262144 * 4096,
+                min_pfn: 0x100,
+                end_pfn: 0x40000,
+            }),
+        };
+        assert_eq!(
+            s.sentence(),
+            "256.0 MiB managed (peak live 200.0 MiB + 25% headroom, rounded up to 2 MiB); \
+             linux-placement 1024.0 MiB (the trace's PFN span 0x100..0x40000, rounded out to 2 MiB)"
+        );
+        let j = serde_json::to_value(&s).unwrap();
+        assert_eq!(j["managed"]["pages"], 65536);
+        assert_eq!(j["managed"]["source"], "peak_live_headroom");
+        assert_eq!(j["linux_placement"]["end_pfn"], 0x40000);
+        let only_mem = Sizing {
+            managed: Some(ManagedSizing {
+                source: "mem",
+                pages: 512,
+                ..Default::default()
+            }),
+            linux_placement: None,
+        };
+        assert_eq!(only_mem.sentence(), "2.0 MiB managed (--mem)");
+        assert!(serde_json::to_value(&only_mem).unwrap()["linux_placement"].is_null());
+    }
 }

@@ -93,24 +93,32 @@ Examples:
   veil replay trace.txt.gz --pcp --arch arm64 --cpus 8";
 
 const EXIT_CODES: &str = "\
-Exit codes:
-  0  every selected test passed (skipped tests do not fail a run); list-tests/caps succeeded
+Exit codes of `veil run` (list-tests, caps and replay: see their --help):
+  0  every selected test passed or skipped (skipped tests do not fail a run unless
+     --fail-on-skip), the guest exited with code 0; with --repeat: in every run, with the same
+     outcome in each; with --kernel: the kernel reported PASS or SKIP on port 0xf4
   1  a test failed or did not run, a violation happened outside any test, the guest exited
-     with a non-zero code, or stage-2 reconciliation found a mismatch
-  2  usage or configuration error: bad option, bad --mem size, invalid guest ELF, unknown or
-     empty test name in --tests, unwritable --dump-ept or --console path (a FIFO without a
-     reader or a socket included: writing would block; checked before the guest boots; a dump that still fails at exit turns a passing run's 0 into 2), /dev/kvm
-     unavailable
-  3  the guest crashed (exception, triple fault, emulation failure), was stopped by
-     --on-violation kill (tests after it count as not run) or by a blocked access it cannot
-     run on past (a fetch, an instruction KVM cannot emulate, an exception frame on a stack in
-     a hole) with no recovery point, livelocked (one instruction repeating a blocked access
-     with no progress, e.g. lgdt from an unmapped page: stopped at once, whatever --timeout
-     says), or ran past --timeout
+     with a non-zero code, stage-2 reconciliation found a mismatch, a test skipped under
+     --fail-on-skip, or a test's outcome differed between --repeat runs (flaky); with
+     --kernel: the kernel reported FAIL, or made a violation
+  2  usage or configuration error: bad option (clap's errors included; --repeat 0), bad --mem
+     size, invalid guest ELF, unknown or empty test name in --tests, unwritable --dump-ept,
+     --console or --junit path (a FIFO without a reader or a socket included: writing would
+     block; checked before the guest boots; a dump or JUnit file that still fails at exit
+     turns a passing run's 0 into 2), /dev/kvm unavailable
+  3  the guest crashed or did not exit by itself: an exception it reported, a triple fault, an
+     emulation failure, vCPU 0 halted (`hlt` with nothing to wake it: \"guest halted\"), an
+     exit the VMM does not handle, KVM_RUN failing; was stopped by --on-violation kill (tests
+     after it count as not run) or by a blocked access it cannot run on past (a fetch, an
+     instruction KVM cannot emulate, an exception frame on a stack in a hole) with no recovery
+     point; livelocked (one instruction repeating a blocked access with no progress, e.g. lgdt
+     from an unmapped page: stopped at once, whatever --timeout says); or ran past --timeout.
+     With --repeat: the worst run's code (3 over 2 over 1)
   130, 143, 129  SIGINT (Ctrl-C), SIGTERM or SIGHUP stopped the run: the guest is stopped,
-     the report (table or complete JSON, exit kind \"interrupted\") and the requested dumps are
-     still written, unmapped guest pages are wiped; the test that was running and the ones
-     after it count as not run. A second signal while that happens ends veil at once.
+     the report (table or complete JSON, exit kind \"interrupted\"), the requested dumps and
+     --junit file are still written, unmapped guest pages are wiped; the test that was running
+     and the ones after it count as not run (--repeat makes no further runs). A second signal
+     while that happens ends veil at once.
 
 Host memory: guest RAM is kept out of core dumps of veil (MADV_DONTDUMP) unless
 --dump-guest-core; unmapped pages are locked against swap (mlock) as far as RLIMIT_MEMLOCK
@@ -124,12 +132,16 @@ Hc::AsiEnter returns to restricted. The report's ASI lines give the transitions,
 each switch toggled and the exposure windows.
 
 Output: guest console output goes to stdout (stderr with --json, or --console FILE); the VMM's
-own messages go to stderr prefixed with 'veil: '.
+own messages go to stderr prefixed with 'veil: '. --quiet keeps only errors and one summary
+line (or the JSON with --json). Violation and crash RIPs are shown as function+0xoff
+(`rip_symbol` in JSON) when the guest ELF has a symbol table (the default guest has).
 
 Examples:
   veil run                              run the whole suite, print a table
   veil run --tests mapped_rw,unmapped_read_direct --json
   veil run --mem 1G --dump-ept dump.svg   SVG picture (format from the extension)
+  veil run --quiet --junit results.xml --fail-on-skip   for CI: one line, JUnit XML, skips fail
+  veil run --tests hypercall_timing --repeat 5   timing figures as median/min/max of 5 runs
   veil run --guest my-kernel.elf --on-violation kill --timeout 10
   veil run --kernel x86/smptest.flat --vcpus 2   a kvm-unit-tests image (multiboot)
   veil run --kernel vmlinux --cmdline console=ttyS0 --secret 0x8000000,16M
@@ -326,8 +338,8 @@ pub struct RunArgs {
     /// skipped, N not run; V violations; exit: HOW" with "; failed: NAMES" before "exit:" when
     /// a test failed or did not run, "; flaky: NAMES" for --repeat. No guest console (except
     /// into --console FILE), no guest log lines, no table, no "dump written"/"wrote"
-    /// announcements. With --json: only the JSON document.
-    #[arg(long, short = 'q')]
+    /// announcements. With --json: only the JSON document. Not with --kernel.
+    #[arg(long, short = 'q', conflicts_with = "kernel")]
     pub quiet: bool,
 
     /// Boot and run the selection N times (1 to 1000), each on a fresh VM, as `veil replay

@@ -142,6 +142,79 @@ impl Symbols {
     }
 }
 
+/// Appends section headers to `elf` (as [`crate::elf::build_elf`] makes it: one segment at
+/// `gpa` holding `code_len` bytes right after the headers) so that it has a `.text` section
+/// over the code and a symbol table with `syms` (name, offset into the code, size) as
+/// functions. For tests and hand-made guests that want their RIPs named.
+pub fn add_symbols(
+    mut elf: Vec<u8>,
+    gpa: u64,
+    code_len: u64,
+    syms: &[(&str, u64, u64)],
+) -> Vec<u8> {
+    const CODE_OFFSET: u64 = 64 + 56;
+    let mut strtab = vec![0u8];
+    let mut symtab = vec![0u8; 24];
+    for &(name, off, size) in syms {
+        let mut e = [0u8; 24];
+        e[0..4].copy_from_slice(&(strtab.len() as u32).to_le_bytes());
+        e[4] = 0x10 | STT_FUNC; // STB_GLOBAL, STT_FUNC
+        e[6..8].copy_from_slice(&1u16.to_le_bytes()); // .text
+        e[8..16].copy_from_slice(&(gpa + off).to_le_bytes());
+        e[16..24].copy_from_slice(&size.to_le_bytes());
+        symtab.extend_from_slice(&e);
+        strtab.extend_from_slice(name.as_bytes());
+        strtab.push(0);
+    }
+    let shstrtab = b"\0.text\0.symtab\0.strtab\0.shstrtab\0".to_vec();
+    let sym_off = elf.len() as u64;
+    elf.extend_from_slice(&symtab);
+    let str_off = elf.len() as u64;
+    elf.extend_from_slice(&strtab);
+    let shstr_off = elf.len() as u64;
+    elf.extend_from_slice(&shstrtab);
+    while elf.len() % 8 != 0 {
+        elf.push(0);
+    }
+    let shoff = elf.len() as u64;
+    // (name, type, flags, addr, offset, size, link, info, align, entsize)
+    let shdrs: [(u32, u32, u64, u64, u64, u64, u32, u32, u64, u64); 5] = [
+        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        (
+            1,
+            1,
+            2 | SHF_EXECINSTR,
+            gpa,
+            CODE_OFFSET,
+            code_len,
+            0,
+            0,
+            16,
+            0,
+        ),
+        (7, 2, 0, 0, sym_off, symtab.len() as u64, 3, 1, 8, 24),
+        (15, 3, 0, 0, str_off, strtab.len() as u64, 0, 0, 1, 0),
+        (23, 3, 0, 0, shstr_off, shstrtab.len() as u64, 0, 0, 1, 0),
+    ];
+    for (name, ty, flags, addr, off, size, link, info, align, entsize) in shdrs {
+        elf.extend_from_slice(&name.to_le_bytes());
+        elf.extend_from_slice(&ty.to_le_bytes());
+        elf.extend_from_slice(&flags.to_le_bytes());
+        elf.extend_from_slice(&addr.to_le_bytes());
+        elf.extend_from_slice(&off.to_le_bytes());
+        elf.extend_from_slice(&size.to_le_bytes());
+        elf.extend_from_slice(&link.to_le_bytes());
+        elf.extend_from_slice(&info.to_le_bytes());
+        elf.extend_from_slice(&align.to_le_bytes());
+        elf.extend_from_slice(&entsize.to_le_bytes());
+    }
+    elf[40..48].copy_from_slice(&shoff.to_le_bytes()); // e_shoff
+    elf[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    elf[60..62].copy_from_slice(&5u16.to_le_bytes()); // e_shnum
+    elf[62..64].copy_from_slice(&4u16.to_le_bytes()); // e_shstrndx
+    elf
+}
+
 /// A Rust (legacy or v0) name demangled without its hash; other names as they are. Cut at
 /// [`MAX_NAME`] bytes.
 fn demangle(raw: &str) -> String {
@@ -227,6 +300,23 @@ mod tests {
                 .any(|s| s.name.ends_with("unmapped::unmapped_read_direct")),
             "demangled, without the hash"
         );
+    }
+
+    #[test]
+    fn a_hand_made_elf_gets_its_symbols() {
+        let code = [0x90u8; 32];
+        let elf = crate::elf::build_elf(0x20_0000, &code, 0);
+        assert!(
+            Symbols::from_elf(&elf).is_empty(),
+            "build_elf alone is stripped"
+        );
+        let elf = add_symbols(elf, 0x20_0000, 32, &[("start", 0, 16), ("spin", 16, 16)]);
+        let t = Symbols::from_elf(&elf);
+        assert_eq!(t.name(0x20_0003).as_deref(), Some("start+0x3"));
+        assert_eq!(t.name(0x20_0010).as_deref(), Some("spin+0x0"));
+        assert_eq!(t.name(0x20_0020), None);
+        // Still a loadable guest.
+        assert!(crate::elf::parse(&elf, 64 << 20).is_ok());
     }
 
     #[test]
