@@ -58,7 +58,8 @@ pub struct VmConfig {
     pub dump: Option<DumpConfig>,
     /// "Process start" for the timing figures.
     pub start: Instant,
-    /// Echo the guest's Hc::Log lines on stderr.
+    /// Echo the guest's Hc::Log lines, and the VMM's informational lines (the sweep summary),
+    /// on stderr (off for `veil run --quiet` and `list-tests`).
     pub echo_logs: bool,
     /// Whether guest RAM may appear in a core dump of the VMM (`--dump-guest-core`).
     pub core_dump: CoreDump,

@@ -387,6 +387,17 @@ fn quiet_prints_one_summary_line_and_nothing_else() {
         "2 passed, 0 failed, 0 skipped, 0 not run; 1 violations; exit: guest exited with code 0\n"
     );
     assert_eq!(text(&out.stderr), "", "no console, no log lines");
+    // Nor the VMM's informational lines (the sweep prints one without --quiet).
+    let out = veil(&["run", "--tests", "sweep"]);
+    assert!(
+        text(&out.stderr).contains("veil: sweep on "),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = veil(&["run", "--tests", "sweep", "--quiet"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(text(&out.stderr), "");
+    assert!(text(&out.stdout).starts_with("1 passed, 0 failed"));
     // With --json: the document alone.
     let out = veil(&["run", "--tests", "mapped_rw", "--quiet", "--json"]);
     assert_eq!(out.status.code(), Some(0));

@@ -224,7 +224,9 @@ impl Session {
             1 => {
                 let s = self.checks.sweep.take().ok_or(Status::BadState)?;
                 let result = self.judge_sweep(test, pages, &s.pages);
-                super::vmm_line(&format!(
+                // An informational line: off with the guest's log lines (`veil run --quiet`).
+                if self.echo_logs {
+                    super::vmm_line(&format!(
                     "sweep on {}: {} managed pages, {} unreachable, {} violations, {} missing, {} extra",
                     self.engine(|e| e.backend().name()),
                     result.managed_pages,
@@ -232,7 +234,8 @@ impl Session {
                     result.violation_pages,
                     result.missing_total,
                     result.extra_total
-                ));
+                    ));
+                }
                 if let Some(why) = result.problem() {
                     self.checks.problems.push(why);
                 }
