@@ -173,14 +173,16 @@ pub fn add_symbols(
     elf.extend_from_slice(&strtab);
     let shstr_off = elf.len() as u64;
     elf.extend_from_slice(&shstrtab);
-    while elf.len() % 8 != 0 {
+    while !elf.len().is_multiple_of(8) {
         elf.push(0);
     }
     let shoff = elf.len() as u64;
-    // (name, type, flags, addr, offset, size, link, info, align, entsize)
-    let shdrs: [(u32, u32, u64, u64, u64, u64, u32, u32, u64, u64); 5] = [
-        (0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-        (
+    // Fields of an ELF64 section header and their widths in bytes: name, type, flags, addr,
+    // offset, size, link, info, align, entsize.
+    const WIDTHS: [usize; 10] = [4, 4, 8, 8, 8, 8, 4, 4, 8, 8];
+    let shdrs: [[u64; 10]; 5] = [
+        [0; 10],
+        [
             1,
             1,
             2 | SHF_EXECINSTR,
@@ -191,22 +193,15 @@ pub fn add_symbols(
             0,
             16,
             0,
-        ),
-        (7, 2, 0, 0, sym_off, symtab.len() as u64, 3, 1, 8, 24),
-        (15, 3, 0, 0, str_off, strtab.len() as u64, 0, 0, 1, 0),
-        (23, 3, 0, 0, shstr_off, shstrtab.len() as u64, 0, 0, 1, 0),
+        ],
+        [7, 2, 0, 0, sym_off, symtab.len() as u64, 3, 1, 8, 24],
+        [15, 3, 0, 0, str_off, strtab.len() as u64, 0, 0, 1, 0],
+        [23, 3, 0, 0, shstr_off, shstrtab.len() as u64, 0, 0, 1, 0],
     ];
-    for (name, ty, flags, addr, off, size, link, info, align, entsize) in shdrs {
-        elf.extend_from_slice(&name.to_le_bytes());
-        elf.extend_from_slice(&ty.to_le_bytes());
-        elf.extend_from_slice(&flags.to_le_bytes());
-        elf.extend_from_slice(&addr.to_le_bytes());
-        elf.extend_from_slice(&off.to_le_bytes());
-        elf.extend_from_slice(&size.to_le_bytes());
-        elf.extend_from_slice(&link.to_le_bytes());
-        elf.extend_from_slice(&info.to_le_bytes());
-        elf.extend_from_slice(&align.to_le_bytes());
-        elf.extend_from_slice(&entsize.to_le_bytes());
+    for h in shdrs {
+        for (v, w) in h.iter().zip(WIDTHS) {
+            elf.extend_from_slice(&v.to_le_bytes()[..w]);
+        }
     }
     elf[40..48].copy_from_slice(&shoff.to_le_bytes()); // e_shoff
     elf[58..60].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize

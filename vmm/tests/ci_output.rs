@@ -554,3 +554,22 @@ fn ci_options_are_refused_with_kernel() {
         );
     }
 }
+
+#[test]
+fn help_documents_the_ci_options_and_every_exit_code() {
+    let out = veil(&["run", "--help"]);
+    let s = text(&out.stdout);
+    for k in [
+        "--junit <FILE>",
+        "--quiet",
+        "--repeat <N>",
+        "--fail-on-skip",
+        "P passed, F failed, S skipped, N not run; V violations; exit: HOW",
+        "guest halted",
+        "KVM_RUN failing",
+        "flaky",
+        "130, 143, 129",
+    ] {
+        assert!(s.contains(k), "`veil run --help` lacks {k:?}");
+    }
+}

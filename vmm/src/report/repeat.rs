@@ -252,6 +252,16 @@ impl RepeatSummary {
                 v.median, v.min, v.max, v.n
             );
         }
+        for t in &self.tests {
+            if let Some(v) = &t.time_ms {
+                let name = format!("{} time_ms", t.name);
+                let _ = writeln!(
+                    s,
+                    "  {name:<38} {:>12.3} {:>12.3} {:>12.3} {:>4}",
+                    v.median, v.min, v.max, v.n
+                );
+            }
+        }
         s
     }
 }
