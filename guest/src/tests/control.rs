@@ -1,6 +1,6 @@
 //! `control_wait`: something for `veil run --control` to look at. Named explicitly
 //! (`veil run --tests control_wait`), it makes [`LOADS`] declared stray loads from one
-//! unmapped page, then stays alive for [`WAIT_CYCLES`] TSC cycles (about 6 s at this host's
+//! unmapped page, then stays alive for [`WAIT_CYCLES`] TSC cycles (about 8 s at this host's
 //! 2.45 GHz) with a `Nop` hypercall every [`PACE_CYCLES`], so the VMM keeps seeing exits
 //! while a client inspects it; then it frees the page and passes. In the whole suite (not
 //! named) it passes at once, doing nothing.
@@ -18,7 +18,7 @@ use veil_abi::{gfp, Access};
 /// Stray loads made before the wait.
 pub const LOADS: u64 = 3;
 /// How long the test stays alive when named, in TSC cycles.
-pub const WAIT_CYCLES: u64 = 15_000_000_000;
+pub const WAIT_CYCLES: u64 = 20_000_000_000;
 /// Cycles between two `Nop` hypercalls while waiting.
 pub const PACE_CYCLES: u64 = 250_000;
 

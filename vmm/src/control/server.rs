@@ -218,7 +218,9 @@ fn client(mut stream: UnixStream, live: &Live<'_>, stop: &AtomicBool) -> io::Res
                 let msg = format!(
                     "request line longer than {MAX_REQUEST_LINE} bytes: closing the connection"
                 );
-                return send_all(&stream, error_line(&msg).as_bytes());
+                send_all(&stream, error_line(&msg).as_bytes())?;
+                drain_and_close(stream);
+                return Ok(());
             }
             Line::Closed { .. } => return Ok(()),
             Line::Idle if last.elapsed() >= IDLE_LIMIT => {
@@ -232,6 +234,35 @@ fn client(mut stream: UnixStream, live: &Live<'_>, stop: &AtomicBool) -> io::Res
         }
     }
     Ok(())
+}
+
+/// Most bytes read and dropped after refusing an over-long line, and for how long.
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_millis(200);
+
+/// Closes our side for writing, then reads and drops what the client still sends (bounded),
+/// so that the close does not reset the connection before the client read the error reply
+/// (closing a Unix stream socket with unread input makes the peer's reads fail with
+/// `ECONNRESET`).
+fn drain_and_close(mut stream: UnixStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let start = Instant::now();
+    let mut dropped = 0;
+    let mut buf = [0u8; 8192];
+    while dropped < DRAIN_BYTES && start.elapsed() < DRAIN_TIME {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => dropped += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
 }
 
 #[cfg(test)]
