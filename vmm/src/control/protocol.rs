@@ -237,7 +237,10 @@ mod tests {
     #[test]
     fn replies_are_one_json_line() {
         let ok = ok_line(json!({"a": 1}));
-        assert_eq!(ok, "{\"ok\":true,\"a\":1}\n");
+        assert_eq!(ok.matches('\n').count(), 1);
+        assert!(ok.ends_with('\n'));
+        let v: Value = serde_json::from_str(&ok).unwrap();
+        assert_eq!(v, json!({"ok": true, "a": 1}));
         let err = error_line("bad \"thing\"\n");
         assert_eq!(err.matches('\n').count(), 1);
         let v: Value = serde_json::from_str(&err).unwrap();
