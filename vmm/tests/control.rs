@@ -143,6 +143,16 @@ fn inspect_a_running_guest_and_its_report_agree() {
     let mut idle = UnixStream::connect(&sock).unwrap();
     wait_until_waiting(&mut child, &sock);
 
+    // SIGUSR1 first, while the guest surely still runs: the next numbered dump beside
+    // --dump-ept.
+    send_signal(&child, libc::SIGUSR1);
+    let numbered = dir.join("d.1.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !numbered.exists() {
+        assert!(Instant::now() < deadline, "SIGUSR1 wrote no d.1.json");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
     // stats, violations, vcpus, dump in each format, through `veil inspect --json`.
     let (code, stats, err) = inspect_json(&sock, &["stats"]);
     assert_eq!(code, Some(0), "{err}");
@@ -255,17 +265,18 @@ fn inspect_a_running_guest_and_its_report_agree() {
     assert!(lines[0]["vcpus"].is_array() && lines[1]["violations_total"] == 3);
     assert!(two.contains("\"vcpus\""));
     drop(s);
-    // Still serving after all that.
-    let (code, _, err) = inspect_json(&sock, &["stats"]);
-    assert_eq!(code, Some(0), "{err}");
-
-    // SIGUSR1: the next numbered dump beside --dump-ept.
-    send_signal(&child, libc::SIGUSR1);
-    let numbered = dir.join("d.1.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !numbered.exists() {
-        assert!(Instant::now() < deadline, "SIGUSR1 wrote no d.1.json");
-        std::thread::sleep(Duration::from_millis(20));
+    // Still serving after all that, and to several clients at once.
+    let at_once: Vec<_> = (0..4)
+        .map(|i| {
+            let sock = sock.clone();
+            let what = ["stats", "vcpus", "violations", "dump"][i];
+            std::thread::spawn(move || inspect_json(&sock, &[what]))
+        })
+        .collect();
+    for t in at_once {
+        let (code, v, err) = t.join().unwrap();
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(v["ok"], true);
     }
 
     // The run finishes on its own despite the idle client, and its report agrees.
