@@ -61,4 +61,5 @@ pub static TESTS: &[Test] = &[
     Test::new("mermap_vcpu_isolation", tests::mermap::mermap_vcpu_isolation),
     Test::new("inject", tests::inject::inject),
     Test::new("violation_latency", tests::inject::violation_latency),
+    Test::new("control_wait", tests::control::control_wait),
 ];

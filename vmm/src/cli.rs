@@ -147,7 +147,13 @@ Examples:
   veil run --kernel vmlinux --cmdline console=ttyS0 --secret 0x8000000,16M
   veil list-tests
   veil caps --json
-  veil replay ../shared/data/<trace> --kvm";
+  veil replay ../shared/data/<trace> --kvm
+  veil run --control /tmp/veil.sock &   then: veil inspect /tmp/veil.sock stats
+
+Live inspection: with --control PATH, `veil inspect PATH dump|stats|violations|vcpus` asks the
+running guest (see `veil inspect --help`). SIGUSR1 to a running `veil run` writes the next
+numbered stage-2 dump beside --dump-ept (dump.N.ext, the numbering of guest-requested dumps),
+announced on stderr; without --dump-ept it says on stderr that nothing was written.";
 
 /// The `veil` command line.
 #[derive(Debug, Parser)]
@@ -177,6 +183,10 @@ pub enum Command {
     /// VM. Exit code 0 on success, 2 on a bad trace or option.
     #[command(long_about = REPLAY_ABOUT, after_long_help = REPLAY_AFTER)]
     Replay(replay::cli::ReplayArgs),
+    /// Ask a running `veil run --control PATH` for its stage-2 dump, counters, violations or
+    /// vCPUs, without stopping it.
+    #[command(long_about = crate::control::inspect::INSPECT_ABOUT, after_long_help = crate::control::inspect::INSPECT_AFTER)]
+    Inspect(crate::control::inspect::InspectArgs),
 }
 
 /// Options that say which guest to boot and how.
@@ -357,6 +367,17 @@ pub struct RunArgs {
     /// at least one skipped (e.g. the cross-vCPU tests with --vcpus 1). Not with --kernel.
     #[arg(long, conflicts_with = "kernel")]
     pub fail_on_skip: bool,
+
+    /// Serve live inspection on a Unix socket at PATH while the guest runs (`veil inspect
+    /// PATH dump|stats|violations|vcpus` is its client): a JSON-lines protocol, one request
+    /// per line ({"cmd":"dump","format":"text|json|svg"}, {"cmd":"stats"},
+    /// {"cmd":"violations"}, {"cmd":"vcpus"}), one reply per line ({"ok":true,...} or
+    /// {"ok":false,"error":"..."}); requests over 4096 bytes are refused. PATH is opened before
+    /// the guest boots: an existing file that is not a socket, or a socket another process
+    /// listens on, is refused (exit code 2); a stale socket is replaced. The socket is removed
+    /// when the run ends (also on SIGINT/SIGTERM/SIGHUP). Veil guests only (not --kernel).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 
     /// Which guest, how much memory, timeout, console.
     #[command(flatten)]
@@ -566,6 +587,12 @@ pub fn dump_config(args: &RunArgs) -> Result<Option<DumpConfig>, Failure> {
 /// `veil run`.
 pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     if let Some(k) = &args.foreign.kernel {
+        if args.control.is_some() {
+            return Err(anyhow::anyhow!(
+                "--control serves Veil guests only: a --kernel's machine has no session to inspect"
+            )
+            .into());
+        }
         return crate::foreign::cli::cmd_run_kernel(args, k, start);
     }
     let selection = test_selection(&args.tests)?;
@@ -595,6 +622,11 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     cfg.dump = dump_config(args)?;
     if let Some(p) = &args.junit {
         check_output_path(p, "the JUnit report")?;
+    }
+    if let Some(p) = &args.control {
+        cfg.control = Some(std::sync::Arc::new(
+            crate::control::ControlSocket::bind(p).map_err(anyhow::Error::new)?,
+        ));
     }
     let mut runs = crate::report::repeat::repeat(args.repeat, |i| {
         let mut c = cfg.clone();
@@ -762,6 +794,7 @@ pub fn main_with(cli: Cli, start: Instant) -> i32 {
         Command::ListTests(a) => cmd_list(a, start),
         Command::Caps(a) => cmd_caps(a),
         Command::Replay(a) => crate::replay_kvm::run(a).map_err(Failure::from),
+        Command::Inspect(a) => crate::control::inspect::cmd_inspect(a),
     };
     match r {
         Ok(code) => code,

@@ -22,7 +22,9 @@
 //!   [`symbols`]: guest RIPs as `function+0xoff` from the ELF's symbol table.
 //! - [`console`]: the 16550 UART and where its output goes.
 //! - [`watchdog`]: `--timeout` and the per-vCPU kick (`immediate_exit` plus a signal).
-//! - [`signals`]: SIGINT/SIGTERM/SIGHUP stop the run cleanly (report kept, exit 128 + signal).
+//! - [`signals`]: SIGINT/SIGTERM/SIGHUP stop the run cleanly (report kept, exit 128 + signal);
+//!   SIGUSR1 asks for a numbered stage-2 dump.
+//! - [`control`]: `veil run --control PATH` (the live-inspection socket) and `veil inspect`.
 //! - [`stage2`], [`dump`], [`kvm_stats`], [`caps`]: the stage-2 engine, dumps, KVM binary
 //!   statistics and host capabilities; [`replay_kvm`]: `veil replay --kvm`.
 //! - [`mermap`], [`mermap_window`]: the per-vCPU mermap windows (bookkeeping, and their stage 2
@@ -40,6 +42,7 @@ pub mod boot;
 pub mod caps;
 pub mod cli;
 pub mod console;
+pub mod control;
 pub mod decode;
 pub mod dump;
 pub mod elf;

@@ -86,6 +86,11 @@ impl Vcpus {
         n
     }
 
+    /// Whether a park is pending: [`Vcpus::enter`] would wait now.
+    pub fn parking(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) != 0
+    }
+
     /// The right to run `KVM_RUN` once: waits while a park is pending.
     pub fn enter(&self) -> RwLockReadGuard<'_, ()> {
         loop {

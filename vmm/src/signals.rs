@@ -7,14 +7,22 @@
 //! the guest, the report and dumps are written, guest RAM is wiped, and `veil` exits with
 //! 128 + the signal number (130, 143, 129). A second signal while that happens restores the
 //! default action and re-raises it: the process dies at once.
+//!
+//! SIGUSR1 asks for a stage-2 dump: its handler only raises a flag ([`take_dump_request`])
+//! and kicks the vCPU threads as above (the watchdogs also kick while the flag is up); the
+//! first run loop to see it writes the next numbered dump beside `--dump-ept` under the
+//! session lock (`Session::signal_dump`), or says on stderr why nothing was written. Outside
+//! `veil run` it is ignored.
 
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 use libc::c_int;
 
 /// The signals handled.
 pub const SIGNALS: [c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
+/// A SIGUSR1 dump request not yet taken by a run loop.
+static DUMP_REQUESTED: AtomicBool = AtomicBool::new(false);
 /// The first signal received (0: none).
 static PENDING: AtomicI32 = AtomicI32::new(0);
 /// `pthread_t`s of the vCPU threads to kick (0: a free slot).
@@ -34,6 +42,16 @@ extern "C" fn on_signal(sig: c_int) {
         }
         return;
     }
+    kick_vcpus();
+}
+
+extern "C" fn on_dump_signal(_sig: c_int) {
+    DUMP_REQUESTED.store(true, Ordering::SeqCst);
+    kick_vcpus();
+}
+
+/// Sends the kick signal to every registered vCPU thread (async-signal safe).
+fn kick_vcpus() {
     for slot in &VCPUS {
         let t = slot.load(Ordering::SeqCst);
         if t != 0 {
@@ -44,15 +62,27 @@ extern "C" fn on_signal(sig: c_int) {
     }
 }
 
-/// Installs the handlers for [`SIGNALS`] (and the watchdog's kick handler they rely on).
+/// Installs the handlers for [`SIGNALS`] and SIGUSR1 (and the watchdog's kick handler they
+/// rely on).
 pub fn install() -> std::io::Result<()> {
     crate::watchdog::install_handler()?;
-    for sig in SIGNALS {
-        // SAFETY: a zeroed sigaction with a plain handler, no flags (no SA_RESTART) and an
-        // empty mask is valid; the handler only touches atomics and async-signal-safe calls.
+    let handlers = SIGNALS
+        .map(|sig| (sig, on_signal as extern "C" fn(c_int), 0))
+        .into_iter()
+        // SA_RESTART: a dump request must not make another thread's read fail with EINTR.
+        .chain([(
+            libc::SIGUSR1,
+            on_dump_signal as extern "C" fn(c_int),
+            libc::SA_RESTART,
+        )]);
+    for (sig, handler, flags) in handlers {
+        // SAFETY: a zeroed sigaction with a plain handler, the given flags (no SA_RESTART for
+        // the stop signals) and an empty mask is valid; the handlers only touch atomics and
+        // async-signal-safe calls.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_signal as extern "C" fn(c_int) as libc::sighandler_t;
+            sa.sa_sigaction = handler as libc::sighandler_t;
+            sa.sa_flags = flags;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -60,6 +90,16 @@ pub fn install() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a SIGUSR1 dump request is waiting (the watchdogs kick while it is).
+pub fn dump_requested() -> bool {
+    DUMP_REQUESTED.load(Ordering::SeqCst)
+}
+
+/// Takes a waiting SIGUSR1 dump request: true for exactly one caller per request.
+pub fn take_dump_request() -> bool {
+    DUMP_REQUESTED.swap(false, Ordering::SeqCst)
 }
 
 /// The signal that asked the run to stop, if any.

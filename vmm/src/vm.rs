@@ -13,6 +13,7 @@ use veil_abi::{BootMode, PAGEBLOCK_SIZE, POISON_BYTE};
 use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
+use crate::control::{ControlSocket, VcpuBoard, VcpuRunState};
 use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::Backing;
@@ -75,6 +76,9 @@ pub struct VmConfig {
     pub verify_stage2: bool,
     /// vCPUs (`--vcpus`): one thread each; vCPU 0 runs the suite.
     pub vcpus: u32,
+    /// The control socket (`--control PATH`), bound before the boot, served while the guest
+    /// runs (see [`crate::control`]).
+    pub control: Option<Arc<ControlSocket>>,
 }
 
 impl VmConfig {
@@ -98,6 +102,7 @@ impl VmConfig {
             host_secretmem: false,
             verify_stage2: false,
             vcpus: 1,
+            control: None,
         }
     }
 }
@@ -220,6 +225,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     threads: Arc<Vcpus>,
     timeout: Option<Duration>,
+    control: Option<Arc<ControlSocket>>,
 }
 
 /// One vCPU's run loop: its KVM fd, the state it owns ([`VcpuState`], exit counters, the
@@ -237,6 +243,8 @@ struct Vcpu {
     last_exit: Instant,
     faults: FaultRepeat,
     stalls: StallSampler,
+    /// Where this vCPU publishes its state and exits for the control socket.
+    board: Arc<VcpuBoard>,
 }
 
 /// The session locked for one vCPU, with that vCPU's [`VcpuState`] lent to it until dropped.
@@ -421,6 +429,7 @@ impl Vm {
             vcpus,
             threads,
             timeout: cfg.timeout,
+            control: cfg.control,
         })
     }
 
@@ -434,14 +443,35 @@ impl Vm {
     /// thread, every other vCPU on a thread of its own; the first vCPU to stop stops them all.
     pub fn run(self) -> Result<RunReport, VmError> {
         let count = self.vcpus.len() as u32;
-        let (s, stop, cpus) = self.into_parts();
+        let control = self.control.clone();
+        let board = Arc::new(VcpuBoard::new(count as usize));
+        let (s, stop, cpus) = self.into_parts(&board);
         let run_start = Instant::now();
         lock(&s).mark_run_start(run_start);
         let mut cpus = cpus.into_iter();
         let Some(mut boot) = cpus.next() else {
             unreachable!("Vm::new creates at least one vCPU");
         };
+        let server_stop = AtomicBool::new(false);
         let mut exits = std::thread::scope(|scope| {
+            // Raised however this closure ends (a panicking vCPU 0 included), so the scope
+            // never waits for a server that was not told to stop.
+            let _stop_server = RaiseOnDrop(&server_stop);
+            if let Some(sock) = control.as_deref() {
+                let live = crate::control::server::Live {
+                    session: &s,
+                    board: &board,
+                };
+                let server_stop = &server_stop;
+                let spawned = std::thread::Builder::new()
+                    .name("veil-control".into())
+                    .spawn_scoped(scope, move || {
+                        crate::control::server::serve(sock, &live, server_stop)
+                    });
+                if let Err(e) = spawned {
+                    log::warn!("control socket not served: cannot start its thread: {e}");
+                }
+            }
             let aps: Vec<_> = cpus
                 .map(|mut cpu| {
                     scope.spawn(move || {
@@ -479,8 +509,9 @@ impl Vm {
         Ok(s.finish(end, run_start.elapsed(), sum(&exits), vcpus))
     }
 
-    /// The session behind its lock, the run's stop, and one run loop per vCPU sharing them.
-    fn into_parts(self) -> (Arc<Mutex<Session>>, Arc<RunStop>, Vec<Vcpu>) {
+    /// The session behind its lock, the run's stop, and one run loop per vCPU sharing them
+    /// (publishing on `board`).
+    fn into_parts(self, board: &Arc<VcpuBoard>) -> (Arc<Mutex<Session>>, Arc<RunStop>, Vec<Vcpu>) {
         let s = Arc::new(Mutex::new(self.s));
         let stop = Arc::new(RunStop {
             stopping: AtomicBool::new(false),
@@ -502,9 +533,19 @@ impl Vm {
                 last_exit: Instant::now(),
                 faults: FaultRepeat::default(),
                 stalls: StallSampler::default(),
+                board: board.clone(),
             })
             .collect();
         (s, stop, cpus)
+    }
+}
+
+/// Raises its flag when dropped.
+struct RaiseOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for RaiseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
     }
 }
 
@@ -590,6 +631,7 @@ impl Vcpu {
         self.stop.threads.register(Some(kick));
         self.last_exit = Instant::now();
         let stop = self.run_loop(&dog);
+        self.board.set_state(self.cpu.index(), VcpuRunState::Exited);
         self.stop.threads.register(None);
         drop(kick_me);
         drop(dog);
@@ -618,10 +660,25 @@ impl Vcpu {
                     regs: self.regs_dump(),
                 };
             }
+            if signals::take_dump_request() {
+                self.s().signal_dump();
+            }
+            let index = self.cpu.index();
+            if self.stop.threads.parking() {
+                self.board.set_state(index, VcpuRunState::Parked);
+            }
             let (action, progress) = {
                 let _in_guest = self.stop.threads.enter();
                 dispatch(self.vcpu.run(), &mut self.exits)
             };
+            match action {
+                Action::Halted => self.board.set_state(index, VcpuRunState::Halted),
+                // A kick says nothing about what the guest is doing.
+                Action::Kicked => {}
+                _ => self.board.set_state(index, VcpuRunState::Running),
+            }
+            let rip = self.vcpu.sync_regs().regs.rip;
+            self.board.publish(index, &self.exits, rip);
             if progress != Progress::None {
                 self.last_exit = Instant::now();
                 self.progress.store(self.exits.total, Ordering::Relaxed);

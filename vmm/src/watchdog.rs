@@ -9,7 +9,8 @@
 //! watchdog kicks every few milliseconds until the run loop notices the timeout, and every
 //! [`STALL_SAMPLE`] compares the run loop's exit counter with the last tick's; only when no exit
 //! happened in between does it kick for a sample, so a guest that exits on its own pays
-//! nothing. It also kicks at each tick while a `SIGINT`/`SIGTERM`/`SIGHUP` is pending (the
+//! nothing. It also kicks at each tick while a `SIGINT`/`SIGTERM`/`SIGHUP` or a SIGUSR1 dump
+//! request is pending (the
 //! handlers of those only signal the vCPU threads, which a vCPU between its check and
 //! `KVM_RUN` can miss).
 
@@ -137,7 +138,7 @@ impl Watchdog {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         break;
                     }
-                    if crate::signals::pending().is_some() {
+                    if crate::signals::pending().is_some() || crate::signals::dump_requested() {
                         target.kick();
                     }
                     let now = exits.load(Ordering::Relaxed);

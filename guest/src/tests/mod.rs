@@ -2,6 +2,7 @@
 
 pub mod asi;
 pub mod bad_hypercalls;
+pub mod control;
 pub mod flips;
 pub mod hc_fuzz;
 pub mod inject;

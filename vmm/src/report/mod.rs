@@ -165,6 +165,22 @@ pub struct TestCounts {
     pub not_run: usize,
 }
 
+impl TestCounts {
+    /// Counts `tests` by outcome (the report's counts, and the control socket's `stats`).
+    pub fn of<'a>(tests: impl IntoIterator<Item = &'a TestReport>) -> TestCounts {
+        let mut c = TestCounts::default();
+        for t in tests {
+            match t.result {
+                TestOutcome::Pass => c.passed += 1,
+                TestOutcome::Fail => c.failed += 1,
+                TestOutcome::Skip => c.skipped += 1,
+                TestOutcome::NotRun => c.not_run += 1,
+            }
+        }
+        c
+    }
+}
+
 /// Everything one run produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
@@ -268,16 +284,7 @@ pub mod exit_code {
 impl RunReport {
     /// Counts the tests by outcome.
     pub fn counts(&self) -> TestCounts {
-        let mut c = TestCounts::default();
-        for t in &self.tests {
-            match t.result {
-                TestOutcome::Pass => c.passed += 1,
-                TestOutcome::Fail => c.failed += 1,
-                TestOutcome::Skip => c.skipped += 1,
-                TestOutcome::NotRun => c.not_run += 1,
-            }
-        }
-        c
+        TestCounts::of(&self.tests)
     }
 
     /// Whether every selected test passed (skips allowed) and the guest exited cleanly.

@@ -90,7 +90,11 @@ pub fn exit_path(target: &DumpTarget) -> Option<PathBuf> {
 
 impl Session {
     /// Calls `f` with everything a dump is gathered from (KVM's stats are read now).
-    fn with_dump_input<T>(&self, reason: &str, f: impl FnOnce(&DumpInput<GuestBackend>) -> T) -> T {
+    pub(super) fn with_dump_input<T>(
+        &self,
+        reason: &str,
+        f: impl FnOnce(&DumpInput<GuestBackend>) -> T,
+    ) -> T {
         let stats = crate::kvm_stats::read_vm_stats(&self.vm).ok();
         let base = self.ram.host_base();
         let host_addr = move |gpa: u64| base + gpa;

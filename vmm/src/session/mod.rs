@@ -6,13 +6,15 @@
 //! `guest_args` (pointers into guest memory), `memory_calls` (alloc, free, stats),
 //! `host_calls` (host fills, counts and assertions, the planted secret), `test_calls` (the
 //! suite's protocol and the VMM's verdict), `routes` (the reachability matrix), `violations`,
-//! `dumps`, `finish` (the report) and `mermap_calls` (the mermap windows, the policy query).
+//! `dumps`, `finish` (the report), `live` (the control socket's answers, SIGUSR1 dumps) and
+//! `mermap_calls` (the mermap windows, the policy query).
 
 mod asi;
 mod dumps;
 mod finish;
 mod guest_args;
 mod host_calls;
+mod live;
 mod memory_calls;
 mod mermap_calls;
 mod routes;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use veil_abi::{BootMode, Hc, Status, ABI_VERSION};
 
 pub use dumps::{exit_path, write_out, DumpConfig, DumpTarget};
+pub use live::MAX_REPLY_RECORDS;
 
 use crate::addr::Gpa;
 use crate::console::Console;

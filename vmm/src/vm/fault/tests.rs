@@ -259,7 +259,8 @@ fn the_same_unlocated_fault_again_and_again_is_a_fault_loop_livelock() {
     let Some(vm) = exit0_vm("unknown-address fault loop", ViolationPolicy::Report) else {
         return;
     };
-    let (_session, _stop, mut cpus) = vm.into_parts();
+    let board = std::sync::Arc::new(crate::control::VcpuBoard::new(1));
+    let (_session, _stop, mut cpus) = vm.into_parts(&board);
     let vm = &mut cpus[0];
     let mut regs = vm.vcpu.get_regs().unwrap();
     for _ in 1..crate::livelock::FAULT_REPEATS {
