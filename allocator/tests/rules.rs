@@ -774,11 +774,11 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand<A: Subject>() {
 fn metadata_bytes_exact_figure_for_65536_pages() {
     let a = BuddyAllocator::new(0, 65_536, NullStage2, Config::default());
     // 10 bytes/page (2-byte head record + 8 bytes of links) + 1 byte/pageblock + 64 slots x
-    // 35 caches (orders 0-3 and 9, 7 freetypes) x 4 bytes + 77 list heads x 8 bytes + 7
-    // non-empty masks x 2 bytes + 2 bytes of padding.
+    // 35 caches (orders 0-3 and 9, 7 freetypes) x 4 bytes + 77 list heads x 4 bytes (no
+    // lengths) + 7 non-empty masks x 2 bytes + 2 bytes of padding.
     assert_eq!(
         a.metadata_bytes(),
-        65_536 * 10 + 128 + 35 * 64 * 4 + 77 * 8 + 14 + 2
+        65_536 * 10 + 128 + 35 * 64 * 4 + 77 * 4 + 14 + 2
     );
 }
 
