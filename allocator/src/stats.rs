@@ -231,10 +231,13 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
         for ft in 0..Freetype::COUNT {
             let pcp = self.pcp.pages_of(ft);
             s.pcp_pages[ft] = pcp;
-            let buddy: u64 = (0..NR_ORDERS).map(|o| counts[o][ft] << o).sum();
+            let buddy: u64 = counts.iter().enumerate().map(|(o, r)| r[ft] << o).sum();
             s.free_pages_per_freetype[ft] = buddy + pcp;
-            let whole: u64 = (PAGEBLOCK_ORDER as usize..NR_ORDERS)
-                .map(|o| counts[o][ft] << (o - PAGEBLOCK_ORDER as usize))
+            let whole: u64 = counts
+                .iter()
+                .enumerate()
+                .skip(PAGEBLOCK_ORDER as usize)
+                .map(|(o, r)| r[ft] << (o - PAGEBLOCK_ORDER as usize))
                 .sum();
             match Freetype::ALL[ft].visibility() {
                 crate::Visibility::Unmapped => s.free_pageblocks_unmapped += whole,
