@@ -571,7 +571,6 @@ impl<S: Stage2> BuddyAllocator<S> {
                     self.count_zeroed_on_free(n);
                 }
                 let off = off as u32;
-                self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
                 let bft = self.pb[self.pb_index(off)];
                 if is_cached_order(order) && self.pcp_push_branchy(order, bft as usize, off) {
                     let e = &mut self.meta[off as usize];
@@ -642,7 +641,6 @@ impl<S: Stage2> BuddyAllocator<S> {
             }
             self.count_zeroed_on_free(n);
         }
-        self.ctr.frees[order as usize * Freetype::COUNT + m.ft as usize] += 1;
         self.release(off, order);
         Ok(())
     }

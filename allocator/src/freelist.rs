@@ -11,13 +11,12 @@ pub(crate) const NR_ORDERS: usize = MAX_ORDER as usize + 1;
 /// Number of free lists.
 pub(crate) const NR_LISTS: usize = NR_ORDERS * Freetype::COUNT;
 
-/// Head and length of one free list.
+/// Head of one free list. It keeps no length: a push or a remove then writes only the
+/// links and the head (lengths are counted by walking, for snapshots and invariants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct ListHead {
     /// First block, or NIL.
     pub first: u32,
-    /// Blocks on the list.
-    pub len: u32,
 }
 
 /// The heads of every free list (one flat array indexed by `order * COUNT + ft`, so one
@@ -39,7 +38,7 @@ impl FreeLists {
     /// All lists empty.
     pub const fn new() -> FreeLists {
         FreeLists {
-            lists: [ListHead { first: NIL, len: 0 }; NR_LISTS],
+            lists: [ListHead { first: NIL }; NR_LISTS],
             nonempty: [0; Freetype::COUNT],
         }
     }
@@ -50,18 +49,24 @@ impl FreeLists {
         self.lists[li(order, ft)].first
     }
 
-    /// Blocks on list (order, ft).
-    #[inline]
-    pub fn count(&self, order: usize, ft: usize) -> u64 {
-        self.lists[li(order, ft)].len as u64
+    /// Blocks on list (order, ft), counted by walking it: O(its length). The walk stops
+    /// after `links.len()` steps, so even a corrupted (cyclic) list gives an answer.
+    pub fn count(&self, links: &[Links], order: usize, ft: usize) -> u64 {
+        let mut cur = self.head(order, ft);
+        let mut k = 0u64;
+        while cur != NIL && k < links.len() as u64 {
+            k += 1;
+            cur = links.get(cur as usize).map_or(NIL, |l| l.next);
+        }
+        k
     }
 
-    /// Blocks on every list, `[order][ft]`.
-    pub fn counts(&self) -> [[u64; Freetype::COUNT]; NR_ORDERS] {
+    /// Blocks on every list, `[order][ft]`: O(free blocks).
+    pub fn counts(&self, links: &[Links]) -> [[u64; Freetype::COUNT]; NR_ORDERS] {
         let mut c = [[0u64; Freetype::COUNT]; NR_ORDERS];
         for (o, row) in c.iter_mut().enumerate() {
             for (ft, v) in row.iter_mut().enumerate() {
-                *v = self.count(o, ft);
+                *v = self.count(links, o, ft);
             }
         }
         c
@@ -73,7 +78,6 @@ impl FreeLists {
         let l = &mut self.lists[li(order, ft)];
         let h = l.first;
         l.first = off;
-        l.len += 1;
         links[off as usize] = Links { next: h, prev: NIL };
         if h != NIL {
             links[h as usize].prev = off;
@@ -89,7 +93,6 @@ impl FreeLists {
     pub fn remove(&mut self, links: &mut [Links], off: u32, order: usize, ft: usize) {
         let Links { next, prev } = links[off as usize];
         let l = &mut self.lists[li(order, ft)];
-        l.len -= 1;
         if prev == NIL {
             l.first = next;
             // Only removing the last block empties a list.
@@ -139,7 +142,7 @@ mod tests {
         for off in [1u32, 3, 5] {
             l.push(&mut meta, off, 0, 2);
         }
-        assert_eq!(l.count(0, 2), 3);
+        assert_eq!(l.count(&meta, 0, 2), 3);
         assert_eq!(l.first_nonempty(0, 2), Some(0));
         l.remove(&mut meta, 3, 0, 2);
         assert_eq!(meta[5].next, 1);

@@ -70,7 +70,7 @@ pub const PAGEBLOCK_PAGES: u64 = 1 << PAGEBLOCK_ORDER;
 pub const METADATA_BYTES_PER_PAGE: usize = meta::PAGE_META_BYTES;
 /// Bytes of metadata kept for every pageblock (its freetype index): 1, i.e. 1/512 byte per
 /// page. Total per page: 10 + 1/512 ≈ 10.002 bytes, plus a fixed part per allocator
-/// (8,960 bytes of caches at the default capacity and 632 bytes of list heads and masks);
-/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 665,080
-/// bytes (10.15 per page) for 65,536 pages.
+/// (8,960 bytes of caches at the default capacity and 324 bytes of list heads and masks);
+/// [`BuddyAllocator::metadata_bytes`] gives the exact figure for an instance, e.g. 664,772
+/// bytes (10.14 per page) for 65,536 pages.
 pub const METADATA_BYTES_PER_PAGEBLOCK: usize = 1;

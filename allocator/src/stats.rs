@@ -23,8 +23,6 @@ pub(crate) struct Counters {
     pub pages_zeroed_on_flip: u64,
     /// Successful allocations, flat: `order * Freetype::COUNT + ft`.
     pub allocs: [u64; NR_LISTS],
-    /// Successful frees, flat like `allocs`.
-    pub frees: [u64; NR_LISTS],
     pub fallbacks_claim: u64,
     pub fallbacks_steal: u64,
     pub alloc_failures: u64,
@@ -56,7 +54,6 @@ impl Default for Counters {
             pages_zeroed_on_free: 0,
             pages_zeroed_on_flip: 0,
             allocs: [0; NR_LISTS],
-            frees: [0; NR_LISTS],
             fallbacks_claim: 0,
             fallbacks_steal: 0,
             alloc_failures: 0,
@@ -191,11 +188,13 @@ impl Snapshot {
 }
 
 impl<S: crate::Stage2> crate::BuddyAllocator<S> {
-    /// Counters and free-list state now. O(number of pages) for `mixed_pageblocks`; the rest
-    /// is O(1).
+    /// Counters and free-list state now. O(number of pages) for `mixed_pageblocks` and
+    /// `frees` (derived from `allocs` and the live allocations) and O(free blocks) for the
+    /// free-list counts; the rest is O(1).
     pub fn snapshot(&self) -> Snapshot {
         use crate::meta::{ST_ALLOC, ST_ORDER};
         let c = &self.ctr;
+        let counts = self.lists.counts(&self.links);
         let mut s = Snapshot {
             managed_pages: self.nr,
             free_pages: self.free_pages_count(),
@@ -212,9 +211,8 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
             flip_calls_to_sensitive: c.flip_calls_to_sensitive,
             flip_matrix: c.flip_matrix,
             pages_zeroed: c.pages_zeroed,
-            free_per_order: self.lists.counts(),
+            free_per_order: counts,
             allocs: unflatten(&c.allocs),
-            frees: unflatten(&c.frees),
             fallbacks_claim: c.fallbacks_claim,
             fallbacks_steal: c.fallbacks_steal,
             alloc_failures: c.alloc_failures,
@@ -233,10 +231,13 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
         for ft in 0..Freetype::COUNT {
             let pcp = self.pcp.pages_of(ft);
             s.pcp_pages[ft] = pcp;
-            let buddy: u64 = (0..NR_ORDERS).map(|o| self.lists.count(o, ft) << o).sum();
+            let buddy: u64 = counts.iter().enumerate().map(|(o, r)| r[ft] << o).sum();
             s.free_pages_per_freetype[ft] = buddy + pcp;
-            let whole: u64 = (PAGEBLOCK_ORDER as usize..NR_ORDERS)
-                .map(|o| self.lists.count(o, ft) << (o - PAGEBLOCK_ORDER as usize))
+            let whole: u64 = counts
+                .iter()
+                .enumerate()
+                .skip(PAGEBLOCK_ORDER as usize)
+                .map(|(o, r)| r[ft] << (o - PAGEBLOCK_ORDER as usize))
                 .sum();
             match Freetype::ALL[ft].visibility() {
                 crate::Visibility::Unmapped => s.free_pageblocks_unmapped += whole,
@@ -247,12 +248,17 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
         for &t in &self.pb {
             s.pageblocks_per_freetype[t as usize] += 1;
         }
-        // Mixed pageblocks: a live allocation of another migratetype than its block's.
+        // Mixed pageblocks: a live allocation of another migratetype than its block's. The
+        // same walk counts the live allocations, from which the frees are derived (a free
+        // is the only way an allocation stops being live, so `frees = allocs - live`
+        // exactly; the free fast path keeps no counter of its own).
         let mut last_mixed = usize::MAX;
+        let mut live = [0u64; NR_LISTS];
         let mut off = 0u64;
         while off < self.nr {
             let m = self.meta[off as usize];
             if m.state & ST_ALLOC != 0 {
+                live[(m.state & ST_ORDER) as usize * Freetype::COUNT + m.ft as usize] += 1;
                 let pbi = self.pb_index(off as u32);
                 let bmt = Freetype::ALL[self.pb[pbi] as usize].migratetype();
                 if pbi != last_mixed && Freetype::ALL[m.ft as usize].migratetype() != bmt {
@@ -264,6 +270,11 @@ impl<S: crate::Stage2> crate::BuddyAllocator<S> {
                 off += 1;
             }
         }
+        let mut frees = [0u64; NR_LISTS];
+        for (i, f) in frees.iter_mut().enumerate() {
+            *f = c.allocs[i].saturating_sub(live[i]);
+        }
+        s.frees = unflatten(&frees);
         s
     }
 }

@@ -774,11 +774,11 @@ fn caches_hold_at_most_their_capacity_and_drain_on_demand<A: Subject>() {
 fn metadata_bytes_exact_figure_for_65536_pages() {
     let a = BuddyAllocator::new(0, 65_536, NullStage2, Config::default());
     // 10 bytes/page (2-byte head record + 8 bytes of links) + 1 byte/pageblock + 64 slots x
-    // 35 caches (orders 0-3 and 9, 7 freetypes) x 4 bytes + 77 list heads x 8 bytes + 7
-    // non-empty masks x 2 bytes + 2 bytes of padding.
+    // 35 caches (orders 0-3 and 9, 7 freetypes) x 4 bytes + 77 list heads x 4 bytes (no
+    // lengths) + 7 non-empty masks x 2 bytes + 2 bytes of padding.
     assert_eq!(
         a.metadata_bytes(),
-        65_536 * 10 + 128 + 35 * 64 * 4 + 77 * 8 + 14 + 2
+        65_536 * 10 + 128 + 35 * 64 * 4 + 77 * 4 + 14 + 2
     );
 }
 
@@ -815,4 +815,53 @@ fn a_freed_pageblock_is_cached_and_drained_before_a_flip() {
     a.drain_pcp();
     a.check_invariants().unwrap();
     assert_eq!(a.snapshot().free_per_order[9].iter().sum::<u64>(), 2);
+}
+
+/// `BuddyAllocator` derives `Snapshot::frees` as allocs − live allocations (its free path
+/// keeps no counter): refused frees (double, wrong order, never allocated) do not count,
+/// blocks parked in the caches or merged on the lists both count, per (order, freetype),
+/// and list lengths counted by walking agree with the free blocks.
+#[test]
+fn derived_frees_count_exactly_the_successful_frees() {
+    let mut a = BuddyAllocator::new(0, 8 * 512, NullStage2, Config::default());
+    let mut xs = Vec::new();
+    for i in 0..200u32 {
+        let order = [0u8, 0, 1, 3, 5][i as usize % 5];
+        xs.push(a.alloc_pages(Gfp::MOVABLE, order).unwrap());
+    }
+    let u = a.alloc_pages(Gfp::UNMAPPED, 0).unwrap();
+    let mut freed = [[0u64; Freetype::COUNT]; 11];
+    for (i, x) in xs.iter().enumerate() {
+        if i % 3 == 0 {
+            continue;
+        }
+        a.free_pages(x.pfn, x.order).unwrap();
+        freed[x.order as usize][x.freetype.index()] += 1;
+        assert_eq!(a.free_pages(x.pfn, x.order), Err(FreeError::NotAllocated));
+    }
+    assert!(matches!(
+        a.free_pages(xs[0].pfn, xs[0].order + 1),
+        Err(FreeError::WrongOrder { .. })
+    ));
+    a.free_pages(u.pfn, 0).unwrap();
+    freed[0][Freetype::UNMOVABLE_UNMAPPED.index()] += 1;
+    let s = a.snapshot();
+    assert_eq!(s.frees, freed);
+    assert_eq!(s.free_failures, 134);
+    a.check_invariants().unwrap();
+    // Everything back and merged: frees equal allocs, and the lists hold three order-10
+    // blocks and two order-9 ones (the unmapped pageblock and its mapped buddy never merge).
+    for (i, x) in xs.iter().enumerate() {
+        if i % 3 == 0 {
+            a.free_pages(x.pfn, x.order).unwrap();
+        }
+    }
+    a.drain_pcp();
+    let s = a.snapshot();
+    assert_eq!(s.frees, s.allocs);
+    let blocks: u64 = s.free_per_order.iter().flatten().sum();
+    assert_eq!(s.free_per_order[10].iter().sum::<u64>(), 3);
+    assert_eq!(s.free_per_order[9][Freetype::UNMOVABLE_UNMAPPED.index()], 1);
+    assert_eq!(blocks, 5);
+    a.check_invariants().unwrap();
 }
