@@ -292,6 +292,19 @@ fn find_space(s: &[u8]) -> usize {
         }
         i += 8;
     }
+    if i < s.len() && s.len() >= 8 {
+        // The last bytes as one word overlapping the ones already seen.
+        let j = s.len() - 8;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[j..]);
+        let x = u64::from_le_bytes(w) ^ (ONES * u64::from(b' '));
+        let z = x.wrapping_sub(ONES) & !x & HIGH;
+        return if z != 0 {
+            j + (z.trailing_zeros() / 8) as usize
+        } else {
+            s.len()
+        };
+    }
     while i < s.len() && s[i] != b' ' {
         i += 1;
     }

@@ -238,6 +238,10 @@ struct Split {
     remaining: u64,
 }
 
+/// log2 of the pages in a region of [`Loader`]'s `multi_live` counts: the largest allocation
+/// (order [`crate::parse::MAX_TRACE_ORDER`]), so any head covering a pfn is in its region.
+const REGION_BITS: u32 = crate::parse::MAX_TRACE_ORDER as u32;
+
 /// Incremental loader: feed lines, then [`Loader::finish`].
 pub struct Loader {
     opts: LoadOptions,
@@ -246,6 +250,10 @@ pub struct Loader {
     splits: HashMap<u32, Split>,
     /// Live (whole) allocations per order: the covering-head probes stop at the highest.
     live_orders: [u32; 11],
+    /// Live whole allocations of order 1 or more per 1,024-page region (`pfn >> 10`) of their
+    /// head: a head covering a pfn lies in the pfn's region, so where this is 0 the
+    /// covering-head probes are skipped.
+    multi_live: PfnTable<u32>,
     /// CPU of the free event being accounted.
     free_cpu: u16,
     live_pages: u64,
@@ -265,6 +273,7 @@ impl Loader {
             slots: PfnTable::default(),
             splits: HashMap::new(),
             live_orders: [0; 11],
+            multi_live: PfnTable::default(),
             free_cpu: 0,
             live_pages: 0,
             last_ts: None,
@@ -421,6 +430,9 @@ impl Loader {
             },
         );
         self.live_orders[usize::from(order.min(10))] += 1;
+        if order > 0 {
+            *self.multi_live.get_mut(pfn >> REGION_BITS) += 1;
+        }
         self.trace.events.push(Event::Alloc {
             pfn,
             gfp,
@@ -437,6 +449,9 @@ impl Loader {
     /// The live allocation whose head lies below `pfn` and covers it (heads are aligned to
     /// their order, as the buddy allocator places them): (head, id, order, flags).
     fn covering_live(&self, pfn: u64) -> Option<(u64, u32, u8, u8)> {
+        if self.multi_live.get(pfn >> REGION_BITS) == 0 {
+            return None;
+        }
         let top = self.live_orders.iter().rposition(|&n| n > 0)? as u8;
         let mut prev = pfn;
         for o in 1..=top {
@@ -458,14 +473,14 @@ impl Loader {
     /// `[pfn, pfn + 2^order)`.
     fn free_overlapping(&mut self, pfn: u64, order: u8) {
         if let Some((head, id, o, flags)) = self.covering_live(pfn) {
-            self.unlive(o);
+            self.unlive(head, o);
             self.implicit_free(id, o, flags);
             self.slots.set(head, Slot::Done);
         }
         for p in pfn..pfn.saturating_add(1 << order) {
             match self.slots.get(p) {
                 Slot::Live { id, order, flags } => {
-                    self.unlive(order);
+                    self.unlive(p, order);
                     self.implicit_free(id, order, flags);
                     self.slots.set(p, Slot::Done);
                 }
@@ -480,10 +495,14 @@ impl Loader {
         }
     }
 
-    /// A whole live allocation of `order` is no more (freed, or split into tails).
-    fn unlive(&mut self, order: u8) {
+    /// The whole live allocation of `order` at `head` is no more (freed, or split into tails).
+    fn unlive(&mut self, head: u64, order: u8) {
         let n = &mut self.live_orders[usize::from(order.min(10))];
         *n = n.saturating_sub(1);
+        if order > 0 {
+            let r = self.multi_live.get_mut(head >> REGION_BITS);
+            *r = r.saturating_sub(1);
+        }
     }
 
     fn implicit_free(&mut self, id: u32, order: u8, flags: u8) {
@@ -515,7 +534,7 @@ impl Loader {
     /// Start freeing the allocation at `head` in pieces: every page of it becomes a tail.
     fn split(&mut self, head: u64, id: u32, order: u8, flags: u8) {
         self.trace.stats.split_allocations += 1;
-        self.unlive(order);
+        self.unlive(head, order);
         self.splits.insert(
             id,
             Split {
@@ -590,7 +609,7 @@ impl Loader {
                     }
                     self.count_matched(batched);
                     self.trace.free_cpus[id as usize] = self.free_cpu;
-                    self.unlive(o);
+                    self.unlive(pfn, o);
                     self.live_pages -= 1 << o;
                     self.trace.events.push(Event::Free {
                         alloc: id,

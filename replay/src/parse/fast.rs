@@ -60,7 +60,10 @@ fn at(s: &[u8], i: usize, pat: &[u8]) -> bool {
 #[inline]
 fn fields(b: &[u8], mut i: usize, kind: EventKind, cpu: u32, ts_ns: u64) -> Option<Line<'_>> {
     // page=: only "(null)" matters (a failed allocation).
-    let pe = i + super::find_space(b.get(i..)?);
+    let pe = match b.get(i..i + 17) {
+        Some(v) if v[16] == b' ' && super::find_space(&v[..16]) == 16 => i + 16,
+        _ => i + super::find_space(b.get(i..)?),
+    };
     let page_null = &b[i..pe] == b"(null)";
     if !at(b, pe, b" pfn=") {
         return None;
@@ -189,7 +192,78 @@ fn small_dec(b: &[u8], mut i: usize) -> Option<(u64, usize)> {
 /// starting with `#` (after spaces), or any number the general parser might read otherwise.
 #[inline]
 fn header(h: &[u8]) -> Option<(u32, u64)> {
-    // Timestamp: <secs>[.<frac>], preceded by a space.
+    let (j, ts_ns) = match timestamp_usec(h) {
+        Some(t) => t,
+        None => timestamp_any(h)?,
+    };
+    let (k, cpu) = match flags_cpu_fixed(h, j) {
+        Some(t) => t,
+        None => flags_cpu_any(h, j)?,
+    };
+    // `task-pid`: the pid's digits right before the spaces, a dash before them.
+    let mut p = rskip_spaces(h, k);
+    let pe = p;
+    while p > 0 && h[p - 1].is_ascii_digit() {
+        p -= 1;
+    }
+    if p == pe || pe - p > 19 || p == 0 || h[p - 1] != b'-' {
+        return None;
+    }
+    // A line whose first non-space byte is `#` is a comment; one starting with other
+    // whitespace is left to the general parser.
+    let first = super::find_non_space(h);
+    if h[first] == b'#' || h[first].is_ascii_whitespace() {
+        return None;
+    }
+    Some((cpu, ts_ns))
+}
+
+/// The kernel's `<secs>.<6 digits>` at the end of `h`: its start and nanoseconds (the six
+/// digits in one word).
+#[inline]
+fn timestamp_usec(h: &[u8]) -> Option<(usize, u64)> {
+    let n = h.len();
+    if n < 8 || h[n - 7] != b'.' {
+        return None;
+    }
+    let w = u64::from_le_bytes(h[n - 8..].try_into().ok()?);
+    // The two bytes before the digits become leading zeros.
+    let frac = digits8((w & !0xffff) | 0x3030)?;
+    let se = n - 7;
+    let mut j = se;
+    while j > 0 && h[j - 1].is_ascii_digit() {
+        j -= 1;
+    }
+    if j == se || se - j > 19 {
+        return None;
+    }
+    Some((
+        j,
+        dec(&h[j..se])
+            .checked_mul(1_000_000_000)?
+            .checked_add(frac * 1000)?,
+    ))
+}
+
+/// Eight ASCII digits in a little-endian word (the most significant first) as a number.
+#[inline]
+fn digits8(w: u64) -> Option<u64> {
+    const HIGH: u64 = 0xf0f0_f0f0_f0f0_f0f0;
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
+    // Every byte 0x30..=0x39: high nibble 3, and adding 6 does not carry into it.
+    if w & HIGH != ZEROS || (w.wrapping_add(0x0606_0606_0606_0606)) & HIGH != ZEROS {
+        return None;
+    }
+    let v = w - ZEROS;
+    let v = (v * 10) + (v >> 8);
+    let v = ((v & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32))
+        + ((v >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32)))
+        >> 32;
+    Some(v)
+}
+
+/// Any timestamp the general parser takes (`<secs>.<1-9 digits>` or a raw counter).
+fn timestamp_any(h: &[u8]) -> Option<(usize, u64)> {
     let mut j = h.len();
     while j > 0 && h[j - 1].is_ascii_digit() {
         j -= 1;
@@ -216,7 +290,34 @@ fn header(h: &[u8]) -> Option<(u32, u64)> {
         }
         dec(t)
     };
-    // The flags column (optional), then `[cpu]`.
+    Some((j, ts_ns))
+}
+
+/// The kernel's ` [ddd] fffff ` before the timestamp starting at `j` (after its padding):
+/// the start of `[` and the cpu.
+#[inline]
+fn flags_cpu_fixed(h: &[u8], j: usize) -> Option<(usize, u32)> {
+    let e = rskip_spaces(h, j);
+    if e == j || e < 12 {
+        return None;
+    }
+    let f = &h[e - 12..e];
+    if f[0] != b' '
+        || f[1] != b'['
+        || !f[2..5].iter().all(u8::is_ascii_digit)
+        || f[5] != b']'
+        || f[6] != b' '
+        || f[7] == b'['
+        || !f[7..12].iter().all(|&c| c > b' ')
+    {
+        return None;
+    }
+    Some((e - 11, dec(&f[2..5]) as u32))
+}
+
+/// Any flags-and-cpu columns the general parser takes: the flags token is optional, the cpu
+/// any number of digits in brackets.
+fn flags_cpu_any(h: &[u8], j: usize) -> Option<(usize, u32)> {
     let (mut k, mut tok) = token_before(h, j)?;
     if tok[0] != b'[' {
         (k, tok) = token_before(h, k)?;
@@ -225,26 +326,7 @@ fn header(h: &[u8]) -> Option<(u32, u64)> {
     if inner.is_empty() || inner.len() > 9 || !inner.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let cpu = dec(inner) as u32;
-    // `task-pid`: the pid's digits right before the spaces, a dash before them.
-    let mut p = k;
-    while p > 0 && h[p - 1] == b' ' {
-        p -= 1;
-    }
-    let pe = p;
-    while p > 0 && h[p - 1].is_ascii_digit() {
-        p -= 1;
-    }
-    if p == pe || pe - p > 19 || p == 0 || h[p - 1] != b'-' {
-        return None;
-    }
-    // A line whose first non-space byte is `#` is a comment; one starting with other
-    // whitespace is left to the general parser.
-    let first = super::find_non_space(h);
-    if h[first] == b'#' || h[first].is_ascii_whitespace() {
-        return None;
-    }
-    Some((cpu, ts_ns))
+    Some((k, dec(inner) as u32))
 }
 
 /// The token ending at `j` (where `h[j]` is a space), after the spaces before `j`: its start and
@@ -274,4 +356,24 @@ fn token_before(h: &[u8], j: usize) -> Option<(usize, &[u8])> {
 fn dec(s: &[u8]) -> u64 {
     s.iter()
         .fold(0u64, |n, &c| n * 10 + u64::from(c.wrapping_sub(b'0')))
+}
+
+/// `e` moved left past the spaces before it, eight bytes at a time.
+#[inline]
+fn rskip_spaces(h: &[u8], mut e: usize) -> usize {
+    const SPACES: u64 = 0x2020_2020_2020_2020;
+    while e >= 8 {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&h[e - 8..e]);
+        // Spaces become zero bytes; the highest non-zero byte is the last other byte.
+        let x = u64::from_le_bytes(w) ^ SPACES;
+        if x != 0 {
+            return e - (x.leading_zeros() / 8) as usize;
+        }
+        e -= 8;
+    }
+    while e > 0 && h[e - 1] == b' ' {
+        e -= 1;
+    }
+    e
 }
