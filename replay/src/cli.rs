@@ -376,17 +376,11 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
             strict: a.strict,
             ..LoadOptions::default()
         },
-        &mut |lines| {
+        &mut |st| {
             let now = Instant::now();
             if now.duration_since(last).as_secs_f64() >= 1.0 {
                 last = now;
-                progress(
-                    a,
-                    format_args!(
-                        "read {lines} lines ({:.0} lines/s)...",
-                        lines as f64 / now.duration_since(t0).as_secs_f64()
-                    ),
-                );
+                progress(a, format_args!("{}", trace::progress_line(st, now - t0)));
             }
         },
     )?;

@@ -621,6 +621,34 @@ mod fuzz {
     ];
 
     #[test]
+    fn pfns_and_timestamps_at_their_limits() {
+        for (pfn, want) in [
+            ("1234567890123456789", Some(1_234_567_890_123_456_789)),
+            ("0xfffffffffffffffe", Some(u64::MAX - 1)),
+            ("0xffffffffffffffff", None),
+            ("0", Some(0)),
+        ] {
+            let l = format!("t-1 [000] ..... 1.000001: mm_page_free: page=x pfn={pfn} order=0");
+            let f = fast::parse(l.as_bytes()).unwrap_or_else(|| panic!("{l}"));
+            assert_eq!(Ok(f), parse_general(l.as_bytes()), "{l}");
+            let Line::Event(e) = f else { panic!() };
+            assert_eq!(e.pfn, want, "{l}");
+        }
+        for (ts, ns) in [
+            ("0.000000", 0),
+            ("1.999999", 1_999_999_000),
+            ("99999.123456", 99_999_123_456_000),
+            ("18446744073.709551", 18_446_744_073_709_551_000),
+        ] {
+            let l = format!("t-1 [000] ..... {ts}: mm_page_free: page=x pfn=0x1 order=0");
+            let f = fast::parse(l.as_bytes()).unwrap_or_else(|| panic!("{l}"));
+            assert_eq!(Ok(f), parse_general(l.as_bytes()), "{l}");
+            let Line::Event(e) = f else { panic!() };
+            assert_eq!(e.ts_ns, ns, "{l}");
+        }
+    }
+
+    #[test]
     fn fast_path_takes_the_kernel_layout() {
         for l in FAST_CASES {
             let f = fast::parse(l.as_bytes());
@@ -646,6 +674,8 @@ mod fuzz {
             "t-1 [000] ..... 1.0000000001: mm_page_free: page=x pfn=0x1 order=0",
             "t-1 [000] ..... 18446744073.709551616: mm_page_free: page=x pfn=0x1 order=0",
             "t-x [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=99999999999999999999 order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x11111111111111111 order=0",
             "[000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
             "t-1 [000] ..... 1.0: sched_switch: prev=a",
         ] {

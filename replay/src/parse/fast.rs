@@ -155,14 +155,11 @@ fn pfn_value(b: &[u8], mut i: usize) -> Option<(Option<u64>, usize)> {
         let s = i;
         while i < b.len() && b[i] != b' ' {
             let d = b[i].wrapping_sub(b'0');
-            if d > 9 {
+            if d > 9 || i - s >= 19 {
                 return None;
             }
             n = n * 10 + u64::from(d);
             i += 1;
-            if i - s > 19 {
-                return None;
-            }
         }
         if i == s {
             return None;
@@ -256,8 +253,9 @@ fn digits8(w: u64) -> Option<u64> {
     }
     let v = w - ZEROS;
     let v = (v * 10) + (v >> 8);
-    let v = ((v & 0x0000_00ff_0000_00ff).wrapping_mul(100 + (1_000_000 << 32))
-        + ((v >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32)))
+    let v = (v & 0x0000_00ff_0000_00ff)
+        .wrapping_mul(100 + (1_000_000 << 32))
+        .wrapping_add(((v >> 16) & 0x0000_00ff_0000_00ff).wrapping_mul(1 + (10_000 << 32)))
         >> 32;
     Some(v)
 }
