@@ -26,7 +26,9 @@ use crate::tracker::{PureModel, DEFAULT_MAX_MEMSLOTS};
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
     /// ftrace kmem trace (mm_page_alloc / mm_page_free / mm_page_free_batched as the kernel
-    /// prints them), plain or gzip (detected by content), or `-` for standard input.
+    /// prints them), plain or gzip (detected by content), or `-` for standard input. Input
+    /// with 2^20 lines or 256 MiB in a row without one such event is not a kmem trace: the
+    /// replay gives up there (exit code 2).
     pub trace: PathBuf,
 
     /// Policies to run, comma separated, each once (default: all four, in this order).

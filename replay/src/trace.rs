@@ -190,9 +190,9 @@ pub enum TraceError {
     TooManyAllocations,
     /// [`GIVE_UP_LINES`] lines or [`GIVE_UP_BYTES`] bytes in a row without a page-allocator
     /// event (random bytes, `/dev/zero`, the wrong file): the load gives up instead of reading on.
-    #[error("gave up at line {line}: {run_lines} lines ({run_mib} MiB) in a row without an mm_page_alloc, mm_page_free or mm_page_free_batched event ({malformed} malformed lines in all{}): not a kmem trace (the limit is {} lines or {} MiB; see `veil replay --help`)", first.as_ref().map(|m| format!("; line {}: {}", m.line, m.reason)).unwrap_or_default(), GIVE_UP_LINES, GIVE_UP_BYTES >> 20)]
+    #[error("gave up in line {line}: {run_lines} lines ({run_mib} MiB) in a row without an mm_page_alloc, mm_page_free or mm_page_free_batched event ({malformed} malformed lines in all{}): not a kmem trace (the limit is {} lines or {} MiB; see `veil replay --help`)", first.as_ref().map(|m| format!("; line {}: {}", m.line, m.reason)).unwrap_or_default(), GIVE_UP_LINES, GIVE_UP_BYTES >> 20)]
     NotATrace {
-        /// The line the load stopped at.
+        /// The line (1-based) the load stopped in.
         line: u64,
         /// Lines since the last event (or the start).
         run_lines: u64,
@@ -748,9 +748,15 @@ pub fn load_with_progress<R: BufRead>(
             NextLine::TooLong => loader.feed_too_long(lineno)?,
             NextLine::Line(l) => loader.feed(lineno, l)?,
             NextLine::Skipping => {
-                // No line yet (input without newlines): count none, but watch the bytes.
+                // Inside line `lineno` still (input without newlines): count no line yet, but
+                // watch the bytes.
+                if lr.consumed() - run_byte >= GIVE_UP_BYTES {
+                    let run = lineno - 1 - run_line;
+                    return Err(loader.give_up(lineno, run, lr.consumed() - run_byte));
+                }
                 lineno -= 1;
                 progress(&loader.trace.stats);
+                continue;
             }
         }
         if loader.page_events != events {
