@@ -58,8 +58,13 @@ fn main() {
     let lines = trace.stats.lines;
     let events = trace.events.len() as u64;
     println!(
-        "trace {path}: {lines} lines ({} MB text), {events} replay events",
-        plain.len() / 1_000_000
+        "trace {path}: {lines} lines ({} MB text), {events} replay events; gzip backend: {}",
+        plain.len() / 1_000_000,
+        if cfg!(feature = "zlib-rs") {
+            "zlib-rs"
+        } else {
+            "miniz_oxide (flate2's default)"
+        }
     );
 
     // The bound for compressed input: the same decoder alone, in this process, to a sink.

@@ -26,7 +26,9 @@ use crate::tracker::{PureModel, DEFAULT_MAX_MEMSLOTS};
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
     /// ftrace kmem trace (mm_page_alloc / mm_page_free / mm_page_free_batched as the kernel
-    /// prints them), plain or gzip (detected by content), or `-` for standard input.
+    /// prints them), plain or gzip (detected by content), or `-` for standard input. Input
+    /// with 2^20 lines or 256 MiB in a row without one such event is not a kmem trace: the
+    /// replay gives up there (exit code 2).
     pub trace: PathBuf,
 
     /// Policies to run, comma separated, each once (default: all four, in this order).
@@ -376,17 +378,11 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
             strict: a.strict,
             ..LoadOptions::default()
         },
-        &mut |lines| {
+        &mut |st| {
             let now = Instant::now();
             if now.duration_since(last).as_secs_f64() >= 1.0 {
                 last = now;
-                progress(
-                    a,
-                    format_args!(
-                        "read {lines} lines ({:.0} lines/s)...",
-                        lines as f64 / now.duration_since(t0).as_secs_f64()
-                    ),
-                );
+                progress(a, format_args!("{}", trace::progress_line(st, now - t0)));
             }
         },
     )?;

@@ -92,8 +92,24 @@ pub enum ParseError {
     EmptyGfp,
 }
 
+mod fast;
+
 /// Parse one line (without or with its trailing newline).
+///
+/// A page-allocator event in the kernel's own layout takes a fast path that parses its fields
+/// where that layout puts them (`parse/fast.rs`); anything else, malformed lines included,
+/// goes through the general parser below, which gives the same result for what the fast
+/// path accepts.
+#[inline]
 pub fn parse_line(line: &[u8]) -> Result<Line<'_>, ParseError> {
+    match fast::parse(line) {
+        Some(l) => Ok(l),
+        None => parse_general(line),
+    }
+}
+
+/// The general parser: any header layout, fields in any order, typed errors.
+fn parse_general(line: &[u8]) -> Result<Line<'_>, ParseError> {
     let line = trim_end(line);
     let start = line.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {
@@ -276,7 +292,41 @@ fn find_space(s: &[u8]) -> usize {
         }
         i += 8;
     }
+    if i < s.len() && s.len() >= 8 {
+        // The last bytes as one word overlapping the ones already seen.
+        let j = s.len() - 8;
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[j..]);
+        let x = u64::from_le_bytes(w) ^ (ONES * u64::from(b' '));
+        let z = x.wrapping_sub(ONES) & !x & HIGH;
+        return if z != 0 {
+            j + (z.trailing_zeros() / 8) as usize
+        } else {
+            s.len()
+        };
+    }
     while i < s.len() && s[i] != b' ' {
+        i += 1;
+    }
+    i
+}
+
+/// Index of the first byte of `s` that is not a space (or its length), eight bytes at a time.
+#[inline]
+fn find_non_space(s: &[u8]) -> usize {
+    const SPACES: u64 = 0x2020_2020_2020_2020;
+    let mut i = 0;
+    while i + 8 <= s.len() {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&s[i..i + 8]);
+        // Spaces become zero bytes; the lowest non-zero byte is the first other byte.
+        let x = u64::from_le_bytes(w) ^ SPACES;
+        if x != 0 {
+            return i + (x.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < s.len() && s[i] == b' ' {
         i += 1;
     }
     i
@@ -560,6 +610,79 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
+    /// One line of each event as the kernel prints it, and variants the fast path takes.
+    const FAST_CASES: &[&str] = &[
+        GOOD,
+        "           <...>-6607    [001] .....   408.542447: mm_page_free: page=00000000d39cce89 pfn=0x11b072 order=0",
+        "           <...>-6607    [001] ...2.   408.542447: mm_page_free_batched: page=00000000d39cce89 pfn=0x11b072 order=0",
+        "bash-1 [003] 1.5: mm_page_free_batched: page=0 pfn=16",
+        "t-1 [000] ..... 1.0: mm_page_alloc: page=(null) pfn=0xffffffffffffffff order=3 migratetype=0 gfp_flags=GFP_NOWAIT",
+        "k-2 [001] .... 123456789: mm_page_free: page=x pfn=0X1F order=10\r",
+    ];
+
+    #[test]
+    fn pfns_and_timestamps_at_their_limits() {
+        for (pfn, want) in [
+            ("1234567890123456789", Some(1_234_567_890_123_456_789)),
+            ("0xfffffffffffffffe", Some(u64::MAX - 1)),
+            ("0xffffffffffffffff", None),
+            ("0", Some(0)),
+        ] {
+            let l = format!("t-1 [000] ..... 1.000001: mm_page_free: page=x pfn={pfn} order=0");
+            let f = fast::parse(l.as_bytes()).unwrap_or_else(|| panic!("{l}"));
+            assert_eq!(Ok(f), parse_general(l.as_bytes()), "{l}");
+            let Line::Event(e) = f else { panic!() };
+            assert_eq!(e.pfn, want, "{l}");
+        }
+        for (ts, ns) in [
+            ("0.000000", 0),
+            ("1.999999", 1_999_999_000),
+            ("99999.123456", 99_999_123_456_000),
+            ("18446744073.709551", 18_446_744_073_709_551_000),
+        ] {
+            let l = format!("t-1 [000] ..... {ts}: mm_page_free: page=x pfn=0x1 order=0");
+            let f = fast::parse(l.as_bytes()).unwrap_or_else(|| panic!("{l}"));
+            assert_eq!(Ok(f), parse_general(l.as_bytes()), "{l}");
+            let Line::Event(e) = f else { panic!() };
+            assert_eq!(e.ts_ns, ns, "{l}");
+        }
+    }
+
+    #[test]
+    fn fast_path_takes_the_kernel_layout() {
+        for l in FAST_CASES {
+            let f = fast::parse(l.as_bytes());
+            assert!(f.is_some(), "{l}");
+            assert_eq!(Ok(f.unwrap()), parse_general(l.as_bytes()), "{l}");
+        }
+        // And leaves the rest to the general parser (which may still accept them).
+        for l in [
+            "  a: b-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "# t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "\tt-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 (  1) [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 [000]\t..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=-1 order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=11",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1  order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x order=0 pfn=0x1",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0 extra=1",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x1",
+            "t-1 [000] ..... 1.0: mm_page_alloc: page=x pfn=0x1 order=0 migratetype=0 gfp_flags=",
+            "t-1 [000] ..... 1.0: mm_page_alloc: page=x pfn=0x1 order=0 migratetype=0 gfp_flags=A B",
+            "t-1 [000] ..... 1.0: mm_page_alloc: page=x pfn=0x1 order=0 migratetype=256 gfp_flags=A",
+            "t-1 [000] ..... 1.0000000001: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 [000] ..... 18446744073.709551616: mm_page_free: page=x pfn=0x1 order=0",
+            "t-x [000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=99999999999999999999 order=0",
+            "t-1 [000] ..... 1.0: mm_page_free: page=x pfn=0x11111111111111111 order=0",
+            "[000] ..... 1.0: mm_page_free: page=x pfn=0x1 order=0",
+            "t-1 [000] ..... 1.0: sched_switch: prev=a",
+        ] {
+            assert_eq!(fast::parse(l.as_bytes()), None, "{l}");
+        }
+    }
+
     const GOOD: &str = "           <...>-6607    [001] .....   408.542370: mm_page_alloc: page=000000006f764635 pfn=0x104e3c order=0 migratetype=0 gfp_flags=GFP_KERNEL_ACCOUNT|__GFP_ZERO|__GFP_COMP";
 
     proptest! {
@@ -586,6 +709,40 @@ mod fuzz {
             }
             if let Ok(Line::Event(e)) = parse_line(&b) {
                 prop_assert!(e.order.is_none_or(|o| o <= MAX_TRACE_ORDER));
+            }
+        }
+
+        /// The fast path accepts only what the general parser reads the same way: edits of
+        /// each event's kernel layout (mostly still on the fast path) and random bytes.
+        #[test]
+        fn fast_path_agrees_with_the_general_parser(
+            which in 0usize..FAST_CASES.len(),
+            edits in proptest::collection::vec((0usize..200, prop_oneof![
+                any::<u8>(), Just(b' '), Just(b':'), Just(b'-'), Just(b'#'), Just(b'\t'),
+                Just(b'0'), Just(b'9'), Just(b'f'), Just(b'x'), Just(b'['), Just(b']'),
+                Just(b'.'), Just(b'('), Just(b')'), Just(b'\r'), Just(b'='),
+            ], 0u8..3), 0..4),
+        ) {
+            let mut b = FAST_CASES[which].as_bytes().to_vec();
+            for (pos, byte, op) in edits {
+                let p = pos % (b.len() + 1);
+                match op {
+                    0 => b.insert(p, byte),
+                    1 if p < b.len() => { b.remove(p); }
+                    _ if p < b.len() => b[p] = byte,
+                    _ => {}
+                }
+            }
+            if let Some(l) = fast::parse(&b) {
+                prop_assert_eq!(Ok(l), parse_general(&b), "{:?}", String::from_utf8_lossy(&b));
+            }
+        }
+
+        /// Random bytes: the same check.
+        #[test]
+        fn fast_path_agrees_on_random_bytes(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            if let Some(l) = fast::parse(&b) {
+                prop_assert_eq!(Ok(l), parse_general(&b));
             }
         }
 

@@ -186,6 +186,9 @@ pub enum NextLine<'a> {
     Line(&'a [u8]),
     /// A line longer than [`MAX_LINE`] was skipped.
     TooLong,
+    /// Still inside a line longer than [`MAX_LINE`]: one more buffer of it was dropped (so that
+    /// input without newlines, `/dev/zero` say, does not keep the reader from its caller).
+    Skipping,
     /// End of input.
     Eof,
 }
@@ -202,6 +205,8 @@ pub struct LineReader<R: Read> {
     eof: bool,
     /// Discarding the rest of a too-long line.
     skipping: bool,
+    /// Bytes read from `inner` so far.
+    read: u64,
 }
 
 impl<R: Read> LineReader<R> {
@@ -214,7 +219,13 @@ impl<R: Read> LineReader<R> {
             end: 0,
             eof: false,
             skipping: false,
+            read: 0,
         }
+    }
+
+    /// Bytes of input consumed so far (handed out as lines or skipped).
+    pub fn consumed(&self) -> u64 {
+        self.read - (self.end - self.start) as u64
     }
 
     /// Read more bytes after `end`, moving the unread ones to the front first.
@@ -232,6 +243,7 @@ impl<R: Read> LineReader<R> {
                 }
                 Ok(n) => {
                     self.end += n;
+                    self.read += n as u64;
                     return Ok(());
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -253,8 +265,11 @@ impl<R: Read> LineReader<R> {
             }
             if self.end - self.start > MAX_LINE || (self.skipping && self.end > self.start) {
                 // No newline within MAX_LINE bytes: drop what is buffered, skip to the next one.
-                self.skipping = true;
+                let was = std::mem::replace(&mut self.skipping, true);
                 self.start = self.end;
+                if was {
+                    return Ok(NextLine::Skipping);
+                }
             }
             if self.eof {
                 if std::mem::take(&mut self.skipping) {
@@ -286,6 +301,7 @@ mod tests {
             match lr.next_line().unwrap() {
                 NextLine::Line(l) => out.push(String::from_utf8_lossy(l).into_owned()),
                 NextLine::TooLong => out.push("<too long>".into()),
+                NextLine::Skipping => {}
                 NextLine::Eof => break,
             }
         }
@@ -329,6 +345,24 @@ mod tests {
     fn long_lines_are_capped() {
         let mut text = vec![b'x'; MAX_LINE + 10];
         text.extend_from_slice(b"\nok\n");
+        assert_eq!(lines(text), vec!["<too long>", "ok"]);
+    }
+
+    #[test]
+    fn input_without_newlines_comes_back_buffer_by_buffer() {
+        // An endless reader of one byte value: the reader hands control back while skipping.
+        let mut lr = LineReader::new(io::repeat(b'x'));
+        let mut skips = 0;
+        while skips < 10 {
+            match lr.next_line().unwrap() {
+                NextLine::Skipping => skips += 1,
+                NextLine::Line(_) | NextLine::TooLong | NextLine::Eof => panic!("no line ends"),
+            }
+        }
+        assert!(lr.consumed() >= 10 * BUF as u64, "{}", lr.consumed());
+        // And a very long line still counts once.
+        let mut text = vec![b'y'; 5 * BUF];
+        text.extend_from_slice(b"\nok");
         assert_eq!(lines(text), vec!["<too long>", "ok"]);
     }
 

@@ -188,7 +188,30 @@ pub enum TraceError {
     /// More than 2^32 - 1 allocations.
     #[error("too many allocations in one trace (max {})", u32::MAX)]
     TooManyAllocations,
+    /// [`GIVE_UP_LINES`] lines or [`GIVE_UP_BYTES`] bytes in a row without a page-allocator
+    /// event (random bytes, `/dev/zero`, the wrong file): the load gives up instead of reading on.
+    #[error("gave up in line {line}: {run_lines} lines ({run_mib} MiB) in a row without an mm_page_alloc, mm_page_free or mm_page_free_batched event ({malformed} malformed lines in all{}): not a kmem trace (the limit is {} lines or {} MiB; see `veil replay --help`)", first.as_ref().map(|m| format!("; line {}: {}", m.line, m.reason)).unwrap_or_default(), GIVE_UP_LINES, GIVE_UP_BYTES >> 20)]
+    NotATrace {
+        /// The line (1-based) the load stopped in.
+        line: u64,
+        /// Lines since the last event (or the start).
+        run_lines: u64,
+        /// MiB of input since then.
+        run_mib: u64,
+        /// Malformed lines read in all.
+        malformed: u64,
+        /// The first malformed line.
+        first: Option<Malformed>,
+    },
 }
+
+/// Consecutive lines without a page-allocator event after which a load gives up
+/// ([`TraceError::NotATrace`]): 2^20. A real kmem trace has one on nearly every line.
+pub const GIVE_UP_LINES: u64 = 1 << 20;
+
+/// Consecutive bytes of input without a page-allocator event after which a load gives up
+/// (256 MiB, counted to within the reader's 256 KiB buffer), also inside overlong lines.
+pub const GIVE_UP_BYTES: u64 = 256 << 20;
 
 /// How to load.
 #[derive(Clone, Copy, Debug)]
@@ -238,6 +261,10 @@ struct Split {
     remaining: u64,
 }
 
+/// log2 of the pages in a region of [`Loader`]'s `multi_live` counts: the largest allocation
+/// (order [`crate::parse::MAX_TRACE_ORDER`]), so any head covering a pfn is in its region.
+const REGION_BITS: u32 = crate::parse::MAX_TRACE_ORDER as u32;
+
 /// Incremental loader: feed lines, then [`Loader::finish`].
 pub struct Loader {
     opts: LoadOptions,
@@ -246,8 +273,14 @@ pub struct Loader {
     splits: HashMap<u32, Split>,
     /// Live (whole) allocations per order: the covering-head probes stop at the highest.
     live_orders: [u32; 11],
+    /// Live whole allocations of order 1 or more per 1,024-page region (`pfn >> 10`) of their
+    /// head: a head covering a pfn lies in the pfn's region, so where this is 0 the
+    /// covering-head probes are skipped.
+    multi_live: PfnTable<u32>,
     /// CPU of the free event being accounted.
     free_cpu: u16,
+    /// Page-allocator event lines accepted so far.
+    page_events: u64,
     live_pages: u64,
     last_ts: Option<u64>,
     cpu_seen: Vec<bool>,
@@ -265,7 +298,9 @@ impl Loader {
             slots: PfnTable::default(),
             splits: HashMap::new(),
             live_orders: [0; 11],
+            multi_live: PfnTable::default(),
             free_cpu: 0,
+            page_events: 0,
             live_pages: 0,
             last_ts: None,
             cpu_seen: vec![false; 1024],
@@ -331,6 +366,7 @@ impl Loader {
             }
             Line::Event(ev) => ev,
         };
+        self.page_events += 1;
         if let Some(last) = self.last_ts {
             if ev.ts_ns < last {
                 s.out_of_order_timestamps += 1;
@@ -421,6 +457,9 @@ impl Loader {
             },
         );
         self.live_orders[usize::from(order.min(10))] += 1;
+        if order > 0 {
+            *self.multi_live.get_mut(pfn >> REGION_BITS) += 1;
+        }
         self.trace.events.push(Event::Alloc {
             pfn,
             gfp,
@@ -437,6 +476,9 @@ impl Loader {
     /// The live allocation whose head lies below `pfn` and covers it (heads are aligned to
     /// their order, as the buddy allocator places them): (head, id, order, flags).
     fn covering_live(&self, pfn: u64) -> Option<(u64, u32, u8, u8)> {
+        if self.multi_live.get(pfn >> REGION_BITS) == 0 {
+            return None;
+        }
         let top = self.live_orders.iter().rposition(|&n| n > 0)? as u8;
         let mut prev = pfn;
         for o in 1..=top {
@@ -458,14 +500,14 @@ impl Loader {
     /// `[pfn, pfn + 2^order)`.
     fn free_overlapping(&mut self, pfn: u64, order: u8) {
         if let Some((head, id, o, flags)) = self.covering_live(pfn) {
-            self.unlive(o);
+            self.unlive(head, o);
             self.implicit_free(id, o, flags);
             self.slots.set(head, Slot::Done);
         }
         for p in pfn..pfn.saturating_add(1 << order) {
             match self.slots.get(p) {
                 Slot::Live { id, order, flags } => {
-                    self.unlive(order);
+                    self.unlive(p, order);
                     self.implicit_free(id, order, flags);
                     self.slots.set(p, Slot::Done);
                 }
@@ -480,10 +522,14 @@ impl Loader {
         }
     }
 
-    /// A whole live allocation of `order` is no more (freed, or split into tails).
-    fn unlive(&mut self, order: u8) {
+    /// The whole live allocation of `order` at `head` is no more (freed, or split into tails).
+    fn unlive(&mut self, head: u64, order: u8) {
         let n = &mut self.live_orders[usize::from(order.min(10))];
         *n = n.saturating_sub(1);
+        if order > 0 {
+            let r = self.multi_live.get_mut(head >> REGION_BITS);
+            *r = r.saturating_sub(1);
+        }
     }
 
     fn implicit_free(&mut self, id: u32, order: u8, flags: u8) {
@@ -515,7 +561,7 @@ impl Loader {
     /// Start freeing the allocation at `head` in pieces: every page of it becomes a tail.
     fn split(&mut self, head: u64, id: u32, order: u8, flags: u8) {
         self.trace.stats.split_allocations += 1;
-        self.unlive(order);
+        self.unlive(head, order);
         self.splits.insert(
             id,
             Split {
@@ -590,7 +636,7 @@ impl Loader {
                     }
                     self.count_matched(batched);
                     self.trace.free_cpus[id as usize] = self.free_cpu;
-                    self.unlive(o);
+                    self.unlive(pfn, o);
                     self.live_pages -= 1 << o;
                     self.trace.events.push(Event::Free {
                         alloc: id,
@@ -622,6 +668,19 @@ impl Loader {
         }
     }
 
+    /// The error for a run of `lines` lines or `bytes` bytes without an event, ending at line
+    /// `line`.
+    fn give_up(&self, line: u64, lines: u64, bytes: u64) -> TraceError {
+        let s = &self.trace.stats;
+        TraceError::NotATrace {
+            line,
+            run_lines: lines,
+            run_mib: bytes >> 20,
+            malformed: s.malformed_lines,
+            first: s.malformed_examples.first().cloned(),
+        }
+    }
+
     /// Finish: final counters.
     pub fn finish(mut self) -> Trace {
         let s = &mut self.trace.stats;
@@ -647,21 +706,37 @@ pub fn load<R: BufRead>(r: R, opts: LoadOptions) -> Result<Trace, TraceError> {
     load_with_progress(r, opts, &mut |_| {})
 }
 
-/// Lines between calls of the progress callback of [`load_with_progress`].
-pub const PROGRESS_LINES: u64 = 1 << 20;
+/// Lines between calls of the progress callback of [`load_with_progress`] (it is also called
+/// inside an overlong line, once per buffer skipped).
+pub const PROGRESS_LINES: u64 = 1 << 16;
 
-/// [`load`], calling `progress(lines read so far)` every [`PROGRESS_LINES`] lines.
+/// The loader's progress line: lines read, their rate, events and malformed lines so far.
+pub fn progress_line(s: &TraceStats, elapsed: std::time::Duration) -> String {
+    format!(
+        "read {} lines ({:.0} lines/s), {} page-allocator events, {} malformed...",
+        s.lines,
+        s.lines as f64 / elapsed.as_secs_f64().max(1e-9),
+        s.alloc_events + s.free_events + s.batched_events,
+        s.malformed_lines
+    )
+}
+
+/// [`load`], calling `progress(counters so far)` every [`PROGRESS_LINES`] lines; gives up with
+/// [`TraceError::NotATrace`] after [`GIVE_UP_LINES`] lines or [`GIVE_UP_BYTES`] bytes in a row
+/// without a page-allocator event.
 pub fn load_with_progress<R: BufRead>(
     r: R,
     opts: LoadOptions,
-    progress: &mut dyn FnMut(u64),
+    progress: &mut dyn FnMut(&TraceStats),
 ) -> Result<Trace, TraceError> {
     let mut lr = LineReader::new(r);
     let mut loader = Loader::new(opts);
     let mut lineno = 0u64;
+    // The current run without an event: the events before it, its first line and byte.
+    let (mut events, mut run_line, mut run_byte) = (0u64, 0u64, 0u64);
     loop {
         if lineno > 0 && lineno.is_multiple_of(PROGRESS_LINES) {
-            progress(lineno);
+            progress(&loader.trace.stats);
         }
         lineno += 1;
         let next = lr.next_line().map_err(|source| TraceError::Io {
@@ -672,6 +747,22 @@ pub fn load_with_progress<R: BufRead>(
             NextLine::Eof => break,
             NextLine::TooLong => loader.feed_too_long(lineno)?,
             NextLine::Line(l) => loader.feed(lineno, l)?,
+            NextLine::Skipping => {
+                // Inside line `lineno` still (input without newlines): count no line yet, but
+                // watch the bytes.
+                if lr.consumed() - run_byte >= GIVE_UP_BYTES {
+                    let run = lineno - 1 - run_line;
+                    return Err(loader.give_up(lineno, run, lr.consumed() - run_byte));
+                }
+                lineno -= 1;
+                progress(&loader.trace.stats);
+                continue;
+            }
+        }
+        if loader.page_events != events {
+            (events, run_line, run_byte) = (loader.page_events, lineno, lr.consumed());
+        } else if lineno - run_line >= GIVE_UP_LINES || lr.consumed() - run_byte >= GIVE_UP_BYTES {
+            return Err(loader.give_up(lineno, lineno - run_line, lr.consumed() - run_byte));
         }
     }
     Ok(loader.finish())
