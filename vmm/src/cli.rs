@@ -167,14 +167,20 @@ pub enum Command {
     Replay(replay::cli::ReplayArgs),
 }
 
+/// `--mem`'s parser: the one size parser, with `veil run`'s bounds.
+fn mem_size() -> impl clap::builder::TypedValueParser<Value = MemSize> {
+    use clap::builder::TypedValueParser;
+    replay::size::RUN_MEM.value_parser().map(MemSize)
+}
+
 /// Options that say which guest to boot and how.
 #[derive(Debug, Args, Clone)]
 pub struct GuestArgs {
-    /// Guest RAM size: bytes or a K/M/G suffix (binary units: 1G = 1024M), a multiple of 2 MiB,
-    /// at least 6M and at most 64G, e.g. 512M or 4G. The guest image and boot structures are
+    /// Guest RAM size: bytes or a K/M/G/T suffix (binary units: 1G = 1024M; KB and KiB alike),
+    /// a multiple of 2 MiB, at least 6M and at most 64G, e.g. 512M or 4G. The guest image and boot structures are
     /// reserved below the first managed 2 MiB block, so a large --guest needs more. RAM is mapped
     /// lazily (MAP_NORESERVE): a large size costs nothing until the guest touches it.
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = mem_size())]
     pub mem: MemSize,
 
     /// Boot this ELF64 x86-64 executable instead of the embedded default guest. It must be
