@@ -73,13 +73,19 @@ the first one fatal). Progress goes to stderr (--quiet silences it); the report 
 Output files (--plot) are checked before the trace is read.";
 
 const REPLAY_AFTER: &str = "\
-Exit codes: 0 report printed; 2 bad option, unreadable or corrupt trace (including a truncated
-gzip file), an input without a single page-allocator event (not a kmem trace), malformed line
-under --strict, unwritable --plot file (a FIFO without reader or a socket included), or
-/dev/kvm unavailable with --kvm; 130 / 143 / 129: SIGINT / SIGTERM / SIGHUP stopped the replay
-(the report, text or complete JSON, is still printed, marked interrupted: the trace as read so
-far, the policy that was running cut short, later ones skipped; a second signal ends veil at
-once).
+Exit codes:
+  0  report printed. Allocation failures, a memslot limit exceeded and stage-2 updates KVM
+     refused are results in the report, not errors.
+  2  any error, reported on stderr (nothing on stdout): bad option or --mem size (4M to 64G),
+     unreadable or corrupt trace (including a truncated gzip file), an input without a single
+     page-allocator event (not a kmem trace), a malformed line under --strict, an unwritable
+     --plot file (a FIFO without reader or a socket included), a policy's memory above the
+     64 GiB the replay models (linux-placement: the trace's PFN span), a report that cannot be
+     written, or with --kvm: /dev/kvm unavailable or a KVM call that failed
+  130 / 143 / 129  SIGINT / SIGTERM / SIGHUP stopped the replay: the report, text or complete
+     JSON, is still printed, marked interrupted: the trace as read so far, the policy that was
+     running cut short, later ones skipped; a second signal ends veil at once
+  (killed by SIGPIPE, status 141 in a shell, when stdout's reader goes away: `| head`)
 
 Examples:
   veil replay trace.txt.gz                       all five policies, text table
@@ -162,7 +168,7 @@ pub enum Command {
     Caps(CapsArgs),
     /// Replay a real Linux page-allocation trace (ftrace kmem events) through direct-map
     /// policies and compare their stage-2 cost; `--kvm` applies every memslot update to a real
-    /// VM. Exit code 0 on success, 2 on a bad trace or option.
+    /// VM. Exit codes: 0 report printed, 2 any error, 130/143/129 stopped by a signal.
     #[command(long_about = REPLAY_ABOUT, after_long_help = REPLAY_AFTER)]
     Replay(replay::cli::ReplayArgs),
 }
