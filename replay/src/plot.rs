@@ -11,11 +11,11 @@ use std::fmt::Write;
 
 use crate::policy::{PolicyKind, PolicyResult};
 
-const W: f64 = 1080.0;
+const W: f64 = 1160.0;
 const H: f64 = 540.0;
 const LEFT: f64 = 80.0;
 /// Right margin: the end-label column ([`END_COL`] wide), then the legend.
-const RIGHT: f64 = 450.0;
+const RIGHT: f64 = 530.0;
 /// Width of the column of end-of-line labels right of the plot area.
 const END_COL: f64 = 120.0;
 /// Least vertical distance between two end labels.
@@ -419,17 +419,17 @@ fn legend_notes(results: &[PolicyResult]) -> Vec<String> {
         lp.blocks
     ));
     n.push("the trace touched (Linux's own placement), holes".into());
-    n.push("and all; the others replay on the peak live pages".into());
+    n.push("and all; the others on --mem or the peak live".into());
     if let Some(o) = results
         .iter()
         .find(|r| r.policy != PolicyKind::LinuxPlacement)
     {
         n.push(format!(
-            "plus --headroom ({} blocks), so shares, not counts, compare.",
+            "pages plus --headroom ({} blocks): compare shares.",
             o.blocks
         ));
     } else {
-        n.push("plus --headroom, so shares, not counts, compare.".into());
+        n.push("pages plus --headroom: compare shares.".into());
     }
     n
 }
@@ -551,7 +551,7 @@ mod tests {
             svg.contains("linux-placement: 4096 blocks = the 8 GiB of PFNs"),
             "{svg}"
         );
-        assert!(svg.contains("plus --headroom (40 blocks)"), "{svg}");
+        assert!(svg.contains("pages plus --headroom (40 blocks)"), "{svg}");
         let none = render_svg(&[result(PolicyKind::Freetype, &c, 40)], "t");
         assert!(!none.contains("class=\"note\""));
     }
