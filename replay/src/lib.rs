@@ -22,6 +22,7 @@ pub mod policy;
 pub mod reader;
 pub mod report;
 pub mod sensitive;
+pub mod size;
 pub mod stop;
 pub mod sweep;
 pub mod trace;

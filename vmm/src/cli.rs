@@ -73,13 +73,19 @@ the first one fatal). Progress goes to stderr (--quiet silences it); the report 
 Output files (--plot) are checked before the trace is read.";
 
 const REPLAY_AFTER: &str = "\
-Exit codes: 0 report printed; 2 bad option, unreadable or corrupt trace (including a truncated
-gzip file), an input without a single page-allocator event (not a kmem trace), malformed line
-under --strict, unwritable --plot file (a FIFO without reader or a socket included), or
-/dev/kvm unavailable with --kvm; 130 / 143 / 129: SIGINT / SIGTERM / SIGHUP stopped the replay
-(the report, text or complete JSON, is still printed, marked interrupted: the trace as read so
-far, the policy that was running cut short, later ones skipped; a second signal ends veil at
-once).
+Exit codes:
+  0  report printed. Allocation failures, a memslot limit exceeded and stage-2 updates KVM
+     refused are results in the report, not errors.
+  2  any error, reported on stderr (nothing on stdout): bad option or --mem size (4M to 64G),
+     unreadable or corrupt trace (including a truncated gzip file), an input without a single
+     page-allocator event (not a kmem trace), a malformed line under --strict, an unwritable
+     --plot file (a FIFO without reader or a socket included), a policy's memory above the
+     64 GiB the replay models (linux-placement: the trace's PFN span), a report that cannot be
+     written, or with --kvm: /dev/kvm unavailable or a KVM call that failed
+  130 / 143 / 129  SIGINT / SIGTERM / SIGHUP stopped the replay: the report, text or complete
+     JSON, is still printed, marked interrupted: the trace as read so far, the policy that was
+     running cut short, later ones skipped; a second signal ends veil at once
+  (killed by SIGPIPE, status 141 in a shell, when stdout's reader goes away: `| head`)
 
 Examples:
   veil replay trace.txt.gz                       all five policies, text table
@@ -180,7 +186,7 @@ pub enum Command {
     Caps(CapsArgs),
     /// Replay a real Linux page-allocation trace (ftrace kmem events) through direct-map
     /// policies and compare their stage-2 cost; `--kvm` applies every memslot update to a real
-    /// VM. Exit code 0 on success, 2 on a bad trace or option.
+    /// VM. Exit codes: 0 report printed, 2 any error, 130/143/129 stopped by a signal.
     #[command(long_about = REPLAY_ABOUT, after_long_help = REPLAY_AFTER)]
     Replay(replay::cli::ReplayArgs),
     /// Ask a running `veil run --control PATH` for its stage-2 dump, counters, violations or
@@ -189,14 +195,20 @@ pub enum Command {
     Inspect(crate::control::inspect::InspectArgs),
 }
 
+/// `--mem`'s parser: the one size parser, with `veil run`'s bounds.
+fn mem_size() -> impl clap::builder::TypedValueParser<Value = MemSize> {
+    use clap::builder::TypedValueParser;
+    replay::size::RUN_MEM.value_parser().map(MemSize)
+}
+
 /// Options that say which guest to boot and how.
 #[derive(Debug, Args, Clone)]
 pub struct GuestArgs {
-    /// Guest RAM size: bytes or a K/M/G suffix (binary units: 1G = 1024M), a multiple of 2 MiB,
-    /// at least 6M and at most 64G, e.g. 512M or 4G. The guest image and boot structures are
+    /// Guest RAM size: bytes or a K/M/G/T suffix (binary units: 1G = 1024M; KB and KiB alike),
+    /// a multiple of 2 MiB, at least 6M and at most 64G, e.g. 512M or 4G. The guest image and boot structures are
     /// reserved below the first managed 2 MiB block, so a large --guest needs more. RAM is mapped
     /// lazily (MAP_NORESERVE): a large size costs nothing until the guest touches it.
-    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = mem_size())]
     pub mem: MemSize,
 
     /// Boot this ELF64 x86-64 executable instead of the embedded default guest. It must be

@@ -56,6 +56,7 @@ pub mod livelock;
 pub mod memory;
 pub mod mermap;
 pub mod mermap_window;
+pub mod messages;
 pub mod page_walk;
 pub mod pv_msrs;
 pub mod replay_kvm;

@@ -2,8 +2,6 @@
 
 use std::time::Instant;
 
-use clap::Parser;
-
 fn main() {
     let start = Instant::now();
     // SAFETY: restoring the default SIGPIPE action before any thread exists: `veil run | head`
@@ -14,8 +12,10 @@ fn main() {
     if let Err(e) = vmm::signals::install() {
         eprintln!("veil: warning: cannot handle SIGINT/SIGTERM/SIGHUP ({e}): a signal ends the process without a report");
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli = vmm::cli::Cli::parse();
+    // Log lines and clap's usage errors look like the VMM's own: `veil: debug: module: ...`,
+    // `veil: error: unexpected argument ...` (exit code 2; --help/--version unchanged).
+    vmm::messages::init_logger();
+    let cli = vmm::messages::parse_cli();
     let mut code = vmm::cli::main_with(cli, start);
     // A signal that arrived where no run loop saw it (e.g. during `veil caps`, or while an
     // error was being reported) still decides the exit code.

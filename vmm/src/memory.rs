@@ -8,41 +8,32 @@ use std::os::fd::AsRawFd;
 use std::str::FromStr;
 
 use crate::stage2::LockStats;
+use replay::size::{SizeError, RUN_MEM};
 use veil_abi::{IMAGE_MIN_GPA, PAGEBLOCK_SIZE};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Largest RAM size Veil accepts (the direct map is built for at most this much).
-pub const MAX_RAM: u64 = 64 << 30;
+pub const MAX_RAM: u64 = RUN_MEM.max;
 /// Default RAM size (`--mem`).
 pub const DEFAULT_RAM: u64 = 256 << 20;
 /// Smallest RAM size: the smallest reserved area (4 MiB) plus one managed pageblock.
 pub const MIN_RAM: u64 = MIN_RESERVED + PAGEBLOCK_SIZE;
 /// Smallest reserved area: the first pageblock and at least one pageblock of guest image.
 pub const MIN_RESERVED: u64 = 2 * PAGEBLOCK_SIZE;
+const _: () = assert!(RUN_MEM.min == MIN_RAM && RUN_MEM.multiple == PAGEBLOCK_SIZE);
 
 /// Errors about the guest RAM size or mapping.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MemoryError {
-    /// The size string is not a number with an optional K/M/G suffix.
-    #[error("invalid memory size {0:?}: expected a number of bytes with an optional K, M or G suffix (e.g. 256M, 1G)")]
-    Syntax(String),
-    /// The size overflows 64 bits.
-    #[error("memory size {0:?} is too large")]
-    Overflow(String),
-    /// The size is not a multiple of a pageblock.
-    #[error("memory size {0} bytes is not a multiple of 2 MiB (the pageblock size)")]
-    NotPageblockMultiple(u64),
-    /// The size is below the minimum.
-    #[error("memory size {size} bytes is too small: need at least {min} bytes ({} MiB)", min >> 20)]
-    TooSmall {
-        /// Requested size.
-        size: u64,
-        /// Minimum size.
-        min: u64,
+    /// The size is malformed or out of `veil run --mem`'s bounds ([`replay::size::RUN_MEM`]).
+    #[error("memory size {size}: {error}")]
+    Size {
+        /// The size as given (or in bytes).
+        size: String,
+        /// What is wrong with it.
+        #[source]
+        error: SizeError,
     },
-    /// The size is above [`MAX_RAM`].
-    #[error("memory size {0} bytes is too large: at most 64 GiB")]
-    TooLarge(u64),
     /// The host refused the mapping.
     #[error("cannot map {size} bytes of guest RAM: {msg}")]
     Map {
@@ -58,17 +49,16 @@ pub enum MemoryError {
 pub struct MemSize(pub u64);
 
 impl MemSize {
-    /// Checks the bounds and alignment of a size in bytes.
+    /// Checks the bounds and alignment of a size in bytes ([`replay::size::RUN_MEM`]).
     pub fn new(size: u64) -> Result<MemSize, MemoryError> {
-        if !size.is_multiple_of(PAGEBLOCK_SIZE) {
-            return Err(MemoryError::NotPageblockMultiple(size));
-        }
-        if size < MIN_RAM {
-            return Err(MemoryError::TooSmall { size, min: MIN_RAM });
-        }
-        if size > MAX_RAM {
-            return Err(MemoryError::TooLarge(size));
-        }
+        RUN_MEM.check(size).map_err(|problem| MemoryError::Size {
+            size: replay::size::human(size),
+            error: SizeError {
+                problem,
+                bare: true,
+                suggestions: Vec::new(),
+            },
+        })?;
         Ok(MemSize(size))
     }
 }
@@ -79,35 +69,23 @@ impl Default for MemSize {
     }
 }
 
-/// Parses `256M`, `1G`, `4096K`, `268435456` (suffixes are binary: K = 1024); case-insensitive,
-/// an optional trailing `B` or `iB` is accepted (`256MiB`).
-pub fn parse_size(s: &str) -> Result<u64, MemoryError> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let body = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let (digits, shift) = match body.chars().last() {
-        Some('k') => (&body[..body.len() - 1], 10),
-        Some('m') => (&body[..body.len() - 1], 20),
-        Some('g') => (&body[..body.len() - 1], 30),
-        _ => (body, 0),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(MemoryError::Syntax(s.to_string()));
-    }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| MemoryError::Overflow(s.to_string()))?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| MemoryError::Overflow(s.to_string()))
+/// Parses a size without bounds: `256M`, `1G`, `4096K`, `268435456`, `1T` (binary units,
+/// case-insensitive, `B`/`iB` optional), the syntax of every size on the command line.
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
+    replay::size::ANY.parse(s)
 }
 
 impl FromStr for MemSize {
     type Err = MemoryError;
+    /// `--mem`'s syntax and bounds, worded as `veil replay --mem` is.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        MemSize::new(parse_size(s)?)
+        RUN_MEM
+            .parse(s)
+            .map(MemSize)
+            .map_err(|error| MemoryError::Size {
+                size: s.to_string(),
+                error,
+            })
     }
 }
 
@@ -172,7 +150,10 @@ impl GuestRam {
         core: CoreDump,
         backing: Backing,
     ) -> Result<GuestRam, MemoryError> {
-        let len = usize::try_from(size.0).map_err(|_| MemoryError::TooLarge(size.0))?;
+        let len = usize::try_from(size.0).map_err(|_| MemoryError::Map {
+            size: size.0,
+            msg: "larger than this host's address space".into(),
+        })?;
         let map_err = |msg: String| MemoryError::Map { size: size.0, msg };
         let (file, memfd) = match backing {
             Backing::Anonymous => (None, None),
@@ -482,41 +463,28 @@ mod tests {
     #[test]
     fn parses_sizes() {
         assert_eq!(parse_size("256M").unwrap(), 256 << 20);
-        assert_eq!(parse_size("1G").unwrap(), 1 << 30);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert_eq!(parse_size("4096K").unwrap(), 4 << 20);
-        assert_eq!(parse_size("268435456").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
         assert_eq!(parse_size("64GiB").unwrap(), 64 << 30);
-        assert_eq!(parse_size("8MB").unwrap(), 8 << 20);
+        assert_eq!("6M".parse::<MemSize>(), Ok(MemSize(6 << 20)));
+        assert_eq!("64G".parse::<MemSize>(), Ok(MemSize(64 << 30)));
     }
 
+    /// The wording is replay::size's (unit-tested there); here: that --mem uses its bounds.
     #[test]
-    fn rejects_bad_sizes() {
-        assert!(matches!(parse_size(""), Err(MemoryError::Syntax(_))));
-        assert!(matches!(parse_size("M"), Err(MemoryError::Syntax(_))));
-        assert!(matches!(parse_size("12X"), Err(MemoryError::Syntax(_))));
-        assert!(matches!(parse_size("-1M"), Err(MemoryError::Syntax(_))));
-        assert!(matches!(
-            parse_size("99999999999999999999"),
-            Err(MemoryError::Overflow(_))
-        ));
-        assert!(matches!(
-            parse_size("99999999999G"),
-            Err(MemoryError::Overflow(_))
-        ));
+    fn rejects_bad_sizes_in_the_shared_words() {
+        let e = |s: &str| s.parse::<MemSize>().unwrap_err().to_string();
+        assert_eq!(e("3M"), "memory size 3M: at least 6M");
+        assert_eq!(e("100T"), "memory size 100T: at most 64G");
         assert_eq!(
-            "3M".parse::<MemSize>(),
-            Err(MemoryError::NotPageblockMultiple(3 << 20))
+            e("3"),
+            "memory size 3: 3 bytes is not a multiple of 2 MiB; did you mean 3G?"
         );
-        assert!(matches!(
-            "2M".parse::<MemSize>(),
-            Err(MemoryError::TooSmall { .. })
-        ));
+        assert!(e("12X").starts_with("memory size 12X: not a size"));
         assert_eq!(
-            "66G".parse::<MemSize>(),
-            Err(MemoryError::TooLarge(66 << 30))
+            MemSize::new((6 << 20) + 1).unwrap_err().to_string(),
+            "memory size 6291457: 6291457 bytes is not a multiple of 2 MiB"
         );
-        assert_eq!("6M".parse::<MemSize>(), Ok(MemSize(6 << 20)));
+        assert!(parse_size("-1M").is_err());
     }
 
     #[test]
