@@ -172,7 +172,7 @@ const COLS_SMALL: u64 = 64;
 const COLS_LARGE: u64 = 128;
 const MARGIN: u64 = 10;
 /// Room for the row labels (GPA of the row's first cell).
-const LABEL_W: u64 = 150;
+const LABEL_W: u64 = 140;
 /// Where the legend's swatches sit, the axis labels, and the first row.
 const LEGEND_Y: u64 = 46;
 const AXIS_Y: u64 = 100;
