@@ -25,12 +25,12 @@ pub const MAX_DUMP_FILE: u64 = 512 << 20;
 #[non_exhaustive]
 pub enum DiffError {
     /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: String,
-        /// The I/O error.
-        source: std::io::Error,
+        /// The I/O error (in the message, not a source: printed once).
+        error: std::io::Error,
     },
     /// The file is not a regular file or is too large.
     #[error("{path} is {what}")]
@@ -41,12 +41,12 @@ pub enum DiffError {
         what: String,
     },
     /// The file is not JSON at all.
-    #[error("{path} is not JSON ({source}); `veil dump diff` compares JSON dumps: write them with --dump-ept FILE.json")]
+    #[error("{path} is not JSON ({error}); `veil dump diff` compares JSON dumps: write them with --dump-ept FILE.json")]
     NotJson {
         /// The file.
         path: String,
         /// The parser's error (with line and column).
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// JSON, but not a stage-2 dump.
     #[error("{path} is JSON but not a Veil stage-2 dump: {why}")]
@@ -240,9 +240,9 @@ pub struct DumpDiff {
 pub fn read(path: &Path) -> Result<DumpView, DiffError> {
     use std::io::Read;
     let p = path.display().to_string();
-    let io = |source| DiffError::Read {
+    let io = |error| DiffError::Read {
         path: p.clone(),
-        source,
+        error,
     };
     let f = std::fs::File::open(path).map_err(io)?;
     let meta = f.metadata().map_err(io)?;
@@ -271,9 +271,9 @@ pub fn read(path: &Path) -> Result<DumpView, DiffError> {
 /// Parses the bytes of one dump (`path` names it in errors).
 pub fn parse(path: &str, bytes: &[u8]) -> Result<DumpView, DiffError> {
     let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|source| DiffError::NotJson {
+        serde_json::from_slice(bytes).map_err(|error| DiffError::NotJson {
             path: path.into(),
-            source,
+            error,
         })?;
     let not_a_dump = |why: String| DiffError::NotADump {
         path: path.into(),
