@@ -426,7 +426,7 @@ pub fn render(d: &DumpData) -> String {
                 )?;
             }
             let label = if mark {
-                format!("bar: several states ({mixed_cells} cells)")
+                format!("mixed ({mixed_cells} cells)")
             } else {
                 format!("{} ({})", class.name(), counts[k])
             };
