@@ -92,10 +92,22 @@ pub struct ReplayArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Write an SVG plot of intact 2 MiB blocks over time, one line per policy, to FILE
-    /// (checked before the trace is read).
-    #[arg(long, value_name = "FILE.svg")]
+    /// Write a plot of intact 2 MiB blocks over time, one line per policy, to FILE (checked
+    /// before the trace is read). The format follows the extension: .svg or none = SVG, .png =
+    /// PNG (rendered from the SVG); any other extension is refused unless --plot-format says
+    /// which to write.
+    #[arg(long, value_name = "FILE.svg|FILE.png")]
     pub plot: Option<PathBuf>,
+
+    /// The --plot file's format whatever its name: `svg` or `png`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "svg|png",
+        requires = "plot",
+        hide_possible_values = true
+    )]
+    pub plot_format: Option<crate::output::PlotFormat>,
 
     /// No progress lines on stderr (reading progress, one line per policy, plot written).
     #[arg(long, short)]
@@ -200,6 +212,9 @@ pub enum ReplayError {
     /// `--kvm` needs the `veil` binary.
     #[error("--kvm needs a VM: run it as `veil replay --kvm`")]
     KvmUnavailable,
+    /// The `--plot` file's name asks for a format that cannot be written, or PNG failed.
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
 }
 
 /// The classification rules the arguments give.
@@ -238,6 +253,7 @@ pub fn check_args(a: &ReplayArgs) -> Result<(), ReplayError> {
         }
     }
     if let Some(p) = &a.plot {
+        crate::output::plot_format(a.plot_format, p)?;
         check_output_path(p).map_err(|e| {
             ReplayError::Io(format!("cannot write plot {} (--plot)", p.display()), e)
         })?;
@@ -565,10 +581,7 @@ pub fn emit_sweep(a: &ReplayArgs, r: &SweepReport, out: &mut dyn Write) -> Resul
     buf.flush().map_err(w)?;
     if let Some(path) = &a.plot {
         let title = format!("Failed allocations across {}", r.sweep.key.name());
-        create_output(path)
-            .and_then(|mut f| f.write_all(crate::sweep::render_svg(r, &title).as_bytes()))
-            .map_err(|e| ReplayError::Io(format!("cannot write plot {}", path.display()), e))?;
-        progress(a, format_args!("plot written to {}", path.display()));
+        write_plot(a, path, &crate::sweep::render_svg(r, &title))?;
     }
     Ok(())
 }
@@ -664,10 +677,28 @@ pub fn emit(a: &ReplayArgs, r: &Report, out: &mut dyn Write) -> Result<(), Repla
             "Intact 2 MiB blocks; {} unmapped allocations ({})",
             r.classification.unmapped_allocs, r.classification.rule
         );
-        create_output(path)
-            .and_then(|mut f| f.write_all(crate::plot::render_svg(&r.policies, &title).as_bytes()))
-            .map_err(|e| ReplayError::Io(format!("cannot write plot {}", path.display()), e))?;
-        progress(a, format_args!("plot written to {}", path.display()));
+        write_plot(a, path, &crate::plot::render_svg(&r.policies, &title))?;
+    }
+    Ok(())
+}
+
+/// Writes the `--plot` file in the format its name (or `--plot-format`) asks for, and
+/// announces it on stderr.
+fn write_plot(a: &ReplayArgs, path: &Path, svg: &str) -> Result<(), ReplayError> {
+    let format = crate::output::plot_format(a.plot_format, path)?;
+    let png;
+    let bytes = match format {
+        crate::output::PlotFormat::Svg => svg.as_bytes(),
+        crate::output::PlotFormat::Png => {
+            png = crate::output::svg_to_png(svg)?;
+            &png
+        }
+    };
+    create_output(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| ReplayError::Io(format!("cannot write plot {}", path.display()), e))?;
+    if !a.quiet {
+        crate::output::announce_written("plot", path, format.name(), bytes.len() as u64);
     }
     Ok(())
 }

@@ -4,7 +4,8 @@
 //! allocations are unmapped ([`classify`], by [`gfp`] flag rules or a seeded fraction), replays
 //! the same events through each [`policy`] on the same amount of memory, and reports the stage-2
 //! work (the TLB-flush analogue), direct-map fragmentation and memslot needs of each
-//! ([`tracker`], [`report`], [`plot`]); with `--sensitive`, also the ranges an ASI view
+//! ([`tracker`], [`report`], [`plot`]; [`output`] picks a file's format from its name,
+//! renders SVG to PNG and announces every file written); with `--sensitive`, also the ranges an ASI view
 //! switch would toggle under each placement ([`sensitive`]). Every policy drives stage 2 through
 //! [`allocator::Stage2`], so the same code runs on a pure model or, from the `vmm` crate, on a
 //! real VM's memslots.
@@ -15,6 +16,7 @@ pub mod classify;
 pub mod cli;
 pub mod flush;
 pub mod gfp;
+pub mod output;
 pub mod parse;
 pub mod pfn_table;
 pub mod plot;

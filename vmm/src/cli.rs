@@ -108,7 +108,8 @@ Exit codes of `veil run` (list-tests, caps and replay: see their --help):
      --fail-on-skip, or a test's outcome differed between --repeat runs (flaky); with
      --kernel: the kernel reported FAIL, or made a violation
   2  usage or configuration error: bad option (clap's errors included; --repeat 0), bad --mem
-     size, invalid guest ELF, unknown or empty test name in --tests, unwritable --dump-ept,
+     size, invalid guest ELF, unknown or empty test name in --tests, a --dump-ept name whose
+     extension is a format veil cannot write (.pdf, .jpg, ...), unwritable --dump-ept,
      --console or --junit path (a FIFO without a reader or a socket included: writing would
      block; checked before the guest boots; a dump or JUnit file that still fails at exit
      turns a passing run's 0 into 2), /dev/kvm unavailable
@@ -148,6 +149,8 @@ Examples:
   veil run --mem 1G --dump-ept dump.svg   SVG picture (format from the extension)
   veil run --quiet --junit results.xml --fail-on-skip   for CI: one line, JUnit XML, skips fail
   veil run --tests hypercall_timing --repeat 5   timing figures as median/min/max of 5 runs
+  veil run --mem 1G --dump-ept dump.svg   SVG picture (format from the extension; .png too)
+  veil dump diff dump.1.json dump.json  what changed between two JSON dumps
   veil run --guest my-kernel.elf --on-violation kill --timeout 10
   veil run --kernel x86/smptest.flat --vcpus 2   a kvm-unit-tests image (multiboot)
   veil run --kernel vmlinux --cmdline console=ttyS0 --secret 0x8000000,16M
@@ -193,6 +196,9 @@ pub enum Command {
     /// vCPUs, without stopping it.
     #[command(long_about = crate::control::inspect::INSPECT_ABOUT, after_long_help = crate::control::inspect::INSPECT_AFTER)]
     Inspect(crate::control::inspect::InspectArgs),
+    /// Work with stage-2 dump files: `veil dump diff A.json B.json` shows the ranges, memslots
+    /// and counters that changed between two JSON dumps.
+    Dump(crate::dump::cli::DumpArgs),
 }
 
 /// `--mem`'s parser: the one size parser, with `veil run`'s bounds.
@@ -313,8 +319,12 @@ pub struct RunArgs {
     /// Write stage-2 ("EPT") dumps: every GPA range with state (sensitive included),
     /// freetype, memslot, host address and its permission in both ASI views (restricted,
     /// full), the VM's current view, the memslot table, allocator and engine counters, KVM's binary stats. The
-    /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg by format; "-" =
-    /// stdout); each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
+    /// exit-time dump goes to FILE (default: veil-dump.txt / .json / .svg / .png by format, in
+    /// the current directory, the name announced on stderr; "-" = stdout); every file written
+    /// is announced on stderr (`veil: wrote stage-2 dump to FILE (svg, 312 KB)`, also with
+    /// --json). The format follows FILE's extension unless --dump-format says otherwise: .json,
+    /// .svg, .png; .txt, none or another: text; one that names a format veil cannot write
+    /// (.pdf, .jpg, .html, ...) is refused before the guest boots. Each dump the guest requests (Hc::Dump) goes to a numbered file beside it:
     /// dump.json -> dump.1.json, dump.2.json, ... (only beside a regular file: with /dev/null or
     /// a link to it they are not written). The directory must exist; the path is checked before
     /// the guest boots (a FIFO without a reader or a socket is refused: it would block). With
@@ -323,13 +333,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE", num_args = 0..=1)]
     pub dump_ept: Option<Option<PathBuf>>,
 
-    /// Dump format: `text` (tables for people), `json` (one document for tools), `svg` (a
-    /// picture: one cell per 2 MiB pageblock coloured by state, with a legend). Default: from
-    /// the FILE's extension (.json, .svg), otherwise text.
+    /// Dump format: `text` (tables for people), `json` (one document for tools; `veil dump
+    /// diff` compares two), `svg` (a picture on a GPA grid: rows labelled with their GPA, one
+    /// cell per 2 MiB pageblock, or per N pageblocks above 4,096 of them (the legend says N;
+    /// a cell shows its worst state, unmapped first), memslot boundaries drawn, the legend at
+    /// the top), `png` (the SVG rendered to PNG at twice its size). Default: from the FILE's
+    /// extension (.json, .svg, .png), otherwise text.
     #[arg(
         long,
         value_enum,
-        value_name = "text|json|svg",
+        value_name = "text|json|svg|png",
         hide_possible_values = true
     )]
     pub dump_format: Option<DumpFormat>,
@@ -543,31 +556,17 @@ fn vm_error(e: VmError, guest: &GuestArgs) -> Failure {
     }
 }
 
-/// The dump format: the one asked for, else the one FILE's extension names, else text.
+/// The dump format: the one asked for, else the one FILE's extension names, else text (an
+/// extension naming a format Veil cannot write also gives text here: [`dump_config`] refuses
+/// it through [`crate::dump::format::resolve`]).
 pub fn dump_format(explicit: Option<DumpFormat>, file: Option<&std::path::Path>) -> DumpFormat {
-    explicit.unwrap_or_else(|| {
-        match file
-            .and_then(|f| f.extension())
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("json") => DumpFormat::Json,
-            Some("svg") => DumpFormat::Svg,
-            _ => DumpFormat::Text,
-        }
-    })
+    crate::dump::format::resolve(explicit, file).unwrap_or(DumpFormat::Text)
 }
 
 /// The exit-time dump target for `--dump-ept [FILE]` (`None`: the flag without a file).
 pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTarget {
     let Some(arg) = arg else {
-        let ext = match format {
-            DumpFormat::Text => "txt",
-            DumpFormat::Json => "json",
-            DumpFormat::Svg => "svg",
-        };
-        return DumpTarget::File(PathBuf::from(format!("veil-dump.{ext}")));
+        return DumpTarget::File(PathBuf::from(format!("veil-dump.{}", format.extension())));
     };
     if arg.as_os_str() == "-" {
         DumpTarget::Stdout
@@ -577,12 +576,14 @@ pub fn dump_target(arg: Option<&std::path::Path>, format: DumpFormat) -> DumpTar
 }
 
 /// `--dump-ept [FILE]` / `--dump-format` of `veil run` (Veil guests and `--kernel` alike),
-/// checked before the guest boots.
+/// checked before the guest boots: a name whose extension is a format Veil cannot write is
+/// refused; without a name, the chosen one is announced.
 pub fn dump_config(args: &RunArgs) -> Result<Option<DumpConfig>, Failure> {
     let Some(d) = &args.dump_ept else {
         return Ok(None);
     };
-    let format = dump_format(args.dump_format, d.as_deref());
+    let format =
+        crate::dump::format::resolve(args.dump_format, d.as_deref()).map_err(anyhow::Error::new)?;
     let target = dump_target(d.as_deref(), format);
     if args.json && target == DumpTarget::Stdout {
         return Err(anyhow::anyhow!(
@@ -592,6 +593,16 @@ pub fn dump_config(args: &RunArgs) -> Result<Option<DumpConfig>, Failure> {
     }
     if let DumpTarget::File(p) = &target {
         check_output_path(p, "the stage-2 dump")?;
+        if d.is_none() {
+            replay::output::announce(&format!(
+                "--dump-ept without a file name: the exit dump goes to {} ({}), guest-requested ones beside it",
+                std::env::current_dir()
+                    .map(|c| c.join(p))
+                    .unwrap_or_else(|_| p.clone())
+                    .display(),
+                format.name()
+            ));
+        }
     }
     Ok(Some(DumpConfig { target, format }))
 }
@@ -626,6 +637,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
         cfg.console = ConsoleSink::Stderr;
     }
     if args.quiet {
+        replay::output::set_quiet(true);
         if args.guest.console.is_none() {
             cfg.console = ConsoleSink::Null;
         }
@@ -671,8 +683,7 @@ pub fn cmd_run(args: &RunArgs, start: Instant) -> Result<i32, Failure> {
     }
     if let Some(p) = &args.junit {
         match crate::report::ci::write_junit(&report, p) {
-            Ok(()) if !args.quiet => say(&format!("wrote JUnit XML to {}", p.display())),
-            Ok(()) => {}
+            Ok(()) => replay::output::announce(&format!("wrote JUnit XML to {}", p.display())),
             Err(e) => {
                 say(&format!("error: {e:#}"));
                 if code == exit_code::OK {
@@ -742,11 +753,6 @@ fn print_run(report: &RunReport, json: bool) -> Result<()> {
     if let Some(r) = &report.repeat {
         print!("{}", r.lines());
     }
-    for d in &report.dumps {
-        if d != "-" {
-            println!("dump written: {d}");
-        }
-    }
     for e in &report.dump_errors {
         say(&format!("error: {e}"));
     }
@@ -807,6 +813,9 @@ pub fn main_with(cli: Cli, start: Instant) -> i32 {
         Command::Caps(a) => cmd_caps(a),
         Command::Replay(a) => crate::replay_kvm::run(a).map_err(Failure::from),
         Command::Inspect(a) => crate::control::inspect::cmd_inspect(a),
+        Command::Dump(a) => {
+            crate::dump::cli::run(a).map_err(|e| Failure::from(anyhow::Error::new(e)))
+        }
     };
     match r {
         Ok(code) => code,

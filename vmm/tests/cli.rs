@@ -556,7 +556,7 @@ fn bad_option_values_are_usage_errors_before_boot() {
             vec!["--stage2", "ept"],
             "[possible values: slots, mprotect]",
         ),
-        (vec!["--dump-format", "png"], "--dump-format"),
+        (vec!["--dump-format", "pdf"], "--dump-format"),
         (
             vec!["--dump-ept", missing_dir.to_str().unwrap()],
             "does not exist",

@@ -239,7 +239,7 @@ fn dump_ept_shows_the_secret_ranges_unreachable() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{name}: {stderr}");
         assert!(
-            stderr.contains(&format!("dump written: {dump_s}")),
+            stderr.contains(&format!("veil: wrote stage-2 dump to {dump_s} (")),
             "{stderr}"
         );
         let text = std::fs::read_to_string(&dump).unwrap();

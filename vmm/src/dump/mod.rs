@@ -1,10 +1,15 @@
 //! Stage-2 ("EPT") dumps: what the guest can reach, gathered at one moment and rendered as text,
-//! JSON or SVG.
+//! JSON, SVG or PNG.
 //!
 //! [`gather`] collects a [`DumpData`] from the allocator, its stage-2 engine and KVM's binary
 //! statistics (or, for a foreign kernel, from the stage-2 engine alone: [`DumpSource`]);
-//! [`text`], [`json`] and [`svg`] render it. The JSON schema is documented on [`DumpData`].
+//! [`text`], [`json`] and [`svg`] render it, PNG is the SVG rasterised
+//! ([`replay::output::svg_to_png`]). The JSON schema is documented on [`DumpData`]; [`diff`]
+//! compares two JSON dumps (`veil dump diff`); [`format`] picks a format from a file name.
 
+pub mod cli;
+pub mod diff;
+pub mod format;
 pub mod json;
 pub mod svg;
 pub mod text;
@@ -26,8 +31,32 @@ pub enum DumpFormat {
     Text,
     /// One JSON document for tools (schema: [`DumpData`]).
     Json,
-    /// A picture of memory, one cell per pageblock.
+    /// A picture of memory: cells of pageblocks on a GPA grid, with a legend.
     Svg,
+    /// The SVG picture rendered to PNG.
+    Png,
+}
+
+impl DumpFormat {
+    /// Lower-case name ("text", "json", "svg", "png").
+    pub const fn name(self) -> &'static str {
+        match self {
+            DumpFormat::Text => "text",
+            DumpFormat::Json => "json",
+            DumpFormat::Svg => "svg",
+            DumpFormat::Png => "png",
+        }
+    }
+
+    /// The extension of a file in this format ("txt", "json", "svg", "png").
+    pub const fn extension(self) -> &'static str {
+        match self {
+            DumpFormat::Text => "txt",
+            DumpFormat::Json => "json",
+            DumpFormat::Svg => "svg",
+            DumpFormat::Png => "png",
+        }
+    }
 }
 
 /// Where a dump's stage 2 comes from.
@@ -158,7 +187,7 @@ pub struct DumpData {
 }
 
 /// The allocator's managed range.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, serde::Deserialize)]
 pub struct Managed {
     /// First managed pfn.
     pub base_pfn: u64,
@@ -169,7 +198,7 @@ pub struct Managed {
 }
 
 /// Page and slot totals.
-#[derive(Clone, Copy, Debug, Serialize, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Default, PartialEq, Eq, serde::Deserialize)]
 pub struct Totals {
     /// Pages in reserved ranges.
     pub reserved_pages: u64,
@@ -190,7 +219,7 @@ pub struct Totals {
 }
 
 /// One GPA range of a dump.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, PartialEq, Eq, serde::Deserialize)]
 pub struct DumpRange {
     /// First GPA.
     pub start: u64,
@@ -216,7 +245,7 @@ pub struct DumpRange {
 }
 
 /// One memslot of a dump.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, serde::Deserialize)]
 pub struct DumpSlot {
     /// Slot id.
     pub slot: u32,
@@ -422,13 +451,30 @@ fn free_rows(snap: &Snapshot) -> Vec<FreeRow> {
         .collect()
 }
 
-/// Renders a dump in `format`.
+/// Renders a dump in `format` as text (PNG: the SVG it is rasterised from; [`render_bytes`]
+/// gives the PNG itself).
 pub fn render<B: Stage2Backend>(input: &DumpInput<'_, B>, format: DumpFormat) -> String {
-    let data = gather(input);
+    render_data(&gather(input), format)
+}
+
+/// Renders gathered dump data as text (PNG: its SVG).
+pub fn render_data(data: &DumpData, format: DumpFormat) -> String {
     match format {
-        DumpFormat::Text => text::render(&data),
-        DumpFormat::Json => json::render(&data),
-        DumpFormat::Svg => svg::render(&data),
+        DumpFormat::Text => text::render(data),
+        DumpFormat::Json => json::render(data),
+        DumpFormat::Svg | DumpFormat::Png => svg::render(data),
+    }
+}
+
+/// Renders a dump in `format` as the bytes of its file.
+pub fn render_bytes<B: Stage2Backend>(
+    input: &DumpInput<'_, B>,
+    format: DumpFormat,
+) -> Result<Vec<u8>, replay::output::OutputError> {
+    let text = render(input, format);
+    match format {
+        DumpFormat::Png => replay::output::svg_to_png(&text),
+        _ => Ok(text.into_bytes()),
     }
 }
 

@@ -390,3 +390,197 @@ fn engine_only_dump_labels_owned_spans() {
         "{svg}"
     );
 }
+
+/// A dump of `ram` bytes: reserved [0, 4 MiB), mapped elsewhere, unmapped over `unmapped`,
+/// with the given memslots.
+fn synthetic(ram: u64, unmapped: &[(u64, u64)], memslots: &[(u64, u64)]) -> DumpData {
+    let r = |start: u64, end: u64, state, ft: &str| DumpRange {
+        start,
+        end,
+        state,
+        freetype: ft.into(),
+        slot: None,
+        host_addr: 0,
+        pages: (end - start) / PAGE_SIZE,
+        restricted: View::RESTRICTED.perm(state),
+        full: View::FULL.perm(state),
+        owner: None,
+    };
+    let mut ranges = vec![r(0, RESERVED, RangeState::Reserved, "reserved")];
+    let mut at = RESERVED;
+    for &(s, e) in unmapped {
+        if at < s {
+            ranges.push(r(at, s, RangeState::Mapped, "unmovable"));
+        }
+        ranges.push(r(s, e, RangeState::Unmapped, "unmovable|unmapped"));
+        at = e;
+    }
+    if at < ram {
+        ranges.push(r(at, ram, RangeState::Mapped, "unmovable"));
+    }
+    DumpData {
+        format_version: 1,
+        reason: "exit".into(),
+        stage2_backend: "slots".into(),
+        asi_view: AsiView::Restricted,
+        ram_size: ram,
+        reserved_end: RESERVED,
+        page_size: PAGE_SIZE,
+        pageblock_size: 2 * MIB,
+        managed: None,
+        totals: Totals {
+            pageblocks: ram / (2 * MIB),
+            memslots: memslots.len() as u64,
+            ..Totals::default()
+        },
+        ranges,
+        memslots: memslots
+            .iter()
+            .enumerate()
+            .map(|(i, &(gpa, len))| DumpSlot {
+                slot: i as u32,
+                gpa,
+                len,
+                readonly: false,
+                host_addr: 0,
+            })
+            .collect(),
+        allocator: None,
+        free_by_freetype: None,
+        stage2: Default::default(),
+        kvm_stats: None,
+        mermap: None,
+    }
+}
+
+/// The attribute `name` of every element `tag` whose `class` attribute starts with `class`.
+fn attrs(svg: &str, tag: &str, class: &str, name: &str) -> Vec<String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_str(svg);
+    let mut out = Vec::new();
+    loop {
+        match reader.read_event().expect("SVG must be well-formed XML") {
+            Event::Start(e) | Event::Empty(e) if e.name().as_ref() == tag.as_bytes() => {
+                let get = |k: &str| {
+                    e.try_get_attribute(k)
+                        .unwrap()
+                        .map(|a| String::from_utf8(a.value.to_vec()).unwrap())
+                };
+                if get("class").is_some_and(|c| c.starts_with(class)) {
+                    if let Some(v) = get(name) {
+                        out.push(v);
+                    }
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// 64 GiB (32 k pageblocks) with one unmapped pageblock: 4,096 cells of 8 pageblocks, the one
+/// red cell kept, the legend at the top saying N, under 1 MB and one screen wide.
+#[test]
+fn a_64_gib_svg_aggregates_and_keeps_the_one_red_cell() {
+    const GIB: u64 = 1 << 30;
+    let hole = (40 * GIB + 6 * MIB, 40 * GIB + 8 * MIB);
+    let d = synthetic(
+        64 * GIB,
+        &[hole],
+        &[(0, hole.0), (hole.1, 64 * GIB - hole.1)],
+    );
+    assert_eq!(svg::blocks_per_cell(32768), 8);
+    let s = svg::render(&d);
+    assert!(s.len() < 1_000_000, "{} bytes", s.len());
+    let (total, by_class) = count_cells(&s);
+    assert_eq!(total, 4096);
+    assert_eq!(by_class.get("unmapped"), Some(&1), "{by_class:?}");
+    assert_eq!(
+        attrs(&s, "rect", "cell unmapped", "fill"),
+        [CellClass::Unmapped.colour()]
+    );
+    let head = &s[..s.find("<g id=\"pageblocks\"").unwrap()];
+    assert!(
+        head.contains("one cell = N = 8 pageblocks (16 MiB)"),
+        "{head}"
+    );
+    assert!(
+        head.contains("unmapped (1)"),
+        "the legend counts pageblocks"
+    );
+    assert!(head.contains("memslot boundary (2)"), "{head}");
+    // The svg element's size: one screen wide, a few hundred px tall.
+    let tag = &s[s.find("<svg").unwrap()..];
+    let num = |k: &str| -> u64 {
+        let at = tag.find(&format!("{k}=\"")).unwrap() + k.len() + 2;
+        tag[at..at + tag[at..].find('"').unwrap()].parse().unwrap()
+    };
+    assert!(num("width") <= 1600, "width {}", num("width"));
+    assert!(num("height") <= 600, "height {}", num("height"));
+    // Row labels: the row at 40 GiB exists (a row is 2 GiB here).
+    assert!(s.contains("0xa_0000_0000 40 GiB"), "row labels");
+    // The red cell is where its GPA says: cell 40 GiB / 16 MiB = 2560.
+    let (x, y) = svg::tile_origin(4096, 2560);
+    assert!(
+        s.contains(&format!(r#"class="cell unmapped" x="{x}" y="{y}""#)),
+        "red cell at {x},{y}"
+    );
+    // Both memslot boundaries drawn, at the cell of their GPA.
+    let bars = s.matches("<title>memslot boundary").count();
+    assert_eq!(bars, 2);
+}
+
+/// The dump renders to a PNG whose pixels show the unmapped cell red, the mapped ones green,
+/// and the legend's swatches at the top.
+#[test]
+fn the_svg_renders_to_a_png_with_the_colours_where_the_cells_are() {
+    let d = synthetic(256 * MIB, &[(100 * MIB, 102 * MIB)], &[(0, 100 * MIB)]);
+    let svg_text = svg::render(&d);
+    let png = replay::output::svg_to_png(&svg_text).unwrap();
+    let img = resvg_pixmap(&png);
+    let tag = &svg_text[svg_text.find("<svg").unwrap()..];
+    let w: u32 = tag[tag.find("width=\"").unwrap() + 7..]
+        .split('"')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(img.0, w * 2, "twice the SVG's width");
+    let px = |x: u64, y: u64| img.2[(y * img.0 as u64 + x) as usize];
+    let hex = |c: &str| {
+        let v = u32::from_str_radix(&c[1..], 16).unwrap();
+        [(v >> 16) as u8, (v >> 8) as u8, v as u8]
+    };
+    // The centre of a cell (top half: the mixed bar is at the bottom), at scale 2.
+    let centre = |(x, y): (u64, u64)| px(2 * x + 10, 2 * y + 6);
+    let (cells_n, block) = (128, 50); // 256 MiB: 128 pageblocks; 100 MiB is pageblock 50
+    assert_eq!(
+        centre(svg::tile_origin(cells_n, block)),
+        hex(CellClass::Unmapped.colour())
+    );
+    assert_eq!(
+        centre(svg::tile_origin(cells_n, 60)),
+        hex(CellClass::Mapped.colour())
+    );
+    assert_eq!(
+        centre(svg::tile_origin(cells_n, 0)),
+        hex(CellClass::Reserved.colour())
+    );
+    let (lx, ly) = svg::legend_swatch(CellClass::Unmapped);
+    assert!(
+        ly < svg::tile_origin(cells_n, 0).1,
+        "the legend is above the grid"
+    );
+    assert_eq!(centre((lx, ly)), hex(CellClass::Unmapped.colour()));
+    // Text was drawn (some dark pixels in the title line).
+    let dark = (0..img.0 as u64)
+        .filter(|&x| px(x, 2 * 12).iter().all(|&c| c < 80))
+        .count();
+    assert!(dark > 50, "title text rendered ({dark} dark pixels)");
+}
+
+/// Decodes a PNG: (width, height, RGB pixels).
+fn resvg_pixmap(png: &[u8]) -> (u32, u32, Vec<[u8; 3]>) {
+    replay::output::decode_png(png).expect("a PNG")
+}

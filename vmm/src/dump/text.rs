@@ -23,7 +23,7 @@ pub fn human(bytes: u64) -> String {
 }
 
 /// Short name of a permission ("none", "read", "read_write").
-fn perm_name(p: crate::stage2::Perm) -> &'static str {
+pub(super) fn perm_name(p: crate::stage2::Perm) -> &'static str {
     match p {
         crate::stage2::Perm::None => "none",
         crate::stage2::Perm::Read => "read",

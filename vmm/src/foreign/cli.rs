@@ -216,11 +216,6 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
         }
     }
     say(&report.summary());
-    if !args.json {
-        for d in report.dumps.iter().filter(|d| *d != "-") {
-            say(&format!("dump written: {d}"));
-        }
-    }
     for e in &report.dump_errors {
         say(&format!("error: {e}"));
     }

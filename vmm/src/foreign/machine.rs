@@ -411,8 +411,8 @@ fn exit_dump(
         host_addr: &host_addr,
         mermap: None,
     };
-    let text = crate::dump::render(&input, dcfg.format);
-    match crate::session::write_out(&text, crate::session::exit_path(&dcfg.target).as_deref()) {
+    let path = crate::session::exit_path(&dcfg.target);
+    match crate::session::render_and_write(&input, dcfg.format, path.as_deref()) {
         Ok(name) => (vec![name], Vec::new()),
         Err(msg) => (Vec::new(), vec![msg]),
     }

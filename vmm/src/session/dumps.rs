@@ -22,7 +22,7 @@ pub enum DumpTarget {
 pub struct DumpConfig {
     /// Where.
     pub target: DumpTarget,
-    /// Text, JSON or SVG.
+    /// Text, JSON, SVG or PNG.
     pub format: DumpFormat,
 }
 
@@ -59,25 +59,53 @@ impl DumpConfig {
     }
 }
 
-/// Writes a rendered dump to `path` (None: stdout); returns the name the report lists ("-"
-/// for stdout) or the error message. Shared by Veil guests and foreign kernels.
-pub fn write_out(text: &str, path: Option<&std::path::Path>) -> Result<String, String> {
+/// Writes a rendered dump in `format` to `path` (None: stdout) and announces a file on stderr
+/// ([`announce_dump`]); returns the name the report lists ("-" for stdout) or the error
+/// message. Shared by Veil guests and foreign kernels.
+pub fn write_out(
+    bytes: &[u8],
+    format: DumpFormat,
+    path: Option<&std::path::Path>,
+) -> Result<String, String> {
     match path {
         None => {
             use std::io::Write;
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(text.as_bytes());
-            if !text.ends_with('\n') {
+            let _ = out.write_all(bytes);
+            if format != DumpFormat::Png && !bytes.ends_with(b"\n") {
                 let _ = out.write_all(b"\n");
             }
             Ok("-".into())
         }
         // Never blocks on a FIFO whose reader went away since the check before boot.
         Some(p) => replay::cli::create_output(p)
-            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
-            .map(|()| p.display().to_string())
+            .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
+            .map(|()| {
+                announce_dump(p, format, bytes.len() as u64);
+                p.display().to_string()
+            })
             .map_err(|e| format!("cannot write dump {}: {e}", p.display())),
     }
+}
+
+/// Announces on stderr a dump file just written: `veil: wrote stage-2 dump to PATH (svg,
+/// 312 KB)`, also with `--json`; silenced by [`replay::output::set_quiet`].
+pub fn announce_dump(path: &std::path::Path, format: DumpFormat, bytes: u64) {
+    replay::output::announce_written("stage-2 dump", path, format.name(), bytes);
+}
+
+/// Renders a dump for its file and writes it ([`write_out`]); a PNG that cannot be rendered
+/// is an error message like a failed write.
+pub fn render_and_write<B: crate::stage2::Stage2Backend>(
+    input: &DumpInput<'_, B>,
+    format: DumpFormat,
+    path: Option<&std::path::Path>,
+) -> Result<String, String> {
+    let bytes = crate::dump::render_bytes(input, format).map_err(|e| {
+        let name = path.map_or("-".into(), |p| p.display().to_string());
+        format!("cannot write dump {name}: {e}")
+    })?;
+    write_out(&bytes, format, path)
 }
 
 /// The exit dump's path for `target` (None: stdout).
@@ -108,8 +136,13 @@ impl Session {
         })
     }
 
-    pub(super) fn render_dump(&self, reason: &str, format: DumpFormat) -> String {
-        self.with_dump_input(reason, |input| crate::dump::render(input, format))
+    fn render_and_write(
+        &self,
+        reason: &str,
+        format: DumpFormat,
+        path: Option<&std::path::Path>,
+    ) -> Result<String, String> {
+        self.with_dump_input(reason, |input| render_and_write(input, format, path))
     }
 
     /// The exit-time dump as JSON.
@@ -121,8 +154,7 @@ impl Session {
         let Some(cfg) = self.dump.clone() else {
             return;
         };
-        let text = self.render_dump(reason, cfg.format);
-        match write_out(&text, path.as_deref()) {
+        match self.render_and_write(reason, cfg.format, path.as_deref()) {
             Ok(name) => self.dumps.push(name),
             Err(msg) => {
                 vmm_line(&msg);

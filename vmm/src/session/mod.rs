@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use veil_abi::{BootMode, Hc, Status, ABI_VERSION};
 
-pub use dumps::{exit_path, write_out, DumpConfig, DumpTarget};
+pub use dumps::{announce_dump, exit_path, render_and_write, write_out, DumpConfig, DumpTarget};
 pub use live::MAX_REPLY_RECORDS;
 
 use crate::addr::Gpa;

@@ -14,7 +14,7 @@ use super::{EngineError, Perm, RangeState, Stage2Backend, View};
 use crate::addr::Gpa;
 
 /// The VM's ASI view.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AsiView {
     /// Sensitive pages absent (the view the guest boots in and returns to at `Hc::AsiEnter`).
