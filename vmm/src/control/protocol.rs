@@ -54,6 +54,7 @@ pub fn format_name(f: DumpFormat) -> &'static str {
         DumpFormat::Text => "text",
         DumpFormat::Json => "json",
         DumpFormat::Svg => "svg",
+        DumpFormat::Png => "png",
     }
 }
 

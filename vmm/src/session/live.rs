@@ -51,7 +51,7 @@ impl Session {
         const REASON: &str = "control socket request";
         let dump = match format {
             DumpFormat::Json => self.with_dump_input(REASON, crate::dump::to_json_value),
-            _ => Value::String(self.render_dump(REASON, format)),
+            _ => Value::String(self.with_dump_input(REASON, |i| crate::dump::render(i, format))),
         };
         json!({
             "format": crate::control::protocol::format_name(format),
