@@ -2,8 +2,7 @@
 //! `--repeat`, `--fail-on-skip`, RIPs resolved to guest symbols, named registers in JSON.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 use serde_json::Value;
 
@@ -11,24 +10,8 @@ use serde_json::Value;
 mod kvm_gate;
 
 use kvm_gate::kvm_available;
-
-fn veil(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .output()
-        .expect("run veil")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("veil-ci-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{scratch, text, veil};
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);

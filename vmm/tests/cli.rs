@@ -2,34 +2,14 @@
 //! the package that defines the binary): exit codes, the JSON document, dumps, bad input.
 //! Library-level end-to-end tests live in the `veil-tests` crate (`tests/`).
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
 #[path = "../../tests/src/kvm_gate.rs"]
 mod kvm_gate;
 
 use kvm_gate::kvm_available;
-
-fn veil(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .output()
-        .expect("run veil")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// A scratch directory for this test.
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("veil-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+mod common;
+use common::{scratch, text, veil};
 
 fn write_guest(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
     let p = dir.join(name);

@@ -12,6 +12,8 @@ use serde_json::Value;
 mod kvm_gate;
 
 use kvm_gate::kvm_available;
+mod common;
+use common::{scratch, text};
 
 fn veil_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_veil"))
@@ -19,17 +21,6 @@ fn veil_in(dir: &Path, args: &[&str]) -> Output {
         .current_dir(dir)
         .output()
         .expect("run veil")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("veil-dumpfiles-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A tiny guest: Hc::Dump, Hc::Alloc(order 0, GFP UNMAPPED) (a pageblock flips to unmapped),

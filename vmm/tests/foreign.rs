@@ -3,8 +3,8 @@
 //! dropped stores, kill, both stage-2 backends), the `--dump-ept` of a foreign kernel and the
 //! usage errors for bad kernels and ranges.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 use serde_json::Value;
 
@@ -12,28 +12,16 @@ use serde_json::Value;
 mod kvm_gate;
 
 use kvm_gate::kvm_available;
+mod common;
+use common::{scratch, veil};
 
 const SECRET: u32 = 0x0100_0000;
-
-fn veil(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .output()
-        .expect("run veil")
-}
 
 /// `veil run --kernel K --mem 64M --timeout 20` followed by `extra`.
 fn run_kernel(k: &str, extra: &[&str]) -> Output {
     let mut args = vec!["run", "--kernel", k, "--mem", "64M", "--timeout", "20"];
     args.extend_from_slice(extra);
     veil(&args)
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("veil-foreign-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// A multiboot kernel with the address fields (flag 16) loaded at 1 MiB, entered at `code`.
@@ -461,4 +449,67 @@ fn mutated_kernels_never_panic() {
         *codes.entry(code.unwrap_or(-1)).or_insert(0) += 1;
     }
     eprintln!("exit codes of 100 mutants: {codes:?}");
+}
+
+/// A multiboot ELF64 (no address fields: loaded by its program header at 1 MiB) whose code is
+/// `touch_secret` after the multiboot header, with a symbol table naming both.
+fn touch_secret_elf() -> Vec<u8> {
+    let magic = 0x1bad_b002u32;
+    let sum = 0u32.wrapping_sub(magic);
+    let mut code = Vec::new();
+    for w in [magic, 0, sum] {
+        code.extend_from_slice(&w.to_le_bytes());
+    }
+    let body = touch_secret();
+    code.extend_from_slice(&body);
+    let gpa = 0x10_0000u64;
+    let mut elf = vmm::elf::build_elf(gpa, &code, 0);
+    elf[24..32].copy_from_slice(&(gpa + 12).to_le_bytes()); // e_entry: past the header
+    vmm::symbols::add_symbols(
+        elf,
+        gpa,
+        code.len() as u64,
+        &[
+            ("mb_header", 0, 12),
+            ("touch_secret", 12, body.len() as u64),
+        ],
+    )
+}
+
+#[test]
+fn violation_rips_are_named_from_the_kernel_elf() {
+    if !kvm_available() {
+        return;
+    }
+    let d = scratch("symbols");
+    let k = write(&d, "k.elf", &touch_secret_elf());
+    let out = run_kernel(&k, &["--json", "--secret", "0x1000000,64K"]);
+    let j = json(&out);
+    assert_eq!(j["violations_total"], 2, "{j}");
+    let v = j["violations"].as_array().unwrap();
+    // Each RIP (the load is touch_secret's first instruction; a store's RIP is as KVM reports
+    // it) is named as its offset into touch_secret, which starts at 0x10000c.
+    assert_eq!(v[0]["rip_symbol"], "touch_secret+0x0", "{j}");
+    for r in v {
+        let rip = r["rip"].as_u64().unwrap();
+        assert!(
+            (0x10000c..0x10000c + touch_secret().len() as u64).contains(&rip),
+            "{j}"
+        );
+        assert_eq!(
+            r["rip_symbol"],
+            format!("touch_secret+{:#x}", rip - 0x10000c),
+            "{j}"
+        );
+    }
+    // The text form names them too; a flat binary of the same code has no names.
+    let out = run_kernel(&k, &["--secret", "0x1000000,64K"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("(rip 0x10000c (touch_secret+0x0), vCPU 0)"),
+        "{err}"
+    );
+    let flat = write(&d, "k.bin", &kernel(&touch_secret()));
+    let j = json(&run_kernel(&flat, &["--json", "--secret", "0x1000000,64K"]));
+    assert_eq!(j["violations"][0]["rip_symbol"], Value::Null, "{j}");
 }

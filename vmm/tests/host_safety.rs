@@ -21,16 +21,12 @@ mod memlock;
 
 use guests::kvm_available;
 
+mod common;
+use common::scratch;
+
 const VEIL: &str = env!("CARGO_BIN_EXE_veil");
 /// The byte the secret guest plants in its unmapped page (4096 of them).
 const SECRET: u8 = 0x5a;
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("veil-host-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A guest that allocates one unmapped page, has the host fill it with [`SECRET`]
 /// (`HostFill`, a test-harness call: run it with `--test-harness`), prints "R" on the UART and spins until stopped.

@@ -4,28 +4,17 @@
 //! inject` (the guest's handler counts the #VEs, the report counts them too; none under
 //! `report`).
 
-use std::process::{Command, Output};
-
 use serde_json::Value;
 
 #[path = "../../tests/src/kvm_gate.rs"]
 mod kvm_gate;
 
 use kvm_gate::kvm_available;
+mod common;
+use common::{text, veil};
 
 const MERMAP_TESTS: &str = "mermap_basic,mermap_size_edges,mermap_exhaustion,\
                             mermap_stale_until_wrap,mermap_flush_per_wrap,mermap_vcpu_isolation";
-
-fn veil(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_veil"))
-        .args(args)
-        .output()
-        .expect("run veil")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// Runs `args` with `--json` and an exit-time JSON dump; returns (report, dump, stderr).
 fn run_json(name: &str, args: &[&str]) -> (Value, Value, String) {

@@ -13,6 +13,8 @@ mod kvm_gate;
 mod memlock;
 
 use kvm_gate::kvm_available;
+mod common;
+use common::veil;
 
 const VEIL: &str = env!("CARGO_BIN_EXE_veil");
 
@@ -23,10 +25,6 @@ fn json(out: &Output) -> Value {
             String::from_utf8_lossy(&out.stderr)
         )
     })
-}
-
-fn veil(args: &[&str]) -> Output {
-    Command::new(VEIL).args(args).output().unwrap()
 }
 
 /// `veil` under an 8 MiB `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK` (which would ignore it).

@@ -138,6 +138,7 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
     let f = &args.foreign;
     let bytes = read_guest_file(kernel).context("cannot read the --kernel")?;
     let name = kernel.display().to_string();
+    let syms = crate::symbols::Symbols::from_elf(&bytes);
     let mut cfg = ForeignConfig::new(bytes, &name);
     cfg.cmdline = f.cmdline.clone().unwrap_or_default();
     for m in &f.module {
@@ -167,10 +168,11 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
     } else if args.json {
         cfg.console = ConsoleSink::Stderr;
     }
-    let report = foreign::run(cfg).map_err(|e| Failure {
+    let mut report = foreign::run(cfg).map_err(|e| Failure {
         code: exit_code::USAGE,
         error: anyhow::Error::new(e).context(format!("cannot boot {name}")),
     })?;
+    report.resolve_symbols(&syms);
     if args.json {
         let mut out = std::io::stdout().lock();
         serde_json::to_writer_pretty(&mut out, &report).context("cannot write the report")?;
@@ -178,13 +180,14 @@ pub fn cmd_run_kernel(args: &RunArgs, kernel: &Path, start: Instant) -> Result<i
     } else {
         for v in report.violations.iter().take(20) {
             say(&format!(
-                "violation: {} of {} bytes at {} (rip {:#x}, vCPU {}): {}",
+                "violation: {} of {} bytes at {} (rip {:#x}{}, vCPU {}): {}",
                 v.access,
                 v.size,
                 v.gpa
                     .map(|g| format!("{g:#x}"))
                     .unwrap_or_else(|| "an unknown address".into()),
                 v.rip,
+                crate::report::symbol_suffix(&v.rip_symbol),
                 v.vcpu,
                 v.action
             ));

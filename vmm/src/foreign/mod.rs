@@ -199,6 +199,8 @@ pub struct ForeignViolation {
     pub size: u32,
     /// Guest RIP.
     pub rip: u64,
+    /// `function+0xoff` of `rip` from the kernel ELF's symbol table (None: no symbols).
+    pub rip_symbol: Option<String>,
     /// vCPU index.
     pub vcpu: u32,
     /// Index of the `--secret` range (in `secrets[]`, sorted by start).
@@ -304,6 +306,28 @@ pub struct ForeignReport {
 pub const MAX_VIOLATIONS: usize = 10_000;
 
 impl ForeignReport {
+    /// Names every violation's RIP and the exit's registers' from `syms` (the kernel file's
+    /// symbol table; empty for a flat binary or a stripped ELF).
+    pub fn resolve_symbols(&mut self, syms: &crate::symbols::Symbols) {
+        if syms.is_empty() {
+            return;
+        }
+        for v in &mut self.violations {
+            v.rip_symbol = syms.name(v.rip);
+        }
+        match &mut self.exit {
+            ForeignExit::Killed { violation } => violation.rip_symbol = syms.name(violation.rip),
+            ForeignExit::Shutdown { regs, .. }
+            | ForeignExit::Crash { regs, .. }
+            | ForeignExit::Timeout { regs, .. } => {
+                if let Some(r) = regs {
+                    r.rip_symbol = syms.name(r.rip);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Veil's exit code: 0 for a debug-exit value of 0 (pass) or 38 (skip) with no violation;
     /// 1 for any other value or any violation; 2 for a pass whose `--dump-ept` could not be
     /// written; 3 for a crash, triple fault, kill, halt or timeout; 128 + signal when
@@ -346,14 +370,14 @@ impl ForeignReport {
             ForeignExit::Halted { vcpu, what } => format!("vCPU {vcpu} stopped: {what}"),
             ForeignExit::Shutdown { vcpu, regs } => format!(
                 "vCPU {vcpu} triple-faulted (shutdown){}",
-                regs.as_ref().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default()
+                regs.as_ref().map(|r| format!(" at rip {:#x}{}", r.rip, crate::report::symbol_suffix(&r.rip_symbol))).unwrap_or_default()
             ),
             ForeignExit::Crash { vcpu, reason, regs } => format!(
                 "vCPU {vcpu} crashed: {reason}{}",
-                regs.as_ref().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default()
+                regs.as_ref().map(|r| format!(" at rip {:#x}{}", r.rip, crate::report::symbol_suffix(&r.rip_symbol))).unwrap_or_default()
             ),
             ForeignExit::Killed { violation } => format!(
-                "stopped by --on-violation kill: {} of {} bytes at {} (rip {:#x}, vCPU {})",
+                "stopped by --on-violation kill: {} of {} bytes at {} (rip {:#x}{}, vCPU {})",
                 violation.access,
                 violation.size,
                 violation
@@ -361,11 +385,12 @@ impl ForeignReport {
                     .map(|g| format!("{g:#x}"))
                     .unwrap_or_else(|| "an unknown address".into()),
                 violation.rip,
+                crate::report::symbol_suffix(&violation.rip_symbol),
                 violation.vcpu
             ),
             ForeignExit::Timeout { secs, regs } => format!(
                 "timed out after {secs} s{}",
-                regs.as_ref().map(|r| format!(" (vCPU 0 at rip {:#x})", r.rip)).unwrap_or_default()
+                regs.as_ref().map(|r| format!(" (vCPU 0 at rip {:#x}{})", r.rip, crate::report::symbol_suffix(&r.rip_symbol))).unwrap_or_default()
             ),
             ForeignExit::Interrupted { signal } => {
                 format!("interrupted by {}", crate::signals::name(*signal))
