@@ -52,7 +52,7 @@ pub use freetype::{Freetype, Migratetype, Visibility, FT_FLAG_SENSITIVE, FT_FLAG
 pub use gfp::{AllocRequest, BuddyContext, Gfp};
 pub use sim::SimStage2;
 pub use stage2::{NullStage2, Stage2};
-pub use stats::Snapshot;
+pub use stats::{QuickStats, Snapshot};
 pub use zone::Zone;
 
 /// A page frame number (GPA >> 12).

@@ -187,7 +187,60 @@ impl Snapshot {
     }
 }
 
+/// The counters of a [`Snapshot`] that cost O(1) to read (O(CPUs) for a [`crate::Zone`]):
+/// what a caller that polls often needs, without the snapshot's walk over every page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuickStats {
+    /// Pages managed.
+    pub managed_pages: u64,
+    /// Pages free (buddy lists and caches).
+    pub free_pages: u64,
+    /// Pageblocks flipped to an unmapped freetype.
+    pub flips_to_unmapped: u64,
+    /// Pageblocks flipped back to a mapped freetype.
+    pub flips_to_mapped: u64,
+    /// Stage-2 unmap calls.
+    pub stage2_unmap_calls: u64,
+    /// Stage-2 map calls.
+    pub stage2_map_calls: u64,
+    /// Stage-2 zeroing calls.
+    pub stage2_zero_calls: u64,
+    /// Pages zeroed.
+    pub pages_zeroed: u64,
+}
+
+impl QuickStats {
+    /// The same fields of a full snapshot.
+    pub fn of(s: &Snapshot) -> QuickStats {
+        QuickStats {
+            managed_pages: s.managed_pages,
+            free_pages: s.free_pages,
+            flips_to_unmapped: s.flips_to_unmapped,
+            flips_to_mapped: s.flips_to_mapped,
+            stage2_unmap_calls: s.stage2_unmap_calls,
+            stage2_map_calls: s.stage2_map_calls,
+            stage2_zero_calls: s.stage2_zero_calls,
+            pages_zeroed: s.pages_zeroed,
+        }
+    }
+}
+
 impl<S: crate::Stage2> crate::BuddyAllocator<S> {
+    /// [`QuickStats`] now, in O(1).
+    pub fn quick_stats(&self) -> QuickStats {
+        let c = &self.ctr;
+        QuickStats {
+            managed_pages: self.nr,
+            free_pages: self.free_pages_count(),
+            flips_to_unmapped: c.flips_to_unmapped,
+            flips_to_mapped: c.flips_to_mapped,
+            stage2_unmap_calls: c.stage2_unmap_calls,
+            stage2_map_calls: c.stage2_map_calls,
+            stage2_zero_calls: c.stage2_zero_calls,
+            pages_zeroed: c.pages_zeroed,
+        }
+    }
+
     /// Counters and free-list state now. O(number of pages) for `mixed_pageblocks` and
     /// `frees` (derived from `allocs` and the live allocations) and O(free blocks) for the
     /// free-list counts; the rest is O(1).

@@ -215,6 +215,7 @@ fn threaded(base: Pfn, n: u64, cpus: usize, threads: usize, seeds: &[u64], ops: 
     let snap = z.snapshot();
     assert_eq!(snap.free_pages, n);
     assert_eq!(snap.total_allocs(), snap.total_frees());
+    assert_eq!(z.quick_stats(), QuickStats::of(&snap));
     z.drain_all();
     z.check_invariants().unwrap();
     assert_eq!(z.snapshot().pcp_pages, [0; Freetype::COUNT]);
@@ -307,6 +308,9 @@ fn differential(base: Pfn, n: u64, cpus: usize, seed: u64, ops: usize) {
     sz.metadata_bytes = 0;
     sa.metadata_bytes = 0;
     assert_eq!(sz, sa);
+    // The O(CPUs) counters agree with the full snapshot's.
+    assert_eq!(z.quick_stats(), QuickStats::of(&sz));
+    assert_eq!(a.quick_stats(), QuickStats::of(&sa));
     let za = z.into_stage2();
     assert_eq!(za.calls(), a.stage2().calls());
     z_check(&za, &a);

@@ -125,7 +125,8 @@ impl Session {
     }
 
     pub(super) fn hc_stats(&mut self, ptr: Gpa) -> Result<u64, Status> {
-        let snap = self.alloc.snapshot();
+        // O(CPUs), not the snapshot's walk over every page: a guest may call this often.
+        let snap = self.alloc.quick_stats();
         let c = self.engine(|e| e.counters());
         let stats = AllocStats {
             free_pages: snap.free_pages,
