@@ -144,10 +144,25 @@ fn figures(r: &RunReport) -> Vec<(&'static str, Option<f64>)> {
 impl RepeatSummary {
     /// The summary of `runs` (oldest first, at least one) of `requested`.
     pub fn of(runs: &[RunReport], requested: u32) -> RepeatSummary {
+        // A run a signal cut short (only ever the last) says nothing of the tests it did not
+        // reach, and its times are partial: it counts for neither when a complete run exists.
+        let complete: Vec<bool> = runs
+            .iter()
+            .map(|r| !matches!(r.exit, super::ExitInfo::Interrupted { .. }))
+            .collect();
+        let timed: Vec<&RunReport> = if complete.contains(&true) {
+            runs.iter()
+                .zip(&complete)
+                .filter(|(_, c)| **c)
+                .map(|(r, _)| r)
+                .collect()
+        } else {
+            runs.iter().collect()
+        };
         let mut timing = Vec::new();
-        if let Some(first) = runs.first() {
+        if let Some(first) = timed.first() {
             for (i, (name, _)) in figures(first).into_iter().enumerate() {
-                let vals: Vec<f64> = runs.iter().filter_map(|r| figures(r)[i].1).collect();
+                let vals: Vec<f64> = timed.iter().filter_map(|r| figures(r)[i].1).collect();
                 if let Some(s) = Spread::of(&vals) {
                     timing.push((name, s));
                 }
@@ -179,7 +194,7 @@ impl RepeatSummary {
                     .map(|t| t.time_ms)
                     .collect();
                 TestRepeat {
-                    flaky: results.windows(2).any(|w| w[0] != w[1]),
+                    flaky: flaky(&results, &complete),
                     name,
                     results,
                     time_ms: Spread::of(&times),
@@ -267,6 +282,18 @@ impl RepeatSummary {
 }
 
 /// Runs `one` `n` times (at least once; fewer when a signal was received), giving it the run's
+/// Whether a test's outcomes (one per run, `complete[i]`: run i was not cut short by a
+/// signal) disagree; an interrupted run's `NotRun` is no verdict.
+fn flaky(results: &[TestOutcome], complete: &[bool]) -> bool {
+    let mut verdicts = results
+        .iter()
+        .zip(complete)
+        .filter(|(r, c)| **c || **r != TestOutcome::NotRun)
+        .map(|(r, _)| r);
+    let first = verdicts.next();
+    verdicts.any(|r| Some(r) != first)
+}
+
 /// index; returns every report, oldest first, or the first error.
 pub fn repeat<E>(
     n: u32,
@@ -309,6 +336,20 @@ mod tests {
             flaky: flaky.iter().map(|s| s.to_string()).collect(),
             exit_codes: codes,
         }
+    }
+
+    #[test]
+    fn an_interrupted_run_makes_no_test_flaky_by_not_running_it() {
+        use TestOutcome::{Fail, NotRun, Pass};
+        // Passed, then not reached by a run a signal stopped: not flaky.
+        assert!(!flaky(&[Pass, Pass, NotRun], &[true, true, false]));
+        // ... but failing in that run before the signal is a different verdict.
+        assert!(flaky(&[Pass, Fail], &[true, false]));
+        // A complete run that did not run a test another ran is a difference.
+        assert!(flaky(&[Pass, NotRun], &[true, true]));
+        assert!(flaky(&[Pass, Fail, Pass], &[true; 3]));
+        assert!(!flaky(&[Pass], &[true]));
+        assert!(!flaky(&[NotRun], &[false]));
     }
 
     #[test]
