@@ -57,7 +57,8 @@ fn list() -> Vec<Entry> {
         .collect()
 }
 
-/// `name -> (PASS|SKIP|FAIL, reason)`.
+/// `name -> (PASS|SKIP|FAIL, reason)`; a verdict may list alternatives (`PASS|FAIL`) for a test
+/// whose result depends on the hardware under the nested host.
 fn expected() -> BTreeMap<String, (String, String)> {
     lines(&here().join("expected.txt"))
         .iter()
@@ -66,8 +67,9 @@ fn expected() -> BTreeMap<String, (String, String)> {
             assert!(f.len() >= 2, "expected.txt: bad line {l:?}");
             let want = f[1].to_string();
             assert!(
-                ["PASS", "SKIP", "FAIL"].contains(&want.as_str()),
-                "expected.txt: {l:?}: PASS, SKIP or FAIL"
+                want.split('|')
+                    .all(|w| ["PASS", "SKIP", "FAIL"].contains(&w)),
+                "expected.txt: {l:?}: PASS, SKIP or FAIL, or alternatives such as PASS|FAIL"
             );
             let reason = f[2..].join(" ");
             assert!(
@@ -161,11 +163,11 @@ fn kvm_unit_tests_match_expectations() {
             ),
         };
         let (w, reason) = &want[&e.name];
-        let ok = match w.as_str() {
+        let ok = w.split('|').any(|w| match w {
             "PASS" => got.0 == "pass",
             "SKIP" => got.0 == "skip",
             _ => got.0 == "fail" || got.0 == "error",
-        };
+        });
         table.push(format!(
             "{:<24} {:<5} {:<6} {:<16} {:>6.1} s  {}",
             e.name,
