@@ -10,7 +10,8 @@
 //!    started warm (one page allocated first and kept), one sample of each in turn with the
 //!    order of the contenders rotated every round;
 //! 3. **threads**: Veil's `Zone` with 1 and 2 threads (one CPU id each), throughput of hot
-//!    order-0 pairs and of random-order frees; and the unmapped free path against a mapped
+//!    order-0 pairs and of random-order frees, then hot pairs in paired rounds each judged
+//!    by its own control (for a shared host); and the unmapped free path against a mapped
 //!    free.
 //!
 //! Run: `cargo bench -p allocator` (add `-- --quick` for a faster, noisier run;
