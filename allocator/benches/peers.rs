@@ -10,7 +10,8 @@
 //!    started warm (one page allocated first and kept), one sample of each in turn with the
 //!    order of the contenders rotated every round;
 //! 3. **threads**: Veil's `Zone` with 1 and 2 threads (one CPU id each), throughput of hot
-//!    order-0 pairs and of random-order frees; and the unmapped free path against a mapped
+//!    order-0 pairs and of random-order frees, then hot pairs in paired rounds each judged
+//!    by its own control (for a shared host); and the unmapped free path against a mapped
 //!    free.
 //!
 //! Run: `cargo bench -p allocator` (add `-- --quick` for a faster, noisier run;
@@ -792,6 +793,44 @@ fn fair_free_call(a: &mut BuddyAllocator<CallStage2>, pfn: u64) {
     a.free_pages(pfn, 0).unwrap();
 }
 
+/// Least same-round control ratio for a round of [`paired_hot_rounds`] to be judged.
+const JUDGED_CONTROL: f64 = 1.9;
+
+/// The hot-pair scaling on a shared host: `3 * rounds()` rounds, each timing 1 thread,
+/// 2 threads and the shared-nothing control (1 and 2 threads) back to back, so every
+/// round has its own control. Only rounds whose control reached [`JUDGED_CONTROL`]× (both
+/// cores free for the round's control, so likely for the round) are judged; their median
+/// 2-thread/1-thread ratio, the spread, and how many rounds qualified are printed.
+fn paired_hot_rounds(perm: &[usize]) {
+    let n = 3 * rounds();
+    let mut judged: Vec<f64> = Vec::new();
+    for _ in 0..n {
+        let one = zone_throughput(1, false, perm);
+        let two = zone_throughput(2, false, perm);
+        let control = control_throughput(2) / control_throughput(1);
+        if control >= JUDGED_CONTROL {
+            judged.push(two / one);
+        }
+    }
+    if judged.is_empty() {
+        println!(
+            "hot_order0_pair paired: no round of {n} had its control >= {JUDGED_CONTROL}x \
+             (the host is busy): not judged"
+        );
+        return;
+    }
+    judged.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let below = judged.iter().filter(|&&r| r < 1.8).count();
+    println!(
+        "hot_order0_pair paired: {} of {n} rounds with their own control >= {JUDGED_CONTROL}x: \
+         2 threads / 1 thread median {:.2}x, min {:.2}x, max {:.2}x, {below} below 1.8x",
+        judged.len(),
+        median(&mut judged.clone()),
+        judged[0],
+        judged[judged.len() - 1]
+    );
+}
+
 /// Pass 3: 1 vs 2 threads, and the unmapped free path.
 fn threads_pass(perm: &[usize]) {
     if !selected("threads") {
@@ -828,6 +867,7 @@ fn threads_pass(perm: &[usize]) {
             b2 / b1
         );
     }
+    paired_hot_rounds(perm);
     for (name, f) in [
         ("BuddyAllocator", free_cost as fn(bool, &[usize]) -> f64),
         ("Zone (1 cpu)", zone_free_cost),

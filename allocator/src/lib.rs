@@ -38,6 +38,7 @@ pub mod freelist;
 pub mod freetype;
 pub mod gfp;
 pub mod invariants;
+mod lines;
 pub mod lock;
 mod meta;
 pub mod pcp;

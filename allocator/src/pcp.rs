@@ -16,9 +16,9 @@
 
 use crate::error::Stage2Error;
 use crate::freetype::Freetype;
+use crate::lines::Lines;
 use crate::stage2::Stage2;
 use crate::PAGEBLOCK_ORDER;
-use alloc::vec::Vec;
 
 /// Most ranges passed to one [`Stage2::zero_batch`] call.
 pub(crate) const ZERO_BATCH: usize = 64;
@@ -61,7 +61,9 @@ const fn ci(order: u8, ft: usize) -> usize {
 /// The caches: one LIFO stack of block offsets per (order, freetype).
 #[derive(Clone, Debug)]
 pub(crate) struct Pcp {
-    slots: Vec<u32>,
+    /// The stacks, `cap` slots each, one after another; 128-byte aligned so that two CPUs'
+    /// caches (separate heap allocations) never share a line.
+    slots: Lines<u32>,
     len: [u32; NR_PCP],
     /// Entries `clean..len` of each stack are dirty: freed unmapped blocks not zeroed yet
     /// (only [`crate::Zone`] pushes dirty blocks); entries below are clean.
@@ -73,7 +75,7 @@ impl Pcp {
     /// Caches of `cap` blocks each (0 disables them).
     pub fn new(cap: u32) -> Pcp {
         Pcp {
-            slots: alloc::vec![0; cap as usize * NR_PCP],
+            slots: Lines::new(cap as usize * NR_PCP, || 0),
             len: [0; NR_PCP],
             clean: [0; NR_PCP],
             cap,
@@ -242,9 +244,15 @@ impl Pcp {
         &self.slots[s..s + self.len[c] as usize]
     }
 
+    /// Where the slots start (128-byte aligned).
+    #[cfg(test)]
+    pub fn slots_ptr(&self) -> *const u32 {
+        self.slots.as_ptr()
+    }
+
     /// Bytes of cache storage.
     pub fn bytes(&self) -> usize {
-        self.slots.len() * 4
+        self.slots.bytes()
     }
 }
 

@@ -47,6 +47,7 @@ use crate::flip::flip_stage2;
 use crate::freelist::NR_LISTS;
 use crate::freetype::Freetype;
 use crate::gfp::{AllocRequest, BuddyContext, Gfp};
+use crate::lines::{Lines, PER_LINE};
 use crate::lock::{SpinGuard, SpinLock};
 use crate::meta::{ST_ALLOC, ST_CACHED, ST_NONE, ST_ORDER};
 use crate::pcp::{Pcp, PCP_MAX_ORDER};
@@ -69,6 +70,19 @@ struct CpuCache {
 #[repr(align(128))]
 struct CpuSlot(SpinLock<CpuCache>);
 
+/// `T` on 128-byte line pairs of its own: the zone lock and the core it guards, written by
+/// every CPU's refills and spills, do not share a line with the fields every fast path reads.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> core::ops::Deref for Padded<T> {
+    type Target = T;
+    #[inline(always)]
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// The stage-2 backend and the counters of the zeroing the zone does itself.
 struct Backend<S> {
     s2: S,
@@ -80,12 +94,20 @@ struct Backend<S> {
 
 /// A buddy allocator shared by several CPUs (see the module docs for the protocol).
 pub struct Zone<S: Stage2> {
-    core: SpinLock<BuddyAllocator<NullStage2>>,
+    core: Padded<SpinLock<BuddyAllocator<NullStage2>>>,
     cpus: Box<[CpuSlot]>,
     /// Per page offset: the ownership word `state | ft << 8 | guard << 16` of a block head
     /// as the zone sees it (`ST_ALLOC` for a live allocation, whose `guard` is the CPU it
     /// was allocated on; `ST_CACHED` for a block in a CPU cache; `ST_NONE` otherwise).
-    heads: Box<[AtomicU32]>,
+    ///
+    /// The word of page offset `off` is `heads[skew + off]`, `skew = base_pfn % 32`, and
+    /// `heads` starts on a 128-byte boundary ([`Lines`]): the words of 32 pages aligned in
+    /// absolute pfns (a refill batch of order-0 blocks split from one free block, as the
+    /// buddy lists hand them out) fill exactly one 128-byte line pair, so two CPUs' batches
+    /// never share a line (false sharing on every hot alloc and free otherwise).
+    heads: Lines<AtomicU32>,
+    /// `base % 32`: see `heads`.
+    skew: usize,
     s2: SpinLock<Backend<S>>,
     cfg: Config,
     batch: u32,
@@ -161,6 +183,7 @@ impl<S: Stage2> Zone<S> {
             s2.make_sensitive(base_pfn, nr_pages)
                 .map_err(InitError::Stage2)?;
         }
+        let skew = (base_pfn % PER_LINE as u64) as usize;
         let cpus = (0..nr_cpus)
             .map(|_| {
                 CpuSlot(SpinLock::new(CpuCache {
@@ -172,9 +195,10 @@ impl<S: Stage2> Zone<S> {
             })
             .collect();
         Ok(Zone {
-            core: SpinLock::new(core),
+            core: Padded(SpinLock::new(core)),
             cpus,
-            heads: (0..nr_pages).map(|_| AtomicU32::new(0)).collect(),
+            heads: Lines::new(skew + nr_pages as usize, || AtomicU32::new(0)),
+            skew,
             s2: SpinLock::new(Backend {
                 s2,
                 zero_calls: 0,
@@ -183,14 +207,20 @@ impl<S: Stage2> Zone<S> {
                 failures: 0,
             }),
             cfg,
-            // Half a cache: also 64 bytes of `heads` for order 0, so the blocks two CPUs refill
-            // at once rarely share a cache line of ownership words.
+            // Half a cache: 32 order-0 blocks, whose words are one aligned 128-byte line pair
+            // of `heads` when they come from one split (always from a fresh or merged zone).
             batch: (cfg.pcp_capacity / 2).max(1),
             base: base_pfn,
             nr: nr_pages,
             alloc_failures: AtomicU64::new(0),
             free_failures: AtomicU64::new(0),
         })
+    }
+
+    /// The ownership word of page offset `off`.
+    #[inline(always)]
+    fn word(&self, off: usize) -> &AtomicU32 {
+        &self.heads[self.skew + off]
     }
 
     /// Number of CPUs.
@@ -232,7 +262,8 @@ impl<S: Stage2> Zone<S> {
                 let mut c = slot.0.lock();
                 if let Some(off) = c.pcp.pop_clean(order, ft) {
                     // Relaxed: see `free_pages`.
-                    self.heads[off as usize].store(allocated(order, ft, cpu), Ordering::Relaxed);
+                    self.word(off as usize)
+                        .store(allocated(order, ft, cpu), Ordering::Relaxed);
                     c.allocs[order as usize * Freetype::COUNT + ft] += 1;
                     return Ok(Allocation {
                         pfn: self.base + off as u64,
@@ -287,7 +318,8 @@ impl<S: Stage2> Zone<S> {
             b.zero_calls += 1;
             b.zeroed_on_alloc += n;
         }
-        self.heads[off as usize].store(allocated(order, ft, cpu), Ordering::Relaxed);
+        self.word(off as usize)
+            .store(allocated(order, ft, cpu), Ordering::Relaxed);
         Ok(Allocation {
             pfn,
             order,
@@ -370,7 +402,8 @@ impl<S: Stage2> Zone<S> {
                     .expect("a block the core just allocated");
                 break;
             }
-            self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Relaxed);
+            self.word(off as usize)
+                .store(head(ST_CACHED | order, ft), Ordering::Relaxed);
         }
         Some(first)
     }
@@ -403,11 +436,12 @@ impl<S: Stage2> Zone<S> {
         if cached {
             let mut c = slot.lock();
             if c.pcp.push_tracked(order, ft, off, false) {
-                self.heads[off as usize].store(head(ST_CACHED | order, ft), Ordering::Relaxed);
+                self.word(off as usize)
+                    .store(head(ST_CACHED | order, ft), Ordering::Relaxed);
                 return;
             }
         }
-        self.heads[off as usize].store(0, Ordering::Relaxed);
+        self.word(off as usize).store(0, Ordering::Relaxed);
         self.core
             .lock()
             .free_pages(self.base + off as u64, order)
@@ -439,7 +473,7 @@ impl<S: Stage2> Zone<S> {
         let off = pfn.wrapping_sub(self.base);
         if let Some(slot) = self.cpus.get(cpu) {
             if off < self.nr && order <= PCP_MAX_ORDER {
-                let h = &self.heads[off as usize];
+                let h = self.word(off as usize);
                 let w = h.load(Ordering::Relaxed);
                 // Only a block head carries "allocated, this order", and a head of that
                 // order is naturally aligned, so this also proves the alignment.
@@ -468,7 +502,7 @@ impl<S: Stage2> Zone<S> {
     fn free_inner(&self, cpu: usize, pfn: Pfn, order: u8) -> Result<(), FreeError> {
         let slot = self.slot(cpu).map_err(FreeError::BadCpu)?;
         let off = check_free_range(self.base, self.nr, pfn, order)?;
-        let h = &self.heads[off as usize];
+        let h = self.word(off as usize);
         // Claim the allocation under its guard's lock: only one free of it can move it out
         // of "allocated" (to "none" while it is being freed). Freed on its guard, the block
         // keeps the lock for the rest of the free, unless it is zeroed through stage 2 on
@@ -553,7 +587,7 @@ impl<S: Stage2> Zone<S> {
             let Some(off) = c.pcp.pop_tracked(order, ft) else {
                 break;
             };
-            self.heads[off as usize].store(0, Ordering::Relaxed);
+            self.word(off as usize).store(0, Ordering::Relaxed);
             core.free_pages(self.base + off as u64, order)
                 .expect("cached blocks are allocated in the core");
         }
@@ -640,7 +674,7 @@ impl<S: Stage2> Zone<S> {
         s.pages_zeroed_on_alloc = b.zeroed_on_alloc;
         s.pages_zeroed_on_free = b.zeroed_on_free;
         s.stage2_failures += b.failures;
-        s.metadata_bytes += (self.heads.len() * 4) as u64;
+        s.metadata_bytes += self.heads.bytes() as u64;
         s
     }
 
@@ -673,7 +707,9 @@ impl<S: Stage2> Zone<S> {
     /// allocations).
     pub fn allocation_containing(&self, pfn: Pfn) -> Option<Allocation> {
         let a = self.core.lock().allocation_containing(pfn)?;
-        let w = self.heads[(a.pfn - self.base) as usize].load(Ordering::Relaxed);
+        let w = self
+            .word((a.pfn - self.base) as usize)
+            .load(Ordering::Relaxed);
         (w as u8 == ST_ALLOC | a.order).then(|| Allocation {
             freetype: Freetype::ALL[word_ft(w)],
             ..a
@@ -723,7 +759,7 @@ impl<S: Stage2> Zone<S> {
         let (cs, core) = self.lock_all();
         core.check_invariants()?;
         let mut marked = 0u64;
-        for (off, h) in self.heads.iter().enumerate() {
+        for (off, h) in self.heads[self.skew..].iter().enumerate() {
             let w = h.load(Ordering::Relaxed);
             let st = w as u8;
             if st == ST_NONE {
@@ -747,7 +783,7 @@ impl<S: Stage2> Zone<S> {
                 for ft in 0..Freetype::COUNT {
                     for &off in c.pcp.blocks(order, ft) {
                         listed += 1;
-                        let w = self.heads[off as usize].load(Ordering::Relaxed);
+                        let w = self.word(off as usize).load(Ordering::Relaxed);
                         if w != head(ST_CACHED | order, ft) {
                             return Err(
                                 "cached block not marked cached with its order and freetype",
@@ -806,7 +842,7 @@ mod tests {
             let z = Zone::new(0, 1024, NullStage2, Config::default(), 3).unwrap();
             let x = z.alloc_pages(2, Gfp::MOVABLE, 0).unwrap();
             let off = (x.pfn - z.base_pfn()) as usize;
-            let w = z.heads[off].load(Ordering::Relaxed);
+            let w = z.word(off).load(Ordering::Relaxed);
             assert_eq!(word_guard(w), 2);
             let done = AtomicBool::new(false);
             std::thread::scope(|s| {
@@ -822,13 +858,44 @@ mod tests {
                     "cpu {cpu}: freed without the lock"
                 );
                 // Another free's claim, made under the guard's lock, wins.
-                z.heads[off].store(0, Ordering::Relaxed);
+                z.word(off).store(0, Ordering::Relaxed);
                 drop(held);
                 assert_eq!(t.join().unwrap(), Err(FreeError::NotAllocated), "cpu {cpu}");
             });
             // Put it back as the allocation it was, and free it for real from CPU 1.
-            z.heads[off].store(w, Ordering::Relaxed);
+            z.word(off).store(w, Ordering::Relaxed);
             z.free_pages(1, x.pfn, 0).unwrap();
+            z.check_invariants().unwrap();
+        }
+    }
+
+    /// The pattern of the threads benchmark: CPU 0's hot block is the last of its refill
+    /// batch and CPU 1's the first of the next one, adjacent pages. Their ownership words
+    /// and the two CPUs' cache slots must lie in different 128-byte line pairs (false sharing
+    /// on every hot pair otherwise), whatever the base pfn's offset in a batch.
+    #[test]
+    fn two_cpus_hot_words_do_not_share_a_line_pair() {
+        let pair = |p: *const u8| p as usize / 128;
+        for base in [0u64, 1 << 18, (1 << 18) + 5, 1000] {
+            let z = Zone::new(base, 1 << 14, NullStage2, Config::default(), 2).unwrap();
+            let kept = z.alloc_pages(0, Gfp::empty(), 0).unwrap();
+            let a = z.alloc_pages(0, Gfp::empty(), 0).unwrap();
+            let b = z.alloc_pages(1, Gfp::empty(), 0).unwrap();
+            let word = |pfn: u64| z.word((pfn - base) as usize) as *const AtomicU32 as *const u8;
+            // Each batch is 32 pages of one aligned order-5 block.
+            assert_eq!(kept.pfn % 32, 0, "base {base}");
+            assert_eq!(b.pfn / 32, kept.pfn / 32 + 1, "base {base}");
+            assert_eq!(pair(word(kept.pfn)), pair(word(a.pfn)), "base {base}");
+            assert_ne!(pair(word(a.pfn)), pair(word(b.pfn)), "base {base}");
+            assert_eq!(z.heads.as_ptr() as usize % 128, 0);
+            for cpu in 0..2 {
+                let c = z.cpus[cpu].0.lock();
+                assert_eq!(c.pcp.slots_ptr() as usize % 128, 0);
+                assert_eq!(&z.cpus[cpu] as *const CpuSlot as usize % 128, 0);
+            }
+            z.free_pages(0, a.pfn, 0).unwrap();
+            z.free_pages(1, b.pfn, 0).unwrap();
+            z.free_pages(1, kept.pfn, 0).unwrap();
             z.check_invariants().unwrap();
         }
     }
