@@ -624,8 +624,13 @@ fn print_fair(rows: &[(&'static str, Vec<f64>)]) {
     let names: Vec<&str> = contenders().iter().map(|c| c.name()).collect();
     println!();
     println!(
-        "== fair setup: same out-of-line adapter, warm start, rotated order; median time per \
+        "== fair setup: same out-of-line adapter, warm start, rotated order; {} time per \
          iteration, {FRAMES} frames each, {} rounds ==",
+        if std::env::var_os("PEERS_MIN").is_some() {
+            "minimum"
+        } else {
+            "median"
+        },
         rounds()
     );
     print!("{:<17}", "workload");
