@@ -5,17 +5,26 @@
 
 use std::hint::black_box;
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Instant;
 
 use replay::classify::{classify, Rules};
 use replay::policy::{self, PolicyKind, RunOptions};
-use replay::trace::{load, LoadOptions};
+use replay::trace::{load, load_parallel, load_parallel_scoped, LoadOptions};
 use replay::tracker::PureModel;
 
 const DEFAULT_TRACE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../shared/data/kmem-trace-cargo-small.txt.gz"
 );
+
+/// The gzip trace as `veil replay FILE.gz` reads it: a reader of the file's bytes through
+/// `reader::decoding`, loaded by `trace::load_parallel`.
+fn load_gz_parallel(gz: &Arc<[u8]>) -> replay::Trace {
+    let raw: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(Arc::clone(gz)));
+    let r = replay::reader::decoding(raw).unwrap();
+    load_parallel(r, LoadOptions::default(), &mut |_| {}).unwrap()
+}
 
 fn measure(name: &str, runs: usize, units: u64, unit: &str, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
@@ -29,7 +38,7 @@ fn measure(name: &str, runs: usize, units: u64, unit: &str, mut f: impl FnMut())
     t.sort_by(|a, b| a.total_cmp(b));
     let med = t[t.len() / 2];
     println!(
-        "{name:<34} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s",
+        "{name:<44} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s",
         med * 1e3,
         t[0] * 1e3,
         t[t.len() - 1] * 1e3,
@@ -87,7 +96,7 @@ fn main() {
         },
     );
     measure(
-        "load plain (in memory: lines+parse+pair)",
+        "load plain, sequential (reference)",
         runs,
         lines,
         "lines",
@@ -96,7 +105,7 @@ fn main() {
         },
     );
     let same = measure(
-        "load gzip, decoder on this thread",
+        "load gzip, sequential, same thread",
         runs,
         lines,
         "lines",
@@ -106,7 +115,7 @@ fn main() {
         },
     );
     let threaded = measure(
-        "load gzip, decoder on its own thread",
+        "load gzip, sequential, decoder thread",
         runs,
         lines,
         "lines",
@@ -117,8 +126,30 @@ fn main() {
             black_box(load(r, LoadOptions::default()).unwrap());
         },
     );
+    measure(
+        "load plain, parallel (2 threads)",
+        runs,
+        lines,
+        "lines",
+        || {
+            black_box(
+                load_parallel_scoped(&plain[..], LoadOptions::default(), &mut |_| {}).unwrap(),
+            );
+        },
+    );
+    let gz_shared: Arc<[u8]> = gz.clone().into();
+    let par = measure(
+        "load gzip, parallel (veil replay)",
+        runs,
+        lines,
+        "lines",
+        || {
+            black_box(load_gz_parallel(&gz_shared));
+        },
+    );
     println!(
-        "compressed input / decoder alone: {:.2}x on one thread, {:.2}x with the decoder on its own thread (goal <= 1.2x)",
+        "compressed input / decoder alone: parallel loader {:.2}x (goal <= 1.2x); sequential loader {:.2}x on one thread, {:.2}x with the decoder on its own thread",
+        par / decode,
         same / decode,
         threaded / decode
     );
@@ -129,14 +160,23 @@ fn main() {
             black_box(policy::run(kind, &trace, lay, PureModel, &opts));
         });
     }
-    for (label, gzip) in [("plain", false), ("gzip", true)] {
+    for (label, gzip, parallel) in [
+        ("plain, sequential", false, false),
+        ("gzip, sequential", true, false),
+        ("plain, parallel", false, true),
+        ("gzip, parallel", true, true),
+    ] {
         measure(
             &format!("parse+classify+replay freetype ({label})"),
             runs,
             lines,
             "trace events",
             || {
-                let mut t = if gzip {
+                let mut t = if parallel && gzip {
+                    load_gz_parallel(&gz_shared)
+                } else if parallel {
+                    load_parallel_scoped(&plain[..], LoadOptions::default(), &mut |_| {}).unwrap()
+                } else if gzip {
                     load(
                         replay::reader::from_reader(Box::new(&gz[..])).unwrap(),
                         LoadOptions::default(),

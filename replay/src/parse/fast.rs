@@ -20,7 +20,12 @@ use super::{EventKind, Line, RawEvent, MAX_TRACE_ORDER};
 /// Parse `line` if it is a page-allocator event in the kernel's layout (see the module doc).
 #[inline]
 pub(super) fn parse(line: &[u8]) -> Option<Line<'_>> {
-    let c = memchr::memchr(b':', line)?;
+    parse_at(line, memchr::memchr(b':', line)?)
+}
+
+/// [`parse`] given the index `c` of the line's first colon.
+#[inline]
+pub(super) fn parse_at(line: &[u8], c: usize) -> Option<Line<'_>> {
     let (head, body) = line.split_at(c);
     let (kind, start) = event(body)?;
     let (cpu, ts_ns) = header(head)?;
