@@ -164,6 +164,9 @@ struct State {
     cancel: bool,
     /// The reader thread has returned (or panicked).
     ended: bool,
+    /// Threads waiting on the condition variable (a wake-up costs a system call, so it is
+    /// sent only when someone waits).
+    waiters: u32,
 }
 
 struct Shared {
@@ -182,6 +185,7 @@ impl Shared {
                 spare_parsed: Vec::new(),
                 cancel: false,
                 ended: false,
+                waiters: 0,
             }),
             cv: Condvar::new(),
         }
@@ -192,8 +196,20 @@ impl Shared {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn wait<'a>(&self, g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-        self.cv.wait(g).unwrap_or_else(|e| e.into_inner())
+    fn wait<'a>(&self, mut g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        g.waiters += 1;
+        let mut g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        g.waiters -= 1;
+        g
+    }
+
+    /// Unlocks, waking the other thread if it waits.
+    fn release(&self, g: MutexGuard<'_, State>) {
+        let wake = g.waiters > 0;
+        drop(g);
+        if wake {
+            self.cv.notify_all();
+        }
     }
 
     /// Stores a chunk parsed from slot `seq`.
@@ -201,8 +217,7 @@ impl Shared {
         let mut g = self.lock();
         let i = (seq - g.head) as usize;
         g.q[i] = Slot::Ready(Piece::Lines(ch, p));
-        drop(g);
-        self.cv.notify_all();
+        self.release(g);
     }
 
     fn cancel(&self) {
@@ -276,8 +291,7 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
         } else {
             None
         };
-        drop(g);
-        sh.cv.notify_all();
+        sh.release(g);
         if let Some((seq, ch, mut p)) = help {
             parse_chunk(&ch, &mut p);
             sh.store(seq, ch, p);
@@ -357,6 +371,27 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
     }
 }
 
+/// `a == b` for two slices of the same length, eight bytes at a time (gfp strings are short:
+/// this beats a `memcmp` call).
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    if n < 8 {
+        return a == b;
+    }
+    let word = |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes"));
+    let mut diff = word(a, n - 8) ^ word(b, n - 8);
+    let mut i = 0;
+    while i + 8 <= n {
+        diff |= word(a, i) ^ word(b, i);
+        i += 8;
+    }
+    diff == 0
+}
+
 /// Interns `s` (at offset `off` of the chunk) into the chunk's gfp table.
 #[inline]
 fn local_gfp(p: &mut Parsed, data: &[u8], off: u32, s: &[u8]) -> u32 {
@@ -381,7 +416,7 @@ fn local_gfp(p: &mut Parsed, data: &[u8], off: u32, s: &[u8]) -> u32 {
             break;
         }
         let (o, l) = p.gfp[e as usize - 1];
-        if l as usize == n && &data[o as usize..o as usize + n] == s {
+        if l as usize == n && same_bytes(&data[o as usize..o as usize + n], s) {
             return e - 1;
         }
         i = (i + 1) & mask;
@@ -661,8 +696,7 @@ fn consume(
                     g.head += 1;
                     g.raw -= 1;
                     let mut p = g.spare_parsed.pop().unwrap_or_default();
-                    drop(g);
-                    sh.cv.notify_all();
+                    sh.release(g);
                     parse_chunk(&ch, &mut p);
                     g = sh.lock();
                     break Piece::Lines(ch, p);
@@ -685,8 +719,7 @@ fn consume(
                 }
             }
         };
-        drop(g);
-        sh.cv.notify_all();
+        sh.release(g);
         // As `load_with_progress`, a progress call before each line read (and each marker).
         let top = |lineno: u64, loader: &Loader, progress: &mut dyn FnMut(&TraceStats)| {
             if lineno > 0 && lineno.is_multiple_of(PROGRESS_LINES) {
