@@ -38,7 +38,7 @@ impl<T: Copy + Default> Default for PfnTable<T> {
 
 impl<T: Copy + Default> PfnTable<T> {
     /// The entry of `pfn` (the default if never written).
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, pfn: u64) -> T {
         if pfn < FLAT_LIMIT {
             let d = (pfn >> CHUNK_BITS) as usize;
@@ -52,7 +52,7 @@ impl<T: Copy + Default> PfnTable<T> {
     }
 
     /// The entry of `pfn`, mutably (its chunk allocated if needed).
-    #[inline]
+    #[inline(always)]
     pub fn get_mut(&mut self, pfn: u64) -> &mut T {
         if pfn >= FLAT_LIMIT {
             return self.far.entry(pfn).or_default();
@@ -71,7 +71,7 @@ impl<T: Copy + Default> PfnTable<T> {
     }
 
     /// Set the entry of `pfn`.
-    #[inline]
+    #[inline(always)]
     pub fn set(&mut self, pfn: u64, v: T) {
         *self.get_mut(pfn) = v;
     }

@@ -429,6 +429,7 @@ impl Loader {
         }
     }
 
+    #[inline]
     fn note_cpu(&mut self, cpu: u32) {
         match self.cpu_seen.get_mut(cpu as usize) {
             Some(seen) if !*seen => {
