@@ -63,6 +63,10 @@ const EARLIER: u8 = 2;
 /// [`Rec::bits`]: the chunk's first event (its timestamp is [`Parsed::first_ts`]).
 const FIRST: u8 = 4;
 
+/// How often the pairing thread, waiting for input, checks for a stop request (a signal
+/// may interrupt the wait instead of the reader thread's read).
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// No `order=` field.
 const NO_ORDER: u8 = u8::MAX;
 
@@ -201,6 +205,21 @@ impl Shared {
     fn wait<'a>(&self, mut g: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         g.waiters += 1;
         let mut g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        g.waiters -= 1;
+        g
+    }
+
+    /// [`Shared::wait`], at most `d`.
+    fn wait_timeout<'a>(
+        &self,
+        mut g: MutexGuard<'a, State>,
+        d: std::time::Duration,
+    ) -> MutexGuard<'a, State> {
+        g.waiters += 1;
+        let (mut g, _) = self
+            .cv
+            .wait_timeout(g, d)
+            .unwrap_or_else(|e| e.into_inner());
         g.waiters -= 1;
         g
     }
@@ -758,7 +777,13 @@ fn consume(
                             source: io::Error::other("the trace reader thread ended early"),
                         });
                     } else {
-                        g = sh.wait(g);
+                        g = sh.wait_timeout(g, STOP_POLL);
+                        // A stop request ends the input (as `StopAtRequest` does for the
+                        // sequential loader) also while the reader thread is blocked in a
+                        // read the signal did not interrupt: what is queued is paired first.
+                        if g.q.is_empty() && crate::stop::requested().is_some() {
+                            break Piece::Eof;
+                        }
                     }
                 }
             }
