@@ -502,12 +502,12 @@ fn masks64(b: &[u8; 64]) -> (u64, u64) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn masks64_avx2(b: &[u8; 64]) -> (u64, u64) {
-    use std::arch::x86_64::_mm256_set_epi64x;
-    use std::arch::x86_64::{_mm256_cmpeq_epi8, _mm256_movemask_epi8, _mm256_set1_epi8};
+    use std::arch::x86_64::{__m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256};
+    use std::arch::x86_64::{_mm256_movemask_epi8, _mm256_set1_epi8};
     let (mut nl, mut colon) = (0u64, 0u64);
     for k in 0..2 {
-        let w = |i: usize| i64::from_le_bytes(b[32 * k + i..32 * k + i + 8].try_into().unwrap());
-        let v = _mm256_set_epi64x(w(24), w(16), w(8), w(0));
+        // SAFETY: bytes 32k..32k+32 of the 64-byte array; the load needs no alignment.
+        let v = unsafe { _mm256_loadu_si256(b.as_ptr().add(32 * k).cast::<__m256i>()) };
         let m =
             |c: u8| _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(c as i8))) as u32;
         nl |= u64::from(m(b'\n')) << (32 * k);
@@ -519,22 +519,30 @@ fn masks64_avx2(b: &[u8; 64]) -> (u64, u64) {
 /// Fills `p.newlines` and `p.colons` for `data` with `masks`.
 #[inline(always)]
 fn scan_bytes(data: &[u8], p: &mut Parsed, masks: impl Fn(&[u8; 64]) -> (u64, u64)) {
-    p.newlines.clear();
-    p.colons.clear();
+    // Local vectors: their lengths stay in registers.
+    let (mut nls, mut colons) = (
+        std::mem::take(&mut p.newlines),
+        std::mem::take(&mut p.colons),
+    );
+    nls.clear();
+    colons.clear();
+    nls.reserve(data.len().div_ceil(64));
+    colons.reserve(data.len().div_ceil(64));
     let mut blocks = data.chunks_exact(64);
     for b in &mut blocks {
         let (nl, colon) = masks(b.try_into().expect("64 bytes"));
-        p.newlines.push(nl);
-        p.colons.push(colon);
+        nls.push(nl);
+        colons.push(colon);
     }
     let rest = blocks.remainder();
     if !rest.is_empty() {
         let mut last = [0u8; 64];
         last[..rest.len()].copy_from_slice(rest);
         let (nl, colon) = masks(&last);
-        p.newlines.push(nl);
-        p.colons.push(colon);
+        nls.push(nl);
+        colons.push(colon);
     }
+    (p.newlines, p.colons) = (nls, colons);
 }
 
 /// [`scan_bytes`] compiled for AVX2.
