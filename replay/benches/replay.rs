@@ -26,23 +26,41 @@ fn load_gz_parallel(gz: &Arc<[u8]>) -> replay::Trace {
     load_parallel(r, LoadOptions::default(), &mut |_| {}).unwrap()
 }
 
+/// CPU time (user + system) of the whole process so far, all threads, in seconds.
+fn cpu_time() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the rusage it is given; RUSAGE_SELF is always valid.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Runs `f` `runs` times after a warm-up and prints the median, min and max wall time, the
+/// rate, and the median CPU time of all threads (for the two-thread loads: what they cost
+/// however loaded the machine is); returns the median wall time.
 fn measure(name: &str, runs: usize, units: u64, unit: &str, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
+    let mut t = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let (s, c) = (Instant::now(), cpu_time());
+        f();
+        t.push(s.elapsed().as_secs_f64());
+        cpu.push(cpu_time() - c);
+    }
     t.sort_by(|a, b| a.total_cmp(b));
+    cpu.sort_by(|a, b| a.total_cmp(b));
     let med = t[t.len() / 2];
     println!(
-        "{name:<44} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s",
+        "{name:<44} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s  cpu {:>6.2} ms",
         med * 1e3,
         t[0] * 1e3,
         t[t.len() - 1] * 1e3,
-        units as f64 / med / 1e6
+        units as f64 / med / 1e6,
+        cpu[cpu.len() / 2] * 1e3
     );
     med
 }

@@ -15,8 +15,10 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// Read buffer size.
 pub(crate) const BUF: usize = 256 * 1024;
 
-/// Open `path` (or standard input for `-`), transparently decompressing gzip (a gzip file is
-/// decompressed on a thread of its own, see [`Threaded`]).
+/// Open `path` (or standard input for `-`) for the sequential loader
+/// ([`crate::trace::load_with_progress`]), transparently decompressing gzip (a gzip file is
+/// decompressed on a thread of its own, see [`Threaded`]). `veil replay` uses
+/// [`open_input_parallel`].
 pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
     // A stop request ends the input at the innermost read (an interrupted pipe read) and at the
     // outermost one (a gzip stream cut short is not an error then).

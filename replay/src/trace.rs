@@ -1,6 +1,8 @@
 //! Loading a trace: stream the lines, pair frees with allocations, and keep a compact event list.
 //!
 //! The replay keeps one 16-byte [`Event`] per allocation or matched free, never the text.
+//! [`load_with_progress`] reads, parses and pairs on the calling thread (the reference);
+//! [`load_parallel`] gives the same result reading and parsing on a second thread (`pipeline`).
 //!
 //! Decisions, all counted in [`TraceStats`]:
 //! - **Order.** Events are replayed in file order. `trace_pipe` merges the per-CPU ring buffers
@@ -722,7 +724,8 @@ impl Loader {
     }
 }
 
-/// Load a whole trace from a buffered reader (see [`crate::reader::open_input`]).
+/// Load a whole trace from a buffered reader (see [`crate::reader::open_input`]), on the calling
+/// thread: the sequential reference that [`load_parallel`] (what `veil replay` uses) equals.
 pub fn load<R: BufRead>(r: R, opts: LoadOptions) -> Result<Trace, TraceError> {
     load_with_progress(r, opts, &mut |_| {})
 }
