@@ -76,6 +76,18 @@ impl<T: Copy + Default> PfnTable<T> {
         *self.get_mut(pfn) = v;
     }
 
+    /// How many entries ever touched satisfy `f` (a plain loop over the chunks: faster than
+    /// counting [`PfnTable::values`]).
+    pub fn count(&self, f: impl Fn(&T) -> bool) -> usize {
+        let mut n = 0;
+        for c in &self.chunks {
+            for v in c.iter() {
+                n += usize::from(f(v));
+            }
+        }
+        n + self.far.values().filter(|v| f(v)).count()
+    }
+
     /// Every entry ever touched (including ones set back to the default), in no order.
     pub fn values(&self) -> impl Iterator<Item = T> + '_ {
         self.chunks
@@ -105,5 +117,7 @@ mod tests {
         // Two chunks and two far entries: memory follows the pages named, not their values.
         assert_eq!(t.chunks.len(), 2);
         assert_eq!(t.values().filter(|&v| v != 0).count(), 4);
+        assert_eq!(t.count(|&v| v != 0), 4);
+        assert_eq!(t.count(|&v| v == 0), 2 * CHUNK - 2);
     }
 }

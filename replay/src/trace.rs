@@ -707,12 +707,8 @@ impl Loader {
     /// Finish: final counters.
     pub fn finish(mut self) -> Trace {
         let s = &mut self.trace.stats;
-        s.live_at_end = self
-            .slots
-            .values()
-            .filter(|v| matches!(v, Slot::Live { .. }))
-            .count() as u64
-            + self.splits.len() as u64;
+        s.live_at_end =
+            self.slots.count(|v| matches!(v, Slot::Live { .. })) as u64 + self.splits.len() as u64;
         s.live_pages_at_end = self.live_pages;
         if s.min_pfn == u64::MAX {
             s.min_pfn = 0;
