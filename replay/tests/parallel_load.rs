@@ -209,6 +209,45 @@ proptest! {
     }
 }
 
+/// Long random traces (about 25,000 lines, several 320 KiB chunks, so both threads parse and
+/// the queue fills): the same as the reference, strict or not.
+#[test]
+fn long_random_traces_load_the_same() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(6));
+    let strategy = (
+        proptest::collection::vec(
+            (0..LINES.len(), 0u64..4096, 0u8..4, 0u64..1000, 0u16..400),
+            20_000..30_000,
+        ),
+        any::<bool>(),
+        1usize..5,
+    );
+    runner
+        .run(&strategy, |(lines, strict, keep)| {
+            let mut text = Vec::new();
+            for (i, pfn, o, ts, junk) in lines {
+                if junk == 0 {
+                    text.extend_from_slice(b"\x00garbage\xff");
+                }
+                let l = LINES[i]
+                    .replace("0x104e", &format!("0x{:x}", 0x104e + pfn))
+                    .replace("order=0", &format!("order={o}"))
+                    .replace("408.542", &format!("{}.542", 400 + ts % 20));
+                text.extend_from_slice(l.as_bytes());
+                text.push(b'\n');
+            }
+            let data: Arc<[u8]> = text.into();
+            let opts = LoadOptions {
+                strict,
+                keep_malformed: keep,
+            };
+            let d = Arc::clone(&data);
+            let _ = same(move || io::Cursor::new(Arc::clone(&d)), opts);
+            Ok(())
+        })
+        .unwrap();
+}
+
 /// Lines of one repeated byte run longer than two buffers, in every position of a read.
 #[test]
 fn overlong_lines_and_no_newline_at_all() {

@@ -42,6 +42,11 @@ pub const IN_FLIGHT: usize = 8;
 /// the reader thread parsed so eagerly that the caller's thread sat idle; 4-7 measured alike).
 const HELP_AT: usize = 4;
 
+/// With the queue full the reader thread cannot decode on, so it parses the newest waiting
+/// chunk when this many wait (one is still left for the caller's thread) rather than idle
+/// (measured alike with waiting for four, within the noise of this host).
+const HELP_WHEN_FULL: usize = 2;
+
 /// What a line was, in a [`Rec`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -294,7 +299,7 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
             if g.q.len() < IN_FLIGHT {
                 break;
             }
-            let help = if g.raw >= HELP_AT {
+            let help = if g.raw >= HELP_WHEN_FULL {
                 take_raw(&mut g, true)
             } else {
                 None
