@@ -5,11 +5,12 @@
 
 use std::hint::black_box;
 use std::io::Read;
+use std::sync::Arc;
 use std::time::Instant;
 
 use replay::classify::{classify, Rules};
 use replay::policy::{self, PolicyKind, RunOptions};
-use replay::trace::{load, LoadOptions};
+use replay::trace::{load, load_parallel, load_parallel_scoped, LoadOptions};
 use replay::tracker::PureModel;
 
 const DEFAULT_TRACE: &str = concat!(
@@ -17,23 +18,49 @@ const DEFAULT_TRACE: &str = concat!(
     "/../../shared/data/kmem-trace-cargo-small.txt.gz"
 );
 
+/// The gzip trace as `veil replay FILE.gz` reads it: a reader of the file's bytes through
+/// `reader::decoding`, loaded by `trace::load_parallel`.
+fn load_gz_parallel(gz: &Arc<[u8]>) -> replay::Trace {
+    let raw: Box<dyn Read + Send> = Box::new(std::io::Cursor::new(Arc::clone(gz)));
+    let r = replay::reader::decoding(raw).unwrap();
+    load_parallel(r, LoadOptions::default(), &mut |_| {}).unwrap()
+}
+
+/// CPU time (user + system) of the whole process so far, all threads, in seconds.
+fn cpu_time() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the rusage it is given; RUSAGE_SELF is always valid.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Runs `f` `runs` times after a warm-up and prints the median, min and max wall time, the
+/// rate, and the median CPU time of all threads (for the two-thread loads: what they cost
+/// however loaded the machine is); returns the median wall time.
 fn measure(name: &str, runs: usize, units: u64, unit: &str, mut f: impl FnMut()) -> f64 {
     f(); // warm-up
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
+    let mut t = Vec::with_capacity(runs);
+    let mut cpu = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let (s, c) = (Instant::now(), cpu_time());
+        f();
+        t.push(s.elapsed().as_secs_f64());
+        cpu.push(cpu_time() - c);
+    }
     t.sort_by(|a, b| a.total_cmp(b));
+    cpu.sort_by(|a, b| a.total_cmp(b));
     let med = t[t.len() / 2];
     println!(
-        "{name:<34} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s",
+        "{name:<44} median {:>8.2} ms  (min {:>7.2}, max {:>7.2}, n={runs})  {:>7.2} M {unit}/s  cpu {:>6.2} ms",
         med * 1e3,
         t[0] * 1e3,
         t[t.len() - 1] * 1e3,
-        units as f64 / med / 1e6
+        units as f64 / med / 1e6,
+        cpu[cpu.len() / 2] * 1e3
     );
     med
 }
@@ -87,7 +114,7 @@ fn main() {
         },
     );
     measure(
-        "load plain (in memory: lines+parse+pair)",
+        "load plain, sequential (reference)",
         runs,
         lines,
         "lines",
@@ -96,7 +123,7 @@ fn main() {
         },
     );
     let same = measure(
-        "load gzip, decoder on this thread",
+        "load gzip, sequential, same thread",
         runs,
         lines,
         "lines",
@@ -106,7 +133,7 @@ fn main() {
         },
     );
     let threaded = measure(
-        "load gzip, decoder on its own thread",
+        "load gzip, sequential, decoder thread",
         runs,
         lines,
         "lines",
@@ -117,8 +144,30 @@ fn main() {
             black_box(load(r, LoadOptions::default()).unwrap());
         },
     );
+    measure(
+        "load plain, parallel (2 threads)",
+        runs,
+        lines,
+        "lines",
+        || {
+            black_box(
+                load_parallel_scoped(&plain[..], LoadOptions::default(), &mut |_| {}).unwrap(),
+            );
+        },
+    );
+    let gz_shared: Arc<[u8]> = gz.clone().into();
+    let par = measure(
+        "load gzip, parallel (veil replay)",
+        runs,
+        lines,
+        "lines",
+        || {
+            black_box(load_gz_parallel(&gz_shared));
+        },
+    );
     println!(
-        "compressed input / decoder alone: {:.2}x on one thread, {:.2}x with the decoder on its own thread (goal <= 1.2x)",
+        "compressed input / decoder alone: parallel loader {:.2}x (goal <= 1.2x); sequential loader {:.2}x on one thread, {:.2}x with the decoder on its own thread",
+        par / decode,
         same / decode,
         threaded / decode
     );
@@ -129,14 +178,23 @@ fn main() {
             black_box(policy::run(kind, &trace, lay, PureModel, &opts));
         });
     }
-    for (label, gzip) in [("plain", false), ("gzip", true)] {
+    for (label, gzip, parallel) in [
+        ("plain, sequential", false, false),
+        ("gzip, sequential", true, false),
+        ("plain, parallel", false, true),
+        ("gzip, parallel", true, true),
+    ] {
         measure(
             &format!("parse+classify+replay freetype ({label})"),
             runs,
             lines,
             "trace events",
             || {
-                let mut t = if gzip {
+                let mut t = if parallel && gzip {
+                    load_gz_parallel(&gz_shared)
+                } else if parallel {
+                    load_parallel_scoped(&plain[..], LoadOptions::default(), &mut |_| {}).unwrap()
+                } else if gzip {
                     load(
                         replay::reader::from_reader(Box::new(&gz[..])).unwrap(),
                         LoadOptions::default(),

@@ -360,10 +360,10 @@ pub fn load(a: &ReplayArgs) -> Result<Loaded, ReplayError> {
             format_args!("reading the trace from standard input (a terminal); end it with Ctrl-D"),
         );
     }
-    let input = crate::reader::open_input(&a.trace)
+    let input = crate::reader::open_input_parallel(&a.trace)
         .map_err(|e| ReplayError::Io(format!("cannot open trace {}", a.trace.display()), e))?;
     let mut last = t0;
-    let mut trace = trace::load_with_progress(
+    let mut trace = trace::load_parallel(
         input,
         LoadOptions {
             strict: a.strict,

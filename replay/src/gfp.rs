@@ -98,7 +98,7 @@ pub fn direct_reclaim_bit() -> GfpMask {
 }
 
 /// One distinct `gfp_flags=` string seen in a trace.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GfpClass {
     /// The text as printed.
     pub text: String,
@@ -119,6 +119,16 @@ pub struct GfpTable {
     last: Option<(Vec<u8>, u32)>,
 }
 
+/// Two tables are equal when they hold the same strings under the same ids with the same
+/// counts and masks, and the same opaque names (the lookup caches do not count).
+impl PartialEq for GfpTable {
+    fn eq(&self, other: &Self) -> bool {
+        self.classes == other.classes && self.opaque == other.opaque
+    }
+}
+
+impl Eq for GfpTable {}
+
 impl GfpTable {
     /// Id of a flag string, interning it on first sight.
     pub fn intern(&mut self, text: &[u8]) -> u32 {
@@ -138,6 +148,12 @@ impl GfpTable {
             None => self.last = Some((text.to_vec(), id)),
         }
         id
+    }
+
+    /// One more allocation carrying the string of `id` (as [`GfpTable::intern`] counts it).
+    #[inline]
+    pub(crate) fn count(&mut self, id: u32) {
+        self.classes[id as usize].count += 1;
     }
 
     fn intern_slow(&mut self, text: &[u8]) -> u32 {

@@ -108,6 +108,17 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, ParseError> {
     }
 }
 
+/// [`parse_line`] given where the line's first colon is (`None`: it has none), as a caller
+/// that has found it already (the parallel loader, for a whole chunk at once) knows.
+#[inline]
+pub fn parse_line_colon(line: &[u8], colon: Option<usize>) -> Result<Line<'_>, ParseError> {
+    debug_assert_eq!(colon, memchr::memchr(b':', line));
+    match colon.and_then(|c| fast::parse_at(line, c)) {
+        Some(l) => Ok(l),
+        None => parse_general(line),
+    }
+}
+
 /// The general parser: any header layout, fields in any order, typed errors.
 fn parse_general(line: &[u8]) -> Result<Line<'_>, ParseError> {
     let line = trim_end(line);

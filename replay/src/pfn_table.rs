@@ -38,7 +38,7 @@ impl<T: Copy + Default> Default for PfnTable<T> {
 
 impl<T: Copy + Default> PfnTable<T> {
     /// The entry of `pfn` (the default if never written).
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, pfn: u64) -> T {
         if pfn < FLAT_LIMIT {
             let d = (pfn >> CHUNK_BITS) as usize;
@@ -52,7 +52,7 @@ impl<T: Copy + Default> PfnTable<T> {
     }
 
     /// The entry of `pfn`, mutably (its chunk allocated if needed).
-    #[inline]
+    #[inline(always)]
     pub fn get_mut(&mut self, pfn: u64) -> &mut T {
         if pfn >= FLAT_LIMIT {
             return self.far.entry(pfn).or_default();
@@ -71,9 +71,21 @@ impl<T: Copy + Default> PfnTable<T> {
     }
 
     /// Set the entry of `pfn`.
-    #[inline]
+    #[inline(always)]
     pub fn set(&mut self, pfn: u64, v: T) {
         *self.get_mut(pfn) = v;
+    }
+
+    /// How many entries ever touched satisfy `f` (a plain loop over the chunks: faster than
+    /// counting [`PfnTable::values`]).
+    pub fn count(&self, f: impl Fn(&T) -> bool) -> usize {
+        let mut n = 0;
+        for c in &self.chunks {
+            for v in c.iter() {
+                n += usize::from(f(v));
+            }
+        }
+        n + self.far.values().filter(|v| f(v)).count()
     }
 
     /// Every entry ever touched (including ones set back to the default), in no order.
@@ -105,5 +117,7 @@ mod tests {
         // Two chunks and two far entries: memory follows the pages named, not their values.
         assert_eq!(t.chunks.len(), 2);
         assert_eq!(t.values().filter(|&v| v != 0).count(), 4);
+        assert_eq!(t.count(|&v| v != 0), 4);
+        assert_eq!(t.count(|&v| v == 0), 2 * CHUNK - 2);
     }
 }

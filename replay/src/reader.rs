@@ -13,10 +13,12 @@ use crate::stop::StopAtRequest;
 pub const MAX_LINE: usize = 64 * 1024;
 
 /// Read buffer size.
-const BUF: usize = 256 * 1024;
+pub(crate) const BUF: usize = 256 * 1024;
 
-/// Open `path` (or standard input for `-`), transparently decompressing gzip (a gzip file is
-/// decompressed on a thread of its own, see [`Threaded`]).
+/// Open `path` (or standard input for `-`) for the sequential loader
+/// ([`crate::trace::load_with_progress`]), transparently decompressing gzip (a gzip file is
+/// decompressed on a thread of its own, see [`Threaded`]). `veil replay` uses
+/// [`open_input_parallel`].
 pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
     // A stop request ends the input at the innermost read (an interrupted pipe read) and at the
     // outermost one (a gzip stream cut short is not an error then).
@@ -26,6 +28,33 @@ pub fn open_input(path: &Path) -> io::Result<Box<dyn BufRead>> {
     }
     let raw: Box<dyn Read + Send> = Box::new(StopAtRequest(File::open(path)?));
     Ok(Box::new(StopAtRequest(from_reader_threaded(raw)?)))
+}
+
+/// Open `path` (or standard input for `-`) for [`crate::trace::load_parallel`], which reads
+/// it on a thread of its own: the input as a `Read`, gzip decompressed by [`decoding`]. This
+/// is what `veil replay` loads.
+pub fn open_input_parallel(path: &Path) -> io::Result<Box<dyn Read + Send>> {
+    // A stop request ends the input at the innermost read and at the outermost one, as in
+    // [`open_input`].
+    let raw: Box<dyn Read + Send> = if path.as_os_str() == "-" {
+        Box::new(StopAtRequest(io::stdin()))
+    } else {
+        Box::new(StopAtRequest(File::open(path)?))
+    };
+    Ok(Box::new(StopAtRequest(decoding(raw)?)))
+}
+
+/// `raw`, decompressed when it starts with the gzip magic `1f 8b` (on the calling thread:
+/// [`crate::trace::load_parallel`] runs it on its reader thread). Reads go straight to the
+/// decoder, no buffer in between.
+pub fn decoding(raw: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + Send>> {
+    let (gz, joined) = peek_gzip(raw)?;
+    if gz {
+        let inner = BufReader::with_capacity(BUF, joined);
+        Ok(Box::new(GzipInput(MultiGzDecoder::new(inner))))
+    } else {
+        Ok(Box::new(joined))
+    }
 }
 
 /// A reader with its first bytes, read to tell gzip apart, put back in front.

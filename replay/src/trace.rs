@@ -1,6 +1,8 @@
 //! Loading a trace: stream the lines, pair frees with allocations, and keep a compact event list.
 //!
 //! The replay keeps one 16-byte [`Event`] per allocation or matched free, never the text.
+//! [`load_with_progress`] reads, parses and pairs on the calling thread (the reference);
+//! [`load_parallel`] gives the same result reading and parsing on a second thread (`pipeline`).
 //!
 //! Decisions, all counted in [`TraceStats`]:
 //! - **Order.** Events are replayed in file order. `trace_pipe` merges the per-CPU ring buffers
@@ -33,6 +35,9 @@ use crate::gfp::GfpTable;
 use crate::parse::{parse_line, EventKind, Line, ParseError};
 use crate::pfn_table::PfnTable;
 use crate::reader::{LineReader, NextLine};
+
+mod pipeline;
+pub use pipeline::{load_parallel, load_parallel_scoped, IN_FLIGHT};
 
 /// Flag bit on events: the allocation is unmapped (set by classification).
 pub const FLAG_UNMAPPED: u8 = 1;
@@ -148,7 +153,7 @@ pub struct TraceStats {
 }
 
 /// A loaded trace: compact events, flag strings and statistics.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Trace {
     /// Allocations and matched frees in file order.
     pub events: Vec<Event>,
@@ -366,31 +371,48 @@ impl Loader {
             }
             Line::Event(ev) => ev,
         };
-        self.page_events += 1;
         if let Some(last) = self.last_ts {
             if ev.ts_ns < last {
                 s.out_of_order_timestamps += 1;
             }
         }
         self.last_ts = Some(ev.ts_ns);
-        self.note_cpu(ev.cpu);
-        match ev.kind {
+        self.event(ev.kind, ev.cpu, ev.pfn, ev.order, ev.migratetype, |t| {
+            t.intern(ev.gfp)
+        })
+    }
+
+    /// Account a page-allocator event (after its timestamp): `gfp` interns its flag string,
+    /// called only for an allocation that is kept.
+    #[inline(always)]
+    fn event(
+        &mut self,
+        kind: EventKind,
+        cpu: u32,
+        pfn: Option<u64>,
+        order: Option<u8>,
+        migratetype: u8,
+        gfp: impl FnOnce(&mut GfpTable) -> u32,
+    ) -> Result<(), TraceError> {
+        self.page_events += 1;
+        self.note_cpu(cpu);
+        match kind {
             EventKind::Alloc => {
                 self.trace.stats.alloc_events += 1;
-                let Some(pfn) = ev.pfn else {
+                let Some(pfn) = pfn else {
                     self.trace.stats.failed_allocs_in_trace += 1;
                     return Ok(());
                 };
                 // The parser guarantees order and gfp for allocations.
-                let order = ev.order.unwrap_or(0);
-                let gfp = self.trace.gfp.intern(ev.gfp);
-                self.alloc(pfn, order, ev.migratetype, gfp, ev.cpu)
+                let order = order.unwrap_or(0);
+                let gfp = gfp(&mut self.trace.gfp);
+                self.alloc(pfn, order, migratetype, gfp, cpu)
             }
             EventKind::Free => {
                 self.trace.stats.free_events += 1;
-                self.free_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
-                if let Some(pfn) = ev.pfn {
-                    self.free(pfn, ev.order, false);
+                self.free_cpu = u16::try_from(cpu).unwrap_or(u16::MAX);
+                if let Some(pfn) = pfn {
+                    self.free(pfn, order, false);
                 } else {
                     self.trace.stats.unmatched_frees += 1;
                 }
@@ -398,9 +420,9 @@ impl Loader {
             }
             EventKind::FreeBatched => {
                 self.trace.stats.batched_events += 1;
-                self.free_cpu = u16::try_from(ev.cpu).unwrap_or(u16::MAX);
-                if let Some(pfn) = ev.pfn {
-                    self.free(pfn, ev.order, true);
+                self.free_cpu = u16::try_from(cpu).unwrap_or(u16::MAX);
+                if let Some(pfn) = pfn {
+                    self.free(pfn, order, true);
                 } else {
                     self.trace.stats.unmatched_frees += 1;
                 }
@@ -409,6 +431,7 @@ impl Loader {
         }
     }
 
+    #[inline]
     fn note_cpu(&mut self, cpu: u32) {
         match self.cpu_seen.get_mut(cpu as usize) {
             Some(seen) if !*seen => {
@@ -684,12 +707,8 @@ impl Loader {
     /// Finish: final counters.
     pub fn finish(mut self) -> Trace {
         let s = &mut self.trace.stats;
-        s.live_at_end = self
-            .slots
-            .values()
-            .filter(|v| matches!(v, Slot::Live { .. }))
-            .count() as u64
-            + self.splits.len() as u64;
+        s.live_at_end =
+            self.slots.count(|v| matches!(v, Slot::Live { .. })) as u64 + self.splits.len() as u64;
         s.live_pages_at_end = self.live_pages;
         if s.min_pfn == u64::MAX {
             s.min_pfn = 0;
@@ -701,7 +720,8 @@ impl Loader {
     }
 }
 
-/// Load a whole trace from a buffered reader (see [`crate::reader::open_input`]).
+/// Load a whole trace from a buffered reader (see [`crate::reader::open_input`]), on the calling
+/// thread: the sequential reference that [`load_parallel`] (what `veil replay` uses) equals.
 pub fn load<R: BufRead>(r: R, opts: LoadOptions) -> Result<Trace, TraceError> {
     load_with_progress(r, opts, &mut |_| {})
 }

@@ -20,7 +20,12 @@ use super::{EventKind, Line, RawEvent, MAX_TRACE_ORDER};
 /// Parse `line` if it is a page-allocator event in the kernel's layout (see the module doc).
 #[inline]
 pub(super) fn parse(line: &[u8]) -> Option<Line<'_>> {
-    let c = memchr::memchr(b':', line)?;
+    parse_at(line, memchr::memchr(b':', line)?)
+}
+
+/// [`parse`] given the index `c` of the line's first colon.
+#[inline]
+pub(super) fn parse_at(line: &[u8], c: usize) -> Option<Line<'_>> {
     let (head, body) = line.split_at(c);
     let (kind, start) = event(body)?;
     let (cpu, ts_ns) = header(head)?;
@@ -96,7 +101,7 @@ fn fields(b: &[u8], mut i: usize, kind: EventKind, cpu: u32, ts_ns: u64) -> Opti
             }
             gfp = &b[i + 11..];
             // The last field: a space in it would start another field.
-            if gfp.is_empty() || super::find_space(gfp) != gfp.len() {
+            if gfp.is_empty() || has_space(gfp) {
                 return None;
             }
         } else if i != b.len() {
@@ -135,7 +140,58 @@ const HEX: [u8; 256] = {
 /// decimal digits; `None` (a valid page: `Some(pfn)`) for the kernel's all-ones "no page".
 /// Anything else (`-1`, more digits, another byte) is left to the general parser.
 #[inline]
-fn pfn_value(b: &[u8], mut i: usize) -> Option<(Option<u64>, usize)> {
+fn pfn_value(b: &[u8], i: usize) -> Option<(Option<u64>, usize)> {
+    if at(b, i, b"0x") || at(b, i, b"0X") {
+        if let Some((n, k)) = hex_word(b, i + 2) {
+            return Some((Some(n), i + 2 + k));
+        }
+    }
+    pfn_value_bytes(b, i)
+}
+
+/// Bytes with their high bit set where `v`'s bytes (all below 0x80) lie in `lo..=hi`.
+#[inline(always)]
+fn in_range(v: u64, lo: u8, hi: u8) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    (v + ONES * u64::from(0x80 - lo)) & !(v + ONES * u64::from(0x7f - hi)) & (ONES << 7)
+}
+
+/// The common pfn, 1-7 hex digits and a space in the eight bytes at `i`, in one word: its
+/// value and digit count; `None` for anything else (the byte loop decides then).
+#[inline]
+fn hex_word(b: &[u8], i: usize) -> Option<(u64, usize)> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES << 7;
+    let w = u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?);
+    // The first space: the lowest zero byte of `w ^ spaces` (exact, no borrow between bytes).
+    let x = w ^ (ONES * u64::from(b' '));
+    let nonzero = (((x & !HIGH) + !HIGH) | x) & HIGH;
+    let spaces = !nonzero & HIGH;
+    let k = (spaces.trailing_zeros() / 8) as usize;
+    if spaces == 0 || k == 0 {
+        return None;
+    }
+    // The k digits (k <= 7), the other bytes zero.
+    let d = w & ((1u64 << (8 * k)) - 1);
+    let want = HIGH & ((1u64 << (8 * k)) - 1);
+    if d & HIGH != 0
+        || (in_range(d, b'0', b'9') | in_range(d | (ONES * 0x20), b'a', b'f')) & want != want
+    {
+        return None;
+    }
+    // Digit values ('0'-'9': the low nibble; letters: the low nibble + 9), most significant
+    // first in memory: reversed into the low k bytes, then packed four bits each.
+    let nib = (d & (ONES * 0x0f)) + ((d >> 6) & ONES) * 9;
+    let mut r = nib.swap_bytes() >> (8 * (8 - k));
+    r = (r | (r >> 4)) & 0x00ff_00ff_00ff_00ff;
+    r = (r | (r >> 8)) & 0x0000_ffff_0000_ffff;
+    r = (r | (r >> 16)) & 0xffff_ffff;
+    Some((r, k))
+}
+
+/// [`pfn_value`] a byte at a time.
+#[inline]
+fn pfn_value_bytes(b: &[u8], mut i: usize) -> Option<(Option<u64>, usize)> {
     let mut n: u64 = 0;
     if at(b, i, b"0x") || at(b, i, b"0X") {
         i += 2;
@@ -352,8 +408,38 @@ fn token_before(h: &[u8], j: usize) -> Option<(usize, &[u8])> {
 /// Decimal digits the caller checked (at most 19, all digits) to a number.
 #[inline]
 fn dec(s: &[u8]) -> u64 {
-    s.iter()
-        .fold(0u64, |n, &c| n * 10 + u64::from(c.wrapping_sub(b'0')))
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < s.len() {
+        n = n * 10 + u64::from(s[i].wrapping_sub(b'0'));
+        i += 1;
+    }
+    n
+}
+
+/// Whether `s` has a space, eight bytes at a time without an early exit (`s` is short: the
+/// gfp flags).
+#[inline]
+fn has_space(s: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES << 7;
+    let zero = |w: u64| {
+        let x = w ^ (ONES * u64::from(b' '));
+        // Exact: the high bit of each byte of `x` that is zero.
+        !((((x & !HIGH) + !HIGH) | x) | !HIGH)
+    };
+    if s.len() < 8 {
+        return s.contains(&b' ');
+    }
+    let mut acc = 0;
+    let mut words = s.chunks_exact(8);
+    for w in &mut words {
+        acc |= zero(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    }
+    // The last eight bytes, overlapping the ones seen.
+    let last = &s[s.len() - 8..];
+    acc |= zero(u64::from_le_bytes(last.try_into().expect("8 bytes")));
+    acc != 0
 }
 
 /// `e` moved left past the spaces before it, eight bytes at a time.
@@ -374,4 +460,37 @@ fn rskip_spaces(h: &[u8], mut e: usize) -> usize {
         e -= 1;
     }
     e
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+
+        /// The word-at-a-time space test agrees with a scan.
+        #[test]
+        fn has_space_agrees_with_a_scan(b in proptest::collection::vec(prop_oneof![
+            Just(b' '), Just(0xa0), Just(0x21), Just(0x1f), any::<u8>()], 0..40)) {
+            prop_assert_eq!(has_space(&b), b.contains(&b' '));
+        }
+
+        /// The word-at-a-time pfn reads what the byte loop reads.
+        #[test]
+        fn hex_word_agrees_with_the_byte_loop(
+            digits in proptest::collection::vec(prop_oneof![
+                Just(b'0'), Just(b'9'), Just(b'a'), Just(b'f'), Just(b'A'), Just(b'F'),
+                Just(b'g'), Just(b'G'), Just(b'/'), Just(b':'), Just(b'@'), Just(b'`'),
+                Just(b' '), Just(0x10), Just(0x19), Just(0xb0), any::<u8>(), 0x30u8..0x3a,
+                0x61u8..0x67,
+            ], 0..20),
+            prefix in prop_oneof![Just(&b"0x"[..]), Just(&b"0X"[..]), Just(&b""[..])],
+        ) {
+            let mut b = prefix.to_vec();
+            b.extend_from_slice(&digits);
+            prop_assert_eq!(pfn_value(&b, 0), pfn_value_bytes(&b, 0), "{:?}", String::from_utf8_lossy(&b));
+        }
+    }
 }
