@@ -17,7 +17,10 @@
 //! Run: `cargo bench -p allocator` (add `-- --quick` for a faster, noisier run;
 //! `cargo bench -p allocator -- none` skips pass 1).
 
+#[path = "common/control.rs"]
+mod control;
 use allocator::{BuddyAllocator, Config, Gfp, NullStage2, Zone};
+use control::control_throughput;
 use criterion::{BenchmarkId, Criterion, SamplingMode};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -700,25 +703,6 @@ fn zone_throughput(threads: usize, random: bool, perm: &[usize]) -> f64 {
     let last = spans.iter().map(|s| s.1).max().unwrap();
     let elapsed = last - first;
     (threads as u64 * ops) as f64 / elapsed.as_secs_f64()
-}
-
-/// Throughput of `threads` threads running a shared-nothing compute loop: the control for
-/// the zone's figures (what 2 threads can get on this host at this moment).
-fn control_throughput(threads: usize) -> f64 {
-    const N: u64 = 20_000_000;
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut x = 1u64;
-                for i in 0..N {
-                    x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i));
-                }
-                black_box(x)
-            });
-        }
-    });
-    (threads as u64 * N) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// A stage 2 whose `zero` is a real, out-of-line call (as in the VMM) that only counts.

@@ -12,7 +12,10 @@
 //! reached 1.9x. The first round also prints each thread's hot pfn (adjacent pages, the
 //! last of CPU 0's refill batch and the first of CPU 1's).
 
+#[path = "../benches/common/control.rs"]
+mod control;
 use allocator::{Config, Gfp, NullStage2, Zone};
+use control::control_throughput as control;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -45,24 +48,6 @@ fn hot(threads: usize) -> (f64, Vec<u64>) {
         (t0.elapsed(), pfns)
     });
     (threads as f64 * PAIRS as f64 / t.as_secs_f64(), pfns)
-}
-
-/// Iterations per second of a dependent multiply-add loop on `threads` threads.
-fn control(threads: usize) -> f64 {
-    const N: u64 = 20_000_000;
-    let t = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                let mut x = 1u64;
-                for i in 0..N {
-                    x = black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i));
-                }
-                black_box(x)
-            });
-        }
-    });
-    threads as f64 * N as f64 / t.elapsed().as_secs_f64()
 }
 
 fn main() {
