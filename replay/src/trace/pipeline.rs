@@ -907,3 +907,45 @@ pub fn load_parallel_scoped<R: Read + Send>(
         res
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The newline and colon bits of `b`, one byte at a time (the reference).
+    fn reference(b: &[u8; 64]) -> (u64, u64) {
+        let (mut nl, mut colon) = (0u64, 0u64);
+        for (i, &c) in b.iter().enumerate() {
+            nl |= u64::from(c == b'\n') << i;
+            colon |= u64::from(c == b':') << i;
+        }
+        (nl, colon)
+    }
+
+    proptest! {
+        /// Every scan this CPU can run agrees with the reference: the SSE2 one (which a CPU
+        /// with AVX2, the usual case, never runs in the loader) and AVX2 where present.
+        #[test]
+        fn every_scan_agrees_with_a_byte_loop(
+            v in proptest::collection::vec(
+                prop_oneof![Just(b'\n'), Just(b':'), Just(b' '), any::<u8>()],
+                64,
+            )
+        ) {
+            let b: [u8; 64] = v.try_into().unwrap();
+            let want = reference(&b);
+            #[cfg(target_arch = "x86_64")]
+            {
+                // SAFETY: SSE2 is part of the x86-64 baseline.
+                prop_assert_eq!(unsafe { masks64(&b) }, want);
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    prop_assert_eq!(unsafe { masks64_avx2(&b) }, want);
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            prop_assert_eq!(masks64(&b), want);
+        }
+    }
+}
