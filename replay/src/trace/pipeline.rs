@@ -492,9 +492,10 @@ fn masks64(b: &[u8; 64]) -> (u64, u64) {
     (nl, colon)
 }
 
-/// The newline and colon bits of 64 bytes.
-#[cfg(not(target_arch = "x86_64"))]
-fn masks64(b: &[u8; 64]) -> (u64, u64) {
+/// The newline and colon bits of 64 bytes, one byte at a time (the scan off x86-64, and the
+/// tests' reference).
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn masks64_bytes(b: &[u8; 64]) -> (u64, u64) {
     let (mut nl, mut colon) = (0u64, 0u64);
     for (i, &c) in b.iter().enumerate() {
         nl |= u64::from(c == b'\n') << i;
@@ -570,7 +571,7 @@ fn find_bytes(data: &[u8], p: &mut Parsed) {
         scan_bytes(data, p, |b| unsafe { masks64(b) });
     }
     #[cfg(not(target_arch = "x86_64"))]
-    scan_bytes(data, p, masks64);
+    scan_bytes(data, p, masks64_bytes);
 }
 
 /// The first set bit at or after `from` and before `to` (`from < to <= 64 * bits.len()`).
@@ -913,16 +914,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The newline and colon bits of `b`, one byte at a time (the reference).
-    fn reference(b: &[u8; 64]) -> (u64, u64) {
-        let (mut nl, mut colon) = (0u64, 0u64);
-        for (i, &c) in b.iter().enumerate() {
-            nl |= u64::from(c == b'\n') << i;
-            colon |= u64::from(c == b':') << i;
-        }
-        (nl, colon)
-    }
-
     proptest! {
         /// Every scan this CPU can run agrees with the reference: the SSE2 one (which a CPU
         /// with AVX2, the usual case, never runs in the loader) and AVX2 where present.
@@ -934,7 +925,7 @@ mod tests {
             )
         ) {
             let b: [u8; 64] = v.try_into().unwrap();
-            let want = reference(&b);
+            let want = masks64_bytes(&b);
             #[cfg(target_arch = "x86_64")]
             {
                 // SAFETY: SSE2 is part of the x86-64 baseline.
@@ -944,8 +935,9 @@ mod tests {
                     prop_assert_eq!(unsafe { masks64_avx2(&b) }, want);
                 }
             }
+            // Elsewhere the byte loop is the scan itself: nothing to compare.
             #[cfg(not(target_arch = "x86_64"))]
-            prop_assert_eq!(masks64(&b), want);
+            let _ = want;
         }
     }
 }
