@@ -48,17 +48,38 @@ pub fn open_input_parallel(path: &Path) -> io::Result<Box<dyn Read + Send>> {
 /// [`crate::trace::load_parallel`] runs it on its reader thread). Reads go straight to the
 /// decoder, no buffer in between.
 pub fn decoding(raw: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + Send>> {
-    let (gz, joined) = peek_gzip(raw)?;
-    if gz {
-        let inner = BufReader::with_capacity(BUF, joined);
-        Ok(Box::new(GzipInput(MultiGzDecoder::new(inner))))
-    } else {
-        Ok(Box::new(joined))
-    }
+    Ok(Box::new(decode(raw)?))
 }
 
 /// A reader with its first bytes, read to tell gzip apart, put back in front.
 type Peeked<R> = io::Chain<io::Cursor<Vec<u8>>, R>;
+
+/// An input told apart by its first bytes: as it is, or through the gzip decoder.
+enum Decoded<R: Read> {
+    Plain(Peeked<R>),
+    Gzip(Box<GzipInput<MultiGzDecoder<BufReader<Peeked<R>>>>>),
+}
+
+impl<R: Read> Read for Decoded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoded::Plain(r) => r.read(buf),
+            Decoded::Gzip(r) => r.read(buf),
+        }
+    }
+}
+
+/// `raw`, decompressed when it starts with the gzip magic `1f 8b` (the one place every
+/// opener tells gzip apart).
+fn decode<R: Read>(raw: R) -> io::Result<Decoded<R>> {
+    let (gz, joined) = peek_gzip(raw)?;
+    Ok(if gz {
+        let inner = BufReader::with_capacity(BUF, joined);
+        Decoded::Gzip(Box::new(GzipInput(MultiGzDecoder::new(inner))))
+    } else {
+        Decoded::Plain(joined)
+    })
+}
 
 /// Reads the first bytes of `raw` (up to 2: a pipe may hand them out one at a time); whether
 /// they are the gzip magic, and a reader that gives them back first.
@@ -79,15 +100,10 @@ fn peek_gzip<R: Read>(mut raw: R) -> io::Result<(bool, Peeked<R>)> {
 
 /// [`from_reader`], with gzip decompressed on its own thread (the parse runs meanwhile).
 pub fn from_reader_threaded(raw: Box<dyn Read + Send>) -> io::Result<Box<dyn BufRead>> {
-    let (gz, joined) = peek_gzip(raw)?;
-    if gz {
-        let inner = BufReader::with_capacity(BUF, joined);
-        Ok(Box::new(Threaded::spawn(GzipInput(MultiGzDecoder::new(
-            inner,
-        )))))
-    } else {
-        Ok(Box::new(BufReader::with_capacity(BUF, joined)))
-    }
+    Ok(match decode(raw)? {
+        gz @ Decoded::Gzip(_) => Box::new(Threaded::spawn(gz)),
+        plain => Box::new(BufReader::with_capacity(BUF, plain)),
+    })
 }
 
 /// Chunks a [`Threaded`] reader keeps in flight.
@@ -178,16 +194,7 @@ impl BufRead for Threaded {
 
 /// Wrap any reader, decompressing it when it starts with the gzip magic `1f 8b`.
 pub fn from_reader<'a>(raw: Box<dyn Read + 'a>) -> io::Result<Box<dyn BufRead + 'a>> {
-    let (gz, joined) = peek_gzip(raw)?;
-    if gz {
-        let inner = BufReader::with_capacity(BUF, joined);
-        Ok(Box::new(BufReader::with_capacity(
-            BUF,
-            GzipInput(MultiGzDecoder::new(inner)),
-        )))
-    } else {
-        Ok(Box::new(BufReader::with_capacity(BUF, joined)))
-    }
+    Ok(Box::new(BufReader::with_capacity(BUF, decode(raw)?)))
 }
 
 /// A gzip stream could not be decoded: the file is truncated, corrupt, or has data after its

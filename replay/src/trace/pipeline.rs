@@ -685,28 +685,20 @@ impl Loader {
         p: &Parsed,
         map: &mut [u32],
     ) -> Result<(), TraceError> {
-        let s = &mut self.trace.stats;
-        s.lines += 1;
+        self.trace.stats.lines += 1;
         let kind = match r.kind {
             Kind::Alloc => EventKind::Alloc,
             Kind::Free => EventKind::Free,
             Kind::FreeBatched => EventKind::FreeBatched,
-            Kind::Blank => {
-                s.blank_lines += 1;
-                return Ok(());
-            }
-            Kind::Comment => {
-                s.comment_lines += 1;
-                return Ok(());
-            }
-            Kind::Other => {
-                s.other_events += 1;
-                return Ok(());
-            }
+            // The lines that are no events are counted as the sequential loader counts them.
+            Kind::Blank => return self.accept(Line::Blank),
+            Kind::Comment => return self.accept(Line::Comment),
+            Kind::Other => return self.accept(Line::Other),
             Kind::Lost => {
-                s.lost_markers += 1;
-                s.lost_events = s.lost_events.saturating_add(r.val);
-                return Ok(());
+                return self.accept(Line::Lost {
+                    cpu: 0,
+                    count: r.val,
+                })
             }
             Kind::Malformed => {
                 let (e, off, len) = p.malformed[r.aux as usize];
@@ -715,6 +707,7 @@ impl Loader {
             }
             Kind::TooLong => return self.malformed(lineno, ParseError::TooLong, b""),
         };
+        let s = &mut self.trace.stats;
         if r.bits & FIRST != 0 {
             if self.last_ts.is_some_and(|last| p.first_ts < last) {
                 s.out_of_order_timestamps += 1;
