@@ -153,8 +153,10 @@ fn kvm_unit_tests_match_expectations() {
                 };
                 (r, how)
             }
+            // Veil itself failed to report: no expectation covers that (a FAIL is the
+            // guest's failure, crash or timeout as Veil reports it).
             Err(_) => (
-                "error".to_string(),
+                "no-report".to_string(),
                 format!(
                     "no report (exit {:?}): {}",
                     out.status.code(),
