@@ -225,7 +225,9 @@ pub enum Hc {
     /// the VMM compares the pages whose loads were violations with the pages its engine makes
     /// unreachable and fails the test on any difference. Returns only `Ok` ("recorded").
     /// Errors: no test running, a sweep already open (begin) or none (end)
-    /// ([`Status::BadState`]), another `op` ([`Status::BadArgument`]).
+    /// ([`Status::BadState`]), another `op` ([`Status::BadArgument`]), a begin when the host's
+    /// available memory could not back a load of every managed page ([`Status::NoMemory`]:
+    /// nothing is opened, and the VMM prints the figures).
     Sweep = 27,
     /// (gpa): test-harness only. Closes the page at `gpa` (a mapped page the guest allocated)
     /// in the stage-2 backend behind the engine's back, so that reconciliation must catch it;

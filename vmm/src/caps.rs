@@ -87,6 +87,19 @@ fn stage2_backends() -> Stage2Backends {
     }
 }
 
+/// The host's available memory (`MemAvailable` in `/proc/meminfo`), in bytes.
+pub fn mem_available() -> Option<u64> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line["MemAvailable:".len()..].split_whitespace();
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib.checked_mul(1024)?)
+}
+
 /// Probes how much memory this process may lock: see [`Caps::memlock_bytes`].
 pub fn probe_memlock() -> Option<u64> {
     // SAFETY: getrlimit writes one rlimit.
@@ -466,6 +479,16 @@ impl fmt::Display for Caps {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let m = "MemTotal:       24599452 kB\nMemFree:        23000000 kB\nMemAvailable:   23800000 kB\n";
+        assert_eq!(parse_mem_available(m), Some(23_800_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: 12 MB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: x kB\n"), None);
+    }
+
     use super::*;
 
     #[test]

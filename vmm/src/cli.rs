@@ -213,7 +213,9 @@ pub struct GuestArgs {
     /// Guest RAM size: bytes or a K/M/G/T suffix (binary units: 1G = 1024M; KB and KiB alike),
     /// a multiple of 2 MiB, at least 6M and at most 64G, e.g. 512M or 4G. The guest image and boot structures are
     /// reserved below the first managed 2 MiB block, so a large --guest needs more. RAM is mapped
-    /// lazily (MAP_NORESERVE): a large size costs nothing until the guest touches it.
+    /// lazily (MAP_NORESERVE): a large size costs nothing until the guest touches it. The `sweep`
+    /// test loads every managed page, so the host must back all of RAM: it is skipped, with a
+    /// warning giving the figures, when that exceeds 90 % of the host's available memory.
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = mem_size())]
     pub mem: MemSize,
 

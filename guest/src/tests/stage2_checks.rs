@@ -7,7 +7,7 @@ use core::arch::asm;
 use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
-use crate::{boot, dm, ensure, println};
+use crate::{boot, dm, ensure, println, skip};
 use veil_abi::{gfp, Hc, Status, PAGE_SIZE};
 
 /// Reconciliation agrees after ordinary updates, catches a tampered page (and puts it back),
@@ -93,7 +93,14 @@ pub fn sweep() -> Outcome {
     );
     let e = hc::aimed(Hc::Sweep, 2, 0, 0, 0);
     ensure!(e == Err(Status::BadArgument), "Sweep op 2: {e:?}");
-    hc::sweep_begin().ctx("Sweep begin")?;
+    match hc::sweep_begin() {
+        Err(Status::NoMemory) => {
+            // The VMM's warning line says how much the host has.
+            pages.free_all().ctx("free")?;
+            skip!("loading all {n} managed pages needs more memory than the host has available");
+        }
+        r => r.ctx("Sweep begin")?,
+    }
     let e = hc::sweep_begin();
     ensure!(e == Err(Status::BadState), "a second Sweep begin: {e:?}");
     load_every_page(info.managed_start, n);

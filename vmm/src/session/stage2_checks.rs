@@ -77,6 +77,20 @@ impl Checks {
     }
 }
 
+/// Why a sweep of `managed` bytes of guest RAM cannot be backed by a host with `available`
+/// bytes free (more than 90 % of it), if so. Loading a never-written page of guest RAM makes
+/// the host back it (a memfd allocates on a read fault, too).
+fn sweep_exceeds_host(managed: u64, available: Option<u64>) -> Option<String> {
+    let available = available?;
+    (managed > available / 10 * 9).then(|| {
+        format!(
+            "the sweep would load every one of the {} MiB of managed guest RAM, which the host must then back, and it has {} MiB available: refused (the test is skipped); run it with a smaller --mem",
+            managed >> 20,
+            available >> 20
+        )
+    })
+}
+
 impl Session {
     /// After every hypercall: a refused stage-2 update is recorded; under `--verify-stage2` a
     /// change of stage 2 is reconciled at once.
@@ -216,6 +230,13 @@ impl Session {
         };
         match op {
             0 if self.checks.sweep.is_none() => {
+                let managed = self.ram.size().saturating_sub(self.reserved_end.0);
+                if let Some(why) = sweep_exceeds_host(managed, crate::caps::mem_available()) {
+                    // Loading every page would make the host back all of guest RAM; past
+                    // what it has, the OOM killer would end the run and lose its report.
+                    super::vmm_line(&format!("warning: {test}: {why}"));
+                    return Err(Status::NoMemory);
+                }
                 self.checks.sweep = Some(OpenSweep {
                     pages: BTreeSet::new(),
                 });
@@ -321,6 +342,27 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_beyond_the_host_memory_is_refused_with_the_figures() {
+        let g = 1u64 << 30;
+        assert_eq!(
+            sweep_exceeds_host(64 * g, None),
+            None,
+            "unknown: not refused"
+        );
+        assert_eq!(sweep_exceeds_host(g, Some(24 * g)), None);
+        assert_eq!(
+            sweep_exceeds_host(9 * g, Some(10 * g)),
+            None,
+            "90 % is the limit"
+        );
+        let why = sweep_exceeds_host(64 * g, Some(24 * g)).expect("refused");
+        assert!(
+            why.contains("65536 MiB") && why.contains("24576 MiB"),
+            "{why}"
+        );
+    }
     use crate::console::ConsoleSink;
     use crate::memory::MemSize;
     use crate::stage2::{BackendKind, HostBacking};
