@@ -267,8 +267,14 @@ fn inspect_a_running_guest_and_its_report_agree() {
     let out = child.wait_with_output().unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    // One line for the request, naming the file, its format and size (the writer's own
+    // "wrote stage-2 dump" line used to follow it).
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("d.1.json")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
     assert!(
-        stderr.contains("veil: SIGUSR1: stage-2 dump 1 written to"),
+        lines[0].starts_with("veil: SIGUSR1: wrote stage-2 dump 1 to ")
+            && lines[0].ends_with(" KB)")
+            && lines[0].contains("(json, "),
         "{stderr}"
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -412,8 +412,8 @@ fn exit_dump(
         mermap: None,
     };
     let path = crate::session::exit_path(&dcfg.target);
-    match crate::session::render_and_write(&input, dcfg.format, path.as_deref()) {
-        Ok(name) => (vec![name], Vec::new()),
+    match crate::session::render_and_write(&input, dcfg.format, path.as_deref(), true) {
+        Ok((name, _)) => (vec![name], Vec::new()),
         Err(msg) => (Vec::new(), vec![msg]),
     }
 }

@@ -59,14 +59,15 @@ impl DumpConfig {
     }
 }
 
-/// Writes a rendered dump in `format` to `path` (None: stdout) and announces a file on stderr
-/// ([`announce_dump`]); returns the name the report lists ("-" for stdout) or the error
-/// message. Shared by Veil guests and foreign kernels.
+/// Writes a rendered dump in `format` to `path` (None: stdout) and, if `announce`, announces a
+/// file on stderr ([`announce_dump`]); returns the name the report lists ("-" for stdout) and
+/// the bytes written, or the error message. Shared by Veil guests and foreign kernels.
 pub fn write_out(
     bytes: &[u8],
     format: DumpFormat,
     path: Option<&std::path::Path>,
-) -> Result<String, String> {
+    announce: bool,
+) -> Result<(String, u64), String> {
     match path {
         None => {
             use std::io::Write;
@@ -75,14 +76,16 @@ pub fn write_out(
             if format != DumpFormat::Png && !bytes.ends_with(b"\n") {
                 let _ = out.write_all(b"\n");
             }
-            Ok("-".into())
+            Ok(("-".into(), bytes.len() as u64))
         }
         // Never blocks on a FIFO whose reader went away since the check before boot.
         Some(p) => replay::cli::create_output(p)
             .and_then(|mut f| std::io::Write::write_all(&mut f, bytes))
             .map(|()| {
-                announce_dump(p, format, bytes.len() as u64);
-                p.display().to_string()
+                if announce {
+                    announce_dump(p, format, bytes.len() as u64);
+                }
+                (p.display().to_string(), bytes.len() as u64)
             })
             .map_err(|e| format!("cannot write dump {}: {e}", p.display())),
     }
@@ -100,12 +103,13 @@ pub fn render_and_write<B: crate::stage2::Stage2Backend>(
     input: &DumpInput<'_, B>,
     format: DumpFormat,
     path: Option<&std::path::Path>,
-) -> Result<String, String> {
+    announce: bool,
+) -> Result<(String, u64), String> {
     let bytes = crate::dump::render_bytes(input, format).map_err(|e| {
         let name = path.map_or("-".into(), |p| p.display().to_string());
         format!("cannot write dump {name}: {e}")
     })?;
-    write_out(&bytes, format, path)
+    write_out(&bytes, format, path, announce)
 }
 
 /// The exit dump's path for `target` (None: stdout).
@@ -141,8 +145,11 @@ impl Session {
         reason: &str,
         format: DumpFormat,
         path: Option<&std::path::Path>,
-    ) -> Result<String, String> {
-        self.with_dump_input(reason, |input| render_and_write(input, format, path))
+        announce: bool,
+    ) -> Result<(String, u64), String> {
+        self.with_dump_input(reason, |input| {
+            render_and_write(input, format, path, announce)
+        })
     }
 
     /// The exit-time dump as JSON.
@@ -150,15 +157,23 @@ impl Session {
         self.with_dump_input("exit", crate::dump::to_json_value)
     }
 
-    pub(super) fn write_dump(&mut self, reason: &str, path: Option<PathBuf>) {
-        let Some(cfg) = self.dump.clone() else {
-            return;
-        };
-        match self.render_and_write(reason, cfg.format, path.as_deref()) {
-            Ok(name) => self.dumps.push(name),
+    /// Writes a dump to `path` (announced on stderr if `announce`); its size if written.
+    pub(super) fn write_dump(
+        &mut self,
+        reason: &str,
+        path: Option<PathBuf>,
+        announce: bool,
+    ) -> Option<u64> {
+        let cfg = self.dump.clone()?;
+        match self.render_and_write(reason, cfg.format, path.as_deref(), announce) {
+            Ok((name, bytes)) => {
+                self.dumps.push(name);
+                Some(bytes)
+            }
             Err(msg) => {
                 vmm_line(&msg);
                 self.dump_errors.push(msg);
+                None
             }
         }
     }
@@ -183,7 +198,7 @@ impl Session {
         self.guest_dumps += 1;
         let n = self.guest_dumps;
         let reason = format!("guest request #{n}");
-        self.write_dump(&reason, cfg.numbered_path(n));
+        self.write_dump(&reason, cfg.numbered_path(n), true);
         Ok(u64::from(n))
     }
 }

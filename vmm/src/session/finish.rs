@@ -51,7 +51,7 @@ impl Session {
             self.end_current(outcome, None, why);
         }
         if let Some(cfg) = self.dump.clone() {
-            self.write_dump("exit", super::exit_path(&cfg.target));
+            self.write_dump("exit", super::exit_path(&cfg.target), true);
         }
         let selected: Vec<String> = if self.selection.is_empty() {
             self.announced.clone()

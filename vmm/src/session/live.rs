@@ -85,11 +85,25 @@ impl Session {
         }
         self.guest_dumps += 1;
         let n = self.guest_dumps;
-        let before = self.dumps.len();
-        self.write_dump(&format!("SIGUSR1 #{n}"), cfg.numbered_path(n));
-        if let Some(name) = self.dumps.get(before) {
-            let to = if name == "-" { "stdout" } else { name };
-            vmm_line(&format!("SIGUSR1: stage-2 dump {n} written to {to}"));
+        // One line for the request, in --quiet too: the writer's own announcement is off.
+        let path = cfg.numbered_path(n);
+        if let Some(bytes) = self.write_dump(&format!("SIGUSR1 #{n}"), path.clone(), false) {
+            vmm_line(&signal_dump_line(n, path.as_deref(), cfg.format, bytes));
         }
     }
+}
+
+/// The one line a SIGUSR1 dump gets: `SIGUSR1: wrote stage-2 dump 1 to d.1.svg (svg, 312 KB)`.
+fn signal_dump_line(
+    n: u32,
+    path: Option<&std::path::Path>,
+    format: DumpFormat,
+    bytes: u64,
+) -> String {
+    let what = format!("stage-2 dump {n}");
+    let to = path.unwrap_or(std::path::Path::new("stdout"));
+    format!(
+        "SIGUSR1: {}",
+        replay::output::written_line(&what, to, format.name(), bytes)
+    )
 }
