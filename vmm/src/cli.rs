@@ -373,7 +373,8 @@ pub struct RunArgs {
 
     /// Print only errors (stderr) and one summary line (stdout): "P passed, F failed, S
     /// skipped, N not run; V violations; exit: HOW" with "; failed: NAMES" before "exit:" when
-    /// a test failed or did not run, "; flaky: NAMES" for --repeat. No guest console (except
+    /// a test failed, "; not run: NAMES" when a crash, timeout or signal cut tests off, "; flaky:
+    /// NAMES" for --repeat. No guest console (except
     /// into --console FILE), no guest log lines, no table, no "dump written"/"wrote"
     /// announcements. With --json: only the JSON document. Not with --kernel.
     #[arg(long, short = 'q', conflicts_with = "kernel")]

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use super::{RunReport, TestOutcome};
 
 /// The one line `veil run --quiet` prints: `P passed, F failed, S skipped, N not run; V
-/// violations[; failed: NAMES][; flaky: NAMES]; exit: HOW` (`; runs: N` after the violations
+/// violations[; failed: NAMES][; not run: NAMES][; flaky: NAMES]; exit: HOW` (`; runs: N` after the violations
 /// with `--repeat`).
 pub fn quiet_line(r: &RunReport) -> String {
     let c = r.counts();
@@ -19,14 +19,20 @@ pub fn quiet_line(r: &RunReport) -> String {
     if let Some(rep) = &r.repeat {
         s.push_str(&format!("; runs: {}", rep.runs));
     }
-    let bad: Vec<&str> = r
-        .tests
-        .iter()
-        .filter(|t| matches!(t.result, TestOutcome::Fail | TestOutcome::NotRun))
-        .map(|t| t.name.as_str())
-        .collect();
-    if !bad.is_empty() {
-        s.push_str(&format!("; failed: {}", bad.join(", ")));
+    // A test cut off by a crash, a timeout or Ctrl-C did not fail: it is listed apart.
+    for (label, outcome) in [
+        ("failed", TestOutcome::Fail),
+        ("not run", TestOutcome::NotRun),
+    ] {
+        let names: Vec<&str> = r
+            .tests
+            .iter()
+            .filter(|t| t.result == outcome)
+            .map(|t| t.name.as_str())
+            .collect();
+        if !names.is_empty() {
+            s.push_str(&format!("; {label}: {}", names.join(", ")));
+        }
     }
     if let Some(rep) = r.repeat.as_ref().filter(|rep| !rep.flaky.is_empty()) {
         s.push_str(&format!("; flaky: {}", rep.flaky.join(", ")));
