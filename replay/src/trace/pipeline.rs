@@ -178,6 +178,15 @@ struct State {
     /// Threads waiting on the condition variable (a wake-up costs a system call, so it is
     /// sent only when someone waits).
     waiters: u32,
+    /// The reader thread is in a read of its input, holding [`State::tail`].
+    reading: bool,
+    /// While `reading`: the bytes the reader holds (a line not ended yet), whether it is
+    /// skipping an overlong line, and the input's bytes consumed so far. A stop request the
+    /// signal of which did not interrupt that read ends the input with them, as the sequential
+    /// loader's stop would.
+    tail: Vec<u8>,
+    tail_skipping: bool,
+    tail_read: u64,
 }
 
 struct Shared {
@@ -197,6 +206,10 @@ impl Shared {
                 cancel: false,
                 ended: false,
                 waiters: 0,
+                reading: false,
+                tail: Vec::new(),
+                tail_skipping: false,
+                tail_read: 0,
             }),
             cv: Condvar::new(),
         }
@@ -381,22 +394,39 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
             end -= start;
             start = 0;
         }
-        loop {
+        {
+            let mut g = sh.lock();
+            if g.cancel {
+                return;
+            }
+            g.reading = true;
+            g.tail.clear();
+            g.tail.extend_from_slice(&buf[..end]);
+            (g.tail_skipping, g.tail_read) = (skipping, read);
+        }
+        let got = loop {
             match inner.read(&mut buf[end..]) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    end += n;
-                    read += n as u64;
-                    break;
-                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    push(Slot::Ready(Piece::Err(e)));
-                    return;
-                }
+                r => break r,
+            }
+        };
+        {
+            let mut g = sh.lock();
+            // The caller ended the input with the tail while this read blocked.
+            if g.cancel {
+                return;
+            }
+            g.reading = false;
+        }
+        match got {
+            Ok(0) => eof = true,
+            Ok(n) => {
+                end += n;
+                read += n as u64;
+            }
+            Err(e) => {
+                push(Slot::Ready(Piece::Err(e)));
+                return;
             }
         }
     }
@@ -739,6 +769,29 @@ impl Loader {
     }
 }
 
+/// Ends the input with what the reader thread, blocked in a read, holds: queues the pieces its
+/// end of input would have given (a last line without a newline, or the end inside an overlong
+/// line) and the end, and cancels the reader.
+fn end_with_tail(g: &mut State) {
+    g.cancel = true;
+    g.reading = false;
+    let tail = std::mem::take(&mut g.tail);
+    if g.tail_skipping {
+        g.q.push_back(Slot::Ready(Piece::TooLongAtEof(g.tail_read)));
+    } else if !tail.is_empty() {
+        let (end, base) = (tail.len(), g.tail_read - tail.len() as u64);
+        g.q.push_back(Slot::Raw(Chunk {
+            buf: tail,
+            start: 0,
+            end,
+            first_too_long: false,
+            base,
+        }));
+        g.raw += 1;
+    }
+    g.q.push_back(Slot::Ready(Piece::Eof));
+}
+
 /// The caller's side: pairs pieces in order, parsing chunks itself when none is ready.
 fn consume(
     sh: &Shared,
@@ -790,9 +843,11 @@ fn consume(
                         g = sh.wait_timeout(g, STOP_POLL);
                         // A stop request ends the input (as `StopAtRequest` does for the
                         // sequential loader) also while the reader thread is blocked in a
-                        // read the signal did not interrupt: what is queued is paired first.
-                        if g.q.is_empty() && crate::stop::requested().is_some() {
-                            break Piece::Eof;
+                        // read the signal did not interrupt: what is queued is paired first,
+                        // then what the reader holds, as if that read had returned the end.
+                        // (A reader that is not in a read sees the request at its next one.)
+                        if g.q.is_empty() && g.reading && crate::stop::requested().is_some() {
+                            end_with_tail(&mut g);
                         }
                     }
                 }
