@@ -531,9 +531,18 @@ fn contenders() -> Vec<Box<dyn Contender>> {
     ]
 }
 
+/// One workload of the fair pass: the median (or minimum) ns per iteration of each contender,
+/// and the median over rounds of each round's own veil / bsa and veil-zone / bsa ratios (robust
+/// to a host that speeds up or slows down between rounds).
+struct FairRow {
+    name: &'static str,
+    ns: Vec<f64>,
+    paired: [f64; 2],
+}
+
 /// The fair pass: per workload, `rounds()` rounds of one sample of every contender, the
-/// starting contender rotated each round; the median (or minimum) ns per iteration of each.
-fn fair_pass(inp: &Inputs) -> Vec<(&'static str, Vec<f64>)> {
+/// starting contender rotated each round.
+fn fair_pass(inp: &Inputs) -> Vec<FairRow> {
     let mut cs = contenders();
     let mut flush = vec![0u8; FLUSH_BYTES];
     let mut out = Vec::new();
@@ -551,7 +560,16 @@ fn fair_pass(inp: &Inputs) -> Vec<(&'static str, Vec<f64>)> {
                 t[who].push(cs[who].sample(w, inp));
             }
         }
-        out.push((*name, t.iter_mut().map(|s| stat(s)).collect()));
+        let ratio = |c: usize| -> f64 {
+            let mut r: Vec<f64> = t[c].iter().zip(&t[2]).map(|(a, b)| a / b).collect();
+            median(&mut r)
+        };
+        let paired = [ratio(0), ratio(1)];
+        out.push(FairRow {
+            name,
+            ns: t.iter_mut().map(|s| stat(s)).collect(),
+            paired,
+        });
     }
     out
 }
@@ -623,7 +641,7 @@ fn fmt_ns(ns: f64) -> String {
     }
 }
 
-fn print_fair(rows: &[(&'static str, Vec<f64>)]) {
+fn print_fair(rows: &[FairRow]) {
     let names: Vec<&str> = contenders().iter().map(|c| c.name()).collect();
     println!();
     println!(
@@ -640,16 +658,27 @@ fn print_fair(rows: &[(&'static str, Vec<f64>)]) {
     for n in &names {
         print!(" {n:>22}");
     }
-    println!(" {:>10} {:>10}", "veil/bsa", "zone/bsa");
-    for (w, t) in rows {
-        print!("{w:<17}");
+    println!(
+        " {:>10} {:>10} {:>14} {:>14}",
+        "veil/bsa", "zone/bsa", "veil/bsa pair", "zone/bsa pair"
+    );
+    for row in rows {
+        let t = &row.ns;
+        print!("{:<17}", row.name);
         for x in t {
             print!(" {:>22}", fmt_ns(*x));
         }
-        println!(" {:>9.3}x {:>9.3}x", t[0] / t[2], t[1] / t[2]);
+        println!(
+            " {:>9.3}x {:>9.3}x {:>13.3}x {:>13.3}x",
+            t[0] / t[2],
+            t[1] / t[2],
+            row.paired[0],
+            row.paired[1]
+        );
     }
     println!(
-        "veil/bsa, zone/bsa: Veil's time as a multiple of buddy-slab-allocator's (goal <= 0.8)"
+        "veil/bsa, zone/bsa: Veil's time as a multiple of buddy-slab-allocator's (goal <= 0.8), \
+         from the two medians; 'pair': the median of each round's own ratio"
     );
 }
 
