@@ -4,7 +4,8 @@
 //! Shared by `veil replay --plot` (here) and `veil run --dump-ept` (the `vmm` crate, which
 //! depends on this one: so the renderer lives here and neither crate imports the other's
 //! front end). PNG comes from [`resvg`] (pure Rust: usvg parses, tiny-skia rasterises),
-//! with text drawn in the host's system fonts (none found: shapes only, text left out).
+//! with text drawn in the host's system fonts (none found: shapes only, text left out, and a
+//! warning on stderr once per process).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -109,6 +110,10 @@ pub fn svg_to_png(svg: &str) -> Result<Vec<u8>, OutputError> {
     use resvg::{tiny_skia, usvg};
     let mut opt = usvg::Options::default();
     opt.fontdb_mut().load_system_fonts();
+    if let Some(w) = no_font_warning(opt.fontdb.len(), svg.contains("<text")) {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| eprintln!("veil: warning: {w}"));
+    }
     let tree = usvg::Tree::from_str(svg, &opt).map_err(|e| OutputError::Png(e.to_string()))?;
     let size = tree.size();
     let longest = size.width().max(size.height()).max(1.0);
@@ -127,6 +132,15 @@ pub fn svg_to_png(svg: &str) -> Result<Vec<u8>, OutputError> {
     pixmap
         .encode_png()
         .map_err(|e| OutputError::Png(e.to_string()))
+}
+
+/// The warning for a PNG whose text cannot be drawn: `fonts` system fonts found, `has_text`
+/// whether the picture has any text.
+fn no_font_warning(fonts: usize, has_text: bool) -> Option<&'static str> {
+    (fonts == 0 && has_text).then_some(
+        "no system font found: PNG pictures are written without their text (install a font, \
+         e.g. Debian's fonts-dejavu-core, or write SVG, which any browser shows with its own)",
+    )
 }
 
 /// Decodes a PNG into (width, height, RGB pixels row by row), for checking what was drawn.
@@ -189,6 +203,13 @@ pub fn announce(msg: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_png_without_fonts_for_its_text_is_warned_about() {
+        assert!(no_font_warning(0, true).is_some_and(|w| w.contains("without their text")));
+        assert_eq!(no_font_warning(0, false), None, "no text, nothing lost");
+        assert_eq!(no_font_warning(3, true), None);
+    }
 
     #[test]
     fn the_plot_format_follows_the_extension_unless_given() {
