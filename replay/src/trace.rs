@@ -270,6 +270,16 @@ struct Split {
 /// (order [`crate::parse::MAX_TRACE_ORDER`]), so any head covering a pfn is in its region.
 const REGION_BITS: u32 = crate::parse::MAX_TRACE_ORDER as u32;
 
+/// Address space reserved up front for each of the loader's growing vectors (the events and
+/// the two CPU columns): 32 MiB, glibc's largest mmap threshold, so each is a mapping of its
+/// own whose pages are faulted in only as they are written, and growing one past it is a
+/// `mremap`, not a copy. On a heap that earlier loads (or anything else) have used, a vector
+/// grown by doubling is copied at every step and faulted in again: in a process loading the
+/// shared trace over and over, 1,200 of each load's 2,000 page faults, at 2-4 µs each in a
+/// guest with shadow paging (see the README, Performance). A first load in a fresh process
+/// grows in place either way.
+const RESERVE_BYTES: usize = 32 << 20;
+
 /// Incremental loader: feed lines, then [`Loader::finish`].
 pub struct Loader {
     opts: LoadOptions,
@@ -295,7 +305,12 @@ pub struct Loader {
 impl Loader {
     /// A fresh loader.
     pub fn new(opts: LoadOptions) -> Self {
-        let mut trace = Trace::default();
+        let mut trace = Trace {
+            events: Vec::with_capacity(RESERVE_BYTES / std::mem::size_of::<Event>()),
+            cpus: Vec::with_capacity(RESERVE_BYTES / 2),
+            free_cpus: Vec::with_capacity(RESERVE_BYTES / 2),
+            ..Trace::default()
+        };
         trace.stats.min_pfn = u64::MAX;
         Loader {
             opts,
