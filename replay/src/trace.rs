@@ -307,8 +307,8 @@ impl Loader {
     pub fn new(opts: LoadOptions) -> Self {
         let mut trace = Trace {
             events: Vec::with_capacity(RESERVE_BYTES / std::mem::size_of::<Event>()),
-            cpus: Vec::with_capacity(RESERVE_BYTES / 2),
-            free_cpus: Vec::with_capacity(RESERVE_BYTES / 2),
+            cpus: Vec::with_capacity(RESERVE_BYTES / std::mem::size_of::<u16>()),
+            free_cpus: Vec::with_capacity(RESERVE_BYTES / std::mem::size_of::<u16>()),
             ..Trace::default()
         };
         trace.stats.min_pfn = u64::MAX;
