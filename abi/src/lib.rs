@@ -291,11 +291,16 @@ pub enum Hc {
     ExpectSecretCopy = 37,
     /// () -> r0 = the `--on-violation` policy: 0 report, 1 inject, 2 kill.
     ViolationPolicy = 38,
+    /// (vcpu): rings vCPU `vcpu`'s doorbell, so a vCPU parked in `hlt` looks at its mailbox
+    /// now rather than after the VMM's idle timeout (the SMP runtime's `post` makes it after
+    /// publishing a job). Any vCPU of the VM may be rung; another index is
+    /// [`Status::BadArgument`].
+    Wake = 39,
 }
 
 impl Hc {
     /// The lowest hypercall number with no call (everything from here up is unknown).
-    pub const FIRST_UNUSED: u32 = 39;
+    pub const FIRST_UNUSED: u32 = 40;
 }
 
 /// The mermap: each vCPU's window of GPAs above RAM where unmapped pages it owns can be mapped
@@ -385,6 +390,7 @@ impl Hc {
             36 => Hc::MermapInfo,
             37 => Hc::ExpectSecretCopy,
             38 => Hc::ViolationPolicy,
+            39 => Hc::Wake,
             _ => return None,
         })
     }

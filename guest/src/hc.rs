@@ -429,3 +429,8 @@ pub fn expect_secret_copy(buf: u64, src: u64, len: u64) -> Result<(), Status> {
 pub fn violation_policy() -> Result<u64, Status> {
     call(Hc::ViolationPolicy, 0, 0, 0, 0).map(|r| r.r0)
 }
+
+/// Rings vCPU `cpu`'s doorbell: if it is parked in `hlt`, it looks at its mailbox now.
+pub fn wake(cpu: u32) -> Result<(), Status> {
+    call(Hc::Wake, u64::from(cpu), 0, 0, 0).map(|_| ())
+}

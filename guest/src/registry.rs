@@ -46,6 +46,7 @@ pub static TESTS: &[Test] = &[
     Test::new("cross_vcpu_isolation", tests::smp::cross_vcpu_isolation),
     Test::new("concurrent_alloc", tests::smp::concurrent_alloc),
     Test::new("flip_under_reader", tests::smp::flip_under_reader),
+    Test::new("smp_wake", tests::smp::smp_wake),
     Test::new("revocation_latency", tests::revocation::revocation_latency),
     Test::new("asi_restricted", tests::asi::asi_restricted),
     Test::new("asi_unmapped_both", tests::asi::asi_unmapped_both),

@@ -5,8 +5,8 @@
 //! ([`veil_abi::ap_stack_top`]).
 //!
 //! A parked vCPU executes `hlt` between looks at its mailbox (interrupts are off and there is
-//! no interrupt controller: the VMM sleeps it briefly and resumes it), so idle vCPUs cost the
-//! host almost nothing.
+//! no interrupt controller): the VMM resumes it when [`post`] rings its doorbell (`Hc::Wake`),
+//! or after an idle timeout, so idle vCPUs cost the host almost nothing.
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -116,6 +116,9 @@ pub fn post(cpu: u32, job: Job, arg: u64) -> Result<(), SmpError> {
     mb.job.store(job as usize as u64, Ordering::Relaxed);
     mb.arg.store(arg, Ordering::Relaxed);
     mb.posted.store(posted + 1, Ordering::Release);
+    // Wake it if it is parked in `hlt`. Should the ring fail, the VMM still resumes a parked
+    // vCPU after its idle timeout, so the job runs, later.
+    let _ = crate::hc::wake(cpu);
     Ok(())
 }
 

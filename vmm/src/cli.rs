@@ -308,13 +308,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub verify_stage2: bool,
 
-    /// vCPUs to run, one host thread each (1 up to KVM's maximum, at most 16; 0 or more is a
+    /// vCPUs to run, one host thread each (1 up to KVM's maximum, at most 16; anything else is a
     /// usage error). Veil's own guest enters every vCPU in 64-bit mode on its own stack; vCPU 0
     /// runs the suite, the others park in the guest's SMP runtime until a test hands them
     /// work (the cross-vCPU tests skip with one vCPU). A violation record names the vCPU that
     /// made it. The default is 1: a second vCPU costs the suite about 3 % of its wall time here
-    /// but about 40 % more host CPU (an idle vCPU's `hlt` wakes every 200 µs to look at its
-    /// mailbox).
+    /// and about 5 % more host CPU (a parked vCPU waits in the VMM until the guest rings its
+    /// doorbell, `Hc::Wake`, or 20 ms pass).
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub vcpus: u32,
 

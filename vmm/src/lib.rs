@@ -44,6 +44,7 @@ pub mod cli;
 pub mod console;
 pub mod control;
 pub mod decode;
+pub mod doorbell;
 pub mod dump;
 pub mod elf;
 pub mod expect;

@@ -8,18 +8,19 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd};
-use veil_abi::{BootMode, PAGEBLOCK_SIZE, POISON_BYTE};
+use veil_abi::{BootMode, Hc, Status, PAGEBLOCK_SIZE, POISON_BYTE};
 
 use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
 use crate::console::{Console, ConsoleSink};
 use crate::control::{ControlSocket, VcpuBoard, VcpuRunState};
+use crate::doorbell::{self, Doorbells};
 use crate::elf::{self, ElfError};
 use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitCounts, ExitInfo, RegsDump, RunReport, VcpuSummary};
-use crate::session::{DumpConfig, Session, SessionConfig, VcpuState};
+use crate::session::{DumpConfig, HcOut, Session, SessionConfig, VcpuState};
 use crate::shootdown::Vcpus;
 use crate::signals;
 use crate::stage2::{
@@ -216,9 +217,6 @@ fn new_vcpu(
     Ok(vcpu)
 }
 
-/// How long a vCPU other than vCPU 0 sleeps at a `hlt` before it runs again.
-const AP_IDLE: Duration = Duration::from_micros(200);
-
 /// A booted (not yet running) VM.
 pub struct Vm {
     s: Session,
@@ -245,6 +243,8 @@ struct Vcpu {
     stalls: StallSampler,
     /// Where this vCPU publishes its state and exits for the control socket.
     board: Arc<VcpuBoard>,
+    /// Rings of this vCPU's doorbell it has already woken for.
+    rung: u64,
 }
 
 /// The session locked for one vCPU, with that vCPU's [`VcpuState`] lent to it until dropped.
@@ -517,6 +517,7 @@ impl Vm {
             stopping: AtomicBool::new(false),
             first: Mutex::new(None),
             threads: self.threads.clone(),
+            doorbells: Doorbells::new(self.vcpus.len()),
         });
         let cpus = self
             .vcpus
@@ -534,6 +535,7 @@ impl Vm {
                 faults: FaultRepeat::default(),
                 stalls: StallSampler::default(),
                 board: board.clone(),
+                rung: 0,
             })
             .collect();
         (s, stop, cpus)
@@ -570,6 +572,8 @@ struct RunStop {
     stopping: AtomicBool,
     first: Mutex<Option<ExitInfo>>,
     threads: Arc<Vcpus>,
+    /// The parked vCPUs' bells (`Hc::Wake`; all rung on a stop).
+    doorbells: Doorbells,
 }
 
 impl RunStop {
@@ -583,6 +587,7 @@ impl RunStop {
         drop(first);
         self.stopping.store(true, Ordering::SeqCst);
         self.threads.kick_others();
+        self.doorbells.ring_all();
     }
 
     fn stopping(&self) -> bool {
@@ -636,6 +641,18 @@ impl Vcpu {
         drop(kick_me);
         drop(dog);
         Ok(stop)
+    }
+
+    /// `Hc::Wake`: rings the doorbell of parked vCPU `target` (answered here, not by the
+    /// session: it needs the VM's vCPU threads). Any vCPU of this VM may be rung, the caller
+    /// and vCPU 0 included (a ring nobody waits for is harmless); anything else is
+    /// `BadArgument`.
+    fn wake(&self, target: u64) -> HcOut {
+        if self.stop.doorbells.ring(target) {
+            HcOut::ok(0)
+        } else {
+            HcOut::err(Status::BadArgument)
+        }
     }
 
     fn regs_dump(&self) -> RegsDump {
@@ -699,9 +716,13 @@ impl Vcpu {
             Action::Hypercall => {
                 let r = self.vcpu.sync_regs_mut().regs;
                 let args = [r.rdi, r.rsi, r.rcx, r.r8];
-                let out = match self.route_exception(r.rax as u32, args) {
-                    Some(out) => out,
-                    None => self.s().hypercall(r.rax as u32, args),
+                let out = if r.rax as u32 == Hc::Wake as u32 {
+                    self.wake(args[0])
+                } else {
+                    match self.route_exception(r.rax as u32, args) {
+                        Some(out) => out,
+                        None => self.s().hypercall(r.rax as u32, args),
+                    }
                 };
                 let m = self.vcpu.sync_regs_mut();
                 m.regs.rax = out.status as u64;
@@ -758,9 +779,12 @@ impl Vcpu {
             Action::Efault(e) => self.memory_fault(&e),
             Action::Shutdown => Some(self.shutdown()),
             Action::Halted if self.cpu.index() != BOOT_VCPU => {
-                // A parked vCPU idles in `hlt` (there is no interrupt to wake it): let it
-                // look at its mailbox again a little later.
-                std::thread::sleep(AP_IDLE);
+                // A parked vCPU idles in `hlt` (there is no interrupt to wake it): it looks
+                // at its mailbox again when its bell rings, or after `IDLE_MAX`.
+                let index = self.cpu.index();
+                self.stop
+                    .doorbells
+                    .wait(index, &mut self.rung, doorbell::IDLE_MAX);
                 None
             }
             Action::Halted => Some(ExitInfo::Halted {

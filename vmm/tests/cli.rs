@@ -92,6 +92,7 @@ fn json_run_of_the_whole_suite() {
             "cross_vcpu_isolation",
             "concurrent_alloc",
             "flip_under_reader",
+            "smp_wake",
             "revocation_latency",
             "asi_smp",
             "mermap_vcpu_isolation"
@@ -273,7 +274,7 @@ fn the_whole_suite_passes_on_four_vcpus_and_the_vcpu_count_is_checked() {
     }
     let (tests, pages, _) = suite_on("mprotect", "4");
     assert!(tests.iter().all(|t| t.1), "{tests:?}");
-    for name in ["cross_vcpu_isolation", "concurrent_alloc"] {
+    for name in ["cross_vcpu_isolation", "concurrent_alloc", "smp_wake"] {
         assert!(tests.iter().any(|t| t.0 == name && t.2 == "pass"), "{name}");
     }
     assert!(!pages.is_empty());

@@ -87,6 +87,8 @@ pub fn bad_hypercalls() -> Outcome {
     let cases = [
         case("first unknown call", Hc::FIRST_UNUSED, [0; 4], &[UnknownCall]),
         case("unknown call 0xffffffff", u32::MAX, [0; 4], &[UnknownCall]),
+        case("wake the first vCPU past the last", Hc::Wake as u32, [u64::from(crate::smp::cpus()), 0, 0, 0], &[BadArgument]),
+        case("wake vCPU u64::MAX", Hc::Wake as u32, [u64::MAX, 0, 0, 0], &[BadArgument]),
         case("alloc order 11", alloc, [11, 0, 0, 0], &[BadOrder]),
         case("alloc order 255", alloc, [255, 0, 0, 0], &[BadOrder]),
         case("alloc order u64::MAX", alloc, [u64::MAX, 0, 0, 0], &[BadOrder]),

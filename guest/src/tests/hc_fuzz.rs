@@ -98,6 +98,7 @@ static mut SCRATCH: [ViolationRecord; 16] = [ViolationRecord {
 const CALLS: &[Hc] = &[
     Hc::Version,
     Hc::Nop,
+    Hc::Wake,
     Hc::Alloc,
     Hc::Alloc,
     Hc::Alloc,

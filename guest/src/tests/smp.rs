@@ -1,7 +1,9 @@
-//! `cross_vcpu_isolation`, `concurrent_alloc`, `flip_under_reader`: the suite's cross-vCPU
-//! tests (skipped with one vCPU). A page vCPU 0 allocated unmapped is unreachable from vCPU 1
-//! too, and the violation is vCPU 1's; every vCPU allocating and freeing at once never gets a
-//! page another holds; a vCPU reading a mapped page never sees it vanish while another flips.
+//! `cross_vcpu_isolation`, `concurrent_alloc`, `flip_under_reader`, `smp_wake`: the suite's
+//! cross-vCPU tests (skipped with one vCPU). A page vCPU 0 allocated unmapped is unreachable
+//! from vCPU 1 too, and the violation is vCPU 1's; every vCPU allocating and freeing at once
+//! never gets a page another holds; a vCPU reading a mapped page never sees it vanish while
+//! another flips; a vCPU parked in `hlt` runs a posted job at once (its doorbell), not after
+//! the VMM's idle timeout.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -11,6 +13,7 @@ use crate::hc;
 use crate::outcome::{Ctx, Outcome};
 use crate::pages::PageList;
 use crate::smp::{self, Barrier};
+use crate::tests::timing::rdtsc;
 use crate::{ensure, fail, skip};
 use veil_abi::{gfp, Access, ViolationRecord, MAX_VCPUS, PAGE_SIZE};
 
@@ -219,5 +222,62 @@ pub fn flip_under_reader() -> Outcome {
         "flip_under_reader: {flips} flips, {reads} reads by vCPU 1, none saw a hole"
     ));
     hc::free(page, 0).ctx("free")?;
+    Ok(())
+}
+
+/// Round trips timed by [`smp_wake`].
+const WAKE_ROUNDS: usize = 21;
+/// `Nop` hypercalls timed for [`smp_wake`]'s unit, and made before each round so vCPU 1 is
+/// parked in the VMM by then.
+const WAKE_NOPS: u64 = 50;
+/// The most `Nop` round trips the median round trip to a parked vCPU may cost. Ringing its
+/// doorbell costs a hypercall, a host thread's wakeup and vCPU 1's exits (6 `Nop`s on the
+/// nested development host, where a `Nop` takes about 25 µs); without the doorbell it waits
+/// for the VMM's 20 ms idle timeout (783 `Nop`s there, thousands where exits are cheaper).
+const WAKE_MAX_NOPS: u64 = 150;
+
+/// [`smp_wake`]'s job.
+fn next(x: u64) -> u64 {
+    x + 1
+}
+
+/// vCPU 1, parked in `hlt`, runs a job posted to it at once: the median `run_on` round trip
+/// costs at most [`WAKE_MAX_NOPS`] `Nop` hypercalls.
+pub fn smp_wake() -> Outcome {
+    if smp::cpus() < 2 {
+        skip!("needs --vcpus 2 or more");
+    }
+    let nops = || -> Result<u64, crate::outcome::Fail> {
+        let t0 = rdtsc();
+        for _ in 0..WAKE_NOPS {
+            hc::nop().ctx("Nop")?;
+        }
+        Ok(rdtsc().wrapping_sub(t0) / WAKE_NOPS)
+    };
+    let nop = nops()?.max(1);
+    let mut trips = [0u64; WAKE_ROUNDS];
+    for (i, trip) in trips.iter_mut().enumerate() {
+        // Give vCPU 1 time to halt and wait on its doorbell.
+        nops()?;
+        let t0 = rdtsc();
+        let v = match smp::run_on(1, next, i as u64) {
+            Ok(v) => v,
+            Err(e) => fail!("vCPU 1 did not run round {i}: {e:?}"),
+        };
+        *trip = rdtsc().wrapping_sub(t0);
+        ensure!(v == i as u64 + 1, "round {i}: vCPU 1 returned {v}");
+    }
+    trips.sort_unstable();
+    let median = trips[WAKE_ROUNDS / 2];
+    crate::println!(
+        "veil-guest: smp_wake: median round trip to a parked vCPU {median} cycles = {} Nop hypercalls (max {}, bound {WAKE_MAX_NOPS})",
+        median / nop,
+        trips[WAKE_ROUNDS - 1] / nop
+    );
+    ensure!(
+        median / nop <= WAKE_MAX_NOPS,
+        "the median round trip to a parked vCPU cost {} Nop hypercalls (bound {WAKE_MAX_NOPS}): its doorbell did not wake it",
+        median / nop
+    );
     Ok(())
 }

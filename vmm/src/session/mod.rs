@@ -77,7 +77,7 @@ impl HcOut {
             stop: None,
         }
     }
-    fn err(status: Status) -> HcOut {
+    pub(crate) fn err(status: Status) -> HcOut {
         HcOut {
             status,
             r0: 0,
@@ -447,6 +447,9 @@ impl Session {
             },
             Hc::ExpectSecretCopy => self.hc_expect_secret_copy(gpa(0), gpa(1), a[2]).into(),
             Hc::ViolationPolicy => HcOut::ok(self.hc_violation_policy()),
+            // Answered by the vCPU run loop (`vm.rs`), which has the VM's doorbells; a
+            // session driven without vCPU threads has no parked vCPU to wake.
+            Hc::Wake => HcOut::ok(0),
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);
