@@ -66,7 +66,11 @@ impl Doorbells {
         let Some(bell) = self.bells.get(index) else {
             return false;
         };
-        let deadline = Instant::now() + timeout;
+        // A timeout too long to add is as good as a day.
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(86_400));
         let mut rung = bell.rung.lock().unwrap_or_else(|e| e.into_inner());
         while *rung == *seen {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -122,6 +126,8 @@ mod tests {
         assert!(!d.ring(u64::MAX));
         let mut seen = 0;
         assert!(!d.wait(3, &mut seen, Duration::from_secs(10)));
+        // A timeout too long to add does not panic.
+        assert!(d.wait(2, &mut seen, Duration::MAX));
     }
 
     #[test]
