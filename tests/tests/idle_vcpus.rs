@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
+use veil_abi::{Hc, Status};
 use veil_tests::*;
 use vmm::console::ConsoleSink;
 use vmm::doorbell::IDLE_MAX;
 use vmm::guest_image::DEFAULT_GUEST;
 use vmm::report::ExitInfo;
+use vmm::vm::Vm;
 use vmm::{run, RunReport, VmConfig};
 
 fn run_with(vcpus: u32, tests: &[&str]) -> RunReport {
@@ -68,4 +70,42 @@ fn the_cross_vcpu_tests_wake_the_parked_vcpu() {
         let got = r.tests.iter().find(|x| x.name == *t);
         assert!(got.is_some_and(|x| x.passed), "{t}: {}", r.summary());
     }
+}
+
+#[test]
+fn wake_rings_the_named_vcpus_bell_and_refuses_other_indices() {
+    if !kvm_available() {
+        return;
+    }
+    let mut cfg = quiet_config(EXIT0, 32 << 20);
+    cfg.vcpus = 2;
+    let mut vm = Vm::new(cfg).expect("boot");
+    let s = vm.session_mut();
+    let bells = s.doorbells();
+    let mut seen = 0;
+    assert!(
+        !bells.wait(1, &mut seen, Duration::ZERO),
+        "rung before any Wake"
+    );
+    assert_eq!(
+        s.hypercall(Hc::Wake as u32, [1, 0, 0, 0]).status,
+        Status::Ok
+    );
+    assert!(
+        bells.wait(1, &mut seen, Duration::ZERO),
+        "Wake(1) did not ring vCPU 1"
+    );
+    let mut seen0 = 0;
+    assert!(
+        !bells.wait(0, &mut seen0, Duration::ZERO),
+        "Wake(1) rang vCPU 0"
+    );
+    for bad in [2, u64::MAX] {
+        let out = s.hypercall(Hc::Wake as u32, [bad, 0, 0, 0]);
+        assert_eq!(out.status, Status::BadArgument, "Wake({bad})");
+    }
+    assert!(
+        !bells.wait(1, &mut seen, Duration::ZERO),
+        "a refused Wake rang"
+    );
 }

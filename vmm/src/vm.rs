@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, SyncReg, VcpuFd};
-use veil_abi::{BootMode, Hc, Status, PAGEBLOCK_SIZE, POISON_BYTE};
+use veil_abi::{BootMode, PAGEBLOCK_SIZE, POISON_BYTE};
 
 use crate::addr::Gpa;
 use crate::boot::{self, BootParams};
@@ -20,7 +20,7 @@ use crate::livelock::{FaultRepeat, StallSampler};
 use crate::memory::Backing;
 use crate::memory::{reserved_end_for, CoreDump, GuestRam, MemSize, MemoryError};
 use crate::report::{AccessKind, ExitCounts, ExitInfo, RegsDump, RunReport, VcpuSummary};
-use crate::session::{DumpConfig, HcOut, Session, SessionConfig, VcpuState};
+use crate::session::{DumpConfig, Session, SessionConfig, VcpuState};
 use crate::shootdown::Vcpus;
 use crate::signals;
 use crate::stage2::{
@@ -512,12 +512,13 @@ impl Vm {
     /// The session behind its lock, the run's stop, and one run loop per vCPU sharing them
     /// (publishing on `board`).
     fn into_parts(self, board: &Arc<VcpuBoard>) -> (Arc<Mutex<Session>>, Arc<RunStop>, Vec<Vcpu>) {
+        let doorbells = self.s.doorbells();
         let s = Arc::new(Mutex::new(self.s));
         let stop = Arc::new(RunStop {
             stopping: AtomicBool::new(false),
             first: Mutex::new(None),
             threads: self.threads.clone(),
-            doorbells: Doorbells::new(self.vcpus.len()),
+            doorbells,
         });
         let cpus = self
             .vcpus
@@ -572,8 +573,8 @@ struct RunStop {
     stopping: AtomicBool,
     first: Mutex<Option<ExitInfo>>,
     threads: Arc<Vcpus>,
-    /// The parked vCPUs' bells (`Hc::Wake`; all rung on a stop).
-    doorbells: Doorbells,
+    /// The session's doorbells: every one is rung on a stop.
+    doorbells: Arc<Doorbells>,
 }
 
 impl RunStop {
@@ -643,18 +644,6 @@ impl Vcpu {
         Ok(stop)
     }
 
-    /// `Hc::Wake`: rings the doorbell of parked vCPU `target` (answered here, not by the
-    /// session: it needs the VM's vCPU threads). Any vCPU of this VM may be rung, the caller
-    /// and vCPU 0 included (a ring nobody waits for is harmless); anything else is
-    /// `BadArgument`.
-    fn wake(&self, target: u64) -> HcOut {
-        if self.stop.doorbells.ring(target) {
-            HcOut::ok(0)
-        } else {
-            HcOut::err(Status::BadArgument)
-        }
-    }
-
     fn regs_dump(&self) -> RegsDump {
         regs_dump(&self.vcpu)
     }
@@ -716,13 +705,9 @@ impl Vcpu {
             Action::Hypercall => {
                 let r = self.vcpu.sync_regs_mut().regs;
                 let args = [r.rdi, r.rsi, r.rcx, r.r8];
-                let out = if r.rax as u32 == Hc::Wake as u32 {
-                    self.wake(args[0])
-                } else {
-                    match self.route_exception(r.rax as u32, args) {
-                        Some(out) => out,
-                        None => self.s().hypercall(r.rax as u32, args),
-                    }
+                let out = match self.route_exception(r.rax as u32, args) {
+                    Some(out) => out,
+                    None => self.s().hypercall(r.rax as u32, args),
                 };
                 let m = self.vcpu.sync_regs_mut();
                 m.regs.rax = out.status as u64;

@@ -33,6 +33,7 @@ pub use live::MAX_REPLY_RECORDS;
 
 use crate::addr::Gpa;
 use crate::console::Console;
+use crate::doorbell::Doorbells;
 use crate::expect::{Expectation, Tally};
 use crate::guest_view::GuestView;
 use crate::memory::GuestRam;
@@ -77,7 +78,7 @@ impl HcOut {
             stop: None,
         }
     }
-    pub(crate) fn err(status: Status) -> HcOut {
+    fn err(status: Status) -> HcOut {
         HcOut {
             status,
             r0: 0,
@@ -242,6 +243,8 @@ pub struct Session {
     routes: routes::Routes,
     checks: stage2_checks::Checks,
     asi: asi::Asi,
+    /// The parked vCPUs' bells (`Hc::Wake`); the run loop waits on them.
+    doorbells: Arc<Doorbells>,
     /// The per-vCPU mermap windows (`Hc::MermapGet`), when the VM set them up.
     mermap: Option<crate::mermap::Mermap>,
     /// `memfd_secret` pages cannot be windowed on this host (`Status::SecretNeedsGup`).
@@ -300,11 +303,17 @@ impl Session {
             routes: routes::Routes::default(),
             checks: stage2_checks::Checks::new(c.verify_stage2, secret),
             asi: asi::Asi::new(nr_cpus),
+            doorbells: Arc::new(Doorbells::new(nr_cpus)),
             mermap: None,
             mermap_secret_needs_gup: false,
             logs: Vec::new(),
             ram: c.ram,
         }
+    }
+
+    /// The vCPUs' doorbells (`Hc::Wake` rings them; a parked vCPU's run loop waits on its own).
+    pub fn doorbells(&self) -> Arc<Doorbells> {
+        self.doorbells.clone()
     }
 
     /// Guest RAM.
@@ -447,9 +456,12 @@ impl Session {
             },
             Hc::ExpectSecretCopy => self.hc_expect_secret_copy(gpa(0), gpa(1), a[2]).into(),
             Hc::ViolationPolicy => HcOut::ok(self.hc_violation_policy()),
-            // Answered by the vCPU run loop (`vm.rs`), which has the VM's doorbells; a
-            // session driven without vCPU threads has no parked vCPU to wake.
-            Hc::Wake => HcOut::ok(0),
+            // A ring nobody waits for (the caller's own bell, vCPU 0's, or any bell of a
+            // session driven without vCPU threads) is harmless.
+            Hc::Wake => match self.doorbells.ring(a[0]) {
+                true => HcOut::ok(0),
+                false => HcOut::err(Status::BadArgument),
+            },
             Hc::Exit => {
                 if let Some(stop) = self.check_selection() {
                     return HcOut::stop(stop);
