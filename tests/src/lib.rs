@@ -24,6 +24,14 @@ pub fn quiet_config(code: &[u8], mem: u64) -> VmConfig {
     c
 }
 
+/// A booted (not running) VM of the tiny guest [`EXIT0`] with 32 MiB of RAM and `vcpus`
+/// vCPUs, for tests that drive its session's hypercalls directly.
+pub fn session_vm(vcpus: u32) -> vmm::vm::Vm {
+    let mut cfg = quiet_config(EXIT0, 32 << 20);
+    cfg.vcpus = vcpus;
+    vmm::vm::Vm::new(cfg).expect("boot")
+}
+
 /// A field of this process's /proc/self/status in kB (`"VmHWM:"`, `"VmRSS:"`).
 pub fn proc_status_kb(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");

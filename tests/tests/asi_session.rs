@@ -11,7 +11,6 @@ use veil_tests::*;
 use vmm::addr::Gpa;
 use vmm::report::AccessKind;
 use vmm::session::{Session, VcpuState};
-use vmm::vm::Vm;
 
 /// A result buffer in reserved memory (above BootInfo, below the mailboxes).
 const BUF: u64 = 0x3000;
@@ -46,9 +45,7 @@ fn asi_exit_completion_exposure_and_enter_through_the_session() {
     if !kvm_available() {
         return;
     }
-    let mut cfg = quiet_config(EXIT0, 32 << 20);
-    cfg.vcpus = 2;
-    let mut vm = Vm::new(cfg).expect("boot");
+    let mut vm = session_vm(2);
     let s = vm.session_mut();
     let out = s.hypercall(Hc::Alloc as u32, [0, gfp::SENSITIVE, 0, 0]);
     assert_eq!(out.status, Status::Ok);

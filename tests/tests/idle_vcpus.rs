@@ -12,7 +12,6 @@ use vmm::console::ConsoleSink;
 use vmm::doorbell::IDLE_MAX;
 use vmm::guest_image::DEFAULT_GUEST;
 use vmm::report::ExitInfo;
-use vmm::vm::Vm;
 use vmm::{run, RunReport, VmConfig};
 
 fn run_with(vcpus: u32, tests: &[&str]) -> RunReport {
@@ -77,9 +76,7 @@ fn wake_rings_the_named_vcpus_bell_and_refuses_other_indices() {
     if !kvm_available() {
         return;
     }
-    let mut cfg = quiet_config(EXIT0, 32 << 20);
-    cfg.vcpus = 2;
-    let mut vm = Vm::new(cfg).expect("boot");
+    let mut vm = session_vm(2);
     let s = vm.session_mut();
     let bells = s.doorbells();
     let mut seen = 0;
