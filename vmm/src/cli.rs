@@ -315,7 +315,8 @@ pub struct RunArgs {
     /// made it. The default is 1: a second vCPU costs the suite about 3 % of its wall time here
     /// and about 5 % more host CPU (a parked vCPU waits in the VMM until the guest rings its
     /// doorbell, `Hc::Wake`, or 20 ms pass).
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(veil_abi::MAX_VCPUS)))]
     pub vcpus: u32,
 
     /// Write stage-2 ("EPT") dumps: every GPA range with state (sensitive included),

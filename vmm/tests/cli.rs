@@ -288,6 +288,15 @@ fn the_whole_suite_passes_on_four_vcpus_and_the_vcpu_count_is_checked() {
         );
         assert!(text(&out.stderr).contains("vcpus"), "{}", text(&out.stderr));
     }
+    // Out-of-range counts are refused at once with the range the VMM really runs.
+    for bad in ["0", "17"] {
+        let out = veil(&["run", "--vcpus", bad]);
+        assert!(
+            text(&out.stderr).contains("not in 1..=16"),
+            "--vcpus {bad}: {}",
+            text(&out.stderr)
+        );
+    }
 }
 
 #[test]
