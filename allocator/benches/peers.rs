@@ -50,6 +50,25 @@ trait PageAlloc {
     fn settle(&mut self) {}
 }
 
+/// No allocator at all: hands out consecutive frames and forgets frees, through the same
+/// adapter. Its time is the harness's own share of every contender's (the loop, the
+/// permutation, `frames[i]`, the call), reported beside the others so a ratio can be read
+/// with and without it.
+struct Harness(usize);
+impl PageAlloc for Harness {
+    const NAME: &'static str = "harness alone";
+    #[inline(always)]
+    fn alloc(&mut self, order: u8) -> Option<usize> {
+        let f = self.0;
+        self.0 = self.0.wrapping_add(1 << order);
+        Some(black_box(f))
+    }
+    #[inline(always)]
+    fn free(&mut self, frame: usize, order: u8) {
+        black_box((frame, order));
+    }
+}
+
 struct Veil(BuddyAllocator<NullStage2>);
 impl Veil {
     fn new() -> Self {
@@ -521,15 +540,20 @@ fn slot<A: PageAlloc + 'static>(a: A) -> Box<dyn Contender> {
     })
 }
 
-/// The contenders of the fair pass, fresh and warm: veil, veil-zone, bsa, bsys.
+/// The contenders of the fair pass, fresh and warm: veil, veil-zone, bsa, bsys, and the
+/// harness alone.
 fn contenders() -> Vec<Box<dyn Contender>> {
     vec![
         slot(Veil::new()),
         slot(VeilZone::new()),
         slot(Bsa::new()),
         slot(Bsys::new()),
+        slot(Harness(1 << 18)),
     ]
 }
+
+/// Index of [`Harness`] in [`contenders`].
+const HARNESS: usize = 4;
 
 /// One workload of the fair pass: the median (or minimum) ns per iteration of each contender,
 /// and the median over rounds of each round's own veil / bsa and veil-zone / bsa ratios (robust
@@ -680,6 +704,17 @@ fn print_fair(rows: &[FairRow]) {
         "veil/bsa, zone/bsa: Veil's time as a multiple of buddy-slab-allocator's (goal <= 0.8), \
          from the two medians; 'pair': the median of each round's own ratio"
     );
+    for row in rows {
+        let t = &row.ns;
+        let h = t[HARNESS];
+        println!(
+            "{:<17} harness alone {} = {:.0}% of bsa's time; without it veil/bsa {:.3}x",
+            row.name,
+            fmt_ns(h),
+            100.0 * h / t[2],
+            (t[0] - h) / (t[2] - h)
+        );
+    }
 }
 
 /// Throughput (operations per second, all threads together) of `threads` threads on one
