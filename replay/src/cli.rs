@@ -198,7 +198,7 @@ pub enum ReplayError {
         gib: u64,
     },
     /// The input holds no page-allocator event at all: not a kmem trace (or an empty one).
-    #[error("{path} holds no mm_page_alloc, mm_page_free or mm_page_free_batched event ({lines} lines, {malformed} malformed{}): is it an ftrace kmem trace? (see `veil replay --help`)", first.as_ref().map(|m| format!("; line {}: {}", m.line, m.reason)).unwrap_or_default())]
+    #[error("{path} holds no mm_page_alloc, mm_page_free or mm_page_free_batched event ({lines} line{}, {malformed} malformed{}): is it an ftrace kmem trace? (see `veil replay --help`)", if *lines == 1 { "" } else { "s" }, first.as_ref().map(|m| format!("; line {}: {}", m.line, m.reason)).unwrap_or_default())]
     NoEvents {
         /// The input.
         path: String,
@@ -813,7 +813,7 @@ mod tests {
             (
                 "passwd.txt",
                 "root:x:0:0::/root:/bin/sh\n",
-                "line 1: no ftrace header",
+                "(1 line, 1 malformed; line 1: no ftrace header",
             ),
             (
                 "comments.txt",
