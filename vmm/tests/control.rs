@@ -338,13 +338,20 @@ fn inspect_with_nothing_listening() {
     std::fs::write(&file, "x").unwrap();
     let stale = dir.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-    for p in [&missing, &file, &stale] {
+    for p in [&missing, &stale] {
         let out = veil(&["inspect", p.to_str().unwrap(), "stats"]);
         assert_eq!(out.status.code(), Some(2));
         let want = format!(
             "veil: error: no veil run is listening on {0}: start one with --control {0}",
             p.display()
         );
+        assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
+    }
+    // A file of another kind is named as such (a directory too).
+    for p in [&file, &dir] {
+        let out = veil(&["inspect", p.to_str().unwrap(), "stats"]);
+        assert_eq!(out.status.code(), Some(2));
+        let want = format!("veil: error: {} is not a socket", p.display());
         assert!(text(&out.stderr).contains(&want), "{}", text(&out.stderr));
     }
     // --format belongs to dump; an unknown command is clap's usage error.

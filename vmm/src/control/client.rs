@@ -2,6 +2,7 @@
 //! reply line.
 
 use std::io;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,9 +20,12 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a request got no reply.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// Nothing listens at the path (no file, not a socket, or a stale socket).
+    /// Nothing listens at the path (no file, or a stale socket).
     #[error("no veil run is listening on {}: start one with --control {}", .0.display(), .0.display())]
     NotListening(PathBuf),
+    /// The path is a file of another kind, not a socket.
+    #[error("{} is not a socket: give the PATH a `veil run --control PATH` serves", .0.display())]
+    NotASocket(PathBuf),
     /// Connecting or talking failed otherwise.
     #[error("control socket {}: {source}", path.display())]
     Io {
@@ -70,6 +74,9 @@ pub fn request(path: &Path, req: Request) -> Result<Reply, ClientError> {
     };
     let mut stream = match UnixStream::connect(path) {
         Ok(s) => s,
+        Err(_) if path.metadata().is_ok_and(|m| !m.file_type().is_socket()) => {
+            return Err(ClientError::NotASocket(path.to_path_buf()))
+        }
         Err(e)
             if matches!(
                 e.raw_os_error(),

@@ -71,9 +71,9 @@ reply line itself; without it the reply is printed for people (a text or SVG dum
 /// `veil inspect`'s exit codes and examples.
 pub const INSPECT_AFTER: &str = "\
 Exit codes: 0 the reply was printed; 1 the run answered with an error (\"ok\":false, printed on
-stderr); 2 usage error, nothing listening at PATH (\"no veil run is listening on PATH\"), the
-connection failed or closed without a reply, no reply within 30 s, or a reply that is not the
-protocol's.
+stderr); 2 usage error, nothing listening at PATH (\"no veil run is listening on PATH\"), PATH
+a file that is not a socket, the connection failed or closed without a reply, no reply within
+30 s, or a reply that is not the protocol's.
 
 Examples:
   veil run --tests reachability --control /tmp/veil.sock &
