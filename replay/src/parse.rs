@@ -108,19 +108,21 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, ParseError> {
     }
 }
 
-/// [`parse_line`] given where the line's first colon is (`None`: it has none), as a caller
-/// that has found it already (the parallel loader, for a whole chunk at once) knows.
-#[inline]
-pub fn parse_line_colon(line: &[u8], colon: Option<usize>) -> Result<Line<'_>, ParseError> {
-    debug_assert_eq!(colon, memchr::memchr(b':', line));
-    match colon.and_then(|c| fast::parse_at(line, c)) {
-        Some(l) => Ok(l),
-        None => parse_general(line),
+/// The fast path of [`parse_line`] alone, for a caller that has found the line's first colon
+/// (the parallel loader, for a whole chunk at once): the event, if `line` is one in the
+/// kernel's own layout; `None` leaves the line to [`parse_general`], which then gives what
+/// [`parse_line`] gives.
+#[inline(always)]
+pub(crate) fn parse_event_fast(line: &[u8], colon: usize) -> Option<RawEvent<'_>> {
+    debug_assert_eq!(Some(colon), memchr::memchr(b':', line));
+    match fast::parse_at(line, colon)? {
+        Line::Event(e) => Some(e),
+        _ => None,
     }
 }
 
 /// The general parser: any header layout, fields in any order, typed errors.
-fn parse_general(line: &[u8]) -> Result<Line<'_>, ParseError> {
+pub(crate) fn parse_general(line: &[u8]) -> Result<Line<'_>, ParseError> {
     let line = trim_end(line);
     let start = line.iter().position(|b| !b.is_ascii_whitespace());
     let Some(start) = start else {

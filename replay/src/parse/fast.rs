@@ -423,22 +423,24 @@ fn dec(s: &[u8]) -> u64 {
 fn has_space(s: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = ONES << 7;
-    let zero = |w: u64| {
-        let x = w ^ (ONES * u64::from(b' '));
-        // Exact: the high bit of each byte of `x` that is zero.
-        !((((x & !HIGH) + !HIGH) | x) | !HIGH)
-    };
-    if s.len() < 8 {
+    let n = s.len();
+    if n < 8 {
         return s.contains(&b' ');
     }
-    let mut acc = 0;
-    let mut words = s.chunks_exact(8);
-    for w in &mut words {
-        acc |= zero(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+    let word = |i: usize| {
+        let w =
+            u64::from_le_bytes(s[i..i + 8].try_into().expect("8 bytes")) ^ (ONES * u64::from(b' '));
+        // Non-zero iff some byte of `w` is zero (a space): exact for "any", which is all
+        // that is asked (a borrow can only mark bytes above a real zero byte).
+        w.wrapping_sub(ONES) & !w & HIGH
+    };
+    // The last eight bytes, overlapping the words before them.
+    let mut acc = word(n - 8);
+    let mut i = 0;
+    while i + 8 <= n {
+        acc |= word(i);
+        i += 8;
     }
-    // The last eight bytes, overlapping the ones seen.
-    let last = &s[s.len() - 8..];
-    acc |= zero(u64::from_le_bytes(last.try_into().expect("8 bytes")));
     acc != 0
 }
 

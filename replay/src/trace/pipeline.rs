@@ -28,7 +28,7 @@ use super::{
     PROGRESS_LINES,
 };
 use crate::gfp::GfpTable;
-use crate::parse::{parse_line_colon, EventKind, Line, ParseError};
+use crate::parse::{parse_event_fast, parse_general, EventKind, Line, ParseError, RawEvent};
 use crate::reader::{BUF, MAX_LINE};
 
 /// The line buffer's size, as [`crate::reader::LineReader`]'s.
@@ -133,6 +133,9 @@ struct Parsed {
     last_ts: u64,
     /// Open-addressing table over `gfp` (ids + 1; 0 is free), a power of two long.
     slots: Vec<u32>,
+    /// The id + 1 of the gfp string interned last (0: none yet in this chunk): allocations
+    /// come in runs of one kind, so most lines repeat the previous allocation's flags.
+    last_gfp: u32,
     /// Bit `i % 64` of word `i / 64`: byte `i` of the chunk is a newline / a colon.
     newlines: Vec<u64>,
     colons: Vec<u64>,
@@ -456,12 +459,28 @@ fn same_bytes(a: &[u8], b: &[u8]) -> bool {
 /// Interns `s` (at offset `off` of the chunk) into the chunk's gfp table.
 #[inline]
 fn local_gfp(p: &mut Parsed, data: &[u8], off: u32, s: &[u8]) -> u32 {
+    let n = s.len();
+    if p.last_gfp != 0 {
+        let (o, l) = p.gfp[p.last_gfp as usize - 1];
+        if l as usize == n && same_bytes(&data[o as usize..o as usize + n], s) {
+            return p.last_gfp - 1;
+        }
+    }
+    let id = local_gfp_lookup(p, data, off, s);
+    p.last_gfp = id + 1;
+    id
+}
+
+/// [`local_gfp`] through the hash table.
+fn local_gfp_lookup(p: &mut Parsed, data: &[u8], off: u32, s: &[u8]) -> u32 {
     // Key: the length and the first and last eight bytes (the strings differ there).
     let n = s.len();
     let word = |b: &[u8]| {
+        if let Some(w) = b.first_chunk::<8>() {
+            return u64::from_le_bytes(*w);
+        }
         let mut w = [0u8; 8];
-        let k = b.len().min(8);
-        w[..k].copy_from_slice(&b[..k]);
+        w[..b.len()].copy_from_slice(b);
         u64::from_le_bytes(w)
     };
     let (a, b) = (word(s), word(&s[n.saturating_sub(8)..]));
@@ -622,12 +641,50 @@ fn next_bit(bits: &[u64], from: usize, to: usize) -> Option<usize> {
     }
 }
 
+/// The record of event `ev` of chunk `data` (its gfp interned in `p`), with its timestamp's
+/// order against the chunk's previous event (`last_ts`).
+#[inline(always)]
+fn event_rec(ev: RawEvent<'_>, p: &mut Parsed, data: &[u8], last_ts: &mut Option<u64>) -> Rec {
+    let kind = match ev.kind {
+        EventKind::Alloc => Kind::Alloc,
+        EventKind::Free => Kind::Free,
+        EventKind::FreeBatched => Kind::FreeBatched,
+    };
+    let mut bits = 0;
+    match *last_ts {
+        None => {
+            bits |= FIRST;
+            p.first_ts = ev.ts_ns;
+        }
+        Some(t) if ev.ts_ns < t => bits |= EARLIER,
+        Some(_) => {}
+    }
+    *last_ts = Some(ev.ts_ns);
+    let aux = if kind == Kind::Alloc && ev.pfn.is_some() {
+        let off = (ev.gfp.as_ptr() as usize - data.as_ptr() as usize) as u32;
+        local_gfp(p, data, off, ev.gfp)
+    } else {
+        0
+    };
+    Rec {
+        val: ev.pfn.unwrap_or(0),
+        cpu: ev.cpu,
+        end: 0,
+        aux,
+        kind,
+        order: ev.order.unwrap_or(NO_ORDER),
+        migratetype: ev.migratetype,
+        bits: bits | if ev.pfn.is_some() { HAS_PFN } else { 0 },
+    }
+}
+
 /// Parses every line of `ch` into `p`'s records.
 fn parse_chunk(ch: &Chunk, p: &mut Parsed) {
     p.recs.clear();
     p.gfp.clear();
     p.malformed.clear();
     p.slots.clear();
+    p.last_gfp = 0;
     let data = &ch.buf[ch.start..ch.end];
     find_bytes(data, p);
     // One record per line, reserved at once for lines of 96 bytes or more (the kernel's are
@@ -643,55 +700,28 @@ fn parse_chunk(ch: &Chunk, p: &mut Parsed) {
             Rec::plain(Kind::TooLong)
         } else {
             let colon = next_bit(&p.colons, pos, stop).map(|c| c - pos);
-            match parse_line_colon(line, colon) {
-                Ok(Line::Event(ev)) => {
-                    let kind = match ev.kind {
-                        EventKind::Alloc => Kind::Alloc,
-                        EventKind::Free => Kind::Free,
-                        EventKind::FreeBatched => Kind::FreeBatched,
-                    };
-                    let mut bits = 0;
-                    match last_ts {
-                        None => {
-                            bits |= FIRST;
-                            p.first_ts = ev.ts_ns;
+            // The kernel's own layout straight to a record; anything else through the
+            // general parser (the same result for every line the fast path takes).
+            match colon.and_then(|c| parse_event_fast(line, c)) {
+                Some(ev) => event_rec(ev, p, data, &mut last_ts),
+                None => match parse_general(line) {
+                    Ok(Line::Event(ev)) => event_rec(ev, p, data, &mut last_ts),
+                    Ok(Line::Blank) => Rec::plain(Kind::Blank),
+                    Ok(Line::Comment) => Rec::plain(Kind::Comment),
+                    Ok(Line::Other) => Rec::plain(Kind::Other),
+                    Ok(Line::Lost { count, .. }) => Rec {
+                        val: count,
+                        ..Rec::plain(Kind::Lost)
+                    },
+                    Err(e) => {
+                        let aux = p.malformed.len() as u32;
+                        p.malformed.push((e, pos as u32, line.len() as u32));
+                        Rec {
+                            aux,
+                            ..Rec::plain(Kind::Malformed)
                         }
-                        Some(t) if ev.ts_ns < t => bits |= EARLIER,
-                        Some(_) => {}
                     }
-                    last_ts = Some(ev.ts_ns);
-                    let aux = if kind == Kind::Alloc && ev.pfn.is_some() {
-                        let off = (ev.gfp.as_ptr() as usize - data.as_ptr() as usize) as u32;
-                        local_gfp(p, data, off, ev.gfp)
-                    } else {
-                        0
-                    };
-                    Rec {
-                        val: ev.pfn.unwrap_or(0),
-                        cpu: ev.cpu,
-                        end: 0,
-                        aux,
-                        kind,
-                        order: ev.order.unwrap_or(NO_ORDER),
-                        migratetype: ev.migratetype,
-                        bits: bits | if ev.pfn.is_some() { HAS_PFN } else { 0 },
-                    }
-                }
-                Ok(Line::Blank) => Rec::plain(Kind::Blank),
-                Ok(Line::Comment) => Rec::plain(Kind::Comment),
-                Ok(Line::Other) => Rec::plain(Kind::Other),
-                Ok(Line::Lost { count, .. }) => Rec {
-                    val: count,
-                    ..Rec::plain(Kind::Lost)
                 },
-                Err(e) => {
-                    let aux = p.malformed.len() as u32;
-                    p.malformed.push((e, pos as u32, line.len() as u32));
-                    Rec {
-                        aux,
-                        ..Rec::plain(Kind::Malformed)
-                    }
-                }
             }
         };
         r.end = next as u32;
