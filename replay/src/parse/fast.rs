@@ -29,6 +29,19 @@ pub(super) fn parse_at(line: &[u8], c: usize) -> Option<Line<'_>> {
     let (head, body) = line.split_at(c);
     let (kind, start) = event(body)?;
     let (cpu, ts_ns) = header(head)?;
+    after_event(body, start, kind, cpu, ts_ns)
+}
+
+/// The rest of [`parse_at`] once the header is read: `body` (from the first colon) holds
+/// event `kind` whose `page=` value starts at `start`.
+#[inline(always)]
+pub(super) fn after_event(
+    body: &[u8],
+    start: usize,
+    kind: EventKind,
+    cpu: u32,
+    ts_ns: u64,
+) -> Option<Line<'_>> {
     // The general parser drops trailing whitespace (a `\r`, say) before anything else.
     let mut end = body.len();
     while end > 0 && body[end - 1].is_ascii_whitespace() {
@@ -40,7 +53,7 @@ pub(super) fn parse_at(line: &[u8], c: usize) -> Option<Line<'_>> {
 
 /// `: mm_page_<name>: page=`: the event and the index of the `page=` value.
 #[inline]
-fn event(body: &[u8]) -> Option<(EventKind, usize)> {
+pub(super) fn event(body: &[u8]) -> Option<(EventKind, usize)> {
     if !at(body, 0, b": mm_page_") {
         return None;
     }
@@ -159,7 +172,7 @@ fn in_range(v: u64, lo: u8, hi: u8) -> u64 {
 /// The common pfn, 1-7 hex digits and a space in the eight bytes at `i`, in one word: its
 /// value and digit count; `None` for anything else (the byte loop decides then).
 #[inline]
-fn hex_word(b: &[u8], i: usize) -> Option<(u64, usize)> {
+pub(super) fn hex_word(b: &[u8], i: usize) -> Option<(u64, usize)> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = ONES << 7;
     let w = u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?);
@@ -299,8 +312,8 @@ fn timestamp_usec(h: &[u8]) -> Option<(usize, u64)> {
 }
 
 /// Eight ASCII digits in a little-endian word (the most significant first) as a number.
-#[inline]
-fn digits8(w: u64) -> Option<u64> {
+#[inline(always)]
+pub(super) fn digits8(w: u64) -> Option<u64> {
     const HIGH: u64 = 0xf0f0_f0f0_f0f0_f0f0;
     const ZEROS: u64 = 0x3030_3030_3030_3030;
     // Every byte 0x30..=0x39: high nibble 3, and adding 6 does not carry into it.
@@ -407,7 +420,7 @@ fn token_before(h: &[u8], j: usize) -> Option<(usize, &[u8])> {
 
 /// Decimal digits the caller checked (at most 19, all digits) to a number.
 #[inline]
-fn dec(s: &[u8]) -> u64 {
+pub(super) fn dec(s: &[u8]) -> u64 {
     let mut n = 0u64;
     let mut i = 0;
     while i < s.len() {

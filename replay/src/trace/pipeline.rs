@@ -28,7 +28,8 @@ use super::{
     PROGRESS_LINES,
 };
 use crate::gfp::GfpTable;
-use crate::parse::{parse_event_fast, parse_general, EventKind, Line, ParseError, RawEvent};
+use crate::parse::{parse_event_masked, parse_general, EventKind, Line, ParseError, RawEvent};
+use crate::parse::{Masks, COLON, NL};
 use crate::reader::{BUF, MAX_LINE};
 
 /// The line buffer's size, as [`crate::reader::LineReader`]'s.
@@ -136,9 +137,9 @@ struct Parsed {
     /// The id + 1 of the gfp string interned last (0: none yet in this chunk): allocations
     /// come in runs of one kind, so most lines repeat the previous allocation's flags.
     last_gfp: u32,
-    /// Bit `i % 64` of word `i / 64`: byte `i` of the chunk is a newline / a colon.
-    newlines: Vec<u64>,
-    colons: Vec<u64>,
+    /// The class bits of the chunk's bytes, one [`Masks`] per 64 bytes: bit `i % 64` of
+    /// class `k` of entry `i / 64` says whether byte `i` is in class `k`.
+    classes: Vec<Masks>,
 }
 
 /// What the reader hands over, in input order.
@@ -525,79 +526,87 @@ fn local_gfp_lookup(p: &mut Parsed, data: &[u8], off: u32, s: &[u8]) -> u32 {
     id
 }
 
-/// The newline and colon bits of 64 bytes.
+/// The byte-class bits of 64 bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "sse2")]
-fn masks64(b: &[u8; 64]) -> (u64, u64) {
-    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_movemask_epi8, _mm_set1_epi8, _mm_set_epi64x};
-    let (mut nl, mut colon) = (0u64, 0u64);
+fn masks64(b: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::{_mm_and_si128, _mm_cmpeq_epi8, _mm_cmpgt_epi8, _mm_movemask_epi8};
+    use std::arch::x86_64::{_mm_set1_epi8, _mm_set_epi64x};
+    let mut m = [0u64; 4];
     for k in 0..4 {
         let w = |i: usize| i64::from_le_bytes(b[16 * k + i..16 * k + i + 8].try_into().unwrap());
         let v = _mm_set_epi64x(w(8), w(0));
-        let m = |c: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8))) as u16;
-        nl |= u64::from(m(b'\n')) << (16 * k);
-        colon |= u64::from(m(b':')) << (16 * k);
+        let eq = |c: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8))) as u16;
+        // Signed compares: bytes of 0x80 and above are negative, so never digits.
+        let dg = _mm_and_si128(
+            _mm_cmpgt_epi8(v, _mm_set1_epi8(b'0' as i8 - 1)),
+            _mm_cmpgt_epi8(_mm_set1_epi8(b'9' as i8 + 1), v),
+        );
+        let dg = _mm_movemask_epi8(dg) as u16;
+        for (j, bits) in [eq(b'\n'), eq(b':'), eq(b' '), dg].into_iter().enumerate() {
+            m[j] |= u64::from(bits) << (16 * k);
+        }
     }
-    (nl, colon)
+    m
 }
 
-/// The newline and colon bits of 64 bytes, one byte at a time (the scan off x86-64, and the
-/// tests' reference).
+/// The byte-class bits of 64 bytes, one byte at a time (the scan off x86-64, and the tests'
+/// reference).
 #[cfg(any(test, not(target_arch = "x86_64")))]
-fn masks64_bytes(b: &[u8; 64]) -> (u64, u64) {
-    let (mut nl, mut colon) = (0u64, 0u64);
+fn masks64_bytes(b: &[u8; 64]) -> Masks {
+    let mut m = [0u64; 4];
     for (i, &c) in b.iter().enumerate() {
-        nl |= u64::from(c == b'\n') << i;
-        colon |= u64::from(c == b':') << i;
+        let classes = [c == b'\n', c == b':', c == b' ', c.is_ascii_digit()];
+        for (bits, is) in m.iter_mut().zip(classes) {
+            *bits |= u64::from(is) << i;
+        }
     }
-    (nl, colon)
+    m
 }
 
-/// The newline and colon bits of 64 bytes, 32 at a time.
+/// The byte-class bits of 64 bytes, 32 at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn masks64_avx2(b: &[u8; 64]) -> (u64, u64) {
-    use std::arch::x86_64::{__m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256};
-    use std::arch::x86_64::{_mm256_movemask_epi8, _mm256_set1_epi8};
-    let (mut nl, mut colon) = (0u64, 0u64);
+fn masks64_avx2(b: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::{__m256i, _mm256_and_si256, _mm256_cmpeq_epi8, _mm256_cmpgt_epi8};
+    use std::arch::x86_64::{_mm256_loadu_si256, _mm256_movemask_epi8, _mm256_set1_epi8};
+    let mut m = [0u64; 4];
     for k in 0..2 {
         // SAFETY: bytes 32k..32k+32 of the 64-byte array; the load needs no alignment.
         let v = unsafe { _mm256_loadu_si256(b.as_ptr().add(32 * k).cast::<__m256i>()) };
-        let m =
+        let eq =
             |c: u8| _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(c as i8))) as u32;
-        nl |= u64::from(m(b'\n')) << (32 * k);
-        colon |= u64::from(m(b':')) << (32 * k);
+        // Signed compares: bytes of 0x80 and above are negative, so never digits.
+        let dg = _mm256_and_si256(
+            _mm256_cmpgt_epi8(v, _mm256_set1_epi8(b'0' as i8 - 1)),
+            _mm256_cmpgt_epi8(_mm256_set1_epi8(b'9' as i8 + 1), v),
+        );
+        let dg = _mm256_movemask_epi8(dg) as u32;
+        for (j, bits) in [eq(b'\n'), eq(b':'), eq(b' '), dg].into_iter().enumerate() {
+            m[j] |= u64::from(bits) << (32 * k);
+        }
     }
-    (nl, colon)
+    m
 }
 
-/// Fills `p.newlines` and `p.colons` for `data` with `masks`.
+/// Fills `p.classes` for `data` with `masks`.
 #[inline(always)]
-fn scan_bytes(data: &[u8], p: &mut Parsed, masks: impl Fn(&[u8; 64]) -> (u64, u64)) {
-    // Local vectors: their lengths stay in registers.
-    let (mut nls, mut colons) = (
-        std::mem::take(&mut p.newlines),
-        std::mem::take(&mut p.colons),
-    );
-    nls.clear();
-    colons.clear();
-    nls.reserve(data.len().div_ceil(64));
-    colons.reserve(data.len().div_ceil(64));
+fn scan_bytes(data: &[u8], p: &mut Parsed, masks: impl Fn(&[u8; 64]) -> Masks) {
+    // A local vector: its length stays in a register.
+    let mut v = std::mem::take(&mut p.classes);
+    v.clear();
+    v.reserve(data.len().div_ceil(64));
     let mut blocks = data.chunks_exact(64);
     for b in &mut blocks {
-        let (nl, colon) = masks(b.try_into().expect("64 bytes"));
-        nls.push(nl);
-        colons.push(colon);
+        v.push(masks(b.try_into().expect("64 bytes")));
     }
     let rest = blocks.remainder();
     if !rest.is_empty() {
         let mut last = [0u8; 64];
         last[..rest.len()].copy_from_slice(rest);
-        let (nl, colon) = masks(&last);
-        nls.push(nl);
-        colons.push(colon);
+        v.push(masks(&last));
     }
-    (p.newlines, p.colons) = (nls, colons);
+    p.classes = v;
 }
 
 /// [`scan_bytes`] compiled for AVX2.
@@ -607,7 +616,7 @@ fn scan_bytes_avx2(data: &[u8], p: &mut Parsed) {
     scan_bytes(data, p, |b| masks64_avx2(b));
 }
 
-/// Fills `p.newlines` and `p.colons` for `data`.
+/// Fills `p`'s class bits for `data`.
 fn find_bytes(data: &[u8], p: &mut Parsed) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -623,11 +632,12 @@ fn find_bytes(data: &[u8], p: &mut Parsed) {
     scan_bytes(data, p, masks64_bytes);
 }
 
-/// The first set bit at or after `from` and before `to` (`from < to <= 64 * bits.len()`).
+/// The first byte of class `k` at or after `from` and before `to` (`from < to <= 64 *
+/// bits.len()`).
 #[inline]
-fn next_bit(bits: &[u64], from: usize, to: usize) -> Option<usize> {
+fn next_bit(bits: &[Masks], k: usize, from: usize, to: usize) -> Option<usize> {
     let mut w = from / 64;
-    let mut m = bits[w] & (u64::MAX << (from % 64));
+    let mut m = bits[w][k] & (u64::MAX << (from % 64));
     loop {
         if m != 0 {
             let i = w * 64 + m.trailing_zeros() as usize;
@@ -637,7 +647,7 @@ fn next_bit(bits: &[u64], from: usize, to: usize) -> Option<usize> {
         if w * 64 >= to {
             return None;
         }
-        m = bits[w];
+        m = bits[w][k];
     }
 }
 
@@ -694,15 +704,15 @@ fn parse_chunk(ch: &Chunk, p: &mut Parsed) {
     let mut first_too_long = ch.first_too_long;
     let mut last_ts: Option<u64> = None;
     while pos < data.len() {
-        let stop = next_bit(&p.newlines, pos, data.len()).unwrap_or(data.len());
+        let stop = next_bit(&p.classes, NL, pos, data.len()).unwrap_or(data.len());
         let (line, next) = (&data[pos..stop], (stop + 1).min(data.len()));
         let mut r = if std::mem::take(&mut first_too_long) || line.len() > MAX_LINE {
             Rec::plain(Kind::TooLong)
         } else {
-            let colon = next_bit(&p.colons, pos, stop).map(|c| c - pos);
+            let colon = next_bit(&p.classes, COLON, pos, stop).map(|c| c - pos);
             // The kernel's own layout straight to a record; anything else through the
             // general parser (the same result for every line the fast path takes).
-            match colon.and_then(|c| parse_event_fast(line, c)) {
+            match colon.and_then(|c| parse_event_masked(line, c, &p.classes, pos)) {
                 Some(ev) => event_rec(ev, p, data, &mut last_ts),
                 None => match parse_general(line) {
                     Ok(Line::Event(ev)) => event_rec(ev, p, data, &mut last_ts),
@@ -998,7 +1008,8 @@ mod tests {
         #[test]
         fn every_scan_agrees_with_a_byte_loop(
             v in proptest::collection::vec(
-                prop_oneof![Just(b'\n'), Just(b':'), Just(b' '), any::<u8>()],
+                prop_oneof![Just(b'\n'), Just(b':'), Just(b' '), Just(b'0'), Just(b'9'),
+                    Just(b'/'), Just(b':'), Just(0xb0), any::<u8>()],
                 64,
             )
         ) {
