@@ -93,7 +93,7 @@ pub enum ParseError {
 }
 
 mod fast;
-mod masked;
+pub(crate) mod masked;
 
 pub(crate) use masked::{Masks, COLON, NL};
 
@@ -122,19 +122,6 @@ pub(crate) fn parse_event_fast(line: &[u8], colon: usize) -> Option<RawEvent<'_>
         Line::Event(e) => Some(e),
         _ => None,
     }
-}
-
-/// [`parse_event_fast`] for a line at offset `at` of a chunk whose class bits (spaces and
-/// digits among them) are `cls`: the usual header read from those bits, anything else
-/// through [`parse_event_fast`].
-#[inline(always)]
-pub(crate) fn parse_event_masked<'a>(
-    line: &'a [u8],
-    colon: usize,
-    cls: &[Masks],
-    at: usize,
-) -> Option<RawEvent<'a>> {
-    masked::parse_at(line, colon, cls, at).or_else(|| parse_event_fast(line, colon))
 }
 
 /// The general parser: any header layout, fields in any order, typed errors.

@@ -28,7 +28,9 @@ use super::{
     PROGRESS_LINES,
 };
 use crate::gfp::GfpTable;
-use crate::parse::{parse_event_masked, parse_general, EventKind, Line, ParseError, RawEvent};
+use crate::parse::{
+    masked, parse_event_fast, parse_general, EventKind, Line, ParseError, RawEvent,
+};
 use crate::parse::{Masks, COLON, NL};
 use crate::reader::{BUF, MAX_LINE};
 
@@ -536,18 +538,25 @@ fn masks64(b: &[u8; 64]) -> Masks {
     for k in 0..4 {
         let w = |i: usize| i64::from_le_bytes(b[16 * k + i..16 * k + i + 8].try_into().unwrap());
         let v = _mm_set_epi64x(w(8), w(0));
-        let eq = |c: u8| _mm_movemask_epi8(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8))) as u16;
+        let bits = |x| u64::from(_mm_movemask_epi8(x) as u16);
+        let eq = |c: u8| bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8)));
         // Signed compares: bytes of 0x80 and above are negative, so never digits.
-        let dg = _mm_and_si128(
-            _mm_cmpgt_epi8(v, _mm_set1_epi8(b'0' as i8 - 1)),
+        let above = _mm_cmpgt_epi8(v, _mm_set1_epi8(b'0' as i8 - 1));
+        let dg = bits(_mm_and_si128(
+            above,
             _mm_cmpgt_epi8(_mm_set1_epi8(b'9' as i8 + 1), v),
-        );
-        let dg = _mm_movemask_epi8(dg) as u16;
-        for (j, bits) in [eq(b'\n'), eq(b':'), eq(b' '), dg].into_iter().enumerate() {
-            m[j] |= u64::from(bits) << (16 * k);
-        }
+        ));
+        put(&mut m, [eq(b'\n'), eq(b':'), eq(b' '), dg], 16 * k as u32);
     }
     m
+}
+
+/// Ors the class bits of one piece of a 64-byte block, `shift` bytes into it, into `m`.
+#[inline(always)]
+fn put(m: &mut Masks, bits: Masks, shift: u32) {
+    for (x, b) in m.iter_mut().zip(bits) {
+        *x |= b << shift;
+    }
 }
 
 /// The byte-class bits of 64 bytes, one byte at a time (the scan off x86-64, and the tests'
@@ -556,10 +565,8 @@ fn masks64(b: &[u8; 64]) -> Masks {
 fn masks64_bytes(b: &[u8; 64]) -> Masks {
     let mut m = [0u64; 4];
     for (i, &c) in b.iter().enumerate() {
-        let classes = [c == b'\n', c == b':', c == b' ', c.is_ascii_digit()];
-        for (bits, is) in m.iter_mut().zip(classes) {
-            *bits |= u64::from(is) << i;
-        }
+        let is = [c == b'\n', c == b':', c == b' ', c.is_ascii_digit()];
+        put(&mut m, is.map(u64::from), i as u32);
     }
     m
 }
@@ -574,17 +581,18 @@ fn masks64_avx2(b: &[u8; 64]) -> Masks {
     for k in 0..2 {
         // SAFETY: bytes 32k..32k+32 of the 64-byte array; the load needs no alignment.
         let v = unsafe { _mm256_loadu_si256(b.as_ptr().add(32 * k).cast::<__m256i>()) };
-        let eq =
-            |c: u8| _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(c as i8))) as u32;
+        let bits = |x| u64::from(_mm256_movemask_epi8(x) as u32);
+        let eq = |c: u8| bits(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(c as i8)));
         // Signed compares: bytes of 0x80 and above are negative, so never digits.
-        let dg = _mm256_and_si256(
+        let digit = _mm256_and_si256(
             _mm256_cmpgt_epi8(v, _mm256_set1_epi8(b'0' as i8 - 1)),
             _mm256_cmpgt_epi8(_mm256_set1_epi8(b'9' as i8 + 1), v),
         );
-        let dg = _mm256_movemask_epi8(dg) as u32;
-        for (j, bits) in [eq(b'\n'), eq(b':'), eq(b' '), dg].into_iter().enumerate() {
-            m[j] |= u64::from(bits) << (32 * k);
-        }
+        put(
+            &mut m,
+            [eq(b'\n'), eq(b':'), eq(b' '), bits(digit)],
+            32 * k as u32,
+        );
     }
     m
 }
@@ -712,7 +720,10 @@ fn parse_chunk(ch: &Chunk, p: &mut Parsed) {
             let colon = next_bit(&p.classes, COLON, pos, stop).map(|c| c - pos);
             // The kernel's own layout straight to a record; anything else through the
             // general parser (the same result for every line the fast path takes).
-            match colon.and_then(|c| parse_event_masked(line, c, &p.classes, pos)) {
+            let fast = |c| {
+                masked::parse_at(line, c, &p.classes, pos).or_else(|| parse_event_fast(line, c))
+            };
+            match colon.and_then(fast) {
                 Some(ev) => event_rec(ev, p, data, &mut last_ts),
                 None => match parse_general(line) {
                     Ok(Line::Event(ev)) => event_rec(ev, p, data, &mut last_ts),
