@@ -551,6 +551,20 @@ fn masks64(b: &[u8; 64]) -> Masks {
     m
 }
 
+/// The byte-class bits of 64 bytes at once.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bw")]
+fn masks64_avx512(b: &[u8; 64]) -> Masks {
+    use std::arch::x86_64::{_mm512_cmpeq_epi8_mask, _mm512_cmpge_epu8_mask};
+    use std::arch::x86_64::{_mm512_cmple_epu8_mask, _mm512_loadu_si512, _mm512_set1_epi8};
+    // SAFETY: the 64-byte array; the load needs no alignment.
+    let v = unsafe { _mm512_loadu_si512(b.as_ptr().cast()) };
+    let set = |c: u8| _mm512_set1_epi8(c as i8);
+    let eq = |c: u8| _mm512_cmpeq_epi8_mask(v, set(c));
+    let digit = _mm512_cmpge_epu8_mask(v, set(b'0')) & _mm512_cmple_epu8_mask(v, set(b'9'));
+    [eq(b'\n'), eq(b':'), eq(b' '), digit]
+}
+
 /// Ors the class bits of one piece of a 64-byte block, `shift` bytes into it, into `m`.
 #[inline(always)]
 fn put(m: &mut Masks, bits: Masks, shift: u32) {
@@ -624,10 +638,22 @@ fn scan_bytes_avx2(data: &[u8], p: &mut Parsed) {
     scan_bytes(data, p, |b| masks64_avx2(b));
 }
 
+/// [`scan_bytes`] compiled for AVX-512 (byte compares straight to masks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512bw")]
+fn scan_bytes_avx512(data: &[u8], p: &mut Parsed) {
+    scan_bytes(data, p, |b| masks64_avx512(b));
+}
+
 /// Fills `p`'s class bits for `data`.
 fn find_bytes(data: &[u8], p: &mut Parsed) {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512bw") {
+            // SAFETY: the CPU has AVX-512BW (checked just above).
+            unsafe { scan_bytes_avx512(data, p) };
+            return;
+        }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked just above).
             unsafe { scan_bytes_avx2(data, p) };
@@ -1015,7 +1041,8 @@ mod tests {
 
     proptest! {
         /// Every scan this CPU can run agrees with the reference: the SSE2 one (which a CPU
-        /// with AVX2, the usual case, never runs in the loader) and AVX2 where present.
+        /// with AVX2, the usual case, never runs in the loader), AVX2 and AVX-512 where
+        /// present.
         #[test]
         fn every_scan_agrees_with_a_byte_loop(
             v in proptest::collection::vec(
@@ -1033,6 +1060,10 @@ mod tests {
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the CPU has AVX2 (checked just above).
                     prop_assert_eq!(unsafe { masks64_avx2(&b) }, want);
+                }
+                if std::arch::is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the CPU has AVX-512BW (checked just above).
+                    prop_assert_eq!(unsafe { masks64_avx512(&b) }, want);
                 }
             }
             // Elsewhere the byte loop is the scan itself: nothing to compare.
