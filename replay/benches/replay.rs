@@ -334,4 +334,27 @@ fn main() {
             },
         );
     }
+    // Last, since it changes this process's allocator for good: the paired rounds again with
+    // glibc keeping every freed page (no trimming, no mapping of its own per large block), so
+    // a load writes into pages an earlier load faulted in, as the decoder's reused sink does
+    // in every round. The difference to the rounds above is what first touches of fresh
+    // memory cost the load on this host.
+    if keep_freed_memory() {
+        println!("with the allocator keeping freed memory (a load faults in no fresh pages):");
+        paired_ratio(runs, &gz, &gz_shared, &plain);
+    }
+}
+
+/// Makes glibc's malloc serve everything from its heap and never give memory back; whether
+/// it took both settings (not on other C libraries).
+fn keep_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds, under its own lock; no
+    // allocation is invalidated by it.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0) == 1
+            && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    false
 }
