@@ -31,7 +31,8 @@ pub struct ReplayArgs {
     /// replay gives up there (exit code 2).
     pub trace: PathBuf,
 
-    /// Policies to run, comma separated, each once (default: all four, in this order).
+    /// Policies to run, comma separated, each once (default: all but freetype-pcp, in this
+    /// order; `--pcp` adds that one).
     #[arg(long, short, value_enum, value_delimiter = ',', default_values_t = PolicyKind::ALL.to_vec())]
     pub policy: Vec<PolicyKind>,
 
