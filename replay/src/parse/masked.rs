@@ -32,10 +32,11 @@ pub(crate) const DIGIT: usize = 3;
 #[inline(always)]
 fn window(cls: &[Masks], k: usize, at: usize) -> u64 {
     let (w, s) = (at / 64, at % 64);
-    let lo = cls.get(w).map_or(0, |m| m[k]) >> s;
-    let hi = cls.get(w + 1).map_or(0, |m| m[k]);
-    // `<< 1 << (63 - s)` is `<< (64 - s)` without its undefined case: 0 for s = 0.
-    lo | (hi << 1 << (63 - s))
+    match cls.get(w..w + 2) {
+        // `<< 1 << (63 - s)` is `<< (64 - s)` without its undefined case: 0 for s = 0.
+        Some(two) => (two[0][k] >> s) | (two[1][k] << 1 << (63 - s)),
+        None => cls.get(w).map_or(0, |m| m[k] >> s),
+    }
 }
 
 /// The index just past the highest set bit of `m` (0 if none).
