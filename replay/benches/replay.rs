@@ -340,7 +340,7 @@ fn main() {
     // in every round. The difference to the rounds above is what first touches of fresh
     // memory cost the load on this host.
     if keep_freed_memory() {
-        println!("with the allocator keeping freed memory (a load faults in no fresh pages):");
+        println!("with the allocator keeping freed memory (each load reuses pages earlier loads faulted in):");
         paired_ratio(runs, &gz, &gz_shared, &plain);
     }
 }

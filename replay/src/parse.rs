@@ -95,8 +95,6 @@ pub enum ParseError {
 mod fast;
 pub(crate) mod masked;
 
-pub(crate) use masked::{Masks, COLON, NL};
-
 /// Parse one line (without or with its trailing newline).
 ///
 /// A page-allocator event in the kernel's own layout takes a fast path that parses its fields

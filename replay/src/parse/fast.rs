@@ -29,42 +29,42 @@ pub(super) fn parse_at(line: &[u8], c: usize) -> Option<Line<'_>> {
     let (head, body) = line.split_at(c);
     let (kind, start) = event(body)?;
     let (cpu, ts_ns) = header(head)?;
-    after_event(body, start, kind, cpu, ts_ns)
-}
-
-/// The rest of [`parse_at`] once the header is read: `body` (from the first colon) holds
-/// event `kind` whose `page=` value starts at `start`.
-#[inline(always)]
-pub(super) fn after_event(
-    body: &[u8],
-    start: usize,
-    kind: EventKind,
-    cpu: u32,
-    ts_ns: u64,
-) -> Option<Line<'_>> {
     // The general parser drops trailing whitespace (a `\r`, say) before anything else.
-    let mut end = body.len();
-    while end > 0 && body[end - 1].is_ascii_whitespace() {
-        end -= 1;
-    }
-    let b = &body[..end];
-    fields(b, start, kind, cpu, ts_ns)
+    fields(super::trim_end(body), start, kind, cpu, ts_ns)
 }
 
-/// `: mm_page_<name>: page=`: the event and the index of the `page=` value.
-#[inline]
+/// Eight bytes of `b` at `i` as a little-endian word.
+#[inline(always)]
+pub(super) fn word(b: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
+}
+
+/// Eight bytes as a little-endian word (to compare with [`word`]).
+pub(super) const fn w(s: &[u8; 8]) -> u64 {
+    u64::from_le_bytes(*s)
+}
+
+/// `: mm_page_<name>: page=`: the event and the index of the `page=` value (a word at a
+/// time; overlapping words where a text is not a multiple of eight long).
+#[inline(always)]
 pub(super) fn event(body: &[u8]) -> Option<(EventKind, usize)> {
-    if !at(body, 0, b": mm_page_") {
+    if word(body, 0)? != w(b": mm_pag") {
         return None;
     }
-    if at(body, 10, b"alloc: page=") {
-        Some((EventKind::Alloc, 22))
-    } else if at(body, 10, b"free: page=") {
-        Some((EventKind::Free, 21))
-    } else if at(body, 10, b"free_batched: page=") {
-        Some((EventKind::FreeBatched, 29))
-    } else {
-        None
+    match word(body, 8)? {
+        x if x == w(b"e_alloc:") && word(body, 14)? == w(b"c: page=") => {
+            Some((EventKind::Alloc, 22))
+        }
+        x if x == w(b"e_free: ") && word(body, 13)? == w(b"e: page=") => {
+            Some((EventKind::Free, 21))
+        }
+        x if x == w(b"e_free_b")
+            && word(body, 16)? == w(b"atched: ")
+            && word(body, 21)? == w(b"d: page=") =>
+        {
+            Some((EventKind::FreeBatched, 29))
+        }
+        _ => None,
     }
 }
 

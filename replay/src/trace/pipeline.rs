@@ -28,10 +28,8 @@ use super::{
     PROGRESS_LINES,
 };
 use crate::gfp::GfpTable;
-use crate::parse::{
-    masked, parse_event_fast, parse_general, EventKind, Line, ParseError, RawEvent,
-};
-use crate::parse::{Masks, COLON, NL};
+use crate::parse::masked::{self, Masks, COLON, NL};
+use crate::parse::{parse_event_fast, parse_general, EventKind, Line, ParseError, RawEvent};
 use crate::reader::{BUF, MAX_LINE};
 
 /// The line buffer's size, as [`crate::reader::LineReader`]'s.
