@@ -192,47 +192,42 @@ pub fn classify(trace: &mut Trace, rules: &Rules) -> Result<Classification, Clas
     let mut flags_by_id: Vec<u8> = Vec::with_capacity(trace.stats.allocs as usize);
     let mut per_class = vec![0u64; trace.gfp.classes.len()];
     let (mut n, mut pages, mut live, mut peak, mut atomic) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    for ev in trace.events.iter_mut() {
-        match ev {
-            Event::Alloc {
-                gfp,
-                order,
-                migratetype,
-                flags,
-                ..
-            } => {
-                let id = flags_by_id.len() as u64;
-                let mask = trace.gfp.mask(*gfp);
-                let mut f = 0;
-                if res.unmapped(id, mask, *migratetype) {
-                    f |= FLAG_UNMAPPED;
-                    n += 1;
-                    pages += 1 << *order;
-                    live += 1 << *order;
-                    peak = peak.max(live);
-                    if let Some(c) = per_class.get_mut(*gfp as usize) {
-                        *c += 1;
-                    }
-                }
-                if mask & reclaim == 0 {
-                    f |= FLAG_ATOMIC;
-                    atomic += 1;
-                }
-                *flags = f;
-                flags_by_id.push(f);
-            }
-            Event::Free {
-                alloc,
-                order,
-                flags,
-            } => {
-                *flags = flags_by_id.get(*alloc as usize).copied().unwrap_or(0);
-                if *flags & FLAG_UNMAPPED != 0 {
-                    live -= 1 << *order;
+    let gfp_table = &trace.gfp;
+    trace.events.set_all_flags(|ev| match ev {
+        Event::Alloc {
+            gfp,
+            order,
+            migratetype,
+            ..
+        } => {
+            let id = flags_by_id.len() as u64;
+            let mask = gfp_table.mask(gfp);
+            let mut f = 0;
+            if res.unmapped(id, mask, migratetype) {
+                f |= FLAG_UNMAPPED;
+                n += 1;
+                pages += 1 << order;
+                live += 1 << order;
+                peak = peak.max(live);
+                if let Some(c) = per_class.get_mut(gfp as usize) {
+                    *c += 1;
                 }
             }
+            if mask & reclaim == 0 {
+                f |= FLAG_ATOMIC;
+                atomic += 1;
+            }
+            flags_by_id.push(f);
+            f
         }
-    }
+        Event::Free { alloc, order, .. } => {
+            let f = flags_by_id.get(alloc as usize).copied().unwrap_or(0);
+            if f & FLAG_UNMAPPED != 0 {
+                live -= 1 << order;
+            }
+            f
+        }
+    });
     let mut by_flags: Vec<(String, u64)> = per_class
         .iter()
         .enumerate()
@@ -271,7 +266,7 @@ a-1 [000] ..... 1.4: mm_page_free: page=x pfn=0x100 order=0
         t.events
             .iter()
             .filter_map(|e| match e {
-                Event::Alloc { pfn, flags, .. } if flags & FLAG_UNMAPPED != 0 => Some(*pfn),
+                Event::Alloc { pfn, flags, .. } if flags & FLAG_UNMAPPED != 0 => Some(pfn),
                 _ => None,
             })
             .collect()
@@ -288,7 +283,7 @@ a-1 [000] ..... 1.4: mm_page_free: page=x pfn=0x100 order=0
         assert_eq!(c.peak_live_unmapped_pages, 2);
         // The free of 0x100 carries the flag too.
         assert!(
-            matches!(t.events[4], Event::Free { alloc: 0, flags, .. } if flags & FLAG_UNMAPPED != 0)
+            matches!(t.events.get(4).unwrap(), Event::Free { alloc: 0, flags, .. } if flags & FLAG_UNMAPPED != 0)
         );
     }
 

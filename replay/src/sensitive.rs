@@ -79,7 +79,7 @@ pub fn classify(trace: &Trace, names: &[String]) -> Result<SensitiveClass, Class
     };
     let mut live = 0u64;
     for ev in &trace.events {
-        match *ev {
+        match ev {
             Event::Alloc {
                 gfp, order, flags, ..
             } => {
@@ -477,7 +477,7 @@ fn drive<P: Placement>(
         if i % 4096 == 0 && i > 0 && crate::stop::requested().is_some() {
             break;
         }
-        match *ev {
+        match ev {
             Event::Alloc {
                 pfn,
                 order,

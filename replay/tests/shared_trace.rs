@@ -74,7 +74,7 @@ fn all_policies_on_the_shared_trace() {
     let mut live = vec![None; s.allocs as usize];
     let mut id = 0;
     for e in &l.trace.events {
-        match *e {
+        match e {
             Event::Alloc { order, flags, .. } => {
                 live[id] = Some((order, flags & replay::trace::FLAG_UNMAPPED != 0));
                 id += 1;

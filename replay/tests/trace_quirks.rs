@@ -76,7 +76,7 @@ fn batched_free_before_its_free_is_handled_too() {
         (1, 1, 0)
     );
     assert_eq!(
-        t.events,
+        t.events.to_vec(),
         vec![
             Event::Alloc {
                 pfn: 0x10,
@@ -183,7 +183,7 @@ fn unsorted_timestamps_are_counted_and_replayed_in_file_order() {
         .events
         .iter()
         .filter_map(|e| match e {
-            Event::Alloc { pfn, .. } => Some(*pfn),
+            Event::Alloc { pfn, .. } => Some(pfn),
             _ => None,
         })
         .collect();
@@ -245,7 +245,7 @@ fn random_bytes_never_panic_the_loader() {
 fn frees(t: &Trace) -> Vec<(u32, u8)> {
     t.events
         .iter()
-        .filter_map(|e| match *e {
+        .filter_map(|e| match e {
             Event::Free { alloc, order, .. } => Some((alloc, order)),
             _ => None,
         })
@@ -274,7 +274,10 @@ fn split_page_tail_frees_free_the_allocation_not_pre_capture_pages() {
     assert_eq!((st.live_at_end, st.live_pages_at_end), (0, 0));
     // One Free per allocation, whole, after its last piece.
     assert_eq!(frees(&t), vec![(0, 2), (1, 1)]);
-    assert!(matches!(t.events[1], Event::Free { alloc: 0, .. }));
+    assert!(matches!(
+        t.events.get(1).unwrap(),
+        Event::Free { alloc: 0, .. }
+    ));
     assert_accounted(&t);
     // Before the fix the pieces after the first were frees of pre-capture pages: with the
     // head freed last the allocation stays live until then (pages live at its peak: 4 + 2).
@@ -297,7 +300,10 @@ fn allocation_overlapping_a_live_range_off_its_head_frees_it() {
     assert_eq!(st.implicit_frees, 2);
     // 0x10/2 is freed before 0x12's allocation, 0x1a/0 before 0x18/3's.
     assert_eq!(frees(&t), vec![(0, 2), (1, 0), (2, 0), (3, 3)]);
-    assert!(matches!(t.events[2], Event::Free { alloc: 0, .. }));
+    assert!(matches!(
+        t.events.get(2).unwrap(),
+        Event::Free { alloc: 0, .. }
+    ));
     assert_eq!(
         (st.unmatched_frees, st.live_at_end, st.live_pages_at_end),
         (0, 0, 0)

@@ -644,7 +644,7 @@ fn drive<S: Stage2, E: Engine<S>>(
         }
         // 1-based number of the event being replayed (where the worst moment is located).
         eng.tracker_mut().now = i as u64 + 1;
-        match *ev {
+        match ev {
             Event::Alloc {
                 pfn,
                 order,
