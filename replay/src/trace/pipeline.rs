@@ -173,7 +173,11 @@ struct State {
     head: u64,
     /// `Raw` slots in `q`.
     raw: usize,
-    spare_bufs: Vec<Vec<u8>>,
+    /// Line buffers the caller is done with, oldest first. The reader thread takes the
+    /// oldest: the decoder's writes to a buffer the other core read long ago find fewer of its
+    /// lines still in that core's cache to invalidate (taking the newest measured ~0.3 ms of
+    /// a 15 ms gzip load slower, here).
+    spare_bufs: VecDeque<Vec<u8>>,
     spare_parsed: Vec<Parsed>,
     /// The caller is done: the reader stops.
     cancel: bool,
@@ -205,7 +209,7 @@ impl Shared {
                 q: VecDeque::with_capacity(IN_FLIGHT + 1),
                 head: 0,
                 raw: 0,
-                spare_bufs: Vec::new(),
+                spare_bufs: VecDeque::new(),
                 spare_parsed: Vec::new(),
                 cancel: false,
                 ended: false,
@@ -350,7 +354,7 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
         // Every complete line in the buffer, at once.
         if let Some(i) = memchr::memrchr(b'\n', &buf[start..end]) {
             let stop = start + i + 1;
-            let mut next = sh.lock().spare_bufs.pop().unwrap_or_default();
+            let mut next = sh.lock().spare_bufs.pop_front().unwrap_or_default();
             next.resize(CAP, 0);
             next[..end - stop].copy_from_slice(&buf[stop..end]);
             let ch = Chunk {
@@ -390,7 +394,9 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
                     return;
                 }
             }
-            push(Slot::Ready(Piece::Eof));
+            if push(Slot::Ready(Piece::Eof)) {
+                help_at_end(sh);
+            }
             return;
         }
         if start > 0 {
@@ -433,6 +439,24 @@ fn produce<R: Read>(mut inner: R, sh: &Shared) {
                 return;
             }
         }
+    }
+}
+
+/// With the input read, the reader thread parses the chunks that still wait, newest first,
+/// while the caller's thread pairs (and parses) from the oldest: the load's last chunks are
+/// then not all left to one core.
+fn help_at_end(sh: &Shared) {
+    loop {
+        let mut g = sh.lock();
+        if g.cancel {
+            return;
+        }
+        let Some((seq, ch, mut p)) = take_raw(&mut g, true) else {
+            return;
+        };
+        drop(g);
+        parse_chunk(&ch, &mut p);
+        sh.store(seq, ch, p);
     }
 }
 
@@ -953,7 +977,7 @@ fn consume(
                     }
                 }
                 g = sh.lock();
-                g.spare_bufs.push(ch.buf);
+                g.spare_bufs.push_back(ch.buf);
                 g.spare_parsed.push(p);
             }
             Piece::Skip(consumed) => {
